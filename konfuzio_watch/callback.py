@@ -1,0 +1,82 @@
+"""The HTTP endpoints: Konfuzio's callback, /healthz and /metrics.
+
+The callback is untrusted input from the internet. The token in the URL says *which* file it
+is about; the body is never believed (at most it can contradict the token and be refused). The
+handler only records the fact and wakes the pipeline, which confirms the outcome with the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+
+from flask import Flask, Response, request
+
+log = logging.getLogger(__name__)
+
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{20,100}")
+
+# record(token, document id named by the body or None) -> "recorded" | "finished" | "unknown" | "mismatch"
+RecordCallback = Callable[[str, "int | None"], str]
+
+
+def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: str = "konfuzio-callback",
+               max_body_bytes: int = 64 * 1024, metrics: Callable[[], str] | None = None) -> Flask:
+    app = Flask("konfuzio_watch")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    prefix = "/" + path.strip("/")
+
+    @app.post(f"{prefix}/<token>")
+    @app.post(f"{prefix}/<token>/")
+    def callback(token: str) -> Response:
+        if not TOKEN_SHAPE.fullmatch(token):
+            return _json({"detail": "Not found."}, 404)
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            return _json({"detail": "Request body too large."}, 413)
+        body = request.get_data(cache=False)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _json({"detail": "Body must be a JSON object."}, 400)
+        if not isinstance(payload, dict):
+            return _json({"detail": "Body must be a JSON object."}, 400)
+        claimed_id = payload.get("id")
+        if claimed_id is not None and (not isinstance(claimed_id, int) or isinstance(claimed_id, bool)):
+            return _json({"detail": "Field 'id' must be an integer."}, 400)
+        try:
+            outcome = record(token, claimed_id)
+        except Exception:  # our own trouble (e.g. disk): ask the sender to come back, say nothing more
+            log.exception("could not record a callback")
+            return _json({"detail": "Try again later."}, 503)
+        if outcome == "unknown":
+            return _json({"detail": "Not found."}, 404)
+        if outcome == "mismatch":
+            log.warning("refused a callback naming document %s on another document's token", claimed_id)
+            return _json({"detail": "This token was not issued for that document."}, 403)
+        return _json({"status": outcome}, 202 if outcome == "recorded" else 200)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        ready = is_ready()
+        return _json({"status": "ok" if ready else "starting"}, 200 if ready else 503)
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        def prometheus() -> Response:
+            return Response(metrics(), mimetype="text/plain; version=0.0.4")
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    @app.errorhandler(413)
+    @app.errorhandler(400)
+    def http_error(exc) -> Response:  # type: ignore[no-untyped-def]
+        return _json({"detail": exc.name}, exc.code)
+
+    return app
+
+
+def _json(data: dict, status: int) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json")

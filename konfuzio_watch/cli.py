@@ -1,0 +1,111 @@
+"""Command line: ``konfuzio-watch run|check|status|demo``. Maps errors to exit codes; no logic."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .journal import JournalError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, JournalError) as exc:
+        print(f"konfuzio-watch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="konfuzio-watch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    _config_arg(run)
+    run.add_argument("--log-format", choices=("human", "json"), default="human")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate the config, the folders and the API access")
+    _config_arg(check)
+    check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser("status", help="where every file is")
+    _config_arg(status)
+    status.add_argument("--all", action="store_true", help="list finished files too")
+    status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="the real pipeline against the built-in Konfuzio emulator")
+    demo.add_argument("--files", type=int, default=8, help="how many sample documents to drop")
+    demo.add_argument("--workdir", help="keep the demo's folders here (default: a temporary folder)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="path to config.yaml")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .logs import configure_logging
+
+    config = load_config(args.config)
+    configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    daemon = Daemon(config)
+    stops = 0
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            logging.getLogger("konfuzio_watch").warning("second signal: exiting now; the journal keeps the state")
+            os._exit(EXIT_FAILURE)
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start()
+    except OSError as exc:
+        print(f"konfuzio-watch: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    daemon.run()
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import run_checks
+
+    config = load_config(args.config)
+    problems = run_checks(config, out=sys.stdout)
+    return EXIT_FAILURE if problems else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import print_status
+
+    config: Config = load_config(args.config)
+    print_status(config, show_all=args.all, now=time.time(), out=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(files=args.files, workdir=args.workdir)

@@ -1,0 +1,274 @@
+"""Load and validate the YAML config into frozen dataclasses.
+
+Every user mistake becomes one ``ConfigError`` whose message names the key, e.g.
+``upload.concurrency: expected an integer, got 'four'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A problem with the configuration; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class KonfuzioConfig:
+    host: str = "https://app.konfuzio.com"
+    token: str | None = None
+    token_file: Path | None = None
+    project_id: int = 0
+    category_id: int | None = None
+    dataset_status: int = 0
+    timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class FoldersConfig:
+    inbox: Path = Path()
+    done: Path = Path()
+    failed: Path = Path()
+    state: Path = Path()
+    processing: Path | None = None
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_seconds: float = 2.0
+    ignore: tuple[str, ...] = ()
+    polling: bool = False
+    poll_interval: float = 5.0
+    rescan_interval: float = 300.0
+    incomplete_grace_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class CallbackConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+    path: str = "konfuzio-callback"
+    max_body_kb: int = 64
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    concurrency: int = 4
+    max_attempts: int = 8
+    max_file_mb: float = 100.0
+    backoff_base_seconds: float = 2.0
+    backoff_cap_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    callback_timeout: float = 600.0
+    poll_interval: float = 30.0
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    konfuzio: KonfuzioConfig = field(default_factory=KonfuzioConfig)
+    folders: FoldersConfig = field(default_factory=FoldersConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    callback: CallbackConfig = field(default_factory=CallbackConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+
+    @property
+    def processing_dir(self) -> Path:
+        return self.folders.processing or self.folders.inbox / ".konfuzio-watch" / "processing"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.folders.state / "journal.sqlite3"
+
+    def api_token(self) -> str:
+        """The API token, from ``token`` or ``token_file`` (read on demand, never logged)."""
+        if self.konfuzio.token:
+            return self.konfuzio.token
+        path = self.konfuzio.token_file
+        assert path is not None  # guaranteed by _check
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"konfuzio.token_file: cannot read {path}: {exc.strerror}") from None
+
+
+REQUIRED = {
+    ("konfuzio", "project_id"),
+    ("folders", "inbox"),
+    ("folders", "done"),
+    ("folders", "failed"),
+    ("folders", "state"),
+}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Read a YAML file and return a validated ``Config``; raise ``ConfigError`` on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_config(raw if raw is not None else {}, base_dir=path.parent, environ=environ)
+
+
+def parse_config(
+    raw: Any, base_dir: Path = Path(), environ: typing.Mapping[str, str] | None = None
+) -> Config:
+    """Validate a parsed YAML mapping. Relative folder paths are relative to ``base_dir``."""
+    env = os.environ if environ is None else environ
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a mapping of sections at the top level")
+    sections = {}
+    for f in dataclasses.fields(Config):
+        section_raw = raw.get(f.name, {})
+        if section_raw is None:
+            section_raw = {}
+        if not isinstance(section_raw, dict):
+            raise ConfigError(f"{f.name}: expected a mapping, got {_show(section_raw)}")
+        sections[f.name] = _build_section(f.name, f.default_factory, section_raw, base_dir, env)
+    _reject_unknown("", raw, {f.name for f in dataclasses.fields(Config)})
+    config = Config(**sections)
+    _check(config)
+    return config
+
+
+def _build_section(name: str, cls: Any, raw: dict, base_dir: Path, env: typing.Mapping[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    _reject_unknown(name, raw, fields)
+    for key in fields:
+        if (name, key) in REQUIRED and raw.get(key) is None:
+            raise ConfigError(f"{name}.{key}: required")
+    values = {key: _convert(f"{name}.{key}", hints[key], _expand(f"{name}.{key}", value, env), base_dir)
+              for key, value in raw.items()}
+    return cls(**values)
+
+
+def _reject_unknown(section: str, raw: dict, known: set[str]) -> None:
+    for key in raw:
+        if key not in known:
+            where = f"{section}.{key}" if section else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _expand(key: str, value: Any, env: typing.Mapping[str, str]) -> Any:
+    if isinstance(value, list):
+        return [_expand(key, v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        var = match.group(1)
+        if var not in env:
+            raise ConfigError(f"{key}: environment variable {var} is not set")
+        return env[var]
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _convert(key: str, hint: Any, value: Any, base_dir: Path) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+    if hint is str:
+        if isinstance(value, str) and value:
+            return value
+        raise ConfigError(f"{key}: expected a non-empty string, got {_show(value)}")
+    if hint is Path:
+        if isinstance(value, str) and value:
+            return (base_dir / os.path.expanduser(value)).absolute()
+        raise ConfigError(f"{key}: expected a path, got {_show(value)}")
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key}: expected a list of strings, got {_show(value)}")
+    raise AssertionError(f"unsupported type {hint} for {key}")  # pragma: no cover
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check(config: Config) -> None:
+    k, f, w, c, u, r = (config.konfuzio, config.folders, config.watch, config.callback, config.upload,
+                        config.results)
+    if not (k.token or k.token_file):
+        raise ConfigError("konfuzio.token: required (or konfuzio.token_file)")
+    if k.token and k.token_file:
+        raise ConfigError("konfuzio.token and konfuzio.token_file may not both be set")
+    _check_url("konfuzio.host", k.host)
+    if c.public_url is not None:
+        _check_url("callback.public_url", c.public_url)
+    if k.project_id <= 0:
+        raise ConfigError(f"konfuzio.project_id: must be a positive integer, got {k.project_id}")
+    positive = {
+        "watch.settle_seconds": w.settle_seconds >= 0,
+        "watch.poll_interval": w.poll_interval > 0,
+        "watch.rescan_interval": w.rescan_interval > 0,
+        "upload.concurrency": 1 <= u.concurrency <= 64,
+        "upload.max_attempts": u.max_attempts >= 1,
+        "upload.max_file_mb": u.max_file_mb > 0,
+        "results.callback_timeout": r.callback_timeout >= 0,
+        "results.poll_interval": r.poll_interval > 0,
+        "results.workers": 1 <= r.workers <= 64,
+        "callback.port": 0 <= c.port <= 65535,
+        "callback.max_body_kb": 1 <= c.max_body_kb <= 10240,
+    }
+    for key, ok in positive.items():
+        if not ok:
+            raise ConfigError(f"{key}: out of range")
+    if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):
+        raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
+    # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but
+    # the inbox inside one of them would feed the daemon its own output.
+    pairs = [("folders.done", f.done, "folders.failed", f.failed),
+             ("folders.inbox", f.inbox, "folders.done", f.done),
+             ("folders.inbox", f.inbox, "folders.failed", f.failed)]
+    for key_a, a, key_b, b in pairs:
+        if a == b or b in a.parents or (key_a != "folders.inbox" and a in b.parents):
+            raise ConfigError(f"{key_a} and {key_b} must be separate folders ({key_a} may not be inside {key_b})")
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")

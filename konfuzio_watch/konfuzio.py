@@ -1,0 +1,213 @@
+"""A thin adapter over konfuzio-sdk's function-level API, with one long-lived session.
+
+The SDK has sharp edges for a daemon (KONFUZIO_API.md): it reads host/token once at import,
+opens ``konfuzio_sdk.log`` in the cwd, logs warnings on the root logger, and its upload helper
+ignores the session's host. So: ``import_sdk`` imports it quietly with the environment set
+from our config, and uploads are posted with the SDK's session to the SDK's own upload URL for
+*our* host, in exactly the form ``upload_file_konfuzio_api`` sends, under a safe file name.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A failed API call, classified for the retry policy.
+
+    ``transient``: worth retrying later (connection trouble, timeouts, 429, 5xx).
+    ``maybe_received``: the server may have acted on the request (a POST that timed out).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool,
+                 maybe_received: bool = False, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
+        self.maybe_received = maybe_received
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class UploadForm:
+    project_id: int
+    callback_url: str
+    category_id: int | None = None
+    dataset_status: int = 0
+
+
+_sdk: dict[str, ModuleType] = {}
+
+
+def import_sdk(host: str | None = None, token: str | None = None) -> dict[str, ModuleType]:
+    """Import konfuzio_sdk once, without side effects on the cwd, sys.path or root logging."""
+    if _sdk:
+        return _sdk
+    os.environ.setdefault("LOG_TO_FILE", "False")
+    if host and "konfuzio_sdk" not in sys.modules:
+        os.environ.setdefault("KONFUZIO_HOST", host)
+    if token and "konfuzio_sdk" not in sys.modules:
+        os.environ.setdefault("KONFUZIO_TOKEN", token)
+    root = logging.getLogger()
+    saved_level, placeholder = root.level, logging.NullHandler()
+    root.addHandler(placeholder)  # so the SDK's basicConfig() installs nothing
+    root.setLevel(logging.ERROR)  # and its "AI extras missing" warnings stay quiet
+    saved_path = list(sys.path)
+    try:
+        import konfuzio_sdk.api as api
+        import konfuzio_sdk.urls as urls
+        import konfuzio_sdk.utils as utils
+    finally:
+        root.removeHandler(placeholder)
+        root.setLevel(saved_level)
+        sys.path[:] = saved_path
+    _sdk.update(api=api, urls=urls, utils=utils)
+    return _sdk
+
+
+def sniff_file_type(data: bytes) -> str:
+    """The SDK's own verdict on a file's type ('PDF', 'IMAGE', 'OFFICE'); raises
+    ``UnsupportedFile`` for anything it would not take."""
+    utils = import_sdk()["utils"]
+    logging.getLogger("konfuzio_sdk.utils").setLevel(logging.CRITICAL)  # it logs ERROR for every rejection
+    try:
+        return utils.get_file_type_and_extension(io.BytesIO(data))[0]
+    except NotImplementedError:
+        raise UnsupportedFile("unsupported file type: not a PDF, an image (PNG, JPEG, TIFF) or an office "
+                              "document") from None
+    except Exception as exc:  # a damaged zip/office file makes the sniffer itself fail
+        raise UnsupportedFile(f"unrecognised or damaged file ({type(exc).__name__})") from None
+
+
+class UnsupportedFile(Exception):
+    pass
+
+
+class KonfuzioClient:
+    """The calls the daemon makes, on one long-lived ``konfuzio_session``."""
+
+    def __init__(self, host: str, token: str, timeout_s: float = 120.0, pool_size: int = 10):
+        sdk = import_sdk(host, token)
+        self._api, self._urls = sdk["api"], sdk["urls"]
+        self.host = host.rstrip("/")
+        # Retries are ours (journaled, with backoff and a cap): the SDK's urllib3 retry would
+        # block a worker for minutes and never retries a POST anyway.
+        self.session = self._api.konfuzio_session(token=token, host=self.host, timeout=timeout_s, num_retries=0)
+        adapter = self._api.TimeoutHTTPAdapter(
+            timeout=timeout_s, max_retries=0, pool_connections=2, pool_maxsize=pool_size
+        )
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def upload(self, data: bytes, file_name: str, form: UploadForm) -> dict[str, Any]:
+        """POST the file (``sync=False``, with callback URL); returns the new document's details."""
+        url = self._urls.get_upload_document_url(self.host)
+        files = {"data_file": (file_name, data, "multipart/form-data")}  # as the SDK labels it
+        fields = {
+            "project": form.project_id,
+            "dataset_status": form.dataset_status,
+            "category": form.category_id,
+            "sync": False,
+            "callback_url": form.callback_url,
+            "callback_status_code": None,
+        }
+        response = self._call(self.session.post, url, files=files, data=fields, is_post=True)
+        return response.json()
+
+    def document(self, document_id: int) -> dict[str, Any]:
+        return self._call(self._api.get_document_details, document_id, session=self.session)
+
+    def bbox(self, document_id: int) -> dict[str, Any]:
+        return self._call(self._api.get_document_bbox, document_id, session=self.session)
+
+    def project(self, project_id: int) -> dict[str, Any]:
+        return self._call(self._api.get_project_details, project_id, session=self.session)
+
+    def documents(self, project_id: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every document of the project (meta only), page by page."""
+        url: str | None = self._urls.get_documents_meta_url(project_id, limit=page_size, host=self.host)
+        while url:
+            page = self._call(self.session.get, url).json()
+            yield from page.get("results", [])
+            url = page.get("next")
+
+    def _call(self, fn: Any, *args: Any, is_post: bool = False, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # the SDK and requests raise a zoo; classify them all
+            raise classify(exc, is_post=is_post) from exc
+
+
+def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
+    import requests
+
+    if isinstance(exc, requests.HTTPError):
+        response = exc.response if exc.response is not None else getattr(exc.__cause__, "response", None)
+        status = response.status_code if response is not None else _status_from_message(str(exc))
+        message = _short(f"HTTP {status}: {exc}" if status else str(exc))
+        if status == 429:
+            return ApiError(message, status=status, transient=True,
+                            retry_after_s=_retry_after(response.headers if response is not None else {}))
+        if status is not None and status >= 500:
+            # A gateway error after the request reached the app could hide a stored upload.
+            return ApiError(message, status=status, transient=True, maybe_received=is_post)
+        return ApiError(message, status=status, transient=status is None)
+    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
+        return ApiError(_short(f"cannot connect: {exc}"), transient=True)
+    if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
+        return ApiError(_short(f"cannot connect: {exc}"), transient=True)
+    if isinstance(exc, requests.Timeout | requests.ConnectionError):
+        return ApiError(_short(f"{type(exc).__name__}: {exc}"), transient=True, maybe_received=is_post)
+    if isinstance(exc, ValueError):  # a body that is not JSON
+        return ApiError(_short(f"unexpected response: {exc}"), transient=True, maybe_received=is_post)
+    return ApiError(_short(f"{type(exc).__name__}: {exc}"), transient=False)
+
+
+def _never_connected(exc: BaseException) -> bool:
+    import urllib3
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, urllib3.exceptions.NewConnectionError):
+            return True
+        reason = getattr(seen, "reason", None)
+        if isinstance(reason, urllib3.exceptions.NewConnectionError):
+            return True
+        seen = seen.__cause__ or (seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None)
+    return False
+
+
+def _status_from_message(message: str) -> int | None:
+    head = message[:3]
+    return int(head) if head.isdigit() else None
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After") if headers else None
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,53 @@
+"""``konfuzio-watch status``: where every file is, since when, and why."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from .config import Config
+from .journal import ACTIVE, Journal, Row, State
+
+
+def format_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def print_status(config: Config, *, show_all: bool, now: float, out: TextIO) -> None:
+    if not config.journal_path.exists():
+        out.write(f"no journal yet at {config.journal_path}: nothing has been processed\n")
+        return
+    journal = Journal(config.journal_path)
+    try:
+        counts = journal.counts()
+        oldest = journal.oldest_active_detected_at()
+        out.write("state       files\n")
+        for state in State:
+            out.write(f"{state.value:<11} {counts[state]:>5}\n")
+        pending = sum(counts[s] for s in ACTIVE)
+        out.write(f"pending     {pending:>5}" + (f"   oldest {format_age(now - oldest)}" if oldest else "") + "\n")
+        rows = journal.rows(ACTIVE if not show_all else (), limit=500)
+        if rows:
+            out.write("\n" + _table(rows, now))
+        failed = [r for r in journal.rows([State.FAILED], limit=100_000)][-10:]
+        if failed and not show_all:
+            out.write("\nlast failures\n" + _table(failed, now))
+    finally:
+        journal.close()
+
+
+def _table(rows: list[Row], now: float) -> str:
+    lines = [f"{'id':>6}  {'state':<10} {'since':>6}  {'doc':>7}  path / last error"]
+    for row in rows:
+        doc = str(row.document_id) if row.document_id is not None else "-"
+        line = f"{row.id:>6}  {row.state.value:<10} {format_age(now - row.updated_at):>6}  {doc:>7}  {row.display_path}"
+        if row.error:
+            line += f"  [{row.stage}: {row.error}]"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

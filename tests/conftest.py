@@ -1,0 +1,136 @@
+"""Shared fixtures: a real emulator on loopback, a real daemon on tmp folders, wait_until."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LOG_TO_FILE", "False")  # before anything imports konfuzio_sdk
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from konfuzio_watch.config import Config, parse_config
+from konfuzio_watch.daemon import Daemon, run_in_thread
+from konfuzio_watch.emulator import Emulator, Knobs
+from konfuzio_watch.journal import FINISHED, Journal, State
+
+TOKEN = "test-api-token-0123456789"
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
+    """Poll ``predicate`` until it is truthy; fail with ``what`` if it never is."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for: {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    before = {t.ident for t in threading.enumerate()}
+    yield
+
+    def leaked() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+
+    deadline = time.monotonic() + 5
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not leaked(), f"threads left running: {leaked()}"
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    emu = Emulator(token=TOKEN, project_ids=(1, 2), knobs=Knobs(processing_s=0.2)).start()
+    yield emu
+    emu.stop()
+
+
+def make_config(tmp_path: Path, emu: Emulator, **sections: dict[str, Any]) -> Config:
+    raw: dict[str, dict[str, Any]] = {
+        "konfuzio": {"host": emu.url, "token": TOKEN, "project_id": 1, "timeout_seconds": 10},
+        "folders": {"inbox": str(tmp_path / "inbox"), "done": str(tmp_path / "done"),
+                    "failed": str(tmp_path / "failed"), "state": str(tmp_path / "state")},
+        "watch": {"settle_seconds": 0.3},
+        "callback": {"host": "127.0.0.1", "port": 0},
+        "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 1.0},
+        "results": {"callback_timeout": 30, "poll_interval": 0.5},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return parse_config(raw)
+
+
+@dataclass
+class Running:
+    daemon: Daemon
+    config: Config
+    thread: threading.Thread
+
+    @property
+    def inbox(self) -> Path:
+        return self.config.folders.inbox
+
+    @property
+    def done(self) -> Path:
+        return self.config.folders.done
+
+    @property
+    def failed(self) -> Path:
+        return self.config.folders.failed
+
+    def counts(self) -> dict[State, int]:
+        assert self.daemon.journal
+        return self.daemon.journal.counts()
+
+    def finished(self) -> int:
+        counts = self.counts()
+        return sum(counts[s] for s in FINISHED)
+
+    def wait_finished(self, n: int, timeout_s: float = 30) -> None:
+        wait_until(lambda: self.finished() >= n, timeout_s, f"{n} files finished (have {self.counts()})")
+
+    def stop(self) -> None:
+        self.daemon.request_stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "daemon did not stop"
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(config: Config | None = None, **sections: dict[str, Any]) -> Running:
+        config = config or make_config(tmp_path, emulator, **sections)
+        daemon = Daemon(config)
+        running = Running(daemon, config, run_in_thread(daemon))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive():
+            running.stop()
+
+
+def open_journal(config: Config) -> Journal:
+    return Journal(config.journal_path)
+
+
+def drop(path: Path, data: bytes) -> Path:
+    """Drop a finished file the way a user does: write elsewhere, then move in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.dropping"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
