@@ -1,0 +1,88 @@
+"""The command line: check against the emulator, status of a real journal, run as a process."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from konfuzio_watch.cli import main
+from konfuzio_watch.samples import make_pdf
+from konfuzio_watch.status import print_status
+
+from .conftest import TOKEN, drop, wait_until
+
+
+def write_config(tmp_path: Path, emulator, **overrides) -> Path:  # type: ignore[no-untyped-def]
+    raw = {
+        "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
+        "folders": {"inbox": "inbox", "done": "done", "failed": "failed", "state": "state"},
+        "watch": {"settle_seconds": 0.2},
+        "callback": {"host": "127.0.0.1", "port": 0},
+    }
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_check_passes_against_the_emulator(tmp_path, emulator, capsys):
+    (tmp_path / "inbox").mkdir()
+    assert main(["check", "--config", str(write_config(tmp_path, emulator))]) == 0
+    out = capsys.readouterr().out
+    assert "ok    Konfuzio API: project 1" in out
+    assert "FAIL" not in out
+
+
+def test_check_fails_on_a_wrong_token_and_an_unknown_project(tmp_path, emulator, capsys):
+    (tmp_path / "inbox").mkdir()
+    config = write_config(tmp_path, emulator, konfuzio={"token": "wrong", "project_id": 99})
+    assert main(["check", "--config", str(config)]) == 1
+    assert "FAIL  Konfuzio API: project 99" in capsys.readouterr().out
+
+
+def test_check_reports_a_missing_inbox(tmp_path, emulator, capsys):
+    assert main(["check", "--config", str(write_config(tmp_path, emulator))]) == 1
+    assert "FAIL  folders.inbox" in capsys.readouterr().out
+
+
+def test_status_shows_where_each_file_is(tmp_path, emulator, start_daemon):
+    running = start_daemon(upload={"concurrency": 1})
+    emulator.knobs.processing_s = 30  # keep them pending
+    for i in range(3):
+        drop(running.inbox / f"doc_{i}.pdf", make_pdf(label=str(i)))
+    wait_until(lambda: len(emulator.uploads) == 3, 20, "3 uploads")
+    out = io.StringIO()
+    print_status(running.config, show_all=False, now=time.time(), out=out)
+    text = out.getvalue()
+    assert "uploaded        3" in text
+    assert "pending         3   oldest" in text
+    for i in range(3):
+        assert f"doc_{i}.pdf" in text
+
+
+def test_run_as_a_process_processes_files_and_stops_cleanly_on_sigterm(tmp_path, emulator):
+    config = write_config(tmp_path, emulator)
+    env = {**os.environ, "LOG_TO_FILE": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "konfuzio_watch", "run", "--config", str(config)],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        data = make_pdf(label="as a process")
+        drop(tmp_path / "inbox" / "one.pdf", data)
+        wait_until(lambda: (tmp_path / "done" / "one.pdf.json").exists(), 30, "one.pdf exported")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stderr.read()
+    assert "one.pdf: exporting -> done" in log
+    assert TOKEN not in log
+    assert not (tmp_path / "konfuzio_sdk.log").exists(), "the SDK must not write a log file into the cwd"

@@ -1,0 +1,91 @@
+"""Config: every mistake is one line naming the key; nothing half-loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from konfuzio_watch.config import ConfigError, load_config, parse_config
+
+BASE = {
+    "konfuzio": {"host": "http://127.0.0.1:1", "token": "t", "project_id": 1},
+    "folders": {"inbox": "in", "done": "done", "failed": "failed", "state": "state"},
+}
+
+
+def with_(section: str, **values: object) -> dict:
+    raw = {k: dict(v) for k, v in BASE.items()}
+    raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def test_minimal_config_gets_the_documented_defaults(tmp_path: Path):
+    config = parse_config(BASE, base_dir=tmp_path)
+    assert config.folders.inbox == tmp_path / "in"
+    assert config.watch.settle_seconds == 2
+    assert config.upload.concurrency == 4
+    assert config.results.callback_timeout == 600 and config.results.poll_interval == 30
+    assert config.callback.path == "konfuzio-callback"
+    assert config.processing_dir == tmp_path / "in" / ".konfuzio-watch" / "processing"
+
+
+def test_example_config_documents_every_key_and_loads(tmp_path: Path):
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    config = load_config(example, environ={"KONFUZIO_TOKEN": "from-env"})
+    assert config.konfuzio.token == "from-env"
+    text = example.read_text()
+    from dataclasses import fields
+
+    for section in fields(config):
+        for key in fields(getattr(config, section.name)):
+            assert f"{key.name}:" in text, f"config.example.yaml does not document {section.name}.{key.name}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (with_("upload", concurrency="four"), "upload.concurrency: expected an integer, got 'four'"),
+        (with_("upload", concurency=4), "upload.concurency: unknown key"),
+        (with_("watch", settle_seconds=True), "watch.settle_seconds: expected a number"),
+        (with_("watch", ignore=[1]), "watch.ignore: expected a list of strings"),
+        (with_("callback", port=70000), "callback.port: out of range"),
+        (with_("callback", public_url="ftp://x"), "callback.public_url: expected an http(s) URL"),
+        (with_("konfuzio", project_id=None), "konfuzio.project_id: required"),
+        (with_("konfuzio", token="${NOPE_NOT_SET}"), "konfuzio.token: environment variable NOPE_NOT_SET is not set"),
+        (with_("konfuzio", token=None), "konfuzio.token: required"),
+        (with_("folders", done="in"), "folders.inbox and folders.done must be separate folders"),
+        (with_("folders", inbox="done/in"), "folders.inbox and folders.done must be separate folders"),
+        ({**BASE, "extra": {}}, "extra: unknown key"),
+        ({**BASE, "watch": [1]}, "watch: expected a mapping"),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_key(raw: dict, message: str, tmp_path: Path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, base_dir=tmp_path, environ={})
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_done_and_failed_may_live_inside_the_inbox(tmp_path: Path):
+    config = parse_config(with_("folders", done="in/done", failed="in/failed"), base_dir=tmp_path)
+    assert config.folders.done == tmp_path / "in" / "done"
+
+
+def test_cli_reports_a_config_error_in_one_line_without_traceback(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(with_("upload", concurrency="four")))
+    result = subprocess.run([sys.executable, "-m", "konfuzio_watch", "check", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "konfuzio-watch: upload.concurrency: expected an integer, got 'four'\n"
+
+
+def test_invalid_yaml_is_one_line(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text("konfuzio: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 2\)"):
+        load_config(path)
