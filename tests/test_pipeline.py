@@ -15,7 +15,7 @@ from konfuzio_watch.emulator import FAIL_MARKER
 from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf, make_png
 
-from .conftest import drop, wait_until
+from .conftest import drop
 
 
 def inbox_files(running) -> list[Path]:  # type: ignore[no-untyped-def]
