@@ -1,0 +1,262 @@
+"""The Emulator: a local Konfuzio API v3 that the unmodified konfuzio-sdk talks to over HTTP.
+
+Threads: Waitress (one loop thread + a worker pool) serves the API; ONE scheduler thread moves
+documents through their statuses; a small bounded pool POSTs the callbacks. ``stop()`` joins
+all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from types import TracebackType
+
+import requests
+
+from konfuzio_watch.emulator.app import create_app
+from konfuzio_watch.emulator.content import FAIL_MARKER
+from konfuzio_watch.emulator.documents import (
+    COULD_NOT_BE_PROCESSED,
+    DONE,
+    EXTRACTION_IN_PROGRESS,
+    OCR_IN_PROGRESS,
+    QUEUING_EXTRACTION,
+    DocumentStore,
+    NewDocument,
+)
+from konfuzio_watch.emulator.forms import UploadForm
+from konfuzio_watch.emulator.knobs import CallbackRecord, Knobs, UploadRecord
+from konfuzio_watch.emulator.scheduler import Scheduler, WorkCounter
+from konfuzio_watch.server import ServerThread
+
+log = logging.getLogger(__name__)
+
+# (fraction of the processing time, status) for each way processing can end
+SUCCESS_STEPS = (
+    (0.25, OCR_IN_PROGRESS),
+    (0.5, QUEUING_EXTRACTION),
+    (0.75, EXTRACTION_IN_PROGRESS),
+    (1.0, DONE),
+)
+FAILURE_STEPS = ((0.25, OCR_IN_PROGRESS), (1.0, COULD_NOT_BE_PROCESSED))
+
+
+class Emulator:
+    """A Konfuzio API stand-in. ``start()`` serves it on ``url``; ``stop()`` ends every thread."""
+
+    def __init__(
+        self,
+        token: str = "secret-token",
+        project_ids: Iterable[int] = (1,),
+        knobs: Knobs | None = None,
+        seed: int = 0,
+        callback_workers: int = 4,
+    ) -> None:
+        self.token = token
+        self.project_ids = frozenset(int(p) for p in project_ids)
+        self.knobs = knobs if knobs is not None else Knobs()
+        self.store = DocumentStore()
+        self.uploads: list[UploadRecord] = []
+        self.callbacks: list[CallbackRecord] = []
+        self.dropped_callbacks: list[int] = []  # doc ids whose callback callback_loss swallowed
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._records_lock = threading.Lock()
+        self._work = WorkCounter()
+        self._is_stopping = threading.Event()
+        self._scheduler = Scheduler(name="emulator-scheduler")
+        self._callback_workers = callback_workers
+        self._callback_pool: ThreadPoolExecutor | None = None
+        self._server: ServerThread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int = 0, threads: int = 16) -> Emulator:
+        """Bind and serve in the background; returns self."""
+        if self._server is not None:
+            raise RuntimeError("emulator already started")
+        server = ServerThread(
+            create_app(self), host, port, name="emulator-http", threads=threads,
+            ident="konfuzio-emulator", expose_tracebacks=False,
+        )  # fmt: skip
+        self._server = server
+        self._callback_pool = ThreadPoolExecutor(self._callback_workers, thread_name_prefix="emulator-callback")
+        self._scheduler.start()
+        server.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop serving, drop pending processing, finish in-flight callbacks, join all threads."""
+        self._is_stopping.set()  # wakes handlers sleeping for latency/stall knobs
+        clean = True
+        if self._server is not None:
+            clean = self._server.close(timeout_s) and clean
+        clean = self._scheduler.stop(timeout_s) and clean
+        if self._callback_pool is not None:
+            self._callback_pool.shutdown(wait=True, cancel_futures=True)
+        return clean
+
+    def __enter__(self) -> Emulator:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL for the SDK's host, e.g. ``http://127.0.0.1:8123`` (no trailing slash)."""
+        if self._server is None:
+            raise RuntimeError("emulator not started")
+        return self._server.url
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("emulator not started")
+        return self._server.port
+
+    # -- inspection --------------------------------------------------------------------------
+
+    def documents(self) -> list[dict]:
+        """Copies of all stored documents' full details, ordered by id."""
+        return self.store.all_details()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no processing or callback is pending or in flight."""
+        return self._work.wait_idle(timeout_s)
+
+    # -- randomness --------------------------------------------------------------------------
+
+    def chance(self, probability: float) -> bool:
+        """A seeded coin toss; 0 and 1 are certain and draw nothing."""
+        if probability <= 0:
+            return False
+        if probability >= 1:
+            return True
+        with self._rng_lock:
+            return self._rng.random() < probability
+
+    def _uniform(self, high: float) -> float:
+        if high <= 0:
+            return 0.0
+        with self._rng_lock:
+            return self._rng.uniform(0.0, high)
+
+    # -- uploads and processing --------------------------------------------------------------
+
+    def accept_upload(self, upload: UploadForm) -> dict:
+        """Store a validated upload and start its processing; return the 201 body."""
+        knobs = self.knobs
+        self._is_stopping.wait(knobs.upload_latency_s)
+        new = upload.document
+        is_failure = FAIL_MARKER in new.data or self.chance(knobs.fail_rate)
+        steps = FAILURE_STEPS if is_failure else SUCCESS_STEPS
+        doc_id, details = self.store.create(new, steps[-1][1])
+        self._record_upload(doc_id, new)
+        if upload.is_sync:
+            details = self._process_now(doc_id, steps, is_callback_inline=False)
+        elif knobs.early_callback:
+            self._process_now(doc_id, steps, is_callback_inline=True)
+        else:
+            self._schedule_processing(doc_id, steps)
+        self._is_stopping.wait(knobs.stall_after_store_s)
+        return details
+
+    def _record_upload(self, doc_id: int, new: NewDocument) -> None:
+        record = UploadRecord(
+            doc_id=doc_id,
+            data_file_name=new.data_file_name,
+            sha256=hashlib.sha256(new.data).hexdigest(),
+            size=len(new.data),
+            callback_url=new.callback_url,
+            project=new.project,
+            category=new.category,
+            received_at=time.time(),
+        )
+        with self._records_lock:
+            self.uploads.append(record)
+
+    def _schedule_processing(self, doc_id: int, steps: tuple[tuple[float, int], ...]) -> None:
+        duration_s = max(0.0, self.knobs.processing_s) + self._uniform(self.knobs.processing_jitter_s)
+        started = time.monotonic()
+        self._work.begin()
+        for fraction, status in steps:
+            self._scheduler.call_at(started + duration_s * fraction, partial(self._advance, doc_id, status))
+
+    def _advance(self, doc_id: int, status: int) -> None:
+        """Scheduler job: one status step; at the final one, hand over the callback."""
+        details = self.store.advance(doc_id, status)
+        if status in (DONE, COULD_NOT_BE_PROCESSED):
+            try:
+                if details is not None:
+                    self._finish(doc_id, details, is_callback_inline=False)
+            finally:
+                self._work.end()
+
+    def _process_now(self, doc_id: int, steps: tuple[tuple[float, int], ...], is_callback_inline: bool) -> dict:
+        self._work.begin()
+        try:
+            details: dict = {}
+            for _, status in steps:
+                details = self.store.advance(doc_id, status) or details
+            self._finish(doc_id, details, is_callback_inline)
+            return details
+        finally:
+            self._work.end()
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    def _finish(self, doc_id: int, details: dict, is_callback_inline: bool) -> None:
+        url = details.get("callback_url")
+        if not url or self._is_stopping.is_set():
+            return
+        if self.chance(self.knobs.callback_loss):
+            with self._records_lock:
+                self.dropped_callbacks.append(doc_id)
+            return
+        times = 2 if self.chance(self.knobs.callback_duplicate) else 1
+        if is_callback_inline:
+            self._send_callbacks(doc_id, url, times)
+            return
+        self._work.begin()
+        try:
+            assert self._callback_pool is not None
+            self._callback_pool.submit(self._send_callbacks_then_end, doc_id, url, times)
+        except RuntimeError:  # the pool is shut down: we are stopping
+            self._work.end()
+
+    def _send_callbacks_then_end(self, doc_id: int, url: str, times: int) -> None:
+        try:
+            self._send_callbacks(doc_id, url, times)
+        finally:
+            self._work.end()
+
+    def _send_callbacks(self, doc_id: int, url: str, times: int) -> None:
+        for _ in range(times):
+            if self._is_stopping.is_set():
+                return
+            self._send_callback(doc_id, url)
+
+    def _send_callback(self, doc_id: int, url: str) -> None:
+        """POST the current details as JSON; record the answer or the error, never raise."""
+        body = self.store.details(doc_id)
+        status_code: int | None = None
+        error: str | None = None
+        sent_at = time.time()
+        try:
+            with requests.Session() as session:
+                session.trust_env = False  # never route loopback callbacks through a proxy
+                response = session.post(url, json=body, timeout=self.knobs.callback_timeout_s)
+            status_code = response.status_code
+            self.store.record_callback_status(doc_id, status_code)
+        except Exception as exc:  # unreachable, timeout, bad URL: record it, carry on
+            error = f"{type(exc).__name__}: {exc}"
+            log.info("callback for document %s to %s failed: %s", doc_id, url, error)
+        with self._records_lock:
+            self.callbacks.append(CallbackRecord(doc_id, url, status_code, error, sent_at))
