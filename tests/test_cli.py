@@ -78,11 +78,12 @@ def test_run_as_a_process_processes_files_and_stops_cleanly_on_sigterm(tmp_path,
         drop(tmp_path / "inbox" / "one.pdf", data)
         wait_until(lambda: (tmp_path / "done" / "one.pdf.json").exists(), 30, "one.pdf exported")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _, log = proc.communicate(timeout=30)
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = proc.stderr.read()
+            proc.communicate()
     assert "one.pdf: exporting -> done" in log
     assert TOKEN not in log
     assert not (tmp_path / "konfuzio_sdk.log").exists(), "the SDK must not write a log file into the cwd"
