@@ -69,6 +69,7 @@ class UploadConfig:
     max_file_mb: float = 100.0
     backoff_base_seconds: float = 2.0
     backoff_cap_seconds: float = 300.0
+    on_duplicate: str = "process"
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,8 @@ def _check(config: Config) -> None:
     for key, ok in positive.items():
         if not ok:
             raise ConfigError(f"{key}: out of range")
+    if u.on_duplicate not in ("process", "fail"):
+        raise ConfigError(f"upload.on_duplicate: expected 'process' or 'fail', got {u.on_duplicate!r}")
     if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):
         raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
     # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but

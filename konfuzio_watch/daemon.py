@@ -191,7 +191,10 @@ class Daemon:
             times.append(self._due[0][0])
         busy = set(self._inflight)
         if self._free("upload") > 0:
-            times.append(self.journal.next_due_at([State.CLAIMED], busy) or float("inf"))
+            assert self.pipeline
+            due = self.journal.next_due_at([State.CLAIMED], busy)
+            if due is not None:
+                times.append(max(due, self.pipeline.breaker.paused_until))
         if self._free("results") > 0:
             times.append(self.journal.next_due_at(RESULT_STATES, busy) or float("inf"))
             if not self._reconciling:
@@ -274,7 +277,7 @@ class Daemon:
         assert self.journal and self.pipeline
         p = self.pipeline
         free = self._free("upload")
-        if free > 0:
+        if free > 0 and now >= p.breaker.paused_until:
             for row in self.journal.runnable([State.CLAIMED], now, self._inflight, free):
                 self._submit("upload", p.upload, row)
         free = self._free("results")

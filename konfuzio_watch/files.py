@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ BUILTIN_IGNORES = (
     "@eaDir", "#recycle", "#snapshot", ".DS_Store", "Thumbs.db", "desktop.ini", "._*", "*~",
 )
 SAFE_NAME_MAX = 120
+NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, SMB)
 _TRANSLITERATE = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE",
                                 "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "þ": "th", "Þ": "Th"})
 
@@ -90,11 +92,27 @@ def free_target(folder: Path, rel_path: str, sidecar_suffix: str) -> Path:
     stem, suffix = _split_suffix(target.name)
     n = 1
     while True:
-        candidate = target if n == 1 else target.with_name(f"{stem} ({n}){suffix}")
-        sidecar = candidate.with_name(candidate.name + sidecar_suffix)
-        if not os.path.lexists(candidate) and not os.path.lexists(sidecar):
+        candidate = target if n == 1 else target.with_name(_fit(f"{stem} ({n})", suffix))
+        if not os.path.lexists(candidate) and not os.path.lexists(sidecar_for(candidate, sidecar_suffix)):
             return candidate
         n += 1
+
+
+def sidecar_for(path: Path, suffix: str) -> Path:
+    """``name.pdf`` -> ``name.pdf.json``; a name too long for that keeps its start plus a hash."""
+    name = os.fsencode(path.name)
+    if len(name) + len(suffix) <= NAME_MAX:
+        return path.with_name(path.name + suffix)
+    digest = hashlib.sha256(name).hexdigest()[:10]
+    head = os.fsdecode(name[: NAME_MAX - len(suffix) - len(digest) - 1])
+    return path.with_name(f"{head}~{digest}{suffix}")
+
+
+def _fit(stem: str, suffix: str) -> str:
+    """Shorten ``stem`` so that ``stem + suffix`` fits in one file name."""
+    raw = os.fsencode(stem)
+    room = NAME_MAX - len(os.fsencode(suffix))
+    return (os.fsdecode(raw[:room]) if len(raw) > room else stem) + suffix
 
 
 def _split_suffix(name: str) -> tuple[str, str]:

@@ -26,10 +26,12 @@ class State(enum.StrEnum):
     FAILING = "failing"  # decided to fail; writing the .error.json and moving into failed/
     DONE = "done"
     FAILED = "failed"
+    RETRIED = "retried"  # was failed; ``konfuzio-watch retry`` put the file back into the inbox
 
 
 ACTIVE = (State.CLAIMING, State.CLAIMED, State.UPLOADING, State.UPLOADED, State.EXPORTING, State.FAILING)
 FINISHED = (State.DONE, State.FAILED)
+TERMINAL = (State.DONE, State.FAILED, State.RETRIED)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -162,7 +164,7 @@ class Journal:
         if bad:
             raise ValueError(f"not updatable: {sorted(bad)}")
         fields["updated_at"] = now
-        if fields.get("state") in FINISHED:
+        if fields.get("state") in TERMINAL:
             fields.setdefault("finished_at", now)
         assignments = ", ".join(f"{name} = ?" for name in fields)
         values = [v.value if isinstance(v, State) else v for v in fields.values()]
@@ -208,7 +210,7 @@ class Journal:
             row_id, _, state, document_id = found
             if claimed_document_id is not None and document_id is not None and claimed_document_id != document_id:
                 return "mismatch"
-            if state in FINISHED:
+            if state in TERMINAL:
                 return "finished"
             next_at = now if state == State.UPLOADED else None
             self._db.execute(
@@ -252,11 +254,17 @@ class Journal:
         rows = self._select("SELECT * FROM files WHERE token_hash = ?", (token_hash,))
         return rows[0] if rows else None
 
-    def find_done_by_sha256(self, sha256: str, exclude_id: int) -> Row | None:
+    def find_same_content(self, sha256: str, exclude_id: int) -> Row | None:
+        """The earliest other file with this content that is done or on its way there."""
+        states = [State.DONE.value, State.UPLOADING.value, State.UPLOADED.value, State.EXPORTING.value]
         rows = self._select(
-            "SELECT * FROM files WHERE sha256 = ? AND id != ? AND state = ? ORDER BY id LIMIT 1",
-            (sha256, exclude_id, State.DONE.value),
+            f"SELECT * FROM files WHERE sha256 = ? AND id != ? AND state IN ({_marks(states)}) ORDER BY id LIMIT 1",
+            (sha256, exclude_id, *states),
         )
+        return rows[0] if rows else None
+
+    def find_by_final_path(self, final_path: bytes) -> Row | None:
+        rows = self._select("SELECT * FROM files WHERE final_path = ? ORDER BY id DESC LIMIT 1", (final_path,))
         return rows[0] if rows else None
 
     def counts(self) -> dict[State, int]:

@@ -28,15 +28,18 @@ class ApiError(Exception):
 
     ``transient``: worth retrying later (connection trouble, timeouts, 429, 5xx).
     ``maybe_received``: the server may have acted on the request (a POST that timed out).
+    ``outage``: the service as a whole is unavailable (cannot connect, 429, 502/503/504): not
+    the file's fault, so it costs the file no attempt and pauses all uploads for a while.
     """
 
     def __init__(self, message: str, *, status: int | None = None, transient: bool,
-                 maybe_received: bool = False, retry_after_s: float | None = None):
+                 maybe_received: bool = False, retry_after_s: float | None = None, outage: bool = False):
         super().__init__(message)
         self.status = status
         self.transient = transient
         self.maybe_received = maybe_received
         self.retry_after_s = retry_after_s
+        self.outage = outage
 
 
 @dataclass(frozen=True)
@@ -160,16 +163,18 @@ def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
         status = response.status_code if response is not None else _status_from_message(str(exc))
         message = _short(f"HTTP {status}: {exc}" if status else str(exc))
         if status == 429:
-            return ApiError(message, status=status, transient=True,
+            return ApiError(message, status=status, transient=True, outage=True,
                             retry_after_s=_retry_after(response.headers if response is not None else {}))
         if status is not None and status >= 500:
-            # A gateway error after the request reached the app could hide a stored upload.
-            return ApiError(message, status=status, transient=True, maybe_received=is_post)
+            # A gateway error after the request reached the app could hide a stored upload;
+            # 503 is the app itself saying no.
+            return ApiError(message, status=status, transient=True, outage=status in (502, 503, 504),
+                            maybe_received=is_post and status != 503)
         return ApiError(message, status=status, transient=status is None)
     if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
-        return ApiError(_short(f"cannot connect: {exc}"), transient=True)
+        return ApiError(_short(f"cannot connect: {exc}"), transient=True, outage=True)
     if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
-        return ApiError(_short(f"cannot connect: {exc}"), transient=True)
+        return ApiError(_short(f"cannot connect: {exc}"), transient=True, outage=True)
     if isinstance(exc, requests.Timeout | requests.ConnectionError):
         return ApiError(_short(f"{type(exc).__name__}: {exc}"), transient=True, maybe_received=is_post)
     if isinstance(exc, ValueError):  # a body that is not JSON

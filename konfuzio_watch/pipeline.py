@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from .files import (
     open_regular_file,
     safe_upload_name,
     same_file,
+    sidecar_for,
     write_json_no_clobber,
 )
 from .journal import Journal, Row, State
@@ -48,6 +50,28 @@ def backoff_s(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> 
     return ceiling * rng.uniform(0.5, 1.0)
 
 
+class UploadBreaker:
+    """When the service is down or throttling, pause *all* uploads (not each file on its own
+    clock), backing off while it stays down; the first success closes it again."""
+
+    def __init__(self, base_s: float, cap_s: float, rng: random.Random):
+        self.base_s, self.cap_s, self.rng = base_s, cap_s, rng
+        self.paused_until = 0.0
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def trip(self, now: float, retry_after_s: float | None) -> float:
+        with self._lock:
+            self.failures += 1
+            delay = max(backoff_s(self.failures, self.base_s, self.cap_s, self.rng), retry_after_s or 0.0)
+            self.paused_until = max(self.paused_until, now + delay)
+            return self.paused_until - now
+
+    def reset(self) -> None:
+        with self._lock:
+            self.failures = 0
+
+
 class Pipeline:
     def __init__(self, config: Config, journal: Journal, client: KonfuzioClient,
                  callback_base: Callable[[], str], clock: Callable[[], float] = time.time,
@@ -59,6 +83,8 @@ class Pipeline:
         self.clock = clock
         self.on_transition = on_transition
         self.rng = random.Random()
+        self.breaker = UploadBreaker(config.upload.backoff_base_seconds, config.upload.backoff_cap_seconds, self.rng)
+        self.retries = {"upload": 0, "fetch": 0}
         self._fetch_errors: dict[int, int] = {}
 
     # -- paths ---------------------------------------------------------------------------------
@@ -146,10 +172,16 @@ class Pipeline:
             return self.retry_later(row, f"cannot read the file: {exc.strerror}", self._backoff(row.attempts + 1))
         if row.attempts >= self.config.upload.max_attempts:
             return self.fail(row, row.error or "too many attempts", stage="upload")
+        sha256 = hashlib.sha256(data).hexdigest()
+        if self.config.upload.on_duplicate == "fail":
+            earlier = self.journal.find_same_content(sha256, row.id)
+            if earlier is not None:
+                row = self.journal.update(row.id, self.clock(), sha256=sha256, size=len(data))
+                return self.fail(row, duplicate_message(earlier, self.config.folders.done), stage="duplicate")
         token = secrets.token_urlsafe(32)
         name = safe_upload_name(os.path.basename(row.rel_path), fallback=f"document-{row.id}")
         k = self.config.konfuzio
-        row = self.move(row, State.UPLOADING, token_hash=hash_token(token), sha256=hashlib.sha256(data).hexdigest(),
+        row = self.move(row, State.UPLOADING, token_hash=hash_token(token), sha256=sha256,
                         size=len(data), upload_name=name, attempts=row.attempts + 1, stage="upload",
                         project_id=k.project_id, next_at=self.clock())
         form = UploadForm(k.project_id, self.callback_url(token), k.category_id, k.dataset_status)
@@ -158,6 +190,7 @@ class Pipeline:
             document_id = int(details["id"])
         except (ApiError, KeyError, TypeError, ValueError) as exc:
             return self._upload_failed(row, exc)
+        self.breaker.reset()
         new = self.journal.mark_uploaded(row.id, document_id, self.clock(),
                                          poll_at=self.clock() + self.config.results.callback_timeout)
         self._log_transition(row, new)
@@ -183,17 +216,24 @@ class Pipeline:
     def _upload_failed(self, row: Row, exc: Exception) -> Row:
         error = exc if isinstance(exc, ApiError) else ApiError(f"unexpected upload response: {exc!r}",
                                                                 transient=True, maybe_received=True)
-        delay = max(self._backoff(row.attempts), error.retry_after_s or 0)
+        self.retries["upload"] += 1
+        attempts = row.attempts
+        if error.outage:  # the service is unavailable: pause every upload, charge the file nothing
+            attempts -= 1
+            delay = self.breaker.trip(self.clock(), error.retry_after_s)
+        else:
+            delay = max(self._backoff(attempts), error.retry_after_s or 0)
         if error.maybe_received:  # the server may hold it: look before uploading again
+            self.journal.update(row.id, self.clock(), attempts=attempts)
             return self.retry_later(row, str(error), delay)
         if not error.transient:
             return self.fail(row, str(error), stage="upload")
-        if row.attempts >= self.config.upload.max_attempts:
-            return self.fail(row, f"gave up after {row.attempts} attempts: {error}", stage="upload")
-        row = self.journal.update(row.id, self.clock(), state=State.CLAIMED, error=str(error),
+        if attempts >= self.config.upload.max_attempts:
+            return self.fail(row, f"gave up after {attempts} attempts: {error}", stage="upload")
+        row = self.journal.update(row.id, self.clock(), state=State.CLAIMED, error=str(error), attempts=attempts,
                                   next_at=self.clock() + delay)
-        log.warning("%s: upload attempt %d failed, retrying in %.0f s: %s", row.display_path, row.attempts,
-                    delay, error)
+        log.warning("%s: upload failed (attempt %d of %d), retrying in %.0f s: %s", row.display_path,
+                    attempts, self.config.upload.max_attempts, delay, error)
         return row
 
     # -- uploading (after a crash or an ambiguous error): does the server have it? ---------------
@@ -251,6 +291,7 @@ class Pipeline:
     def _fetch_failed(self, row: Row, exc: ApiError) -> Row:
         if exc.status == 404:
             return self.fail(row, f"document {row.document_id} no longer exists on the server", stage="result")
+        self.retries["fetch"] += 1
         count = self._fetch_errors[row.id] = self._fetch_errors.get(row.id, 0) + 1
         return self.retry_later(row, str(exc), max(self._backoff(count), exc.retry_after_s or 0))
 
@@ -292,7 +333,7 @@ class Pipeline:
                 row = self.journal.update(row.id, self.clock(), final_path=os.fsencode(target))
             target = Path(os.fsdecode(row.final_path))
             try:
-                write_json_no_clobber(target.with_name(target.name + suffix), sidecar, is_ours)
+                write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours)
                 self._move_into_place(row, target)
             except FileExistsError:
                 row = self.journal.update(row.id, self.clock(), final_path=None)
@@ -329,6 +370,13 @@ class _SourceGone(Exception):
 
 class _Invalid(Exception):
     """The file cannot be processed as it is (empty, too big)."""
+
+
+def duplicate_message(earlier: Row, done: Path) -> str:
+    where = f"its result is {export_display(earlier.final_path, done)}.json" if earlier.final_path else \
+        f"it is {earlier.state.value}"
+    return (f"duplicate: the same content (sha256 {earlier.sha256}) was already sent as {earlier.display_path} "
+            f"(document {earlier.document_id}); {where}")
 
 
 def token_hash_of(callback_url: Any) -> str | None:

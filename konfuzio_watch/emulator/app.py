@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
@@ -95,10 +96,11 @@ def _throttled(retry_after_s: int) -> Response:
 def _add_document_routes(app: Flask, emu: Emulator) -> None:
     @app.post("/api/v3/documents/", strict_slashes=False)
     def upload_document() -> Response:
+        arrived_at = time.time()  # Waitress has read the whole body by now
         upload, errors = forms.parse_upload(request.form, request.files, emu.project_ids)
         if upload is None:
             return _json(errors, 400)
-        return _json(emu.accept_upload(upload), 201)
+        return _json(emu.accept_upload(upload, arrived_at), 201)
 
     @app.get("/api/v3/documents/", strict_slashes=False)
     def list_documents() -> Response:
@@ -134,6 +136,17 @@ def _add_project_routes(app: Flask, emu: Emulator) -> None:
         if project_id not in emu.project_ids:
             return _json(NOT_FOUND, 404)
         return _json(_project(project_id))
+
+    # What Project(id_=...) downloads. The emulated projects have no categories, label sets or
+    # labels (see _project), so these answer empty pages, filtered by project like the real API.
+    @app.get("/api/v3/categories/", strict_slashes=False, endpoint="list_categories")
+    @app.get("/api/v3/label-sets/", strict_slashes=False, endpoint="list_label_sets")
+    @app.get("/api/v3/labels/", strict_slashes=False, endpoint="list_labels")
+    def list_project_schema() -> Response:
+        _, errors = _int_filter("project", emu.project_ids)
+        if errors:
+            return _json(errors, 400)
+        return _json(_paginate([]))
 
     @app.get("/")
     def index() -> Response:

@@ -150,15 +150,19 @@ class Emulator:
 
     # -- uploads and processing --------------------------------------------------------------
 
-    def accept_upload(self, upload: UploadForm) -> dict:
-        """Store a validated upload and start its processing; return the 201 body."""
+    def accept_upload(self, upload: UploadForm, arrived_at: float | None = None) -> dict:
+        """Store a validated upload and start its processing; return the 201 body.
+
+        ``arrived_at`` (``time.time()``) is when the request reached the API; default: now.
+        """
+        arrived_at = time.time() if arrived_at is None else arrived_at
         knobs = self.knobs
         self._is_stopping.wait(knobs.upload_latency_s)
         new = upload.document
         is_failure = FAIL_MARKER in new.data or self.chance(knobs.fail_rate)
         steps = FAILURE_STEPS if is_failure else SUCCESS_STEPS
         doc_id, details = self.store.create(new, steps[-1][1])
-        self._record_upload(doc_id, new)
+        self._record_upload(doc_id, new, arrived_at)
         if upload.is_sync:
             details = self._process_now(doc_id, steps, is_callback_inline=False)
         elif knobs.early_callback:
@@ -168,7 +172,7 @@ class Emulator:
         self._is_stopping.wait(knobs.stall_after_store_s)
         return details
 
-    def _record_upload(self, doc_id: int, new: NewDocument) -> None:
+    def _record_upload(self, doc_id: int, new: NewDocument, arrived_at: float) -> None:
         record = UploadRecord(
             doc_id=doc_id,
             data_file_name=new.data_file_name,
@@ -178,6 +182,7 @@ class Emulator:
             project=new.project,
             category=new.category,
             received_at=time.time(),
+            arrived_at=arrived_at,
         )
         with self._records_lock:
             self.uploads.append(record)

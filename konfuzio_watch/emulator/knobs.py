@@ -38,7 +38,8 @@ class UploadRecord:
     callback_url: str | None
     project: int
     category: int | None
-    received_at: float  # time.time()
+    received_at: float  # time.time() when stored, i.e. after the upload_latency_s sleep
+    arrived_at: float | None = None  # time.time() when the request reached the API, before any sleep
 
 
 @dataclass(frozen=True)
