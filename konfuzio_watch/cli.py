@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--all", action="store_true", help="list finished files too")
     status.set_defaults(func=cmd_status)
 
+    retry = sub.add_parser("retry", help="put failed files back through the pipeline")
+    _config_arg(retry)
+    retry.add_argument("paths", nargs="*", metavar="PATH",
+                       help="a file in failed/ (or its path relative to the inbox); a pending file is retried now")
+    retry.add_argument("--all-failed", action="store_true", help="every file in failed/")
+    retry.set_defaults(func=cmd_retry)
+
     demo = sub.add_parser("demo", help="the real pipeline against the built-in Konfuzio emulator")
     demo.add_argument("--files", type=int, default=8, help="how many sample documents to drop")
     demo.add_argument("--workdir", help="keep the demo's folders here (default: a temporary folder)")
@@ -103,6 +110,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     config: Config = load_config(args.config)
     print_status(config, show_all=args.all, now=time.time(), out=sys.stdout)
     return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .retry import retry_files
+
+    if not args.paths and not args.all_failed:
+        print("konfuzio-watch: retry: name files to retry, or --all-failed", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(args.config)
+    messages, unmatched = retry_files(config, args.paths, args.all_failed, now=time.time())
+    for message in messages:
+        print(message)
+    return EXIT_FAILURE if unmatched else EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

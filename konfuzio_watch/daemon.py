@@ -270,7 +270,11 @@ class Daemon:
     # -- dispatching due journal rows to the pools -----------------------------------------------
 
     def _free(self, pool: str) -> int:
-        size = self.config.upload.concurrency if pool == "upload" else self.config.results.workers
+        if pool == "upload":
+            assert self.pipeline
+            size = self.pipeline.breaker.allowed_in_flight(self.config.upload.concurrency)
+        else:
+            size = self.config.results.workers
         return size - sum(1 for p in self._inflight.values() if p == pool)
 
     def _dispatch(self, now: float) -> None:

@@ -144,7 +144,7 @@ def move_no_clobber(src: Path, dst: Path) -> None:
 
 
 def _copy_across(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.konfuzio-watch.tmp")
+    tmp = temp_path_for(dst)
     st = os.lstat(src)
     if stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src), tmp)
@@ -160,18 +160,24 @@ def _copy_across(src: Path, dst: Path) -> None:
         os.unlink(tmp)
 
 
+def temp_path_for(path: Path) -> Path:
+    """A hidden, short, predictable name next to ``path`` to write it under before linking."""
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
+    return path.with_name(f".konfuzio-watch-{digest}.tmp")
+
+
 def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool]) -> None:
     """Write JSON atomically at ``path``. An existing file is replaced only if ``is_ours`` says
     it is an earlier write of the same result (a crash between write and move); otherwise
     ``FileExistsError``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.konfuzio-watch.tmp")
+    tmp = temp_path_for(path)
     body = json.dumps(data, ensure_ascii=False, indent=2, default=str).encode("utf-8", "backslashreplace")
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
     try:
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:

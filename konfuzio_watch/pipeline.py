@@ -71,6 +71,10 @@ class UploadBreaker:
         with self._lock:
             self.failures = 0
 
+    def allowed_in_flight(self, concurrency: int) -> int:
+        """While the service is failing, a single upload probes whether it is back."""
+        return 1 if self.failures else concurrency
+
 
 class Pipeline:
     def __init__(self, config: Config, journal: Journal, client: KonfuzioClient,
@@ -119,7 +123,7 @@ class Pipeline:
             self.on_transition(new, old.state)
 
     def retry_later(self, row: Row, error: str, delay_s: float) -> Row:
-        log.warning("%s: %s, retrying in %.0f s: %s", row.display_path, row.state, delay_s, error)
+        log.warning("%s: %s, retrying in %.1f s: %s", row.display_path, row.state, delay_s, error)
         return self.journal.update(row.id, self.clock(), error=error, next_at=self.clock() + delay_s)
 
     def fail(self, row: Row, error: str, stage: str) -> Row:
@@ -232,8 +236,11 @@ class Pipeline:
             return self.fail(row, f"gave up after {attempts} attempts: {error}", stage="upload")
         row = self.journal.update(row.id, self.clock(), state=State.CLAIMED, error=str(error), attempts=attempts,
                                   next_at=self.clock() + delay)
-        log.warning("%s: upload failed (attempt %d of %d), retrying in %.0f s: %s", row.display_path,
-                    attempts, self.config.upload.max_attempts, delay, error)
+        if error.outage:
+            log.warning("%s: Konfuzio unavailable, uploads paused for %.1f s: %s", row.display_path, delay, error)
+        else:
+            log.warning("%s: upload failed (attempt %d of %d), retrying in %.1f s: %s", row.display_path,
+                        attempts, self.config.upload.max_attempts, delay, error)
         return row
 
     # -- uploading (after a crash or an ambiguous error): does the server have it? ---------------

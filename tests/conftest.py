@@ -23,15 +23,16 @@ from konfuzio_watch.journal import FINISHED, Journal, State
 TOKEN = "test-api-token-0123456789"
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
-    """Poll ``predicate`` until it is truthy; fail with ``what`` if it never is."""
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str | Callable[[], str],
+               interval_s: float = 0.02) -> Any:
+    """Poll ``predicate`` until it is truthy; fail with ``what`` (or what it returns) if it never is."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for: {what}")
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for: {what() if callable(what) else what}")
         time.sleep(interval_s)
 
 
@@ -98,7 +99,8 @@ class Running:
         return sum(counts[s] for s in FINISHED)
 
     def wait_finished(self, n: int, timeout_s: float = 30) -> None:
-        wait_until(lambda: self.finished() >= n, timeout_s, f"{n} files finished (have {self.counts()})")
+        wait_until(lambda: self.finished() >= n, timeout_s,
+                   lambda: f"{n} files finished (have {({s.value: c for s, c in self.counts().items() if c})})")
 
     def stop(self) -> None:
         self.daemon.request_stop()

@@ -1,0 +1,67 @@
+"""``konfuzio-watch retry``: put failed files back through the pipeline.
+
+A failed file moves from failed/ back to its place in the inbox (never overwriting), its
+``.error.json`` is removed, and its journal row becomes ``retried``; the daemon then sees it as
+a new file. A file still pending (e.g. waiting out a backoff after a disk-full error) is made
+due now instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from .config import Config
+from .export import ERROR_SUFFIX
+from .files import free_target, move_no_clobber, sidecar_for
+from .journal import ACTIVE, Journal, Row, State
+
+
+def retry_files(config: Config, paths: Iterable[str], all_failed: bool, now: float) -> tuple[list[str], int]:
+    """Returns (one message per file, number of paths that matched nothing)."""
+    journal = Journal(config.journal_path)
+    try:
+        failed = journal.rows([State.FAILED], limit=10_000_000)
+        pending = journal.rows(ACTIVE, limit=10_000_000)
+        messages, unmatched = [], 0
+        chosen: list[Row] = list(failed) if all_failed else []
+        for path in paths:
+            matches = [r for r in failed + pending if _matches(r, path, config)]
+            if not matches:
+                messages.append(f"{path}: no failed or pending file by that name")
+                unmatched += 1
+            chosen += matches
+        for row in {r.id: r for r in chosen}.values():
+            messages.append(_retry(journal, config, row, now))
+        return messages, unmatched
+    finally:
+        journal.close()
+
+
+def _matches(row: Row, path: str, config: Config) -> bool:
+    wanted = os.fsencode(path)
+    if row.rel_path == wanted:
+        return True
+    if row.final_path is None:
+        return False
+    absolute = os.fsencode(os.path.abspath(path))
+    in_failed = os.fsencode(str(config.folders.failed / path))
+    return row.final_path in (absolute, in_failed)
+
+
+def _retry(journal: Journal, config: Config, row: Row, now: float) -> str:
+    if row.state != State.FAILED:
+        journal.update(row.id, now, next_at=now)
+        return f"{row.display_path}: {row.state.value}; will be retried at once"
+    assert row.final_path is not None
+    source = Path(os.fsdecode(row.final_path))
+    if not os.path.lexists(source):
+        return f"{row.display_path}: not in failed/ any more ({source}); nothing to retry"
+    target = free_target(config.folders.inbox, row.rel_fspath, "")
+    move_no_clobber(source, target)
+    report = sidecar_for(source, ERROR_SUFFIX)
+    if report.exists():
+        report.unlink()
+    journal.update(row.id, now, state=State.RETRIED, next_at=None)
+    return f"{row.display_path}: back in the inbox as {target.relative_to(config.folders.inbox)}"
