@@ -1,0 +1,250 @@
+"""The daemon as a real process: SIGKILL at many points, disk full, an unwritable done/.
+
+The emulator runs in the test process and outlives every daemon process, like the real
+Konfuzio server outlives a crashing client.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from konfuzio_watch.files import sidecar_for, temp_path_for
+from konfuzio_watch.samples import make_pdf, make_png
+
+from .conftest import TOKEN, drop, wait_until
+
+KONFUZIO_WATCH = [sys.executable, "-m", "konfuzio_watch"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """``konfuzio-watch run`` in a subprocess, its log appended to one file across restarts."""
+
+    def __init__(self, root: Path, emulator, **overrides: dict) -> None:  # type: ignore[no-untyped-def]
+        self.root = root
+        self.port = free_port()
+        raw = {
+            "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1, "timeout_seconds": 10},
+            "folders": {name: str(root / name) for name in ("inbox", "done", "failed", "state")},
+            "watch": {"settle_seconds": 0.2},
+            "callback": {"host": "127.0.0.1", "port": self.port},
+            "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5},
+            "results": {"callback_timeout": 2, "poll_interval": 0.3},
+        }
+        for section, values in overrides.items():
+            raw.setdefault(section, {}).update(values)
+        self.config = root / "config.yaml"
+        self.config.write_text(yaml.safe_dump(raw))
+        self.log = root / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, prefix: list[str] | None = None, wait_ready: bool = True) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([*(prefix or []), *KONFUZIO_WATCH, "run", "--config", str(self.config)],
+                                         cwd=self.root, stdout=log, stderr=log, start_new_session=True,
+                                         env={**os.environ, "LOG_TO_FILE": "False"})
+        if wait_ready:
+            wait_until(self.is_ready, 30, lambda: f"daemon ready (log: {self.log.read_text()[-2000:]})")
+
+    def is_ready(self) -> bool:
+        assert self.proc
+        if self.proc.poll() is not None:
+            pytest.fail(f"daemon exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def kill9(self) -> None:
+        assert self.proc
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+    def cleanup(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def journal(self, sql: str) -> list[tuple]:
+        with sqlite3.connect(f"file:{self.root / 'state' / 'journal.sqlite3'}?mode=ro", uri=True) as db:
+            return db.execute(sql).fetchall()
+
+    def done_count(self) -> int:
+        return len(list((self.root / "done").rglob("*.json")))
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path, emulator) -> Iterator[Callable[..., DaemonProcess]]:  # type: ignore[no-untyped-def]
+    made: list[DaemonProcess] = []
+
+    def make(**overrides: dict) -> DaemonProcess:
+        made.append(DaemonProcess(tmp_path, emulator, **overrides))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()
+
+
+def sample_files(n: int, prefix: str) -> dict[str, bytes]:
+    return {(f"{prefix}/{i:03d}.pdf" if i % 2 else f"{prefix}/{i:03d}.png"):
+            (make_pdf(label=f"{prefix}{i}") if i % 2 else make_png(label=f"{prefix}{i}")) for i in range(n)}
+
+
+def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
+    done = root / "done"
+    for rel, data in files.items():
+        assert (done / rel).read_bytes() == data, f"{rel} missing or changed in done/"
+        result = json.loads((done / (rel + ".json")).read_text())
+        assert hashlib.sha256(data).hexdigest() in result["text"], f"{rel} got another file's result"
+    assert len(list(done.rglob("*.json"))) == len(files), "an extra result in done/"
+    assert not list((root / "failed").rglob("*")), "a file failed"
+    leftovers = [p for p in (root / "inbox").rglob("*") if p.is_file()]
+    assert leftovers == [], f"left behind: {leftovers}"
+    per_sha = collections.Counter(u.sha256 for u in emulator.uploads)
+    twice = {sha: n for sha, n in per_sha.items() if n > 1}
+    assert not twice, f"{len(twice)} file(s) uploaded more than once"
+    assert len(per_sha) == len(files)
+
+
+def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process, emulator, tmp_path):
+    emulator.knobs.upload_latency_s = 0.05
+    emulator.knobs.processing_s = 0.4
+    emulator.knobs.processing_jitter_s = 0.3
+    emulator.knobs.callback_duplicate = 0.2
+    daemon = daemon_process()
+    files = sample_files(24, "first")
+    later = sample_files(16, "second")
+    for rel, data in files.items():
+        drop(tmp_path / "inbox" / rel, data)
+
+    uploads = lambda: len(emulator.uploads)  # noqa: E731
+    rows = lambda: daemon.journal("SELECT COUNT(*) FROM files")[0][0] if (tmp_path / "state").exists() else 0  # noqa: E731
+    kill_points: list[tuple[str, Callable[[], bool]]] = [
+        ("right after start-up", lambda: True),
+        ("while claiming", lambda: rows() >= 1),
+        ("first uploads in flight", lambda: uploads() >= 2),
+        ("uploads under way", lambda: uploads() >= 8),
+        ("first exports", lambda: daemon.done_count() >= 2),
+        ("mid-batch", lambda: uploads() >= 16),
+        ("exports under way", lambda: daemon.done_count() >= 10),
+        ("second batch claimed", lambda: rows() >= 30),
+        ("second batch uploading", lambda: uploads() >= 30),
+        ("late exports", lambda: daemon.done_count() >= 25),
+        ("almost done", lambda: daemon.done_count() >= 34),
+    ]
+    for index, (point, reached) in enumerate(kill_points):
+        daemon.start()
+        if index == 7:
+            for rel, data in later.items():
+                drop(tmp_path / "inbox" / rel, data)
+        wait_until(reached, 60, f"kill point {point!r}")
+        daemon.kill9()
+        # The dangerous window: the server has stored the upload, the daemon never hears its id.
+        if index in (2, 5):
+            emulator.knobs.stall_after_store_s = 30
+            daemon.start()
+            stored = uploads()
+            wait_until(lambda s=stored: uploads() > s, 30, "an upload stored by the server, its answer pending")
+            daemon.kill9()
+            emulator.knobs.stall_after_store_s = 0
+
+    daemon.start()
+    wait_until(lambda: daemon.done_count() >= 40, 90, lambda: f"all 40 files done (have {daemon.done_count()})")
+    assert daemon.terminate() == 0
+    assert daemon.journal("PRAGMA integrity_check") == [("ok",)]
+    assert_each_file_finished_exactly_once(tmp_path, emulator, {**files, **later})
+    states = dict(daemon.journal("SELECT state, COUNT(*) FROM files GROUP BY state"))
+    assert states == {"done": 40}, states
+    log = daemon.log.read_text()
+    assert log.count("the server already had it as document") >= 1, "the reconcile path was never exercised"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs Debian's strace for fault injection")
+def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon_process, emulator, tmp_path):
+    daemon = daemon_process()
+    data = make_pdf(label="disk full")
+    target_json = sidecar_for(tmp_path / "done" / "full.pdf", ".json")
+    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=write", "-e", "inject=write:error=ENOSPC",
+              "-P", str(temp_path_for(target_json))]
+    daemon.start(prefix=strace)
+    drop(tmp_path / "inbox" / "full.pdf", data)
+
+    wait_until(lambda: "No space left on device" in daemon.log.read_text(), 30, "the ENOSPC reported in the log")
+    processing = tmp_path / "inbox" / ".konfuzio-watch" / "processing"
+    assert [p.read_bytes() for p in processing.iterdir()] == [data], "the source must stay safe"
+    assert not (tmp_path / "done" / "full.pdf").exists()
+    assert not list((tmp_path / "done").glob(".konfuzio-watch-*.tmp")), "a half-written temp file was left"
+    status = subprocess.run([*KONFUZIO_WATCH, "status", "--config", str(daemon.config)], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "LOG_TO_FILE": "False"})
+    assert "exporting" in status.stdout and "No space left on device" in status.stdout
+    daemon.kill9()
+
+    daemon.start()  # the disk has space again
+    wait_until(lambda: target_json.exists(), 30, "the JSON written once the disk has room")
+    assert (tmp_path / "done" / "full.pdf").read_bytes() == data
+    assert daemon.terminate() == 0
+    assert len(emulator.uploads) == 1
+
+
+def _can_drop_privileges() -> bool:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            "import konfuzio_watch"], capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
+def test_unwritable_done_folder_keeps_the_file_safe_until_fixed(daemon_process, emulator):
+    root = Path(tempfile.mkdtemp(prefix="kw-perm-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        for name in ("inbox", "done", "failed", "state"):
+            (root / name).mkdir()
+        daemon = DaemonProcess(root, emulator)
+        subprocess.run(["chown", "-R", "65534:65534", str(root)], check=True)
+        os.chmod(root / "done", 0o555)  # done/ not writable for the daemon's user
+        daemon.start(prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        data = make_pdf(label="no permission")
+        drop(root / "inbox" / "locked.pdf", data)
+        os.chown(root / "inbox" / "locked.pdf", 65534, 65534)
+
+        wait_until(lambda: "Permission denied" in daemon.log.read_text(), 30, "the EACCES reported in the log")
+        processing = root / "inbox" / ".konfuzio-watch" / "processing"
+        assert [p.read_bytes() for p in processing.iterdir()] == [data]
+        os.chmod(root / "done", 0o755)  # fixed: the daemon retries by itself
+
+        wait_until(lambda: (root / "done" / "locked.pdf.json").exists(), 30, "exported once done/ is writable")
+        assert (root / "done" / "locked.pdf").read_bytes() == data
+        assert daemon.terminate() == 0
+        assert len(emulator.uploads) == 1
+    finally:
+        daemon.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
