@@ -66,7 +66,7 @@ def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: st
 
         @app.get("/metrics")
         def prometheus() -> Response:
-            return Response(metrics(), mimetype="text/plain; version=0.0.4")
+            return Response(metrics(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.errorhandler(404)
     @app.errorhandler(405)

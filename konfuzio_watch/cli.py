@@ -71,10 +71,12 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .logs import configure_logging
+    from .sdnotify import Notifier
+    from .tunnel import TunnelError
 
     config = load_config(args.config)
     configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    daemon = Daemon(config)
+    daemon = Daemon(config, notifier=Notifier.from_env())
     stops = 0
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -85,11 +87,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             os._exit(EXIT_FAILURE)
         daemon.request_stop()
 
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger("konfuzio_watch").warning(
+            "SIGHUP: the configuration is not reloaded while running; restart the service to apply changes")
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         daemon.start()
-    except OSError as exc:
+    except (OSError, TunnelError) as exc:
         print(f"konfuzio-watch: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     daemon.run()

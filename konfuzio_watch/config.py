@@ -7,6 +7,7 @@ Every user mistake becomes one ``ConfigError`` whose message names the key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
 import types
@@ -80,6 +81,27 @@ class ResultsConfig:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Files whose path relative to the inbox matches ``match`` (a glob; ``*`` crosses ``/``)
+    go to this project/category instead of the ``konfuzio`` section's."""
+
+    match: str = ""
+    project_id: int | None = None
+    category_id: int | None = None
+    dataset_status: int | None = None
+
+
+@dataclass(frozen=True)
+class NgrokConfig:
+    enabled: bool = False
+    path: Path = Path("/usr/local/bin/ngrok")
+    authtoken: str | None = None
+    authtoken_file: Path | None = None
+    domain: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     konfuzio: KonfuzioConfig = field(default_factory=KonfuzioConfig)
     folders: FoldersConfig = field(default_factory=FoldersConfig)
@@ -87,6 +109,27 @@ class Config:
     callback: CallbackConfig = field(default_factory=CallbackConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    ngrok: NgrokConfig = field(default_factory=NgrokConfig)
+    routes: tuple[Route, ...] = ()
+
+    def route_for(self, rel_path: str) -> tuple[int, int | None, int]:
+        """(project_id, category_id, dataset_status) for a file, from the first matching route."""
+        k = self.konfuzio
+        for route in self.routes:
+            if fnmatch.fnmatchcase(rel_path, route.match):
+                return (route.project_id or k.project_id,
+                        route.category_id if route.category_id is not None else k.category_id,
+                        route.dataset_status if route.dataset_status is not None else k.dataset_status)
+        return k.project_id, k.category_id, k.dataset_status
+
+    def ngrok_authtoken(self) -> str | None:
+        n = self.ngrok
+        if n.authtoken_file is None:
+            return n.authtoken
+        try:
+            return n.authtoken_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"ngrok.authtoken_file: cannot read {n.authtoken_file}: {exc.strerror}") from None
 
     @property
     def processing_dir(self) -> Path:
@@ -141,8 +184,10 @@ def parse_config(
     env = os.environ if environ is None else environ
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping of sections at the top level")
-    sections = {}
+    sections: dict[str, Any] = {"routes": _build_routes(raw.get("routes"), base_dir, env)}
     for f in dataclasses.fields(Config):
+        if f.name == "routes":
+            continue
         section_raw = raw.get(f.name, {})
         if section_raw is None:
             section_raw = {}
@@ -153,6 +198,24 @@ def parse_config(
     config = Config(**sections)
     _check(config)
     return config
+
+
+def _build_routes(raw: Any, base_dir: Path, env: typing.Mapping[str, str]) -> tuple[Route, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"routes: expected a list of {{match, project_id, ...}}, got {_show(raw)}")
+    routes = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"routes[{index}]: expected a mapping, got {_show(item)}")
+        route = _build_section(f"routes[{index}]", Route, item, base_dir, env)
+        if not route.match:
+            raise ConfigError(f"routes[{index}].match: required")
+        if route.project_id is None and route.category_id is None and route.dataset_status is None:
+            raise ConfigError(f"routes[{index}]: set project_id, category_id or dataset_status")
+        routes.append(route)
+    return tuple(routes)
 
 
 def _build_section(name: str, cls: Any, raw: dict, base_dir: Path, env: typing.Mapping[str, str]) -> Any:
@@ -257,6 +320,8 @@ def _check(config: Config) -> None:
     for key, ok in positive.items():
         if not ok:
             raise ConfigError(f"{key}: out of range")
+    if config.ngrok.enabled and not (config.ngrok.authtoken or config.ngrok.authtoken_file):
+        raise ConfigError("ngrok.authtoken: required when ngrok.enabled (or ngrok.authtoken_file)")
     if u.on_duplicate not in ("process", "fail"):
         raise ConfigError(f"upload.on_duplicate: expected 'process' or 'fail', got {u.on_duplicate!r}")
     if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):

@@ -19,19 +19,24 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import readiness
+from . import metrics, readiness
 from .callback import create_app
 from .config import Config
 from .journal import ACTIVE, Journal, Row, State
 from .konfuzio import KonfuzioClient
 from .pipeline import Pipeline, hash_token
+from .sdnotify import Notifier
 from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
-from .watcher import InboxFilter, InboxWatcher
+from .status import format_age
+from .tunnel import Tunnel, TunnelSettings
+from .watcher import InboxFilter, InboxWatcher, ObserverFactory, make_observer
 
 log = logging.getLogger("konfuzio_watch")
 
 CLAIM_BATCH = 500
 MAX_SLEEP_S = 60.0
+STATUS_EVERY_S = 5.0
+TUNNEL_CHECK_EVERY_S = 30.0
 RESULT_STATES = (State.UPLOADED, State.EXPORTING, State.FAILING)
 
 
@@ -40,18 +45,27 @@ class Stats:
     """Counters for metrics and the demo's progress display."""
 
     uploads: int = 0
-    callbacks: int = 0
+    callbacks: dict[str, int] = field(default_factory=dict)
+    callback_latency: metrics.Histogram = field(default_factory=metrics.Histogram)
     transitions: dict[str, int] = field(default_factory=dict)
 
 
 class Daemon:
     def __init__(self, config: Config, *, client: KonfuzioClient | None = None,
                  clock: Callable[[], float] = time.time,
-                 on_transition: Callable[[Row, State], None] | None = None):
+                 on_transition: Callable[[Row, State], None] | None = None,
+                 notifier: Notifier | None = None, observer_factory: ObserverFactory = make_observer):
         self.config = config
         self.clock = clock
         self._client = client
         self._on_transition = on_transition
+        self.notifier = notifier or Notifier(None)
+        self._observer_factory = observer_factory
+        self.tunnel: Tunnel | None = None
+        self._last_status = ""
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
+        self._next_tunnel_check = 0.0
         self._events: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -84,20 +98,26 @@ class Daemon:
         self._results = ThreadPoolExecutor(c.results.workers, thread_name_prefix="results")
         self._recover()
         app = create_app(self._record_callback, self._ready.is_set, path=c.callback.path,
-                         max_body_bytes=c.callback.max_body_kb * 1024)
+                         max_body_bytes=c.callback.max_body_kb * 1024, metrics=self.render_metrics)
         settings = dict(PUBLIC_ENDPOINT_SETTINGS, max_request_body_size=c.callback.max_body_kb * 1024)
         self.server = ServerThread(app, c.callback.host, c.callback.port, name="callback-server", threads=4,
                                    **settings).start()
         self.public_url = c.callback.public_url or self.server.url
+        if c.ngrok.enabled:
+            self.tunnel = Tunnel(TunnelSettings(c.ngrok.path, c.ngrok_authtoken(), c.ngrok.domain, c.ngrok.region),
+                                 self.server.port, state_dir=c.folders.state)
+            self.public_url = self.tunnel.open()
+            self._next_tunnel_check = self.clock() + TUNNEL_CHECK_EVERY_S
         keep = InboxFilter(c.folders.inbox, [c.folders.done, c.folders.failed, c.folders.state, c.processing_dir],
                            c.watch.ignore)
         self.watcher = InboxWatcher(keep, self._report, polling=c.watch.polling,
-                                    poll_interval_s=c.watch.poll_interval)
+                                    poll_interval_s=c.watch.poll_interval, observer_factory=self._observer_factory)
         self.watcher.start()  # watch first, then scan: nothing slips between the two
         self._events.put(("rescan", None))
         self._ready.set()
-        log.info("ready: watching %s, callbacks at %s/%s/…", c.folders.inbox, self.public_url,
-                 c.callback.path.strip("/"))
+        log.info("ready: watching %s%s, callbacks at %s/%s/…", c.folders.inbox,
+                 " (polling)" if self.watcher.polling else "", self.public_url, c.callback.path.strip("/"))
+        self.notifier.ready(self.status_line())
         return self
 
     def _recover(self) -> None:
@@ -121,9 +141,13 @@ class Daemon:
 
     def _record_callback(self, token: str, claimed_id: int | None) -> str:
         assert self.journal
-        outcome = self.journal.record_callback(hash_token(token), claimed_id, self.clock())
+        now = self.clock()
+        outcome = self.journal.record_callback(hash_token(token), claimed_id, now)
+        self.stats.callbacks[outcome] = self.stats.callbacks.get(outcome, 0) + 1
         if outcome == "recorded":
-            self.stats.callbacks += 1
+            row = self.journal.find_by_token_hash(hash_token(token))
+            if row is not None and row.uploaded_at is not None:
+                self.stats.callback_latency.observe(max(0.0, now - row.uploaded_at))
             self._events.put(("wake", None))
         return outcome
 
@@ -148,6 +172,7 @@ class Daemon:
                 self._scan(None)
             self._claim_ready(now)
             self._dispatch(now)
+            self._tend(now)
         self._shutdown()
 
     def request_stop(self) -> None:
@@ -186,7 +211,9 @@ class Daemon:
     def _seconds_until_next(self) -> float:
         assert self.journal
         now = self.clock()
-        times = [self._next_rescan, now + MAX_SLEEP_S]
+        times = [self._next_rescan, now + MAX_SLEEP_S, self._next_watchdog, self._next_status]
+        if self.tunnel:
+            times.append(self._next_tunnel_check)
         if self._due:
             times.append(self._due[0][0])
         busy = set(self._inflight)
@@ -323,11 +350,70 @@ class Daemon:
                                      error="internal error; see the log")
             return None
 
+    # -- liveness, status, tunnel ------------------------------------------------------------------
+
+    def _tend(self, now: float) -> None:
+        """Periodic duties of the loop thread. WATCHDOG=1 comes from here only, so a stuck
+        loop (not a slow upload on a worker) is what systemd's watchdog catches."""
+        interval = self.notifier.watchdog_interval_s
+        if interval and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + interval
+        elif not interval:
+            self._next_watchdog = now + MAX_SLEEP_S
+        if now >= self._next_status:
+            self._next_status = now + STATUS_EVERY_S
+            line = self.status_line()
+            if line != self._last_status:
+                self._last_status = line
+                self.notifier.status(line)
+        if self.tunnel and now >= self._next_tunnel_check:
+            self._next_tunnel_check = now + TUNNEL_CHECK_EVERY_S
+            self._check_tunnel()
+
+    def _check_tunnel(self) -> None:
+        assert self.tunnel
+        try:
+            url = self.tunnel.ensure_open()
+        except Exception as exc:  # keep running: uploads wait, callbacks fall back to polling
+            log.error("the ngrok tunnel is down and could not be reopened: %s", exc)
+            return
+        if url != self.public_url:
+            log.warning("callbacks now arrive through %s (was %s); earlier uploads are polled", url, self.public_url)
+            self.public_url = url
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: pending / done / failed, and the oldest pending."""
+        assert self.journal
+        counts = self.journal.counts()
+        pending = sum(counts[s] for s in ACTIVE)
+        line = f"{pending} pending, {counts[State.DONE]} done, {counts[State.FAILED]} failed"
+        oldest = self.journal.oldest_active_detected_at()
+        if oldest is not None:
+            line += f"; oldest pending {format_age(self.clock() - oldest)}"
+        return line
+
+    def render_metrics(self) -> str:
+        assert self.journal and self.pipeline
+        oldest = self.journal.oldest_active_detected_at()
+        snapshot = metrics.MetricsSnapshot(
+            files_by_state={state.value: n for state, n in self.journal.counts().items()},
+            uploads_total=self.stats.uploads,
+            upload_retries_total=self.pipeline.retries["upload"],
+            fetch_retries_total=self.pipeline.retries["fetch"],
+            callbacks_total=dict(self.stats.callbacks),
+            callback_latency_seconds=self.stats.callback_latency.snapshot(),
+            oldest_pending_age_seconds=None if oldest is None else max(0.0, self.clock() - oldest),
+            ready=self._ready.is_set(),
+        )
+        return metrics.render(snapshot)
+
     # -- shutdown ------------------------------------------------------------------------------
 
     def _shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop taking files, let the steps in hand finish, then close observer -> server -> journal."""
         log.info("stopping: %d step(s) in hand", len(self._inflight))
+        self.notifier.stopping(f"stopping; {len(self._inflight)} step(s) in hand")
         self._ready.clear()
         if self.watcher:
             self.watcher.stop()
@@ -335,6 +421,8 @@ class Daemon:
         self._results.shutdown(wait=True, cancel_futures=True)
         if self.server:
             self.server.close(timeout_s=5)
+        if self.tunnel:
+            self.tunnel.close()
         if self._client:
             self._client.close()
         if self.journal:

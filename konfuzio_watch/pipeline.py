@@ -184,11 +184,11 @@ class Pipeline:
                 return self.fail(row, duplicate_message(earlier, self.config.folders.done), stage="duplicate")
         token = secrets.token_urlsafe(32)
         name = safe_upload_name(os.path.basename(row.rel_path), fallback=f"document-{row.id}")
-        k = self.config.konfuzio
+        project_id, category_id, dataset_status = self.config.route_for(row.rel_fspath)
         row = self.move(row, State.UPLOADING, token_hash=hash_token(token), sha256=sha256,
                         size=len(data), upload_name=name, attempts=row.attempts + 1, stage="upload",
-                        project_id=k.project_id, next_at=self.clock())
-        form = UploadForm(k.project_id, self.callback_url(token), k.category_id, k.dataset_status)
+                        project_id=project_id, next_at=self.clock())
+        form = UploadForm(project_id, self.callback_url(token), category_id, dataset_status)
         try:
             details = self.client.upload(data, name, form)
             document_id = int(details["id"])

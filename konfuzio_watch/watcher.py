@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from .files import is_ignored
 
 log = logging.getLogger(__name__)
+
+# watchdog 7 warns from its inotify thread when a new folder's watch is registered twice
+# (a benign race on folders created in quick succession); keep it out of the service log.
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
 Report = Callable[[str, str], None]  # (kind, absolute path); kind is "file" or "dir"
 
@@ -43,15 +51,22 @@ class InboxFilter:
         return parts
 
 
+PROBE_PREFIX = ".konfuzio-watch-probe-"
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, report: Report, keep: InboxFilter):
         self.report = report
         self.keep = keep
+        self.probe_seen = threading.Event()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in ("created", "modified", "closed", "moved"):
             return
         path = os.fsdecode(event.dest_path if event.event_type == "moved" else event.src_path)
+        if os.path.basename(path).startswith(PROBE_PREFIX):
+            self.probe_seen.set()
+            return
         if self.keep.rel_parts(path) is None:
             return
         if event.is_directory:
@@ -61,20 +76,69 @@ class _Handler(FileSystemEventHandler):
         self.report("file", path)
 
 
+ObserverFactory = Callable[[bool, float], BaseObserver]
+
+
+def make_observer(polling: bool, poll_interval_s: float) -> BaseObserver:
+    return PollingObserver(timeout=poll_interval_s) if polling else Observer()
+
+
 class InboxWatcher:
-    def __init__(self, keep: InboxFilter, report: Report, *, polling: bool = False, poll_interval_s: float = 5.0):
+    """The observer on the inbox. In inotify mode it first proves that events arrive (they do
+    not for files written by other machines on SMB/NFS mounts) and falls back to polling."""
+
+    def __init__(self, keep: InboxFilter, report: Report, *, polling: bool = False, poll_interval_s: float = 5.0,
+                 observer_factory: ObserverFactory = make_observer, probe_timeout_s: float = 2.0):
         self.keep = keep
         self.report = report
         self.polling = polling
         self.poll_interval_s = poll_interval_s
-        self._observer: Observer | PollingObserver | None = None
+        self.observer_factory = observer_factory
+        self.probe_timeout_s = probe_timeout_s
+        self._observer: BaseObserver | None = None
 
     def start(self) -> None:
-        observer = PollingObserver(timeout=self.poll_interval_s) if self.polling else Observer()
+        if not self.polling:
+            try:
+                self._start_observer(polling=False)
+            except OSError as exc:  # inotify watch/instance limits: ENOSPC, EMFILE
+                log.warning("inotify cannot watch %s (%s; raise fs.inotify.max_user_watches / max_user_instances); "
+                            "polling every %.0f s instead", self.keep.inbox, exc.strerror or exc, self.poll_interval_s)
+                self._switch_to_polling()
+                return
+            if not self._events_arrive():
+                log.warning("no file events arrive from %s (a network share?); polling every %.0f s instead",
+                            self.keep.inbox, self.poll_interval_s)
+                self.stop()
+                self._switch_to_polling()
+            return
+        self._start_observer(polling=True)
+
+    def _switch_to_polling(self) -> None:
+        self.polling = True
+        self._start_observer(polling=True)
+
+    def _start_observer(self, polling: bool) -> None:
+        observer = self.observer_factory(polling, self.poll_interval_s)
         observer.name = "inbox-observer"
-        observer.schedule(_Handler(self.report, self.keep), self.keep.inbox, recursive=True)
+        self._handler = _Handler(self.report, self.keep)
+        observer.schedule(self._handler, self.keep.inbox, recursive=True)
         observer.start()
         self._observer = observer
+
+    def _events_arrive(self) -> bool:
+        """Write and remove a probe file; did the observer see it?"""
+        probe = os.path.join(self.keep.inbox, f"{PROBE_PREFIX}{secrets.token_hex(4)}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"probe")
+        except OSError as exc:
+            log.warning("cannot write a probe file into %s: %s", self.keep.inbox, exc.strerror or exc)
+            return True  # nothing proven either way; the periodic rescan still covers us
+        try:
+            return self._handler.probe_seen.wait(self.probe_timeout_s)
+        finally:
+            os.unlink(probe)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self._observer is None:

@@ -112,9 +112,10 @@ class Running:
 def start_daemon(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(config: Config | None = None, **sections: dict[str, Any]) -> Running:
+    def start(config: Config | None = None, daemon_kwargs: dict[str, Any] | None = None,
+              **sections: dict[str, Any]) -> Running:
         config = config or make_config(tmp_path, emulator, **sections)
-        daemon = Daemon(config)
+        daemon = Daemon(config, **(daemon_kwargs or {}))
         running = Running(daemon, config, run_in_thread(daemon))
         started.append(running)
         return running

@@ -40,8 +40,12 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path):
     text = example.read_text()
     from dataclasses import fields
 
+    from konfuzio_watch.config import Route
+
     for section in fields(config):
-        for key in fields(getattr(config, section.name)):
+        assert f"{section.name}:" in text
+        section_type = Route if section.name == "routes" else type(getattr(config, section.name))
+        for key in fields(section_type):
             assert f"{key.name}:" in text, f"config.example.yaml does not document {section.name}.{key.name}"
 
 
@@ -68,6 +72,28 @@ def test_mistakes_are_one_line_naming_the_key(raw: dict, message: str, tmp_path:
         parse_config(raw, base_dir=tmp_path, environ={})
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+def test_routes_pick_project_and_category_by_subfolder(tmp_path: Path):
+    raw = {**BASE, "routes": [{"match": "accounting/*", "project_id": 2, "category_id": 7},
+                              {"match": "*.png", "dataset_status": 3}]}
+    config = parse_config(raw, base_dir=tmp_path)
+    assert config.route_for("accounting/2026/x.pdf") == (2, 7, 0)
+    assert config.route_for("photos/a.png") == (1, None, 3)
+    assert config.route_for("other.pdf") == (1, None, 0)
+
+
+@pytest.mark.parametrize(("routes", "message"), [
+    ({"match": "a/*"}, "routes[0]: set project_id, category_id or dataset_status"),
+    ({"project_id": 2}, "routes[0].match: required"),
+    ({"match": "a/*", "project": 2}, "routes[0].project: unknown key"),
+    ("a/*", "routes: expected a list"),
+])
+def test_route_mistakes_name_the_rule(routes: object, message: str, tmp_path: Path):
+    raw = {**BASE, "routes": routes if isinstance(routes, str) else [routes]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, base_dir=tmp_path)
+    assert str(info.value).startswith(message)
 
 
 def test_done_and_failed_may_live_inside_the_inbox(tmp_path: Path):

@@ -207,7 +207,8 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     daemon.kill9()
 
     daemon.start()  # the disk has space again
-    wait_until(lambda: target_json.exists(), 30, "the JSON written once the disk has room")
+    wait_until(lambda: (tmp_path / "done" / "full.pdf").exists(), 30, "exported once the disk has room")
+    assert target_json.exists()
     assert (tmp_path / "done" / "full.pdf").read_bytes() == data
     assert daemon.terminate() == 0
     assert len(emulator.uploads) == 1
@@ -241,7 +242,8 @@ def test_unwritable_done_folder_keeps_the_file_safe_until_fixed(daemon_process, 
         assert [p.read_bytes() for p in processing.iterdir()] == [data]
         os.chmod(root / "done", 0o755)  # fixed: the daemon retries by itself
 
-        wait_until(lambda: (root / "done" / "locked.pdf.json").exists(), 30, "exported once done/ is writable")
+        wait_until(lambda: (root / "done" / "locked.pdf").exists(), 30, "exported once done/ is writable")
+        assert (root / "done" / "locked.pdf.json").exists()
         assert (root / "done" / "locked.pdf").read_bytes() == data
         assert daemon.terminate() == 0
         assert len(emulator.uploads) == 1

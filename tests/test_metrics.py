@@ -1,0 +1,124 @@
+"""The hand-rendered exposition text, read back with the Prometheus client's own parser."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from konfuzio_watch.metrics import LATENCY_BUCKETS_S, Histogram, MetricsSnapshot, render
+
+
+def parse(text: str) -> dict[str, object]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def values(family: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}  # type: ignore[attr-defined]
+
+
+def full_snapshot() -> MetricsSnapshot:
+    latency = Histogram()
+    for seconds in (0.05, 0.1, 0.3, 4.0, 4.0, 59.0, 1000.0):
+        latency.observe(seconds)
+    return MetricsSnapshot(
+        files_by_state={"claimed": 1, "uploaded": 3, "done": 10, "failed": 1, "exporting": 0},
+        uploads_total=14,
+        upload_retries_total=2,
+        fetch_retries_total=5,
+        callbacks_total={"recorded": 12, "finished": 1, "unknown": 4, "mismatch": 0, "invalid": 2},
+        callback_latency_seconds=latency.snapshot(),
+        oldest_pending_age_seconds=42.5,
+        ready=True,
+    )
+
+
+def test_every_family_has_help_type_and_its_values() -> None:
+    text = render(full_snapshot())
+    families = parse(text)
+
+    assert {name: f.type for name, f in families.items()} == {  # type: ignore[attr-defined]
+        "konfuzio_watch_files": "gauge",
+        "konfuzio_watch_uploads": "counter",
+        "konfuzio_watch_upload_retries": "counter",
+        "konfuzio_watch_fetch_retries": "counter",
+        "konfuzio_watch_callbacks": "counter",
+        "konfuzio_watch_callback_latency_seconds": "histogram",
+        "konfuzio_watch_oldest_pending_age_seconds": "gauge",
+        "konfuzio_watch_up": "gauge",
+    }
+    assert all(f.documentation for f in families.values())  # type: ignore[attr-defined]
+    files = values(families["konfuzio_watch_files"])
+    assert files[("konfuzio_watch_files", (("state", "done"),))] == 10
+    assert files[("konfuzio_watch_files", (("state", "exporting"),))] == 0
+    assert values(families["konfuzio_watch_uploads"]) == {("konfuzio_watch_uploads_total", ()): 14}
+    assert values(families["konfuzio_watch_upload_retries"]) == {("konfuzio_watch_upload_retries_total", ()): 2}
+    assert values(families["konfuzio_watch_fetch_retries"]) == {("konfuzio_watch_fetch_retries_total", ()): 5}
+    callbacks = values(families["konfuzio_watch_callbacks"])
+    assert callbacks[("konfuzio_watch_callbacks_total", (("outcome", "invalid"),))] == 2
+    assert len(callbacks) == 5
+    assert values(families["konfuzio_watch_oldest_pending_age_seconds"]) == {
+        ("konfuzio_watch_oldest_pending_age_seconds", ()): 42.5}
+    assert values(families["konfuzio_watch_up"]) == {("konfuzio_watch_up", ()): 1}
+    assert text.endswith("\n") and "# TYPE konfuzio_watch_uploads_total counter" in text
+
+
+def test_histogram_buckets_are_cumulative_and_match_count_and_sum() -> None:
+    family = parse(render(full_snapshot()))["konfuzio_watch_callback_latency_seconds"]
+    buckets = [(float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket")]  # type: ignore[attr-defined]
+    totals = {s.name: s.value for s in family.samples if not s.name.endswith("_bucket")}  # type: ignore[attr-defined]
+
+    assert [le for le, _ in buckets] == [*LATENCY_BUCKETS_S, math.inf]
+    counts = [n for _, n in buckets]
+    assert counts == sorted(counts), "bucket counts must never decrease"
+    assert dict(buckets)[0.1] == 2  # 0.05 and 0.1 (le is inclusive)
+    assert dict(buckets)[5.0] == 5
+    assert dict(buckets)[600.0] == 6
+    assert counts[-1] == totals["konfuzio_watch_callback_latency_seconds_count"] == 7
+    assert totals["konfuzio_watch_callback_latency_seconds_sum"] == pytest.approx(1067.45)
+
+
+def test_label_values_are_escaped() -> None:
+    odd = 'we"ird\\state\nname'
+    text = render(MetricsSnapshot(files_by_state={odd: 7}))
+
+    assert 'state="we\\"ird\\\\state\\nname"' in text
+    files = parse(text)["konfuzio_watch_files"]
+    assert values(files) == {("konfuzio_watch_files", (("state", odd),)): 7}
+
+
+def test_an_empty_snapshot_is_valid_and_says_down() -> None:
+    families = parse(render(MetricsSnapshot()))
+
+    assert values(families["konfuzio_watch_up"]) == {("konfuzio_watch_up", ()): 0}
+    assert values(families["konfuzio_watch_files"]) == {}
+    assert "konfuzio_watch_oldest_pending_age_seconds" not in families
+    assert "konfuzio_watch_callback_latency_seconds" not in families
+
+
+def test_histogram_observes_from_many_threads_without_losing_counts() -> None:
+    histogram = Histogram(buckets=(1, 10))
+
+    def observe() -> None:
+        for i in range(1000):
+            histogram.observe(i % 20)
+
+    threads = [threading.Thread(target=observe) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    snap = histogram.snapshot()
+    assert snap.count == 8000
+    assert snap.cumulative == (800, 4400, 8000)  # 0,1 | 2..10 | 11..19 per 20 values
+    assert snap.sum == 8 * 50 * sum(range(20))
+
+
+def test_histogram_refuses_bad_buckets() -> None:
+    with pytest.raises(ValueError):
+        Histogram(buckets=(1, 1))
+    with pytest.raises(ValueError):
+        Histogram(buckets=(math.inf,))
