@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="where every file is")
     _config_arg(status)
     status.add_argument("--all", action="store_true", help="list finished files too")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(func=cmd_status)
 
     retry = sub.add_parser("retry", help="put failed files back through the pipeline")
@@ -112,10 +114,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import print_status
+    from .status import print_status, watch_status
 
     config: Config = load_config(args.config)
-    print_status(config, show_all=args.all, now=time.time(), out=sys.stdout)
+    if args.watch is None:
+        print_status(config, show_all=args.all, now=time.time(), out=sys.stdout)
+        return EXIT_OK
+    watch_status(config, show_all=args.all, interval_s=max(0.2, args.watch), out=sys.stdout)
     return EXIT_OK
 
 

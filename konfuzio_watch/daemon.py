@@ -80,11 +80,21 @@ class Daemon:
         self.watcher: InboxWatcher | None = None
         self.pipeline: Pipeline | None = None
         self.public_url: str | None = None
+        self._uploads: ThreadPoolExecutor | None = None
+        self._results: ThreadPoolExecutor | None = None
 
     # -- start-up ------------------------------------------------------------------------------
 
     def start(self) -> Daemon:
-        """Open the journal, recover, bind the server, start watching. Returns when ready."""
+        """Open the journal, recover, bind the server, start watching. Returns when ready.
+        If any of it fails (port taken, tunnel refused), what was started is stopped again."""
+        try:
+            return self._start()
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _start(self) -> Daemon:
         c = self.config
         for folder in (c.folders.inbox, c.folders.done, c.folders.failed, c.folders.state, c.processing_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -300,8 +310,8 @@ class Daemon:
         if pool == "upload":
             assert self.pipeline
             size = self.pipeline.breaker.allowed_in_flight(self.config.upload.concurrency)
-        else:
-            size = self.config.results.workers
+        else:  # a reconciliation pass holds one results worker, whatever the number of its rows
+            size = self.config.results.workers - (1 if self._reconciling else 0)
         return size - sum(1 for p in self._inflight.values() if p == pool)
 
     def _dispatch(self, now: float) -> None:
@@ -318,6 +328,7 @@ class Daemon:
                 self._reconciling = True
                 for row in due:
                     self._inflight[row.id] = "reconcile"
+                assert self._results
                 future = self._results.submit(self._guard, p.reconcile, due)
                 future.add_done_callback(lambda _f, ids=[r.id for r in due]: self._reconciled(ids))
                 free -= 1
@@ -329,6 +340,7 @@ class Daemon:
     def _submit(self, pool: str, step: Callable[[Row], Row], row: Row) -> None:
         self._inflight[row.id] = pool
         executor = self._uploads if pool == "upload" else self._results
+        assert executor
         future: Future = executor.submit(self._guard, step, row)
         future.add_done_callback(lambda _f, row_id=row.id: self._events.put(("done", row_id)))
 
@@ -410,15 +422,16 @@ class Daemon:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    def _shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop taking files, let the steps in hand finish, then close observer -> server -> journal."""
+    def _shutdown(self) -> None:
+        """Stop taking files, let the steps in hand finish, then close observer -> server -> tunnel -> journal."""
         log.info("stopping: %d step(s) in hand", len(self._inflight))
         self.notifier.stopping(f"stopping; {len(self._inflight)} step(s) in hand")
         self._ready.clear()
         if self.watcher:
             self.watcher.stop()
-        self._uploads.shutdown(wait=True, cancel_futures=True)
-        self._results.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._uploads, self._results):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         if self.server:
             self.server.close(timeout_s=5)
         if self.tunnel:

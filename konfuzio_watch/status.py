@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import time
 from typing import TextIO
 
 from .config import Config
@@ -40,6 +42,21 @@ def print_status(config: Config, *, show_all: bool, now: float, out: TextIO) -> 
             out.write("\nlast failures\n" + _table(failed, now))
     finally:
         journal.close()
+
+
+def watch_status(config: Config, *, show_all: bool, interval_s: float, out: TextIO,
+                 iterations: int | None = None) -> None:
+    """Redraw the status every ``interval_s`` (a terminal's clear-screen between frames)."""
+    frame = 0
+    while iterations is None or frame < iterations:
+        buffer = io.StringIO()
+        print_status(config, show_all=show_all, now=time.time(), out=buffer)
+        out.write("\x1b[H\x1b[2J" + f"konfuzio-watch status, every {interval_s:g} s (Ctrl-C to quit)\n\n")
+        out.write(buffer.getvalue())
+        out.flush()
+        frame += 1
+        if iterations is None or frame < iterations:
+            time.sleep(interval_s)  # the refresh period of a live display
 
 
 def _table(rows: list[Row], now: float) -> str:

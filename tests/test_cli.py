@@ -68,6 +68,39 @@ def test_status_shows_where_each_file_is(tmp_path, emulator, start_daemon):
         assert f"doc_{i}.pdf" in text
 
 
+def test_status_watch_redraws(tmp_path, emulator, start_daemon):
+    from konfuzio_watch.status import watch_status
+
+    running = start_daemon()
+    drop(running.inbox / "w.pdf", make_pdf(label="w"))
+    running.wait_finished(1)
+    out = io.StringIO()
+    watch_status(running.config, show_all=True, interval_s=0.01, out=out, iterations=2)
+    frames = out.getvalue().split("\x1b[H\x1b[2J")[1:]
+    assert len(frames) == 2 and all("done            1" in f and "w.pdf" in f for f in frames)
+
+
+def test_json_log_format_is_one_object_per_line(tmp_path, emulator):
+    import json
+
+    config = write_config(tmp_path, emulator)
+    proc = subprocess.Popen([sys.executable, "-m", "konfuzio_watch", "run", "--config", str(config),
+                             "--log-format", "json"], cwd=tmp_path, env={**os.environ, "LOG_TO_FILE": "False"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        drop(tmp_path / "inbox" / "new\nline.pdf", make_pdf(label="j"))
+        wait_until(lambda: (tmp_path / "done" / "new\nline.pdf").exists(), 30, "exported")
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    entries = [json.loads(line) for line in log.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(e["message"] == "new\\nline.pdf: exporting -> done (done/new\\nline.pdf)" for e in entries)
+
+
 def test_run_as_a_process_processes_files_and_stops_cleanly_on_sigterm(tmp_path, emulator):
     config = write_config(tmp_path, emulator)
     env = {**os.environ, "LOG_TO_FILE": "False"}

@@ -23,6 +23,7 @@ from konfuzio_watch.watcher import make_observer
 from .conftest import drop, make_config, wait_until
 from .test_crash import DaemonProcess, assert_each_file_finished_exactly_once, sample_files
 from .test_pipeline import assert_own_result
+from .test_tunnel import agent_path, records  # noqa: F401  (fixtures)
 
 
 def test_routes_send_subfolders_to_their_project_and_category(start_daemon, emulator, tmp_path):
@@ -169,3 +170,40 @@ def test_metrics_are_prometheus_text(start_daemon, emulator):
                if not s.labels.get("le")}
     assert latency["konfuzio_watch_callback_latency_seconds_count"] == running.daemon.stats.callbacks["recorded"]
     assert running.counts()[State.DONE] == 3
+
+
+def test_tunnel_url_is_used_for_callbacks_reopened_when_the_agent_dies_and_closed_on_exit(
+        start_daemon, emulator, agent_path, records):
+    emulator.knobs.callback_loss = 1.0  # the made-up public URL leads nowhere: results come by polling
+    running = start_daemon(ngrok={"enabled": True, "path": str(agent_path), "authtoken": "ngrok-secret"},
+                           results={"callback_timeout": 0.3, "poll_interval": 0.2})
+    first_url = running.daemon.public_url
+    assert first_url.startswith("https://") and first_url != running.daemon.server.url
+    drop(running.inbox / "one.pdf", make_pdf(label="one"))
+    running.wait_finished(1)
+    assert emulator.uploads[0].callback_url.startswith(f"{first_url}/konfuzio-callback/")
+
+    os.kill(running.daemon.tunnel.agent_pid, signal.SIGKILL)
+    running.daemon._next_tunnel_check = 0.0  # don't wait 30 s for the periodic check
+    running.daemon._events.put(("wake", None))
+    wait_until(lambda: running.daemon.public_url != first_url, 30, "the tunnel reopened under a new URL")
+    drop(running.inbox / "two.pdf", make_pdf(label="two"))
+    running.wait_finished(2)
+    assert emulator.uploads[1].callback_url.startswith(f"{running.daemon.public_url}/konfuzio-callback/")
+
+    agent = running.daemon.tunnel.agent_pid
+    running.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(agent, 0)
+
+
+def test_a_failed_start_stops_what_it_had_started(tmp_path, emulator):
+    from konfuzio_watch.daemon import Daemon
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = make_config(tmp_path, emulator, callback={"port": busy.getsockname()[1]})
+        with pytest.raises(OSError):
+            Daemon(config).start()
+    # the autouse thread-leak check proves the pools and the journal were closed
