@@ -16,6 +16,7 @@ from typing import Any
 
 import waitress
 from waitress import wasyncore
+from waitress.task import ThreadedTaskDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,14 @@ PUBLIC_ENDPOINT_SETTINGS: dict[str, Any] = {
 class ServerThread:
     """A WSGI app served by Waitress on a thread; ``port`` is the bound port (``port=0`` works)."""
 
-    def __init__(self, app: Callable, host: str, port: int, *, name: str = "waitress", **settings: Any):
-        self._server = waitress.create_server(app, host=host, port=port, **settings)
+    def __init__(self, app: Callable, host: str, port: int, *, name: str = "waitress", threads: int = 4,
+                 **settings: Any):
+        # Our own dispatcher, given its threads only once the socket is bound: create_server
+        # would start them first and leak them when the port is taken.
+        dispatcher = ThreadedTaskDispatcher()
+        self._server = waitress.create_server(app, host=host, port=port, threads=threads, _dispatcher=dispatcher,
+                                              **settings)
+        dispatcher.set_thread_count(threads)
         self._map = self._server._map
         self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
         self.host = host

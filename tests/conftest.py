@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("LOG_TO_FILE", "False")  # before anything imports konfuzio_sdk
 
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from konfuzio_watch.emulator import Emulator, Knobs
 from konfuzio_watch.journal import FINISHED, Journal, State
 
 TOKEN = "test-api-token-0123456789"
+FAKE_NGROK = Path(__file__).with_name("fake_ngrok.py")
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str | Callable[[], str],
@@ -124,6 +127,25 @@ def start_daemon(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., R
     for running in started:
         if running.thread.is_alive():
             running.stop()
+
+
+@pytest.fixture
+def agent_path(tmp_path: Path) -> Path:
+    """An ``ngrok`` executable that runs the fake agent with this interpreter."""
+    path = tmp_path / "bin" / "ngrok"
+    path.parent.mkdir()
+    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_NGROK))} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "records"
+    directory.mkdir()
+    monkeypatch.setenv("FAKE_NGROK_RECORD_DIR", str(directory))
+    monkeypatch.delenv("NGROK_AUTHTOKEN", raising=False)
+    return directory
 
 
 def open_journal(config: Config) -> Journal:

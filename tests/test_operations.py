@@ -23,7 +23,6 @@ from konfuzio_watch.watcher import make_observer
 from .conftest import drop, make_config, wait_until
 from .test_crash import DaemonProcess, assert_each_file_finished_exactly_once, sample_files
 from .test_pipeline import assert_own_result
-from .test_tunnel import agent_path, records  # noqa: F401  (fixtures)
 
 
 def test_routes_send_subfolders_to_their_project_and_category(start_daemon, emulator, tmp_path):

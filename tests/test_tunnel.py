@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,25 +20,6 @@ from tests.conftest import wait_until
 
 FAKE_AGENT = Path(__file__).with_name("fake_ngrok.py")
 TOKEN = "cb-token-0123456789abcdefghij"
-
-
-@pytest.fixture
-def agent_path(tmp_path: Path) -> Path:
-    """An ``ngrok`` executable that runs the fake agent with this interpreter."""
-    path = tmp_path / "bin" / "ngrok"
-    path.parent.mkdir()
-    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_AGENT))} "$@"\n')
-    path.chmod(0o755)
-    return path
-
-
-@pytest.fixture
-def records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "records"
-    directory.mkdir()
-    monkeypatch.setenv("FAKE_NGROK_RECORD_DIR", str(directory))
-    monkeypatch.delenv("NGROK_AUTHTOKEN", raising=False)
-    return directory
 
 
 @pytest.fixture
