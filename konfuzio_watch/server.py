@@ -9,6 +9,7 @@ all channels so the loop exits; join the loop thread; shut down the worker threa
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,11 +38,16 @@ class ServerThread:
 
     def __init__(self, app: Callable, host: str, port: int, *, name: str = "waitress", threads: int = 4,
                  **settings: Any):
-        # Our own dispatcher, given its threads only once the socket is bound: create_server
-        # would start them first and leak them when the port is taken.
+        # We bind the one listening socket ourselves (closing it if that fails; Waitress would
+        # leak it, and would listen on several sockets for a name like "localhost"), and give
+        # the dispatcher its threads only once bound (create_server starts them first).
+        sock = _bind(host, port)
         dispatcher = ThreadedTaskDispatcher()
-        self._server = waitress.create_server(app, host=host, port=port, threads=threads, _dispatcher=dispatcher,
-                                              **settings)
+        try:
+            self._server = waitress.create_server(app, sockets=[sock], _dispatcher=dispatcher, **settings)
+        except BaseException:
+            sock.close()
+            raise
         dispatcher.set_thread_count(threads)
         self._map = self._server._map
         self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
@@ -96,3 +102,17 @@ class ServerThread:
             if getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0):
                 return True
         return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

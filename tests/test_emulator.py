@@ -28,6 +28,7 @@ from konfuzio_sdk.api import (  # noqa: E402
 from konfuzio_sdk.urls import get_upload_document_url  # noqa: E402
 
 from konfuzio_watch.emulator import FAIL_MARKER, Emulator, Knobs, ocr_text_for  # noqa: E402
+from konfuzio_watch.emulator.app import INVALID_CHOICE  # noqa: E402
 from konfuzio_watch.emulator.forms import is_valid_url  # noqa: E402
 from konfuzio_watch.samples import make_pdf, make_png  # noqa: E402
 from konfuzio_watch.server import ServerThread  # noqa: E402
@@ -221,6 +222,55 @@ def test_sdk_upload_function_in_a_subprocess(emu, receiver, tmp_path):
     assert (status, body["status_data"], body["data_file_name"], sync_status) == (201, 0, "from sdk.pdf", 2)
     (call,) = receiver.wait_for(1)
     assert call["body"]["id"] == body["id"] and call["body"]["status_data"] == 2
+
+
+def test_project_schema_endpoints_answer_empty_pages_per_project(emu):
+    """What Project(id_=...) downloads: the emulated projects have no categories, label sets or labels."""
+    for path in ("/api/v3/categories/?project=1&limit=1000", "/api/v3/label-sets/?project=1&limit=1000",
+                 "/api/v3/labels/?project=2&limit=1000"):
+        response = api(emu, "GET", path)
+        assert (response.status_code, response.json()) == (
+            200, {"count": 0, "next": None, "previous": None, "results": []}), path
+    unknown = api(emu, "GET", "/api/v3/categories/?project=99")
+    assert (unknown.status_code, unknown.json()) == (400, {"project": [INVALID_CHOICE]})
+
+
+def test_sdk_project_from_file_and_update_in_a_subprocess(emu, receiver, tmp_path):
+    """The tutorial's object-level flow: Project(id_), Document.from_file(sync=False), update()."""
+    (tmp_path / "tutorial.pdf").write_bytes(make_pdf(2, label="tutorial"))
+    script = (
+        "import json, sys\n"
+        "from konfuzio_sdk.data import Document, Project\n"
+        "project = Project(id_=1)\n"
+        "doc = Document.from_file('tutorial.pdf', project=project, sync=False, callback_url=sys.argv[1])\n"
+        "import time; from konfuzio_sdk.api import get_document_details\n"
+        "deadline = time.time() + 10\n"
+        "while get_document_details(doc.id_)['status_data'] != 2 and time.time() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "doc.update()\n"
+        "print(json.dumps([doc.id_, doc.ocr_ready, doc.text]))\n"
+    )
+    env = {**os.environ, "KONFUZIO_HOST": emu.url, "KONFUZIO_TOKEN": TOKEN, "LOG_TO_FILE": "False"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, receiver.url("tutorial")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    doc_id, is_ready, text = json.loads(result.stdout.splitlines()[-1])
+    assert is_ready and text == ocr_text_for((tmp_path / "tutorial.pdf").read_bytes(), "tutorial.pdf")
+    assert (tmp_path / "data_1" / "documents" / str(doc_id) / "document.txt").read_text() == text
+    (call,) = receiver.wait_for(1)
+    assert call["body"]["id"] == doc_id
+
+
+def test_upload_record_says_when_the_request_arrived(emu, session):
+    emu.knobs.upload_latency_s = 0.3
+    before = time.time()
+    upload(session, emu.url, make_png(label="timed"))
+    (record,) = emu.uploads
+    assert before <= record.arrived_at <= before + 0.2
+    assert record.received_at - record.arrived_at >= 0.29
 
 
 # -- callbacks ---------------------------------------------------------------------------------
