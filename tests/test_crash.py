@@ -168,7 +168,7 @@ def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process,
         daemon.kill9()
         # The dangerous window: the server has stored the upload, the daemon never hears its id.
         if index in (2, 5):
-            emulator.knobs.stall_after_store_s = 30
+            emulator.knobs.stall_after_store_s = 5  # long enough to kill in; frees the server soon after
             daemon.start()
             stored = uploads()
             wait_until(lambda s=stored: uploads() > s, 30, "an upload stored by the server, its answer pending")
