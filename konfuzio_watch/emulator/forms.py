@@ -31,6 +31,8 @@ _URL = re.compile(
 )
 URL_MAX_LENGTH = 2048
 
+PK_TYPE_ERROR = "Incorrect type. Expected pk value, received str."
+
 
 @dataclass
 class UploadForm:
@@ -65,7 +67,7 @@ def parse_upload(
     data, name = _data_file(files, errors)
     project = _project(form.get("project"), project_ids, errors)
     dataset_status = _dataset_status(form.get("dataset_status"), errors)
-    category = _optional_pk(form, "category", errors)
+    category = _optional_int(form, "category", errors, PK_TYPE_ERROR)
     callback_url = _callback_url(form.get("callback_url"), errors)
     callback_status_code = _optional_int(form, "callback_status_code", errors)
     is_sync = _boolean(form, "sync", errors)
@@ -102,7 +104,7 @@ def _project(raw: str | None, project_ids: Collection[int], errors: dict) -> int
     try:
         project = int(raw)
     except ValueError:
-        errors["project"] = ["Incorrect type. Expected pk value, received str."]
+        errors["project"] = [PK_TYPE_ERROR]
         return 0
     if project not in project_ids:
         errors["project"] = [f'Invalid pk "{raw}" - object does not exist.']
@@ -118,25 +120,15 @@ def _dataset_status(raw: str | None, errors: dict) -> int:
     return 0
 
 
-def _optional_pk(form: Mapping[str, str], key: str, errors: dict) -> int | None:
+def _optional_int(form: Mapping[str, str], key: str, errors: dict,
+                  message: str = "A valid integer is required.") -> int | None:
     raw = form.get(key)
     if raw is None or raw == "":
         return None
     try:
         return int(raw)
     except ValueError:
-        errors[key] = ["Incorrect type. Expected pk value, received str."]
-        return None
-
-
-def _optional_int(form: Mapping[str, str], key: str, errors: dict) -> int | None:
-    raw = form.get(key)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        errors[key] = ["A valid integer is required."]
+        errors[key] = [message]
         return None
 
 
