@@ -119,10 +119,10 @@ def display_name(raw: bytes | str) -> str:
 class Journal:
     """Thread-safe access to the journal; one connection guarded by a lock."""
 
-    def __init__(self, path: Path, *, allow_network_fs: bool = False):
+    def __init__(self, path: Path, *, allow_network_fs: bool = False, mountinfo: str | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         if not allow_network_fs:
-            fstype = filesystem_type(path.parent)
+            fstype = filesystem_type(path.parent, mountinfo)
             if fstype in NETWORK_FILESYSTEMS:
                 raise JournalError(
                     f"folders.state: {path.parent} is on a network file system ({fstype}); "
@@ -302,12 +302,14 @@ def _marks(values: Sequence[object]) -> str:
 assert [f.name for f in dataclasses.fields(Row)] == COLUMNS
 
 
-def filesystem_type(path: Path) -> str | None:
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
     """The file system type of the mount holding ``path`` (Linux /proc/self/mountinfo)."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    lines = mountinfo.splitlines()
     target = os.path.realpath(path)
     best, best_type = "", None
     for line in lines:

@@ -198,3 +198,19 @@ def test_hidden_temporary_and_nas_junk_files_are_ignored(start_daemon, emulator)
     assert [u.data_file_name for u in emulator.uploads] == ["real.pdf"]
     for name in junk:
         assert (running.inbox / name).exists(), f"{name} was taken"
+
+
+def test_scanner_that_closes_and_reopens_the_file_between_pages(start_daemon, emulator):
+    running = start_daemon(watch={"settle_seconds": 0.6})
+    data = make_pdf(pages=3, label="reopening scanner")
+    chunks = [data[i * len(data) // 5 : (i + 1) * len(data) // 5] for i in range(5)]
+    path = running.inbox / "scanner.pdf"
+    for chunk in chunks:  # one page at a time: open, append, close, pause (shorter than settle)
+        with open(path, "ab") as f:
+            f.write(chunk)
+        time.sleep(0.4)  # the scanner's pace, not a wait for the daemon
+        assert emulator.uploads == [], "taken while the scanner was still writing"
+
+    running.wait_finished(1)
+    assert len(emulator.uploads) == 1
+    assert_own_result(running.done, "scanner.pdf", data)
