@@ -38,7 +38,7 @@ def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: st
         body = request.get_data(cache=False)
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return _json({"detail": "Body must be a JSON object."}, 400)
         if not isinstance(payload, dict):
             return _json({"detail": "Body must be a JSON object."}, 400)

@@ -99,6 +99,7 @@ class Daemon:
         for folder in (c.folders.inbox, c.folders.done, c.folders.failed, c.folders.state, c.processing_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(c.journal_path)
+        self.journal.bind_processing_dir(c.processing_dir)
         if self._client is None:
             self._client = KonfuzioClient(c.konfuzio.host, c.api_token(), c.konfuzio.timeout_seconds,
                                           pool_size=c.upload.concurrency + c.results.workers + 2)
@@ -173,17 +174,23 @@ class Daemon:
     def run(self) -> None:
         """The scheduling loop; returns after ``request_stop`` once in-flight steps are finished."""
         while not self._stopping.is_set():
-            self._wait_for_events(self._seconds_until_next())
-            if self._stopping.is_set():
-                break
-            now = self.clock()
-            if now >= self._next_rescan:
-                self._next_rescan = now + self.config.watch.rescan_interval
-                self._scan(None)
-            self._claim_ready(now)
-            self._dispatch(now)
-            self._tend(now)
+            try:
+                self._wait_for_events(self._seconds_until_next())
+                if self._stopping.is_set():
+                    break
+                self._step(self.clock())
+            except Exception:  # e.g. the journal's disk failing: say so, keep going, don't spin
+                log.exception("the scheduling loop hit an error; going on in 5 s")
+                self._stopping.wait(5.0)
         self._shutdown()
+
+    def _step(self, now: float) -> None:
+        if now >= self._next_rescan:
+            self._next_rescan = now + self.config.watch.rescan_interval
+            self._scan(None)
+        self._claim_ready(now)
+        self._dispatch(now)
+        self._tend(now)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -210,7 +217,8 @@ class Daemon:
         if kind == "file":
             self._observe(str(payload))
         elif kind == "dir":
-            self._scan(str(payload))
+            if os.path.isdir(str(payload)) and not os.path.islink(str(payload)):
+                self._scan(str(payload))
         elif kind == "rescan":
             self._next_rescan = 0.0
         elif kind == "done":
@@ -279,7 +287,8 @@ class Daemon:
                 ready.append(path)
                 del self._candidates[path]
         if ready:
-            inbox = os.path.abspath(self.config.folders.inbox)
+            assert self.watcher
+            inbox = self.watcher.keep.inbox
             self.pipeline.claim([os.fsencode(os.path.relpath(p, inbox)) for p in ready])
         if self._due and self._due[0][0] <= now:
             self._events.put(("wake", None))  # more than one batch is ready
@@ -290,6 +299,15 @@ class Daemon:
             st = os.lstat(path)
         except OSError:
             self._candidates.pop(path, None)
+            return None
+        parent = os.path.dirname(path)
+        if os.path.realpath(parent) != parent:  # a folder on the way was swapped for a symlink
+            log.warning("%s: a folder in its path is a symbolic link; not followed", path)
+            self._candidates.pop(path, None)
+            return None
+        if stat.S_ISDIR(st.st_mode):  # a folder took the file's place
+            self._candidates.pop(path, None)
+            self._scan(path)
             return None
         if not stat.S_ISREG(st.st_mode):
             return obs

@@ -25,6 +25,8 @@ BUILTIN_IGNORES = (
 )
 SAFE_NAME_MAX = 120
 NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, SMB)
+MAX_VARIANTS = 10_000  # "name (2).pdf" ... before giving up on a folder
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
 _TRANSLITERATE = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE",
                                 "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "þ": "th", "Þ": "Th"})
 
@@ -90,12 +92,11 @@ def free_target(folder: Path, rel_path: str, sidecar_suffix: str) -> Path:
     """``folder/rel_path``, or ``name (2).ext``, ... such that neither it nor its sidecar exists."""
     target = folder / rel_path
     stem, suffix = _split_suffix(target.name)
-    n = 1
-    while True:
-        candidate = target if n == 1 else target.with_name(_fit(f"{stem} ({n})", suffix))
+    for n in range(1, MAX_VARIANTS):
+        candidate = target if n == 1 else target.with_name(_fit(stem, f" ({n}){suffix}"))
         if not os.path.lexists(candidate) and not os.path.lexists(sidecar_for(candidate, sidecar_suffix)):
             return candidate
-        n += 1
+    raise FileExistsError(errno.EEXIST, f"no free name after {MAX_VARIANTS} tries", str(target))
 
 
 def sidecar_for(path: Path, suffix: str) -> Path:
@@ -108,11 +109,11 @@ def sidecar_for(path: Path, suffix: str) -> Path:
     return path.with_name(f"{head}~{digest}{suffix}")
 
 
-def _fit(stem: str, suffix: str) -> str:
-    """Shorten ``stem`` so that ``stem + suffix`` fits in one file name."""
+def _fit(stem: str, tail: str) -> str:
+    """Shorten ``stem`` so that ``stem + tail`` fits in one file name (the tail is kept whole)."""
     raw = os.fsencode(stem)
-    room = NAME_MAX - len(os.fsencode(suffix))
-    return (os.fsdecode(raw[:room]) if len(raw) > room else stem) + suffix
+    room = NAME_MAX - len(os.fsencode(tail))
+    return (os.fsdecode(raw[:room]) if len(raw) > room else stem) + tail
 
 
 def _split_suffix(name: str) -> tuple[str, str]:
@@ -130,34 +131,50 @@ def move_no_clobber(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             _copy_across(src, dst)
-        elif exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+        elif exc.errno in NO_HARD_LINKS:
             if os.path.lexists(dst):  # no hard links here (some SMB/FAT): check, then rename
                 raise FileExistsError(errno.EEXIST, "target exists", str(dst)) from None
             os.rename(src, dst)
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
             return
         else:
             raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     os.unlink(src)
-    _fsync_dir(src.parent)
+    fsync_dir(src.parent)
 
 
 def _copy_across(src: Path, dst: Path) -> None:
     tmp = temp_path_for(dst)
+    if os.path.lexists(tmp):
+        os.unlink(tmp)  # left by a copy that was killed half-way
     st = os.lstat(src)
     if stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src), tmp)
     else:
         fd, _ = open_regular_file(src)
-        with os.fdopen(fd, "rb") as fin, open(tmp, "xb") as fout:
+        with os.fdopen(fd, "rb") as fin, open(tmp, "wb") as fout:  # a stale temp of ours is overwritten
             shutil.copyfileobj(fin, fout, 1024 * 1024)
             fout.flush()
             os.fsync(fout.fileno())
     try:
-        os.link(tmp, dst, follow_symlinks=False)
+        _link_no_clobber(tmp, dst)
     finally:
-        os.unlink(tmp)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _link_no_clobber(src: Path, dst: Path) -> None:
+    """Give ``src`` the name ``dst`` unless ``dst`` exists (FileExistsError); ``src`` stays.
+    Where the file system has no hard links (vfat, exFAT, some SMB), check, then rename."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "target exists", str(dst)) from None
+        os.rename(src, dst)
 
 
 def encode_json(data: Any) -> bytes:
@@ -192,12 +209,12 @@ def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool]
             f.flush()
             os.fsync(f.fileno())
         try:
-            os.link(tmp, path)
+            _link_no_clobber(tmp, path)
         except FileExistsError:
             if not _existing_is_ours(path, is_ours):
                 raise
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -219,7 +236,7 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:

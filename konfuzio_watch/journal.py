@@ -35,7 +35,7 @@ TERMINAL = (State.DONE, State.FAILED, State.RETRIED)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
-    id            INTEGER PRIMARY KEY,
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it names the file in processing/
     rel_path      BLOB NOT NULL,      -- path relative to the inbox, as bytes (names need not be UTF-8)
     state         TEXT NOT NULL,
     size          INTEGER,
@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_state_next ON files(state, next_at);
 CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 COLUMNS = [
@@ -138,6 +139,20 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def bind_processing_dir(self, path: Path) -> None:
+        """Remember where claimed files wait; refuse a config that moved it while files wait there."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            found = self._db.execute("SELECT value FROM meta WHERE key = 'processing_dir'").fetchone()
+            if found and found[0] != str(path):
+                waiting = [s.value for s in ACTIVE if s != State.CLAIMING]
+                n = self._db.execute(f"SELECT COUNT(*) FROM files WHERE state IN ({_marks(waiting)})",
+                                     waiting).fetchone()[0]
+                if n:
+                    raise JournalError(f"folders.processing: {n} unfinished file(s) wait in {found[0]}, but the "
+                                       f"config now says {path}; move them there or restore the setting")
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('processing_dir', ?)", (str(path),))
 
     # -- writes: each one transaction -------------------------------------------------------
 

@@ -51,6 +51,7 @@ class UploadForm:
 
 
 _sdk: dict[str, ModuleType] = {}
+MAX_RETRY_AFTER_S = 3600.0  # a bogus Retry-After must not pause uploads for days
 
 
 def import_sdk(host: str | None = None, token: str | None = None) -> dict[str, ModuleType]:
@@ -170,12 +171,14 @@ def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
             # 503 is the app itself saying no.
             return ApiError(message, status=status, transient=True, outage=status in (502, 503, 504),
                             maybe_received=is_post and status != 503)
+        if is_post and status in (401, 403, 404):  # wrong token, rights or host: not the file's fault
+            return ApiError(message, status=status, transient=True, outage=True)
         return ApiError(message, status=status, transient=status is None)
     if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
         return ApiError(_short(f"cannot connect: {exc}"), transient=True, outage=True)
     if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
         return ApiError(_short(f"cannot connect: {exc}"), transient=True, outage=True)
-    if isinstance(exc, requests.Timeout | requests.ConnectionError):
+    if isinstance(exc, requests.RequestException):  # timeouts, resets, a body cut short
         return ApiError(_short(f"{type(exc).__name__}: {exc}"), transient=True, maybe_received=is_post)
     if isinstance(exc, ValueError):  # a body that is not JSON
         return ApiError(_short(f"unexpected response: {exc}"), transient=True, maybe_received=is_post)
@@ -206,11 +209,12 @@ def _retry_after(headers: Any) -> float | None:
     if not value:
         return None
     if value.strip().isdigit():
-        return float(value)
+        return min(float(value), MAX_RETRY_AFTER_S)
     try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        delay = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
     except (TypeError, ValueError):
         return None
+    return min(max(0.0, delay), MAX_RETRY_AFTER_S)
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -27,6 +27,7 @@ from .config import Config
 from .files import (
     NotRegularFile,
     free_target,
+    fsync_dir,
     move_no_clobber,
     open_regular_file,
     safe_upload_name,
@@ -90,6 +91,9 @@ class Pipeline:
         self.breaker = UploadBreaker(config.upload.backoff_base_seconds, config.upload.backoff_cap_seconds, self.rng)
         self.retries = {"upload": 0, "fetch": 0}
         self._fetch_errors: dict[int, int] = {}
+        # Choosing a free name in done/ or failed/ and taking it must be one step: two files
+        # with the same relative path may be placed by two workers at once.
+        self._placing = threading.Lock()
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -145,17 +149,26 @@ class Pipeline:
         return self.finish_claims(rows)
 
     def finish_claims(self, rows: list[Row]) -> list[Row]:
-        taken = []
+        taken, folders = [], {self.config.processing_dir}
         for row in rows:
             target = self.processing_path(row)
             if not os.path.lexists(target):
+                source = self.inbox_path(row)
                 try:
-                    os.rename(self.inbox_path(row), target)
+                    os.rename(source, target)
                 except FileNotFoundError:
                     log.info("%s: vanished from the inbox before it was claimed", row.display_path)
                     self.journal.discard(row.id)
                     continue
+                except OSError as exc:  # e.g. a folder the daemon may not write to: leave it be
+                    log.error("%s: cannot take it out of the inbox (%s); it stays there and is tried again "
+                              "at the next rescan", row.display_path, exc.strerror or exc)
+                    self.journal.discard(row.id)
+                    continue
+                folders.add(source.parent)
             taken.append(row)
+        for folder in folders:  # the renames must be durable before the journal says "claimed"
+            fsync_dir(folder)
         claimed = self.journal.update_many([r.id for r in taken], self.clock(), state=State.CLAIMED,
                                            next_at=self.clock())
         for old, new in zip(taken, claimed, strict=True):
@@ -222,8 +235,9 @@ class Pipeline:
                                                                 transient=True, maybe_received=True)
         self.retries["upload"] += 1
         attempts = row.attempts
-        if error.outage:  # the service is unavailable: pause every upload, charge the file nothing
-            attempts -= 1
+        if error.outage:  # the service is unavailable: pause every upload ...
+            if not error.maybe_received:
+                attempts -= 1  # ... and charge the file nothing, unless the server may have it
             delay = self.breaker.trip(self.clock(), error.retry_after_s)
         else:
             delay = max(self._backoff(attempts), error.retry_after_s or 0)
@@ -334,6 +348,11 @@ class Pipeline:
     def _place(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
                is_ours: Callable[[dict], bool], final_state: State) -> Row:
         """Write the sidecar JSON, then move the file next to it; both never overwrite."""
+        with self._placing:
+            return self._place_locked(row, folder, suffix, sidecar, is_ours, final_state)
+
+    def _place_locked(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
+                      is_ours: Callable[[dict], bool], final_state: State) -> Row:
         for _ in range(5):
             if row.final_path is None or not Path(os.fsdecode(row.final_path)).is_relative_to(folder):
                 target = free_target(folder, row.rel_fspath, suffix)
@@ -365,8 +384,8 @@ class Pipeline:
             if os.path.lexists(target):
                 return  # moved before a crash
             raise _SourceGone(str(source))
-        if os.path.lexists(target) and same_file(source, target):
-            os.unlink(source)  # linked before a crash, not yet unlinked
+        if os.path.lexists(target) and (same_file(source, target) or _has_content(target, row.sha256)):
+            os.unlink(source)  # moved before a crash that came before the source was unlinked
             return
         move_no_clobber(source, target)
 
@@ -384,6 +403,21 @@ def duplicate_message(earlier: Row, done: Path) -> str:
         f"it is {earlier.state.value}"
     return (f"duplicate: the same content (sha256 {earlier.sha256}) was already sent as {earlier.display_path} "
             f"(document {earlier.document_id}); {where}")
+
+
+def _has_content(path: Path, sha256: str | None) -> bool:
+    """Is ``path`` a regular file with exactly this content (a cross-device copy of ours)?"""
+    if sha256 is None:
+        return False
+    try:
+        fd, _ = open_regular_file(path)
+    except OSError:
+        return False
+    digest = hashlib.sha256()
+    with os.fdopen(fd, "rb") as f:
+        for block in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest() == sha256
 
 
 def token_hash_of(callback_url: Any) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from .files import is_ignored
 
@@ -34,8 +34,9 @@ class InboxFilter:
     """Which paths under the inbox are candidates: not ignored, not in our own folders."""
 
     def __init__(self, inbox: Path, own_folders: list[Path], patterns: tuple[str, ...]):
-        self.inbox = os.path.abspath(inbox)
-        self.own = [os.path.abspath(p) for p in own_folders]
+        # Real paths: the inbox is often a symlink to a share; below it, nothing is followed.
+        self.inbox = os.path.realpath(inbox)
+        self.own = [os.path.realpath(p) for p in own_folders]
         self.patterns = patterns
 
     def rel_parts(self, path: str) -> tuple[str, ...] | None:
@@ -80,7 +81,9 @@ ObserverFactory = Callable[[bool, float], BaseObserver]
 
 
 def make_observer(polling: bool, poll_interval_s: float) -> BaseObserver:
-    return PollingObserver(timeout=poll_interval_s) if polling else Observer()
+    if polling:  # lstat: never walk into a symlinked folder (a link to done/ or /etc)
+        return PollingObserverVFS(os.lstat, os.scandir, polling_interval=poll_interval_s)
+    return Observer()
 
 
 class InboxWatcher:

@@ -39,3 +39,43 @@ def test_a_journal_on_a_local_disk_is_fine(tmp_path: Path):
 
 def test_the_real_mount_table_is_read(tmp_path: Path):
     assert filesystem_type(tmp_path) is not None
+
+
+def test_moving_the_processing_folder_while_files_wait_there_is_refused(tmp_path: Path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        journal.bind_processing_dir(tmp_path / "processing")
+        journal.bind_processing_dir(tmp_path / "processing")  # same place: fine
+        (row,) = journal.add_claims([b"a.pdf"], now=1.0)
+        journal.update(row.id, 2.0, state=State.CLAIMED)
+        with pytest.raises(JournalError, match=r"folders.processing: 1 unfinished file\(s\) wait in"):
+            journal.bind_processing_dir(tmp_path / "elsewhere")
+        journal.update(row.id, 3.0, state=State.FAILED)
+        journal.bind_processing_dir(tmp_path / "elsewhere")  # nothing waits: the new place is taken
+    finally:
+        journal.close()
+
+
+def test_row_ids_are_never_reused(tmp_path: Path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        first, second = journal.add_claims([b"a.pdf", b"b.pdf"], now=1.0)
+        journal.discard(second.id)  # the newest row goes away ...
+        (third,) = journal.add_claims([b"c.pdf"], now=2.0)
+        assert third.id > second.id  # ... and its id (the name of a processing file) is not handed out again
+    finally:
+        journal.close()
+
+
+def test_free_names_for_very_long_file_names_end_and_fit(tmp_path: Path):
+    from konfuzio_watch.files import free_target, sidecar_for
+
+    name = "x" * 250 + ".pdf"
+    taken = []
+    for _ in range(3):
+        target = free_target(tmp_path, name, ".json")
+        assert len(target.name.encode()) <= 255 and target not in taken
+        target.write_bytes(b"")
+        sidecar_for(target, ".json").write_bytes(b"")
+        taken.append(target)
+    assert taken[1].name.endswith(" (2).pdf") and taken[2].name.endswith(" (3).pdf")

@@ -117,6 +117,7 @@ def test_forged_and_garbage_callbacks_move_nothing_and_never_5xx(start_daemon, e
         ("post", url_a, {"data": b"\x00\xffnot json"}, 400),
         ("post", url_a, {"json": [1, 2, 3]}, 400),
         ("post", url_a, {"json": {"id": "1; DROP TABLE files"}}, 400),
+        ("post", url_a, {"data": b"[" * 60_000}, 400),  # nesting deep enough to blow the parser's stack
         ("post", url_a, {"data": b"{" + b" " * 100_000 + b"}"}, 413),  # oversized
         ("get", url_a, {}, 405),
     ]
@@ -367,3 +368,34 @@ def test_journal_survives_integrity_check(start_daemon, emulator):
     drop(running.inbox / "a.pdf", make_pdf(label="a"))
     running.wait_finished(1)
     assert running.daemon.journal.integrity_check() == "ok"
+
+
+def test_files_with_the_same_name_exported_at_once_keep_their_own_results(tmp_path, emulator, start_daemon):
+    emulator.knobs.callback_loss = 1.0  # both results wait; the restart makes them due together
+    running = start_daemon(results={"callback_timeout": 600, "workers": 2})
+    first, second = make_pdf(label="first scan"), make_pdf(label="second scan")
+    drop(running.inbox / "scan.pdf", first)
+    wait_until(lambda: running.counts()[State.UPLOADED] == 1, 20, "the first scan.pdf uploaded")
+    drop(running.inbox / "scan.pdf", second)  # the scanner reuses its file name
+    wait_until(lambda: running.counts()[State.UPLOADED] == 2, 20, "the second scan.pdf uploaded")
+    running.stop()
+
+    again = start_daemon(running.config)
+    again.wait_finished(2)
+    results = {}
+    for name in ("scan.pdf", "scan (2).pdf"):
+        data = (again.done / name).read_bytes()
+        results[name] = assert_own_result(again.done, name, data)
+    assert {(again.done / n).read_bytes() for n in results} == {first, second}
+
+
+def test_polling_never_follows_a_symlinked_folder_out_of_the_inbox(start_daemon, emulator, tmp_path):
+    outside = tmp_path / "outside"
+    drop(outside / "secret.pdf", make_pdf(label="outside the inbox"))
+    running = start_daemon(watch={"polling": True, "poll_interval": 0.1, "rescan_interval": 0.3})
+    os.symlink(outside, running.inbox / "link")
+    drop(running.inbox / "real.pdf", make_pdf(label="inside"))
+    running.wait_finished(1)
+    time.sleep(1.0)  # several polls and rescans go by: the linked folder must stay untouched
+    assert (outside / "secret.pdf").exists()
+    assert [u.data_file_name for u in emulator.uploads] == ["real.pdf"]
