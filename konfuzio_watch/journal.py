@@ -202,6 +202,17 @@ class Journal:
             )
         return self.get(row_id)
 
+    def schedule_poll(self, row_id: int, checked_at: float, now: float, poll_at: float, stage: str) -> Row:
+        """Look again at ``poll_at`` - or at once if a callback came in while we were checking."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "UPDATE files SET stage = ?, updated_at = ?,"
+                " next_at = CASE WHEN callback_at >= ? THEN ? ELSE ? END WHERE id = ?",
+                (stage, now, checked_at, now, poll_at, row_id),
+            )
+        return self.get(row_id)
+
     def discard(self, row_id: int) -> None:
         """Forget a row whose file vanished from the inbox before we took it."""
         with self._lock, self._db:

@@ -291,6 +291,7 @@ class Pipeline:
 
     def check_result(self, row: Row) -> Row:
         assert row.document_id is not None
+        checked_at = self.clock()
         try:
             details = self.client.document(row.document_id)
         except ApiError as exc:
@@ -306,8 +307,8 @@ class Pipeline:
         if status == export.STATUS_FAILED:
             return self.fail(row, "Konfuzio could not process the document (status 111)", stage="processing")
         name = export.STATUS_NAMES.get(status, f"status {status}")
-        return self.journal.update(row.id, self.clock(), stage=name,
-                                   next_at=self.clock() + self.config.results.poll_interval)
+        return self.journal.schedule_poll(row.id, checked_at, self.clock(),
+                                          self.clock() + self.config.results.poll_interval, stage=name)
 
     def _fetch_failed(self, row: Row, exc: ApiError) -> Row:
         if exc.status == 404:
