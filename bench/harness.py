@@ -112,8 +112,6 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def thread_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 # -- the daemon as a subprocess ----------------------------------------------------------------
@@ -275,8 +273,6 @@ class DaemonProcess:
                 self._profiler.wait()
         self._profiler = None
 
-    def log_lines(self, needle: str) -> int:
-        return self.log_path.read_text(errors="replace").count(needle)
 
 
 # -- the journal, read-only --------------------------------------------------------------------

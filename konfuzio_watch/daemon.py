@@ -47,7 +47,6 @@ class Stats:
     uploads: int = 0
     callbacks: dict[str, int] = field(default_factory=dict)
     callback_latency: metrics.Histogram = field(default_factory=metrics.Histogram)
-    transitions: dict[str, int] = field(default_factory=dict)
 
 
 class Daemon:
@@ -153,17 +152,17 @@ class Daemon:
     def _record_callback(self, token: str, claimed_id: int | None) -> str:
         assert self.journal
         now = self.clock()
-        outcome = self.journal.record_callback(hash_token(token), claimed_id, now)
+        token_hash = hash_token(token)
+        outcome = self.journal.record_callback(token_hash, claimed_id, now)
         self.stats.callbacks[outcome] = self.stats.callbacks.get(outcome, 0) + 1
         if outcome == "recorded":
-            row = self.journal.find_by_token_hash(hash_token(token))
+            row = self.journal.find_by_token_hash(token_hash)
             if row is not None and row.uploaded_at is not None:
                 self.stats.callback_latency.observe(max(0.0, now - row.uploaded_at))
             self._events.put(("wake", None))
         return outcome
 
     def _transitioned(self, row: Row, old: State) -> None:
-        self.stats.transitions[row.state] = self.stats.transitions.get(row.state, 0) + 1
         if row.state == State.UPLOADED and old == State.UPLOADING:
             self.stats.uploads += 1
         if self._on_transition:

@@ -289,10 +289,6 @@ class Journal:
         )
         return rows[0] if rows else None
 
-    def find_by_final_path(self, final_path: bytes) -> Row | None:
-        rows = self._select("SELECT * FROM files WHERE final_path = ? ORDER BY id DESC LIMIT 1", (final_path,))
-        return rows[0] if rows else None
-
     def counts(self) -> dict[State, int]:
         with self._lock:
             found = dict(self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())

@@ -20,7 +20,7 @@ import pytest
 from konfuzio_watch.config import Config, parse_config
 from konfuzio_watch.daemon import Daemon, run_in_thread
 from konfuzio_watch.emulator import Emulator, Knobs
-from konfuzio_watch.journal import FINISHED, Journal, State
+from konfuzio_watch.journal import FINISHED, State
 
 TOKEN = "test-api-token-0123456789"
 FAKE_NGROK = Path(__file__).with_name("fake_ngrok.py")
@@ -146,10 +146,6 @@ def records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FAKE_NGROK_RECORD_DIR", str(directory))
     monkeypatch.delenv("NGROK_AUTHTOKEN", raising=False)
     return directory
-
-
-def open_journal(config: Config) -> Journal:
-    return Journal(config.journal_path)
 
 
 def drop(path: Path, data: bytes) -> Path:

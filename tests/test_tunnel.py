@@ -18,7 +18,6 @@ from konfuzio_watch.server import ServerThread
 from konfuzio_watch.tunnel import ENDPOINT_NAME, Tunnel, TunnelError, TunnelSettings
 from tests.conftest import wait_until
 
-FAKE_AGENT = Path(__file__).with_name("fake_ngrok.py")
 TOKEN = "cb-token-0123456789abcdefghij"
 
 
