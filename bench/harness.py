@@ -112,8 +112,6 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-
-
 # -- the daemon as a subprocess ----------------------------------------------------------------
 
 
@@ -272,7 +270,6 @@ class DaemonProcess:
                 self._profiler.kill()
                 self._profiler.wait()
         self._profiler = None
-
 
 
 # -- the journal, read-only --------------------------------------------------------------------
