@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from flask import Flask, Response, request
 
+from .metrics import CONTENT_TYPE
+
 log = logging.getLogger(__name__)
 
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{20,100}")
@@ -23,7 +25,7 @@ RecordCallback = Callable[[str, "int | None"], str]
 
 
 def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: str = "konfuzio-callback",
-               max_body_bytes: int = 64 * 1024, metrics: Callable[[], str] | None = None) -> Flask:
+               max_body_bytes: int = 64 * 1024, metrics: Callable[[], bytes] | None = None) -> Flask:
     app = Flask("konfuzio_watch")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     prefix = "/" + path.strip("/")
@@ -66,7 +68,7 @@ def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: st
 
         @app.get("/metrics")
         def prometheus() -> Response:
-            return Response(metrics(), content_type="text/plain; version=0.0.4; charset=utf-8")
+            return Response(metrics(), content_type=CONTENT_TYPE)
 
     @app.errorhandler(404)
     @app.errorhandler(405)

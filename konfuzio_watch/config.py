@@ -78,6 +78,7 @@ class ResultsConfig:
     callback_timeout: float = 600.0
     poll_interval: float = 30.0
     workers: int = 2
+    max_failures: int = 30  # consecutive failed fetches/exports of one file before it goes to failed/
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,7 @@ def _check(config: Config) -> None:
         "results.callback_timeout": r.callback_timeout >= 0,
         "results.poll_interval": r.poll_interval > 0,
         "results.workers": 1 <= r.workers <= 64,
+        "results.max_failures": r.max_failures >= 1,
         "callback.port": 0 <= c.port <= 65535,
         "callback.max_body_kb": 1 <= c.max_body_kb <= 10240,
     }

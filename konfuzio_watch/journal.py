@@ -2,36 +2,29 @@
 
 The only module with SQL. Every state change is one transaction, committed with
 ``synchronous=FULL`` in WAL mode, so a row read back after SIGKILL or power loss is a fact.
+Moves between states are checked against the table in ``states.py`` and guarded by the state
+the caller read (``WHERE state = ?``), so a row cannot be moved twice or sideways. A write that
+SQLite cannot make (disk full, I/O error, read-only) raises ``JournalWriteError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hmac
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from .states import ACTIVE, FINISHED, TERMINAL, IllegalTransition, State, check_transition
 
-class State(enum.StrEnum):
-    CLAIMING = "claiming"  # row written; the file may still be in the inbox
-    CLAIMED = "claimed"  # the file is in processing/, waiting for a validation + upload slot
-    UPLOADING = "uploading"  # token stored; the upload POST may have reached the server
-    UPLOADED = "uploaded"  # the server has it (document_id known); waiting for callback/poll
-    EXPORTING = "exporting"  # server says done; writing the JSON and moving into done/
-    FAILING = "failing"  # decided to fail; writing the .error.json and moving into failed/
-    DONE = "done"
-    FAILED = "failed"
-    RETRIED = "retried"  # was failed; ``konfuzio-watch retry`` put the file back into the inbox
-
-
-ACTIVE = (State.CLAIMING, State.CLAIMED, State.UPLOADING, State.UPLOADED, State.EXPORTING, State.FAILING)
-FINISHED = (State.DONE, State.FAILED)
-TERMINAL = (State.DONE, State.FAILED, State.RETRIED)
+__all__ = [
+    "ACTIVE", "FINISHED", "TERMINAL", "IllegalTransition", "Journal", "JournalError", "JournalWriteError", "Row",
+    "State", "display_name", "filesystem_type",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -60,12 +53,18 @@ CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Schema version -> statements that bring the previous version to it. Version 1 is SCHEMA.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE files ADD COLUMN failures INTEGER NOT NULL DEFAULT 0"],  # the retry policy's count
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
 COLUMNS = [
     "id", "rel_path", "state", "size", "sha256", "upload_name", "token_hash", "document_id", "attempts",
     "next_at", "callback_at", "uploaded_at", "final_path", "error", "stage", "project_id", "detected_at",
-    "updated_at", "finished_at",
+    "updated_at", "finished_at", "failures",
 ]
-UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at"}
+UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at", "state"}
 
 NETWORK_FILESYSTEMS = frozenset([
     "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse.sshfs", "fuse.rclone",
@@ -75,6 +74,10 @@ NETWORK_FILESYSTEMS = frozenset([
 
 class JournalError(Exception):
     """The journal cannot be used (e.g. it would live on a network file system)."""
+
+
+class JournalWriteError(Exception):
+    """SQLite could not write (disk full, I/O error, read-only): nothing of the write happened."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Row:
     detected_at: float
     updated_at: float
     finished_at: float | None
+    failures: int = 0
 
     @property
     def display_path(self) -> str:
@@ -134,116 +138,179 @@ class Journal:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._create()
+
+    def _create(self) -> None:
         self._db.executescript(SCHEMA)
+        with self._write():
+            found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(found[0]) if found else 1
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"{self.path}: written by a newer konfuzio-watch (schema {version}, this one "
+                                   f"knows {SCHEMA_VERSION}); upgrade konfuzio-watch")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    self._db.execute(statement)
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                             (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; SQLite's own trouble becomes ``JournalWriteError``."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise JournalWriteError(str(exc)) from exc
+
     def bind_processing_dir(self, path: Path) -> None:
         """Remember where claimed files wait; refuse a config that moved it while files wait there."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            found = self._db.execute("SELECT value FROM meta WHERE key = 'processing_dir'").fetchone()
+        with self._write() as db:
+            found = db.execute("SELECT value FROM meta WHERE key = 'processing_dir'").fetchone()
             if found and found[0] != str(path):
                 waiting = [s.value for s in ACTIVE if s != State.CLAIMING]
-                n = self._db.execute(f"SELECT COUNT(*) FROM files WHERE state IN ({_marks(waiting)})",
-                                     waiting).fetchone()[0]
+                n = db.execute(f"SELECT COUNT(*) FROM files WHERE state IN ({_marks(waiting)})", waiting).fetchone()[0]
                 if n:
                     raise JournalError(f"folders.processing: {n} unfinished file(s) wait in {found[0]}, but the "
                                        f"config now says {path}; move them there or restore the setting")
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('processing_dir', ?)", (str(path),))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('processing_dir', ?)", (str(path),))
+
+    def probe(self, now: float) -> None:
+        """A small real write: does the journal take writes again (after a full disk)?"""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probed_at', ?)", (repr(now),))
 
     # -- writes: each one transaction -------------------------------------------------------
 
     def add_claims(self, rel_paths: Sequence[bytes], now: float) -> list[Row]:
         """Record files about to be claimed, in one transaction; returns their rows."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._write() as db:
             ids = [
-                self._db.execute(
+                db.execute(
                     "INSERT INTO files (rel_path, state, detected_at, updated_at, next_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (rel, State.CLAIMING.value, now, now, now),
                 ).lastrowid
                 for rel in rel_paths
             ]
-        return [self.get(i) for i in ids]
+        return self.get_many(ids)
 
-    def update(self, row_id: int, now: float, **fields: object) -> Row:
-        """Change some columns of a row (``state`` included) in one transaction."""
-        return self.update_many([row_id], now, **fields)[0]
+    def transition(self, row: Row, state: State, now: float, **fields: object) -> Row:
+        """Move one row to ``state`` (a legal move from the state it is in), with other columns,
+        in one transaction. A successful move clears the row's failure count unless given."""
+        return self.transition_many([row], state, now, **fields)[0]
 
-    def update_many(self, row_ids: Sequence[int], now: float, **fields: object) -> list[Row]:
-        bad = set(fields) - UPDATABLE
+    def transition_many(self, rows: Sequence[Row], state: State, now: float, **fields: object) -> list[Row]:
+        for row in rows:
+            check_transition(row.state, state)
+        fields.setdefault("failures", 0)
+        if state in TERMINAL:
+            fields.setdefault("finished_at", now)
+        return self._set(rows, now, {**fields, "state": state.value}, moving=True)
+
+    def update(self, row: Row, now: float, **fields: object) -> Row:
+        """Change some columns of a row that stays in its state."""
+        return self._set([row], now, fields)[0]
+
+    def update_many(self, rows: Sequence[Row], now: float, **fields: object) -> list[Row]:
+        return self._set(rows, now, fields)
+
+    def _set(self, rows: Sequence[Row], now: float, fields: dict[str, object], moving: bool = False) -> list[Row]:
+        bad = set(fields) - UPDATABLE - ({"state"} if moving else set())
         if bad:
             raise ValueError(f"not updatable: {sorted(bad)}")
+        if not rows:
+            return []
         fields["updated_at"] = now
-        if fields.get("state") in TERMINAL:
-            fields.setdefault("finished_at", now)
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        values = [v.value if isinstance(v, State) else v for v in fields.values()]
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                f"UPDATE files SET {assignments} WHERE id = ?", [(*values, row_id) for row_id in row_ids]
-            )
-        return [self.get(i) for i in row_ids]
+        values = list(fields.values())
+        with self._write() as db:
+            for row in rows:
+                cursor = db.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?",
+                                    (*values, row.id, row.state.value))
+                if cursor.rowcount != 1:
+                    raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
+        return self.get_many([r.id for r in rows])
 
-    def mark_uploaded(self, row_id: int, document_id: int, now: float, poll_at: float) -> Row:
+    def mark_uploaded(self, row: Row, document_id: int, now: float, poll_at: float, **fields: object) -> Row:
         """UPLOADING -> UPLOADED. If the callback already came (it can beat the upload's own
         response), the row is due at once; otherwise at ``poll_at``."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "UPDATE files SET state = ?, document_id = ?, uploaded_at = ?, error = NULL, updated_at = ?,"
-                " next_at = CASE WHEN callback_at IS NOT NULL THEN ? ELSE ? END WHERE id = ?",
-                (State.UPLOADED.value, document_id, now, now, now, poll_at, row_id),
+        check_transition(row.state, State.UPLOADED)
+        extra = "".join(f", {name} = ?" for name in fields)
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE files SET state = ?, document_id = ?, uploaded_at = ?, error = NULL, failures = 0,"
+                f" updated_at = ?, next_at = CASE WHEN callback_at IS NOT NULL THEN ? ELSE ? END{extra}"
+                " WHERE id = ? AND state = ?",
+                (State.UPLOADED.value, document_id, now, now, now, poll_at, *fields.values(), row.id,
+                 row.state.value),
             )
-        return self.get(row_id)
+            if cursor.rowcount != 1:
+                raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
+        return self.get(row.id)
 
-    def schedule_poll(self, row_id: int, checked_at: float, now: float, poll_at: float, stage: str) -> Row:
+    def schedule_poll(self, row: Row, checked_at: float, now: float, poll_at: float, stage: str) -> Row:
         """Look again at ``poll_at`` - or at once if a callback came in while we were checking."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "UPDATE files SET stage = ?, updated_at = ?,"
-                " next_at = CASE WHEN callback_at >= ? THEN ? ELSE ? END WHERE id = ?",
-                (stage, now, checked_at, now, poll_at, row_id),
+        with self._write() as db:
+            db.execute(
+                "UPDATE files SET stage = ?, updated_at = ?, failures = 0, error = NULL,"
+                " next_at = CASE WHEN callback_at >= ? THEN ? ELSE ? END WHERE id = ? AND state = ?",
+                (stage, now, checked_at, now, poll_at, row.id, row.state.value),
             )
-        return self.get(row_id)
+        return self.get(row.id)
 
-    def discard(self, row_id: int) -> None:
+    def discard(self, row: Row) -> None:
         """Forget a row whose file vanished from the inbox before we took it."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM files WHERE id = ? AND state = ?", (row_id, State.CLAIMING.value))
+        with self._write() as db:
+            db.execute("DELETE FROM files WHERE id = ? AND state = ?", (row.id, State.CLAIMING.value))
 
-    def record_callback(self, token_hash: str, claimed_document_id: int | None, now: float) -> str:
-        """Record that a callback arrived for a token; returns what happened.
+    def clamp_due(self, now: float, max_delay_s: float) -> int:
+        """Due times further ahead than any delay could be come from a clock stepped back
+        while the daemon was down: make them due now. Returns how many were clamped."""
+        states = [s.value for s in ACTIVE]
+        with self._write() as db:
+            return db.execute(
+                f"UPDATE files SET next_at = ? WHERE state IN ({_marks(states)}) AND next_at > ?",
+                (now, *states, now + max_delay_s),
+            ).rowcount
+
+    def record_callback(self, token_hash: str, claimed_document_id: int | None, now: float) -> tuple[str, Row | None]:
+        """Record that a callback arrived for a token; returns what happened and the row.
 
         ``unknown``: no such token. ``mismatch``: the body names another document than the one
         this token was issued for. ``finished``: the file is already done/failed (replay).
         ``recorded``: fact stored; the pipeline will confirm the outcome with the API.
         """
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            found = self._db.execute(
+        with self._write() as db:
+            found = db.execute(
                 "SELECT id, token_hash, state, document_id FROM files WHERE token_hash = ?", (token_hash,)
             ).fetchone()
             if found is None or not hmac.compare_digest(found[1], token_hash):
-                return "unknown"
+                return "unknown", None
             row_id, _, state, document_id = found
             if claimed_document_id is not None and document_id is not None and claimed_document_id != document_id:
-                return "mismatch"
+                return "mismatch", None
             if state in TERMINAL:
-                return "finished"
+                return "finished", None
             next_at = now if state == State.UPLOADED else None
-            self._db.execute(
+            db.execute(
                 "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?",
                 (now, next_at, now, row_id),
             )
-            return "recorded"
+        return "recorded", self.get(row_id)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -252,6 +319,14 @@ class Journal:
         if not rows:
             raise KeyError(row_id)
         return rows[0]
+
+    def get_many(self, row_ids: Sequence[int]) -> list[Row]:
+        found: dict[int, Row] = {}
+        for start in range(0, len(row_ids), 500):
+            chunk = list(row_ids[start : start + 500])
+            for row in self._select(f"SELECT * FROM files WHERE id IN ({_marks(chunk)})", chunk):
+                found[row.id] = row
+        return [found[i] for i in row_ids if i in found]
 
     def runnable(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int) -> list[Row]:
         """Rows in ``states`` whose ``next_at`` has come, oldest first, skipping ``exclude``."""

@@ -20,26 +20,21 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .policy import Cause, Failure
+
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """A failed API call, classified for the retry policy.
+    """A failed API call, classified for the retry policy (``failure``)."""
 
-    ``transient``: worth retrying later (connection trouble, timeouts, 429, 5xx).
-    ``maybe_received``: the server may have acted on the request (a POST that timed out).
-    ``outage``: the service as a whole is unavailable (cannot connect, 429, 502/503/504): not
-    the file's fault, so it costs the file no attempt and pauses all uploads for a while.
-    """
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
 
-    def __init__(self, message: str, *, status: int | None = None, transient: bool,
-                 maybe_received: bool = False, retry_after_s: float | None = None, outage: bool = False):
-        super().__init__(message)
-        self.status = status
-        self.transient = transient
-        self.maybe_received = maybe_received
-        self.retry_after_s = retry_after_s
-        self.outage = outage
+    @property
+    def status(self) -> int | None:
+        return self.failure.status
 
 
 @dataclass(frozen=True)
@@ -51,7 +46,6 @@ class UploadForm:
 
 
 _sdk: dict[str, ModuleType] = {}
-MAX_RETRY_AFTER_S = 3600.0  # a bogus Retry-After must not pause uploads for days
 
 
 def import_sdk(host: str | None = None, token: str | None = None) -> dict[str, ModuleType]:
@@ -157,32 +151,42 @@ class KonfuzioClient:
 
 
 def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
+    """Turn whatever the SDK or requests raised into one classified ``ApiError``."""
     import requests
 
     if isinstance(exc, requests.HTTPError):
         response = exc.response if exc.response is not None else getattr(exc.__cause__, "response", None)
         status = response.status_code if response is not None else _status_from_message(str(exc))
         message = _short(f"HTTP {status}: {exc}" if status else str(exc))
-        if status == 429:
-            return ApiError(message, status=status, transient=True, outage=True,
-                            retry_after_s=_retry_after(response.headers if response is not None else {}))
-        if status is not None and status >= 500:
-            # A gateway error after the request reached the app could hide a stored upload;
-            # 503 is the app itself saying no.
-            return ApiError(message, status=status, transient=True, outage=status in (502, 503, 504),
-                            maybe_received=is_post and status != 503)
-        if is_post and status in (401, 403, 404):  # wrong token, rights or host: not the file's fault
-            return ApiError(message, status=status, transient=True, outage=True)
-        return ApiError(message, status=status, transient=status is None)
+        return ApiError(Failure(_cause_of_status(status), message, status=status,
+                                retry_after_s=_retry_after(response.headers if response is not None else {}),
+                                # a gateway error after the request reached the app could hide a stored upload
+                                maybe_received=is_post and status is not None and status >= 500 and status != 503))
     if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
-        return ApiError(_short(f"cannot connect: {exc}"), transient=True, outage=True)
+        return ApiError(Failure(Cause.UNAVAILABLE, _short(f"cannot connect: {exc}")))
     if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
-        return ApiError(_short(f"cannot connect: {exc}"), transient=True, outage=True)
+        return ApiError(Failure(Cause.UNAVAILABLE, _short(f"cannot connect: {exc}")))
     if isinstance(exc, requests.RequestException):  # timeouts, resets, a body cut short
-        return ApiError(_short(f"{type(exc).__name__}: {exc}"), transient=True, maybe_received=is_post)
+        return ApiError(Failure(Cause.TRANSIENT, _short(f"{type(exc).__name__}: {exc}"), maybe_received=is_post))
     if isinstance(exc, ValueError):  # a body that is not JSON
-        return ApiError(_short(f"unexpected response: {exc}"), transient=True, maybe_received=is_post)
-    return ApiError(_short(f"{type(exc).__name__}: {exc}"), transient=False)
+        return ApiError(Failure(Cause.TRANSIENT, _short(f"unexpected response: {exc}"), maybe_received=is_post))
+    return ApiError(Failure(Cause.INTERNAL, _short(f"{type(exc).__name__}: {exc}"), maybe_received=is_post))
+
+
+def _cause_of_status(status: int | None) -> Cause:
+    if status is None:
+        return Cause.TRANSIENT
+    if status == 429:
+        return Cause.THROTTLED
+    if status in (401, 403):
+        return Cause.REJECTED
+    if status == 404:
+        return Cause.NOT_FOUND
+    if status in (502, 503, 504):
+        return Cause.UNAVAILABLE
+    if status >= 500:
+        return Cause.TRANSIENT
+    return Cause.INVALID
 
 
 def _never_connected(exc: BaseException) -> bool:
@@ -205,16 +209,17 @@ def _status_from_message(message: str) -> int | None:
 
 
 def _retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header (a number or an HTTP date); the policy caps it."""
     value = headers.get("Retry-After") if headers else None
     if not value:
         return None
-    if value.strip().isdigit():
-        return min(float(value), MAX_RETRY_AFTER_S)
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
     try:
-        delay = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-    except (TypeError, ValueError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
         return None
-    return min(max(0.0, delay), MAX_RETRY_AFTER_S)
 
 
 def _short(text: str, limit: int = 300) -> str:

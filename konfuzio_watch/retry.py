@@ -52,7 +52,7 @@ def _matches(row: Row, path: str, config: Config) -> bool:
 
 def _retry(journal: Journal, config: Config, row: Row, now: float) -> str:
     if row.state != State.FAILED:
-        journal.update(row.id, now, next_at=now)
+        journal.update(row, now, next_at=now, failures=0)
         return f"{row.display_path}: {row.state.value}; will be retried at once"
     assert row.final_path is not None
     source = Path(os.fsdecode(row.final_path))
@@ -63,5 +63,5 @@ def _retry(journal: Journal, config: Config, row: Row, now: float) -> str:
     report = sidecar_for(source, ERROR_SUFFIX)
     if report.exists():
         report.unlink()
-    journal.update(row.id, now, state=State.RETRIED, next_at=None)
+    journal.transition(row, State.RETRIED, now, next_at=None)
     return f"{row.display_path}: back in the inbox as {target.relative_to(config.folders.inbox)}"

@@ -8,17 +8,7 @@ from typing import TextIO
 
 from .config import Config
 from .journal import ACTIVE, Journal, Row, State
-
-
-def format_age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
+from .summary import format_age
 
 
 def print_status(config: Config, *, show_all: bool, now: float, out: TextIO) -> None:

@@ -105,6 +105,10 @@ class Running:
         wait_until(lambda: self.finished() >= n, timeout_s,
                    lambda: f"{n} files finished (have {({s.value: c for s, c in self.counts().items() if c})})")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the daemon's /metrics registry (0 when it was never set)."""
+        return self.daemon.metrics.registry.get_sample_value(name, labels) or 0.0
+
     def stop(self) -> None:
         self.daemon.request_stop()
         self.thread.join(30)

@@ -47,10 +47,11 @@ def test_moving_the_processing_folder_while_files_wait_there_is_refused(tmp_path
         journal.bind_processing_dir(tmp_path / "processing")
         journal.bind_processing_dir(tmp_path / "processing")  # same place: fine
         (row,) = journal.add_claims([b"a.pdf"], now=1.0)
-        journal.update(row.id, 2.0, state=State.CLAIMED)
+        row = journal.transition(row, State.CLAIMED, 2.0)
         with pytest.raises(JournalError, match=r"folders.processing: 1 unfinished file\(s\) wait in"):
             journal.bind_processing_dir(tmp_path / "elsewhere")
-        journal.update(row.id, 3.0, state=State.FAILED)
+        row = journal.transition(row, State.FAILING, 3.0)
+        journal.transition(row, State.FAILED, 3.0)
         journal.bind_processing_dir(tmp_path / "elsewhere")  # nothing waits: the new place is taken
     finally:
         journal.close()
@@ -60,7 +61,7 @@ def test_row_ids_are_never_reused(tmp_path: Path):
     journal = Journal(tmp_path / "journal.sqlite3")
     try:
         first, second = journal.add_claims([b"a.pdf", b"b.pdf"], now=1.0)
-        journal.discard(second.id)  # the newest row goes away ...
+        journal.discard(second)  # the newest row goes away ...
         (third,) = journal.add_claims([b"c.pdf"], now=2.0)
         assert third.id > second.id  # ... and its id (the name of a processing file) is not handed out again
     finally:

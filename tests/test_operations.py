@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from watchdog.observers.api import BaseObserver, EventEmitter
 
 from konfuzio_watch.config import Route
+from konfuzio_watch.events import Wake
 from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 from konfuzio_watch.sdnotify import Notifier
@@ -167,7 +168,7 @@ def test_metrics_are_prometheus_text(start_daemon, emulator):
     assert families["konfuzio_watch_up"].samples[0].value == 1
     latency = {s.name: s.value for s in families["konfuzio_watch_callback_latency_seconds"].samples
                if not s.labels.get("le")}
-    assert latency["konfuzio_watch_callback_latency_seconds_count"] == running.daemon.stats.callbacks["recorded"]
+    assert latency["konfuzio_watch_callback_latency_seconds_count"] == running.metric("konfuzio_watch_callbacks_total", outcome="recorded")
     assert running.counts()[State.DONE] == 3
 
 
@@ -183,8 +184,8 @@ def test_tunnel_url_is_used_for_callbacks_reopened_when_the_agent_dies_and_close
     assert emulator.uploads[0].callback_url.startswith(f"{first_url}/konfuzio-callback/")
 
     os.kill(running.daemon.tunnel.agent_pid, signal.SIGKILL)
-    running.daemon._next_tunnel_check = 0.0  # don't wait 30 s for the periodic check
-    running.daemon._events.put(("wake", None))
+    next(d for d in running.daemon.scheduler.duties if d.name == "tunnel").next_at = 0.0  # don't wait 30 s
+    running.daemon.scheduler.report(Wake())
     wait_until(lambda: running.daemon.public_url != first_url, 30, "the tunnel reopened under a new URL")
     drop(running.inbox / "two.pdf", make_pdf(label="two"))
     running.wait_finished(2)

@@ -171,19 +171,19 @@ def test_throttling_and_server_errors_on_uploads(start_daemon, emulator):
     running.wait_finished(30, timeout_s=90)
 
     assert_all_done_once(running, emulator, files)
-    assert running.daemon.pipeline.retries["upload"] > 0, "no fault was injected"
+    assert running.metric("konfuzio_watch_upload_retries_total") > 0, "no fault was injected"
 
 
 def test_outage_longer_than_the_backoff_cap_delays_files_and_loses_none(start_daemon, emulator):
     emulator.knobs.outage = True
     running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5, "max_attempts": 2})
     files = drop_batch(running, 10)
-    wait_until(lambda: running.daemon.pipeline.retries["upload"] >= 3, 20, "uploads failing during the outage")
+    wait_until(lambda: running.metric("konfuzio_watch_upload_retries_total") >= 3, 20, "uploads failing during the outage")
     cpu_before, wall_before = time.process_time(), time.monotonic()
-    retries_before = running.daemon.pipeline.retries["upload"]
+    retries_before = running.metric("konfuzio_watch_upload_retries_total")
     time.sleep(3.0)  # a measurement window, not a wait: the outage goes on for 6x the backoff cap
     cpu = time.process_time() - cpu_before
-    attempts = running.daemon.pipeline.retries["upload"] - retries_before
+    attempts = running.metric("konfuzio_watch_upload_retries_total") - retries_before
     assert attempts <= 3.0 / 0.25 + 4, f"{attempts} upload attempts in 3 s: not backing off"
     assert cpu < 0.5 * (time.monotonic() - wall_before), f"spinning: {cpu:.2f} s CPU in 3 s"
     assert running.counts()[State.FAILED] == 0, "an outage must not burn the files' attempts"

@@ -1,0 +1,181 @@
+"""Hands due journal rows to the worker pools, one task per row at a time, within the gates.
+
+``tick(now)`` runs on the scheduling loop's thread (or a test's): it asks the journal for rows
+whose time has come, checks each kind of work against its gates (a blocked gate admits nothing,
+then one probe), and submits steps to the injected executors. A worker's completion comes back
+as a ``StepDone`` event through ``report``; ``finished`` frees the row for the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+
+from .events import Event, JournalFailed, StepDone
+from .gates import Gates
+from .journal import IllegalTransition, Journal, JournalWriteError, Row, State
+from .pipeline import Pipeline
+from .policy import Scope, Step
+
+log = logging.getLogger("konfuzio_watch")
+
+UPLOADS, RESULTS = "upload", "results"
+RECONCILE_BATCH = 200
+
+
+@dataclass(frozen=True)
+class Work:
+    """One kind of work: rows in ``state`` run ``step`` on ``pool``, needing ``scopes`` open."""
+
+    state: State
+    step: Step
+    pool: str
+    scopes: tuple[Scope, ...]
+
+
+WORK = {
+    State.CLAIMED: Work(State.CLAIMED, Step.UPLOAD, UPLOADS, (Scope.API,)),
+    State.UPLOADING: Work(State.UPLOADING, Step.RECONCILE, RESULTS, (Scope.API,)),
+    State.UPLOADED: Work(State.UPLOADED, Step.FETCH, RESULTS, (Scope.API,)),
+    State.EXPORTING: Work(State.EXPORTING, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT)),
+    State.FAILING: Work(State.FAILING, Step.FAIL, RESULTS, (Scope.OUTPUT,)),
+}
+RESULT_STATES = (State.UPLOADED, State.EXPORTING, State.FAILING)
+
+
+class Dispatcher:
+    def __init__(self, journal: Journal, pipeline: Pipeline, gates: Gates, executors: Mapping[str, Executor],
+                 sizes: Mapping[str, int], report: Callable[[Event], None]):
+        self.journal = journal
+        self.pipeline = pipeline
+        self.gates = gates
+        self.executors = executors
+        self.sizes = sizes
+        self.report = report
+        self.inflight: dict[int, str] = {}  # row id -> pool
+        self.reconciling = False
+        p = pipeline
+        self._steps: dict[State, Callable[[Row], Row]] = {
+            State.CLAIMED: p.upload, State.UPLOADED: p.check_result, State.EXPORTING: p.export,
+            State.FAILING: p.finish_failed,
+        }
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def free(self, pool: str) -> int:
+        size = self.sizes[pool] - (1 if pool == RESULTS and self.reconciling else 0)
+        return size - sum(1 for p in self.inflight.values() if p == pool)
+
+    def _budgets(self, now: float) -> dict[Scope, int | None]:
+        return {scope: self.gates[scope].admits(now) for scope in (Scope.API, Scope.OUTPUT)}
+
+    @staticmethod
+    def _fits(work: Work, budgets: dict[Scope, int | None]) -> bool:
+        return all(budgets[s] is None or budgets[s] > 0 for s in work.scopes)
+
+    def _take(self, work: Work, budgets: dict[Scope, int | None]) -> tuple[Scope, ...]:
+        """Charge the budgets; returns the scopes this task is a probe for."""
+        probes = []
+        for scope in work.scopes:
+            if budgets[scope] is not None:
+                budgets[scope] -= 1  # type: ignore[operator]
+                probes.append(scope)
+                self.gates[scope].probe_started()
+        return tuple(probes)
+
+    # -- the tick --------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        if self.gates[Scope.JOURNAL].is_blocked:
+            return
+        budgets = self._budgets(now)
+        free = self.free(UPLOADS)
+        upload = WORK[State.CLAIMED]
+        if free > 0 and self._fits(upload, budgets):
+            limit = free if budgets[Scope.API] is None else min(free, budgets[Scope.API] or 0)
+            for row in self.journal.runnable([State.CLAIMED], now, self.inflight, limit):
+                self._submit(upload, row, budgets)
+        free = self.free(RESULTS)
+        reconcile = WORK[State.UPLOADING]
+        if free > 0 and not self.reconciling and self._fits(reconcile, budgets):
+            due = self.journal.runnable([State.UPLOADING], now, self.inflight, RECONCILE_BATCH)
+            if due:
+                self._submit_reconcile(due, budgets)
+                free -= 1
+        if free > 0:
+            states = [s for s in RESULT_STATES if self._fits(WORK[s], budgets)]
+            if states:
+                for row in self.journal.runnable(states, now, self.inflight, free):
+                    work = WORK[row.state]
+                    if self._fits(work, budgets):
+                        self._submit(work, row, budgets)
+
+    def next_due(self, now: float) -> float | None:
+        """When the next row may be dispatched (or a gate may be probed); None: nothing waits."""
+        if self.gates[Scope.JOURNAL].is_blocked:
+            return None
+        times: list[float] = []
+        budgets = self._budgets(now)
+        for work in WORK.values():
+            if work.pool == RESULTS and work.state == State.UPLOADING and self.reconciling:
+                continue
+            if self.free(work.pool) <= 0:
+                continue
+            due = self.journal.next_due_at([work.state], self.inflight)
+            if due is None:
+                continue
+            if not self._fits(work, budgets):  # the gate decides when it may be tried again
+                gate_times = [self.gates[s].next_probe_at() for s in work.scopes if budgets[s] == 0]
+                if any(t is None for t in gate_times):
+                    continue  # a probe is out: its completion wakes the loop
+                due = max([due, *[t for t in gate_times if t is not None]])
+            times.append(due)
+        return min(times) if times else None
+
+    def finished(self, event: StepDone) -> None:
+        for row_id in event.row_ids:
+            self.inflight.pop(row_id, None)
+        if event.is_reconcile:
+            self.reconciling = False
+        for scope in event.probes:
+            self.gates[scope].probe_finished()
+
+    # -- running steps -------------------------------------------------------------------------
+
+    def _submit(self, work: Work, row: Row, budgets: dict[Scope, int | None]) -> None:
+        probes = self._take(work, budgets)
+        self.inflight[row.id] = work.pool
+        future: Future = self.executors[work.pool].submit(self._guard, work.step, self._steps[row.state], [row],
+                                                          single=True)
+        future.add_done_callback(lambda _f: self.report(StepDone((row.id,), work.pool, probes)))
+
+    def _submit_reconcile(self, rows: list[Row], budgets: dict[Scope, int | None]) -> None:
+        work = WORK[State.UPLOADING]
+        probes = self._take(work, budgets)
+        self.reconciling = True
+        for row in rows:
+            self.inflight[row.id] = "reconcile"
+        ids = tuple(r.id for r in rows)
+        future: Future = self.executors[RESULTS].submit(self._guard, work.step, self.pipeline.reconcile, rows,
+                                                        single=False)
+        future.add_done_callback(lambda _f: self.report(StepDone(ids, RESULTS, probes, is_reconcile=True)))
+
+    def _guard(self, step: Step, fn: Callable, rows: list[Row], single: bool) -> None:
+        """No step may kill a worker or make the loop spin: journal trouble pauses everything,
+        a bug goes through the retry policy like any other failure."""
+        try:
+            fn(rows[0] if single else rows)
+        except JournalWriteError as exc:
+            self.report(JournalFailed(str(exc)))
+        except IllegalTransition as exc:  # moved meanwhile (e.g. by `retry`): the journal has it right
+            log.warning("%s", exc)
+        except Exception as exc:
+            log.exception("unexpected error in step %s for %s", step, ", ".join(r.display_path for r in rows))
+            try:
+                self.pipeline.handle_internal_error(rows, step, exc)
+            except JournalWriteError as again:
+                self.report(JournalFailed(str(again)))
+            except Exception:
+                log.exception("could not record the error for %s", ", ".join(r.display_path for r in rows))

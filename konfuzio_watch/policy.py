@@ -1,0 +1,153 @@
+"""The one retry policy: what to do after a step failed. Pure; time is an argument.
+
+Every step of the pipeline classifies what went wrong into a ``Failure`` and asks ``decide``.
+The answer is one of:
+
+- ``Retry(at)``: try this file again at ``at`` (capped exponential backoff on the row's
+  failure count, which the journal stores in the same transaction as the decision);
+- ``Fail(reason)``: the file goes to failed/ with the reason;
+- ``Blocked(scope)``: not the file's fault — the service is unavailable, throttling, or
+  rejecting our token, or the disk is full. The affected work pauses as a whole (see
+  ``gates.py``), no file is charged, and one probe at a time finds out when it is over.
+
+Nothing is retried at a fixed interval and nothing is retried without limit, except writing
+into failed/ (there is no further place to put a file that cannot go there) which backs off to
+the cap. ``Retry-After`` is honoured up to the backoff cap and noted when it was cut.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Step(enum.StrEnum):
+    CLAIM = "claim"  # taking files out of the inbox
+    UPLOAD = "upload"  # reading, validating and posting the file
+    RECONCILE = "reconcile"  # asking the server whether it already has an upload
+    FETCH = "fetch"  # document details, bbox: is it done, and what did it find?
+    EXPORT = "export"  # writing the result into done/
+    FAIL = "fail"  # writing the error report into failed/
+
+
+class Cause(enum.StrEnum):
+    UNAVAILABLE = "unavailable"  # cannot connect, 502/503/504: the service is down
+    THROTTLED = "throttled"  # 429
+    REJECTED = "rejected"  # 401/403: the API token is refused
+    NOT_FOUND = "not_found"  # 404
+    INVALID = "invalid"  # 400/413/415/422 ...: this request will never succeed as it is
+    TRANSIENT = "transient"  # timeouts, resets, 500, a garbled answer: try again
+    UNREADABLE = "unreadable"  # the daemon cannot read the file
+    DISK_FULL = "disk_full"  # ENOSPC/EDQUOT writing results
+    LOCAL_IO = "local_io"  # any other error writing results (permissions, I/O)
+    INTERNAL = "internal"  # a bug in the daemon
+
+
+class Scope(enum.StrEnum):
+    API = "api"  # every call to Konfuzio
+    OUTPUT = "output"  # writing into done/ and failed/
+    JOURNAL = "journal"  # everything: the journal is where every decision is recorded
+
+
+@dataclass(frozen=True)
+class Failure:
+    cause: Cause
+    message: str
+    status: int | None = None
+    retry_after_s: float | None = None
+    maybe_received: bool = False  # a POST that may have reached the server before it failed
+
+
+@dataclass(frozen=True)
+class Limits:
+    base_s: float = 2.0
+    cap_s: float = 300.0
+    max_attempts: int = 8  # upload attempts (and unreadable-file tries) before a file fails
+    max_failures: int = 30  # consecutive failures of any other step before a file fails
+
+
+@dataclass(frozen=True)
+class Retry:
+    at: float
+    delay_s: float
+    charge: bool = True  # counts as one of the row's failures
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Blocked:
+    scope: Scope
+    reason: str
+    retry_after_s: float | None  # already capped
+    note: str = ""  # e.g. that a Retry-After was cut to the cap
+
+
+Decision = Retry | Fail | Blocked
+
+
+def backoff_s(failures: int, limits: Limits, jitter: float = 1.0) -> float:
+    """Capped exponential backoff: 1 failure -> base, doubling, never above the cap.
+    ``jitter`` in [0.5, 1] spreads retries of many files; 1.0 gives the ceiling."""
+    ceiling = min(limits.cap_s, limits.base_s * 2 ** max(0, failures - 1))
+    return ceiling * jitter
+
+
+def cap_retry_after(retry_after_s: float | None, limits: Limits) -> tuple[float | None, str]:
+    """A Retry-After is honoured up to the backoff cap; a far-future one must not stop work
+    for hours (and a restart would not clear it if it were stored in the rows)."""
+    if retry_after_s is None:
+        return None, ""
+    if retry_after_s > limits.cap_s:
+        return limits.cap_s, f"Retry-After of {retry_after_s:.0f} s cut to the backoff cap of {limits.cap_s:.0f} s"
+    return max(0.0, retry_after_s), ""
+
+
+BLOCKING_REASONS = {
+    Cause.UNAVAILABLE: "Konfuzio is unavailable",
+    Cause.THROTTLED: "Konfuzio is throttling requests",
+    Cause.REJECTED: "Konfuzio rejected the API token",
+}
+
+
+def decide(step: Step, failure: Failure, failures: int, now: float, limits: Limits,
+           attempts: int = 0, jitter: float = 1.0) -> Decision:
+    """What to do with one file after ``step`` failed with ``failure``.
+
+    ``failures``: the row's consecutive failures so far (this one not counted);
+    ``attempts``: its upload attempts so far (this one counted, for ``Step.UPLOAD``).
+    """
+    cause = failure.cause
+    if cause in BLOCKING_REASONS:
+        capped, note = cap_retry_after(failure.retry_after_s, limits)
+        return Blocked(Scope.API, f"{BLOCKING_REASONS[cause]}: {failure.message}", capped, note)
+    if cause == Cause.NOT_FOUND and step in (Step.UPLOAD, Step.RECONCILE):
+        # The upload URL or the project is not there: a wrong host or project, not this file.
+        return Blocked(Scope.API, f"Konfuzio answered 404 (wrong host or project?): {failure.message}", None)
+    if cause == Cause.DISK_FULL:
+        return Blocked(Scope.OUTPUT, f"disk full: {failure.message}", None)
+
+    if step == Step.FAIL:  # nowhere further to go: keep trying, backing off to the cap
+        return _retry(failures, now, limits, jitter)
+    if cause == Cause.NOT_FOUND:
+        return Fail(f"the document no longer exists on the server ({failure.message})")
+    if cause == Cause.INVALID:
+        return Fail(failure.message)
+    if step == Step.UPLOAD:
+        used = attempts if cause != Cause.UNREADABLE else failures + 1
+        if used >= limits.max_attempts:
+            return Fail(f"gave up after {used} attempts: {failure.message}")
+        return _retry(failures, now, limits, jitter)
+    if failures + 1 >= limits.max_failures:
+        return Fail(f"gave up after {failures + 1} failures: {failure.message}")
+    return _retry(failures, now, limits, jitter, failure.retry_after_s)
+
+
+def _retry(failures: int, now: float, limits: Limits, jitter: float, retry_after_s: float | None = None) -> Retry:
+    delay = backoff_s(failures + 1, limits, jitter)
+    capped, _ = cap_retry_after(retry_after_s, limits)
+    delay = max(delay, capped or 0.0)
+    return Retry(now + delay, delay)

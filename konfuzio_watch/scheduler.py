@@ -1,0 +1,173 @@
+"""The scheduling loop: the one thread that decides.
+
+It takes the facts other threads report (``events.py``), lets the candidate tracker hand out
+settled files and claims them in batches, lets the dispatcher start due steps, and runs the
+periodic duties (rescan, systemd watchdog and status, tunnel check). It sleeps until the next
+thing is due, so an idle daemon costs nothing. ``tick(now)`` is one pass and can be called by
+a test on its own thread with a fake clock.
+
+When the journal cannot be written (a full disk), everything pauses: the journal gate is
+probed with backoff, and once a probe write succeeds the loop re-runs start-up recovery and
+claims the candidates it kept, at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .clock import Clock
+from .dispatcher import Dispatcher
+from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone
+from .gates import Gates
+from .journal import Journal, JournalWriteError
+from .pipeline import Pipeline
+from .policy import Limits, Scope, backoff_s
+from .tracker import CandidateTracker
+
+log = logging.getLogger("konfuzio_watch")
+
+MAX_SLEEP_S = 60.0
+LOOP_ERROR_LIMITS = Limits(base_s=1.0, cap_s=60.0)
+
+
+@dataclass
+class Duty:
+    """A periodic job of the loop thread; ``interval_s`` None: disabled."""
+
+    name: str
+    interval_s: float | None
+    run: Callable[[float], None]
+    next_at: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, *, clock: Clock, journal: Journal, gates: Gates, pipeline: Pipeline, dispatcher: Dispatcher,
+                 tracker: CandidateTracker, inbox: str, scan: Callable[[], Iterable[str]],
+                 duties: Iterable[Duty] = (), events: queue.SimpleQueue[Event] | None = None):
+        self.clock = clock
+        self.journal = journal
+        self.gates = gates
+        self.pipeline = pipeline
+        self.dispatcher = dispatcher
+        self.tracker = tracker
+        self.inbox = inbox
+        self._scan = scan
+        self.duties = list(duties)
+        self.events: queue.SimpleQueue[Event] = events if events is not None else queue.SimpleQueue()
+
+    def report(self, event: Event) -> None:
+        """Thread-safe: any thread may report a fact."""
+        self.events.put(event)
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> None:
+        if isinstance(event, FileSeen):
+            self.tracker.seen(event.path, now)
+        elif isinstance(event, FolderSeen):
+            self.tracker.folder_seen(event.path, now)
+        elif isinstance(event, RescanRequested):
+            self.rescan(now)
+        elif isinstance(event, StepDone):
+            self.dispatcher.finished(event)
+        elif isinstance(event, JournalFailed):
+            self._journal_failed(now, event.error)
+
+    def drain(self, now: float) -> None:
+        """Handle every reported fact (a test's way to let the loop catch up)."""
+        while True:
+            try:
+                self.handle(self.events.get_nowait(), now)
+            except queue.Empty:
+                return
+
+    def tick(self, now: float) -> None:
+        for duty in self.duties:
+            if duty.interval_s is not None and now >= duty.next_at:
+                duty.next_at = now + duty.interval_s
+                duty.run(now)
+        journal_gate = self.gates[Scope.JOURNAL]
+        if journal_gate.is_blocked:
+            if journal_gate.admits(now):
+                self._probe_journal(now)
+            return
+        self._claim(now)
+        self.dispatcher.tick(now)
+
+    def next_wake(self, now: float) -> float:
+        times = [now + MAX_SLEEP_S]
+        times += [d.next_at for d in self.duties if d.interval_s is not None]
+        journal_gate = self.gates[Scope.JOURNAL]
+        if journal_gate.is_blocked:
+            times.append(journal_gate.state.until)
+            return min(times)
+        due = self.tracker.next_due()
+        if due is not None:
+            times.append(due)
+        due = self.dispatcher.next_due(now)
+        if due is not None:
+            times.append(due)
+        return min(times)
+
+    def rescan(self, now: float) -> None:
+        for path in self._scan():
+            self.tracker.seen(path, now)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, stopping: threading.Event) -> None:
+        """Until ``stopping`` is set: sleep until something is due or reported, then tick."""
+        errors = 0
+        while not stopping.is_set():
+            try:
+                now = self.clock.now()
+                self._wait(self.next_wake(now) - now)
+                if stopping.is_set():
+                    break
+                self.tick(self.clock.now())
+                errors = 0
+            except Exception:
+                errors += 1
+                delay = backoff_s(errors, LOOP_ERROR_LIMITS)
+                log.exception("the scheduling loop hit an error (%d in a row); going on in %.0f s", errors, delay)
+                stopping.wait(delay)
+
+    def _wait(self, timeout_s: float) -> None:
+        try:
+            event = self.events.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return
+        now = self.clock.now()
+        self.handle(event, now)
+        self.drain(now)
+
+    # -- claims and the journal gate ------------------------------------------------------------
+
+    def _claim(self, now: float) -> None:
+        ready = self.tracker.step(now)
+        if not ready:
+            return
+        try:
+            self.pipeline.claim([os.fsencode(os.path.relpath(p, self.inbox)) for p in ready])
+        except JournalWriteError as exc:
+            self.tracker.keep(ready, now)
+            self._journal_failed(now, str(exc))
+            return
+        self.tracker.claimed(ready)
+
+    def _journal_failed(self, now: float, error: str) -> None:
+        self.gates[Scope.JOURNAL].block(now, f"the journal cannot be written ({error})")
+
+    def _probe_journal(self, now: float) -> None:
+        gate = self.gates[Scope.JOURNAL]
+        try:
+            self.journal.probe(now)
+            gate.open(now)
+            self.pipeline.recover()  # finish what the failed writes left half done
+        except JournalWriteError as exc:
+            self._journal_failed(now, str(exc))
