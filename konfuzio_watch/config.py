@@ -103,6 +103,22 @@ class NgrokConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """Admin notifications through apprise (``alerts.py``). No URLs: no notifications."""
+
+    urls: tuple[str, ...] = ()
+    # One URL per line, read on demand, so the passwords URLs carry stay out of the config.
+    urls_file: Path | None = None
+    name: str | None = None
+    min_interval_seconds: float = 60.0
+    oldest_pending_seconds: float = 3600.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls or self.urls_file)
+
+
+@dataclass(frozen=True)
 class Config:
     konfuzio: KonfuzioConfig = field(default_factory=KonfuzioConfig)
     folders: FoldersConfig = field(default_factory=FoldersConfig)
@@ -111,6 +127,7 @@ class Config:
     upload: UploadConfig = field(default_factory=UploadConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     ngrok: NgrokConfig = field(default_factory=NgrokConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     routes: tuple[Route, ...] = ()
 
     def route_for(self, rel_path: str) -> tuple[int, int | None, int]:
@@ -326,6 +343,7 @@ def _check(config: Config) -> None:
         raise ConfigError("ngrok.authtoken: required when ngrok.enabled (or ngrok.authtoken_file)")
     if u.on_duplicate not in ("process", "fail"):
         raise ConfigError(f"upload.on_duplicate: expected 'process' or 'fail', got {u.on_duplicate!r}")
+    _check_alerts(config.alerts)
     if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):
         raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
     # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but
@@ -336,6 +354,23 @@ def _check(config: Config) -> None:
     for key_a, a, key_b, b in pairs:
         if a == b or b in a.parents or (key_a != "folders.inbox" and a in b.parents):
             raise ConfigError(f"{key_a} and {key_b} must be separate folders ({key_a} may not be inside {key_b})")
+
+
+def _check_alerts(a: AlertsConfig) -> None:
+    if a.urls and a.urls_file:
+        raise ConfigError("alerts.urls and alerts.urls_file may not both be set")
+    # An apprise URL carries passwords: the message names the entry, never shows it. Whether
+    # apprise knows the scheme is checked by alerts.read_urls (apprise is slow to import).
+    for index, url in enumerate(a.urls):
+        if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://.", url):
+            raise ConfigError(f"alerts.urls[{index}]: expected an apprise URL like mailtos://... or json://...")
+    ranges = {
+        "alerts.min_interval_seconds": 0 < a.min_interval_seconds <= 86400,
+        "alerts.oldest_pending_seconds": a.oldest_pending_seconds >= 0,
+    }
+    for key, ok in ranges.items():
+        if not ok:
+            raise ConfigError(f"{key}: out of range")
 
 
 def _check_url(key: str, url: str) -> None:
