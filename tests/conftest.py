@@ -106,8 +106,8 @@ class Running:
                    lambda: f"{n} files finished (have {({s.value: c for s, c in self.counts().items() if c})})")
 
     def metric(self, name: str, **labels: str) -> float:
-        """A sample of the daemon's /metrics registry (0 when it was never set)."""
-        return self.daemon.metrics.registry.get_sample_value(name, labels) or 0.0
+        """A sample of the daemon's /metrics registry, e.g. ``upload_retries_total`` (0 when never set)."""
+        return self.daemon.metrics.registry.get_sample_value("konfuzio_watch_" + name, labels) or 0.0
 
     def stop(self) -> None:
         self.daemon.request_stop()

@@ -6,14 +6,8 @@ Konfuzio server outlives a crashing client.
 
 from __future__ import annotations
 
-import collections
-import hashlib
-import json
 import os
 import shutil
-import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -21,82 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import requests
-import yaml
 
 from konfuzio_watch.files import sidecar_for, temp_path_for
-from konfuzio_watch.samples import make_pdf, make_png
+from konfuzio_watch.samples import make_pdf
 
-from .conftest import TOKEN, drop, wait_until
-
-KONFUZIO_WATCH = [sys.executable, "-m", "konfuzio_watch"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DaemonProcess:
-    """``konfuzio-watch run`` in a subprocess, its log appended to one file across restarts."""
-
-    def __init__(self, root: Path, emulator, **overrides: dict) -> None:  # type: ignore[no-untyped-def]
-        self.root = root
-        self.port = free_port()
-        raw = {
-            "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1, "timeout_seconds": 10},
-            "folders": {name: str(root / name) for name in ("inbox", "done", "failed", "state")},
-            "watch": {"settle_seconds": 0.2},
-            "callback": {"host": "127.0.0.1", "port": self.port},
-            "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5},
-            "results": {"callback_timeout": 2, "poll_interval": 0.3},
-        }
-        for section, values in overrides.items():
-            raw.setdefault(section, {}).update(values)
-        self.config = root / "config.yaml"
-        self.config.write_text(yaml.safe_dump(raw))
-        self.log = root / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, prefix: list[str] | None = None, wait_ready: bool = True) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([*(prefix or []), *KONFUZIO_WATCH, "run", "--config", str(self.config)],
-                                         cwd=self.root, stdout=log, stderr=log, start_new_session=True,
-                                         env={**os.environ, "LOG_TO_FILE": "False"})
-        if wait_ready:
-            wait_until(self.is_ready, 30, lambda: f"daemon ready (log: {self.log.read_text()[-2000:]})")
-
-    def is_ready(self) -> bool:
-        assert self.proc
-        if self.proc.poll() is not None:
-            pytest.fail(f"daemon exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-        try:
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    def kill9(self) -> None:
-        assert self.proc
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        assert self.proc
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
-
-    def cleanup(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def journal(self, sql: str) -> list[tuple]:
-        with sqlite3.connect(f"file:{self.root / 'state' / 'journal.sqlite3'}?mode=ro", uri=True) as db:
-            return db.execute(sql).fetchall()
-
-    def done_count(self) -> int:
-        return len(list((self.root / "done").rglob("*.json")))
+from .conftest import drop, wait_until
+from .helpers import KONFUZIO_WATCH, DaemonProcess, assert_each_file_finished_exactly_once, sample_files
 
 
 @pytest.fixture
@@ -110,27 +34,6 @@ def daemon_process(tmp_path: Path, emulator) -> Iterator[Callable[..., DaemonPro
     yield make
     for daemon in made:
         daemon.cleanup()
-
-
-def sample_files(n: int, prefix: str) -> dict[str, bytes]:
-    return {(f"{prefix}/{i:03d}.pdf" if i % 2 else f"{prefix}/{i:03d}.png"):
-            (make_pdf(label=f"{prefix}{i}") if i % 2 else make_png(label=f"{prefix}{i}")) for i in range(n)}
-
-
-def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
-    done = root / "done"
-    for rel, data in files.items():
-        assert (done / rel).read_bytes() == data, f"{rel} missing or changed in done/"
-        result = json.loads((done / (rel + ".json")).read_text())
-        assert hashlib.sha256(data).hexdigest() in result["text"], f"{rel} got another file's result"
-    assert len(list(done.rglob("*.json"))) == len(files), "an extra result in done/"
-    assert not list((root / "failed").rglob("*")), "a file failed"
-    leftovers = [p for p in (root / "inbox").rglob("*") if p.is_file()]
-    assert leftovers == [], f"left behind: {leftovers}"
-    per_sha = collections.Counter(u.sha256 for u in emulator.uploads)
-    twice = {sha: n for sha, n in per_sha.items() if n > 1}
-    assert not twice, f"{len(twice)} file(s) uploaded more than once"
-    assert len(per_sha) == len(files)
 
 
 def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process, emulator, tmp_path):

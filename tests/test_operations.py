@@ -22,8 +22,7 @@ from konfuzio_watch.sdnotify import Notifier
 from konfuzio_watch.watcher import make_observer
 
 from .conftest import drop, make_config, wait_until
-from .test_crash import DaemonProcess, assert_each_file_finished_exactly_once, sample_files
-from .test_pipeline import assert_own_result
+from .helpers import DaemonProcess, assert_each_file_finished_exactly_once, assert_own_result, sample_files
 
 
 def test_routes_send_subfolders_to_their_project_and_category(start_daemon, emulator, tmp_path):
@@ -168,7 +167,8 @@ def test_metrics_are_prometheus_text(start_daemon, emulator):
     assert families["konfuzio_watch_up"].samples[0].value == 1
     latency = {s.name: s.value for s in families["konfuzio_watch_callback_latency_seconds"].samples
                if not s.labels.get("le")}
-    assert latency["konfuzio_watch_callback_latency_seconds_count"] == running.metric("konfuzio_watch_callbacks_total", outcome="recorded")
+    recorded = running.metric("callbacks_total", outcome="recorded")
+    assert latency["konfuzio_watch_callback_latency_seconds_count"] == recorded
     assert running.counts()[State.DONE] == 3
 
 

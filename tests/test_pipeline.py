@@ -7,7 +7,6 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 
 import requests
 
@@ -16,27 +15,7 @@ from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop
-
-
-def inbox_files(running) -> list[Path]:  # type: ignore[no-untyped-def]
-    return [p for p in running.inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in p.parts]
-
-
-def assert_own_result(done: Path, rel: str, data: bytes) -> dict:
-    """The file is in done/ unchanged, next to a JSON whose OCR text is this file's own."""
-    target = done / rel
-    assert target.read_bytes() == data
-    result = json.loads((done / (rel + ".json")).read_text(encoding="utf-8"))
-    sha = hashlib.sha256(data).hexdigest()
-    assert result["source"]["sha256"] == sha
-    assert result["source"]["size"] == len(data)
-    assert sha in result["text"], "the OCR text belongs to another file"
-    assert isinstance(result["document_id"], int)
-    assert result["status"] == "done"
-    assert len(result["pages"]) == result["konfuzio"]["number_of_pages"]
-    assert "\f".join(p["text"] for p in result["pages"]) == result["text"]
-    assert result["bbox"], "character boxes are exported when the server has them"
-    return result
+from .helpers import assert_own_result, inbox_files
 
 
 def test_batch_of_mixed_documents_all_reach_done_with_their_own_text(start_daemon, emulator):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -16,34 +15,15 @@ import requests
 
 from konfuzio_watch.cli import main
 from konfuzio_watch.journal import State
-from konfuzio_watch.samples import make_pdf, make_png
+from konfuzio_watch.samples import make_pdf
 
 from .conftest import TOKEN, drop, wait_until
-from .test_pipeline import assert_own_result, inbox_files
-
-
-def documents_per_sha(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]
-    return collections.Counter(u.sha256 for u in emulator.uploads)
-
-
-def drop_batch(running, n: int, prefix: str = "doc") -> dict[str, bytes]:  # type: ignore[no-untyped-def]
-    files = {}
-    for i in range(n):
-        name = f"{prefix}_{i:03d}.pdf" if i % 3 else f"{prefix}_{i:03d}.png"
-        files[name] = make_pdf(label=name) if i % 3 else make_png(label=name)
-        drop(running.inbox / name, files[name])
-    return files
-
-
-def assert_all_done_once(running, emulator, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
-    for name, data in files.items():
-        assert_own_result(running.done, name, data)
-    per_sha = documents_per_sha(emulator)
-    assert all(per_sha[hashlib.sha256(d).hexdigest()] == 1 for d in files.values()), "a file was uploaded twice"
-    assert running.counts()[State.DONE] == len(files)
-    assert inbox_files(running) == []
-    assert list(running.failed.rglob("*")) == []
-
+from .helpers import (
+    assert_all_done_once,
+    assert_own_result,
+    callback_url_of,
+    drop_batch,
+)
 
 # -- callbacks -------------------------------------------------------------------------------
 
@@ -71,10 +51,6 @@ def test_callback_never_comes_then_polling_finishes_the_file(start_daemon, emula
     running.wait_finished(1, timeout_s=20)
     assert_own_result(running.done, "quiet.pdf", data)
     assert emulator.callbacks == []
-
-
-def callback_url_of(emulator, name: str) -> str:  # type: ignore[no-untyped-def]
-    return next(u.callback_url for u in emulator.uploads if u.data_file_name == name)
 
 
 def test_replayed_callback_after_done_changes_nothing(start_daemon, emulator):
@@ -171,19 +147,19 @@ def test_throttling_and_server_errors_on_uploads(start_daemon, emulator):
     running.wait_finished(30, timeout_s=90)
 
     assert_all_done_once(running, emulator, files)
-    assert running.metric("konfuzio_watch_upload_retries_total") > 0, "no fault was injected"
+    assert running.metric("upload_retries_total") > 0, "no fault was injected"
 
 
 def test_outage_longer_than_the_backoff_cap_delays_files_and_loses_none(start_daemon, emulator):
     emulator.knobs.outage = True
     running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5, "max_attempts": 2})
     files = drop_batch(running, 10)
-    wait_until(lambda: running.metric("konfuzio_watch_upload_retries_total") >= 3, 20, "uploads failing during the outage")
+    wait_until(lambda: running.metric("upload_retries_total") >= 3, 20, "uploads failing during the outage")
     cpu_before, wall_before = time.process_time(), time.monotonic()
-    retries_before = running.metric("konfuzio_watch_upload_retries_total")
+    retries_before = running.metric("upload_retries_total")
     time.sleep(3.0)  # a measurement window, not a wait: the outage goes on for 6x the backoff cap
     cpu = time.process_time() - cpu_before
-    attempts = running.metric("konfuzio_watch_upload_retries_total") - retries_before
+    attempts = running.metric("upload_retries_total") - retries_before
     assert attempts <= 3.0 / 0.25 + 4, f"{attempts} upload attempts in 3 s: not backing off"
     assert cpu < 0.5 * (time.monotonic() - wall_before), f"spinning: {cpu:.2f} s CPU in 3 s"
     assert running.counts()[State.FAILED] == 0, "an outage must not burn the files' attempts"

@@ -16,7 +16,8 @@ from pyngrok import installer
 from konfuzio_watch.callback import create_app
 from konfuzio_watch.server import ServerThread
 from konfuzio_watch.tunnel import ENDPOINT_NAME, Tunnel, TunnelError, TunnelSettings
-from tests.conftest import wait_until
+
+from .conftest import wait_until
 
 TOKEN = "cb-token-0123456789abcdefghij"
 

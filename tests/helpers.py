@@ -1,0 +1,224 @@
+"""Helpers shared by the test modules: a daemon as a real process, result checks, fakes.
+
+Test modules import from here and from conftest, never from each other.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from konfuzio_watch.journal import State
+from konfuzio_watch.samples import make_pdf, make_png
+
+from .conftest import TOKEN, drop, wait_until
+
+KONFUZIO_WATCH = [sys.executable, "-m", "konfuzio_watch"]
+
+
+class FakeClock:
+    """A clock the test moves by hand (``Clock`` protocol)."""
+
+    def __init__(self, start: float = 1_000_000.0):
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> float:
+        self.t += seconds
+        return self.t
+
+
+class InlineExecutor:
+    """An executor that runs each task at once on the caller's thread (the test's)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+class HeldExecutor:
+    """An executor that keeps tasks until the test runs them (``run_all``), on the test's thread."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Future, Callable[..., Any], tuple, dict]] = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self.pending.append((future, fn, args, kwargs))
+        return future
+
+    def run_all(self) -> int:
+        with self._lock:
+            tasks, self.pending = self.pending, []
+        for future, fn, args, kwargs in tasks:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001
+                future.set_exception(exc)
+        return len(tasks)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """``konfuzio-watch run`` in a subprocess, its log appended to one file across restarts."""
+
+    def __init__(self, root: Path, emulator, **overrides: dict) -> None:  # type: ignore[no-untyped-def]
+        self.root = root
+        self.port = free_port()
+        raw = {
+            "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1, "timeout_seconds": 10},
+            "folders": {name: str(root / name) for name in ("inbox", "done", "failed", "state")},
+            "watch": {"settle_seconds": 0.2},
+            "callback": {"host": "127.0.0.1", "port": self.port},
+            "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5},
+            "results": {"callback_timeout": 2, "poll_interval": 0.3},
+        }
+        for section, values in overrides.items():
+            raw.setdefault(section, {}).update(values)
+        self.config = root / "config.yaml"
+        self.config.write_text(yaml.safe_dump(raw))
+        self.log = root / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, prefix: list[str] | None = None, wait_ready: bool = True) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([*(prefix or []), *KONFUZIO_WATCH, "run", "--config", str(self.config)],
+                                         cwd=self.root, stdout=log, stderr=log, start_new_session=True,
+                                         env={**os.environ, "LOG_TO_FILE": "False"})
+        if wait_ready:
+            wait_until(self.is_ready, 30, lambda: f"daemon ready (log: {self.log.read_text()[-2000:]})")
+
+    def is_ready(self) -> bool:
+        assert self.proc
+        if self.proc.poll() is not None:
+            pytest.fail(f"daemon exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def kill9(self) -> None:
+        assert self.proc
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+    def cleanup(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def journal(self, sql: str) -> list[tuple]:
+        with sqlite3.connect(f"file:{self.root / 'state' / 'journal.sqlite3'}?mode=ro", uri=True) as db:
+            return db.execute(sql).fetchall()
+
+    def done_count(self) -> int:
+        return len(list((self.root / "done").rglob("*.json")))
+
+
+def sample_files(n: int, prefix: str) -> dict[str, bytes]:
+    return {(f"{prefix}/{i:03d}.pdf" if i % 2 else f"{prefix}/{i:03d}.png"):
+            (make_pdf(label=f"{prefix}{i}") if i % 2 else make_png(label=f"{prefix}{i}")) for i in range(n)}
+
+
+def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
+    done = root / "done"
+    for rel, data in files.items():
+        assert (done / rel).read_bytes() == data, f"{rel} missing or changed in done/"
+        result = json.loads((done / (rel + ".json")).read_text())
+        assert hashlib.sha256(data).hexdigest() in result["text"], f"{rel} got another file's result"
+    assert len(list(done.rglob("*.json"))) == len(files), "an extra result in done/"
+    assert not list((root / "failed").rglob("*")), "a file failed"
+    leftovers = [p for p in (root / "inbox").rglob("*") if p.is_file()]
+    assert leftovers == [], f"left behind: {leftovers}"
+    per_sha = collections.Counter(u.sha256 for u in emulator.uploads)
+    twice = {sha: n for sha, n in per_sha.items() if n > 1}
+    assert not twice, f"{len(twice)} file(s) uploaded more than once"
+    assert len(per_sha) == len(files)
+
+
+def inbox_files(running) -> list[Path]:  # type: ignore[no-untyped-def]
+    return [p for p in running.inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in p.parts]
+
+
+def assert_own_result(done: Path, rel: str, data: bytes) -> dict:
+    """The file is in done/ unchanged, next to a JSON whose OCR text is this file's own."""
+    target = done / rel
+    assert target.read_bytes() == data
+    result = json.loads((done / (rel + ".json")).read_text(encoding="utf-8"))
+    sha = hashlib.sha256(data).hexdigest()
+    assert result["source"]["sha256"] == sha
+    assert result["source"]["size"] == len(data)
+    assert sha in result["text"], "the OCR text belongs to another file"
+    assert isinstance(result["document_id"], int)
+    assert result["status"] == "done"
+    assert len(result["pages"]) == result["konfuzio"]["number_of_pages"]
+    assert "\f".join(p["text"] for p in result["pages"]) == result["text"]
+    assert result["bbox"], "character boxes are exported when the server has them"
+    return result
+
+
+def documents_per_sha(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]
+    return collections.Counter(u.sha256 for u in emulator.uploads)
+
+
+def drop_batch(running, n: int, prefix: str = "doc") -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    files = {}
+    for i in range(n):
+        name = f"{prefix}_{i:03d}.pdf" if i % 3 else f"{prefix}_{i:03d}.png"
+        files[name] = make_pdf(label=name) if i % 3 else make_png(label=name)
+        drop(running.inbox / name, files[name])
+    return files
+
+
+def assert_all_done_once(running, emulator, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
+    for name, data in files.items():
+        assert_own_result(running.done, name, data)
+    per_sha = documents_per_sha(emulator)
+    assert all(per_sha[hashlib.sha256(d).hexdigest()] == 1 for d in files.values()), "a file was uploaded twice"
+    assert running.counts()[State.DONE] == len(files)
+    assert inbox_files(running) == []
+    assert list(running.failed.rglob("*")) == []
+
+
+def callback_url_of(emulator, name: str) -> str:  # type: ignore[no-untyped-def]
+    return next(u.callback_url for u in emulator.uploads if u.data_file_name == name)
