@@ -6,8 +6,9 @@ success opens the gate, its failure blocks it again for longer. The state lives 
 a restart starts with open gates (a stored pause would outlive its cause).
 
 Each change is logged once: "blocked" with the reason, "open again" with how long it lasted
-and how many probes failed. ``on_change`` lets the daemon publish the state (status, metrics,
-alerts).
+and how many probes failed. A gate that blocks again soon after it opened (a disk with a few
+bytes free, a flapping service) continues the same episode: same start, growing backoff, no new
+log lines. ``on_change`` lets the daemon publish the state (status, metrics, alerts).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from .policy import Limits, Scope, backoff_s
 
 log = logging.getLogger("konfuzio_watch")
+
+FLAP_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Gate:
         self._lock = threading.Lock()
         self._state = GateState(scope, blocked=False)
         self._probing = False
+        self._episode: GateState | None = None  # the last blocked state, kept for a while after opening
+        self._opened_at = 0.0
+        self._told_open = False
 
     @property
     def state(self) -> GateState:
@@ -78,19 +84,23 @@ class Gate:
         """Record a failure of this scope; returns the delay until the next probe."""
         with self._lock:
             s = self._state
+            newly = not s.blocked
+            if newly and self._episode is not None and now - self._opened_at < FLAP_WINDOW_S:
+                s, newly = self._episode, False  # blocked again right after opening: the same episode
             failures = s.failures + 1
             delay = max(backoff_s(failures, self.limits, self._rng.uniform(0.5, 1.0)), retry_after_s or 0.0)
-            until = max(s.until if s.blocked else 0.0, now + delay)
+            until = max(s.until if self._state.blocked else 0.0, now + delay)
             self._state = GateState(self.scope, True, reason, s.since if s.blocked else now, until, failures)
             self._probing = False
-            newly = not s.blocked
+            if newly:
+                self._told_open = False
         if newly:
             log.error("%s; pausing %s, next try in %.0f s%s", reason, _WHAT[self.scope], delay,
                       f" ({note})" if note else "")
-            self._changed()
         else:
             log.debug("%s still blocked (probe %d failed): %s; next try in %.0f s", self.scope, failures, reason,
                       delay)
+        self._changed()
         return until - now
 
     def open(self, now: float) -> bool:
@@ -101,8 +111,11 @@ class Gate:
             if not s.blocked:
                 return False
             self._state = GateState(self.scope, blocked=False)
+            self._episode, self._opened_at = s, now
+            tell, self._told_open = not self._told_open, True
         lasted = now - (s.since or now)
-        log.warning("%s again after %.0f s (%d failed tries); resuming", _RESUMED[self.scope], lasted, s.failures)
+        log.log(logging.WARNING if tell else logging.DEBUG, "%s again after %.0f s (%d failed tries); resuming",
+                _RESUMED[self.scope], lasted, s.failures)
         self._changed()
         return True
 

@@ -7,10 +7,10 @@ and the diagram below is drawn from it (a test keeps the two equal)::
     claimed   -> uploading | failing
     uploading -> claimed | uploaded | failing
     uploaded  -> exporting | failing
-    exporting -> done | failing
+    exporting -> failing | done
     failing   -> failed
-    failed    -> retried
     done      -> (final)
+    failed    -> retried
     retried   -> (final)
 
 A row is written in ``claiming`` before its file leaves the inbox; ``uploading`` is entered
