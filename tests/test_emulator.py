@@ -239,7 +239,8 @@ def test_project_schema_through_the_sdk(emu, session):
     assert [(c["id"], c["name"], c["project"]) for c in categories] == [
         (101, "Invoice", 1), (102, "Receipt", 1), (103, "Letter", 1)]
     invoice_schema = {s["name"]: [x["name"] for x in s["labels"]] for s in categories[0]["schema"]}
-    assert invoice_schema == {"Invoice": ["Invoice Number", "Date", "Total", "IBAN"], "Line Item": ["Description", "Amount"]}
+    assert invoice_schema == {
+        "Invoice": ["Invoice Number", "Date", "Total", "IBAN"], "Line Item": ["Description", "Amount"]}  # fmt: skip
     assert categories[0]["schema"][0]["id"] == categories[0]["id"]  # a category's own label set shares its id
 
     labels = {x["name"]: x for x in get_project_labels(1, session=session)}

@@ -30,7 +30,8 @@ KNOB_HELP = {
     "callback_timeout_s": "timeout of the callback POSTs",
     "split_rate": "probability a document waits in status 41 for POST /emulator/documents/<id>/confirm-split",
     "uncategorized_share": "share of files (chosen by sha256) that get no category",
-    "fault_rules": 'repeatable JSON FaultRule, e.g. \'{"method": "GET", "path": "/bbox/?$", "status": 401, "count": 3}\'',
+    "fault_rules": "repeatable JSON FaultRule, e.g. "
+                   '\'{"method": "GET", "path": "/bbox/?$", "status": 401, "count": 3}\'',
 }
 
 

@@ -39,9 +39,6 @@ class Blob:
             while chunk := f.read(size):
                 yield chunk
 
-    def read(self) -> bytes:
-        return self.data if self.data is not None else b"".join(self.chunks())
-
 
 class BlobStore:
     """Creates its temporary directory on first need; ``close()`` deletes it."""
@@ -78,11 +75,6 @@ class BlobStore:
             return Blob(size=facts.size, data=bytes(held)), facts
         out.close()
         return Blob(size=facts.size, path=path), facts
-
-    def put_bytes(self, data: bytes) -> tuple[Blob, FileFacts]:
-        scanner = Scanner()
-        scanner.update(data)
-        return Blob(size=len(data), data=data), scanner.facts()
 
     def discard(self, blob: Blob | None) -> None:
         if blob is not None and blob.path is not None:

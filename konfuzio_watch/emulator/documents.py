@@ -271,12 +271,6 @@ class DocumentStore:
         with self._lock:
             return [copy.deepcopy(self._docs[i].details) for i in sorted(self._docs)]
 
-    def count(self, project: int | None = None) -> int:
-        with self._lock:
-            if project is not None:
-                return len(self._by_project.get(project, ()))
-            return sum(len(ids) for ids in self._by_project.values())
-
     def list_page(self, project: int | None = None, category: int | None = None, ordering: str = "-id",
                   offset: int = 0, limit: int = 10) -> tuple[int, list[dict]]:  # fmt: skip
         """(count, one page of meta): details without text/pages/annotation_sets. Newest first by
@@ -412,8 +406,9 @@ def _seeded(batch: SeedBatch, doc_id: int, with_results: bool = True) -> StoredD
     category, confidence = extraction.categorize(facts, layout, schema, batch.uncategorized_share)
     details.update(
         status_data=DONE, text=layout.text, pages=_pages(doc_id, sizes), ocr_time=17.0, extraction_time=2.5,
-        categorization_time=0.5, processing_time=20.0, labeling_available=True, updated_at=iso(created + SEEDED_UPDATE_S),
-        category=category, category_confidence=confidence, callback_status_code=200 if new.callback_url else None,
+        categorization_time=0.5, processing_time=20.0, labeling_available=True,
+        updated_at=iso(created + SEEDED_UPDATE_S), category=category, category_confidence=confidence,
+        callback_status_code=200 if new.callback_url else None,
     )  # fmt: skip
     if with_results:
         ids = itertools.count(_SEED_OBJECT_BASE + doc_id * 1000)

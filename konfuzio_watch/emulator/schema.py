@@ -162,6 +162,7 @@ def schema_for(project: int) -> Schema:
         for offset, name, members, multi, own in LABEL_SETS
     }
     categories = tuple(
-        Category(base + offset, name, kind, tuple(label_sets[s] for s in sets)) for offset, name, kind, sets in CATEGORIES
+        Category(base + offset, name, kind, tuple(label_sets[s] for s in sets))
+        for offset, name, kind, sets in CATEGORIES
     )
     return Schema(project, categories, tuple(label_sets.values()), tuple(labels.values()))
