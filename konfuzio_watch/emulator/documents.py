@@ -158,7 +158,7 @@ class DocumentStore:
         schema = schema_for(details["project"])
         if not doc.is_category_fixed:
             details["category"], details["category_confidence"] = extraction.categorize(
-                doc.facts, doc.layout, schema, uncategorized_share
+                doc.facts, doc.layout.kind, schema, uncategorized_share
             )
         details["annotation_sets"] = extraction.annotation_sets(
             doc_id=doc_id,
@@ -381,7 +381,7 @@ class DocumentStore:
             if doc is not None:
                 return read(doc.details)
             batch = self._seed_batch(doc_id)
-        return read(_seeded(batch, doc_id, with_results=False).details) if batch else None
+        return read(_seeded_meta(batch, doc_id)[0]) if batch else None
 
 
 def seeded_original(doc_id: int) -> bytes:
@@ -391,35 +391,45 @@ def seeded_original(doc_id: int) -> bytes:
     return make_pdf(1, label=f"seeded document {doc_id}")
 
 
-def _seeded(batch: SeedBatch, doc_id: int, with_results: bool = True) -> StoredDocument:
-    """Render a seeded document: a done one-page PDF, as if uploaded and processed at its time."""
+def _seeded_meta(batch: SeedBatch, doc_id: int) -> tuple[dict, bytes, FileFacts]:
+    """A seeded document's details without text, pages and annotation sets (what the list shows;
+    the cheap part: a 50,000-document walk renders each once), its file and the file's facts."""
     data = seeded_original(doc_id)
     facts = content.facts_of(data)
-    name = batch.name.format(id=doc_id)
-    layout = content.layout_for(facts, name)
-    sizes = [facts.page_size] * facts.pages
     created = batch.created_at(doc_id)
-    new = NewDocument(project=batch.project, data_file_name=name, original=Blob(len(data), data=data), facts=facts,
-                      callback_url=batch.callback_url.format(id=doc_id) if batch.callback_url else None)  # fmt: skip
-    details = _initial_details(doc_id, new, len(sizes), iso(created))
-    schema = schema_for(batch.project)
-    category, confidence = extraction.categorize(facts, layout, schema, batch.uncategorized_share)
+    callback_url = batch.callback_url.format(id=doc_id) if batch.callback_url else None
+    new = NewDocument(project=batch.project, data_file_name=batch.name.format(id=doc_id),
+                      original=Blob(len(data), data=data), facts=facts, callback_url=callback_url)  # fmt: skip
+    details = _initial_details(doc_id, new, facts.pages, iso(created))
+    category, confidence = extraction.categorize(facts, content.kind_of(facts), schema_for(batch.project),
+                                                 batch.uncategorized_share)  # fmt: skip
     details.update(
-        status_data=DONE, text=layout.text, pages=_pages(doc_id, sizes), ocr_time=17.0, extraction_time=2.5,
-        categorization_time=0.5, processing_time=20.0, labeling_available=True,
-        updated_at=iso(created + SEEDED_UPDATE_S), category=category, category_confidence=confidence,
-        callback_status_code=200 if new.callback_url else None,
+        status_data=DONE, ocr_time=17.0, extraction_time=2.5, categorization_time=0.5, processing_time=20.0,
+        labeling_available=True, updated_at=iso(created + SEEDED_UPDATE_S), category=category,
+        category_confidence=confidence, callback_status_code=200 if callback_url else None,
     )  # fmt: skip
-    if with_results:
-        ids = itertools.count(_SEED_OBJECT_BASE + doc_id * 1000)
-        details["annotation_sets"] = extraction.annotation_sets(
-            doc_id=doc_id, digest=facts.sha256, layout=layout, pages=content.geometry(layout.text, sizes),
-            schema=schema, category_id=category, version=0, next_id=lambda: next(ids), now=details["updated_at"],
-        )  # fmt: skip
-    return StoredDocument(details, facts, layout, sizes, DONE, new.original, is_category_fixed=False)
+    for key in HEAVY_KEYS:
+        del details[key]
+    return details, data, facts
+
+
+def _seeded(batch: SeedBatch, doc_id: int) -> StoredDocument:
+    """Render a seeded document: a done one-page PDF, as if uploaded and processed at its time."""
+    meta, data, facts = _seeded_meta(batch, doc_id)
+    layout = content.layout_for(facts, meta["data_file_name"])
+    sizes = [facts.page_size] * facts.pages
+    ids = itertools.count(_SEED_OBJECT_BASE + doc_id * 1000)
+    sets = extraction.annotation_sets(
+        doc_id=doc_id, digest=facts.sha256, layout=layout, pages=content.geometry(layout.text, sizes),
+        schema=schema_for(batch.project), category_id=meta["category"], version=0, next_id=lambda: next(ids),
+        now=meta["updated_at"],
+    )  # fmt: skip
+    details = {**meta, "text": layout.text, "pages": _pages(doc_id, sizes), "annotation_sets": sets}
+    return StoredDocument(details, facts, layout, sizes, DONE, Blob(len(data), data=data), is_category_fixed=False)
 
 
 def _initial_details(doc_id: int, new: NewDocument, number_of_pages: int, created: str) -> dict:
+    """Every key the real API answers, in its order, as just uploaded."""
     return {
         "id": doc_id,
         "project": new.project,

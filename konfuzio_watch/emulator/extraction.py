@@ -19,16 +19,17 @@ _GERMAN_NUMBER = re.compile(r"^-?\d{1,3}(?:\.\d{3})*,\d+$|^-?\d+,\d+$")
 _GERMAN_DATE = re.compile(r"^(\d{2})\.(\d{2})\.(\d{4})$")
 
 
-def categorize(facts: FileFacts, layout: Layout, schema: Schema, uncategorized_share: float = 0.0
+def categorize(facts: FileFacts, kind: str, schema: Schema, uncategorized_share: float = 0.0
                ) -> tuple[int | None, float | None]:  # fmt: skip
-    """(category id, confidence) the emulated categorization AI finds; (None, None) for no category.
+    """(category id, confidence) the emulated categorization AI finds for a file of this ``kind``
+    (``content.kind_of``); (None, None) for no category.
 
     ``uncategorized_share`` of documents (chosen by sha256, so the same file always gets the same
     answer) get no category even though their text looks like one.
     """
     if _unit(facts.sha256, "uncategorized") < uncategorized_share:
         return None, None
-    category = schema.category_for_kind(layout.kind)
+    category = schema.category_for_kind(kind)
     if category is None:
         return None, None
     return category.id, round(0.6 + 0.39 * _unit(facts.sha256, "category"), 4)
