@@ -221,7 +221,7 @@ class Emulator:
         self._record_upload(doc_id, new, arrived_at, gateway_status)
         if upload.is_sync:
             details = self._process_now(doc_id, steps, is_callback_inline=False)
-        elif self.knobs.early_callback:
+        elif self.knobs.early_callback and gateway_status is None:  # (a late store has no response to beat)
             self._process_now(doc_id, steps, is_callback_inline=True)
         else:
             self._schedule(doc_id, steps, self._processing_time())
