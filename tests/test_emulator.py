@@ -22,7 +22,10 @@ from konfuzio_sdk.api import (  # noqa: E402
     get_document_bbox,
     get_document_details,
     get_meta_of_files,
+    get_project_categories,
     get_project_details,
+    get_project_label_sets,
+    get_project_labels,
     konfuzio_session,
 )
 from konfuzio_sdk.urls import get_upload_document_url  # noqa: E402
@@ -187,9 +190,11 @@ def test_meta_of_files_paginates_and_filters_by_project(emu, session):
 
     meta = get_meta_of_files(1, pagination_limit=10, session=session)
 
-    assert [m["id"] for m in meta] == ids
+    assert [m["id"] for m in meta] == ids  # the SDK sorts by id itself
     assert not {"text", "pages", "annotation_sets"} & set(meta[0])
     page = api(emu, "GET", "/api/v3/documents/?limit=10&project=1&offset=10").json()
+    assert [r["id"] for r in page["results"]] == ids[::-1][10:20]  # the API lists newest first
+    assert all(r["created_at"] for r in page["results"])
     assert page["count"] == 23
     assert page["next"] == f"{emu.url}/api/v3/documents/?project=1&limit=10&offset=20"
     assert page["previous"] == f"{emu.url}/api/v3/documents/?project=1&limit=10"
@@ -207,9 +212,11 @@ def test_sdk_upload_function_in_a_subprocess(emu, receiver, tmp_path):
     script = (
         "import json, sys\n"
         "from konfuzio_sdk.api import upload_file_konfuzio_api\n"
+        "from konfuzio_sdk.api import delete_file_konfuzio_api\n"
         "r = upload_file_konfuzio_api(sys.argv[1], project_id=1, callback_url=sys.argv[2])\n"
         "s = upload_file_konfuzio_api(sys.argv[1], project_id=1, sync=True)\n"
-        "print(json.dumps([r.status_code, r.json(), s.json()['status_data']]))\n"
+        "deleted = delete_file_konfuzio_api(s.json()['id'])\n"
+        "print(json.dumps([r.status_code, r.json(), s.json()['status_data'], deleted]))\n"
     )
     env = {**os.environ, "KONFUZIO_HOST": emu.url, "KONFUZIO_TOKEN": TOKEN, "LOG_TO_FILE": "False"}
     result = subprocess.run(
@@ -218,21 +225,40 @@ def test_sdk_upload_function_in_a_subprocess(emu, receiver, tmp_path):
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
-    status, body, sync_status = json.loads(result.stdout.splitlines()[-1])
+    status, body, sync_status, deleted = json.loads(result.stdout.splitlines()[-1])
     assert (status, body["status_data"], body["data_file_name"], sync_status) == (201, 0, "from sdk.pdf", 2)
     (call,) = receiver.wait_for(1)
     assert call["body"]["id"] == body["id"] and call["body"]["status_data"] == 2
+    assert deleted and [d.doc_id for d in emu.deletions] == [body["id"] + 1]
+    assert [d["id"] for d in emu.documents()] == [body["id"]]
 
 
-def test_project_schema_endpoints_answer_empty_pages_per_project(emu):
-    """What Project(id_=...) downloads: the emulated projects have no categories, label sets or labels."""
-    for path in ("/api/v3/categories/?project=1&limit=1000", "/api/v3/label-sets/?project=1&limit=1000",
-                 "/api/v3/labels/?project=2&limit=1000"):
-        response = api(emu, "GET", path)
-        assert (response.status_code, response.json()) == (
-            200, {"count": 0, "next": None, "previous": None, "results": []}), path
+def test_project_schema_through_the_sdk(emu, session):
+    """Categories (with their nested schema), label sets and labels, per project, as the SDK reads them."""
+    categories = get_project_categories(1, session=session)
+    assert [(c["id"], c["name"], c["project"]) for c in categories] == [
+        (101, "Invoice", 1), (102, "Receipt", 1), (103, "Letter", 1)]
+    invoice_schema = {s["name"]: [x["name"] for x in s["labels"]] for s in categories[0]["schema"]}
+    assert invoice_schema == {
+        "Invoice": ["Invoice Number", "Date", "Total", "IBAN"], "Line Item": ["Description", "Amount"]}  # fmt: skip
+    assert categories[0]["schema"][0]["id"] == categories[0]["id"]  # a category's own label set shares its id
+
+    labels = {x["name"]: x for x in get_project_labels(1, session=session)}
+    assert set(labels) == {"Invoice Number", "Date", "Total", "IBAN", "Sender", "Description", "Amount"}
+    assert labels["IBAN"]["has_multiple_top_candidates"] and labels["Date"]["data_type"] == "Date"
+    assert labels["Date"]["label_sets"] == [101, 102, 103]
+
+    every = get_project_label_sets(1, include_categories=True, session=session)
+    assert [(s["name"], s["is_category"], s["has_multiple_annotation_sets"]) for s in every] == [
+        ("Invoice", True, False), ("Receipt", True, False), ("Letter", True, False), ("Line Item", False, True)]
+    assert [s["name"] for s in get_project_label_sets(1, session=session)] == ["Line Item"]  # SDK default
+    assert {c["id"] for c in get_project_categories(2, session=session)} == {201, 202, 203}
+    page = api(emu, "GET", "/api/v3/labels/?project=2&limit=3").json()
+    assert (page["count"], len(page["results"]), page["next"]) == (
+        7, 3, f"{emu.url}/api/v3/labels/?project=2&limit=3&offset=3")  # fmt: skip
     unknown = api(emu, "GET", "/api/v3/categories/?project=99")
     assert (unknown.status_code, unknown.json()) == (400, {"project": [INVALID_CHOICE]})
+    assert get_project_details(1, session=session)["categories"] == [101, 102, 103]
 
 
 def test_sdk_project_from_file_and_update_in_a_subprocess(emu, receiver, tmp_path):
@@ -248,7 +274,8 @@ def test_sdk_project_from_file_and_update_in_a_subprocess(emu, receiver, tmp_pat
         "while get_document_details(doc.id_)['status_data'] != 2 and time.time() < deadline:\n"
         "    time.sleep(0.02)\n"
         "doc.update()\n"
-        "print(json.dumps([doc.id_, doc.ocr_ready, doc.text]))\n"
+        "annotations = [[a.label.name, a.offset_string[0]] for a in doc.annotations(use_correct=False)]\n"
+        "print(json.dumps([doc.id_, doc.ocr_ready, doc.text, doc.category.name, annotations]))\n"
     )
     env = {**os.environ, "KONFUZIO_HOST": emu.url, "KONFUZIO_TOKEN": TOKEN, "LOG_TO_FILE": "False"}
     result = subprocess.run(
@@ -257,8 +284,13 @@ def test_sdk_project_from_file_and_update_in_a_subprocess(emu, receiver, tmp_pat
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
-    doc_id, is_ready, text = json.loads(result.stdout.splitlines()[-1])
+    doc_id, is_ready, text, category, annotations = json.loads(result.stdout.splitlines()[-1])
     assert is_ready and text == ocr_text_for((tmp_path / "tutorial.pdf").read_bytes(), "tutorial.pdf")
+    details = emu.store.details(doc_id)
+    assert category == {101: "Invoice", 102: "Receipt", 103: "Letter"}[details["category"]]
+    expected = [[label["name"], a["offset_string"]] for s in details["annotation_sets"] for label in s["labels"]
+                for a in label["annotations"]]  # fmt: skip
+    assert len(annotations) >= 2 and sorted(annotations) == sorted(expected)
     assert (tmp_path / "data_1" / "documents" / str(doc_id) / "document.txt").read_text() == text
     (call,) = receiver.wait_for(1)
     assert call["body"]["id"] == doc_id
@@ -479,7 +511,8 @@ def test_stop_joins_every_thread(receiver):
 
 def test_command_line_serves_until_sigterm(tmp_path):
     command = [sys.executable, "-m", "konfuzio_watch.emulator", "--port", "0", "--token", "T"]
-    knobs = ["--rate-429", "1", "--retry-after-s", "3"]
+    rule = '{"method": "GET", "path": "^/api/v3/projects/2/$", "status": 404}'
+    knobs = ["--rate-429", "1", "--retry-after-s", "Fri, 01 Jan 2099 00:00:00 GMT", "--fault-rule", rule]
     with subprocess.Popen(
         command + knobs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
     ) as process:
@@ -488,7 +521,9 @@ def test_command_line_serves_until_sigterm(tmp_path):
             assert url.startswith("http://127.0.0.1:")
             headers = {"Authorization": "Token T"}
             throttled = requests.get(f"{url}/api/v3/projects/1/", headers=headers, timeout=5)
-            assert (throttled.status_code, throttled.headers["Retry-After"]) == (429, "3")  # token ok, knobs set
+            assert (throttled.status_code, throttled.headers["Retry-After"]) == (
+                429, "Fri, 01 Jan 2099 00:00:00 GMT")  # token ok, knobs set  # fmt: skip
+            assert requests.get(f"{url}/api/v3/projects/2/", headers=headers, timeout=5).status_code == 404
             process.send_signal(signal.SIGTERM)
             _, stderr = process.communicate(timeout=10)
             assert process.returncode == 0 and "Traceback" not in stderr, stderr

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
 import threading
 
 from konfuzio_watch.emulator.core import Emulator
+from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.emulator.knobs import Knobs
 
 KNOB_HELP = {
@@ -21,11 +23,15 @@ KNOB_HELP = {
     "early_callback": "send the callback before the upload's 201 is written",
     "fail_rate": "probability a document ends in status 111",
     "rate_429": "probability any API request answers 429",
-    "retry_after_s": "Retry-After of the 429s",
+    "retry_after_s": "Retry-After of the 429s: seconds, or any string sent verbatim (an HTTP date)",
     "rate_5xx": "probability any API request answers 502/503",
     "outage": "every API request answers 503",
     "stall_after_store_s": "sleep after storing an upload, before answering",
     "callback_timeout_s": "timeout of the callback POSTs",
+    "split_rate": "probability a document waits in status 41 for POST /emulator/documents/<id>/confirm-split",
+    "uncategorized_share": "share of files (chosen by sha256) that get no category",
+    "fault_rules": "repeatable JSON FaultRule, e.g. "
+                   '\'{"method": "GET", "path": "/bbox/?$", "status": 401, "count": 3}\'',
 }
 
 
@@ -39,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=16)
     for field in dataclasses.fields(Knobs):
         flag = "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
+        if field.name == "fault_rules":
+            parser.add_argument("--fault-rule", dest="fault_rules", action="append", default=[],
+                                type=_fault_rule, help=KNOB_HELP[field.name])  # fmt: skip
+        elif field.name == "retry_after_s":
+            parser.add_argument(flag, type=_int_or_str, default=field.default, help=KNOB_HELP[field.name])
+        elif field.type in (bool, "bool"):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=field.default, help=KNOB_HELP[field.name]
             )
@@ -48,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
             help_text = f"{KNOB_HELP[field.name]} (default {field.default})"
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
     return parser
+
+
+def _fault_rule(raw: str) -> FaultRule:
+    try:
+        return FaultRule.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"not a fault rule: {exc}") from exc
+
+
+def _int_or_str(raw: str) -> int | str:
+    return int(raw) if raw.strip().isdigit() else raw
 
 
 def main(argv: list[str] | None = None) -> int:

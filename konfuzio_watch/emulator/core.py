@@ -1,13 +1,12 @@
 """The Emulator: a local Konfuzio API v3 that the unmodified konfuzio-sdk talks to over HTTP.
 
 Threads: Waitress (one loop thread + a worker pool) serves the API; ONE scheduler thread moves
-documents through their statuses; a small bounded pool POSTs the callbacks. ``stop()`` joins
-all of them.
+documents through their statuses (and stores uploads a gateway fault forwarded late); a small
+bounded pool POSTs the callbacks. ``stop()`` joins all of them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
@@ -19,19 +18,27 @@ from types import TracebackType
 
 import requests
 
+from konfuzio_watch.emulator.accounting import RequestAccounting, RequestStats
 from konfuzio_watch.emulator.app import create_app
-from konfuzio_watch.emulator.content import FAIL_MARKER
+from konfuzio_watch.emulator.blobs import BlobStore
+from konfuzio_watch.emulator.content import FAIL_MARKER, SPLIT_MARKER
 from konfuzio_watch.emulator.documents import (
     COULD_NOT_BE_PROCESSED,
     DONE,
     EXTRACTION_IN_PROGRESS,
     OCR_IN_PROGRESS,
     QUEUING_EXTRACTION,
+    QUEUING_SPLITTING,
+    REVIEWER,
+    SEEDED_NAME,
+    SPLITTING_IN_PROGRESS,
+    WAITING_FOR_SPLITTING_CONFIRMATION,
     DocumentStore,
     NewDocument,
 )
+from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.emulator.forms import UploadForm
-from konfuzio_watch.emulator.knobs import CallbackRecord, Knobs, UploadRecord
+from konfuzio_watch.emulator.knobs import CallbackRecord, DeletionRecord, Knobs, UploadRecord
 from konfuzio_watch.emulator.scheduler import Scheduler, WorkCounter
 from konfuzio_watch.server import ServerThread
 
@@ -45,6 +52,18 @@ SUCCESS_STEPS = (
     (1.0, DONE),
 )
 FAILURE_STEPS = ((0.25, OCR_IN_PROGRESS), (1.0, COULD_NOT_BE_PROCESSED))
+SPLIT_STEPS = (  # stops at 41 until confirm_split(); then RESUME_STEPS
+    (0.2, OCR_IN_PROGRESS),
+    (0.4, QUEUING_EXTRACTION),
+    (0.6, QUEUING_SPLITTING),
+    (0.8, SPLITTING_IN_PROGRESS),
+    (1.0, WAITING_FOR_SPLITTING_CONFIRMATION),
+)
+RESUME_STEPS = ((0.5, EXTRACTION_IN_PROGRESS), (1.0, DONE))  # after a split confirmation or for re-extraction
+# A processing run ends at one of these; only the final ones send the callback.
+END_OF_RUN = (DONE, COULD_NOT_BE_PROCESSED, WAITING_FOR_SPLITTING_CONFIRMATION)
+FINAL = (DONE, COULD_NOT_BE_PROCESSED)
+Steps = tuple[tuple[float, int], ...]
 
 
 class Emulator:
@@ -62,9 +81,12 @@ class Emulator:
         self.project_ids = frozenset(int(p) for p in project_ids)
         self.knobs = knobs if knobs is not None else Knobs()
         self.store = DocumentStore()
+        self.blobs = BlobStore()  # the uploaded originals
         self.uploads: list[UploadRecord] = []
         self.callbacks: list[CallbackRecord] = []
         self.dropped_callbacks: list[int] = []  # doc ids whose callback callback_loss swallowed
+        self.deletions: list[DeletionRecord] = []
+        self.accounting = RequestAccounting()
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._records_lock = threading.Lock()
@@ -100,6 +122,7 @@ class Emulator:
         clean = self._scheduler.stop(timeout_s) and clean
         if self._callback_pool is not None:
             self._callback_pool.shutdown(wait=True, cancel_futures=True)
+        self.blobs.close()
         return clean
 
     def __enter__(self) -> Emulator:
@@ -124,8 +147,22 @@ class Emulator:
     # -- inspection --------------------------------------------------------------------------
 
     def documents(self) -> list[dict]:
-        """Copies of all stored documents' full details, ordered by id."""
+        """Copies of all stored documents' full details, ordered by id (seeded ones only once
+        reviewed or re-extracted; the API lists them all)."""
         return self.store.all_details()
+
+    def request_stats(self) -> dict[str, RequestStats]:
+        """API requests answered so far by kind (upload, details, bbox, list, annotations, labels,
+        label_sets, categories, project, projects, pdf, original, delete, other)."""
+        return self.accounting.snapshot()
+
+    def api_requests(self, *kinds: str) -> int:
+        """How many API requests of these kinds (all kinds if none given) were answered."""
+        stats = self.accounting.snapshot()
+        return sum(s.count for kind, s in stats.items() if not kinds or kind in kinds)
+
+    def reset_request_stats(self) -> None:
+        self.accounting.reset()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """True once no processing or callback is pending or in flight."""
@@ -153,67 +190,149 @@ class Emulator:
     def accept_upload(self, upload: UploadForm, arrived_at: float | None = None) -> dict:
         """Store a validated upload and start its processing; return the 201 body.
 
-        ``arrived_at`` (``time.time()``) is when the request reached the API; default: now.
+        ``arrived_at`` (``time.time()``) is when the request reached the API; default: now. The
+        handler goes on after its client gave up (a timeout during ``upload_latency_s``): the
+        document is stored all the same, as a real server does.
         """
         arrived_at = time.time() if arrived_at is None else arrived_at
         knobs = self.knobs
         self._is_stopping.wait(knobs.upload_latency_s)
-        new = upload.document
-        is_failure = FAIL_MARKER in new.data or self.chance(knobs.fail_rate)
-        steps = FAILURE_STEPS if is_failure else SUCCESS_STEPS
-        doc_id, details = self.store.create(new, steps[-1][1])
-        self._record_upload(doc_id, new, arrived_at)
-        if upload.is_sync:
-            details = self._process_now(doc_id, steps, is_callback_inline=False)
-        elif knobs.early_callback:
-            self._process_now(doc_id, steps, is_callback_inline=True)
-        else:
-            self._schedule_processing(doc_id, steps)
+        details = self._store(upload, arrived_at)
         self._is_stopping.wait(knobs.stall_after_store_s)
         return details
 
-    def _record_upload(self, doc_id: int, new: NewDocument, arrived_at: float) -> None:
+    def forward_upload(self, upload: UploadForm, rule: FaultRule, arrived_at: float) -> None:
+        """A gateway answered ``rule.status`` already; the app stores the upload
+        ``rule.forward_after_s`` later anyway, with the callback URL it carried."""
+        self._work.begin()
+
+        def store_late() -> None:
+            try:
+                self._store(upload, arrived_at, gateway_status=rule.status)
+            finally:
+                self._work.end()
+
+        self._scheduler.call_at(time.monotonic() + max(0.0, rule.forward_after_s or 0.0), store_late)
+
+    def _store(self, upload: UploadForm, arrived_at: float, gateway_status: int | None = None) -> dict:
+        new = upload.document
+        steps = self._plan(new)
+        doc_id, details = self.store.create(new, steps[-1][1])
+        self._record_upload(doc_id, new, arrived_at, gateway_status)
+        if upload.is_sync:
+            details = self._process_now(doc_id, steps, is_callback_inline=False)
+        elif self.knobs.early_callback and gateway_status is None:  # (a late store has no response to beat)
+            self._process_now(doc_id, steps, is_callback_inline=True)
+        else:
+            self._schedule(doc_id, steps, self._processing_time())
+        return details
+
+    def _plan(self, new: NewDocument) -> Steps:
+        if FAIL_MARKER in new.facts.markers or self.chance(self.knobs.fail_rate):
+            return FAILURE_STEPS
+        if SPLIT_MARKER in new.facts.markers or self.chance(self.knobs.split_rate):
+            return SPLIT_STEPS
+        return SUCCESS_STEPS
+
+    def _record_upload(self, doc_id: int, new: NewDocument, arrived_at: float, gateway_status: int | None) -> None:
         record = UploadRecord(
             doc_id=doc_id,
             data_file_name=new.data_file_name,
-            sha256=hashlib.sha256(new.data).hexdigest(),
-            size=len(new.data),
+            sha256=new.facts.sha256,
+            size=new.facts.size,
             callback_url=new.callback_url,
             project=new.project,
             category=new.category,
             received_at=time.time(),
             arrived_at=arrived_at,
+            gateway_status=gateway_status,
         )
         with self._records_lock:
             self.uploads.append(record)
 
-    def _schedule_processing(self, doc_id: int, steps: tuple[tuple[float, int], ...]) -> None:
-        duration_s = max(0.0, self.knobs.processing_s) + self._uniform(self.knobs.processing_jitter_s)
+    def _processing_time(self) -> float:
+        return max(0.0, self.knobs.processing_s) + self._uniform(self.knobs.processing_jitter_s)
+
+    def _schedule(self, doc_id: int, steps: Steps, duration_s: float) -> None:
         started = time.monotonic()
         self._work.begin()
         for fraction, status in steps:
             self._scheduler.call_at(started + duration_s * fraction, partial(self._advance, doc_id, status))
 
     def _advance(self, doc_id: int, status: int) -> None:
-        """Scheduler job: one status step; at the final one, hand over the callback."""
-        details = self.store.advance(doc_id, status)
-        if status in (DONE, COULD_NOT_BE_PROCESSED):
+        """Scheduler job: one status step; at the end of a run, hand over the callback."""
+        details = self.store.advance(doc_id, status, self.knobs.uncategorized_share)
+        if status in END_OF_RUN:
             try:
-                if details is not None:
+                if details is not None and status in FINAL:
                     self._finish(doc_id, details, is_callback_inline=False)
             finally:
                 self._work.end()
 
-    def _process_now(self, doc_id: int, steps: tuple[tuple[float, int], ...], is_callback_inline: bool) -> dict:
+    def _process_now(self, doc_id: int, steps: Steps, is_callback_inline: bool) -> dict:
         self._work.begin()
         try:
             details: dict = {}
             for _, status in steps:
-                details = self.store.advance(doc_id, status) or details
-            self._finish(doc_id, details, is_callback_inline)
+                details = self.store.advance(doc_id, status, self.knobs.uncategorized_share) or details
+            if details.get("status_data") in FINAL:
+                self._finish(doc_id, details, is_callback_inline)
             return details
         finally:
             self._work.end()
+
+    # -- what people do in the web app -------------------------------------------------------
+
+    def review(self, doc_id: int, changes: dict[int | str, str] | None = None, category: int | None = None,
+               reviewer: str = REVIEWER) -> dict:  # fmt: skip
+        """Mark a done document reviewed (every annotation accepted: ``revised``/``is_correct``),
+        correct ``changes`` (label name or id -> new value, on that label's first annotation),
+        optionally change its ``category`` (re-extracting for it); ``updated_at`` moves and the
+        callback is sent again. Raises KeyError (unknown id), NotAllowed (not done), ValueError."""
+        details = self.store.review(doc_id, changes, category, reviewer)
+        if details is None:
+            raise KeyError(doc_id)
+        self._finish(doc_id, details, is_callback_inline=False)
+        return details
+
+    def reextract(self, doc_id: int, duration_s: float | None = None) -> dict:
+        """Run extraction again on a done document: status 1, 20, then 2 with new annotation ids and
+        confidences (revised annotations are kept), then the callback again. ``duration_s``
+        defaults to half of ``processing_s``. Returns the details in status 1."""
+        details = self.store.begin_reextraction(doc_id)
+        if details is None:
+            raise KeyError(doc_id)
+        self._schedule(doc_id, RESUME_STEPS, self.knobs.processing_s / 2 if duration_s is None else duration_s)
+        return details
+
+    def confirm_split(self, doc_id: int) -> dict:
+        """Confirm the proposed split of a document waiting in status 41: extraction runs (half of
+        ``processing_s``), it ends done and the callback is sent."""
+        details = self.store.confirm_split(doc_id)
+        if details is None:
+            raise KeyError(doc_id)
+        self._schedule(doc_id, RESUME_STEPS, self.knobs.processing_s / 2)
+        return details
+
+    def delete_document(self, doc_id: int) -> bool:
+        """What ``DELETE /api/v3/documents/<id>/`` does; False if there is no such document."""
+        details = self.store.delete(doc_id)
+        if details is None:
+            return False
+        with self._records_lock:
+            self.deletions.append(DeletionRecord(doc_id, details["project"], time.time()))
+        return True
+
+    def seed_documents(self, project_id: int, count: int, *, callback_url: str | None = None,
+                       name: str = SEEDED_NAME) -> range:  # fmt: skip
+        """Add ``count`` done documents to a project at once (50,000 in milliseconds, a few MB):
+        for reconciliation and listing at scale. ``callback_url`` and ``name`` may hold ``{id}``.
+        Returns their ids; the API serves them like uploaded ones (details, bbox, annotations,
+        files), ``uploads`` and ``documents()`` do not show them."""
+        if project_id not in self.project_ids:
+            raise ValueError(f"unknown project {project_id}")
+        return self.store.seed(project_id, count, callback_url=callback_url, name=name,
+                               uncategorized_share=self.knobs.uncategorized_share)  # fmt: skip
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -251,6 +370,8 @@ class Emulator:
     def _send_callback(self, doc_id: int, url: str) -> None:
         """POST the current details as JSON; record the answer or the error, never raise."""
         body = self.store.details(doc_id)
+        if body is None:  # deleted meanwhile
+            return
         status_code: int | None = None
         error: str | None = None
         sent_at = time.time()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from werkzeug.datastructures import FileStorage
 
+from konfuzio_watch.emulator.blobs import Blob, BlobStore
+from konfuzio_watch.emulator.content import FileFacts
 from konfuzio_watch.emulator.documents import NewDocument
 
 DATASET_STATUSES = (0, 1, 2, 3, 4)
@@ -60,23 +62,29 @@ def is_valid_url(url: str) -> bool:
 
 
 def parse_upload(
-    form: Mapping[str, str], files: Mapping[str, FileStorage], project_ids: Collection[int]
+    form: Mapping[str, str], files: Mapping[str, FileStorage], project_ids: Collection[int], blobs: BlobStore
 ) -> tuple[UploadForm | None, dict[str, list[str]]]:
-    """Validate the multipart upload; return (form, {}) or (None, DRF-style errors)."""
+    """Validate the multipart upload; return (form, {}) or (None, DRF-style errors).
+
+    The file is copied into ``blobs`` chunk by chunk (never read whole into memory).
+    """
     errors: dict[str, list[str]] = {}
-    data, name = _data_file(files, errors)
+    stored, name = _data_file(files, errors, blobs)
     project = _project(form.get("project"), project_ids, errors)
     dataset_status = _dataset_status(form.get("dataset_status"), errors)
     category = _optional_int(form, "category", errors, PK_TYPE_ERROR)
     callback_url = _callback_url(form.get("callback_url"), errors)
     callback_status_code = _optional_int(form, "callback_status_code", errors)
     is_sync = _boolean(form, "sync", errors)
-    if errors:
+    if errors or stored is None:
+        blobs.discard(stored[0] if stored else None)
         return None, errors
+    original, facts = stored
     document = NewDocument(
         project=project,
         data_file_name=name,
-        data=data,
+        original=original,
+        facts=facts,
         dataset_status=dataset_status,
         category=category,
         callback_url=callback_url,
@@ -86,15 +94,16 @@ def parse_upload(
     return UploadForm(document=document, is_sync=is_sync), {}
 
 
-def _data_file(files: Mapping[str, FileStorage], errors: dict) -> tuple[bytes, str]:
+def _data_file(files: Mapping[str, FileStorage], errors: dict, blobs: BlobStore
+               ) -> tuple[tuple[Blob, FileFacts] | None, str]:  # fmt: skip
     upload = files.get("data_file")
     if upload is None or not upload.filename:
         errors["data_file"] = ["No file was submitted."]
-        return b"", ""
-    data = upload.read()
-    if not data:
+        return None, ""
+    stored = blobs.put(upload.stream)
+    if stored[1].size == 0:
         errors["data_file"] = ["The submitted file is empty."]
-    return data, upload.filename
+    return stored, upload.filename
 
 
 def _project(raw: str | None, project_ids: Collection[int], errors: dict) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from konfuzio_watch.emulator.faults import FaultRule
 
 
 @dataclass
@@ -20,11 +22,14 @@ class Knobs:
     early_callback: bool = False  # finish + send the callback inside the upload POST, before its 201
     fail_rate: float = 0.0  # probability processing ends in status 111 (plus FAIL_MARKER files)
     rate_429: float = 0.0  # probability any API request answers 429 with Retry-After
-    retry_after_s: int = 1
+    retry_after_s: int | str = 1  # int: seconds; str: sent verbatim ("999999999", an HTTP date)
     rate_5xx: float = 0.0  # probability any API request answers 502 or 503
     outage: bool = False  # every API request answers 503; processing and callbacks go on
     stall_after_store_s: float = 0.0  # POST stores the document, then sleeps before answering
     callback_timeout_s: float = 5.0  # timeout of the emulator's own callback POSTs
+    split_rate: float = 0.0  # probability processing stops at 41 until confirm_split (plus SPLIT_MARKER files)
+    uncategorized_share: float = 0.0  # share of files (chosen by sha256) that get no category (plus NO_CATEGORY_MARKER)
+    fault_rules: list[FaultRule] = field(default_factory=list)  # per-endpoint faults, first match answers
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,16 @@ class UploadRecord:
     category: int | None
     received_at: float  # time.time() when stored, i.e. after the upload_latency_s sleep
     arrived_at: float | None = None  # time.time() when the request reached the API, before any sleep
+    gateway_status: int | None = None  # the error the client got instead (FaultRule.forward_after_s)
+
+
+@dataclass(frozen=True)
+class DeletionRecord:
+    """One ``DELETE /api/v3/documents/<id>/`` that removed a document."""
+
+    doc_id: int
+    project: int
+    deleted_at: float  # time.time()
 
 
 @dataclass(frozen=True)
