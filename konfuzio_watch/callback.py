@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{20,100}")
 
+class TryLater(Exception):
+    """``record`` cannot store the fact now for a reason the daemon already handles: answer 503."""
+
+
 # record(token, document id named by the body or None) -> "recorded" | "finished" | "unknown" | "mismatch"
 RecordCallback = Callable[[str, "int | None"], str]
 
@@ -49,7 +53,9 @@ def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: st
             return _json({"detail": "Field 'id' must be an integer."}, 400)
         try:
             outcome = record(token, claimed_id)
-        except Exception:  # our own trouble (e.g. disk): ask the sender to come back, say nothing more
+        except TryLater:  # known, already reported trouble (e.g. the journal's disk is full)
+            return _json({"detail": "Try again later."}, 503)
+        except Exception:  # our own trouble: ask the sender to come back, say nothing more
             log.exception("could not record a callback")
             return _json({"detail": "Try again later."}, 503)
         if outcome == "unknown":

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from .callback import create_app
+from .callback import TryLater, create_app
 from .clock import Clock, SteadyClock
 from .config import Config
 from .dispatcher import RESULTS, UPLOADS, Dispatcher
@@ -150,7 +150,7 @@ class Daemon:
             outcome, row = self.journal.record_callback(hash_token(token), claimed_id, now)
         except JournalWriteError as exc:
             self.scheduler.report(JournalFailed(str(exc)))
-            raise
+            raise TryLater from exc
         self.metrics.callbacks.labels(outcome).inc()
         if outcome == "recorded":
             if row is not None and row.uploaded_at is not None:

@@ -5,10 +5,11 @@ A blocked gate admits nothing until its delay has passed, then exactly one probe
 success opens the gate, its failure blocks it again for longer. The state lives in memory only:
 a restart starts with open gates (a stored pause would outlive its cause).
 
-Each change is logged once: "blocked" with the reason, "open again" with how long it lasted
-and how many probes failed. A gate that blocks again soon after it opened (a disk with a few
-bytes free, a flapping service) continues the same episode: same start, growing backoff, no new
-log lines. ``on_change`` lets the daemon publish the state (status, metrics, alerts).
+Each episode is logged twice: once when it starts (ERROR, with the reason) and once when work
+has gone on for ``CONFIRM_S`` without a new failure (WARNING, with how long it lasted). A gate that
+blocks again before that (a disk with a few bytes free, a flapping service) continues the same
+episode: same start, growing backoff, no new lines. ``on_change`` lets the daemon publish the
+state (status, metrics, alerts); ``tend(now)`` announces confirmed recoveries.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .policy import Limits, Scope, backoff_s
 
 log = logging.getLogger("konfuzio_watch")
 
-FLAP_WINDOW_S = 60.0
+CONFIRM_S = 5.0  # open this long without a new failure before the recovery is announced
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,8 @@ class Gate:
         self._lock = threading.Lock()
         self._state = GateState(scope, blocked=False)
         self._probing = False
-        self._episode: GateState | None = None  # the last blocked state, kept for a while after opening
+        self._episode: GateState | None = None  # the blocked state, until its end is confirmed
         self._opened_at = 0.0
-        self._told_open = False
 
     @property
     def state(self) -> GateState:
@@ -83,23 +83,20 @@ class Gate:
     def block(self, now: float, reason: str, retry_after_s: float | None = None, note: str = "") -> float:
         """Record a failure of this scope; returns the delay until the next probe."""
         with self._lock:
-            s = self._state
+            current = self._state
+            s = current if current.blocked else (self._episode or current)  # unconfirmed recovery: same episode
             newly = not s.blocked
-            if newly and self._episode is not None and now - self._opened_at < FLAP_WINDOW_S:
-                s, newly = self._episode, False  # blocked again right after opening: the same episode
             failures = s.failures + 1
             delay = max(backoff_s(failures, self.limits, self._rng.uniform(0.5, 1.0)), retry_after_s or 0.0)
-            until = max(s.until if self._state.blocked else 0.0, now + delay)
-            self._state = GateState(self.scope, True, reason, s.since if s.blocked else now, until, failures)
+            until = max(current.until if current.blocked else 0.0, now + delay)
+            self._state = GateState(self.scope, True, reason, now if newly else s.since, until, failures)
+            self._episode = None
             self._probing = False
-            if newly:
-                self._told_open = False
         if newly:
             log.error("%s; pausing %s, next try in %.0f s%s", reason, _WHAT[self.scope], delay,
                       f" ({note})" if note else "")
         else:
-            log.debug("%s still blocked (probe %d failed): %s; next try in %.0f s", self.scope, failures, reason,
-                      delay)
+            log.debug("%s still blocked (try %d failed): %s; next try in %.0f s", self.scope, failures, reason, delay)
         self._changed()
         return until - now
 
@@ -112,12 +109,23 @@ class Gate:
                 return False
             self._state = GateState(self.scope, blocked=False)
             self._episode, self._opened_at = s, now
-            tell, self._told_open = not self._told_open, True
-        lasted = now - (s.since or now)
-        log.log(logging.WARNING if tell else logging.DEBUG, "%s again after %.0f s (%d failed tries); resuming",
-                _RESUMED[self.scope], lasted, s.failures)
+        log.debug("%s: a try succeeded; resuming", self.scope)
         self._changed()
         return True
+
+    def announce_at(self) -> float | None:
+        """When ``tend`` will announce the end of the episode (None: nothing to announce)."""
+        return self._opened_at + CONFIRM_S if self._episode is not None else None
+
+    def tend(self, now: float) -> None:
+        """Announce a recovery that has held for ``CONFIRM_S``."""
+        with self._lock:
+            episode = self._episode
+            if episode is None or now < self._opened_at + CONFIRM_S:
+                return
+            self._episode = None
+        log.warning("%s again after %.0f s (%d failed tries); resumed", _RESUMED[self.scope],
+                    self._opened_at - (episode.since or self._opened_at), episode.failures)
 
     def _changed(self) -> None:
         if self._on_change:
@@ -153,3 +161,11 @@ class Gates:
 
     def blocked(self) -> list[GateState]:
         return [g.state for g in self.by_scope.values() if g.is_blocked]
+
+    def tend(self, now: float) -> None:
+        for gate in self.by_scope.values():
+            gate.tend(now)
+
+    def next_announcement(self) -> float | None:
+        times = [t for g in self.by_scope.values() if (t := g.announce_at()) is not None]
+        return min(times) if times else None

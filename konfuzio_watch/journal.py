@@ -217,6 +217,8 @@ class Journal:
         for row in rows:
             check_transition(row.state, state)
         fields.setdefault("failures", 0)
+        if state not in (State.FAILING, State.FAILED):
+            fields.setdefault("error", None)  # moving on: the last failure is history
         if state in TERMINAL:
             fields.setdefault("finished_at", now)
         return self._set(rows, now, {**fields, "state": state.value}, moving=True)

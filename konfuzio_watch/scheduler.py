@@ -87,6 +87,7 @@ class Scheduler:
                 return
 
     def tick(self, now: float) -> None:
+        self.gates.tend(now)
         for duty in self.duties:
             if duty.interval_s is not None and now >= duty.next_at:
                 duty.next_at = now + duty.interval_s
@@ -102,6 +103,9 @@ class Scheduler:
     def next_wake(self, now: float) -> float:
         times = [now + MAX_SLEEP_S]
         times += [d.next_at for d in self.duties if d.interval_s is not None]
+        announce = self.gates.next_announcement()
+        if announce is not None:
+            times.append(announce)
         journal_gate = self.gates[Scope.JOURNAL]
         if journal_gate.is_blocked:
             times.append(journal_gate.state.until)

@@ -159,3 +159,19 @@ def drop(path: Path, data: bytes) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Any]]:
+    """``konfuzio-watch run`` as a real process on tmp_path's folders (see helpers.DaemonProcess)."""
+    from .helpers import DaemonProcess
+
+    made: list[DaemonProcess] = []
+
+    def make(**overrides: dict[str, Any]) -> DaemonProcess:
+        made.append(DaemonProcess(tmp_path, emulator, **overrides))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,19 +21,6 @@ from konfuzio_watch.samples import make_pdf
 
 from .conftest import drop, wait_until
 from .helpers import KONFUZIO_WATCH, DaemonProcess, assert_each_file_finished_exactly_once, sample_files
-
-
-@pytest.fixture
-def daemon_process(tmp_path: Path, emulator) -> Iterator[Callable[..., DaemonProcess]]:  # type: ignore[no-untyped-def]
-    made: list[DaemonProcess] = []
-
-    def make(**overrides: dict) -> DaemonProcess:
-        made.append(DaemonProcess(tmp_path, emulator, **overrides))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.cleanup()
 
 
 def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process, emulator, tmp_path):

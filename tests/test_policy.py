@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from konfuzio_watch import states
-from konfuzio_watch.gates import Gate
+from konfuzio_watch.gates import CONFIRM_S, Gate
 from konfuzio_watch.policy import (
     Blocked,
     Cause,
@@ -152,10 +152,20 @@ def test_a_gate_that_flaps_is_one_episode_with_two_log_lines(caplog):
     caplog.set_level("DEBUG", logger="konfuzio_watch")
     gate = Gate(Scope.JOURNAL, Limits(base_s=0.25, cap_s=2.0))
     t = NOW
-    for _ in range(20):  # a disk with a few bytes free: the probe passes, the next real write fails
+    for _ in range(20):  # a disk with a few bytes free: a probe passes, the next real write fails
         t += gate.block(t, "the journal cannot be written (database or disk is full)")
         gate.open(t)
-    told = [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
-    assert [r.levelname for r in told] == ["ERROR", "WARNING"]
+        gate.tend(t + 0.5)
+        t += 0.5
+    assert gate.state.blocked is False
+    told = [r.levelname for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert told == ["ERROR"], "no recovery is announced while it keeps failing"
     assert gate.block(t, "still full") >= 1.0, "the backoff grew over the episode"
     assert gate.state.since == NOW
+    gate.open(t + 2)
+    gate.tend(t + 2 + CONFIRM_S - 0.1)
+    assert [r.levelname for r in caplog.records if r.levelname in ("ERROR", "WARNING")] == ["ERROR"]
+    gate.tend(t + 2 + CONFIRM_S)
+    told = [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert [r.levelname for r in told] == ["ERROR", "WARNING"]
+    assert "the journal is writable again" in told[-1].getMessage()

@@ -1,0 +1,285 @@
+"""What users saw when failures were decided in seven places, each reproduced end to end:
+a full journal disk, an unreadable file, a far-future Retry-After, a clock stepped back, and
+GETs answered 401/403/400."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from konfuzio_watch.emulator.faults import FaultRule
+from konfuzio_watch.samples import make_pdf, make_png
+
+from .conftest import TOKEN, drop, wait_until
+from .helpers import KONFUZIO_WATCH, DaemonProcess, assert_own_result
+
+FAKE_WALL = Path(__file__).with_name("fakewall")
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+# -- 1. the journal's disk is full --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "32m") -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the file system is full; returns it (delete it to free the space)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for block in (65536, 4096, 512):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * block)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_journal_disk_pauses_everything_quietly_and_resumes_at_once(tmp_path, emulator):
+    state = tmp_path / "state"
+    with small_tmpfs(state):
+        daemon = DaemonProcess(tmp_path, emulator, watch={"settle_seconds": 0.2, "rescan_interval": 300})
+        try:
+            daemon.start()
+            filler = fill(state)
+            files = {f"full/{i:03d}.pdf": make_pdf(label=f"full {i}") for i in range(100)}
+            log_before = daemon.log.read_text()
+            for rel, data in files.items():
+                drop(tmp_path / "inbox" / rel, data)
+            wait_until(lambda: "the journal cannot be written" in daemon.log.read_text(), 30,
+                       lambda: f"the full journal reported (log: {daemon.log.read_text()[-1500:]})")
+            time.sleep(3.0)  # a measurement window, not a wait: the disk stays full for 3 s
+            during = daemon.log.read_text()[len(log_before):]
+
+            filler.unlink()
+            freed = time.monotonic()
+            wait_until(lambda: daemon.done_count() == len(files), 30,
+                       lambda: f"all {len(files)} files done after space came back (have {daemon.done_count()})")
+            resumed_in = time.monotonic() - freed
+            assert daemon.terminate() == 0
+        finally:
+            daemon.cleanup()
+    lines = during.splitlines()
+    print(f"\ndisk full: {len(lines)} log lines in the full window; last file done {resumed_in:.2f} s after "
+          f"space came back")  # figures for the record (pytest -s)
+    assert "Traceback" not in during, f"a traceback per failed write: {during[:2000]}"
+    assert len(lines) < 40, f"{len(lines)} log lines while the disk was full: {lines[:40]}"
+    # 100 files at concurrency 4 take ~2 s here; the rescan that would otherwise find them is 300 s away
+    assert resumed_in < 20, f"{resumed_in:.1f} s from free space to the last file done"
+    for rel, data in files.items():
+        assert (tmp_path / "done" / rel).read_bytes() == data
+    assert len(emulator.uploads) == len(files)
+
+
+# -- 2. a file the daemon cannot read ----------------------------------------------------------
+
+
+def _can_drop_privileges() -> bool:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            "import konfuzio_watch"], capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
+def test_a_file_the_daemon_cannot_read_backs_off_then_fails_with_the_reason(emulator):
+    root = Path(tempfile.mkdtemp(prefix="kw-unreadable-", dir="/tmp"))  # pytest's tmp is 0700: nobody can't enter
+    os.chmod(root, 0o755)
+    for name in ("inbox", "done", "failed", "state"):
+        (root / name).mkdir()
+    daemon = DaemonProcess(root, emulator, upload={"backoff_base_seconds": 0.2, "backoff_cap_seconds": 0.8,
+                                                   "max_attempts": 4})
+    try:
+        subprocess.run(["chown", "-R", "65534:65534", str(root)], check=True)
+        daemon.start(prefix=AS_NOBODY)
+        secret = root / "inbox" / "other-user.pdf"
+        data = make_pdf(label="mode 0600, owned by root")
+        drop(secret, data)
+        os.chmod(secret, 0o600)  # owned by root: the daemon (nobody) may move it but not read it
+
+        report_path = root / "failed" / "other-user.pdf.error.json"
+        wait_until(report_path.exists, 30,
+                   lambda: f"the unreadable file in failed/ (log: {daemon.log.read_text()[-1500:]})")
+        report = json.loads(report_path.read_text())
+        assert "cannot read the file: Permission denied" in report["error"]
+        assert "gave up after 4 attempts" in report["error"]
+        log = daemon.log.read_text()
+        assert log.count("cannot read the file") <= 3, "the same error is logged once per change, not per try"
+        assert emulator.uploads == []
+
+        os.chmod(root / "failed" / "other-user.pdf", 0o644)  # the admin fixes it, then: retry
+        retried = subprocess.run([*AS_NOBODY, *KONFUZIO_WATCH, "retry", "--config", str(daemon.config),
+                                  "other-user.pdf"], capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "LOG_TO_FILE": "False"})
+        assert retried.returncode == 0, retried.stderr
+        wait_until(lambda: (root / "done" / "other-user.pdf").exists(), 90, "the retried file done")
+        assert (root / "done" / "other-user.pdf").read_bytes() == data
+        assert daemon.terminate() == 0
+    finally:
+        daemon.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- 3. a far-future Retry-After --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retry_after", ["999999999", "Thu, 31 Dec 2099 23:59:59 GMT"])
+def test_a_far_future_retry_after_pauses_uploads_for_the_backoff_cap_only(start_daemon, emulator, caplog,
+                                                                         retry_after):
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    emulator.knobs.retry_after_s = retry_after
+    emulator.knobs.rate_429 = 1.0
+    running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 1.0})
+    files = {f"t{i}.pdf": make_pdf(label=f"throttled {i}") for i in range(5)}
+    for name, data in files.items():
+        drop(running.inbox / name, data)
+    wait_until(lambda: logged(caplog, "429"), 20, "uploads throttled")
+    emulator.knobs.rate_429 = 0.0
+
+    running.wait_finished(5, timeout_s=15)  # the cap is 1 s: not an hour
+    for name, data in files.items():
+        assert_own_result(running.done, name, data)
+    assert logged(caplog, "cut to the backoff cap of 1 s"), "the capped Retry-After is said once"
+
+
+def test_a_restart_clears_a_pause_from_a_far_future_retry_after(start_daemon, emulator, caplog):
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    emulator.knobs.retry_after_s = "999999999"
+    emulator.knobs.rate_429 = 1.0
+    running = start_daemon(upload={"backoff_base_seconds": 10, "backoff_cap_seconds": 3600})
+    data = make_pdf(label="throttled before a restart")
+    drop(running.inbox / "r.pdf", data)
+    wait_until(lambda: logged(caplog, "429"), 20, "the upload throttled")
+    running.stop()
+    emulator.knobs.rate_429 = 0.0
+
+    again = start_daemon(running.config)
+    again.wait_finished(1, timeout_s=15)
+    assert_own_result(again.done, "r.pdf", data)
+
+
+# -- 4. the wall clock is set back -------------------------------------------------------------
+
+
+def test_a_wall_clock_stepped_back_an_hour_does_not_stall_polling(daemon_process, emulator, tmp_path,
+                                                                  monkeypatch):
+    emulator.knobs.callback_loss = 1.0  # results come by polling only
+    offset = tmp_path / "wall-offset"
+    offset.write_text("0")
+    monkeypatch.setenv("FAKE_WALL_OFFSET_FILE", str(offset))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE_WALL), os.environ.get("PYTHONPATH")])))
+    daemon = daemon_process(results={"callback_timeout": 1.0, "poll_interval": 0.5})
+    daemon.start()
+    files = {f"c{i}.png": make_png(label=f"clock {i}") for i in range(3)}
+    for name, data in files.items():
+        drop(tmp_path / "inbox" / name, data)
+    wait_until(lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'")[0][0] == 3, 30,
+               "all three uploaded and waiting for a poll")
+
+    offset.write_text("-3600")  # the wall clock jumps back one hour
+
+    wait_until(lambda: daemon.done_count() == 3, 20, "polled and done although the wall clock went back")
+    assert daemon.terminate() == 0
+
+
+# -- 5. GETs answered 401, 403, 400; failure counts that survive a restart ----------------------
+
+
+def test_a_rejected_bbox_request_blocks_instead_of_exporting_without_boxes(start_daemon, emulator, caplog):
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    rule = FaultRule("GET", r"/bbox/?$", 401, until=time.time() + 2.0)
+    emulator.knobs.fault_rules = [rule]
+    running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5})
+    data = make_pdf(label="boxes matter")
+    drop(running.inbox / "boxes.pdf", data)
+
+    running.wait_finished(1, timeout_s=20)
+    assert rule.hits >= 1, "the fault was never hit"
+    assert_own_result(running.done, "boxes.pdf", data)  # with its boxes
+    assert logged(caplog, "Konfuzio rejected the API token")
+
+
+def test_a_rejected_details_request_is_not_retried_forever(start_daemon, emulator, caplog):
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    emulator.knobs.fault_rules = [FaultRule("GET", r"^/api/v3/documents/\d+/?$", 403, until=time.time() + 2.0)]
+    running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5})
+    data = make_png(label="403 then fine")
+    drop(running.inbox / "forbidden.png", data)
+    running.wait_finished(1, timeout_s=20)
+    assert_own_result(running.done, "forbidden.png", data)
+    assert len(logged(caplog, "Konfuzio rejected the API token")) == 1, "said once, not per try"
+
+
+def test_a_details_request_answered_400_fails_the_file_with_the_reason(start_daemon, emulator):
+    emulator.knobs.fault_rules = [FaultRule("GET", r"^/api/v3/documents/\d+/?$", 400,
+                                            body={"detail": "Malformed document."})]
+    running = start_daemon()
+    drop(running.inbox / "bad-request.pdf", make_pdf(label="400"))
+    running.wait_finished(1, timeout_s=20)
+    report = json.loads((running.failed / "bad-request.pdf.error.json").read_text())
+    assert report["stage"] == "result" and "400" in report["error"] and "Malformed document" in report["error"]
+
+
+def test_a_files_failure_count_survives_a_restart(start_daemon, emulator):
+    emulator.knobs.fault_rules = [FaultRule("GET", r"^/api/v3/documents/\d+/?$", 500)]
+    running = start_daemon(upload={"backoff_base_seconds": 0.05, "backoff_cap_seconds": 0.2},
+                           results={"max_failures": 6})
+    drop(running.inbox / "flaky.pdf", make_pdf(label="500s"))
+    wait_until(lambda: [r for r in running.daemon.journal.rows() if r.failures >= 3], 20, "three failed fetches")
+    running.stop()
+
+    again = start_daemon(running.config)
+    again.wait_finished(1, timeout_s=20)
+    report = json.loads((again.failed / "flaky.pdf.error.json").read_text())
+    assert "gave up after 6 failures" in report["error"] and "HTTP 500" in report["error"]
+    assert emulator.knobs.fault_rules[0].hits == 6, "the count went on after the restart instead of starting over"
+
+
+def test_a_success_clears_the_failure_count_and_the_error(emulator, start_daemon):
+    emulator.knobs.fault_rules = [FaultRule("GET", r"^/api/v3/documents/\d+/?$", 500, count=2)]
+    running = start_daemon(upload={"backoff_base_seconds": 0.05, "backoff_cap_seconds": 0.2})
+    data = make_pdf(label="two 500s")
+    drop(running.inbox / "twice.pdf", data)
+    running.wait_finished(1, timeout_s=20)
+    assert_own_result(running.done, "twice.pdf", data)
+    row = running.daemon.journal.rows(limit=1)[0]
+    assert row.failures == 0 and row.error is None, "a success clears the count and the error"
+
+
+def test_the_token_is_never_in_a_gate_message(start_daemon, emulator, caplog):
+    caplog.set_level(logging.DEBUG, logger="konfuzio_watch")
+    emulator.knobs.fault_rules = [FaultRule("*", ".*", 401, until=time.time() + 1.0)]
+    running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.3})
+    drop(running.inbox / "t.pdf", make_pdf(label="t"))
+    running.wait_finished(1, timeout_s=20)
+    assert not [r for r in caplog.records if TOKEN in r.getMessage()]
