@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from konfuzio_watch.cli import main
+from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 from konfuzio_watch.status import print_status
 
@@ -58,7 +59,7 @@ def test_status_shows_where_each_file_is(tmp_path, emulator, start_daemon):
     emulator.knobs.processing_s = 30  # keep them pending
     for i in range(3):
         drop(running.inbox / f"doc_{i}.pdf", make_pdf(label=str(i)))
-    wait_until(lambda: len(emulator.uploads) == 3, 20, "3 uploads")
+    wait_until(lambda: running.counts()[State.UPLOADED] == 3, 20, "3 uploads recorded in the journal")
     out = io.StringIO()
     print_status(running.config, show_all=False, now=time.time(), out=out)
     text = out.getvalue()
