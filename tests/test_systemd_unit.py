@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
-UNIT = SYSTEMD_DIR / "konfuzio-watch.service"
-SYSUSERS = SYSTEMD_DIR / "konfuzio-watch.sysusers"
+DATA = Path(__file__).resolve().parent.parent / "konfuzio_watch" / "data"
+UNIT = DATA / "konfuzio-watch.service"
+SYSUSERS = DATA / "konfuzio-watch.sysusers"
 INSTALLED_EXEC = "/opt/konfuzio-watch/.venv/bin/konfuzio-watch"
 MAX_EXPOSURE = 2.0
 
