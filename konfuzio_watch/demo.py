@@ -123,7 +123,8 @@ def _summary(done: Path, failed: Path, inbox: Path) -> None:
     for path in sorted(done.rglob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         pages = len(data["pages"])
-        print(f"  {str(path.relative_to(done))[:-5]}  (document {data['document_id']}, {pages} page{'s' * (pages != 1)})")
+        document = f"document {data['document_id']}, {pages} page{'s' * (pages != 1)}"
+        print(f"  {str(path.relative_to(done))[:-5]}  ({document})")
         print(f"      {_excerpt(data['text'])}")
     failures = sorted(failed.rglob("*.error.json"))
     print(f"failed/: {len(failures)} file(s)")
