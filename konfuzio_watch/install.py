@@ -97,7 +97,8 @@ def install_files(prefix: str | os.PathLike[str], out: TextIO, *, force: bool = 
 def next_steps() -> str:
     return (f"next: edit {CONFIG} (konfuzio.token_file: \"${{CREDENTIALS_DIRECTORY}}/konfuzio-token\", project_id,\n"
             f"      folders), put the API token into {CONFIG_DIR}/konfuzio-token (root, 0600), check with\n"
-            f"      `konfuzio-watch check`, then: systemctl daemon-reload && systemctl enable --now konfuzio-watch")
+            f"      CREDENTIALS_DIRECTORY={CONFIG_DIR} konfuzio-watch check\n"
+            "      then: systemctl daemon-reload && systemctl enable --now konfuzio-watch")
 
 
 def _under(root: Path, absolute: str) -> Path:
