@@ -93,6 +93,15 @@ def test_lean_requirements_name_every_distribution_the_sdk_modules_import() -> N
     assert pinned <= imported, f"pinned in requirements/lean.txt, never imported: {pinned - imported}"
 
 
+def test_the_readmes_app_install_is_the_lean_one_with_pyprojects_pin() -> None:
+    """The README's pip lines are not run here (they need the package index); they must name the same things."""
+    (block,) = re.findall(r"<!-- install: app\b[^>]*-->\n```sh\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    venv_pip = "/opt/konfuzio-watch/.venv/bin/pip install"
+    assert block.splitlines() == ["python3 -m venv /opt/konfuzio-watch/.venv",
+                                  f"{venv_pip} -r requirements/lean.txt",
+                                  f"{venv_pip} --no-deps {SDK_PIN} ."]
+
+
 def closure(names: set[str]) -> set[str]:
     """The installed distributions ``names`` need, themselves included."""
     seen: set[str] = set()
