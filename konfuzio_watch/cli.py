@@ -1,4 +1,4 @@
-"""Command line: ``konfuzio-watch run|check|status|demo``. Maps errors to exit codes; no logic."""
+"""Command line: ``konfuzio-watch run|check|status|retry|demo|install-files``. Maps errors to exit codes; no logic."""
 
 from __future__ import annotations
 
@@ -16,6 +16,21 @@ from .config import Config, ConfigError, load_config
 from .journal import JournalError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+DEFAULT_CONFIG = "/etc/konfuzio-watch/config.yaml"
+DESCRIPTION = """\
+Watch a folder and send every file dropped into it through Konfuzio: the original lands in
+done/ next to <name>.json with its OCR result, or in failed/ next to <name>.error.json."""
+EPILOG = f"""\
+--config defaults to $KONFUZIO_WATCH_CONFIG, else {DEFAULT_CONFIG}.
+Try it without an account: konfuzio-watch demo. Help on a command: konfuzio-watch COMMAND --help.
+
+exit codes:
+  0    success
+  1    failure: check found a problem, the daemon could not start, a file to retry was not
+       found, the demo did not finish, install-files left something to do
+  2    usage or configuration error (one line on stderr names it)
+  130  interrupted (Ctrl-C)"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,11 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"konfuzio-watch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="konfuzio-watch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="konfuzio-watch", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -63,11 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--files", type=int, default=8, help="how many sample documents to drop")
     demo.add_argument("--workdir", help="keep the demo's folders here (default: a temporary folder)")
     demo.set_defaults(func=cmd_demo)
+
+    install = sub.add_parser("install-files", help="install the systemd unit, its user and an example config")
+    install.add_argument("--prefix", default="/", help="install under this root (default: /)")
+    install.add_argument("--force", action="store_true",
+                         help="replace a unit or sysusers.d file that differs (never the config)")
+    install.set_defaults(func=cmd_install_files)
     return parser
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="path to config.yaml")
+    from_env = os.environ.get("KONFUZIO_WATCH_CONFIG")
+    default = f"{from_env}, from $KONFUZIO_WATCH_CONFIG" if from_env else DEFAULT_CONFIG
+    parser.add_argument("--config", "-c", default=from_env or DEFAULT_CONFIG,
+                        help=f"path to config.yaml (default: {default})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -141,3 +166,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(files=args.files, workdir=args.workdir)
+
+
+def cmd_install_files(args: argparse.Namespace) -> int:
+    from .install import install_files, next_steps
+
+    try:
+        problems = install_files(args.prefix, out=sys.stdout, force=args.force)
+    except OSError as exc:
+        print(f"konfuzio-watch: install-files: {exc.strerror or exc}: {exc.filename or args.prefix}", file=sys.stderr)
+        return EXIT_FAILURE
+    for problem in problems:
+        print(f"konfuzio-watch: {problem}", file=sys.stderr)
+    if not problems:
+        print(next_steps())
+    return EXIT_FAILURE if problems else EXIT_OK

@@ -48,9 +48,12 @@ def run_demo(files: int = 8, workdir: str | None = None) -> int:
             daemon.request_stop()
             thread.join(60)
     _summary(config.folders.done, config.folders.failed, config.folders.inbox)
-    print(f"\nfolders kept in {root}" if workdir else "")
-    if not workdir:
+    if workdir:
+        print(f"\nThe demo's folders are kept in {root}")
+    else:
         shutil.rmtree(root, ignore_errors=True)
+        prog = sys.argv[0] if Path(sys.argv[0]).name == "konfuzio-watch" else "konfuzio-watch"
+        print(f"\nThe demo's folders were temporary and are gone; to keep them: {prog} demo --workdir DIR")
     if not ok:
         print("demo: not every file finished within 120 s", file=sys.stderr)
         return 1
@@ -116,13 +119,13 @@ class _Progress:
 
 
 def _summary(done: Path, failed: Path, inbox: Path) -> None:
-    print("\ndone/:")
+    print("\ndone/ (each original next to <name>.json; the start of its OCR text below it):")
     for path in sorted(done.rglob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
-        first_line = data["text"].split("\n", 1)[0][:60]
-        rel = path.relative_to(done)
-        print(f"  {str(rel)[:-5]:<48} + .json  document {data['document_id']:>3}, "
-              f"{len(data['pages'])} page(s): {first_line!r}")
+        pages = len(data["pages"])
+        document = f"document {data['document_id']}, {pages} page{'s' * (pages != 1)}"
+        print(f"  {str(path.relative_to(done))[:-5]}  ({document})")
+        print(f"      {_excerpt(data['text'])}")
     failures = sorted(failed.rglob("*.error.json"))
     print(f"failed/: {len(failures)} file(s)")
     for path in failures:
@@ -131,4 +134,7 @@ def _summary(done: Path, failed: Path, inbox: Path) -> None:
     print(f"inbox: {len(left)} file(s) left")
 
 
-
+def _excerpt(text: str, width: int = 60) -> str:
+    """The first ``width`` characters of the text on one line (line breaks and page breaks as spaces)."""
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= width else flat[:width] + "...")
