@@ -43,6 +43,7 @@ class Duty:
     interval_s: float | None
     run: Callable[[float], None]
     next_at: float = 0.0
+    runs: int = 0
 
 
 class Scheduler:
@@ -92,6 +93,7 @@ class Scheduler:
             if duty.interval_s is not None and now >= duty.next_at:
                 duty.next_at = now + duty.interval_s
                 duty.run(now)
+                duty.runs += 1
         journal_gate = self.gates[Scope.JOURNAL]
         if journal_gate.is_blocked:
             if journal_gate.admits(now):

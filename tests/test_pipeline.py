@@ -14,7 +14,7 @@ from konfuzio_watch.emulator import FAIL_MARKER
 from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf, make_png
 
-from .conftest import drop
+from .conftest import drop, wait_until
 from .helpers import assert_own_result, inbox_files
 
 
@@ -61,7 +61,9 @@ def test_pdf_without_eof_marker_waits_until_the_scanner_finishes(start_daemon, e
     cut = data.rindex(b"%%EOF")
     path = running.inbox / "paused.pdf"
     path.write_bytes(data[:cut])  # the scanner pauses longer than settle_seconds mid-file
-    time.sleep(1.0)  # deliberately longer than settle: the file must NOT be taken yet
+    tracker = running.daemon.scheduler.tracker
+    wait_until(lambda: str(path) in tracker.candidates and not tracker.candidates[str(path)].looks_complete, 10,
+               "the settled file found incomplete (no %%EOF) and kept waiting")
     assert emulator.uploads == []
     with open(path, "ab") as f:
         f.write(data[cut:])

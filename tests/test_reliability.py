@@ -372,6 +372,8 @@ def test_polling_never_follows_a_symlinked_folder_out_of_the_inbox(start_daemon,
     os.symlink(outside, running.inbox / "link")
     drop(running.inbox / "real.pdf", make_pdf(label="inside"))
     running.wait_finished(1)
-    time.sleep(1.0)  # several polls and rescans go by: the linked folder must stay untouched
+    rescan = next(d for d in running.daemon.scheduler.duties if d.name == "rescan")
+    runs = rescan.runs
+    wait_until(lambda: rescan.runs >= runs + 3, 10, "three more rescans (and the polls between them)")
     assert (outside / "secret.pdf").exists()
     assert [u.data_file_name for u in emulator.uploads] == ["real.pdf"]
