@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(VENV)/bin/konfuzio-watch demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --numprocesses=auto --maxprocesses=4
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench
