@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -153,6 +154,10 @@ class Journal:
                     self._db.execute(statement)
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                              (str(SCHEMA_VERSION),))
+            # An identity that stays with this journal (and is lost with it): the inbox's marker names it.
+            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('journal_id', ?)",
+                             (secrets.token_hex(8),))
+        self.journal_id: str = self._db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
