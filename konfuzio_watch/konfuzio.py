@@ -17,10 +17,14 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .policy import Cause, Failure
+
+if TYPE_CHECKING:
+    from .results import ProjectCatalog
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,88 @@ class KonfuzioClient:
             return fn(*args, **kwargs)
         except Exception as exc:  # the SDK and requests raise a zoo; classify them all
             raise classify(exc, is_post=is_post) from exc
+
+    # -- results beyond details and bbox -------------------------------------------------------
+
+    def annotations(self, document_id: int) -> list[dict[str, Any]]:
+        """Every annotation of the document: ``get_document_annotations`` follows ``next`` itself
+        (``consume_paginated_api``), 1000 per page and fewer if the server caps the page size."""
+        return self._call(self._api.get_document_annotations, document_id, session=self.session)
+
+    def project_labels(self, project_id: int) -> list[dict[str, Any]]:
+        return self._call(self._api.get_project_labels, project_id, session=self.session)
+
+    def project_label_sets(self, project_id: int) -> list[dict[str, Any]]:
+        """All of them: ``include_categories=True``, since a category's own label set (the one
+        with its name, ``is_category``) holds most annotations; the SDK leaves those out by default."""
+        return self._call(self._api.get_project_label_sets, project_id, include_categories=True,
+                          session=self.session)  # fmt: skip
+
+    def project_categories(self, project_id: int) -> list[dict[str, Any]]:
+        return self._call(self._api.get_project_categories, project_id, session=self.session)
+
+    def project_catalog(self, project_id: int) -> ProjectCatalog:
+        """The project's ``results.ProjectCatalog`` (three requests), for ``CatalogCache.catalog_for``."""
+        from .results import ProjectCatalog
+
+        return ProjectCatalog.from_api(project_id, self.project_labels(project_id),
+                                       self.project_label_sets(project_id), self.project_categories(project_id))
+
+    def download_searchable_pdf(self, document_id: int, target: Path, *, replace: bool = False,
+                                chunk_size: int = 64 * 1024) -> int:  # fmt: skip
+        """Stream the searchable (OCR'd) PDF of ``GET /doc/show/<id>/`` into ``target``; its size.
+
+        What ``download_file_konfuzio_api(id, ocr=True)`` fetches, but chunk by chunk into a hidden
+        file next to ``target`` (a 250-page PDF never sits in memory), checked (a PDF, as long as
+        Content-Length said), fsynced, then given its name: an error leaves no partial file.
+        ``target`` is never replaced unless ``replace`` (else ``FileExistsError``). API and transfer
+        errors raise ``ApiError`` (before OCR is done the server answers 404: ``Cause.NOT_FOUND``,
+        so do not read it as a deleted document); writing errors raise ``OSError``.
+        """
+        import requests
+
+        from .files import fsync_dir, move_no_clobber, temp_path_for
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(target)
+        url = self._urls.get_document_ocr_file_url(document_id, host=self.host)
+        response = self._call(self.session.get, url, stream=True)
+        written = 0
+        try:
+            with response, open(tmp, "wb") as out:
+                head = b""
+                try:
+                    for chunk in response.iter_content(chunk_size):
+                        if len(head) < 1024:
+                            head += chunk[: 1024 - len(head)]
+                        out.write(chunk)
+                        written += len(chunk)
+                except requests.RequestException as exc:  # cut short, reset, timed out mid-body
+                    raise classify(exc) from exc
+                self._check_pdf(head, written, response.headers, url)
+                out.flush()
+                os.fsync(out.fileno())
+            if replace:
+                os.replace(tmp, target)
+                fsync_dir(target.parent)
+            else:
+                move_no_clobber(tmp, target)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        return written
+
+    @staticmethod
+    def _check_pdf(head: bytes, size: int, headers: Any, url: str) -> None:
+        """A body that is not the whole PDF (a login page, a proxy's error page, a short read) is an
+        error, never a result file."""
+        expected = (headers.get("Content-Length") or "").strip()
+        encoded = (headers.get("Content-Encoding") or "identity").strip().lower() != "identity"
+        if expected.isdigit() and not encoded and int(expected) != size:  # (gzip: the length of the gzip)
+            raise ApiError(Failure(Cause.TRANSIENT, f"got {size} of {expected} bytes from {url}"))
+        if b"%PDF" not in head:  # the SDK's own test: junk before the signature is allowed
+            kind = headers.get("Content-Type") or "no content type"
+            raise ApiError(Failure(Cause.TRANSIENT, _short(f"not a PDF ({kind}, {size} bytes) from {url}")))
 
 
 def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
