@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SDK = "konfuzio-sdk"
 SDK_MODULES = ("konfuzio_sdk.api", "konfuzio_sdk.urls", "konfuzio_sdk.utils", "konfuzio_sdk.data")
-DATA_FILES = ("konfuzio-watch.service", "konfuzio-watch.sysusers", "config.example.yaml")
+DATA_FILES = ("konfuzio-watch.service", "konfuzio-watch.sysusers", "config.example.yaml", "result.schema.json")
 
 
 def name(requirement: str | Requirement) -> str:
