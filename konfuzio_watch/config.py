@@ -71,6 +71,9 @@ class UploadConfig:
     backoff_base_seconds: float = 2.0
     backoff_cap_seconds: float = 300.0
     on_duplicate: str = "process"
+    # After an upload whose answer never came (timeout, reset, 5xx, a crash), look for it on the
+    # server this long before uploading again (default: konfuzio.timeout_seconds).
+    reconcile_window_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,9 @@ class Config:
             raise ConfigError(f"ngrok.authtoken_file: cannot read {n.authtoken_file}: {exc.strerror}") from None
 
     @property
-    def processing_dir(self) -> Path:
-        return self.folders.processing or self.folders.inbox / ".konfuzio-watch" / "processing"
+    def reconcile_window_s(self) -> float:
+        u = self.upload
+        return self.konfuzio.timeout_seconds if u.reconcile_window_seconds is None else u.reconcile_window_seconds
 
     @property
     def journal_path(self) -> Path:
@@ -329,6 +333,7 @@ def _check(config: Config) -> None:
         "upload.concurrency": 1 <= u.concurrency <= 64,
         "upload.max_attempts": u.max_attempts >= 1,
         "upload.max_file_mb": u.max_file_mb > 0,
+        "upload.reconcile_window_seconds": u.reconcile_window_seconds is None or u.reconcile_window_seconds >= 0,
         "results.callback_timeout": r.callback_timeout >= 0,
         "results.poll_interval": r.poll_interval > 0,
         "results.workers": 1 <= r.workers <= 64,

@@ -13,14 +13,16 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
 
+from . import processing
 from .callback import TryLater, create_app
 from .clock import Clock, SteadyClock
 from .config import Config
 from .dispatcher import RESULTS, UPLOADS, Dispatcher
 from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StopRequested, Wake
 from .gates import Gates, GateState
-from .journal import ACTIVE, Journal, JournalWriteError, Row, State
+from .journal import ACTIVE, Journal, JournalError, JournalWriteError, Row, State
 from .konfuzio import KonfuzioClient
 from .metrics import Metrics, Sample
 from .pipeline import Pipeline, limits_from
@@ -63,6 +65,7 @@ class Daemon:
         self.dispatcher: Dispatcher | None = None
         self.scheduler: Scheduler | None = None
         self.public_url: str | None = None
+        self.processing_dir: Path | None = None
         self.metrics = Metrics(self._sample)
         self.gates = Gates(limits_from(config), on_change=self._gate_changed)
 
@@ -79,22 +82,29 @@ class Daemon:
 
     def _start(self) -> Daemon:
         c = self.config
-        for folder in (c.folders.inbox, c.folders.done, c.folders.failed, c.folders.state, c.processing_dir):
+        for folder in (c.folders.inbox, c.folders.done, c.folders.failed, c.folders.state):
             folder.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(c.journal_path)
-        self.journal.bind_processing_dir(c.processing_dir)
+        damage = self.journal.quick_check()
+        if damage != "ok":
+            raise JournalError(f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
+                               f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
+                               "processing folder then go back to the inbox and through again")
+        self.processing_dir = processing.resolve(c, self.journal.meta("processing_dir"))
+        processing.prepare(self.processing_dir, c.folders.inbox)
+        self.journal.bind_processing_dir(self.processing_dir)
         if self._client is None:
             self._client = KonfuzioClient(c.konfuzio.host, c.api_token(), c.konfuzio.timeout_seconds,
                                           pool_size=c.upload.concurrency + c.results.workers + 2)
         self.pipeline = Pipeline(c, self.journal, self._client, clock=self.clock, gates=self.gates,
                                  metrics=self.metrics, callback_base=lambda: self.public_url or "",
-                                 on_transition=self._on_transition)
+                                 processing_dir=self.processing_dir, on_transition=self._on_transition)
         for pool, size in ((UPLOADS, c.upload.concurrency), (RESULTS, c.results.workers)):
             if pool not in self._executors:
                 executor = ThreadPoolExecutor(size, thread_name_prefix=pool)
                 self._own_pools.append(executor)
                 self._executors[pool] = executor
-        keep = InboxFilter(c.folders.inbox, [c.folders.done, c.folders.failed, c.folders.state, c.processing_dir],
+        keep = InboxFilter(c.folders.inbox, [c.folders.done, c.folders.failed, c.folders.state, self.processing_dir],
                            c.watch.ignore)
         self.watcher = InboxWatcher(keep, self._report_path, polling=c.watch.polling,
                                     poll_interval_s=c.watch.poll_interval, observer_factory=self._observer_factory)

@@ -23,8 +23,8 @@ from pathlib import Path
 from .states import ACTIVE, FINISHED, TERMINAL, IllegalTransition, State, check_transition
 
 __all__ = [
-    "ACTIVE", "FINISHED", "TERMINAL", "IllegalTransition", "Journal", "JournalError", "JournalWriteError", "Row",
-    "State", "display_name", "filesystem_type",
+    "ACTIVE", "FINISHED", "TERMINAL", "IllegalTransition", "Journal", "JournalError", "JournalWriteError", "NewClaim",
+    "Row", "State", "display_name", "filesystem_type",
 ]
 
 SCHEMA = """
@@ -57,13 +57,29 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # Schema version -> statements that bring the previous version to it. Version 1 is SCHEMA.
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE files ADD COLUMN failures INTEGER NOT NULL DEFAULT 0"],  # the retry policy's count
+    3: [
+        # A claim's identity: an unpredictable name in processing/ and the file's inode there.
+        "ALTER TABLE files ADD COLUMN claim_name BLOB",
+        "ALTER TABLE files ADD COLUMN file_dev INTEGER",
+        "ALTER TABLE files ADD COLUMN file_ino INTEGER",
+        "ALTER TABLE files ADD COLUMN mtime_ns INTEGER",  # of the content that was uploaded
+        # Since when the server may hold an upload whose answer we never read.
+        "ALTER TABLE files ADD COLUMN ambiguous_since REAL",
+        # Every upload attempt's token, so a document that appears late for an earlier one is ours.
+        "CREATE TABLE upload_tokens (token_hash TEXT PRIMARY KEY, row_id INTEGER NOT NULL, sent_at REAL NOT NULL)",
+        "CREATE INDEX upload_tokens_row ON upload_tokens(row_id)",
+        "INSERT INTO upload_tokens SELECT token_hash, id, updated_at FROM files WHERE token_hash IS NOT NULL",
+        # Documents the server holds twice for one file (a late earlier attempt): to delete.
+        "CREATE TABLE extra_documents (document_id INTEGER PRIMARY KEY, row_id INTEGER NOT NULL, project_id INTEGER,"
+        " found_at REAL NOT NULL, deleted_at REAL, error TEXT)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 COLUMNS = [
     "id", "rel_path", "state", "size", "sha256", "upload_name", "token_hash", "document_id", "attempts",
     "next_at", "callback_at", "uploaded_at", "final_path", "error", "stage", "project_id", "detected_at",
-    "updated_at", "finished_at", "failures",
+    "updated_at", "finished_at", "failures", "claim_name", "file_dev", "file_ino", "mtime_ns", "ambiguous_since",
 ]
 UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at", "state"}
 
@@ -71,6 +87,18 @@ NETWORK_FILESYSTEMS = frozenset([
     "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse.sshfs", "fuse.rclone",
     "fuse.s3fs", "ceph", "glusterfs",
 ])
+
+
+@dataclass(frozen=True)
+class NewClaim:
+    """A file about to be claimed: its inbox path, the unpredictable name it gets in processing/,
+    and its identity (device, inode), so that a file found under that name can be checked."""
+
+    rel_path: bytes
+    claim_name: bytes
+    dev: int | None = None
+    ino: int | None = None
+    detected_at: float | None = None
 
 
 class JournalError(Exception):
@@ -103,6 +131,11 @@ class Row:
     updated_at: float
     finished_at: float | None
     failures: int = 0
+    claim_name: bytes | None = None
+    file_dev: int | None = None
+    file_ino: int | None = None
+    mtime_ns: int | None = None
+    ambiguous_since: float | None = None
 
     @property
     def display_path(self) -> str:
@@ -136,10 +169,13 @@ class Journal:
                 )
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._create()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._create()
+        except (sqlite3.Error, JournalWriteError) as exc:
+            raise JournalError(f"cannot open the journal {path}: {exc}") from None
 
     def _create(self) -> None:
         self._db.executescript(SCHEMA)
@@ -200,16 +236,17 @@ class Journal:
 
     # -- writes: each one transaction -------------------------------------------------------
 
-    def add_claims(self, rel_paths: Sequence[bytes], now: float) -> list[Row]:
+    def add_claims(self, claims: Sequence[bytes | NewClaim], now: float) -> list[Row]:
         """Record files about to be claimed, in one transaction; returns their rows."""
+        claims = [c if isinstance(c, NewClaim) else NewClaim(c, secrets.token_hex(8).encode()) for c in claims]
         with self._write() as db:
             ids = [
                 db.execute(
-                    "INSERT INTO files (rel_path, state, detected_at, updated_at, next_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (rel, State.CLAIMING.value, now, now, now),
+                    "INSERT INTO files (rel_path, state, detected_at, updated_at, next_at, claim_name, file_dev,"
+                    " file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (c.rel_path, State.CLAIMING.value, c.detected_at or now, now, now, c.claim_name, c.dev, c.ino),
                 ).lastrowid
-                for rel in rel_paths
+                for c in claims
             ]
         return self.get_many(ids)
 
@@ -251,6 +288,62 @@ class Journal:
                 if cursor.rowcount != 1:
                     raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
         return self.get_many([r.id for r in rows])
+
+    def start_upload(self, row: Row, token_hash: str, now: float, **fields: object) -> Row:
+        """CLAIMED -> UPLOADING with a new attempt's token, kept with every earlier one."""
+        check_transition(row.state, State.UPLOADING)
+        fields = {**fields, "token_hash": token_hash, "ambiguous_since": None}
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._write() as db:
+            cursor = db.execute(f"UPDATE files SET state = ?, updated_at = ?, {assignments} WHERE id = ? AND state = ?",
+                                (State.UPLOADING.value, now, *fields.values(), row.id, row.state.value))
+            if cursor.rowcount != 1:
+                raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
+            db.execute("INSERT INTO upload_tokens (token_hash, row_id, sent_at) VALUES (?, ?, ?)",
+                       (token_hash, row.id, now))
+        return self.get(row.id)
+
+    def tokens_of(self, row_ids: Iterable[int]) -> dict[str, int]:
+        """Every upload attempt's token hash of these rows -> row id."""
+        ids = list(row_ids)
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            sql = f"SELECT token_hash, row_id FROM upload_tokens WHERE row_id IN ({_marks(chunk)})"
+            with self._lock:
+                found.update(self._db.execute(sql, chunk).fetchall())
+        return found
+
+    def tokens_with_documents(self, since: float) -> dict[str, tuple[int, int]]:
+        """Tokens sent since ``since`` by files that were uploaded more than once and have their
+        document: token -> (row id, document id). A listed document carrying one of them but another
+        id is a late copy of an earlier attempt."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.token_hash, f.id, f.document_id FROM upload_tokens t JOIN files f ON f.id = t.row_id"
+                " WHERE t.sent_at >= ? AND f.document_id IS NOT NULL AND t.row_id IN"
+                " (SELECT row_id FROM upload_tokens WHERE sent_at >= ? GROUP BY row_id HAVING COUNT(*) > 1)",
+                (since, since)).fetchall()
+        return {token: (row_id, document_id) for token, row_id, document_id in rows}
+
+    def record_extra(self, document_id: int, row: Row, project_id: int | None, now: float) -> bool:
+        """Remember a second document of one file, to delete; False if it was known."""
+        with self._write() as db:
+            return db.execute(
+                "INSERT OR IGNORE INTO extra_documents (document_id, row_id, project_id, found_at) VALUES (?, ?, ?, ?)",
+                (document_id, row.id, project_id, now)).rowcount == 1
+
+    def pending_extras(self, limit: int = 100) -> list[tuple[int, int, int | None]]:
+        """(document id, row id, project id) of extra documents not deleted yet."""
+        with self._lock:
+            return self._db.execute("SELECT document_id, row_id, project_id FROM extra_documents"
+                                    " WHERE deleted_at IS NULL AND error IS NULL ORDER BY found_at LIMIT ?",
+                                    (limit,)).fetchall()
+
+    def settle_extra(self, document_id: int, now: float, error: str | None = None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE extra_documents SET deleted_at = CASE WHEN ? IS NULL THEN ? END, error = ?"
+                       " WHERE document_id = ?", (error, now, error, document_id))
 
     def mark_uploaded(self, row: Row, document_id: int, now: float, poll_at: float, **fields: object) -> Row:
         """UPLOADING -> UPLOADED. If the callback already came (it can beat the upload's own
@@ -298,18 +391,25 @@ class Journal:
         """Record that a callback arrived for a token; returns what happened and the row.
 
         ``unknown``: no such token. ``mismatch``: the body names another document than the one
-        this token was issued for. ``finished``: the file is already done/failed (replay).
-        ``recorded``: fact stored; the pipeline will confirm the outcome with the API.
+        this token was issued for. ``extra``: the token is an earlier attempt's and the body names
+        another document than the file's: a late copy, recorded for deletion (after checking).
+        ``finished``: the file is already done/failed (replay). ``recorded``: fact stored; the
+        pipeline will confirm the outcome with the API.
         """
         with self._write() as db:
             found = db.execute(
-                "SELECT id, token_hash, state, document_id FROM files WHERE token_hash = ?", (token_hash,)
+                "SELECT t.token_hash, f.id, f.state, f.document_id, f.token_hash, f.project_id FROM upload_tokens t"
+                " JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?", (token_hash,)
             ).fetchone()
-            if found is None or not hmac.compare_digest(found[1], token_hash):
+            if found is None or not hmac.compare_digest(found[0], token_hash):
                 return "unknown", None
-            row_id, _, state, document_id = found
+            _, row_id, state, document_id, current_token, project_id = found
             if claimed_document_id is not None and document_id is not None and claimed_document_id != document_id:
-                return "mismatch", None
+                if current_token == token_hash:
+                    return "mismatch", None
+                db.execute("INSERT OR IGNORE INTO extra_documents (document_id, row_id, project_id, found_at)"
+                           " VALUES (?, ?, ?, ?)", (claimed_document_id, row_id, project_id, now))
+                return "extra", None
             if state in TERMINAL:
                 return "finished", None
             next_at = now if state == State.UPLOADED else None
@@ -359,8 +459,26 @@ class Journal:
         return self._select("SELECT * FROM files ORDER BY id LIMIT ?", (limit,))
 
     def find_by_token_hash(self, token_hash: str) -> Row | None:
-        rows = self._select("SELECT * FROM files WHERE token_hash = ?", (token_hash,))
+        rows = self._select("SELECT f.* FROM upload_tokens t JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?",
+                            (token_hash,))
         return rows[0] if rows else None
+
+    def claim_names(self, states: Iterable[State]) -> set[bytes]:
+        """The processing/ names of rows in these states (legacy rows: their id)."""
+        states = [s.value for s in states]
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT id, claim_name FROM files WHERE state IN ({_marks(states)})", states).fetchall()
+        return {name if name is not None else str(row_id).encode() for row_id, name in found}
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            found = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return found[0] if found else None
+
+    def quick_check(self) -> str:
+        with self._lock:
+            return "; ".join(r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall())
 
     def find_same_content(self, sha256: str, exclude_id: int) -> Row | None:
         """The earliest other file with this content that is done or on its way there."""

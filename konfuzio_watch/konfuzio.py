@@ -136,6 +136,11 @@ class KonfuzioClient:
     def bbox(self, document_id: int) -> dict[str, Any]:
         return self._call(self._api.get_document_bbox, document_id, session=self.session)
 
+    def delete_document(self, document_id: int) -> None:
+        """DELETE the document (as ``delete_file_konfuzio_api`` does, but to our host; the session's
+        adapter raises for an error status)."""
+        self._call(self.session.delete, self._urls.get_document_url(document_id, host=self.host))
+
     def project(self, project_id: int) -> dict[str, Any]:
         return self._call(self._api.get_project_details, project_id, session=self.session)
 

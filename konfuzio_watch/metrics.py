@@ -42,6 +42,9 @@ class Metrics:
         self.fetch_retries = Counter(PREFIX + "fetch_retries", "Result fetches (details, bbox) that were retried.",
                                      registry=r)
         self.callbacks = Counter(PREFIX + "callbacks", "Callbacks received, by outcome.", ["outcome"], registry=r)
+        self.extra_documents = Counter(PREFIX + "extra_documents_deleted",
+                                       "Second copies of a file on the server (late earlier attempts), deleted.",
+                                       registry=r)
         self.callback_latency = Histogram(PREFIX + "callback_latency_seconds",
                                           "Seconds from upload to Konfuzio's callback.",
                                           buckets=LATENCY_BUCKETS_S, registry=r)

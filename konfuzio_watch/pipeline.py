@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import export, policy
+from . import export, policy, processing, readiness, results
 from .clock import Clock
 from .config import Config
 from .files import (
@@ -38,7 +38,7 @@ from .files import (
     write_json_no_clobber,
 )
 from .gates import Gates
-from .journal import ACTIVE, Journal, Row, State, display_name
+from .journal import ACTIVE, Journal, NewClaim, Row, State, display_name
 from .konfuzio import ApiError, KonfuzioClient, UnsupportedFile, UploadForm, sniff_file_type
 from .metrics import Metrics
 from .policy import Blocked, Cause, Fail, Failure, Retry, Scope, Step
@@ -47,6 +47,8 @@ from .tokens import hash_token, new_token, token_hash_of
 log = logging.getLogger("konfuzio_watch")
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+PDF_TAIL_BYTES = 64 * 1024  # real PDFs carry more than 1 KB after %%EOF; incremental updates add more
+PATH_MAX, NAME_MAX = 4096, 255
 
 
 def limits_from(config: Config) -> policy.Limits:
@@ -57,9 +59,10 @@ def limits_from(config: Config) -> policy.Limits:
 
 class Pipeline:
     def __init__(self, config: Config, journal: Journal, client: KonfuzioClient, *, clock: Clock, gates: Gates,
-                 metrics: Metrics, callback_base: Callable[[], str],
+                 metrics: Metrics, callback_base: Callable[[], str], processing_dir: Path,
                  on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None):
         self.config = config
+        self.processing_dir = processing_dir
         self.journal = journal
         self.client = client
         self.clock = clock
@@ -79,7 +82,8 @@ class Pipeline:
         return self.config.folders.inbox / row.rel_fspath
 
     def processing_path(self, row: Row) -> Path:
-        return self.config.processing_dir / str(row.id)
+        name = row.claim_name if row.claim_name is not None else str(row.id).encode()
+        return self.processing_dir / os.fsdecode(name)
 
     def callback_url(self, token: str) -> str:
         return f"{self.callback_base().rstrip('/')}/{self.config.callback.path.strip('/')}/{token}"
@@ -107,7 +111,7 @@ class Pipeline:
             self.on_transition(new, old.state)
 
     def _handle(self, row: Row, step: Step, failure: Failure, *, back_to: State | None = None,
-                stage: str | None = None) -> Row:
+                stage: str | None = None, **extra: Any) -> Row:
         """Apply the retry policy to one failed step. ``back_to``: the state the row returns to
         when it is to be tried again (default: it stays where it is)."""
         now = self.clock.now()
@@ -128,6 +132,7 @@ class Pipeline:
             level = logging.WARNING if failure.message != row.error else logging.DEBUG  # once per change
             log.log(level, "%s: %s failed (failure %d), next try in %.1f s: %s", row.display_path, step,
                     fields["failures"], decision.delay_s, failure.message)
+        fields.update(extra)
         if back_to is not None and back_to != row.state:
             fields.setdefault("failures", row.failures)
             return self.journal.transition(row, back_to, now, **fields)
@@ -159,7 +164,12 @@ class Pipeline:
         claiming = self.journal.rows([State.CLAIMING], limit=10_000_000)
         if claiming:
             self.finish_claims(claiming)
+        self.adopt_orphans()
         now = self.clock.now()
+        # An upload in flight when we stopped may still be stored by the server: from now on, look
+        # for it for the reconcile window before uploading again.
+        in_flight = [r for r in self.journal.rows([State.UPLOADING], limit=10_000_000) if r.ambiguous_since is None]
+        self.journal.update_many(in_flight, now, ambiguous_since=now)
         # Callbacks that came while we were down are lost: look at every waiting file once now.
         waiting = self.journal.rows([State.UPLOADED], limit=10_000_000)
         self.journal.update_many(waiting, now, next_at=now)
@@ -171,21 +181,61 @@ class Pipeline:
                         clamped, longest)
         return sum(n for state, n in self.journal.counts().items() if state in ACTIVE)
 
+    def adopt_orphans(self) -> list[Path]:
+        """Files in processing/ that no row claims (the journal was lost, or restored from a backup)
+        go back into the inbox under their base names, visibly; never matched to another row."""
+        names = processing.orphans(self.processing_dir, self.journal.claim_names(ACTIVE))
+        adopted = []
+        for name in names:
+            source = self.processing_dir / os.fsdecode(name)
+            target = free_target(self.config.folders.inbox, os.fsdecode(processing.original_name(name)), "")
+            try:
+                move_no_clobber(source, target)
+            except OSError as exc:
+                log.error("%s: found in %s with no journal row, and cannot move it back into the inbox: %s",
+                          display_name(name), self.processing_dir, exc.strerror or exc)
+                continue
+            adopted.append(target)
+        if adopted:
+            log.warning("%d file(s) in %s had no journal row (a lost or restored journal?); moved back into the "
+                        "inbox to go through again: %s", len(adopted), self.processing_dir,
+                        ", ".join(display_name(os.fsencode(t.relative_to(self.config.folders.inbox)))
+                                  for t in adopted[:20]) + (" ..." if len(adopted) > 20 else ""))
+        return adopted
+
     # -- claiming: inbox -> processing/ (scheduler thread, in batches) ---------------------------
 
-    def claim(self, rel_paths: list[bytes]) -> list[Row]:
+    def claim(self, rel_paths: list[bytes], detected_at: dict[bytes, float] | None = None) -> list[Row]:
         """Take files out of the inbox: journal first, then move, then confirm - one batch."""
         if not rel_paths:
             return []
-        self.config.processing_dir.mkdir(parents=True, exist_ok=True)
-        rows = self.journal.add_claims(rel_paths, self.clock.now())
+        claims = []
+        inbox = os.fsencode(self.config.folders.inbox)
+        for rel in rel_paths:
+            try:
+                st = os.lstat(os.path.join(inbox, rel))
+            except OSError:
+                continue  # gone since the tracker looked
+            claims.append(NewClaim(rel, processing.new_claim_name(rel), st.st_dev, st.st_ino,
+                                   (detected_at or {}).get(rel)))
+        rows = self.journal.add_claims(claims, self.clock.now())
         return self.finish_claims(rows)
 
     def finish_claims(self, rows: list[Row]) -> list[Row]:
-        taken, folders = [], {self.config.processing_dir}
+        taken, folders = [], {self.processing_dir}
         for row in rows:
             target = self.processing_path(row)
-            if not os.path.lexists(target):
+            try:
+                found = os.lstat(target)
+            except FileNotFoundError:
+                found = None
+            if found is not None and row.file_ino is not None and (found.st_dev, found.st_ino) != (row.file_dev,
+                                                                                                   row.file_ino):
+                log.error("%s: %s holds another file than the one claimed; it is left to be adopted at start-up, "
+                          "and this file is claimed anew", row.display_path, target)
+                self.journal.discard(row)
+                continue
+            if found is None:
                 source = self.inbox_path(row)
                 try:
                     os.rename(source, target)
@@ -212,7 +262,7 @@ class Pipeline:
 
     def upload(self, row: Row) -> Row:
         try:
-            data = self.read_claimed(row)
+            data, st = self.read_claimed(row)
             sniff_file_type(data)
         except (NotRegularFile, UnsupportedFile, _Invalid) as exc:
             return self.fail(row, str(exc), stage="validate")
@@ -223,6 +273,10 @@ class Pipeline:
                                 stage="validate")
         if row.attempts >= self.config.upload.max_attempts:
             return self.fail(row, row.error or "too many attempts", stage="upload")
+        if data.startswith(readiness.PDF_MAGIC) and readiness.PDF_EOF not in data[-PDF_TAIL_BYTES:]:
+            return self.fail(row, f"incomplete PDF: it does not end with %%EOF after waiting "
+                                  f"watch.incomplete_grace_seconds ({self.config.watch.incomplete_grace_seconds:g} s); "
+                                  "was the scanner still writing it?", stage="validate")
         sha256 = hashlib.sha256(data).hexdigest()
         if self.config.upload.on_duplicate == "fail":
             earlier = self.journal.find_same_content(sha256, row.id)
@@ -232,9 +286,11 @@ class Pipeline:
         token = new_token()
         name = safe_upload_name(os.path.basename(row.rel_path), fallback=f"document-{row.id}")
         project_id, category_id, dataset_status = self.config.route_for(row.rel_fspath)
-        row = self.move(row, State.UPLOADING, token_hash=hash_token(token), sha256=sha256,
-                        size=len(data), upload_name=name, attempts=row.attempts + 1, stage="upload",
-                        project_id=project_id, next_at=self.clock.now(), failures=row.failures)
+        old = row
+        row = self.journal.start_upload(row, hash_token(token), self.clock.now(), sha256=sha256, size=len(data),
+                                        mtime_ns=st.st_mtime_ns, upload_name=name, attempts=row.attempts + 1,
+                                        stage="upload", project_id=project_id, next_at=self.clock.now())
+        self._log_transition(old, row)
         form = UploadForm(project_id, self.callback_url(token), category_id, dataset_status)
         try:
             details = self.client.upload(data, name, form)
@@ -251,7 +307,7 @@ class Pipeline:
         self._log_transition(row, new)
         return new
 
-    def read_claimed(self, row: Row) -> bytes:
+    def read_claimed(self, row: Row) -> tuple[bytes, os.stat_result]:
         """Read the claimed file through a descriptor that cannot be a symlink, FIFO or device."""
         fd, st = open_regular_file(self.processing_path(row))
         with os.fdopen(fd, "rb") as f:
@@ -266,47 +322,103 @@ class Pipeline:
             raise _Invalid("empty file (0 bytes)")
         if len(data) > limit:
             raise _Invalid(f"file grew over upload.max_file_mb ({self.config.upload.max_file_mb:g})")
-        return data
+        return data, st
 
     def _upload_failed(self, row: Row, failure: Failure) -> Row:
         self.metrics.upload_retries.inc()
         # If the server may hold it, the row stays ``uploading`` and is reconciled (looked up by
         # its token) before any new upload; otherwise it goes back to ``claimed``.
-        back_to = None if failure.maybe_received else State.CLAIMED
-        return self._handle(row, Step.UPLOAD, failure, back_to=back_to, stage="upload")
+        if failure.maybe_received:
+            return self._handle(row, Step.UPLOAD, failure, stage="upload", ambiguous_since=self.clock.now())
+        return self._handle(row, Step.UPLOAD, failure, back_to=State.CLAIMED, stage="upload")
 
     # -- uploading (after a crash or an ambiguous error): does the server have it? ---------------
 
     def reconcile(self, rows: list[Row]) -> list[Row]:
-        """Find documents the server already holds for these rows (matched by the callback
-        token in their callback URL, which no other file can have) before any re-upload."""
-        wanted = {row.token_hash: row for row in rows if row.token_hash}
-        found: dict[int, int] = {}
+        """Find documents the server already holds for these rows before any re-upload: matched by
+        the callback token in their callback URL (every attempt's token), which no other file can
+        have. A file not found is looked for again until its reconcile window has passed (a slow
+        server may store it late); a second document of one file (a late earlier attempt) is deleted."""
+        now = self.clock.now()
+        tokens = self.journal.tokens_of(r.id for r in rows)
+        by_id = {r.id: r for r in rows}
+        late = self.journal.tokens_with_documents(since=now - 86_400)
+        found: dict[int, list[int]] = {}
+        extras: list[tuple[int, int, int]] = []  # (document id, row id, project id)
         project_ids = {row.project_id or self.config.konfuzio.project_id for row in rows}
         try:
             for project_id in project_ids:
                 for doc in self.client.documents(project_id):
-                    row = wanted.get(token_hash_of(doc.get("callback_url")))
-                    if row is not None and doc.get("id") is not None:
-                        found[row.id] = int(doc["id"])
+                    token = token_hash_of(doc.get("callback_url"))
+                    if doc.get("id") is None or token is None:
+                        continue
+                    if token in tokens:
+                        found.setdefault(tokens[token], []).append(int(doc["id"]))
+                    elif token in late and late[token][1] != int(doc["id"]):
+                        extras.append((int(doc["id"]), late[token][0], project_id))
         except ApiError as exc:
             failure = Failure(exc.failure.cause, f"cannot list documents to reconcile: {exc.failure.message}",
                               status=exc.failure.status, retry_after_s=exc.failure.retry_after_s)
             return [self._handle(row, Step.RECONCILE, failure) for row in rows]
         self._api_ok()
         out = []
+        for row_id, documents in found.items():
+            first, *others = sorted(documents)
+            row = by_id[row_id]
+            extras += [(d, row_id, row.project_id or self.config.konfuzio.project_id) for d in others]
+            new = self.journal.mark_uploaded(row, first, self.clock.now(), poll_at=self.clock.now())
+            log.info("%s: the server already had it as document %d", row.display_path, first)
+            self._log_transition(row, new)
+            out.append(new)
+        window = self.config.reconcile_window_s
         for row in rows:
             if row.id in found:
-                now = self.clock.now()
-                new = self.journal.mark_uploaded(row, found[row.id], now, poll_at=now)
-                log.info("%s: the server already had it as document %d", row.display_path, found[row.id])
-                self._log_transition(row, new)
+                continue
+            since = row.ambiguous_since if row.ambiguous_since is not None else row.updated_at
+            if now < since + window:  # a slow server may still be storing it: look again, do not upload
+                again = min(since + window, now + policy.backoff_s(row.failures + 1, self.limits))
+                out.append(self.journal.update(row, now, next_at=again, stage="reconcile"))
+                log.debug("%s: not on the server yet; looking again in %.1f s (window ends in %.1f s)",
+                          row.display_path, again - now, since + window - now)
             elif row.attempts >= self.config.upload.max_attempts:
-                new = self.fail(row, f"gave up after {row.attempts} attempts: {row.error}", stage="upload")
+                out.append(self.fail(row, f"gave up after {row.attempts} attempts: {row.error}", stage="upload"))
             else:
-                new = self.move(row, State.CLAIMED, next_at=self.clock.now(), failures=row.failures, error=row.error)
-            out.append(new)
+                out.append(self.move(row, State.CLAIMED, next_at=now, failures=row.failures, error=row.error))
+        for document_id, row_id, project_id in extras:
+            row = by_id.get(row_id) or self.journal.get(row_id)
+            if self.journal.record_extra(document_id, row, project_id, now):
+                log.warning("%s: the server holds a second copy (document %d, from an earlier attempt); deleting it",
+                            row.display_path, document_id)
+        if extras:
+            self.delete_extras()
         return out
+
+    def delete_extras(self) -> int:
+        """Delete second copies of our files on the server, after checking that each carries one of
+        its file's earlier tokens (a forged callback cannot make us delete someone's document)."""
+        deleted = 0
+        for document_id, row_id, _project_id in self.journal.pending_extras():
+            row = self.journal.get(row_id)
+            try:
+                details = self.client.document(document_id)
+                if token_hash_of(details.get("callback_url")) not in self.journal.tokens_of([row_id]) \
+                        or document_id == row.document_id:
+                    self.journal.settle_extra(document_id, self.clock.now(), error="not a copy of this file")
+                    log.warning("%s: document %d is not a copy of it; not deleted", row.display_path, document_id)
+                    continue
+                self.client.delete_document(document_id)
+            except ApiError as exc:
+                if exc.failure.cause == Cause.NOT_FOUND:
+                    self.journal.settle_extra(document_id, self.clock.now())  # gone already
+                    continue
+                log.warning("%s: could not delete the extra document %d: %s; will try again", row.display_path,
+                            document_id, exc.failure.message)
+                continue
+            self.journal.settle_extra(document_id, self.clock.now())
+            self.metrics.extra_documents.inc()
+            log.info("%s: deleted document %d, a second copy from an earlier attempt", row.display_path, document_id)
+            deleted += 1
+        return deleted
 
     # -- uploaded: confirm the outcome with the API (after a callback, or by polling) -----------
 
@@ -342,6 +454,11 @@ class Pipeline:
 
     def export(self, row: Row, details: dict[str, Any] | None = None) -> Row:
         assert row.document_id is not None
+        changed = self._changed_since_upload(row)
+        if changed:  # the result describes what was uploaded, not what the file is now
+            log.warning("%s: %s after it was uploaded; uploading it again as it is now", row.display_path, changed)
+            return self.move(row, State.CLAIMED, next_at=self.clock.now(), error=f"{changed} after it was uploaded",
+                             stage="upload")
         try:
             if details is None:
                 details = self.client.document(row.document_id)
@@ -349,9 +466,24 @@ class Pipeline:
         except ApiError as exc:
             return self._fetch_failed(row, exc.failure)
         self._api_ok()
-        result = export.build_result(row, details, bbox, self.clock.now())
+        result = results.build_result(row, details, bbox, self.clock.now(), host=self.config.konfuzio.host)
         return self._place(row, self.config.folders.done, export.RESULT_SUFFIX, result,
                            lambda existing: export.result_is_for(row, existing), State.DONE, Step.EXPORT)
+
+    def _changed_since_upload(self, row: Row) -> str | None:
+        """Is the file in processing/ still the one that was uploaded (size, mtime, inode)?"""
+        try:
+            st = os.lstat(self.processing_path(row))
+        except OSError:
+            return None  # gone: placing it reports that
+        if row.size is not None and st.st_size != row.size:
+            return f"it grew from {row.size} to {st.st_size} bytes" if st.st_size > row.size else \
+                f"it shrank from {row.size} to {st.st_size} bytes"
+        if row.mtime_ns is not None and st.st_mtime_ns != row.mtime_ns:
+            return "it was modified"
+        if row.file_ino is not None and st.st_ino != row.file_ino:
+            return "it was replaced by another file"
+        return None
 
     def _bbox(self, document_id: int) -> dict[str, Any] | None:
         try:
@@ -376,21 +508,27 @@ class Pipeline:
 
     def _place_locked(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
                       is_ours: Callable[[dict], bool], final_state: State, step: Step) -> Row:
+        source = self.processing_path(row)
         for _ in range(5):
             if row.final_path is None or not Path(os.fsdecode(row.final_path)).is_relative_to(folder):
-                target = free_target(folder, row.rel_fspath, suffix)
+                target = self._free_target(folder, row, suffix)
                 row = self.journal.update(row, self.clock.now(), final_path=os.fsencode(target))
             target = Path(os.fsdecode(row.final_path))
+            gone = not os.path.lexists(source) and not os.path.lexists(target)
+            if gone and final_state == State.DONE:  # never report done what is not there
+                return self.fail(row, f"the file vanished from {self.processing_dir} before it was placed in "
+                                      f"{folder}; its result was not kept (document {row.document_id})",
+                                 stage="vanished")
             try:
                 write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours)
-                self._move_into_place(row, target)
+                if not gone:
+                    self._move_into_place(row, target)
             except FileExistsError:
                 row = self.journal.update(row, self.clock.now(), final_path=None)
                 continue  # someone else's file took the name: pick another
-            except _SourceGone:
-                log.error("%s: the file vanished from %s; only its %s was written", row.display_path,
-                          self.config.processing_dir, suffix)
             except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG and final_state == State.DONE:
+                    return self.fail(row, f"its path does not fit into {folder} ({exc.strerror})", stage="export")
                 cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
                 failure = Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}")
                 return self._handle(row, step, failure)
@@ -398,20 +536,22 @@ class Pipeline:
             return self.move(row, final_state, next_at=None)
         raise RuntimeError(f"{row.display_path}: no free name in {folder}")
 
+    def _free_target(self, folder: Path, row: Row, suffix: str) -> Path:
+        """``folder/<its path>`` (or ``name (2).pdf``); in failed/, a path too long for the file
+        system becomes a short unique name (the error report keeps the whole path)."""
+        target = free_target(folder, row.rel_fspath, suffix)
+        if folder == self.config.folders.failed and not _fits(target, suffix):
+            target = free_target(folder, shortened_name(row.rel_path, suffix), suffix)
+        return target
+
     def _move_into_place(self, row: Row, target: Path) -> None:
         source = self.processing_path(row)
         if not os.path.lexists(source):
-            if os.path.lexists(target):
-                return  # moved before a crash
-            raise _SourceGone(str(source))
+            return  # moved before a crash (the caller checked that one of the two exists)
         if os.path.lexists(target) and (same_file(source, target) or _has_content(target, row.sha256)):
             os.unlink(source)  # moved before a crash that came before the source was unlinked
             return
         move_no_clobber(source, target)
-
-
-class _SourceGone(Exception):
-    """The claimed file was removed from processing/ by someone else."""
 
 
 class _Invalid(Exception):
@@ -423,6 +563,24 @@ def duplicate_message(earlier: Row, done: Path) -> str:
         f"it is {earlier.state.value}"
     return (f"duplicate: the same content (sha256 {earlier.sha256}) was already sent as {earlier.display_path} "
             f"(document {earlier.document_id}); {where}")
+
+
+def _fits(path: Path, suffix: str) -> bool:
+    """Can this path and its sidecar be created (component and path length)?"""
+    raw = os.fsencode(sidecar_for(path, suffix))
+    return len(raw) < PATH_MAX and all(len(part) <= NAME_MAX for part in raw.split(b"/"))
+
+
+def shortened_name(rel_path: bytes, suffix: str) -> str:
+    """A short, unique name for a file whose path does not fit: the start of its base name, a
+    hash of the whole path, its extension."""
+    base = os.path.basename(rel_path)
+    stem, dot, ext = base.rpartition(b".")
+    if not dot or not stem or len(ext) > 16:
+        stem, ext = base, b""
+    digest = hashlib.sha256(rel_path).hexdigest()[:12].encode()
+    name = stem[:80] + b"~" + digest + (b"." + ext if ext else b"")
+    return os.fsdecode(name)
 
 
 def _has_content(path: Path, sha256: str | None) -> bool:

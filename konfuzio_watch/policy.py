@@ -137,6 +137,8 @@ def decide(step: Step, failure: Failure, failures: int, now: float, limits: Limi
     if cause == Cause.INVALID:
         return Fail(failure.message)
     if step == Step.UPLOAD:
+        if failure.maybe_received:  # the server may hold it: look (reconcile) before giving up or retrying
+            return _retry(failures, now, limits, jitter)
         used = attempts if cause != Cause.UNREADABLE else failures + 1
         if used >= limits.max_attempts:
             return Fail(f"gave up after {used} attempts: {failure.message}")

@@ -7,7 +7,7 @@ and the diagram below is drawn from it (a test keeps the two equal)::
     claimed   -> uploading | failing
     uploading -> claimed | uploaded | failing
     uploaded  -> exporting | failing
-    exporting -> failing | done
+    exporting -> claimed | failing | done
     failing   -> failed
     done      -> (final)
     failed    -> retried
@@ -15,7 +15,8 @@ and the diagram below is drawn from it (a test keeps the two equal)::
 
 A row is written in ``claiming`` before its file leaves the inbox; ``uploading`` is entered
 (with the callback token's hash) before the POST, so a crash can always be reconciled;
-``exporting``/``failing`` are entered before anything is written into done/ or failed/.
+``exporting``/``failing`` are entered before anything is written into done/ or failed/;
+``exporting -> claimed``: the file changed after it was uploaded, so it is uploaded again.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.CLAIMED: frozenset({State.UPLOADING, State.FAILING}),
     State.UPLOADING: frozenset({State.CLAIMED, State.UPLOADED, State.FAILING}),
     State.UPLOADED: frozenset({State.EXPORTING, State.FAILING}),
-    State.EXPORTING: frozenset({State.DONE, State.FAILING}),
+    State.EXPORTING: frozenset({State.CLAIMED, State.DONE, State.FAILING}),
     State.FAILING: frozenset({State.FAILED}),
     State.FAILED: frozenset({State.RETRIED}),
     State.DONE: frozenset(),

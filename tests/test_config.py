@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from konfuzio_watch import processing
 from konfuzio_watch.config import ConfigError, load_config, parse_config
 
 BASE = {
@@ -30,7 +31,9 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path):
     assert config.upload.concurrency == 4
     assert config.results.callback_timeout == 600 and config.results.poll_interval == 30
     assert config.callback.path == "konfuzio-callback"
-    assert config.processing_dir == tmp_path / "in" / ".konfuzio-watch" / "processing"
+    (tmp_path / "in").mkdir()
+    assert processing.resolve(config, bound=None) == tmp_path / ".in.konfuzio-watch", "next to the inbox, not in it"
+    assert processing.resolve(config, bound="/old/place") == Path("/old/place"), "where files already wait"
 
 
 def test_example_config_documents_every_key_and_loads(tmp_path: Path):

@@ -87,7 +87,7 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     drop(tmp_path / "inbox" / "full.pdf", data)
 
     wait_until(lambda: "No space left on device" in daemon.log.read_text(), 30, "the ENOSPC reported in the log")
-    processing = tmp_path / "inbox" / ".konfuzio-watch" / "processing"
+    processing = tmp_path / ".inbox.konfuzio-watch"
     assert [p.read_bytes() for p in processing.iterdir()] == [data], "the source must stay safe"
     assert not (tmp_path / "done" / "full.pdf").exists()
     assert not list((tmp_path / "done").glob(".konfuzio-watch-*.tmp")), "a half-written temp file was left"
@@ -128,7 +128,7 @@ def test_unwritable_done_folder_keeps_the_file_safe_until_fixed(daemon_process, 
         os.chown(root / "inbox" / "locked.pdf", 65534, 65534)
 
         wait_until(lambda: "Permission denied" in daemon.log.read_text(), 30, "the EACCES reported in the log")
-        processing = root / "inbox" / ".konfuzio-watch" / "processing"
+        processing = root / ".inbox.konfuzio-watch"
         assert [p.read_bytes() for p in processing.iterdir()] == [data]
         os.chmod(root / "done", 0o755)  # fixed: the daemon retries by itself
 

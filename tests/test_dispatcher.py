@@ -65,8 +65,11 @@ def parts(tmp_path, emulator) -> Iterator[Parts]:
     journal = Journal(config.journal_path)
     client = KonfuzioClient(emulator.url, TOKEN, timeout_s=10)
     gates = Gates(limits_from(config))
+    processing_dir = tmp_path / "processing"
+    processing_dir.mkdir(mode=0o700)
     pipeline = Pipeline(config, journal, client, clock=clock, gates=gates, metrics=Metrics(),
-                        callback_base=lambda: "http://127.0.0.1:9")  # callbacks never arrive: we poll
+                        callback_base=lambda: "http://127.0.0.1:9",  # callbacks never arrive: we poll
+                        processing_dir=processing_dir)
     executors = {UPLOADS: HeldExecutor(), RESULTS: HeldExecutor()}
     events: list[Event] = []
     dispatcher = Dispatcher(journal, pipeline, gates, executors, {UPLOADS: 2, RESULTS: 2}, report=events.append)

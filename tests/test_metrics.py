@@ -47,6 +47,7 @@ def test_every_family_has_help_type_and_its_values() -> None:
         "konfuzio_watch_oldest_pending_age_seconds": "gauge",
         "konfuzio_watch_up": "gauge",
         "konfuzio_watch_blocked": "gauge",
+        "konfuzio_watch_extra_documents_deleted": "counter",
     }
     assert all(f.documentation for f in families.values())  # type: ignore[attr-defined]
     files = values(families["konfuzio_watch_files"])

@@ -65,6 +65,11 @@ def test_what_the_policy_decides(step, cause, failures, attempts, expected):
     assert type(decision) is expected, decision
 
 
+def test_an_upload_the_server_may_hold_is_looked_for_before_it_fails():
+    failure = Failure(Cause.TRANSIENT, "ReadTimeout", maybe_received=True)
+    assert isinstance(decide(Step.UPLOAD, failure, 7, NOW, LIMITS, attempts=8), Retry)
+
+
 def test_blocked_scopes():
     assert decide(Step.FETCH, failure(Cause.UNAVAILABLE), 0, NOW, LIMITS).scope == Scope.API  # type: ignore[union-attr]
     assert decide(Step.EXPORT, failure(Cause.DISK_FULL), 0, NOW, LIMITS).scope == Scope.OUTPUT  # type: ignore[union-attr]

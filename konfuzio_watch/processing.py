@@ -1,0 +1,88 @@
+"""Where claimed files wait: a folder only the daemon can write, on the inbox's file system.
+
+A claim is a rename, so the folder must be on the inbox's file system. By default it is a hidden
+sibling of the inbox (``/srv/.scans.konfuzio-watch`` for ``/srv/scans``), so that people and
+scanners writing into the inbox cannot write into it; only when the inbox's parent is another
+file system or not writable does it fall back to ``<inbox>/.konfuzio-watch/processing``. Either
+way it is created 0700 and the daemon refuses to start if others may write into it.
+
+Each claimed file gets an unpredictable name there, ``<16 hex>-<its base name>``, recorded in its
+journal row with the file's inode: a file found under a row's name is trusted only if it is that
+file, and a file no row claims (a lost journal, a restored backup) is adopted visibly — moved back
+into the inbox under its base name — never matched to another row.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+NAME_KEEP = 180  # bytes of the base name kept in a claim name (a name is at most 255 bytes)
+
+
+class ProcessingDirError(ConfigError):
+    """The processing folder cannot be used safely; the message is one line for the admin."""
+
+
+def default_dir(inbox: Path) -> Path:
+    parent = inbox.parent
+    try:
+        same_fs = os.stat(parent).st_dev == os.stat(inbox).st_dev
+    except OSError:
+        same_fs = False
+    if same_fs and parent != inbox and os.access(parent, os.W_OK | os.X_OK):
+        return parent / f".{inbox.name}.konfuzio-watch"
+    return inbox / ".konfuzio-watch" / "processing"
+
+
+def resolve(config: Config, bound: str | None) -> Path:
+    """The configured folder; else the one the journal has files waiting in (an older default);
+    else the default for this inbox."""
+    if config.folders.processing is not None:
+        return config.folders.processing
+    if bound:
+        return Path(bound)
+    return default_dir(config.folders.inbox)
+
+
+def prepare(path: Path, inbox: Path) -> None:
+    """Create the folder 0700; refuse one that others may write or that is on another file system."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ProcessingDirError(f"folders.processing: {path} is not a folder")
+    if st.st_uid != os.geteuid():
+        raise ProcessingDirError(f"folders.processing: {path} belongs to uid {st.st_uid}, not to konfuzio-watch "
+                                 f"(uid {os.geteuid()}); anyone owning it could plant files there")
+    if st.st_mode & 0o022:
+        raise ProcessingDirError(f"folders.processing: {path} is writable by others (mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}")
+    if st.st_dev != os.stat(inbox).st_dev:
+        raise ProcessingDirError(f"folders.processing: {path} is on another file system than the inbox {inbox}; "
+                                 "claims are renames: put it next to the inbox")
+
+
+def new_claim_name(rel_path: bytes) -> bytes:
+    base = os.path.basename(rel_path)[:NAME_KEEP]
+    return secrets.token_hex(8).encode() + b"-" + base
+
+
+def original_name(claim_name: bytes) -> bytes:
+    """The base name a claimed file had in the inbox (a legacy numeric name gives ``recovered-<n>``)."""
+    head, sep, base = claim_name.partition(b"-")
+    if sep and len(head) == 16 and base:
+        return base
+    return b"recovered-" + claim_name
+
+
+def orphans(path: Path, claimed: set[bytes]) -> list[bytes]:
+    """Names in the processing folder that no journal row claims."""
+    try:
+        names = os.listdir(os.fsencode(path))
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n not in claimed)
