@@ -20,7 +20,7 @@ from .callback import TryLater, create_app
 from .clock import Clock, SteadyClock
 from .config import Config
 from .dispatcher import RESULTS, UPLOADS, Dispatcher
-from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StopRequested, Wake
+from .events import CleanupWanted, Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StopRequested, Wake
 from .gates import Gates, GateState
 from .journal import ACTIVE, Journal, JournalError, JournalWriteError, Row, State
 from .konfuzio import KonfuzioClient
@@ -77,7 +77,7 @@ class Daemon:
         try:
             return self._start()
         except BaseException:
-            self._shutdown()
+            self._shutdown(quiet=True)
             raise
 
     def _start(self) -> Daemon:
@@ -166,6 +166,8 @@ class Daemon:
             if row is not None and row.uploaded_at is not None:
                 self.metrics.callback_latency.observe(max(0.0, now - row.uploaded_at))
             self.scheduler.report(Wake())
+        elif outcome == "extra":  # a late copy from an earlier attempt: check it and delete it
+            self.scheduler.report(CleanupWanted())
         return outcome
 
     def _gate_changed(self, state: GateState) -> None:
@@ -241,10 +243,12 @@ class Daemon:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    def _shutdown(self) -> None:
-        """Stop taking files, let the steps in hand finish, then close observer -> server -> tunnel -> journal."""
+    def _shutdown(self, quiet: bool = False) -> None:
+        """Stop taking files, let the steps in hand finish, then close observer -> server -> tunnel -> journal.
+        ``quiet``: after a failed start, whose one-line reason is all the admin needs."""
         inflight = len(self.dispatcher.inflight) if self.dispatcher else 0
-        log.info("stopping: %d step(s) in hand", inflight)
+        if not quiet:
+            log.info("stopping: %d step(s) in hand", inflight)
         self.notifier.stopping(f"stopping; {inflight} step(s) in hand")
         self._ready.clear()
         if self.watcher:
@@ -259,7 +263,8 @@ class Daemon:
             self._client.close()
         if self.journal:
             self.journal.close()
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")
 
 
 def run_in_thread(daemon: Daemon) -> threading.Thread:

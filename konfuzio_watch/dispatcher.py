@@ -56,6 +56,7 @@ class Dispatcher:
         self.report = report
         self.inflight: dict[int, str] = {}  # row id -> pool
         self.reconciling = False
+        self.cleanup_wanted = False  # a callback revealed a second copy of a file on the server
         p = pipeline
         self._steps: dict[State, Callable[[Row], Row]] = {
             State.CLAIMED: p.upload, State.UPLOADED: p.check_result, State.EXPORTING: p.export,
@@ -101,7 +102,7 @@ class Dispatcher:
         reconcile = WORK[State.UPLOADING]
         if free > 0 and not self.reconciling and self._fits(reconcile, budgets):
             due = self.journal.runnable([State.UPLOADING], now, self.inflight, RECONCILE_BATCH)
-            if due:
+            if due or self.cleanup_wanted:
                 self._submit_reconcile(due, budgets)
                 free -= 1
         if free > 0:
@@ -124,6 +125,8 @@ class Dispatcher:
             if self.free(work.pool) <= 0:
                 continue
             due = self.journal.next_due_at([work.state], self.inflight)
+            if work.state == State.UPLOADING and self.cleanup_wanted:
+                due = now
             if due is None:
                 continue
             if not self._fits(work, budgets):  # the gate decides when it may be tried again
@@ -158,6 +161,7 @@ class Dispatcher:
         for row in rows:
             self.inflight[row.id] = "reconcile"
         ids = tuple(r.id for r in rows)
+        self.cleanup_wanted = False
         future: Future = self.executors[RESULTS].submit(self._guard, work.step, self.pipeline.reconcile, rows,
                                                         single=False)
         future.add_done_callback(lambda _f: self.report(StepDone(ids, RESULTS, probes, is_reconcile=True)))

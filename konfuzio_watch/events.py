@@ -53,8 +53,13 @@ class Wake:
 
 
 @dataclass(frozen=True)
+class CleanupWanted:
+    """A callback revealed a second copy of one of our files on the server (a late earlier attempt)."""
+
+
+@dataclass(frozen=True)
 class StopRequested:
     pass
 
 
-Event = FileSeen | FolderSeen | RescanRequested | StepDone | JournalFailed | Wake | StopRequested
+Event = FileSeen | FolderSeen | RescanRequested | StepDone | JournalFailed | CleanupWanted | Wake | StopRequested

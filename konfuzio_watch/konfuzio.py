@@ -251,8 +251,8 @@ def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
         message = _short(f"HTTP {status}: {exc}" if status else str(exc))
         return ApiError(Failure(_cause_of_status(status), message, status=status,
                                 retry_after_s=_retry_after(response.headers if response is not None else {}),
-                                # a gateway error after the request reached the app could hide a stored upload
-                                maybe_received=is_post and status is not None and status >= 500 and status != 503))
+                                # a gateway's 5xx (503 included) may come after it forwarded the upload
+                                maybe_received=is_post and status is not None and status >= 500))
     if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
         return ApiError(Failure(Cause.UNAVAILABLE, _short(f"cannot connect: {exc}")))
     if isinstance(exc, requests.ConnectionError) and _never_connected(exc):

@@ -74,7 +74,7 @@ class Pipeline:
         self.rng = rng or random.Random()
         # Choosing a free name in done/ or failed/ and taking it must be one step: two files
         # with the same relative path may be placed by two workers at once.
-        self._placing = threading.Lock()
+        self._placing = threading.RLock()  # failing a file while placing it places its report
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -339,6 +339,9 @@ class Pipeline:
         the callback token in their callback URL (every attempt's token), which no other file can
         have. A file not found is looked for again until its reconcile window has passed (a slow
         server may store it late); a second document of one file (a late earlier attempt) is deleted."""
+        if not rows:  # a pass for the second copies that callbacks revealed
+            self.delete_extras()
+            return []
         now = self.clock.now()
         tokens = self.journal.tokens_of(r.id for r in rows)
         by_id = {r.id: r for r in rows}
@@ -528,7 +531,7 @@ class Pipeline:
                 continue  # someone else's file took the name: pick another
             except OSError as exc:
                 if exc.errno == errno.ENAMETOOLONG and final_state == State.DONE:
-                    return self.fail(row, f"its path does not fit into {folder} ({exc.strerror})", stage="export")
+                    return self.fail(row, f"its path does not fit into {folder} ({exc.strerror})", stage="too_long")
                 cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
                 failure = Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}")
                 return self._handle(row, step, failure)
@@ -540,7 +543,7 @@ class Pipeline:
         """``folder/<its path>`` (or ``name (2).pdf``); in failed/, a path too long for the file
         system becomes a short unique name (the error report keeps the whole path)."""
         target = free_target(folder, row.rel_fspath, suffix)
-        if folder == self.config.folders.failed and not _fits(target, suffix):
+        if folder == self.config.folders.failed and (row.stage == "too_long" or not _fits(target, suffix)):
             target = free_target(folder, shortened_name(row.rel_path, suffix), suffix)
         return target
 

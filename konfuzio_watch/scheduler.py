@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .clock import Clock
 from .dispatcher import Dispatcher
-from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone
+from .events import CleanupWanted, Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone
 from .gates import Gates
 from .journal import Journal, JournalWriteError
 from .pipeline import Pipeline
@@ -78,6 +78,8 @@ class Scheduler:
             self.dispatcher.finished(event)
         elif isinstance(event, JournalFailed):
             self._journal_failed(now, event.error)
+        elif isinstance(event, CleanupWanted):
+            self.dispatcher.cleanup_wanted = True
 
     def drain(self, now: float) -> None:
         """Handle every reported fact (a test's way to let the loop catch up)."""
