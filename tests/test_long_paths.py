@@ -167,8 +167,11 @@ def test_the_observer_survives_a_tree_too_deep_to_watch(tmp_path):
     watcher.start()
     try:
         assert not watcher.polling
-        folder = deep_tree(inbox, {}, longer_than=PATH_MAX - 260)  # still watchable ...
-        name = "n" * (PATH_MAX + 10 - len(os.fsencode(folder)))
+        folder = deep_tree(inbox, {}, longer_than=PATH_MAX - 600)
+        while (room := PATH_MAX - 100 - len(os.fsencode(folder))) > 0:  # 100 bytes short of PATH_MAX: watchable
+            folder = os.path.join(folder, "e" * (250 if room > 253 else room - 1))
+            os.mkdir(folder)
+        name = "n" * 120  # ... but not the path of a file in it
         wait_until(lambda: any(p.startswith(folder[:200]) for p in reported), 10, "the deep folders reported")
         fd = open_any(folder, DIRFD)
         try:
