@@ -189,10 +189,9 @@ class CandidateTracker:
         return list(ready.values())
 
     def snapshot(self, now: float) -> list[Candidate]:
-        """Every candidate not yet claimed and where it stands, oldest first."""
-        out = []
-        for path, obs in self.candidates.items():
-            out.append(self._describe(path, obs, now))
+        """Every candidate not yet claimed and where it stands, oldest first. Reads a copy of the
+        candidates (observations are immutable), so another thread may call it; no I/O."""
+        out = [self._describe(path, obs, now) for path, obs in list(self.candidates.items())]
         out.sort(key=lambda c: (c.detected_at, c.path))
         return out
 
