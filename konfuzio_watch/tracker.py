@@ -37,7 +37,7 @@ log = logging.getLogger("konfuzio_watch")
 CLAIM_BATCH = 500
 NOT_READABLE = (errno.EACCES, errno.EPERM)
 
-CanRead = Callable[[str], "OSError | None"]
+CanRead = Callable[[str], OSError | None]
 
 
 def probe_readable(path: str) -> OSError | None:
