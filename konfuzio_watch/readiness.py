@@ -3,16 +3,28 @@
 A file is ready when its size and mtime have not changed for ``settle_s`` *as observed by us*
 (an old mtime on a file copied in proves nothing), it is non-empty, and its content looks
 complete (a PDF ends with ``%%EOF``). A file that stays empty or incomplete is claimed anyway
-after ``grace_s`` of stability, so that it reaches failed/ with a reason instead of waiting forever.
+after ``grace_s`` of stability, marked incomplete, so that it reaches failed/ with a reason
+instead of waiting forever.
+
+A PDF looks complete when its last 64 KiB hold a ``%%EOF`` that no further revision follows:
+producers append kilobytes of padding after the marker, an incremental update appends a second
+revision with its own ``%%EOF``, and a linearized file has an early ``%%EOF`` near its start.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+
+from .files import open_any
 
 PDF_MAGIC = b"%PDF"
 PDF_EOF = b"%%EOF"
-TAIL_BYTES = 1024
+HEAD_BYTES = 8
+TAIL_BYTES = 64 * 1024
+# What only a revision (still being written) brings after a %%EOF: an object, a cross-reference table, a trailer.
+_REVISION = re.compile(rb"\d+\s+\d+\s+obj\b|\bxref\b|\btrailer\b|startxref")
 
 
 @dataclass(frozen=True)
@@ -20,22 +32,35 @@ class Observation:
     size: int
     mtime_ns: int
     since: float  # when we first saw this (size, mtime) pair
+    first_seen: float  # when we first saw the file at all: its ``detected_at``
     looks_complete: bool = True
+    unreadable: str | None = None  # why the daemon may not read it (strerror), if it may not
+    regular: bool = True  # False: a FIFO, device, socket, symlink; never read, claimed at once
 
 
 def observe(previous: Observation | None, size: int, mtime_ns: int, now: float,
             looks_complete: bool = True) -> Observation:
     """Fold a fresh stat into the previous observation; the clock restarts on any change."""
-    if previous is not None and (previous.size, previous.mtime_ns) == (size, mtime_ns):
+    if previous is None:
+        return Observation(size, mtime_ns, now, now, looks_complete)
+    if (previous.size, previous.mtime_ns) == (size, mtime_ns):
         return previous
-    return Observation(size, mtime_ns, now, looks_complete)
+    return Observation(size, mtime_ns, now, previous.first_seen, looks_complete, previous.unreadable,
+                       previous.regular)
 
 
 def ready_at(obs: Observation, settle_s: float, grace_s: float) -> float:
     """The earliest time the file may be claimed if nothing changes."""
+    if not obs.regular:
+        return obs.since
     if obs.size > 0 and obs.looks_complete:
         return obs.since + settle_s
     return obs.since + max(settle_s, grace_s)
+
+
+def is_complete(obs: Observation) -> bool:
+    """Not known to be empty or an unfinished PDF (a special file is never read: complete)."""
+    return not obs.regular or (obs.size > 0 and obs.looks_complete)
 
 
 def is_ready(obs: Observation, now: float, settle_s: float, grace_s: float) -> bool:
@@ -43,7 +68,35 @@ def is_ready(obs: Observation, now: float, settle_s: float, grace_s: float) -> b
 
 
 def content_looks_complete(head: bytes, tail: bytes) -> bool:
-    """Cheap plausibility check on the first and last bytes of a file."""
+    """Cheap plausibility check on the first bytes and the last ``TAIL_BYTES`` of a file."""
     if head.startswith(PDF_MAGIC):
-        return PDF_EOF in tail
+        return tail_looks_complete(tail)
     return True
+
+
+def tail_looks_complete(tail: bytes) -> bool:
+    """The end of a PDF: a ``%%EOF`` after which no further revision begins."""
+    at = tail.rfind(PDF_EOF)
+    return at >= 0 and _REVISION.search(tail, at + len(PDF_EOF)) is None
+
+
+def pdf_looks_complete(path_or_fd: str | os.PathLike | int, size: int) -> bool:
+    """Does the file (a path of any length, or a descriptor open for reading) look completely
+    written? Anything that is not a PDF does. Reads at most two blocks: the magic, the tail.
+    OSError (cannot open or read) is the caller's to handle."""
+    if isinstance(path_or_fd, int):
+        return _fd_looks_complete(path_or_fd, size)
+    fd = open_any(path_or_fd, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        return _fd_looks_complete(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _fd_looks_complete(fd: int, size: int) -> bool:
+    if size <= TAIL_BYTES:
+        data = os.pread(fd, size, 0)
+        return content_looks_complete(data[:HEAD_BYTES], data)
+    if not os.pread(fd, HEAD_BYTES, 0).startswith(PDF_MAGIC):
+        return True
+    return tail_looks_complete(os.pread(fd, TAIL_BYTES, size - TAIL_BYTES))

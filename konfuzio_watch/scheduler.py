@@ -161,7 +161,7 @@ class Scheduler:
         if not ready:
             return
         try:
-            self.pipeline.claim([os.fsencode(os.path.relpath(p, self.inbox)) for p in ready])
+            self.pipeline.claim([os.fsencode(os.path.relpath(r.path, self.inbox)) for r in ready])
         except JournalWriteError as exc:
             self.tracker.keep(ready, now)
             self._journal_failed(now, str(exc))

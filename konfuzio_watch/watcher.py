@@ -2,6 +2,9 @@
 
 The watcher only *reports* paths that may be new or changed; whether a file is finished
 being written is decided by the scheduler (readiness.py), and the journal deduplicates.
+Scans reach folders whose path is longer than PATH_MAX (inotify cannot watch those: files in
+them are found by the periodic rescan). Hidden and ignored files are passed over without a
+word; ``ignored_files`` lists them, with the reason, for ``status --all``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import secrets
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -19,7 +22,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
-from .files import is_ignored
+from .files import ignore_reason, is_ignored, list_dir
+from .journal import display_name
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ class _Handler(FileSystemEventHandler):
         self.probe_seen = threading.Event()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in ("created", "modified", "closed", "moved"):
+        # attrib: a chmod/chown, e.g. a file the daemon could not read made readable (inotify only)
+        if event.event_type not in ("created", "modified", "closed", "moved", "attrib"):
             return
         path = os.fsdecode(event.dest_path if event.event_type == "moved" else event.src_path)
         if os.path.basename(path).startswith(PROBE_PREFIX):
@@ -99,6 +104,7 @@ class InboxWatcher:
         self.observer_factory = observer_factory
         self.probe_timeout_s = probe_timeout_s
         self._observer: BaseObserver | None = None
+        self._scan_errors: dict[str, str] = {}  # folder -> why it could not be scanned (logged once)
 
     def start(self) -> None:
         if not self.polling:
@@ -153,19 +159,59 @@ class InboxWatcher:
         self._observer = None
 
     def scan(self, top: str | None = None) -> Iterator[str]:
-        """Every candidate file below ``top`` (default: the inbox), without following symlinked dirs."""
+        """Every candidate file below ``top`` (default: the inbox), without following symlinked dirs.
+        A folder that cannot be read is logged once (and once more when it can be again)."""
         stack = [top or self.keep.inbox]
         while stack:
             folder = stack.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except OSError as exc:
-                log.warning("cannot scan %s: %s", folder, exc.strerror or exc)
-                continue
-            for entry in entries:
-                if self.keep.rel_parts(entry.path) is None:
+            entries = self._list(folder)
+            for name, is_dir in entries:
+                path = os.path.join(folder, name)
+                if self.keep.rel_parts(path) is None:
                     continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+                if is_dir:
+                    stack.append(path)
                 else:
-                    yield entry.path
+                    yield path
+
+    def _list(self, folder: str) -> list[tuple[str, bool]]:
+        try:
+            entries = list_dir(folder)
+        except FileNotFoundError:
+            return []  # removed while we looked
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if self._scan_errors.get(folder) != reason:
+                self._scan_errors[folder] = reason
+                log.warning("cannot scan %s: %s", display_name(folder), reason)
+            return []
+        if self._scan_errors.pop(folder, None) is not None:
+            log.info("can scan %s again", display_name(folder))
+        return entries
+
+
+def ignored_files(inbox: str | os.PathLike, own_folders: Iterable[str | os.PathLike],
+                  patterns: tuple[str, ...]) -> list[tuple[str, str]]:
+    """What the inbox holds that is never taken in, for ``status --all``: (path relative to the
+    inbox, why). An ignored folder is listed once, with a trailing ``/``, not its content; the
+    daemon's own folders are left out."""
+    keep = InboxFilter(Path(inbox), [Path(p) for p in own_folders], patterns)
+    found: list[tuple[str, str]] = []
+    stack = [keep.inbox]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list_dir(folder)
+        except OSError:
+            continue
+        for name, is_dir in entries:
+            path = os.path.join(folder, name)
+            if any(path == own or path.startswith(own + os.sep) for own in keep.own):
+                continue
+            parts = tuple(path[len(keep.inbox) + 1 :].split(os.sep))
+            reason = ignore_reason(parts, keep.patterns)
+            if reason is not None:
+                found.append((os.sep.join(parts) + (os.sep if is_dir else ""), reason))
+            elif is_dir:
+                stack.append(path)
+    return sorted(found)

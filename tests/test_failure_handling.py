@@ -22,7 +22,7 @@ from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import TOKEN, drop, wait_until
-from .helpers import KONFUZIO_WATCH, DaemonProcess, assert_own_result
+from .helpers import DaemonProcess, assert_own_result
 
 FAKE_WALL = Path(__file__).with_name("fakewall")
 
@@ -112,38 +112,42 @@ AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 @pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
-def test_a_file_the_daemon_cannot_read_backs_off_then_fails_with_the_reason(emulator):
+def test_a_file_the_daemon_cannot_read_stays_in_the_inbox_until_it_may(emulator):
+    """It used to be claimed into the hidden processing folder under a number, where its owner
+    could no longer see it, and failed there. Now it stays in the inbox under its own name."""
     root = Path(tempfile.mkdtemp(prefix="kw-unreadable-", dir="/tmp"))  # pytest's tmp is 0700: nobody can't enter
     os.chmod(root, 0o755)
     for name in ("inbox", "done", "failed", "state"):
         (root / name).mkdir()
-    daemon = DaemonProcess(root, emulator, upload={"backoff_base_seconds": 0.2, "backoff_cap_seconds": 0.8,
-                                                   "max_attempts": 4})
+    daemon = DaemonProcess(root, emulator)
     try:
         subprocess.run(["chown", "-R", "65534:65534", str(root)], check=True)
         daemon.start(prefix=AS_NOBODY)
         secret = root / "inbox" / "other-user.pdf"
         data = make_pdf(label="mode 0600, owned by root")
-        drop(secret, data)
-        os.chmod(secret, 0o600)  # owned by root: the daemon (nobody) may move it but not read it
+        staged = root / "other-user.pdf"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # owned by root, unreadable from the start
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(staged, secret)
+        warning = "other-user.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch " \
+                  "may read it"
+        wait_until(lambda: warning in daemon.log.read_text(), 30,
+                   lambda: f"the warning (log: {daemon.log.read_text()[-1500:]})")
+        other = make_pdf(label="readable")
+        drop(root / "inbox" / "readable.pdf", other)  # dropped later, finished first
+        wait_until(lambda: (root / "done" / "readable.pdf.json").exists(), 60, "the readable file done")
 
-        report_path = root / "failed" / "other-user.pdf.error.json"
-        wait_until(report_path.exists, 30,
-                   lambda: f"the unreadable file in failed/ (log: {daemon.log.read_text()[-1500:]})")
-        report = json.loads(report_path.read_text())
-        assert "cannot read the file: Permission denied" in report["error"]
-        assert "gave up after 4 attempts" in report["error"]
-        log = daemon.log.read_text()
-        assert log.count("cannot read the file") <= 3, "the same error is logged once per change, not per try"
-        assert emulator.uploads == []
+        assert secret.read_bytes() == data, "still in the inbox under its name"
+        assert [r[0] for r in daemon.journal("SELECT rel_path FROM files")] == [b"readable.pdf"]
+        assert daemon.log.read_text().count("cannot read it") == 1, "logged once, not at every look"
+        assert [u.data_file_name for u in emulator.uploads] == ["readable.pdf"]
 
-        os.chmod(root / "failed" / "other-user.pdf", 0o644)  # the admin fixes it, then: retry
-        retried = subprocess.run([*AS_NOBODY, *KONFUZIO_WATCH, "retry", "--config", str(daemon.config),
-                                  "other-user.pdf"], capture_output=True, text=True, timeout=60,
-                                 env={**os.environ, "LOG_TO_FILE": "False"})
-        assert retried.returncode == 0, retried.stderr
-        wait_until(lambda: (root / "done" / "other-user.pdf").exists(), 90, "the retried file done")
+        os.chmod(secret, 0o644)  # its owner lets the daemon read it: a chmod event
+        wait_until(lambda: (root / "done" / "other-user.pdf.json").exists(), 60, "the file done once readable")
         assert (root / "done" / "other-user.pdf").read_bytes() == data
+        assert daemon.log.read_text().count("may read it now; it is taken in as usual") == 1
+        assert list((root / "failed").iterdir()) == []
         assert daemon.terminate() == 0
     finally:
         daemon.cleanup()

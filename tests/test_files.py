@@ -9,11 +9,15 @@ import pytest
 
 from konfuzio_watch import export
 from konfuzio_watch.files import (
+    SHORT_NAME_MAX,
     NotRegularFile,
     free_target,
+    ignore_reason,
+    is_ignored,
     move_no_clobber,
     open_regular_file,
     safe_upload_name,
+    shortened_name,
     sidecar_for,
     write_json_no_clobber,
 )
@@ -128,3 +132,45 @@ def test_a_folder_in_the_way_of_a_move_is_not_replaced(tmp_path: Path):
     with pytest.raises(FileExistsError):
         move_no_clobber(src, tmp_path / "out" / "a.pdf")
     assert src.exists()
+
+
+DEEP = b"/".join([b"x" * 250] * 17)  # a relative path of 4266 bytes
+
+
+@pytest.mark.parametrize("suffix", ["", ".error.json"])
+def test_a_shortened_name_keeps_the_start_of_the_name_and_its_extension(suffix):
+    rel = DEEP + "/Rechnung Mai 2026 – Müller GmbH ".encode() + "ü".encode() * 200 + b".pdf"
+    name = shortened_name(rel, suffix)
+    raw = os.fsencode(name)
+    assert len(raw) + len(suffix) < SHORT_NAME_MAX
+    assert name.startswith("Rechnung Mai 2026 – Müller GmbH üü") and name.endswith(".pdf")
+    raw.decode("utf-8")  # not cut inside a character
+    assert "/" not in name and not name.startswith(".")
+    assert shortened_name(rel, suffix) == name, "the same path always gets the same name"
+
+
+def test_shortened_names_of_files_with_the_same_name_in_other_folders_differ():
+    a = shortened_name(DEEP + b"/a/scan.pdf")
+    b = shortened_name(DEEP + b"/b/scan.pdf")
+    assert a != b and a.startswith("scan~") and b.startswith("scan~") and a.endswith(".pdf")
+
+
+def test_a_shortened_name_keeps_undecodable_bytes():
+    name = shortened_name(DEEP + b"/scan\xff\xfe.tiff", ".json")
+    assert os.fsencode(name).startswith(b"scan\xff\xfe~") and name.endswith(".tiff")
+
+
+@pytest.mark.parametrize(("rel", "reason"), [
+    ("invoice.pdf", None),
+    ("2026/März/invoice.pdf", None),
+    (".hidden.pdf", "hidden (its name starts with '.')"),
+    (".sync/invoice.pdf", "hidden (its name starts with '.')"),
+    ("scan.pdf.part", "a temporary or system file (built-in pattern '*.part')"),
+    ("@eaDir/scan.pdf", "a temporary or system file (built-in pattern '@eaDir')"),
+    ("old/scan.bak", "matches watch.ignore '*.bak'"),
+    ("archive/2020/scan.pdf", "matches watch.ignore 'archive/*'"),
+])
+def test_why_a_path_is_ignored(rel, reason):
+    parts = tuple(rel.split("/"))
+    assert ignore_reason(parts, ("*.bak", "archive/*")) == reason
+    assert is_ignored(parts, ("*.bak", "archive/*")) is (reason is not None)
