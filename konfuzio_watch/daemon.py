@@ -111,7 +111,8 @@ class Daemon:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.dispatcher = Dispatcher(self.journal, self.pipeline, self.gates, self._executors,
                                      {UPLOADS: c.upload.concurrency, RESULTS: c.results.workers}, report=events.put)
-        tracker = CandidateTracker(c.watch.settle_seconds, c.watch.incomplete_grace_seconds, self.watcher.scan)
+        tracker = CandidateTracker(c.watch.settle_seconds, c.watch.incomplete_grace_seconds, self.watcher.scan,
+                                   inbox=keep.inbox)
         self.scheduler = Scheduler(clock=self.clock, journal=self.journal, gates=self.gates, pipeline=self.pipeline,
                                    dispatcher=self.dispatcher, tracker=tracker, inbox=keep.inbox,
                                    scan=self.watcher.scan, duties=self._duties(), events=events)

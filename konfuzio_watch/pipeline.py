@@ -28,12 +28,16 @@ from .clock import Clock
 from .config import Config
 from .files import (
     NotRegularFile,
+    fits_path_max,
     free_target,
     fsync_dir,
+    lstat_any,
     move_no_clobber,
     open_regular_file,
+    rename_any,
     safe_upload_name,
     same_file,
+    shortened_name,
     sidecar_for,
     write_json_no_clobber,
 )
@@ -47,8 +51,6 @@ from .tokens import hash_token, new_token, token_hash_of
 log = logging.getLogger("konfuzio_watch")
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-PDF_TAIL_BYTES = 64 * 1024  # real PDFs carry more than 1 KB after %%EOF; incremental updates add more
-PATH_MAX, NAME_MAX = 4096, 255
 
 
 def limits_from(config: Config) -> policy.Limits:
@@ -213,7 +215,7 @@ class Pipeline:
         inbox = os.fsencode(self.config.folders.inbox)
         for rel in rel_paths:
             try:
-                st = os.lstat(os.path.join(inbox, rel))
+                st = lstat_any(os.path.join(inbox, rel))
             except OSError:
                 continue  # gone since the tracker looked
             claims.append(NewClaim(rel, processing.new_claim_name(rel), st.st_dev, st.st_ino,
@@ -226,7 +228,7 @@ class Pipeline:
         for row in rows:
             target = self.processing_path(row)
             try:
-                found = os.lstat(target)
+                found = os.lstat(target)  # processing/ names are short
             except FileNotFoundError:
                 found = None
             if found is not None and row.file_ino is not None and (found.st_dev, found.st_ino) != (row.file_dev,
@@ -238,7 +240,7 @@ class Pipeline:
             if found is None:
                 source = self.inbox_path(row)
                 try:
-                    os.rename(source, target)
+                    rename_any(source, target)
                 except FileNotFoundError:
                     log.info("%s: vanished from the inbox before it was claimed", row.display_path)
                     self.journal.discard(row)
@@ -273,7 +275,7 @@ class Pipeline:
                                 stage="validate")
         if row.attempts >= self.config.upload.max_attempts:
             return self.fail(row, row.error or "too many attempts", stage="upload")
-        if data.startswith(readiness.PDF_MAGIC) and readiness.PDF_EOF not in data[-PDF_TAIL_BYTES:]:
+        if not readiness.content_looks_complete(data[:16], data[-readiness.TAIL_BYTES:]):
             return self.fail(row, f"incomplete PDF: it does not end with %%EOF after waiting "
                                   f"watch.incomplete_grace_seconds ({self.config.watch.incomplete_grace_seconds:g} s); "
                                   "was the scanner still writing it?", stage="validate")
@@ -543,7 +545,8 @@ class Pipeline:
         """``folder/<its path>`` (or ``name (2).pdf``); in failed/, a path too long for the file
         system becomes a short unique name (the error report keeps the whole path)."""
         target = free_target(folder, row.rel_fspath, suffix)
-        if folder == self.config.folders.failed and (row.stage == "too_long" or not _fits(target, suffix)):
+        if folder == self.config.folders.failed and (row.stage == "too_long" or not fits_path_max(
+                sidecar_for(target, suffix))):
             target = free_target(folder, shortened_name(row.rel_path, suffix), suffix)
         return target
 
@@ -566,24 +569,6 @@ def duplicate_message(earlier: Row, done: Path) -> str:
         f"it is {earlier.state.value}"
     return (f"duplicate: the same content (sha256 {earlier.sha256}) was already sent as {earlier.display_path} "
             f"(document {earlier.document_id}); {where}")
-
-
-def _fits(path: Path, suffix: str) -> bool:
-    """Can this path and its sidecar be created (component and path length)?"""
-    raw = os.fsencode(sidecar_for(path, suffix))
-    return len(raw) < PATH_MAX and all(len(part) <= NAME_MAX for part in raw.split(b"/"))
-
-
-def shortened_name(rel_path: bytes, suffix: str) -> str:
-    """A short, unique name for a file whose path does not fit: the start of its base name, a
-    hash of the whole path, its extension."""
-    base = os.path.basename(rel_path)
-    stem, dot, ext = base.rpartition(b".")
-    if not dot or not stem or len(ext) > 16:
-        stem, ext = base, b""
-    digest = hashlib.sha256(rel_path).hexdigest()[:12].encode()
-    name = stem[:80] + b"~" + digest + (b"." + ext if ext else b"")
-    return os.fsdecode(name)
 
 
 def _has_content(path: Path, sha256: str | None) -> bool:

@@ -160,8 +160,9 @@ class Scheduler:
         ready = self.tracker.step(now)
         if not ready:
             return
+        found = {os.fsencode(os.path.relpath(r.path, self.inbox)): r for r in ready}
         try:
-            self.pipeline.claim([os.fsencode(os.path.relpath(r.path, self.inbox)) for r in ready])
+            self.pipeline.claim(list(found), {rel: r.detected_at for rel, r in found.items()})
         except JournalWriteError as exc:
             self.tracker.keep(ready, now)
             self._journal_failed(now, str(exc))

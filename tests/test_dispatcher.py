@@ -109,11 +109,12 @@ def test_a_row_due_later_waits_for_the_clock(parts):
     assert parts.states() in ({State.DONE: 1}, {State.UPLOADED: 1}), parts.states()
 
 
-def test_an_outage_blocks_all_uploads_and_one_probe_at_a_time_finds_it_over(parts, emulator):
-    emulator.knobs.outage = True
+def test_throttling_blocks_all_uploads_and_one_probe_at_a_time_finds_it_over(parts, emulator):
+    emulator.knobs.retry_after_s = 0
+    emulator.knobs.rate_429 = 1.0  # a 429 never stored anything: the files go back to "claimed"
     parts.claim(4)
     parts.dispatcher.tick(parts.clock.now())
-    parts.run(UPLOADS)  # two uploads answered 503
+    parts.run(UPLOADS)  # two uploads answered 429
     gate = parts.gates[Scope.API]
     assert gate.is_blocked
     rows = parts.journal.rows()
@@ -129,7 +130,7 @@ def test_an_outage_blocks_all_uploads_and_one_probe_at_a_time_finds_it_over(part
     assert len(parts.executors[UPLOADS].pending) == 1, "one probe, although two workers are free"
     parts.dispatcher.tick(parts.clock.now())
     assert len(parts.executors[UPLOADS].pending) == 1, "and only one"
-    emulator.knobs.outage = False
+    emulator.knobs.rate_429 = 0.0
     parts.run(UPLOADS)
     assert not gate.is_blocked
 
