@@ -6,6 +6,9 @@ Konfuzio server outlives a crashing client.
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from konfuzio_watch.files import sidecar_for, temp_path_for
-from konfuzio_watch.samples import make_pdf
+from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop, wait_until
 from .helpers import KONFUZIO_WATCH, DaemonProcess, assert_each_file_finished_exactly_once, sample_files
@@ -140,3 +143,45 @@ def test_unwritable_done_folder_keeps_the_file_safe_until_fixed(daemon_process, 
     finally:
         daemon.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sigkill_while_the_server_stores_late_with_planted_processing_entries(daemon_process, emulator, tmp_path):
+    """The kill -9 loop again, with a server that stores each upload 1.5 s after it arrived and,
+    before every restart, a stale and a planted file in the processing folder."""
+    emulator.knobs.upload_latency_s = 1.5
+    emulator.knobs.processing_s = 0.3
+    daemon = daemon_process(upload={"reconcile_window_seconds": 4, "concurrency": 4})
+    files = sample_files(20, "late")
+    for rel, data in files.items():
+        drop(tmp_path / "inbox" / rel, data)
+    arrived = lambda: getattr(emulator.request_stats().get("upload"), "count", 0)  # noqa: E731
+    processing = tmp_path / ".inbox.konfuzio-watch"
+    planted: dict[str, bytes] = {}
+    for index, point in enumerate((2, 6, 10, 14, 18)):
+        daemon.start()
+        wait_until(lambda p=point: arrived() >= p, 60, f"{point} uploads reaching the server")
+        daemon.kill9()  # uploads in flight, the server still storing some of them
+        stale, fresh = f"{index + 1}", f"{index:016x}-planted-{index}.pdf"  # an old-style id, a current-style name
+        planted[f"recovered-{stale}"] = make_png(label=f"stale {index}")
+        planted[f"planted-{index}.pdf"] = make_pdf(label=f"planted {index}")
+        (processing / stale).write_bytes(planted[f"recovered-{stale}"])
+        (processing / fresh).write_bytes(planted[f"planted-{index}.pdf"])
+
+    emulator.knobs.upload_latency_s = 0.0
+    daemon.start()
+    total = len(files) + len(planted)
+    wait_until(lambda: daemon.done_count() >= total, 120, lambda: f"all {total} done (have {daemon.done_count()})")
+    assert daemon.terminate() == 0
+    assert daemon.journal("PRAGMA integrity_check") == [("ok",)]
+    done = tmp_path / "done"
+    for rel, data in files.items():
+        assert (done / rel).read_bytes() == data, f"{rel} missing or changed"
+        result = json.loads((done / (rel + ".json")).read_text())
+        assert hashlib.sha256(data).hexdigest() in result["text"], f"{rel} got another file's result"
+    for name, data in planted.items():
+        result = json.loads((done / (name + ".json")).read_text())
+        assert (done / name).read_bytes() == data and hashlib.sha256(data).hexdigest() in result["text"]
+    deleted = {d.doc_id for d in emulator.deletions}
+    kept = collections.Counter(u.sha256 for u in emulator.uploads if u.doc_id not in deleted)
+    assert all(n == 1 for n in kept.values()), f"files stored twice: {[s for s, n in kept.items() if n > 1]}"
+    assert not list((tmp_path / "failed").rglob("*"))
