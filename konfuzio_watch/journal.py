@@ -73,6 +73,14 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE extra_documents (document_id INTEGER PRIMARY KEY, row_id INTEGER NOT NULL, project_id INTEGER,"
         " found_at REAL NOT NULL, deleted_at REAL, error TEXT)",
     ],
+    4: [
+        # Results can change after export (review, re-extraction): which revision done/ holds, a
+        # fingerprint of its content, and when a re-sent callback asked to look again.
+        "ALTER TABLE files ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE files ADD COLUMN fingerprint TEXT",
+        "ALTER TABLE files ADD COLUMN refresh_at REAL",
+        "CREATE INDEX files_refresh ON files(refresh_at) WHERE refresh_at IS NOT NULL",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -80,6 +88,7 @@ COLUMNS = [
     "id", "rel_path", "state", "size", "sha256", "upload_name", "token_hash", "document_id", "attempts",
     "next_at", "callback_at", "uploaded_at", "final_path", "error", "stage", "project_id", "detected_at",
     "updated_at", "finished_at", "failures", "claim_name", "file_dev", "file_ino", "mtime_ns", "ambiguous_since",
+    "revision", "fingerprint", "refresh_at",
 ]
 UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at", "state"}
 
@@ -136,6 +145,9 @@ class Row:
     file_ino: int | None = None
     mtime_ns: int | None = None
     ambiguous_since: float | None = None
+    revision: int = 0
+    fingerprint: str | None = None
+    refresh_at: float | None = None
 
     @property
     def display_path(self) -> str:
