@@ -191,12 +191,29 @@ def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] 
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from None
     return parse_config(raw if raw is not None else {}, base_dir=path.parent, environ=environ)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice (a second ``callback:`` section) is an
+    error instead of silently replacing the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); merge the two",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line  # type: ignore[index]
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_config(
@@ -326,24 +343,24 @@ def _check(config: Config) -> None:
         _check_url("callback.public_url", c.public_url)
     if k.project_id <= 0:
         raise ConfigError(f"konfuzio.project_id: must be a positive integer, got {k.project_id}")
-    positive = {
-        "watch.settle_seconds": w.settle_seconds >= 0,
-        "watch.poll_interval": w.poll_interval > 0,
-        "watch.rescan_interval": w.rescan_interval > 0,
-        "upload.concurrency": 1 <= u.concurrency <= 64,
-        "upload.max_attempts": u.max_attempts >= 1,
-        "upload.max_file_mb": u.max_file_mb > 0,
-        "upload.reconcile_window_seconds": u.reconcile_window_seconds is None or u.reconcile_window_seconds >= 0,
-        "results.callback_timeout": r.callback_timeout >= 0,
-        "results.poll_interval": r.poll_interval > 0,
-        "results.workers": 1 <= r.workers <= 64,
-        "results.max_failures": r.max_failures >= 1,
-        "callback.port": 0 <= c.port <= 65535,
-        "callback.max_body_kb": 1 <= c.max_body_kb <= 10240,
-    }
-    for key, ok in positive.items():
-        if not ok:
-            raise ConfigError(f"{key}: out of range")
+    ranges = [  # (key, value, low, high): inclusive bounds; None = unbounded
+        ("watch.settle_seconds", w.settle_seconds, 0, None),
+        ("watch.poll_interval", w.poll_interval, 0.1, None),
+        ("watch.rescan_interval", w.rescan_interval, 1, None),
+        ("upload.concurrency", u.concurrency, 1, 64),
+        ("upload.max_attempts", u.max_attempts, 1, None),
+        ("upload.max_file_mb", u.max_file_mb, 0.001, None),
+        ("upload.reconcile_window_seconds", u.reconcile_window_seconds, 0, None),
+        ("upload.backoff_base_seconds", u.backoff_base_seconds, 0.01, None),
+        ("upload.backoff_cap_seconds", u.backoff_cap_seconds, u.backoff_base_seconds, None),
+        ("results.callback_timeout", r.callback_timeout, 0, None),
+        ("results.poll_interval", r.poll_interval, 0.1, None),
+        ("results.workers", r.workers, 1, 64),
+        ("results.max_failures", r.max_failures, 1, None),
+        ("callback.port", c.port, 0, 65535),
+        ("callback.max_body_kb", c.max_body_kb, 1, 10240),
+    ]
+    _check_ranges(ranges)
     if config.ngrok.enabled and not (config.ngrok.authtoken or config.ngrok.authtoken_file):
         raise ConfigError("ngrok.authtoken: required when ngrok.enabled (or ngrok.authtoken_file)")
     if u.on_duplicate not in ("process", "fail"):
@@ -369,13 +386,18 @@ def _check_alerts(a: AlertsConfig) -> None:
     for index, url in enumerate(a.urls):
         if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://.", url):
             raise ConfigError(f"alerts.urls[{index}]: expected an apprise URL like mailtos://... or json://...")
-    ranges = {
-        "alerts.min_interval_seconds": 0 < a.min_interval_seconds <= 86400,
-        "alerts.oldest_pending_seconds": a.oldest_pending_seconds >= 0,
-    }
-    for key, ok in ranges.items():
-        if not ok:
-            raise ConfigError(f"{key}: out of range")
+    _check_ranges([("alerts.min_interval_seconds", a.min_interval_seconds, 1, 86400),
+                   ("alerts.oldest_pending_seconds", a.oldest_pending_seconds, 0, None)])
+
+
+def _check_ranges(ranges: list[tuple[str, float | None, float, float | None]]) -> None:
+    """(key, value, low, high), inclusive, None: unbounded; the message states the range."""
+    for key, value, low, high in ranges:
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise ConfigError(f"{key}: must be {bounds}, got {value:g}")
 
 
 def _check_url(key: str, url: str) -> None:

@@ -253,12 +253,17 @@ def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
                                 retry_after_s=_retry_after(response.headers if response is not None else {}),
                                 # a gateway's 5xx (503 included) may come after it forwarded the upload
                                 maybe_received=is_post and status is not None and status >= 500))
+    where = _where(exc)
     if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
-        return ApiError(Failure(Cause.UNAVAILABLE, _short(f"cannot connect: {exc}")))
+        return ApiError(Failure(Cause.UNAVAILABLE, f"cannot connect to {where}: {_cause_text(exc, 'timed out')}"))
     if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
-        return ApiError(Failure(Cause.UNAVAILABLE, _short(f"cannot connect: {exc}")))
-    if isinstance(exc, requests.RequestException):  # timeouts, resets, a body cut short
-        return ApiError(Failure(Cause.TRANSIENT, _short(f"{type(exc).__name__}: {exc}"), maybe_received=is_post))
+        return ApiError(Failure(Cause.UNAVAILABLE, f"cannot connect to {where}: {_cause_text(exc)}"))
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return ApiError(Failure(Cause.TRANSIENT, f"no answer from {where} in time (read timeout)",
+                                maybe_received=is_post))
+    if isinstance(exc, requests.RequestException):  # resets, a body cut short
+        return ApiError(Failure(Cause.TRANSIENT, f"{where}: {_cause_text(exc, type(exc).__name__)}",
+                                maybe_received=is_post))
     if isinstance(exc, ValueError):  # a body that is not JSON
         return ApiError(Failure(Cause.TRANSIENT, _short(f"unexpected response: {exc}"), maybe_received=is_post))
     return ApiError(Failure(Cause.INTERNAL, _short(f"{type(exc).__name__}: {exc}"), maybe_received=is_post))
@@ -278,6 +283,39 @@ def _cause_of_status(status: int | None) -> Cause:
     if status >= 500:
         return Cause.TRANSIENT
     return Cause.INVALID
+
+
+def _where(exc: BaseException) -> str:
+    """host:port of the request that failed (the URL's path may carry a callback token: left out)."""
+    from urllib.parse import urlsplit
+
+    request = getattr(exc, "request", None)
+    url = getattr(request, "url", None) or ""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return "the server"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
+
+
+def _cause_text(exc: BaseException, default: str = "connection failed") -> str:
+    """The root cause of a requests/urllib3 error in a few words: "connection refused",
+    "name or service not known" - not the nested reprs urllib3 builds."""
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        errno_ = getattr(seen, "errno", None)
+        if isinstance(errno_, int) and errno_ > 0:
+            return os.strerror(errno_).lower()
+        reason = getattr(seen, "reason", None)
+        seen = reason if isinstance(reason, BaseException) else (
+            seen.__cause__ or seen.__context__ or (seen.args[0] if seen.args and isinstance(seen.args[0], BaseException)
+                                                   else None))
+    found = re.search(r"\[Errno -?\d+\] ([^)'\"]+)", str(exc))
+    if found:
+        return found.group(1).strip().lower()
+    return default
 
 
 def _never_connected(exc: BaseException) -> bool:

@@ -59,7 +59,9 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path):
         (with_("upload", concurency=4), "upload.concurency: unknown key"),
         (with_("watch", settle_seconds=True), "watch.settle_seconds: expected a number"),
         (with_("watch", ignore=[1]), "watch.ignore: expected a list of strings"),
-        (with_("callback", port=70000), "callback.port: out of range"),
+        (with_("callback", port=70000), "callback.port: must be between 0 and 65535, got 70000"),
+        (with_("upload", concurrency=0), "upload.concurrency: must be between 1 and 64, got 0"),
+        (with_("results", max_failures=0), "results.max_failures: must be at least 1, got 0"),
         (with_("callback", public_url="ftp://x"), "callback.public_url: expected an http(s) URL"),
         (with_("konfuzio", project_id=None), "konfuzio.project_id: required"),
         (with_("konfuzio", token="${NOPE_NOT_SET}"), "konfuzio.token: environment variable NOPE_NOT_SET is not set"),
@@ -116,5 +118,19 @@ def test_cli_reports_a_config_error_in_one_line_without_traceback(tmp_path: Path
 def test_invalid_yaml_is_one_line(tmp_path: Path):
     path = tmp_path / "config.yaml"
     path.write_text("konfuzio: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"not valid YAML \(line 2\)"):
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 2, column 1\): expected"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("konfuzio: {project_id: 1\n", "not valid YAML (line 2, column 1): expected ',' or '}', but got '<stream end>'"),
+    ("callback: {port: 1}\nfolders: {}\ncallback: {port: 2}\n",
+     "not valid YAML (line 3, column 1): duplicate key 'callback' (first on line 1); merge the two"),
+    ("a:\n\tb: 1\n", "not valid YAML (line 2, column 1): found character '\\t' that cannot start any token"),
+])
+def test_yaml_mistakes_say_where_and_why(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {message}"
