@@ -1,57 +1,199 @@
-"""``konfuzio-watch check``: is this config good to run with?"""
+"""``konfuzio-watch check``: is this config good to run with? One line per check; every failing
+line says what to do. It catches what ``run`` would reject, and what ``run`` would only suffer
+from later (callbacks that can never arrive)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from . import processing, reachability
 from .config import Config, ConfigError
 from .journal import NETWORK_FILESYSTEMS, filesystem_type
 from .konfuzio import ApiError, KonfuzioClient
+from .policy import Cause
+
+Report = Callable[..., None]
 
 
 def run_checks(config: Config, out: TextIO) -> list[str]:
     """Print one line per check; return the problems found."""
     problems: list[str] = []
 
-    def report(ok: bool, what: str, detail: str = "") -> None:
-        out.write(f"{'ok  ' if ok else 'FAIL'}  {what}{': ' + detail if detail else ''}\n")
+    def report(ok: bool, what: str, detail: str = "", fix: str = "") -> None:
+        line = f"{'ok  ' if ok else 'FAIL'}  {what}{': ' + detail if detail else ''}"
+        if not ok and fix:
+            line += f" -> {fix}"
+        out.write(line + "\n")
         if not ok:
             problems.append(f"{what}: {detail}")
 
-    f = config.folders
-    report(f.inbox.is_dir() and os.access(f.inbox, os.R_OK | os.W_OK | os.X_OK), "folders.inbox",
-           str(f.inbox) if f.inbox.is_dir() else f"{f.inbox} does not exist or is not readable and writable")
-    for key, folder in (("folders.done", f.done), ("folders.failed", f.failed), ("folders.state", f.state)):
-        ok, detail = _writable(folder)
-        report(ok, key, detail)
-    fstype = filesystem_type(f.state)
-    report(fstype not in NETWORK_FILESYSTEMS, "journal on a local disk", f"{f.state} ({fstype or 'unknown'})")
-    try:
-        token = config.api_token()
-    except ConfigError as exc:
-        report(False, "API token", str(exc))
-        return problems
-    client = KonfuzioClient(config.konfuzio.host, token, timeout_s=min(30.0, config.konfuzio.timeout_seconds))
-    try:
-        project = client.project(config.konfuzio.project_id)
-        report(True, "Konfuzio API", f"project {project.get('id')} ({project.get('name', '?')}) at "
-               f"{config.konfuzio.host}")
-    except ApiError as exc:
-        report(False, "Konfuzio API", f"project {config.konfuzio.project_id} at {config.konfuzio.host}: {exc}")
-    finally:
-        client.close()
-    if not config.callback.public_url:
-        out.write("note  callback.public_url is not set: Konfuzio must reach "
-                  f"http://{config.callback.host}:{config.callback.port} directly\n")
+    def note(text: str) -> None:
+        out.write(f"note  {text}\n")
+
+    _check_folders(config, report)
+    _check_journal(config, report)
+    _check_api(config, report)
+    _check_callbacks(config, report, note)
+    if config.ngrok.enabled:
+        path = config.ngrok.path
+        usable = path.is_file() and os.access(path, os.X_OK)
+        report(usable, "ngrok.path", str(path) if usable else f"{path} is missing or not executable",
+               "install the ngrok agent there (it is never downloaded), or set ngrok.path")
+    if config.alerts.urls or config.alerts.urls_file:
+        from .alerts import check_urls
+
+        try:
+            report(True, "alerts", ", ".join(check_urls(config.alerts)))
+        except ConfigError as exc:
+            report(False, "alerts", str(exc), "fix alerts.urls (apprise URL syntax)")
     return problems
 
 
-def _writable(folder: Path) -> tuple[bool, str]:
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return False, f"{folder} is not writable"
+def _check_folders(config: Config, report: Report) -> None:
+    f = config.folders
+    if f.inbox.is_dir():
+        ok, detail = _can_write(f.inbox)
+        report(ok, "folders.inbox", detail, "the inbox must be readable and writable for konfuzio-watch")
+    else:
+        report(False, "folders.inbox", f"{f.inbox} does not exist", f"create it: mkdir -p {f.inbox}")
+    for key, folder in (("folders.done", f.done), ("folders.failed", f.failed), ("folders.state", f.state)):
+        ok, detail = _can_write(folder)
+        report(ok, key, detail, f"let konfuzio-watch (uid {os.geteuid()}) write there: chown or chmod {folder}")
+    if not f.inbox.is_dir():
+        return
+    bound = _journal_meta(config.journal_path, "processing_dir")
+    folder = processing.resolve(config, bound)
+    if folder.exists():
+        try:
+            processing.prepare(folder, f.inbox)
+            report(True, "processing folder", str(folder))
+        except (ConfigError, OSError) as exc:
+            report(False, "processing folder", str(exc))
+    else:
+        parent = _existing_parent(folder)
+        same_fs = os.stat(parent).st_dev == os.stat(f.inbox).st_dev
+        report(same_fs, "processing folder", f"{folder} (will be created)" if same_fs else
+               f"{folder} would be on another file system than the inbox {f.inbox}",
+               "set folders.processing to a folder next to the inbox (claims are renames)")
+
+
+def _check_journal(config: Config, report: Report) -> None:
+    state = config.folders.state
+    fstype = filesystem_type(state)
+    report(fstype not in NETWORK_FILESYSTEMS, "journal on a local disk", f"{state} ({fstype or 'unknown'})",
+           "put folders.state on a local disk (SQLite WAL does not work on network file systems)")
+    if not config.journal_path.exists():
+        return
+    try:
+        with sqlite3.connect(f"file:{config.journal_path}?mode=ro", uri=True) as db:
+            result = db.execute("PRAGMA quick_check(5)").fetchone()[0]
+        report(result == "ok", "journal", str(config.journal_path) if result == "ok" else f"damaged: {result}",
+               f"stop the service, move it aside (mv {config.journal_path} {config.journal_path}.damaged), start")
+    except sqlite3.Error as exc:
+        report(False, "journal", f"cannot read {config.journal_path}: {exc}",
+               "check its owner and mode, or move it aside and start again")
+
+
+def _check_api(config: Config, report: Report) -> None:
+    k = config.konfuzio
+    try:
+        token = config.api_token()
+    except ConfigError as exc:
+        report(False, "API token", str(exc), "set konfuzio.token_file to a readable file (or konfuzio.token)")
+        return
+    client = KonfuzioClient(k.host, token, timeout_s=min(30.0, k.timeout_seconds))
+    try:
+        project = client.project(k.project_id)
+        report(True, "Konfuzio API", f"project {project.get('id')} ({project.get('name', '?')}) at {k.host}")
+    except ApiError as exc:
+        cause = exc.failure.cause
+        if cause == Cause.NOT_FOUND:
+            report(False, "Konfuzio API", f"project {k.project_id} not found or not visible to this token",
+                   "check konfuzio.project_id, and that the token's user is a member of the project")
+        elif cause == Cause.REJECTED:
+            report(False, "Konfuzio API", f"Konfuzio rejected the API token (HTTP {exc.status})",
+                   "put a valid token into konfuzio.token_file (Konfuzio: profile -> API token)")
+        else:
+            report(False, "Konfuzio API", f"project {k.project_id} at {k.host}: {exc.failure.message}",
+                   "check konfuzio.host and that this machine reaches it")
+    finally:
+        client.close()
+
+
+def _check_callbacks(config: Config, report: Report, note: Callable[[str], None]) -> None:
+    c = config.callback
+    if not c.enabled:
+        note(f"poll-only mode (callback.enabled: false): results are polled {config.results.first_poll_seconds:g} s "
+             f"after the upload, then less and less often up to every {config.results.poll_interval:g} s")
+        return
+    from .callback import create_app
+    from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
+
+    tokens = reachability.ProbeTokens()
+    app = create_app(lambda token, _claimed: "probe" if tokens.arrived(token) else "unknown", lambda: True,
+                     path=c.path, max_body_bytes=c.max_body_kb * 1024)
+    try:
+        server = ServerThread(app, c.host, c.port, name="check-callback-server", threads=1,
+                              **PUBLIC_ENDPOINT_SETTINGS).start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            report(False, "callback.port", f"{c.host}:{c.port} is in use",
+                   f"stop what listens there (`ss -ltnp 'sport = :{c.port}'`), or choose another callback.port; if "
+                   "it is this konfuzio-watch running, this check does not apply")
+        else:
+            report(False, "callback.port", f"cannot listen on {c.host}:{c.port}: {exc.strerror or exc}",
+                   "choose another callback.host/port")
+        return
+    try:
+        report(True, "callback.port", f"{c.host}:{c.port} is free")
+        public = c.public_url or server.url
+        if config.ngrok.enabled:
+            note("callbacks arrive through the ngrok tunnel; `run` checks that they do once the tunnel is open")
+            return
+        if reachability.callback_base_is_private(public) and not reachability.callback_base_is_private(
+                config.konfuzio.host):
+            report(False, "callbacks", f"Konfuzio cannot reach {public} (a loopback address)",
+                   "set callback.public_url (your reverse proxy), enable ngrok, or set callback.enabled: false "
+                   "(poll-only)")
+            return
+        found = reachability.probe(public, c.path, tokens)
+        report(found.ok, "callbacks", f"a probe through {public} arrived" if found.ok else found.detail,
+               f"make {public}/{c.path.strip('/')}/ reach {c.host}:{c.port}, or set callback.enabled: false")
+    finally:
+        server.close(timeout_s=2)
+
+
+def _can_write(folder: Path) -> tuple[bool, str]:
+    """Really write (``os.access`` says yes to root and no to ACLs): the reason if it fails."""
+    target = folder if folder.exists() else _existing_parent(folder)
+    probe = target / f".konfuzio-watch-check-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return False, f"cannot write into {target}: {exc.strerror or exc}"
     return True, str(folder) if folder.exists() else f"{folder} (will be created)"
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _journal_meta(path: Path, key: str) -> str | None:
+    if not path.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            found = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return found[0] if found else None

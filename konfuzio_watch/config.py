@@ -56,6 +56,7 @@ class WatchConfig:
 
 @dataclass(frozen=True)
 class CallbackConfig:
+    enabled: bool = True  # false: poll-only mode, no inbound port (an office behind NAT)
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str | None = None
@@ -82,6 +83,7 @@ class ResultsConfig:
     poll_interval: float = 30.0
     workers: int = 2
     max_failures: int = 30  # consecutive failed fetches/exports of one file before it goes to failed/
+    first_poll_seconds: float = 5.0  # poll-only mode: the first look after the upload, doubling to poll_interval
 
 
 @dataclass(frozen=True)
@@ -357,6 +359,7 @@ def _check(config: Config) -> None:
         ("results.poll_interval", r.poll_interval, 0.1, None),
         ("results.workers", r.workers, 1, 64),
         ("results.max_failures", r.max_failures, 1, None),
+        ("results.first_poll_seconds", r.first_poll_seconds, 0.1, None),
         ("callback.port", c.port, 0, 65535),
         ("callback.max_body_kb", c.max_body_kb, 1, 10240),
     ]

@@ -46,7 +46,38 @@ def test_check_fails_on_a_wrong_token_and_an_unknown_project(tmp_path, emulator,
     (tmp_path / "inbox").mkdir()
     config = write_config(tmp_path, emulator, konfuzio={"token": "wrong", "project_id": 99})
     assert main(["check", "--config", str(config)]) == 1
-    assert "FAIL  Konfuzio API: project 99" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAIL  Konfuzio API: Konfuzio rejected the API token (HTTP 401) -> put a valid token" in out
+
+
+def test_check_names_an_unknown_project_and_what_to_do(tmp_path, emulator, capsys):
+    (tmp_path / "inbox").mkdir()
+    assert main(["check", "--config", str(write_config(tmp_path, emulator, konfuzio={"project_id": 99}))]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  Konfuzio API: project 99 not found or not visible to this token -> check konfuzio.project_id" in out
+
+
+def test_check_catches_what_run_would_reject(tmp_path, emulator, capsys):
+    import socket
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done").chmod(0o555)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        config = write_config(tmp_path, emulator, callback={"port": port},
+                              ngrok={"enabled": True, "authtoken": "x", "path": str(tmp_path / "no-ngrok")})
+        assert main(["check", "--config", str(config)]) == 1
+    finally:
+        busy.close()
+    out = capsys.readouterr().out
+    assert f"FAIL  callback.port: 127.0.0.1:{port} is in use -> stop what listens there" in out
+    assert "FAIL  ngrok.path:" in out and "is missing or not executable -> install the ngrok agent" in out
+    if os.geteuid() != 0:  # root may write anywhere
+        assert "FAIL  folders.done: cannot write into" in out
 
 
 def test_check_reports_a_missing_inbox(tmp_path, emulator, capsys):
