@@ -94,7 +94,7 @@ class Gate:
             self._probing = False
         if newly:
             log.error("%s; pausing %s, next try in %.0f s%s", reason, _WHAT[self.scope], delay,
-                      f" ({note})" if note else "")
+                      f" ({note})" if note else "", extra={"scope": self.scope.value, "error": reason})
         else:
             log.debug("%s still blocked (try %d failed): %s; next try in %.0f s", self.scope, failures, reason, delay)
         self._changed()

@@ -15,6 +15,10 @@ HUMAN_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 QUIET = ("konfuzio_sdk", "urllib3", "werkzeug", "watchdog", "pyngrok", "waitress.queue")
 
 
+# Fields a log call may carry (``extra={"file": ..., "state": ...}``) for log shippers.
+FIELDS = ("file", "state", "old_state", "document_id", "stage", "error", "scope")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -23,6 +27,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

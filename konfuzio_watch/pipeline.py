@@ -108,7 +108,10 @@ class Pipeline:
         if old.failures and not new.failures:
             extra += f" after {old.failures} failure{'s' if old.failures > 1 else ''}"
         level = logging.WARNING if new.state == State.FAILED else logging.INFO
-        log.log(level, "%s: %s -> %s%s", new.display_path, old.state, new.state, extra)
+        log.log(level, "%s: %s -> %s%s", new.display_path, old.state, new.state, extra,
+                extra={"file": new.display_path, "state": new.state.value, "old_state": old.state.value,
+                       "document_id": new.document_id, "stage": new.stage,
+                       "error": new.error if new.state in (State.FAILING, State.FAILED) else None})
         if self.on_transition:
             self.on_transition(new, old.state)
 
@@ -133,7 +136,9 @@ class Pipeline:
                       "failures": row.failures + (1 if decision.charge else 0)}
             level = logging.WARNING if failure.message != row.error else logging.DEBUG  # once per change
             log.log(level, "%s: %s failed (failure %d), next try in %.1f s: %s", row.display_path, step,
-                    fields["failures"], decision.delay_s, failure.message)
+                    fields["failures"], decision.delay_s, failure.message,
+                    extra={"file": row.display_path, "state": row.state.value, "document_id": row.document_id,
+                           "stage": step.value, "error": failure.message})
         fields.update(extra)
         if back_to is not None and back_to != row.state:
             fields.setdefault("failures", row.failures)
