@@ -348,7 +348,7 @@ def _check(config: Config) -> None:
     ranges = [  # (key, value, low, high): inclusive bounds; None = unbounded
         ("watch.settle_seconds", w.settle_seconds, 0, None),
         ("watch.poll_interval", w.poll_interval, 0.1, None),
-        ("watch.rescan_interval", w.rescan_interval, 1, None),
+        ("watch.rescan_interval", w.rescan_interval, 0.1, None),
         ("upload.concurrency", u.concurrency, 1, 64),
         ("upload.max_attempts", u.max_attempts, 1, None),
         ("upload.max_file_mb", u.max_file_mb, 0.001, None),
@@ -389,7 +389,7 @@ def _check_alerts(a: AlertsConfig) -> None:
     for index, url in enumerate(a.urls):
         if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://.", url):
             raise ConfigError(f"alerts.urls[{index}]: expected an apprise URL like mailtos://... or json://...")
-    _check_ranges([("alerts.min_interval_seconds", a.min_interval_seconds, 1, 86400),
+    _check_ranges([("alerts.min_interval_seconds", a.min_interval_seconds, 0.1, 86400),
                    ("alerts.oldest_pending_seconds", a.oldest_pending_seconds, 0, None)])
 
 

@@ -10,7 +10,6 @@ from our config, and uploads are posted with the SDK's session to the SDK's own 
 from __future__ import annotations
 
 import email.utils
-import io
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .policy import Cause, Failure
 
@@ -78,16 +77,19 @@ def import_sdk(host: str | None = None, token: str | None = None) -> dict[str, M
     return _sdk
 
 
-def sniff_file_type(data: bytes) -> str:
-    """The SDK's own verdict on a file's type ('PDF', 'IMAGE', 'OFFICE'); raises
+def sniff_file_type(fd: int) -> str:
+    """The SDK's own verdict on a file's type ('PDF', 'IMAGE', 'OFFICE'), read through the open
+    descriptor (``/proc/self/fd``: the file we opened, never a path someone swapped); raises
     ``UnsupportedFile`` for anything it would not take."""
     utils = import_sdk()["utils"]
     logging.getLogger("konfuzio_sdk.utils").setLevel(logging.CRITICAL)  # it logs ERROR for every rejection
     try:
-        return utils.get_file_type_and_extension(io.BytesIO(data))[0]
+        return utils.get_file_type_and_extension(f"/proc/self/fd/{fd}")[0]
     except NotImplementedError:
         raise UnsupportedFile("unsupported file type: not a PDF, an image (PNG, JPEG, TIFF) or an office "
                               "document") from None
+    except OSError:
+        raise
     except Exception as exc:  # a damaged zip/office file makes the sniffer itself fail
         raise UnsupportedFile(f"unrecognised or damaged file ({type(exc).__name__})") from None
 
@@ -115,19 +117,27 @@ class KonfuzioClient:
     def close(self) -> None:
         self.session.close()
 
-    def upload(self, data: bytes, file_name: str, form: UploadForm) -> dict[str, Any]:
-        """POST the file (``sync=False``, with callback URL); returns the new document's details."""
+    def upload(self, file: BinaryIO, file_name: str, form: UploadForm) -> dict[str, Any]:
+        """POST the file (``sync=False``, with callback URL); returns the new document's details.
+
+        The body is streamed from ``file`` (requests-toolbelt's MultipartEncoder), with the form
+        fields and part label that ``upload_file_konfuzio_api`` sends; requests alone would hold the
+        whole file, and a second copy for the multipart body, in memory."""
+        from requests_toolbelt import MultipartEncoder
+
         url = self._urls.get_upload_document_url(self.host)
-        files = {"data_file": (file_name, data, "multipart/form-data")}  # as the SDK labels it
-        fields = {
-            "project": form.project_id,
-            "dataset_status": form.dataset_status,
-            "category": form.category_id,
-            "sync": False,
+        fields: dict[str, Any] = {
+            "data_file": (file_name, file, "multipart/form-data"),  # as the SDK labels it
+            "project": str(form.project_id),
+            "dataset_status": str(form.dataset_status),
+            "sync": "False",
             "callback_url": form.callback_url,
-            "callback_status_code": None,
         }
-        response = self._call(self.session.post, url, files=files, data=fields, is_post=True)
+        if form.category_id is not None:
+            fields["category"] = str(form.category_id)
+        body = MultipartEncoder(fields=fields)
+        response = self._call(self.session.post, url, data=body, headers={"Content-Type": body.content_type},
+                              is_post=True)
         return response.json()
 
     def document(self, document_id: int) -> dict[str, Any]:

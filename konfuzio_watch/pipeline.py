@@ -21,7 +21,7 @@ import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import export, policy, processing, readiness, results
 from .clock import Clock
@@ -51,6 +51,7 @@ from .tokens import hash_token, new_token, token_hash_of
 log = logging.getLogger("konfuzio_watch")
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+HASH_CHUNK = 1024 * 1024
 
 
 def limits_from(config: Config) -> policy.Limits:
@@ -268,68 +269,84 @@ class Pipeline:
     # -- claimed -> uploading -> uploaded ---------------------------------------------------------
 
     def upload(self, row: Row) -> Row:
+        """Validate the claimed file and POST it, streamed from its descriptor: memory does not
+        grow with the file's size (hash, type sniff and completeness read it in chunks)."""
         try:
-            data, st = self.read_claimed(row)
-            sniff_file_type(data)
-        except (NotRegularFile, UnsupportedFile, _Invalid) as exc:
+            fd, st = open_regular_file(self.processing_path(row))
+        except NotRegularFile as exc:
             return self.fail(row, str(exc), stage="validate")
         except FileNotFoundError:
             return self.fail(row, "the file disappeared from the processing folder", stage="validate")
         except OSError as exc:
             return self._handle(row, Step.UPLOAD, Failure(Cause.UNREADABLE, f"cannot read the file: {exc.strerror}"),
                                 stage="validate")
-        if row.attempts >= self.config.upload.max_attempts:
-            return self.fail(row, row.error or "too many attempts", stage="upload")
-        if not readiness.content_looks_complete(data[:16], data[-readiness.TAIL_BYTES:]):
-            return self.fail(row, f"incomplete PDF: it does not end with %%EOF after waiting "
-                                  f"watch.incomplete_grace_seconds ({self.config.watch.incomplete_grace_seconds:g} s); "
-                                  "was the scanner still writing it?", stage="validate")
-        sha256 = hashlib.sha256(data).hexdigest()
-        if self.config.upload.on_duplicate == "fail":
-            earlier = self.journal.find_same_content(sha256, row.id)
-            if earlier is not None:
-                row = self.journal.update(row, self.clock.now(), sha256=sha256, size=len(data))
-                return self.fail(row, duplicate_message(earlier, self.config.folders.done), stage="duplicate")
-        token = new_token()
-        name = safe_upload_name(os.path.basename(row.rel_path), fallback=f"document-{row.id}")
-        project_id, category_id, dataset_status = self.config.route_for(row.rel_fspath)
-        old = row
-        row = self.journal.start_upload(row, hash_token(token), self.clock.now(), sha256=sha256, size=len(data),
-                                        mtime_ns=st.st_mtime_ns, upload_name=name, attempts=row.attempts + 1,
-                                        stage="upload", project_id=project_id, next_at=self.clock.now())
-        self._log_transition(old, row)
-        form = UploadForm(project_id, self.callback_url(token), category_id, dataset_status)
-        try:
-            details = self.client.upload(data, name, form)
-            document_id = int(details["id"])
-        except ApiError as exc:
-            return self._upload_failed(row, exc.failure)
-        except (KeyError, TypeError, ValueError) as exc:
-            return self._upload_failed(row, Failure(Cause.TRANSIENT, f"unexpected upload response: {exc!r}",
-                                                    maybe_received=True))
+        with os.fdopen(fd, "rb") as f:
+            try:
+                sha256 = self._validate(f, st)
+            except (UnsupportedFile, _Invalid) as exc:
+                return self.fail(row, str(exc), stage="validate")
+            except OSError as exc:
+                failure = Failure(Cause.UNREADABLE, f"cannot read the file: {exc.strerror}")
+                return self._handle(row, Step.UPLOAD, failure, stage="validate")
+            if row.attempts >= self.config.upload.max_attempts:
+                return self.fail(row, row.error or "too many attempts", stage="upload")
+            if self.config.upload.on_duplicate == "fail":
+                earlier = self.journal.find_same_content(sha256, row.id)
+                if earlier is not None:
+                    row = self.journal.update(row, self.clock.now(), sha256=sha256, size=st.st_size)
+                    return self.fail(row, duplicate_message(earlier, self.config.folders.done), stage="duplicate")
+            token = new_token()
+            name = safe_upload_name(os.path.basename(row.rel_path), fallback=f"document-{row.id}")
+            project_id, category_id, dataset_status = self.config.route_for(row.rel_fspath)
+            old = row
+            row = self.journal.start_upload(row, hash_token(token), self.clock.now(), sha256=sha256, size=st.st_size,
+                                            mtime_ns=st.st_mtime_ns, upload_name=name, attempts=row.attempts + 1,
+                                            stage="upload", project_id=project_id, next_at=self.clock.now())
+            self._log_transition(old, row)
+            form = UploadForm(project_id, self.callback_url(token), category_id, dataset_status)
+            f.seek(0)
+            try:
+                details = self.client.upload(f, name, form)
+                document_id = int(details["id"])
+            except ApiError as exc:
+                return self._upload_failed(row, exc.failure)
+            except (KeyError, TypeError, ValueError) as exc:
+                return self._upload_failed(row, Failure(Cause.TRANSIENT, f"unexpected upload response: {exc!r}",
+                                                        maybe_received=True))
         self._api_ok()
         self.metrics.uploads.inc()
         now = self.clock.now()
-        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self.config.results.callback_timeout)
+        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay())
         self._log_transition(row, new)
         return new
 
-    def read_claimed(self, row: Row) -> tuple[bytes, os.stat_result]:
-        """Read the claimed file through a descriptor that cannot be a symlink, FIFO or device."""
-        fd, st = open_regular_file(self.processing_path(row))
-        with os.fdopen(fd, "rb") as f:
-            limit = int(self.config.upload.max_file_mb * 1024 * 1024)
-            if st.st_size == 0:
-                raise _Invalid("empty file (0 bytes)")
-            if st.st_size > limit:
-                raise _Invalid(f"file is {st.st_size / 1048576:.1f} MiB, over upload.max_file_mb "
-                               f"({self.config.upload.max_file_mb:g})")
-            data = f.read(limit + 1)
-        if not data:
+    def _validate(self, f: BinaryIO, st: os.stat_result) -> str:
+        """Size cap, type (the SDK's sniffer, on this descriptor), PDF completeness; the sha256,
+        computed in chunks."""
+        limit = int(self.config.upload.max_file_mb * 1024 * 1024)
+        if st.st_size == 0:
             raise _Invalid("empty file (0 bytes)")
-        if len(data) > limit:
+        if st.st_size > limit:
+            raise _Invalid(f"file is {st.st_size / 1048576:.1f} MiB, over upload.max_file_mb "
+                           f"({self.config.upload.max_file_mb:g})")
+        sniff_file_type(f.fileno())
+        if not readiness.pdf_looks_complete(f.fileno(), st.st_size):
+            raise _Invalid(f"incomplete PDF: it does not end with %%EOF after waiting watch.incomplete_grace_seconds "
+                           f"({self.config.watch.incomplete_grace_seconds:g} s); was the scanner still writing it?")
+        digest, size = hashlib.sha256(), 0
+        f.seek(0)
+        for block in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(block)
+            size += len(block)
+        if size > limit:
             raise _Invalid(f"file grew over upload.max_file_mb ({self.config.upload.max_file_mb:g})")
-        return data, st
+        if size != st.st_size:
+            raise OSError(errno.EAGAIN, "the file changed while it was read")
+        return digest.hexdigest()
+
+    def _first_poll_delay(self) -> float:
+        r = self.config.results
+        return r.callback_timeout if self.config.callback.enabled else r.first_poll_seconds
 
     def _upload_failed(self, row: Row, failure: Failure) -> Row:
         self.metrics.upload_retries.inc()

@@ -366,9 +366,9 @@ def test_alerts_config_defaults_and_env_expansion(tmp_path: Path):
         ({"urls": [1]}, "alerts.urls: expected a list of strings, got [1]"),
         ({"urls": ["smtp.example.com:s3cret"]},
          "alerts.urls[0]: expected an apprise URL like mailtos://... or json://..."),
-        ({"min_interval_seconds": 0}, "alerts.min_interval_seconds: out of range"),
+        ({"min_interval_seconds": 0}, "alerts.min_interval_seconds: must be between 0.1 and 86400, got 0"),
         ({"min_interval_seconds": "1m"}, "alerts.min_interval_seconds: expected a number, got '1m'"),
-        ({"oldest_pending_seconds": -1}, "alerts.oldest_pending_seconds: out of range"),
+        ({"oldest_pending_seconds": -1}, "alerts.oldest_pending_seconds: must be at least 0, got -1"),
         ({"name": ""}, "alerts.name: expected a non-empty string, got ''"),
         ({"url": "json://a/b"}, "alerts.url: unknown key (known: min_interval_seconds, name, "
                                 "oldest_pending_seconds, urls, urls_file)"),

@@ -132,7 +132,8 @@ def test_json_log_format_is_one_object_per_line(tmp_path, emulator):
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     assert any(e["message"] == "new\\nline.pdf: exporting -> done (done/new\\nline.pdf)" for e in entries)
     done = next(e for e in entries if e.get("state") == "done")
-    assert done["file"] == "new\\nline.pdf" and done["old_state"] == "exporting" and isinstance(done["document_id"], int)
+    assert done["file"] == "new\\nline.pdf" and done["old_state"] == "exporting"
+    assert isinstance(done["document_id"], int)
 
 
 def test_run_as_a_process_processes_files_and_stops_cleanly_on_sigterm(tmp_path, emulator):

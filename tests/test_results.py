@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import re
@@ -461,7 +462,7 @@ def client(emulator):
 
 
 def done_document(emulator, client: KonfuzioClient, data: bytes, name: str = "scan.pdf") -> dict:
-    doc_id = client.upload(data, name, UploadForm(1, CALLBACK))["id"]
+    doc_id = client.upload(io.BytesIO(data), name, UploadForm(1, CALLBACK))["id"]
     assert emulator.wait_idle(10)
     return client.document(doc_id)
 
@@ -511,7 +512,7 @@ def test_searchable_pdf_is_streamed_to_a_file(emulator, client, tmp_path):
 
 def test_searchable_pdf_errors_are_classified_and_leave_no_file(emulator, client, tmp_path):
     emulator.knobs.processing_s = 60  # still queuing for OCR
-    waiting = client.upload(make_pdf(1, label="not yet"), "w.pdf", UploadForm(1, CALLBACK))["id"]
+    waiting = client.upload(io.BytesIO(make_pdf(1, label="not yet")), "w.pdf", UploadForm(1, CALLBACK))["id"]
     cases = [
         (waiting, [], Cause.NOT_FOUND, "not available yet"),
         (99_999, [], Cause.NOT_FOUND, "Not found"),
@@ -572,7 +573,8 @@ def test_results_of_every_kind_of_document_match_the_schema(emulator, client):
         "nothing.pdf": make_pdf(1, label="schema") + NO_CATEGORY_MARKER,
         "split.pdf": make_pdf(2, label="schema split") + SPLIT_MARKER,
     }
-    docs = {name: client.upload(data, name, UploadForm(1, CALLBACK))["id"] for name, data in samples.items()}
+    docs = {name: client.upload(io.BytesIO(data), name, UploadForm(1, CALLBACK))["id"]
+            for name, data in samples.items()}
     assert emulator.wait_idle(10)
     wait_until(lambda: client.document(docs["split.pdf"])["status_data"] == 41, 10, "status 41")
     emulator.confirm_split(docs["split.pdf"])
