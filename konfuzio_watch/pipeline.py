@@ -46,6 +46,7 @@ from .journal import ACTIVE, Journal, NewClaim, Row, State, display_name
 from .konfuzio import ApiError, KonfuzioClient, UnsupportedFile, UploadForm, sniff_file_type
 from .metrics import Metrics
 from .policy import Blocked, Cause, Fail, Failure, Retry, Scope, Step
+from .reachability import CallbackWatch
 from .tokens import hash_token, new_token, token_hash_of
 
 log = logging.getLogger("konfuzio_watch")
@@ -66,6 +67,8 @@ class Pipeline:
                  on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None):
         self.config = config
         self.processing_dir = processing_dir
+        self.callback_watch: CallbackWatch | None = None  # set by the daemon when callbacks are expected
+        self.on_callbacks_missing: Callable[[str], None] | None = None
         self.journal = journal
         self.client = client
         self.clock = clock
@@ -462,13 +465,34 @@ class Pipeline:
         self._api_ok()
         status = details.get("status_data")
         if status == export.STATUS_DONE:
+            if row.callback_at is None and self.config.callback.enabled:
+                self._callback_missing(row)
             row = self.move(row, State.EXPORTING, stage="export", next_at=self.clock.now(), failures=0)
             return self.export(row, details)
         if status == export.STATUS_FAILED:
             return self.fail(row, "Konfuzio could not process the document (status 111)", stage="processing")
         name = export.STATUS_NAMES.get(status, f"status {status}")
         now = self.clock.now()
-        return self.journal.schedule_poll(row, checked_at, now, now + self.config.results.poll_interval, stage=name)
+        return self.journal.schedule_poll(row, checked_at, now, now + self._poll_delay(row, now), stage=name)
+
+    def _poll_delay(self, row: Row, now: float) -> float:
+        """With callbacks: every ``results.poll_interval``. Poll-only: as long as the document has
+        been processing so far (5, 5, 10, 20, 40 s ...), up to ``poll_interval``: a document done in
+        20 s is in done/ a few seconds later, one that takes an hour costs few requests."""
+        r = self.config.results
+        if self.config.callback.enabled:
+            return r.poll_interval
+        return min(r.poll_interval, max(r.first_poll_seconds, now - (row.uploaded_at or now)))
+
+    def _callback_missing(self, row: Row) -> None:
+        """A result found done by polling whose callback never came."""
+        if self.callback_watch is not None and self.callback_watch.found_by_polling():
+            url = self.callback_base().rstrip("/")
+            log.warning("callbacks are not arriving at %s: results keep being found by polling (each after "
+                        "results.callback_timeout, %g s); check callback.public_url, the reverse proxy or the tunnel, "
+                        "or set callback.enabled: false", url, self.config.results.callback_timeout)
+            if self.on_callbacks_missing:
+                self.on_callbacks_missing(url)
 
     def _fetch_failed(self, row: Row, failure: Failure) -> Row:
         self.metrics.fetch_retries.inc()
