@@ -326,6 +326,19 @@ class Journal:
                 found.update(self._db.execute(sql, chunk).fetchall())
         return found
 
+    def first_sent_at(self, row_ids: Iterable[int]) -> float | None:
+        """When the earliest upload attempt of these rows was sent."""
+        ids = list(row_ids)
+        earliest: float | None = None
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            with self._lock:
+                found = self._db.execute(f"SELECT MIN(sent_at) FROM upload_tokens WHERE row_id IN ({_marks(chunk)})",
+                                         chunk).fetchone()[0]
+            if found is not None and (earliest is None or found < earliest):
+                earliest = found
+        return earliest
+
     def tokens_with_documents(self, since: float) -> dict[str, tuple[int, int]]:
         """Tokens sent since ``since`` by files that were uploaded more than once and have their
         document: token -> (row id, document id). A listed document carrying one of them but another

@@ -154,12 +154,14 @@ class KonfuzioClient:
     def project(self, project_id: int) -> dict[str, Any]:
         return self._call(self._api.get_project_details, project_id, session=self.session)
 
-    def documents(self, project_id: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        """Every document of the project (meta only), page by page."""
+    def document_pages(self, project_id: int, page_size: int = 100) -> Iterator[list[dict[str, Any]]]:
+        """The project's documents (meta only), newest first, one page per request: the caller
+        stops as soon as it has seen what it looks for."""
         url: str | None = self._urls.get_documents_meta_url(project_id, limit=page_size, host=self.host)
+        url = f"{url}&ordering=-id"
         while url:
             page = self._call(self.session.get, url).json()
-            yield from page.get("results", [])
+            yield page.get("results", [])
             url = page.get("next")
 
     def _call(self, fn: Any, *args: Any, is_post: bool = False, **kwargs: Any) -> Any:

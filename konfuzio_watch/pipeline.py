@@ -13,6 +13,7 @@ Steps run on worker threads; they never share mutable state except through the j
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import hashlib
 import logging
@@ -53,6 +54,7 @@ log = logging.getLogger("konfuzio_watch")
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 HASH_CHUNK = 1024 * 1024
+CLOCK_SKEW_S = 600.0  # the server's clock may differ from ours: list this much further back
 
 
 def limits_from(config: Config) -> policy.Limits:
@@ -376,16 +378,21 @@ class Pipeline:
         found: dict[int, list[int]] = {}
         extras: list[tuple[int, int, int]] = []  # (document id, row id, project id)
         project_ids = {row.project_id or self.config.konfuzio.project_id for row in rows}
+        first_sent = self.journal.first_sent_at(by_id)
+        oldest_wanted = (first_sent if first_sent is not None else now) - CLOCK_SKEW_S
         try:
             for project_id in project_ids:
-                for doc in self.client.documents(project_id):
-                    token = token_hash_of(doc.get("callback_url"))
-                    if doc.get("id") is None or token is None:
-                        continue
-                    if token in tokens:
-                        found.setdefault(tokens[token], []).append(int(doc["id"]))
-                    elif token in late and late[token][1] != int(doc["id"]):
-                        extras.append((int(doc["id"]), late[token][0], project_id))
+                for page in self.client.document_pages(project_id):  # newest first
+                    for doc in page:
+                        token = token_hash_of(doc.get("callback_url"))
+                        if doc.get("id") is None or token is None:
+                            continue
+                        if token in tokens:
+                            found.setdefault(tokens[token], []).append(int(doc["id"]))
+                        elif token in late and late[token][1] != int(doc["id"]):
+                            extras.append((int(doc["id"]), late[token][0], project_id))
+                    if len(found) == len(rows) or _created_before(page, oldest_wanted):
+                        break  # all found, or the list reached documents older than any of our uploads
         except ApiError as exc:
             failure = Failure(exc.failure.cause, f"cannot list documents to reconcile: {exc.failure.message}",
                               status=exc.failure.status, retry_after_s=exc.failure.retry_after_s)
@@ -615,6 +622,18 @@ def duplicate_message(earlier: Row, done: Path) -> str:
         f"it is {earlier.state.value}"
     return (f"duplicate: the same content (sha256 {earlier.sha256}) was already sent as {earlier.display_path} "
             f"(document {earlier.document_id}); {where}")
+
+
+def _created_before(page: list[dict[str, Any]], limit: float) -> bool:
+    """Is the oldest document of a (newest-first) page older than ``limit``? An unreadable date
+    proves nothing."""
+    if not page:
+        return True
+    oldest = page[-1].get("created_at")
+    try:
+        return dt.datetime.fromisoformat(str(oldest).replace("Z", "+00:00")).timestamp() < limit
+    except ValueError:
+        return False
 
 
 def _has_content(path: Path, sha256: str | None) -> bool:

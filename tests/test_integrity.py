@@ -322,3 +322,24 @@ def test_claims_run_while_other_threads_write_the_journal(start_daemon, emulator
     for name, data in files.items():
         assert_own_result(running.done, name, data)
     assert all(n == 1 for n in uploads_per_sha(emulator).values())
+
+
+def test_reconciliation_reads_only_the_newest_page_of_a_large_project(daemon_process, emulator, tmp_path):
+    emulator.seed_documents(1, 50_000)
+    emulator.knobs.stall_after_store_s = 5  # stored, the answer pending: the daemon dies in between
+    daemon = daemon_process()
+    daemon.start()
+    files = {f"big/{i}.pdf": make_pdf(label=f"in a big project {i}") for i in range(4)}
+    for rel, data in files.items():
+        drop(tmp_path / "inbox" / rel, data)
+    wait_until(lambda: len(emulator.uploads) == 4, 30, "four uploads stored, their answers pending")
+    daemon.kill9()
+    emulator.knobs.stall_after_store_s = 0
+    emulator.reset_request_stats()
+
+    daemon.start()
+    wait_until(lambda: daemon.done_count() == 4, 60, "all four done")
+    assert daemon.terminate() == 0
+    assert len(emulator.uploads) == 4, "reconciled, not uploaded again"
+    lists = emulator.request_stats()["list"].count
+    assert lists <= 3, f"{lists} list requests in a project of 50,000 documents"
