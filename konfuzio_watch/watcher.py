@@ -82,12 +82,18 @@ class _Handler(FileSystemEventHandler):
         self.report("file", path)
 
 
-ObserverFactory = Callable[[bool, float], BaseObserver]
+ObserverFactory = Callable[[bool, float, frozenset[str]], BaseObserver]
 
 
-def make_observer(polling: bool, poll_interval_s: float) -> BaseObserver:
+def make_observer(polling: bool, poll_interval_s: float, skip: frozenset[str] = frozenset()) -> BaseObserver:
+    """``skip``: folders a polling observer never walks (done/ or failed/ inside the inbox: with
+    thousands of results in them, each poll would stat every one)."""
     if polling:  # lstat: never walk into a symlinked folder (a link to done/ or /etc)
-        return PollingObserverVFS(os.lstat, os.scandir, polling_interval=poll_interval_s)
+        def scandir(path: str) -> list[os.DirEntry]:
+            with os.scandir(path) as entries:
+                return [e for e in entries if e.path not in skip]
+
+        return PollingObserverVFS(os.lstat, scandir, polling_interval=poll_interval_s)
     return Observer()
 
 
@@ -128,7 +134,7 @@ class InboxWatcher:
         self._start_observer(polling=True)
 
     def _start_observer(self, polling: bool) -> None:
-        observer = self.observer_factory(polling, self.poll_interval_s)
+        observer = self.observer_factory(polling, self.poll_interval_s, frozenset(self.keep.own))
         observer.name = "inbox-observer"
         self._handler = _Handler(self.report, self.keep)
         observer.schedule(self._handler, self.keep.inbox, recursive=True)

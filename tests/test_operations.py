@@ -56,8 +56,8 @@ class _DeadEmitter(EventEmitter):
         self.stopped_event.wait(timeout)
 
 
-def _dead_inotify(polling: bool, interval_s: float) -> BaseObserver:
-    return make_observer(True, interval_s) if polling else BaseObserver(emitter_class=_DeadEmitter)
+def _dead_inotify(polling: bool, interval_s: float, skip: frozenset[str]) -> BaseObserver:
+    return make_observer(True, interval_s, skip) if polling else BaseObserver(emitter_class=_DeadEmitter)
 
 
 def test_dead_inotify_is_detected_and_polling_takes_over(start_daemon, emulator, caplog):
@@ -72,7 +72,7 @@ def test_dead_inotify_is_detected_and_polling_takes_over(start_daemon, emulator,
 
 
 def test_periodic_rescan_finds_files_the_events_missed(start_daemon, emulator):
-    never = lambda polling, interval: BaseObserver(emitter_class=_DeadEmitter)  # noqa: E731
+    never = lambda polling, interval, skip: BaseObserver(emitter_class=_DeadEmitter)  # noqa: E731
     running = start_daemon(watch={"rescan_interval": 0.5}, daemon_kwargs={"observer_factory": never})
     data = make_pdf(label="missed event")
     drop(running.inbox / "missed.pdf", data)
