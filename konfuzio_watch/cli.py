@@ -27,8 +27,9 @@ Try it without an account: konfuzio-watch demo. Help on a command: konfuzio-watc
 
 exit codes:
   0    success
-  1    failure: check found a problem, the daemon could not start, a file to retry was not
-       found, the demo did not finish, install-files left something to do
+  1    failure: check found a problem, the daemon could not start (e.g. another one runs on
+       the same state folder or inbox), a file to retry was not found, the demo did not
+       finish, install-files left something to do
   2    usage or configuration error (one line on stderr names it)
   130  interrupted (Ctrl-C)"""
 
@@ -97,6 +98,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
+    from .locks import LockHeld
     from .logs import configure_logging
     from .sdnotify import Notifier
     from .tunnel import TunnelError
@@ -123,6 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, on_hangup)
     try:
         daemon.start()
+    except LockHeld as exc:
+        print(f"konfuzio-watch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (OSError, TunnelError) as exc:
         print(f"konfuzio-watch: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE

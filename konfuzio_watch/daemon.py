@@ -22,6 +22,7 @@ from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested,
 from .gates import Gates, GateState
 from .journal import ACTIVE, Journal, JournalWriteError, Row, State
 from .konfuzio import KonfuzioClient
+from .locks import DaemonLock, InboxLock, LockHeld
 from .metrics import Metrics, Sample
 from .pipeline import Pipeline, limits_from
 from .scheduler import Duty, Scheduler
@@ -58,6 +59,8 @@ class Daemon:
         self.tunnel: Tunnel | None = None
         self.journal: Journal | None = None
         self.server: ServerThread | None = None
+        self.daemon_lock: DaemonLock | None = None
+        self.inbox_lock: InboxLock | None = None
         self.watcher: InboxWatcher | None = None
         self.pipeline: Pipeline | None = None
         self.dispatcher: Dispatcher | None = None
@@ -69,19 +72,29 @@ class Daemon:
     # -- start-up ------------------------------------------------------------------------------
 
     def start(self) -> Daemon:
-        """Open the journal, recover, bind the server, start watching. Returns when ready.
-        If any of it fails (port taken, tunnel refused), what was started is stopped again."""
+        """Take the locks, open the journal, recover, bind the servers, start watching. Returns when ready.
+        If any of it fails (port taken, tunnel refused), what was started is stopped again; if
+        another daemon holds a lock (``LockHeld``), nothing was started."""
         try:
             return self._start()
+        except LockHeld:
+            self._release_locks()
+            raise
         except BaseException:
             self._shutdown()
             raise
 
     def _start(self) -> Daemon:
         c = self.config
-        for folder in (c.folders.inbox, c.folders.done, c.folders.failed, c.folders.state, c.processing_dir):
+        # Before anything else: is this state folder (the journal), and this inbox, ours alone?
+        c.folders.state.mkdir(parents=True, exist_ok=True)
+        self.daemon_lock = DaemonLock(c.folders.state, c.folders.inbox).acquire()
+        c.folders.inbox.mkdir(parents=True, exist_ok=True)
+        self.inbox_lock = InboxLock(c.folders.inbox, c.folders.state).acquire()
+        for folder in (c.folders.done, c.folders.failed, c.processing_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(c.journal_path)
+        self.inbox_lock.claim(self.journal.journal_id)
         self.journal.bind_processing_dir(c.processing_dir)
         if self._client is None:
             self._client = KonfuzioClient(c.konfuzio.host, c.api_token(), c.konfuzio.timeout_seconds,
@@ -249,7 +262,13 @@ class Daemon:
             self._client.close()
         if self.journal:
             self.journal.close()
+        self._release_locks()
         log.info("stopped")
+
+    def _release_locks(self) -> None:
+        for lock in (self.inbox_lock, self.daemon_lock):
+            if lock:
+                lock.release()
 
 
 def run_in_thread(daemon: Daemon) -> threading.Thread:

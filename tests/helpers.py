@@ -25,6 +25,7 @@ import requests
 import yaml
 
 from konfuzio_watch.journal import State
+from konfuzio_watch.locks import INBOX_LOCK_NAME
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import TOKEN, drop, wait_until
@@ -168,7 +169,7 @@ def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str
         assert hashlib.sha256(data).hexdigest() in result["text"], f"{rel} got another file's result"
     assert len(list(done.rglob("*.json"))) == len(files), "an extra result in done/"
     assert not list((root / "failed").rglob("*")), "a file failed"
-    leftovers = [p for p in (root / "inbox").rglob("*") if p.is_file()]
+    leftovers = [p for p in (root / "inbox").rglob("*") if p.is_file() and not is_daemons_own(p)]
     assert leftovers == [], f"left behind: {leftovers}"
     per_sha = collections.Counter(u.sha256 for u in emulator.uploads)
     twice = {sha: n for sha, n in per_sha.items() if n > 1}
@@ -177,7 +178,12 @@ def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str
 
 
 def inbox_files(running) -> list[Path]:  # type: ignore[no-untyped-def]
-    return [p for p in running.inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in p.parts]
+    return [p for p in running.inbox.rglob("*") if p.is_file() and not is_daemons_own(p)]
+
+
+def is_daemons_own(path: Path) -> bool:
+    """The daemon's own files in the inbox: its processing folder and the inbox marker (locks.py)."""
+    return ".konfuzio-watch" in path.parts or path.name == INBOX_LOCK_NAME
 
 
 def assert_own_result(done: Path, rel: str, data: bytes) -> dict:
