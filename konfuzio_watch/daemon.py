@@ -9,8 +9,10 @@ the inbox watcher (threads that only report facts).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -22,8 +24,9 @@ from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested,
 from .gates import Gates, GateState
 from .journal import ACTIVE, Journal, JournalWriteError, Row, State
 from .konfuzio import KonfuzioClient
-from .locks import DaemonLock, InboxLock, LockHeld
+from .locks import DaemonLock, InboxLock, LockHeld, hostname
 from .metrics import Metrics, Sample
+from .monitor import OK, STARTING, STOPPING, iso, local_url, start_monitor
 from .pipeline import Pipeline, limits_from
 from .scheduler import Duty, Scheduler
 from .sdnotify import Notifier
@@ -59,8 +62,13 @@ class Daemon:
         self.tunnel: Tunnel | None = None
         self.journal: Journal | None = None
         self.server: ServerThread | None = None
+        self.monitor: ServerThread | None = None
         self.daemon_lock: DaemonLock | None = None
         self.inbox_lock: InboxLock | None = None
+        # name -> callable whose answer /status (and `konfuzio-watch status`) shows under "extra";
+        # called on a monitor thread, so it must be thread-safe (e.g. a snapshot taken under a lock).
+        self.status_sources: dict[str, Callable[[], object]] = {}
+        self.started_at = time.time()
         self.watcher: InboxWatcher | None = None
         self.pipeline: Pipeline | None = None
         self.dispatcher: Dispatcher | None = None
@@ -86,6 +94,7 @@ class Daemon:
 
     def _start(self) -> Daemon:
         c = self.config
+        self.started_at = time.time()
         # Before anything else: is this state folder (the journal), and this inbox, ours alone?
         c.folders.state.mkdir(parents=True, exist_ok=True)
         self.daemon_lock = DaemonLock(c.folders.state, c.folders.inbox).acquire()
@@ -121,8 +130,10 @@ class Daemon:
         active = self.pipeline.recover()
         if active:
             log.info("resuming %d unfinished file(s) from the journal", active)
-        app = create_app(self._record_callback, self._ready.is_set, path=c.callback.path,
-                         max_body_bytes=c.callback.max_body_kb * 1024, metrics=self.metrics.render)
+        if c.monitor.enabled:  # first: it answers 503 "starting" while the rest comes up
+            self.monitor = start_monitor(self.snapshot, self.metrics.render, c.monitor.host, c.monitor.port)
+            self.daemon_lock.set_monitor_url(local_url(self.monitor))
+        app = create_app(self._record_callback, path=c.callback.path, max_body_bytes=c.callback.max_body_kb * 1024)
         settings = dict(PUBLIC_ENDPOINT_SETTINGS, max_request_body_size=c.callback.max_body_kb * 1024)
         self.server = ServerThread(app, c.callback.host, c.callback.port, name="callback-server", threads=4,
                                    **settings).start()
@@ -133,8 +144,9 @@ class Daemon:
             self.public_url = self.tunnel.open()
         self.watcher.start()  # watch first, then scan (the rescan duty is due at once): nothing slips between
         self._ready.set()
-        log.info("ready: watching %s%s, callbacks at %s/%s/…", c.folders.inbox,
-                 " (polling)" if self.watcher.polling else "", self.public_url, c.callback.path.strip("/"))
+        log.info("ready: watching %s%s, callbacks at %s/%s/…%s", c.folders.inbox,
+                 " (polling)" if self.watcher.polling else "", self.public_url, c.callback.path.strip("/"),
+                 f", monitor at {local_url(self.monitor)}" if self.monitor else "")
         self.notifier.ready(self.status_line())
         return self
 
@@ -227,6 +239,33 @@ class Daemon:
         return status_line(self.journal.counts(), self.journal.oldest_active_detected_at(), self.clock.now(),
                            [g.reason for g in self.gates.blocked()])
 
+    def snapshot(self) -> dict[str, object]:
+        """What only the running daemon knows, for the monitor's /status (and /healthz)."""
+        status = OK if self._ready.is_set() else STOPPING if self._stopping.is_set() else STARTING
+        now = self.clock.now()
+        blocked = [{"scope": g.scope.value, "reason": g.reason, "since": iso(g.since),
+                    "for_seconds": None if g.since is None else round(max(0.0, now - g.since), 1)}
+                   for g in self.gates.blocked()]
+        extra: dict[str, object] = {}
+        for name, source in list(self.status_sources.items()):
+            try:
+                extra[name] = source()
+            except Exception as exc:  # one broken source must not hide the others
+                extra[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "status": status,
+            "line": self.status_line() if self.journal is not None else status,
+            "pid": os.getpid(),
+            "host": hostname(),
+            "started_at": iso(self.started_at),
+            "state_folder": str(self.config.folders.state),
+            "inbox": str(self.config.folders.inbox),
+            "public_url": self.public_url,
+            "blocked": blocked,
+            "in_hand": len(self.dispatcher.inflight) if self.dispatcher else 0,
+            "extra": extra,
+        }
+
     def _sample(self) -> Sample:
         if self.journal is None:
             return Sample()
@@ -247,15 +286,19 @@ class Daemon:
     def _shutdown(self) -> None:
         """Stop taking files, let the steps in hand finish, then close observer -> server -> tunnel -> journal."""
         inflight = len(self.dispatcher.inflight) if self.dispatcher else 0
-        log.info("stopping: %d step(s) in hand", inflight)
+        # After a failed start the caller reports the error in one line; undoing the start is no news.
+        level = logging.INFO if self._ready.is_set() else logging.DEBUG
+        log.log(level, "stopping: %d step(s) in hand", inflight)
         self.notifier.stopping(f"stopping; {inflight} step(s) in hand")
+        self._stopping.set()
         self._ready.clear()
         if self.watcher:
             self.watcher.stop()
         for pool in self._own_pools:
             pool.shutdown(wait=True, cancel_futures=True)
-        if self.server:
-            self.server.close(timeout_s=5)
+        for server in (self.server, self.monitor):
+            if server:
+                server.close(timeout_s=5)
         if self.tunnel:
             self.tunnel.close()
         if self._client:
@@ -263,7 +306,7 @@ class Daemon:
         if self.journal:
             self.journal.close()
         self._release_locks()
-        log.info("stopped")
+        log.log(level, "stopped")
 
     def _release_locks(self) -> None:
         for lock in (self.inbox_lock, self.daemon_lock):

@@ -101,11 +101,13 @@ class DaemonProcess:
     def __init__(self, root: Path, emulator, **overrides: dict) -> None:  # type: ignore[no-untyped-def]
         self.root = root
         self.port = free_port()
+        self.monitor_port = free_port()
         raw = {
             "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1, "timeout_seconds": 10},
             "folders": {name: str(root / name) for name in ("inbox", "done", "failed", "state")},
             "watch": {"settle_seconds": 0.2},
             "callback": {"host": "127.0.0.1", "port": self.port},
+            "monitor": {"port": self.monitor_port},
             "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5},
             "results": {"callback_timeout": 2, "poll_interval": 0.3},
         }
@@ -129,9 +131,13 @@ class DaemonProcess:
         if self.proc.poll() is not None:
             pytest.fail(f"daemon exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
         try:
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+            return requests.get(f"{self.monitor_url}/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:
             return False
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
 
     def kill9(self) -> None:
         assert self.proc

@@ -47,7 +47,7 @@ def test_a_second_daemon_on_the_same_state_folder_exits_at_once_naming_the_first
                 rf"is running on {re.escape(str(tmp_path / 'state'))}; stop it first\n")
     assert re.fullmatch(expected, log), log  # one line: no recovery, no traceback, nothing else
     holder = json.loads((tmp_path / "state" / DAEMON_LOCK_NAME).read_text())
-    assert holder["pid"] == first.proc.pid
+    assert holder["pid"] == first.proc.pid and holder["monitor_url"] == first.monitor_url
 
     data = make_pdf(label="only once")
     drop(tmp_path / "inbox" / "once.pdf", data)
