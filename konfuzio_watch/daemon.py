@@ -20,7 +20,7 @@ from .callback import TryLater, create_app
 from .clock import Clock, SteadyClock
 from .config import Config
 from .dispatcher import RESULTS, UPLOADS, Dispatcher
-from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StopRequested, Wake
+from .events import Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone, StopRequested, Wake
 from .gates import Gates, GateState
 from .journal import ACTIVE, Journal, JournalWriteError, Row, State
 from .konfuzio import KonfuzioClient
@@ -69,6 +69,7 @@ class Daemon:
         # called on a monitor thread, so it must be thread-safe (e.g. a snapshot taken under a lock).
         self.status_sources: dict[str, Callable[[], object]] = {}
         self.started_at = time.time()
+        self._stop_requested_at: float | None = None
         self.watcher: InboxWatcher | None = None
         self.pipeline: Pipeline | None = None
         self.dispatcher: Dispatcher | None = None
@@ -189,13 +190,17 @@ class Daemon:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """The scheduling loop; returns after ``request_stop`` once in-flight steps are finished."""
+    def run(self) -> bool:
+        """The scheduling loop, until ``request_stop``; then the shutdown. True if it was clean; False
+        if steps in hand were cut off after ``service.stop_timeout_seconds`` (their worker threads
+        are still stuck: a process should exit now, with ``os._exit``, as ``konfuzio-watch run`` does)."""
         assert self.scheduler
         self.scheduler.run(self._stopping)
-        self._shutdown()
+        return self._shutdown()
 
     def request_stop(self) -> None:
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()  # the stop timeout counts from here
         self._stopping.set()
         if self.scheduler:
             self.scheduler.report(StopRequested())
@@ -283,8 +288,15 @@ class Daemon:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    def _shutdown(self) -> None:
-        """Stop taking files, let the steps in hand finish, then close observer -> server -> tunnel -> journal."""
+    def _shutdown(self) -> bool:
+        """Stop taking work, let the steps in hand finish within ``service.stop_timeout_seconds`` (counted
+        from ``request_stop``), then close observer -> servers -> tunnel -> journal and the locks.
+
+        Returns False if steps were cut off: one WARNING names them, and their worker threads are
+        left behind (the journal is safe: every state change is a committed transaction, and start-up
+        reconciles an ``uploading`` row with the server before uploading again)."""
+        budget = self.config.service.stop_timeout_seconds
+        deadline = (self._stop_requested_at or time.monotonic()) + budget
         inflight = len(self.dispatcher.inflight) if self.dispatcher else 0
         # After a failed start the caller reports the error in one line; undoing the start is no news.
         level = logging.INFO if self._ready.is_set() else logging.DEBUG
@@ -295,10 +307,17 @@ class Daemon:
         if self.watcher:
             self.watcher.stop()
         for pool in self._own_pools:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)  # nothing new starts; queued steps are dropped
+        cut_off = self._wait_for_steps(deadline)
+        if cut_off:
+            log.warning("stopping: cut off after %g s: %s; start-up will reconcile them", budget,
+                        self._describe(cut_off))
+        else:
+            for pool in self._own_pools:
+                pool.shutdown(wait=True)
         for server in (self.server, self.monitor):
             if server:
-                server.close(timeout_s=5)
+                server.close(timeout_s=5 if not cut_off else 1)
         if self.tunnel:
             self.tunnel.close()
         if self._client:
@@ -306,7 +325,48 @@ class Daemon:
         if self.journal:
             self.journal.close()
         self._release_locks()
-        log.log(level, "stopped")
+        if cut_off:
+            log.log(level, "stopped, leaving %d step(s) behind", len(cut_off))
+        else:
+            log.log(level, "stopped")
+        return not cut_off
+
+    def _wait_for_steps(self, deadline: float) -> list[int]:
+        """Until the dispatcher has nothing in hand, or the deadline: the ids of the rows still in hand.
+        The loop has stopped, so the workers' completions are taken from its queue here."""
+        if self.dispatcher is None or self.scheduler is None:
+            return []
+        inflight = self.dispatcher.inflight
+        while inflight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                event = self.scheduler.events.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if isinstance(event, StepDone):
+                self.dispatcher.finished(event)
+        return sorted(inflight)
+
+    def _describe(self, row_ids: list[int], names_shown: int = 10) -> str:
+        """``2 upload(s) in flight (a.pdf, b.pdf), 1 exporting (c.pdf)``, from the journal's rows."""
+        try:
+            assert self.journal
+            rows = self.journal.get_many(row_ids)
+        except Exception as exc:  # say what we can: the ids
+            return f"{len(row_ids)} step(s) (journal rows {', '.join(map(str, row_ids))}; {exc})"
+        by_state: dict[State, list[Row]] = {}
+        for row in rows:
+            by_state.setdefault(row.state, []).append(row)
+        parts = []
+        for state, group in by_state.items():
+            names = ", ".join(r.display_path for r in group[:names_shown])
+            if len(group) > names_shown:
+                names += f", and {len(group) - names_shown} more"
+            what = "upload(s) in flight" if state == State.UPLOADING else state.value
+            parts.append(f"{len(group)} {what} ({names})")
+        return ", ".join(parts)
 
     def _release_locks(self) -> None:
         for lock in (self.inbox_lock, self.daemon_lock):
