@@ -7,15 +7,17 @@ import logging
 import os
 import re
 import socket
+import subprocess
 
 import pytest
 
 from konfuzio_watch.daemon import Daemon
+from konfuzio_watch.journal import State
 from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, LockHeld
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import drop, make_config, wait_until
-from .helpers import DaemonProcess, documents_per_sha
+from .helpers import KONFUZIO_WATCH, DaemonProcess, documents_per_sha
 
 HOST = socket.gethostname()
 SINCE = r"since (\d{4}-\d\d-\d\d )?\d\d:\d\d"
@@ -123,4 +125,34 @@ def test_an_inbox_last_watched_with_another_journal_is_taken_over_with_one_warni
         leftover.unlink()
     start_daemon(config).stop()
     assert [r for r in caplog.records if "another journal" in r.getMessage()]
+
+
+def test_status_and_retry_work_while_a_daemon_runs(tmp_path, emulator):
+    daemon = DaemonProcess(tmp_path, emulator)
+    daemon.start()
+    assert daemon.proc
+    drop(tmp_path / "inbox" / "notes.txt", b"not a document")
+    wait_until(lambda: (tmp_path / "failed" / "notes.txt").exists(), 30, "notes.txt failed")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*KONFUZIO_WATCH, *args, "--config", str(daemon.config)], capture_output=True,
+                              text=True, timeout=30, env={**os.environ, "LOG_TO_FILE": "False"})
+
+    status = cli("status")
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    lines = status.stdout.splitlines()
+    assert re.fullmatch(rf"daemon: running \(pid {daemon.proc.pid} on host {re.escape(HOST)}, {SINCE}\)", lines[0])
+    assert "  blocked: nothing" in lines
+    assert f"{'failed':<11} {1:>5}" in lines
+
+    retry = cli("retry", "--all-failed")
+    assert retry.returncode == 0, retry.stderr
+    assert "notes.txt: back in the inbox as notes.txt" in retry.stdout
+    wait_until(lambda: dict(daemon.journal("SELECT state, COUNT(*) FROM files GROUP BY state")) == {
+        State.RETRIED.value: 1, State.FAILED.value: 1} and (tmp_path / "failed" / "notes.txt").exists(), 30,
+        "the retried file back in failed/ (it is text)")
+
+    assert daemon.terminate() == 0
+    after = cli("status")
+    assert after.returncode == 0 and after.stdout.startswith("daemon: no daemon running\n"), after.stdout
 

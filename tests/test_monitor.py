@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from konfuzio_watch.journal import State
+from konfuzio_watch.journal import Journal, State
 from konfuzio_watch.locks import DAEMON_LOCK_NAME
 from konfuzio_watch.samples import make_pdf
+from konfuzio_watch.status import print_status
 from konfuzio_watch.watcher import make_observer
 
 from .conftest import TOKEN, drop, make_config, wait_until
@@ -153,6 +156,31 @@ def test_status_json_carries_the_gates_and_the_extra_facts(start_daemon, emulato
     lock = json.loads((running.config.folders.state / DAEMON_LOCK_NAME).read_text())
     assert lock["monitor_url"] == running.daemon.monitor.url and lock["pid"] == os.getpid()
 
+    emulator.knobs.outage = True
+    drop(running.inbox / "x.pdf", make_pdf(label="x"))
+    wait_until(lambda: running.daemon.gates.blocked(), 20, "the API gate blocked")
+    out = io.StringIO()
+    print_status(running.config, show_all=False, now=time.time(), out=out)  # reads the lock file, asks the monitor
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"daemon: running (pid {os.getpid()} on host {socket.gethostname()}, since ")
+    assert any(line.startswith("  BLOCKED api for ") and "503" in line for line in lines), lines
+    assert "  candidates settling: 2: a.pdf, b.pdf" in lines and "  candidates unreadable: 0" in lines
+    emulator.knobs.outage = False
+
+
+def test_without_a_monitor_status_says_so(start_daemon):
+    running = start_daemon(monitor={"enabled": False})
+    assert running.daemon.monitor is None
+    out = io.StringIO()
+    print_status(running.config, show_all=False, now=time.time(), out=out)
+    assert out.getvalue().splitlines()[1] == ("  its monitor is off (monitor.enabled: false) or not yet up: "
+                                              "no live state to show")
+
+
+def status_process(config: Path, **kwargs) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    return subprocess.Popen([*KONFUZIO_WATCH, "status", "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "LOG_TO_FILE": "False"}, **kwargs)
+
 
 def write_config(tmp_path: Path, emulator, **sections: dict) -> Path:  # type: ignore[no-untyped-def]
     path = tmp_path / "config.yaml"
@@ -163,6 +191,40 @@ def write_config(tmp_path: Path, emulator, **sections: dict) -> Path:  # type: i
         **sections,
     }))
     return path
+
+
+def test_status_into_a_closed_pipe_prints_no_traceback(tmp_path, emulator):
+    config = write_config(tmp_path, emulator)
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.add_claims([f"pending/{i:04d}.pdf".encode() for i in range(400)], time.time())  # a long listing
+    journal.close()
+    proc = status_process(config)
+    assert proc.stdout
+    proc.stdout.close()  # `| head -1` that has read its line: nobody reads the rest
+    _, err = proc.communicate(timeout=30)
+    assert err == b"", err.decode()
+    assert proc.returncode == 0
+
+
+def test_status_on_a_corrupt_or_unreadable_journal_is_one_line(tmp_path, emulator):
+    config = write_config(tmp_path, emulator)
+    path = tmp_path / "state" / "journal.sqlite3"
+    path.parent.mkdir()
+    garbage = b"this is no SQLite database, just some bytes\n" * 100
+    path.write_bytes(garbage)
+    proc = status_process(config)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err.decode() == f"konfuzio-watch: cannot read the journal {path}: file is not a database\n"
+    assert out.decode() == "daemon: no daemon running\n\n"
+    assert path.read_bytes() == garbage
+
+    path.unlink()
+    path.mkdir()  # unreadable as a database, even for root
+    proc = status_process(config)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err.decode() == f"konfuzio-watch: cannot read the journal {path}: unable to open database file\n"
 
 
 def test_a_taken_monitor_port_is_one_line(tmp_path, emulator):
