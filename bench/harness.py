@@ -151,6 +151,7 @@ class DaemonConfig:
                         "state": str(self.state)},
             "watch": {"settle_seconds": self.settle_s},
             "callback": {"host": "127.0.0.1", "port": 0},
+            "monitor": {"port": 0},
             "upload": {"concurrency": self.concurrency},
         }  # fmt: skip
         for section, values in self.extra.items():

@@ -1,4 +1,7 @@
-"""The HTTP endpoints: Konfuzio's callback, /healthz and /metrics.
+"""The public HTTP endpoint: Konfuzio's callback, and nothing else (every other path is a 404).
+
+/healthz, /metrics and /status are the monitor's (``monitor.py``), on a port of its own: this
+one faces the internet, and slow clients can exhaust its connections.
 
 The callback is untrusted input from the internet. The token in the URL says *which* file it
 is about; the body is never believed (at most it can contradict the token and be refused). The
@@ -14,11 +17,10 @@ from collections.abc import Callable
 
 from flask import Flask, Response, request
 
-from .metrics import CONTENT_TYPE
-
 log = logging.getLogger(__name__)
 
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{20,100}")
+
 
 class TryLater(Exception):
     """``record`` cannot store the fact now for a reason the daemon already handles: answer 503."""
@@ -28,8 +30,7 @@ class TryLater(Exception):
 RecordCallback = Callable[[str, "int | None"], str]
 
 
-def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: str = "konfuzio-callback",
-               max_body_bytes: int = 64 * 1024, metrics: Callable[[], bytes] | None = None) -> Flask:
+def create_app(record: RecordCallback, *, path: str = "konfuzio-callback", max_body_bytes: int = 64 * 1024) -> Flask:
     app = Flask("konfuzio_watch")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     prefix = "/" + path.strip("/")
@@ -64,17 +65,6 @@ def create_app(record: RecordCallback, is_ready: Callable[[], bool], *, path: st
             log.warning("refused a callback naming document %s on another document's token", claimed_id)
             return _json({"detail": "This token was not issued for that document."}, 403)
         return _json({"status": outcome}, 202 if outcome == "recorded" else 200)
-
-    @app.get("/healthz")
-    def healthz() -> Response:
-        ready = is_ready()
-        return _json({"status": "ok" if ready else "starting"}, 200 if ready else 503)
-
-    if metrics is not None:
-
-        @app.get("/metrics")
-        def prometheus() -> Response:
-            return Response(metrics(), content_type=CONTENT_TYPE)
 
     @app.errorhandler(404)
     @app.errorhandler(405)

@@ -136,7 +136,7 @@ def _check_callbacks(config: Config, report: Report, note: Callable[[str], None]
     from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
 
     tokens = reachability.ProbeTokens()
-    app = create_app(lambda token, _claimed: "probe" if tokens.arrived(token) else "unknown", lambda: True,
+    app = create_app(lambda token, _claimed: "probe" if tokens.arrived(token) else "unknown",
                      path=c.path, max_body_bytes=c.max_body_kb * 1024)
     try:
         server = ServerThread(app, c.host, c.port, name="check-callback-server", threads=1,

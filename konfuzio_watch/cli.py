@@ -27,8 +27,9 @@ Try it without an account: konfuzio-watch demo. Help on a command: konfuzio-watc
 
 exit codes:
   0    success
-  1    failure: check found a problem, the daemon could not start, a file to retry was not
-       found, the demo did not finish, install-files left something to do
+  1    failure: check found a problem, the daemon could not start (e.g. another one runs on
+       the same state folder or inbox), status cannot read the journal, a file to retry was
+       not found, the demo did not finish, install-files left something to do
   2    usage or configuration error (one line on stderr names it)
   130  interrupted (Ctrl-C)"""
 
@@ -43,6 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `konfuzio-watch status | head -1`: the reader has all it wanted
+        _silence_stdout()
+        return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,6 +108,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
+    from .locks import LockHeld
     from .logs import configure_logging
     from .sdnotify import Notifier
     from .tunnel import TunnelError
@@ -123,10 +135,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, on_hangup)
     try:
         daemon.start()
+    except LockHeld as exc:
+        print(f"konfuzio-watch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (OSError, TunnelError) as exc:
         print(f"konfuzio-watch: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    daemon.run()
+    if not daemon.run():
+        # Steps were cut off after service.stop_timeout_seconds; their worker threads are stuck in
+        # a call that would hold the interpreter's exit. The journal has every committed state.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 
@@ -139,13 +160,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import print_status, watch_status
+    from .status import StatusError, print_status, watch_status
 
     config: Config = load_config(args.config)
-    if args.watch is None:
-        print_status(config, show_all=args.all, now=time.time(), out=sys.stdout)
-        return EXIT_OK
-    watch_status(config, show_all=args.all, interval_s=max(0.2, args.watch), out=sys.stdout)
+    try:
+        if args.watch is None:
+            print_status(config, show_all=args.all, now=time.time(), out=sys.stdout)
+        else:
+            watch_status(config, show_all=args.all, interval_s=max(0.2, args.watch), out=sys.stdout)
+        sys.stdout.flush()  # a closed pipe shows here, where main() handles it
+    except StatusError as exc:
+        sys.stdout.flush()
+        print(f"konfuzio-watch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -124,6 +124,24 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """/healthz, /metrics and /status on a listener of their own (``monitor.py``), never the public port."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9321  # 0: any free port (the lock file names the one taken)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    # How long SIGTERM waits for the steps in hand; below systemd's TimeoutStopSec=90 with room to close.
+    stop_timeout_seconds: float = 20.0
+
+
+STOP_TIMEOUT_LIMIT_S = 85.0
+
+
+@dataclass(frozen=True)
 class Config:
     konfuzio: KonfuzioConfig = field(default_factory=KonfuzioConfig)
     folders: FoldersConfig = field(default_factory=FoldersConfig)
@@ -133,6 +151,8 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     ngrok: NgrokConfig = field(default_factory=NgrokConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     routes: tuple[Route, ...] = ()
 
     def route_for(self, rel_path: str) -> tuple[int, int | None, int]:
@@ -369,6 +389,7 @@ def _check(config: Config) -> None:
     if u.on_duplicate not in ("process", "fail"):
         raise ConfigError(f"upload.on_duplicate: expected 'process' or 'fail', got {u.on_duplicate!r}")
     _check_alerts(config.alerts)
+    _check_monitor_and_service(config)
     if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):
         raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
     # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but
@@ -401,6 +422,17 @@ def _check_ranges(ranges: list[tuple[str, float | None, float, float | None]]) -
         if value < low or (high is not None and value > high):
             bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
             raise ConfigError(f"{key}: must be {bounds}, got {value:g}")
+
+
+def _check_monitor_and_service(config: Config) -> None:
+    m, stop = config.monitor, config.service.stop_timeout_seconds
+    if not 0 <= m.port <= 65535:
+        raise ConfigError("monitor.port: out of range")
+    if m.enabled and m.port and m.port == config.callback.port:
+        raise ConfigError(f"monitor.port: must differ from callback.port ({m.port}): the monitor is not public")
+    if not 0 < stop < STOP_TIMEOUT_LIMIT_S:
+        raise ConfigError(f"service.stop_timeout_seconds: must be more than 0 and less than {STOP_TIMEOUT_LIMIT_S:g} "
+                          f"(systemd stops the service with TimeoutStopSec=90), got {stop:g}")
 
 
 def _check_url(key: str, url: str) -> None:

@@ -9,8 +9,10 @@ the inbox watcher (threads that only report facts).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -20,11 +22,23 @@ from .callback import TryLater, create_app
 from .clock import Clock, SteadyClock
 from .config import Config
 from .dispatcher import RESULTS, UPLOADS, Dispatcher
-from .events import CleanupWanted, Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StopRequested, Wake
+from .events import (
+    CleanupWanted,
+    Event,
+    FileSeen,
+    FolderSeen,
+    JournalFailed,
+    RescanRequested,
+    StepDone,
+    StopRequested,
+    Wake,
+)
 from .gates import Gates, GateState
 from .journal import ACTIVE, Journal, JournalError, JournalWriteError, Row, State
 from .konfuzio import KonfuzioClient
+from .locks import DaemonLock, InboxLock, LockHeld, hostname
 from .metrics import Metrics, Sample
+from .monitor import OK, STARTING, STOPPING, iso, local_url, start_monitor
 from .pipeline import Pipeline, limits_from
 from .scheduler import Duty, Scheduler
 from .sdnotify import Notifier
@@ -60,6 +74,14 @@ class Daemon:
         self.tunnel: Tunnel | None = None
         self.journal: Journal | None = None
         self.server: ServerThread | None = None
+        self.monitor: ServerThread | None = None
+        self.daemon_lock: DaemonLock | None = None
+        self.inbox_lock: InboxLock | None = None
+        # name -> callable whose answer /status (and `konfuzio-watch status`) shows under "extra";
+        # called on a monitor thread, so it must be thread-safe (e.g. a snapshot taken under a lock).
+        self.status_sources: dict[str, Callable[[], object]] = {}
+        self.started_at = time.time()
+        self._stop_requested_at: float | None = None
         self.watcher: InboxWatcher | None = None
         self.pipeline: Pipeline | None = None
         self.dispatcher: Dispatcher | None = None
@@ -72,17 +94,27 @@ class Daemon:
     # -- start-up ------------------------------------------------------------------------------
 
     def start(self) -> Daemon:
-        """Open the journal, recover, bind the server, start watching. Returns when ready.
-        If any of it fails (port taken, tunnel refused), what was started is stopped again."""
+        """Take the locks, open the journal, recover, bind the servers, start watching. Returns when ready.
+        If any of it fails (port taken, tunnel refused), what was started is stopped again; if
+        another daemon holds a lock (``LockHeld``), nothing was started."""
         try:
             return self._start()
+        except LockHeld:
+            self._release_locks()
+            raise
         except BaseException:
-            self._shutdown(quiet=True)
+            self._shutdown()
             raise
 
     def _start(self) -> Daemon:
         c = self.config
-        for folder in (c.folders.inbox, c.folders.done, c.folders.failed, c.folders.state):
+        self.started_at = time.time()
+        # Before anything else: is this state folder (the journal), and this inbox, ours alone?
+        c.folders.state.mkdir(parents=True, exist_ok=True)
+        self.daemon_lock = DaemonLock(c.folders.state, c.folders.inbox).acquire()
+        c.folders.inbox.mkdir(parents=True, exist_ok=True)
+        self.inbox_lock = InboxLock(c.folders.inbox, c.folders.state).acquire()
+        for folder in (c.folders.done, c.folders.failed):
             folder.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(c.journal_path)
         damage = self.journal.quick_check()
@@ -90,6 +122,7 @@ class Daemon:
             raise JournalError(f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
                                f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
                                "processing folder then go back to the inbox and through again")
+        self.inbox_lock.claim(self.journal.journal_id)
         self.processing_dir = processing.resolve(c, self.journal.meta("processing_dir"))
         processing.prepare(self.processing_dir, c.folders.inbox)
         self.journal.bind_processing_dir(self.processing_dir)
@@ -119,8 +152,10 @@ class Daemon:
         active = self.pipeline.recover()
         if active:
             log.info("resuming %d unfinished file(s) from the journal", active)
-        app = create_app(self._record_callback, self._ready.is_set, path=c.callback.path,
-                         max_body_bytes=c.callback.max_body_kb * 1024, metrics=self.metrics.render)
+        if c.monitor.enabled:  # first: it answers 503 "starting" while the rest comes up
+            self.monitor = start_monitor(self.snapshot, self.metrics.render, c.monitor.host, c.monitor.port)
+            self.daemon_lock.set_monitor_url(local_url(self.monitor))
+        app = create_app(self._record_callback, path=c.callback.path, max_body_bytes=c.callback.max_body_kb * 1024)
         settings = dict(PUBLIC_ENDPOINT_SETTINGS, max_request_body_size=c.callback.max_body_kb * 1024)
         self.server = ServerThread(app, c.callback.host, c.callback.port, name="callback-server", threads=4,
                                    **settings).start()
@@ -131,8 +166,9 @@ class Daemon:
             self.public_url = self.tunnel.open()
         self.watcher.start()  # watch first, then scan (the rescan duty is due at once): nothing slips between
         self._ready.set()
-        log.info("ready: watching %s%s, callbacks at %s/%s/…", c.folders.inbox,
-                 " (polling)" if self.watcher.polling else "", self.public_url, c.callback.path.strip("/"))
+        log.info("ready: watching %s%s, callbacks at %s/%s/…%s", c.folders.inbox,
+                 " (polling)" if self.watcher.polling else "", self.public_url, c.callback.path.strip("/"),
+                 f", monitor at {local_url(self.monitor)}" if self.monitor else "")
         self.notifier.ready(self.status_line())
         return self
 
@@ -177,13 +213,17 @@ class Daemon:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """The scheduling loop; returns after ``request_stop`` once in-flight steps are finished."""
+    def run(self) -> bool:
+        """The scheduling loop, until ``request_stop``; then the shutdown. True if it was clean; False
+        if steps in hand were cut off after ``service.stop_timeout_seconds`` (their worker threads
+        are still stuck: a process should exit now, with ``os._exit``, as ``konfuzio-watch run`` does)."""
         assert self.scheduler
         self.scheduler.run(self._stopping)
-        self._shutdown()
+        return self._shutdown()
 
     def request_stop(self) -> None:
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()  # the stop timeout counts from here
         self._stopping.set()
         if self.scheduler:
             self.scheduler.report(StopRequested())
@@ -227,6 +267,33 @@ class Daemon:
         return status_line(self.journal.counts(), self.journal.oldest_active_detected_at(), self.clock.now(),
                            [g.reason for g in self.gates.blocked()])
 
+    def snapshot(self) -> dict[str, object]:
+        """What only the running daemon knows, for the monitor's /status (and /healthz)."""
+        status = OK if self._ready.is_set() else STOPPING if self._stopping.is_set() else STARTING
+        now = self.clock.now()
+        blocked = [{"scope": g.scope.value, "reason": g.reason, "since": iso(g.since),
+                    "for_seconds": None if g.since is None else round(max(0.0, now - g.since), 1)}
+                   for g in self.gates.blocked()]
+        extra: dict[str, object] = {}
+        for name, source in list(self.status_sources.items()):
+            try:
+                extra[name] = source()
+            except Exception as exc:  # one broken source must not hide the others
+                extra[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "status": status,
+            "line": self.status_line() if self.journal is not None else status,
+            "pid": os.getpid(),
+            "host": hostname(),
+            "started_at": iso(self.started_at),
+            "state_folder": str(self.config.folders.state),
+            "inbox": str(self.config.folders.inbox),
+            "public_url": self.public_url,
+            "blocked": blocked,
+            "in_hand": len(self.dispatcher.inflight) if self.dispatcher else 0,
+            "extra": extra,
+        }
+
     def _sample(self) -> Sample:
         if self.journal is None:
             return Sample()
@@ -244,28 +311,90 @@ class Daemon:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    def _shutdown(self, quiet: bool = False) -> None:
-        """Stop taking files, let the steps in hand finish, then close observer -> server -> tunnel -> journal.
-        ``quiet``: after a failed start, whose one-line reason is all the admin needs."""
+    def _shutdown(self) -> bool:
+        """Stop taking work, let the steps in hand finish within ``service.stop_timeout_seconds`` (counted
+        from ``request_stop``), then close observer -> servers -> tunnel -> journal and the locks.
+
+        Returns False if steps were cut off: one WARNING names them, and their worker threads are
+        left behind (the journal is safe: every state change is a committed transaction, and start-up
+        reconciles an ``uploading`` row with the server before uploading again)."""
+        budget = self.config.service.stop_timeout_seconds
+        deadline = (self._stop_requested_at or time.monotonic()) + budget
         inflight = len(self.dispatcher.inflight) if self.dispatcher else 0
-        if not quiet:
-            log.info("stopping: %d step(s) in hand", inflight)
+        # After a failed start the caller reports the error in one line; undoing the start is no news.
+        level = logging.INFO if self._ready.is_set() else logging.DEBUG
+        log.log(level, "stopping: %d step(s) in hand", inflight)
         self.notifier.stopping(f"stopping; {inflight} step(s) in hand")
+        self._stopping.set()
         self._ready.clear()
         if self.watcher:
             self.watcher.stop()
         for pool in self._own_pools:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if self.server:
-            self.server.close(timeout_s=5)
+            pool.shutdown(wait=False, cancel_futures=True)  # nothing new starts; queued steps are dropped
+        cut_off = self._wait_for_steps(deadline)
+        if cut_off:
+            log.warning("stopping: cut off after %g s: %s; start-up will reconcile them", budget,
+                        self._describe(cut_off))
+        else:
+            for pool in self._own_pools:
+                pool.shutdown(wait=True)
+        for server in (self.server, self.monitor):
+            if server:
+                server.close(timeout_s=5 if not cut_off else 1)
         if self.tunnel:
             self.tunnel.close()
         if self._client:
             self._client.close()
         if self.journal:
             self.journal.close()
-        if not quiet:
-            log.info("stopped")
+        self._release_locks()
+        if cut_off:
+            log.log(level, "stopped, leaving %d step(s) behind", len(cut_off))
+        else:
+            log.log(level, "stopped")
+        return not cut_off
+
+    def _wait_for_steps(self, deadline: float) -> list[int]:
+        """Until the dispatcher has nothing in hand, or the deadline: the ids of the rows still in hand.
+        The loop has stopped, so the workers' completions are taken from its queue here."""
+        if self.dispatcher is None or self.scheduler is None:
+            return []
+        inflight = self.dispatcher.inflight
+        while inflight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                event = self.scheduler.events.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if isinstance(event, StepDone):
+                self.dispatcher.finished(event)
+        return sorted(inflight)
+
+    def _describe(self, row_ids: list[int], names_shown: int = 10) -> str:
+        """``2 upload(s) in flight (a.pdf, b.pdf), 1 exporting (c.pdf)``, from the journal's rows."""
+        try:
+            assert self.journal
+            rows = self.journal.get_many(row_ids)
+        except Exception as exc:  # say what we can: the ids
+            return f"{len(row_ids)} step(s) (journal rows {', '.join(map(str, row_ids))}; {exc})"
+        by_state: dict[State, list[Row]] = {}
+        for row in rows:
+            by_state.setdefault(row.state, []).append(row)
+        parts = []
+        for state, group in by_state.items():
+            names = ", ".join(r.display_path for r in group[:names_shown])
+            if len(group) > names_shown:
+                names += f", and {len(group) - names_shown} more"
+            what = "upload(s) in flight" if state == State.UPLOADING else state.value
+            parts.append(f"{len(group)} {what} ({names})")
+        return ", ".join(parts)
+
+    def _release_locks(self) -> None:
+        for lock in (self.inbox_lock, self.daemon_lock):
+            if lock:
+                lock.release()
 
 
 def run_in_thread(daemon: Daemon) -> threading.Thread:

@@ -67,6 +67,7 @@ def _demo_config(root: Path, host: str):  # type: ignore[no-untyped-def]
                     "state": str(root / "state")},
         "watch": {"settle_seconds": 1.0},
         "callback": {"host": "127.0.0.1", "port": 0},
+        "monitor": {"port": 0},
         "results": {"callback_timeout": 20, "poll_interval": 2},
     })
 

@@ -187,7 +187,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=FULL")
             self._create()
         except (sqlite3.Error, JournalWriteError) as exc:
-            raise JournalError(f"cannot open the journal {path}: {exc}") from None
+            raise JournalError(f"cannot read the journal {path}: {exc}") from None
 
     def _create(self) -> None:
         self._db.executescript(SCHEMA)

@@ -1,20 +1,50 @@
-"""``konfuzio-watch status``: where every file is, since when, and why."""
+"""``konfuzio-watch status``: where every file is, since when, and why; and what the running daemon says.
+
+The journal is read directly (no API token, no daemon needed). The running daemon, if any, is
+found through the state folder's lock file (``locks.py``), which names its monitor URL; its
+``/status`` adds what only it knows: what is blocked since when, and the ``extra`` facts.
+"""
 
 from __future__ import annotations
 
 import io
+import json
+import sqlite3
 import time
-from typing import TextIO
+import urllib.error
+import urllib.request
+from typing import Any, TextIO
 
 from .config import Config
-from .journal import ACTIVE, Journal, Row, State
+from .journal import ACTIVE, Journal, JournalError, Row, State
+from .locks import read_daemon_lock
 from .summary import format_age
+
+MONITOR_TIMEOUT_S = 3.0
+LIST_SHOWN = 10
+
+
+class StatusError(Exception):
+    """Status cannot be shown (e.g. the journal is unreadable); the message is one line for the user."""
 
 
 def print_status(config: Config, *, show_all: bool, now: float, out: TextIO) -> None:
-    if not config.journal_path.exists():
-        out.write(f"no journal yet at {config.journal_path}: nothing has been processed\n")
-        return
+    out.write(daemon_report(config))
+    try:
+        if not config.journal_path.exists():
+            out.write(f"no journal yet at {config.journal_path}: nothing has been processed\n")
+            return
+        _print_journal(config, show_all=show_all, now=now, out=out)
+    except BrokenPipeError:  # the reader went away (`status | head -1`): the CLI handles that
+        raise
+    except JournalError as exc:
+        raise StatusError(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+        raise StatusError(f"cannot read the journal {config.journal_path}: {reason}") from None
+
+
+def _print_journal(config: Config, *, show_all: bool, now: float, out: TextIO) -> None:
     journal = Journal(config.journal_path)
     try:
         counts = journal.counts()
@@ -47,6 +77,67 @@ def watch_status(config: Config, *, show_all: bool, interval_s: float, out: Text
         frame += 1
         if iterations is None or frame < iterations:
             time.sleep(interval_s)  # the refresh period of a live display
+
+
+def daemon_report(config: Config) -> str:
+    """``daemon: running (pid 1234 on host scan01, since 14:02)`` and, from its monitor, what is
+    blocked and the extra facts; or ``daemon: no daemon running``. Ends with a blank line."""
+    try:
+        holder = read_daemon_lock(config.folders.state)
+    except OSError as exc:
+        return f"daemon: unknown (cannot read its lock file: {exc.strerror or exc})\n\n"
+    if holder is None or not holder.is_running():
+        return "daemon: no daemon running\n\n"
+    lines = [f"daemon: running ({holder.describe()})"]
+    if not holder.monitor_url:
+        lines.append("  its monitor is off (monitor.enabled: false) or not yet up: no live state to show")
+        return "\n".join(lines) + "\n\n"
+    try:
+        live = fetch_live_status(holder.monitor_url)
+    except (OSError, ValueError) as exc:
+        lines.append(f"  its monitor at {holder.monitor_url} does not answer: {_reason(exc)}")
+        return "\n".join(lines) + "\n\n"
+    if live.get("pid") != holder.pid:
+        lines.append(f"  {holder.monitor_url} answers for another process (pid {live.get('pid')})")
+        return "\n".join(lines) + "\n\n"
+    if live.get("status") != "ok":
+        lines[0] += f", {live.get('status')}"
+    blocked = live.get("blocked") or []
+    if not blocked:
+        lines.append("  blocked: nothing")
+    for gate in blocked:
+        since = f" for {format_age(gate['for_seconds'])}" if gate.get("for_seconds") is not None else ""
+        lines.append(f"  BLOCKED {gate.get('scope')}{since}: {gate.get('reason')}")
+    for name, value in (live.get("extra") or {}).items():
+        lines += _fact(name, value)
+    return "\n".join(lines) + "\n\n"
+
+
+def fetch_live_status(monitor_url: str, timeout_s: float = MONITOR_TIMEOUT_S) -> dict[str, Any]:
+    """GET <monitor>/status (never through a proxy: the monitor is on this host)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(monitor_url.rstrip("/") + "/status", timeout=timeout_s) as response:
+        data = json.loads(response.read(1024 * 1024))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _fact(name: str, value: Any) -> list[str]:
+    """An ``extra`` entry: a mapping becomes one line per key, a list ``n: a, b, c``."""
+    if isinstance(value, dict):
+        return [line for key, sub in value.items() for line in _fact(f"{name} {key}", sub)]
+    if isinstance(value, list | tuple):
+        shown = ", ".join(str(v) for v in value[:LIST_SHOWN])
+        more = f", and {len(value) - LIST_SHOWN} more" if len(value) > LIST_SHOWN else ""
+        return [f"  {name}: {len(value)}" + (f": {shown}{more}" if value else "")]
+    return [f"  {name}: {value}"]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return str(exc.reason)
+    return str(exc)
 
 
 def _table(rows: list[Row], now: float) -> str:

@@ -67,6 +67,7 @@ def make_config(tmp_path: Path, emu: Emulator, **sections: dict[str, Any]) -> Co
                     "failed": str(tmp_path / "failed"), "state": str(tmp_path / "state")},
         "watch": {"settle_seconds": 0.3},
         "callback": {"host": "127.0.0.1", "port": 0},
+        "monitor": {"port": 0},
         "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 1.0},
         "results": {"callback_timeout": 30, "poll_interval": 0.5},
     }

@@ -25,6 +25,7 @@ import requests
 import yaml
 
 from konfuzio_watch.journal import State
+from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import TOKEN, drop, wait_until
@@ -88,6 +89,15 @@ class HeldExecutor:
         pass
 
 
+def _parent_pid(pid: object) -> int | None:
+    """The parent of ``pid`` (a daemon started under a ``prefix`` such as strace is its child)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,11 +115,13 @@ class DaemonProcess:
             "folders": {name: str(root / name) for name in ("inbox", "done", "failed", "state")},
             "watch": {"settle_seconds": 0.2},
             "callback": {"host": "127.0.0.1", "port": self.port},
+            "monitor": {"port": 0},  # any free port: the daemon's lock file names it (monitor_url)
             "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5},
             "results": {"callback_timeout": 2, "poll_interval": 0.3},
         }
         for section, values in overrides.items():
             raw.setdefault(section, {}).update(values)
+        self.state = Path(raw["folders"]["state"])
         self.config = root / "config.yaml"
         self.config.write_text(yaml.safe_dump(raw))
         self.log = root / "daemon.log"
@@ -127,10 +139,26 @@ class DaemonProcess:
         assert self.proc
         if self.proc.poll() is not None:
             pytest.fail(f"daemon exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        url = self.monitor_url
+        if url is None:
+            return False
         try:
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:
             return False
+
+    @property
+    def monitor_url(self) -> str | None:
+        """The running process's monitor, as its lock file names it (None before it is bound)."""
+        assert self.proc
+        try:
+            holder = json.loads((self.state / DAEMON_LOCK_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+        pid = holder.get("pid")
+        if holder.get("stopped_at") or not (pid == self.proc.pid or _parent_pid(pid) == self.proc.pid):
+            return None  # a previous run's, or another daemon's
+        return holder.get("monitor_url")
 
     def kill9(self) -> None:
         assert self.proc
@@ -168,7 +196,7 @@ def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str
         assert hashlib.sha256(data).hexdigest() in result["text"], f"{rel} got another file's result"
     assert len(list(done.rglob("*.json"))) == len(files), "an extra result in done/"
     assert not list((root / "failed").rglob("*")), "a file failed"
-    leftovers = [p for p in (root / "inbox").rglob("*") if p.is_file()]
+    leftovers = [p for p in (root / "inbox").rglob("*") if p.is_file() and not is_daemons_own(p)]
     assert leftovers == [], f"left behind: {leftovers}"
     per_sha = collections.Counter(u.sha256 for u in emulator.uploads)
     twice = {sha: n for sha, n in per_sha.items() if n > 1}
@@ -177,7 +205,12 @@ def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str
 
 
 def inbox_files(running) -> list[Path]:  # type: ignore[no-untyped-def]
-    return [p for p in running.inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in p.parts]
+    return [p for p in running.inbox.rglob("*") if p.is_file() and not is_daemons_own(p)]
+
+
+def is_daemons_own(path: Path) -> bool:
+    """The daemon's own files in the inbox: its processing folder and the inbox marker (locks.py)."""
+    return ".konfuzio-watch" in path.parts or path.name == INBOX_LOCK_NAME
 
 
 def assert_own_result(done: Path, rel: str, data: bytes) -> dict:

@@ -26,6 +26,7 @@ def write_config(tmp_path: Path, emulator, **overrides) -> Path:  # type: ignore
         "folders": {"inbox": "inbox", "done": "done", "failed": "failed", "state": "state"},
         "watch": {"settle_seconds": 0.2},
         "callback": {"host": "127.0.0.1", "port": 0},
+        "monitor": {"port": 0},
     }
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)

@@ -197,6 +197,7 @@ def configure(root: Path, emulator, inbox_parent: Path) -> Path:  # type: ignore
                           failed=str(inbox_parent / "failed"), state=str(root / "var/lib/konfuzio-watch"))
     raw["watch"]["settle_seconds"] = 0.3
     raw["callback"]["port"] = 0
+    raw["monitor"]["port"] = 0
     raw["results"].update(callback_timeout=30, poll_interval=0.5)
     path.write_text(yaml.safe_dump(raw))  # the same file: its owner and mode stay
     return path

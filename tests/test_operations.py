@@ -105,7 +105,7 @@ def test_sd_notify_ready_status_watchdog_stopping(start_daemon, emulator, tmp_pa
         running = start_daemon(daemon_kwargs={"notifier": notifier})
         first = _messages_until(sock, "READY=1")
         assert "STATUS=0 pending, 0 done, 0 failed" in first[-1]
-        assert requests.get(f"{running.daemon.server.url}/healthz", timeout=5).status_code == 200
+        assert requests.get(f"{running.daemon.monitor.url}/healthz", timeout=5).status_code == 200
         watchdogs = [m for m in _messages_until(sock, "WATCHDOG=1") if m == "WATCHDOG=1"]
         watchdogs += [m for m in _messages_until(sock, "WATCHDOG=1") if m == "WATCHDOG=1"]
         assert len(watchdogs) >= 2
@@ -158,7 +158,7 @@ def test_metrics_are_prometheus_text(start_daemon, emulator):
         drop(running.inbox / f"m{i}.pdf", make_pdf(label=str(i)))
     drop(running.inbox / "bad.txt", b"not a document")
     running.wait_finished(4)
-    response = requests.get(f"{running.daemon.server.url}/metrics", timeout=5)
+    response = requests.get(f"{running.daemon.monitor.url}/metrics", timeout=5)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
     files = {s.labels["state"]: s.value for s in families["konfuzio_watch_files"].samples}

@@ -95,7 +95,7 @@ def test_bad_files_fail_with_a_reason_and_good_ones_are_unaffected(start_daemon,
     assert isinstance(reasons["server-fails.pdf"]["document_id"], int)
     uploaded = {u.data_file_name for u in emulator.uploads}
     assert uploaded == {"good.pdf", "server-fails.pdf"}, "unsupported and empty files are never uploaded"
-    health = requests.get(f"{running.daemon.server.url}/healthz", timeout=5)
+    health = requests.get(f"{running.daemon.monitor.url}/healthz", timeout=5)
     assert health.status_code == 200
 
 

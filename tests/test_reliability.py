@@ -85,7 +85,7 @@ def test_forged_and_garbage_callbacks_move_nothing_and_never_5xx(start_daemon, e
     cases = [
         ("post", f"{base}/{'x' * 43}", {"json": done_details}, 404),  # unknown token
         ("post", f"{base}/", {"json": done_details}, 404),  # no token
-        ("post", f"{base}/../../healthz", {"json": {}}, 405),  # path games
+        ("post", f"{base}/../../healthz", {"json": {}}, 404),  # path games (health is the monitor's)
         ("post", running.daemon.server.url + "/", {"json": done_details}, 404),  # guessed paths
         ("post", running.daemon.server.url + "/callback", {"json": done_details}, 404),
         ("post", f"{base}/ab", {"json": done_details}, 404),  # malformed token
@@ -124,7 +124,7 @@ def test_slow_clients_do_not_starve_the_callback_server(start_daemon, emulator):
         huge.sendall(b"POST /konfuzio-callback/" + b"a" * 43 + b" HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 2147483648\r\n\r\n")
         assert huge.recv(100).startswith(b"HTTP/1.1 413"), "a 2 GB body must be refused up front"
-        assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        assert requests.get(f"{running.daemon.monitor.url}/healthz", timeout=5).status_code == 200
         data = make_pdf(label="still served")
         drop(running.inbox / "served.pdf", data)
         running.wait_finished(1)

@@ -31,7 +31,7 @@ def callbacks() -> Iterator[tuple[ServerThread, list[str]]]:
         received.append(token)
         return "recorded"
 
-    server = ServerThread(create_app(record, lambda: True), "127.0.0.1", 0, threads=2).start()
+    server = ServerThread(create_app(record), "127.0.0.1", 0, threads=2).start()
     yield server, received
     server.close()
 
