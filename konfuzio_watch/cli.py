@@ -162,7 +162,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import StatusError, print_status, watch_status
 
-    config: Config = load_config(args.config)
+    config: Config = load_config(args.config, need_secrets=False)
     try:
         if args.watch is None:
             print_status(config, show_all=args.all, now=time.time(), out=sys.stdout)
@@ -182,7 +182,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.paths and not args.all_failed:
         print("konfuzio-watch: retry: name files to retry, or --all-failed", file=sys.stderr)
         return EXIT_USAGE
-    config = load_config(args.config)
+    config = load_config(args.config, need_secrets=False)
     messages, unmatched = retry_files(config, args.paths, args.all_failed, now=time.time())
     for message in messages:
         print(message)

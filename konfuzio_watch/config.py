@@ -205,8 +205,17 @@ REQUIRED = {
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Read a YAML file and return a validated ``Config``; raise ``ConfigError`` on any problem."""
+# Keys that hold secrets or point to them. ``status`` and ``retry`` only read the journal and
+# move files: they load the config without them (their ${VARS}, e.g. ${CREDENTIALS_DIRECTORY},
+# are set only inside the service).
+SECRET_KEYS = {("konfuzio", "token"), ("konfuzio", "token_file"), ("ngrok", "authtoken"), ("ngrok", "authtoken_file"),
+               ("alerts", "urls"), ("alerts", "urls_file")}
+
+
+def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] | None = None, *,
+                need_secrets: bool = True) -> Config:
+    """Read a YAML file and return a validated ``Config``; raise ``ConfigError`` on any problem.
+    ``need_secrets=False``: leave the secret keys out (for commands that never call the API)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -219,7 +228,8 @@ def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] 
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from None
-    return parse_config(raw if raw is not None else {}, base_dir=path.parent, environ=environ)
+    return parse_config(raw if raw is not None else {}, base_dir=path.parent, environ=environ,
+                        need_secrets=need_secrets)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -239,12 +249,15 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def parse_config(
-    raw: Any, base_dir: Path = Path(), environ: typing.Mapping[str, str] | None = None
+    raw: Any, base_dir: Path = Path(), environ: typing.Mapping[str, str] | None = None, *, need_secrets: bool = True
 ) -> Config:
     """Validate a parsed YAML mapping. Relative folder paths are relative to ``base_dir``."""
     env = os.environ if environ is None else environ
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping of sections at the top level")
+    if not need_secrets:
+        raw = {name: ({k: v for k, v in section.items() if (name, k) not in SECRET_KEYS}
+                      if isinstance(section, dict) else section) for name, section in raw.items()}
     sections: dict[str, Any] = {"routes": _build_routes(raw.get("routes"), base_dir, env)}
     for f in dataclasses.fields(Config):
         if f.name == "routes":
@@ -257,7 +270,7 @@ def parse_config(
         sections[f.name] = _build_section(f.name, f.default_factory, section_raw, base_dir, env)
     _reject_unknown("", raw, {f.name for f in dataclasses.fields(Config)})
     config = Config(**sections)
-    _check(config)
+    _check(config, need_secrets)
     return config
 
 
@@ -353,10 +366,10 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, need_secrets: bool = True) -> None:
     k, f, w, c, u, r = (config.konfuzio, config.folders, config.watch, config.callback, config.upload,
                         config.results)
-    if not (k.token or k.token_file):
+    if need_secrets and not (k.token or k.token_file):
         raise ConfigError("konfuzio.token: required (or konfuzio.token_file)")
     if k.token and k.token_file:
         raise ConfigError("konfuzio.token and konfuzio.token_file may not both be set")
@@ -384,7 +397,7 @@ def _check(config: Config) -> None:
         ("callback.max_body_kb", c.max_body_kb, 1, 10240),
     ]
     _check_ranges(ranges)
-    if config.ngrok.enabled and not (config.ngrok.authtoken or config.ngrok.authtoken_file):
+    if need_secrets and config.ngrok.enabled and not (config.ngrok.authtoken or config.ngrok.authtoken_file):
         raise ConfigError("ngrok.authtoken: required when ngrok.enabled (or ngrok.authtoken_file)")
     if u.on_duplicate not in ("process", "fail"):
         raise ConfigError(f"upload.on_duplicate: expected 'process' or 'fail', got {u.on_duplicate!r}")

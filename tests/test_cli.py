@@ -156,3 +156,20 @@ def test_run_as_a_process_processes_files_and_stops_cleanly_on_sigterm(tmp_path,
     assert "one.pdf: exporting -> done" in log
     assert TOKEN not in log
     assert not (tmp_path / "konfuzio_sdk.log").exists(), "the SDK must not write a log file into the cwd"
+
+
+def test_status_and_retry_need_no_secrets(tmp_path, emulator):
+    """They only read the journal and move files: the service's ${CREDENTIALS_DIRECTORY} is not set here."""
+    config = write_config(tmp_path, emulator)
+    text = config.read_text().replace(f"token: {TOKEN}", "token_file: ${CREDENTIALS_DIRECTORY}/konfuzio-token")
+    config.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("CREDENTIALS_DIRECTORY", "KONFUZIO_TOKEN")}
+    env["LOG_TO_FILE"] = "False"
+    for command in (["status"], ["retry", "--all-failed"]):
+        done = subprocess.run([sys.executable, "-m", "konfuzio_watch", *command, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, (command, done.stderr)
+        assert "Traceback" not in done.stderr
+    run = subprocess.run([sys.executable, "-m", "konfuzio_watch", "check", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert "CREDENTIALS_DIRECTORY is not set" in run.stderr, "commands that call the API still need the token"
