@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    daemon = Daemon(config, notifier=Notifier.from_env())
+    daemon = Daemon(config, notifier=Notifier.from_env(), config_path=str(args.config))
     stops = 0
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
-from . import processing
+from . import processing, reachability
+from .alerts import Alerts
 from .callback import TryLater, create_app
 from .clock import Clock, SteadyClock
 from .config import Config
@@ -40,6 +41,7 @@ from .locks import DaemonLock, InboxLock, LockHeld, hostname
 from .metrics import Metrics, Sample
 from .monitor import OK, STARTING, STOPPING, iso, local_url, start_monitor
 from .pipeline import Pipeline, limits_from
+from .reachability import CallbackWatch, ProbeTokens, Reachability
 from .scheduler import Duty, Scheduler
 from .sdnotify import Notifier
 from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
@@ -52,6 +54,7 @@ from .watcher import InboxFilter, InboxWatcher, ObserverFactory, make_observer
 log = logging.getLogger("konfuzio_watch")
 
 STATUS_EVERY_S = 5.0
+OLDEST_EVERY_S = 60.0
 TUNNEL_CHECK_EVERY_S = 30.0
 
 
@@ -59,7 +62,7 @@ class Daemon:
     def __init__(self, config: Config, *, client: KonfuzioClient | None = None, clock: Clock | None = None,
                  on_transition: Callable[[Row, State], None] | None = None,
                  notifier: Notifier | None = None, observer_factory: ObserverFactory = make_observer,
-                 executors: Mapping[str, Executor] | None = None):
+                 executors: Mapping[str, Executor] | None = None, config_path: str | None = None):
         self.config = config
         self.clock = clock or SteadyClock()
         self._client = client
@@ -90,6 +93,12 @@ class Daemon:
         self.processing_dir: Path | None = None
         self.metrics = Metrics(self._sample)
         self.gates = Gates(limits_from(config), on_change=self._gate_changed)
+        for gate in self.gates.by_scope.values():
+            gate.on_recovered = self._gate_recovered
+        self.alerts = Alerts(config.alerts, config_path=config_path)
+        self.probe_tokens = ProbeTokens()
+        self.callback_watch = CallbackWatch()
+        self.reachability: Reachability | None = None  # the start-up probe's verdict
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -131,7 +140,10 @@ class Daemon:
                                           pool_size=c.upload.concurrency + c.results.workers + 2)
         self.pipeline = Pipeline(c, self.journal, self._client, clock=self.clock, gates=self.gates,
                                  metrics=self.metrics, callback_base=lambda: self.public_url or "",
-                                 processing_dir=self.processing_dir, on_transition=self._on_transition)
+                                 processing_dir=self.processing_dir, on_transition=self._transitioned)
+        if c.callback.enabled:
+            self.pipeline.callback_watch = self.callback_watch
+            self.pipeline.on_callbacks_missing = self._callbacks_missing
         for pool, size in ((UPLOADS, c.upload.concurrency), (RESULTS, c.results.workers)):
             if pool not in self._executors:
                 executor = ThreadPoolExecutor(size, thread_name_prefix=pool)
@@ -146,6 +158,8 @@ class Daemon:
                                      {UPLOADS: c.upload.concurrency, RESULTS: c.results.workers}, report=events.put)
         tracker = CandidateTracker(c.watch.settle_seconds, c.watch.incomplete_grace_seconds, self.watcher.scan,
                                    inbox=keep.inbox)
+        self.status_sources["candidates"] = lambda: [c.to_dict() for c in tracker.snapshot(self.clock.now())]
+        self.status_sources["callbacks"] = self._callbacks_status
         self.scheduler = Scheduler(clock=self.clock, journal=self.journal, gates=self.gates, pipeline=self.pipeline,
                                    dispatcher=self.dispatcher, tracker=tracker, inbox=keep.inbox,
                                    scan=self.watcher.scan, duties=self._duties(), events=events)
@@ -155,20 +169,25 @@ class Daemon:
         if c.monitor.enabled:  # first: it answers 503 "starting" while the rest comes up
             self.monitor = start_monitor(self.snapshot, self.metrics.render, c.monitor.host, c.monitor.port)
             self.daemon_lock.set_monitor_url(local_url(self.monitor))
-        app = create_app(self._record_callback, path=c.callback.path, max_body_bytes=c.callback.max_body_kb * 1024)
-        settings = dict(PUBLIC_ENDPOINT_SETTINGS, max_request_body_size=c.callback.max_body_kb * 1024)
-        self.server = ServerThread(app, c.callback.host, c.callback.port, name="callback-server", threads=4,
-                                   **settings).start()
-        self.public_url = c.callback.public_url or self.server.url
-        if c.ngrok.enabled:
-            self.tunnel = Tunnel(TunnelSettings(c.ngrok.path, c.ngrok_authtoken(), c.ngrok.domain, c.ngrok.region),
-                                 self.server.port, state_dir=c.folders.state)
-            self.public_url = self.tunnel.open()
+        if c.callback.enabled:
+            app = create_app(self._record_callback, path=c.callback.path,
+                             max_body_bytes=c.callback.max_body_kb * 1024)
+            settings = dict(PUBLIC_ENDPOINT_SETTINGS, max_request_body_size=c.callback.max_body_kb * 1024)
+            self.server = ServerThread(app, c.callback.host, c.callback.port, name="callback-server", threads=4,
+                                       **settings).start()
+            self.public_url = c.callback.public_url or self.server.url
+            if c.ngrok.enabled:
+                self.tunnel = Tunnel(TunnelSettings(c.ngrok.path, c.ngrok_authtoken(), c.ngrok.domain,
+                                                    c.ngrok.region), self.server.port, state_dir=c.folders.state)
+                self.public_url = self.tunnel.open()
+        self.alerts.start()
+        self._start_probes()
         self.watcher.start()  # watch first, then scan (the rescan duty is due at once): nothing slips between
         self._ready.set()
-        log.info("ready: watching %s%s, callbacks at %s/%s/…%s", c.folders.inbox,
-                 " (polling)" if self.watcher.polling else "", self.public_url, c.callback.path.strip("/"),
-                 f", monitor at {local_url(self.monitor)}" if self.monitor else "")
+        callbacks = f"callbacks at {self.public_url}/{c.callback.path.strip('/')}/…" if c.callback.enabled else \
+            "poll-only (callback.enabled: false)"
+        log.info("ready: watching %s%s, %s%s", c.folders.inbox, " (polling)" if self.watcher.polling else "",
+                 callbacks, f", monitor at {local_url(self.monitor)}" if self.monitor else "")
         self.notifier.ready(self.status_line())
         return self
 
@@ -182,6 +201,7 @@ class Daemon:
             Duty("status", STATUS_EVERY_S, self._publish_status),
             Duty("tunnel", TUNNEL_CHECK_EVERY_S if self.config.ngrok.enabled else None, self._check_tunnel,
                  next_at=self.clock.now() + TUNNEL_CHECK_EVERY_S),
+            Duty("oldest pending", OLDEST_EVERY_S if self.alerts.enabled else None, self._tell_oldest_pending),
         ]
 
     # -- facts from other threads ---------------------------------------------------------------
@@ -192,6 +212,8 @@ class Daemon:
 
     def _record_callback(self, token: str, claimed_id: int | None) -> str:
         assert self.journal and self.scheduler
+        if self.probe_tokens.arrived(token):
+            return "probe"
         now = self.clock.now()
         try:
             outcome, row = self.journal.record_callback(hash_token(token), claimed_id, now)
@@ -203,6 +225,9 @@ class Daemon:
             if row is not None and row.uploaded_at is not None:
                 self.metrics.callback_latency.observe(max(0.0, now - row.uploaded_at))
             self.scheduler.report(Wake())
+            if self.callback_watch.callback_arrived():
+                log.info("callbacks arrive again at %s", self.public_url)
+                self.alerts.callbacks_arriving()
         elif outcome == "extra":  # a late copy from an earlier attempt: check it and delete it
             self.scheduler.report(CleanupWanted())
         return outcome
@@ -210,6 +235,74 @@ class Daemon:
     def _gate_changed(self, state: GateState) -> None:
         if self.scheduler:
             self.scheduler.report(Wake())
+        if state.blocked:
+            self.alerts.blocked(state.reason)
+
+    def _gate_recovered(self, _episode: GateState) -> None:
+        if not self.gates.blocked():
+            self.alerts.unblocked()
+
+    def _transitioned(self, row: Row, old: State) -> None:
+        if row.state == State.FAILED:
+            self.alerts.file_failed(row.display_path, row.stage or "", row.error or "")
+        if self._on_transition:
+            self._on_transition(row, old)
+
+    def _callbacks_missing(self, url: str) -> None:
+        self.alerts.callbacks_not_arriving(url)
+
+    # -- start-up probes: the token and projects, the callback route -----------------------------
+
+    def _start_probes(self) -> None:
+        """In the background (start-up stays fast): does Konfuzio accept the token and know the
+        projects; and can its callbacks reach us?"""
+        assert self.pipeline
+        pipeline = self.pipeline
+
+        def run() -> None:
+            try:
+                pipeline.probe_account()
+            except Exception:  # noqa: BLE001 - a probe must never take the daemon down
+                log.exception("the start-up check of the API token failed")
+            if self.config.callback.enabled:
+                self._probe_callbacks()
+
+        self._probe_thread = threading.Thread(target=run, name="start-up-probes", daemon=True)
+        self._probe_thread.start()
+
+    def _probe_callbacks(self) -> None:
+        c = self.config
+        public = (self.public_url or "").rstrip("/")
+        if reachability.callback_base_is_private(public) and not reachability.callback_base_is_private(
+                c.konfuzio.host):
+            found = Reachability(False, public, f"{public} is a loopback address, which Konfuzio cannot reach")
+        else:
+            found = reachability.probe(public, c.callback.path, self.probe_tokens)
+        self.reachability = found
+        if found.ok:
+            log.info("callbacks reach this daemon through %s", public)
+            return
+        assert self.pipeline
+        self.pipeline.expect_callbacks = False
+        log.warning("callbacks cannot reach this daemon at %s: %s; results will be fetched by polling (%g s after "
+                    "the upload, then less and less often up to every %g s). Set callback.public_url, enable ngrok, "
+                    "or callback.enabled: false", public, found.detail, c.results.first_poll_seconds,
+                    c.results.poll_interval)
+        self.alerts.callbacks_not_arriving(public)
+
+    def _callbacks_status(self) -> dict[str, object]:
+        if not self.config.callback.enabled:
+            return {"mode": "poll-only"}
+        found = self.reachability
+        return {"mode": "callbacks", "url": self.public_url,
+                "probe": None if found is None else ("ok" if found.ok else found.detail),
+                "arriving": not self.callback_watch.missing}
+
+    def _tell_oldest_pending(self, now: float) -> None:
+        assert self.journal
+        row = self.journal.oldest_active()
+        self.alerts.oldest_pending(None if row is None else max(0.0, now - row.detected_at),
+                                   "" if row is None else row.display_path)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -303,7 +396,14 @@ class Daemon:
             oldest_pending_age_seconds=None if oldest is None else max(0.0, self.clock.now() - oldest),
             ready=self._ready.is_set(),
             blocked={g.scope.value: g.reason for g in self.gates.blocked()},
+            callbacks_arriving=self.callbacks_arriving(),
         )
+
+    def callbacks_arriving(self) -> bool | None:
+        """None in poll-only mode; False when the probe failed or callbacks stopped arriving."""
+        if not self.config.callback.enabled:
+            return None
+        return not self.callback_watch.missing and (self.reachability is None or self.reachability.ok)
 
     def pending(self) -> int:
         assert self.journal
@@ -343,6 +443,7 @@ class Daemon:
                 server.close(timeout_s=5 if not cut_off else 1)
         if self.tunnel:
             self.tunnel.close()
+        self.alerts.close(timeout_s=3)  # what is pending is sent now, within a bound
         if self._client:
             self._client.close()
         if self.journal:

@@ -91,6 +91,13 @@ class Dispatcher:
     def tick(self, now: float) -> None:
         if self.gates[Scope.JOURNAL].is_blocked:
             return
+        api = self.gates[Scope.API]
+        own_probe = api.own_probe_due(now)
+        if own_probe is not None and self.free(RESULTS) > 0:  # e.g. is the token accepted again?
+            api.probe_started()
+            future: Future = self.executors[RESULTS].submit(self._guard, Step.FETCH, lambda _rows: own_probe(), [],
+                                                            single=False)
+            future.add_done_callback(lambda _f: self.report(StepDone((), RESULTS, (Scope.API,))))
         budgets = self._budgets(now)
         free = self.free(UPLOADS)
         upload = WORK[State.CLAIMED]
@@ -131,6 +138,7 @@ class Dispatcher:
                 continue
             if not self._fits(work, budgets):  # the gate decides when it may be tried again
                 gate_times = [self.gates[s].next_probe_at() for s in work.scopes if budgets[s] == 0]
+                gate_times = [None if t is not None and t <= now else t for t in gate_times]  # its own probe is out
                 if any(t is None for t in gate_times):
                     continue  # a probe is out: its completion wakes the loop
                 due = max([due, *[t for t in gate_times if t is not None]])

@@ -49,6 +49,8 @@ class Gate:
         self._probing = False
         self._episode: GateState | None = None  # the blocked state, until its end is confirmed
         self._opened_at = 0.0
+        self.probe_fn: Callable[[], None] | None = None  # a probe of its own instead of the next task
+        self.on_recovered: Callable[[GateState], None] | None = None
 
     @property
     def state(self) -> GateState:
@@ -59,13 +61,20 @@ class Gate:
         return self._state.blocked
 
     def admits(self, now: float) -> int | None:
-        """How many new tasks of this scope may start now: None = no limit, 0 = none, 1 = a probe."""
+        """How many new tasks of this scope may start now: None = no limit, 0 = none, 1 = a probe.
+        A gate with a ``probe_fn`` admits no task at all: it is probed by that function."""
         s = self._state
         if not s.blocked:
             return None
-        if self._probing or now < s.until:
+        if self._probing or now < s.until or self.probe_fn is not None:
             return 0
         return 1
+
+    def own_probe_due(self, now: float) -> Callable[[], None] | None:
+        s = self._state
+        if s.blocked and self.probe_fn is not None and not self._probing and now >= s.until:
+            return self.probe_fn
+        return None
 
     def next_probe_at(self) -> float | None:
         s = self._state
@@ -80,9 +89,12 @@ class Gate:
         with self._lock:
             self._probing = False
 
-    def block(self, now: float, reason: str, retry_after_s: float | None = None, note: str = "") -> float:
-        """Record a failure of this scope; returns the delay until the next probe."""
+    def block(self, now: float, reason: str, retry_after_s: float | None = None, note: str = "",
+              probe: Callable[[], None] | None = None) -> float:
+        """Record a failure of this scope; returns the delay until the next probe. ``probe``: how to
+        find out that it is over, if not by trying the next task (a rejected token: a cheap request)."""
         with self._lock:
+            self.probe_fn = probe
             current = self._state
             s = current if current.blocked else (self._episode or current)  # unconfirmed recovery: same episode
             newly = not s.blocked
@@ -109,6 +121,7 @@ class Gate:
                 return False
             self._state = GateState(self.scope, blocked=False)
             self._episode, self._opened_at = s, now
+            self.probe_fn = None
         log.debug("%s: a try succeeded; resuming", self.scope)
         self._changed()
         return True
@@ -126,6 +139,8 @@ class Gate:
             self._episode = None
         log.warning("%s again after %.0f s (%d failed tries); resumed", _RESUMED[self.scope],
                     self._opened_at - (episode.since or self._opened_at), episode.failures)
+        if self.on_recovered:
+            self.on_recovered(episode)
 
     def _changed(self) -> None:
         if self._on_change:

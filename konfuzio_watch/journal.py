@@ -519,6 +519,12 @@ class Journal:
             found = dict(self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
         return {state: found.get(state.value, 0) for state in State}
 
+    def oldest_active(self) -> Row | None:
+        states = [s.value for s in ACTIVE]
+        rows = self._select(f"SELECT * FROM files WHERE state IN ({_marks(states)}) ORDER BY detected_at LIMIT 1",
+                            states)
+        return rows[0] if rows else None
+
     def oldest_active_detected_at(self) -> float | None:
         states = [s.value for s in ACTIVE]
         with self._lock:

@@ -117,6 +117,14 @@ class KonfuzioClient:
     def close(self) -> None:
         self.session.close()
 
+    def set_token(self, token: str) -> bool:
+        """Use another API token from now on (a rotated credential); True if it changed."""
+        header = f"Token {token}"
+        if self.session.headers.get("Authorization") == header:
+            return False
+        self.session.headers["Authorization"] = header
+        return True
+
     def upload(self, file: BinaryIO, file_name: str, form: UploadForm) -> dict[str, Any]:
         """POST the file (``sync=False``, with callback URL); returns the new document's details.
 

@@ -31,6 +31,7 @@ class Sample:
     oldest_pending_age_seconds: float | None = None
     ready: bool = False
     blocked: Mapping[str, str] = field(default_factory=dict)  # scope -> reason
+    callbacks_arriving: bool | None = None  # None: poll-only mode (no callbacks expected)
 
 
 class Metrics:
@@ -77,3 +78,8 @@ class _SampleCollector(Collector):
         for scope in ("api", "output", "journal"):
             blocked.add_metric([scope], 1 if scope in s.blocked else 0)
         yield blocked
+        if s.callbacks_arriving is not None:
+            yield GaugeMetricFamily(PREFIX + "callbacks_arriving",
+                                    "0 when Konfuzio's callbacks cannot reach the daemon (the start-up probe failed, "
+                                    "or results keep being found by polling); results are then polled.",
+                                    value=1 if s.callbacks_arriving else 0)

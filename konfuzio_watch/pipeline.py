@@ -69,6 +69,9 @@ class Pipeline:
                  on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None):
         self.config = config
         self.processing_dir = processing_dir
+        # Are callbacks expected? Not in poll-only mode, nor when the reachability probe failed:
+        # then results are polled soon after the upload instead of after results.callback_timeout.
+        self.expect_callbacks = config.callback.enabled
         self.callback_watch: CallbackWatch | None = None  # set by the daemon when callbacks are expected
         self.on_callbacks_missing: Callable[[str], None] | None = None
         self.journal = journal
@@ -94,6 +97,8 @@ class Pipeline:
         return self.processing_dir / os.fsdecode(name)
 
     def callback_url(self, token: str) -> str:
+        if not self.config.callback.enabled:
+            return ""  # poll-only mode: Konfuzio sends nothing
         return f"{self.callback_base().rstrip('/')}/{self.config.callback.path.strip('/')}/{token}"
 
     # -- transitions and failures ----------------------------------------------------------------
@@ -131,7 +136,8 @@ class Pipeline:
         if isinstance(decision, Fail):
             return self.fail(row, decision.reason, stage=stage or step.value)
         if isinstance(decision, Blocked):
-            self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note)
+            self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note,
+                                             probe=self.probe_account if decision.account else None)
             fields: dict[str, Any] = {"error": failure.message, "next_at": now}  # due once the gate opens
             if row.state == State.UPLOADING and not failure.maybe_received:
                 fields["attempts"] = row.attempts - 1  # the server does not have it: the attempt is free
@@ -169,6 +175,43 @@ class Pipeline:
 
     def _api_ok(self) -> None:
         self.gates[Scope.API].open(self.clock.now())
+
+    def probe_account(self) -> bool:
+        """Does Konfuzio accept our token, and does every configured project exist? One cheap
+        request per project - at start-up, and as the probe while the API is blocked for the token
+        or a project (a file would only be failed by it). The token file is read again first, so a
+        rotated credential is picked up without a restart."""
+        self._reload_token()
+        now = self.clock.now()
+        project_ids = [self.config.konfuzio.project_id, *(r.project_id for r in self.config.routes if r.project_id)]
+        for project_id in dict.fromkeys(project_ids):
+            try:
+                self.client.project(project_id)
+            except ApiError as exc:
+                failure = exc.failure
+                if failure.cause == Cause.NOT_FOUND:
+                    failure = Failure(Cause.NOT_FOUND, f"project {project_id} not found or not visible to this token",
+                                      status=404)
+                decision = policy.decide(Step.RECONCILE, failure, 0, now, self.limits)
+                if isinstance(decision, Blocked):
+                    self.gates[Scope.API].block(now, decision.reason, decision.retry_after_s, decision.note,
+                                                probe=self.probe_account if decision.account else None)
+                else:  # a timeout or a 500: not a verdict on the token; the next tasks will tell
+                    log.warning("could not check project %d: %s", project_id, failure.message)
+                return False
+        self._api_ok()
+        return True
+
+    def _reload_token(self) -> None:
+        if self.config.konfuzio.token_file is None:
+            return
+        try:
+            token = self.config.api_token()
+        except Exception as exc:  # noqa: BLE001 - an unreadable file: keep the token we have, say why
+            log.warning("%s", exc)
+            return
+        if self.client.set_token(token):
+            log.info("the API token in %s changed; trying the new one", self.config.konfuzio.token_file)
 
     # -- recovery: finish what a crash (or an unwritable journal) left half done -----------------
 
@@ -351,7 +394,7 @@ class Pipeline:
 
     def _first_poll_delay(self) -> float:
         r = self.config.results
-        return r.callback_timeout if self.config.callback.enabled else r.first_poll_seconds
+        return r.callback_timeout if self.expect_callbacks else r.first_poll_seconds
 
     def _upload_failed(self, row: Row, failure: Failure) -> Row:
         self.metrics.upload_retries.inc()
@@ -472,7 +515,7 @@ class Pipeline:
         self._api_ok()
         status = details.get("status_data")
         if status == export.STATUS_DONE:
-            if row.callback_at is None and self.config.callback.enabled:
+            if row.callback_at is None and self.expect_callbacks:
                 self._callback_missing(row)
             row = self.move(row, State.EXPORTING, stage="export", next_at=self.clock.now(), failures=0)
             return self.export(row, details)
@@ -487,7 +530,7 @@ class Pipeline:
         been processing so far (5, 5, 10, 20, 40 s ...), up to ``poll_interval``: a document done in
         20 s is in done/ a few seconds later, one that takes an hour costs few requests."""
         r = self.config.results
-        if self.config.callback.enabled:
+        if self.expect_callbacks:
             return r.poll_interval
         return min(r.poll_interval, max(r.first_poll_seconds, now - (row.uploaded_at or now)))
 

@@ -84,6 +84,7 @@ class Blocked:
     reason: str
     retry_after_s: float | None  # already capped
     note: str = ""  # e.g. that a Retry-After was cut to the cap
+    account: bool = False  # the token or the project: probe with a project request, not with a file
 
 
 Decision = Retry | Fail | Blocked
@@ -121,12 +122,17 @@ def decide(step: Step, failure: Failure, failures: int, now: float, limits: Limi
     ``attempts``: its upload attempts so far (this one counted, for ``Step.UPLOAD``).
     """
     cause = failure.cause
+    if cause == Cause.REJECTED:
+        return Blocked(Scope.API, f"Konfuzio rejected the API token (HTTP {failure.status or 401})", None,
+                       account=True)
     if cause in BLOCKING_REASONS:
         capped, note = cap_retry_after(failure.retry_after_s, limits)
         return Blocked(Scope.API, f"{BLOCKING_REASONS[cause]}: {failure.message}", capped, note)
     if cause == Cause.NOT_FOUND and step in (Step.UPLOAD, Step.RECONCILE):
         # The upload URL or the project is not there: a wrong host or project, not this file.
-        return Blocked(Scope.API, f"Konfuzio answered 404 (wrong host or project?): {failure.message}", None)
+        reason = failure.message if failure.message.startswith("project ") else \
+            f"Konfuzio answered 404 (wrong konfuzio.host or project_id?): {failure.message}"
+        return Blocked(Scope.API, reason, None, account=True)
     if cause == Cause.DISK_FULL:
         return Blocked(Scope.OUTPUT, f"disk full: {failure.message}", None)
 

@@ -176,3 +176,18 @@ def daemon_process(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[...,
     yield make
     for daemon in made:
         daemon.cleanup()
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Any, Any]]:
+    """A local webhook endpoint (helpers.Receiver) served by Waitress on port 0."""
+    from konfuzio_watch.server import ServerThread
+
+    from .helpers import Receiver
+
+    rec = Receiver()
+    server = ServerThread(rec.app, "127.0.0.1", 0, name="webhook").start()
+    yield rec, server
+    if rec.hold is not None:
+        rec.hold.set()
+    server.close()

@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,25 @@ def assert_all_done_once(running, emulator, files: dict[str, bytes]) -> None:  #
 
 def callback_url_of(emulator, name: str) -> str:  # type: ignore[no-untyped-def]
     return next(u.callback_url for u in emulator.uploads if u.data_file_name == name)
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint: records every POST with the status it answered."""
+
+    status: int = 200
+    hold: threading.Event | None = None  # set: requests wait for it
+    posts: list[tuple[int, dict]] = field(default_factory=list)
+
+    def app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if self.hold is not None:
+            self.hold.wait(10)
+        status = self.status
+        self.posts.append((status, json.loads(body)))
+        start_response(f"{status} {'OK' if status == 200 else 'Internal Server Error'}",
+                       [("Content-Type", "text/plain")])
+        return [b"ok" if status == 200 else b"down"]
+
+    def accepted(self) -> list[dict]:
+        return [payload for status, payload in self.posts if status == 200]

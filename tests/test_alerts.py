@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import logging
 import threading
 import time
@@ -32,7 +31,6 @@ from konfuzio_watch.alerts import (
     check_urls,
 )
 from konfuzio_watch.config import AlertsConfig, ConfigError, parse_config
-from konfuzio_watch.server import ServerThread
 
 from .conftest import wait_until
 
@@ -421,38 +419,6 @@ def smtp_server() -> Iterator[tuple[_SMTPController, list[Any]]]:
     controller.start()
     yield controller, received
     controller.stop()
-
-
-@dataclass
-class Receiver:
-    """A webhook endpoint: records every POST with the status it answered."""
-
-    status: int = 200
-    hold: threading.Event | None = None  # set: requests wait for it
-    posts: list[tuple[int, dict]] = field(default_factory=list)
-
-    def app(self, environ: dict, start_response: Callable) -> list[bytes]:
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        if self.hold is not None:
-            self.hold.wait(10)
-        status = self.status
-        self.posts.append((status, json.loads(body)))
-        start_response(f"{status} {'OK' if status == 200 else 'Internal Server Error'}",
-                       [("Content-Type", "text/plain")])
-        return [b"ok" if status == 200 else b"down"]
-
-    def accepted(self) -> list[dict]:
-        return [payload for status, payload in self.posts if status == 200]
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, ServerThread]]:
-    rec = Receiver()
-    server = ServerThread(rec.app, "127.0.0.1", 0, name="webhook").start()
-    yield rec, server
-    if rec.hold is not None:
-        rec.hold.set()
-    server.close()
 
 
 @pytest.fixture

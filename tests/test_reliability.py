@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import io
 import json
 import logging
@@ -14,6 +13,7 @@ import time
 import requests
 
 from konfuzio_watch.cli import main
+from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 
@@ -183,12 +183,37 @@ def test_read_timeout_after_the_server_stored_the_upload_is_reconciled_not_reupl
     assert len(emulator.uploads) == 1, "the file was uploaded twice"
 
 
+def upload_refused(count: int | None = None) -> FaultRule:
+    """The server refuses the file itself (a fresh rule each time: a rule counts its hits)."""
+    return FaultRule("POST", r"^/api/v3/documents/?$", 400, body={"data_file": ["The submitted data was not a file."]},
+                     count=count)
+
+
 def test_a_file_rejected_by_the_server_fails_with_the_reason(start_daemon, emulator):
-    running = start_daemon(konfuzio={"project_id": 99})  # the server answers 400 for an unknown project
+    emulator.knobs.fault_rules = [upload_refused()]
+    running = start_daemon()
     drop(running.inbox / "x.pdf", make_pdf(label="x"))
     running.wait_finished(1)
     report = json.loads((running.failed / "x.pdf.error.json").read_text())
-    assert report["stage"] == "upload" and "400" in report["error"] and "project" in report["error"]
+    assert report["stage"] == "upload" and "400" in report["error"] and "not a file" in report["error"]
+
+
+def test_an_unknown_project_blocks_visibly_and_files_wait_at_no_cost(start_daemon, emulator, caplog):
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    running = start_daemon(konfuzio={"project_id": 3}, upload={"backoff_base_seconds": 0.1,
+                                                               "backoff_cap_seconds": 0.3})
+    data = make_pdf(label="for project 3")
+    drop(running.inbox / "p3.pdf", data)
+    wait_until(lambda: running.daemon.gates.blocked(), 20, "the API blocked")
+    (gate,) = running.daemon.gates.blocked()
+    assert gate.reason == "project 3 not found or not visible to this token"
+    assert "BLOCKED: project 3 not found" in running.daemon.status_line()
+    assert emulator.uploads == [] and running.counts()[State.FAILED] == 0, "the file waits, it is not failed"
+    emulator.project_ids = frozenset({1, 2, 3})  # the admin adds the token's user to the project
+
+    running.wait_finished(1, timeout_s=20)
+    assert_own_result(running.done, "p3.pdf", data)
+    assert len([r for r in caplog.records if "project 3 not found" in r.getMessage()]) == 1, "said once"
 
 
 # -- hostile files ---------------------------------------------------------------------------
@@ -290,7 +315,8 @@ def test_duplicate_content_is_processed_again_by_default(start_daemon, emulator)
 def test_retry_puts_failed_files_back_through_the_pipeline(start_daemon, emulator, tmp_path, capsys):
     import yaml
 
-    running = start_daemon(konfuzio={"project_id": 99})
+    emulator.knobs.fault_rules = [upload_refused(count=1)]
+    running = start_daemon()
     drop(running.inbox / "sub/retry me.pdf", make_pdf(label="retry"))
     running.wait_finished(1)
     assert (running.failed / "sub/retry me.pdf").exists()
@@ -307,9 +333,7 @@ def test_retry_puts_failed_files_back_through_the_pipeline(start_daemon, emulato
     assert "sub/retry me.pdf: back in the inbox" in capsys.readouterr().out
     assert not (running.failed / "sub/retry me.pdf.error.json").exists()
 
-    fixed = dataclasses.replace(running.config,
-                                konfuzio=dataclasses.replace(running.config.konfuzio, project_id=1))
-    again = start_daemon(fixed)
+    again = start_daemon(running.config)
     wait_until(lambda: again.counts()[State.DONE] == 1, 30, "the retried file done")
     assert (again.done / "sub/retry me.pdf.json").exists()
     assert again.counts()[State.RETRIED] == 1
