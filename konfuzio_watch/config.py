@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from . import layout
+
 
 class ConfigError(Exception):
     """A problem with the configuration; the message is one line meant for the user."""
@@ -84,6 +86,10 @@ class ResultsConfig:
     workers: int = 2
     max_failures: int = 30  # consecutive failed fetches/exports of one file before it goes to failed/
     first_poll_seconds: float = 5.0  # poll-only mode: the first look after the upload, doubling to poll_interval
+    outputs: tuple[str, ...] = ("json",)  # what goes into done/ next to the file: json, searchable_pdf
+    bbox: bool = True  # the character boxes in the JSON (false: left out, and never fetched)
+    require_review: bool = False  # export only once a person marked the document reviewed in Konfuzio
+    layout: str = "{path}"  # where in done/ a file goes (layout.render); failed/ keeps the inbox's layout
 
 
 @dataclass(frozen=True)
@@ -403,6 +409,7 @@ def _check(config: Config, need_secrets: bool = True) -> None:
         raise ConfigError(f"upload.on_duplicate: expected 'process' or 'fail', got {u.on_duplicate!r}")
     _check_alerts(config.alerts)
     _check_monitor_and_service(config)
+    _check_results(r)
     if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):
         raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
     # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but
@@ -413,6 +420,23 @@ def _check(config: Config, need_secrets: bool = True) -> None:
     for key_a, a, key_b, b in pairs:
         if a == b or b in a.parents or (key_a != "folders.inbox" and a in b.parents):
             raise ConfigError(f"{key_a} and {key_b} must be separate folders ({key_a} may not be inside {key_b})")
+
+
+OUTPUTS = ("json", "searchable_pdf")
+
+
+def _check_results(r: ResultsConfig) -> None:
+    for index, output in enumerate(r.outputs):
+        if output not in OUTPUTS:
+            raise ConfigError(f"results.outputs[{index}]: unknown output {output!r} (known: {', '.join(OUTPUTS)})")
+    if "json" not in r.outputs:
+        raise ConfigError("results.outputs: must include json (the result file; searchable_pdf comes with it)")
+    if len(set(r.outputs)) != len(r.outputs):
+        raise ConfigError("results.outputs: lists an output twice")
+    try:
+        layout.validate(r.layout)
+    except ValueError as exc:
+        raise ConfigError(f"results.layout: {exc}") from None
 
 
 def _check_alerts(a: AlertsConfig) -> None:

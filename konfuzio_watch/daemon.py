@@ -228,6 +228,8 @@ class Daemon:
             if self.callback_watch.callback_arrived():
                 log.info("callbacks arrive again at %s", self.public_url)
                 self.alerts.callbacks_arriving()
+        elif outcome == "finished" and row is not None:  # a done file's callback again: a refresh is due
+            self.scheduler.report(Wake())
         elif outcome == "extra":  # a late copy from an earlier attempt: check it and delete it
             self.scheduler.report(CleanupWanted())
         return outcome

@@ -2,7 +2,8 @@
 
 Starts the emulator on loopback, runs the daemon on temporary folders, drops sample documents
 (one of them written slowly in chunks, some in nested folders with awkward names), prints each
-file's progress, and ends with every file in done/ next to its OCR JSON.
+file's progress, and ends with every file in done/ next to its result JSON (OCR text, category,
+extracted fields) and its searchable PDF.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _demo_config(root: Path, host: str):  # type: ignore[no-untyped-def]
         "watch": {"settle_seconds": 1.0},
         "callback": {"host": "127.0.0.1", "port": 0},
         "monitor": {"port": 0},
-        "results": {"callback_timeout": 20, "poll_interval": 2},
+        "results": {"callback_timeout": 20, "poll_interval": 2, "outputs": ["json", "searchable_pdf"]},
     })
 
 
@@ -120,19 +121,39 @@ class _Progress:
 
 
 def _summary(done: Path, failed: Path, inbox: Path) -> None:
-    print("\ndone/ (each original next to <name>.json; the start of its OCR text below it):")
+    print("\ndone/ (each original next to <name>.json and <name>.ocr.pdf; below it the start of its OCR text,\n"
+          "its category and two of the fields Konfuzio extracted):")
     for path in sorted(done.rglob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         pages = len(data["pages"])
         document = f"document {data['document_id']}, {pages} page{'s' * (pages != 1)}"
         print(f"  {str(path.relative_to(done))[:-5]}  ({document})")
         print(f"      {_excerpt(data['text'])}")
+        print(f"      {_extraction(data)}")
     failures = sorted(failed.rglob("*.error.json"))
     print(f"failed/: {len(failures)} file(s)")
     for path in failures:
         print(f"  {path.relative_to(failed)}: {json.loads(path.read_text())['error']}")
     left = [p for p in inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in p.parts]
     print(f"inbox: {len(left)} file(s) left")
+
+
+def _extraction(result: dict) -> str:
+    """``Invoice (87 %): Invoice Number = INV-1A2B3C4D, Date = 2021-03-04``: the category and the
+    first two single values of its fields."""
+    category = result.get("category")
+    if not category:
+        return "no category"
+    confidence = category.get("confidence")
+    head = f"{category.get('name') or category['id']}" + (f" ({confidence:.0%})" if confidence is not None else "")
+    shown = []
+    for values in (result.get("fields") or {}).values():
+        for label, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None and len(shown) < 2:
+                shown.append(f"{label} = {value}")
+    return head + (": " + ", ".join(shown) if shown else "")
 
 
 def _excerpt(text: str, width: int = 60) -> str:

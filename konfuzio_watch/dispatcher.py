@@ -41,6 +41,9 @@ WORK = {
     State.UPLOADED: Work(State.UPLOADED, Step.FETCH, RESULTS, (Scope.API,)),
     State.EXPORTING: Work(State.EXPORTING, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT)),
     State.FAILING: Work(State.FAILING, Step.FAIL, RESULTS, (Scope.OUTPUT,)),
+    # A done file whose document Konfuzio reported again (a review, a re-extraction): due at
+    # ``refresh_at``, not ``next_at``; the new revision is fetched and written like an export.
+    State.DONE: Work(State.DONE, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT)),
 }
 RESULT_STATES = (State.UPLOADED, State.EXPORTING, State.FAILING)
 
@@ -60,7 +63,7 @@ class Dispatcher:
         p = pipeline
         self._steps: dict[State, Callable[[Row], Row]] = {
             State.CLAIMED: p.upload, State.UPLOADED: p.check_result, State.EXPORTING: p.export,
-            State.FAILING: p.finish_failed,
+            State.FAILING: p.finish_failed, State.DONE: p.refresh,
         }
 
     # -- admission -------------------------------------------------------------------------------
@@ -119,6 +122,12 @@ class Dispatcher:
                     work = WORK[row.state]
                     if self._fits(work, budgets):
                         self._submit(work, row, budgets)
+        free = self.free(RESULTS)  # new revisions of done files last: files still on their way come first
+        refresh = WORK[State.DONE]
+        if free > 0 and self._fits(refresh, budgets):
+            for row in self.journal.due_refreshes(now, self.inflight, free):
+                if self._fits(refresh, budgets):
+                    self._submit(refresh, row, budgets)
 
     def next_due(self, now: float) -> float | None:
         """When the next row may be dispatched (or a gate may be probed); None: nothing waits."""
@@ -131,7 +140,10 @@ class Dispatcher:
                 continue
             if self.free(work.pool) <= 0:
                 continue
-            due = self.journal.next_due_at([work.state], self.inflight)
+            if work.state == State.DONE:
+                due = self.journal.next_refresh_at(self.inflight)
+            else:
+                due = self.journal.next_due_at([work.state], self.inflight)
             if work.state == State.UPLOADING and self.cleanup_wanted:
                 due = now
             if due is None:

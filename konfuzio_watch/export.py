@@ -1,4 +1,5 @@
-"""Pure: the OCR JSON written next to a done file, and the error JSON next to a failed one."""
+"""Pure: the base of the result JSON next to a done file (``results.build_result`` adds the rest),
+and the error JSON next to a failed one."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import re
 import shutil
 import stat
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +103,15 @@ def describe_mode(mode: int) -> str:
     return "special file"
 
 
-def free_target(folder: Path, rel_path: str, sidecar_suffix: str) -> Path:
-    """``folder/rel_path``, or ``name (2).ext``, ... such that neither it nor its sidecar exists."""
+def free_target(folder: Path, rel_path: str, sidecar_suffix: str | Sequence[str]) -> Path:
+    """``folder/rel_path``, or ``name (2).ext``, ... such that neither it nor any of its sidecars
+    (one suffix, or several: ``(".json", ".ocr.pdf")``) exists."""
+    suffixes = (sidecar_suffix,) if isinstance(sidecar_suffix, str) else tuple(sidecar_suffix)
     target = folder / rel_path
     stem, suffix = _split_suffix(target.name)
     for n in range(1, MAX_VARIANTS):
         candidate = target if n == 1 else target.with_name(_fit(stem, f" ({n}){suffix}"))
-        if not os.path.lexists(candidate) and not os.path.lexists(sidecar_for(candidate, sidecar_suffix)):
+        if not os.path.lexists(candidate) and not any(os.path.lexists(sidecar_for(candidate, s)) for s in suffixes):
             return candidate
     raise FileExistsError(errno.EEXIST, f"no free name after {MAX_VARIANTS} tries", str(target))
 

@@ -91,6 +91,8 @@ COLUMNS = [
     "revision", "fingerprint", "refresh_at",
 ]
 UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at", "state"}
+# A done file is looked at again at most this often, however many callbacks arrive for it.
+REFRESH_GAP_S = 2.0
 
 NETWORK_FILESYSTEMS = frozenset([
     "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse.sshfs", "fuse.rclone",
@@ -410,6 +412,9 @@ class Journal:
             return db.execute(
                 f"UPDATE files SET next_at = ? WHERE state IN ({_marks(states)}) AND next_at > ?",
                 (now, *states, now + max_delay_s),
+            ).rowcount + db.execute(  # a done file's look at a new revision, too
+                "UPDATE files SET refresh_at = ? WHERE refresh_at > ? AND state = ?",
+                (now, now + max_delay_s, State.DONE.value),
             ).rowcount
 
     def record_callback(self, token_hash: str, claimed_document_id: int | None, now: float) -> tuple[str, Row | None]:
@@ -418,8 +423,11 @@ class Journal:
         ``unknown``: no such token. ``mismatch``: the body names another document than the one
         this token was issued for. ``extra``: the token is an earlier attempt's and the body names
         another document than the file's: a late copy, recorded for deletion (after checking).
-        ``finished``: the file is already done/failed (replay). ``recorded``: fact stored; the
-        pipeline will confirm the outcome with the API.
+        ``finished``: the file is already done/failed (a replay), and nothing more happens, except
+        for a done file and its current token: Konfuzio calls again after a review or a
+        re-extraction, so the pipeline is to look at the document again (``refresh_at``, at most
+        once per ``REFRESH_GAP_S``); the row is returned then, else None. ``recorded``: fact stored;
+        the pipeline will confirm the outcome with the API.
         """
         with self._write() as db:
             found = db.execute(
@@ -435,14 +443,63 @@ class Journal:
                 db.execute("INSERT OR IGNORE INTO extra_documents (document_id, row_id, project_id, found_at)"
                            " VALUES (?, ?, ?, ?)", (claimed_document_id, row_id, project_id, now))
                 return "extra", None
-            if state in TERMINAL:
+            if state == State.DONE and current_token == token_hash:
+                db.execute(
+                    "UPDATE files SET callback_at = ?, refresh_at = COALESCE(refresh_at, MAX(?, updated_at + ?))"
+                    " WHERE id = ? AND state = ?", (now, now, REFRESH_GAP_S, row_id, State.DONE.value))
+                refresh = True
+            elif state in TERMINAL:
                 return "finished", None
-            next_at = now if state == State.UPLOADED else None
-            db.execute(
-                "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?",
-                (now, next_at, now, row_id),
-            )
+            else:
+                refresh = False
+                next_at = now if state == State.UPLOADED else None
+                db.execute(
+                    "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?",
+                    (now, next_at, now, row_id),
+                )
+        if refresh:
+            return "finished", self.get(row_id)
         return "recorded", self.get(row_id)
+
+    # -- done results that may have changed on the server ------------------------------------
+
+    def arm_refresh(self, row: Row, since: float, now: float) -> Row:
+        """After a row became done: if a callback came in since ``since`` (the details the export
+        used were fetched then), a review may have beaten the export: look again at once."""
+        with self._write() as db:
+            db.execute("UPDATE files SET refresh_at = ? WHERE id = ? AND state = ? AND callback_at >= ?"
+                       " AND refresh_at IS NULL", (now, row.id, State.DONE.value, since))
+        return self.get(row.id)
+
+    def finish_refresh(self, row: Row, checked_at: float, now: float, **fields: object) -> Row:
+        """A refresh of a done row is over (``fields``: e.g. its new ``revision`` and ``fingerprint``),
+        in one transaction: ``refresh_at`` is cleared, unless a callback came in since ``checked_at``
+        (the document may have changed again after it was fetched)."""
+        bad = set(fields) - UPDATABLE
+        if bad:
+            raise ValueError(f"not updatable: {sorted(bad)}")
+        extra = "".join(f", {name} = ?" for name in fields)
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE files SET refresh_at = CASE WHEN callback_at >= ? THEN ? ELSE NULL END, failures = 0,"
+                f" error = NULL, updated_at = ?{extra} WHERE id = ? AND state = ?",
+                (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value))
+            if cursor.rowcount != 1:
+                raise IllegalTransition(f"{row.display_path}: no longer {State.DONE} (row {row.id})")
+        return self.get(row.id)
+
+    def due_refreshes(self, now: float, exclude: Iterable[int], limit: int) -> list[Row]:
+        """Done rows whose ``refresh_at`` has come, earliest first, skipping ``exclude``."""
+        exclude = list(exclude)
+        return self._select(f"SELECT * FROM files WHERE refresh_at <= ? AND state = ? AND id NOT IN ({_marks(exclude)})"
+                            " ORDER BY refresh_at, id LIMIT ?", (now, State.DONE.value, *exclude, limit))
+
+    def next_refresh_at(self, exclude: Iterable[int]) -> float | None:
+        exclude = list(exclude)
+        with self._lock:
+            return self._db.execute(
+                f"SELECT MIN(refresh_at) FROM files WHERE refresh_at IS NOT NULL AND state = ?"
+                f" AND id NOT IN ({_marks(exclude)})", (State.DONE.value, *exclude)).fetchone()[0]
 
     # -- reads --------------------------------------------------------------------------------
 

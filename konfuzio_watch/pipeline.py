@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
+import json
 import logging
 import os
 import random
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import export, policy, processing, readiness, results
+from . import export, layout, policy, processing, readiness, results
 from .clock import Clock
 from .config import Config
 from .files import (
@@ -40,6 +41,7 @@ from .files import (
     same_file,
     shortened_name,
     sidecar_for,
+    temp_path_for,
     write_json_no_clobber,
 )
 from .gates import Gates
@@ -55,6 +57,11 @@ log = logging.getLogger("konfuzio_watch")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 HASH_CHUNK = 1024 * 1024
 CLOCK_SKEW_S = 600.0  # the server's clock may differ from ours: list this much further back
+SEARCHABLE_PDF = "searchable_pdf"  # a results.outputs entry
+OCR_PDF_SUFFIX = ".ocr.pdf"  # done/<name>.ocr.pdf next to done/<name> and done/<name>.json
+REVIEW_STAGE = "waiting for review in Konfuzio"  # results.require_review: done, not reviewed yet
+# Statuses in which a document waits for a person in Konfuzio (the row's stage says so).
+PERSON_STAGES = {41: "waiting for splitting confirmation in Konfuzio"}
 
 
 def limits_from(config: Config) -> policy.Limits:
@@ -86,6 +93,8 @@ class Pipeline:
         # Choosing a free name in done/ or failed/ and taking it must be one step: two files
         # with the same relative path may be placed by two workers at once.
         self._placing = threading.RLock()  # failing a file while placing it places its report
+        self.catalogs = results.CatalogCache()  # each project's label, label set and category names
+        self._no_catalog: set[int] = set()  # projects whose catalog the server would not give (logged once)
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -133,6 +142,8 @@ class Pipeline:
         now = self.clock.now()
         decision = policy.decide(step, failure, row.failures, now, self.limits, attempts=row.attempts,
                                  jitter=self.rng.uniform(0.5, 1.0))
+        if row.state == State.DONE:
+            return self._refresh_failed(row, step, failure, decision, now)
         if isinstance(decision, Fail):
             return self.fail(row, decision.reason, stage=stage or step.value)
         if isinstance(decision, Blocked):
@@ -156,6 +167,23 @@ class Pipeline:
             fields.setdefault("failures", row.failures)
             return self.journal.transition(row, back_to, now, **fields)
         return self.journal.update(row, now, **fields)
+
+    def _refresh_failed(self, row: Row, step: Step, failure: Failure, decision: policy.Decision, now: float) -> Row:
+        """The policy's answer for a done file whose new revision could not be fetched or written:
+        the same backoff and gates, on ``refresh_at``; "fail" gives up the refresh, never the file
+        (done/ keeps the revision it has)."""
+        if isinstance(decision, Fail):
+            log.warning("%s: gave up fetching a new revision of document %s; done/ keeps revision %d: %s",
+                        row.display_path, row.document_id, row.revision, decision.reason)
+            return self.journal.update(row, now, refresh_at=None, failures=0, error=f"refresh: {decision.reason}")
+        if isinstance(decision, Blocked):
+            self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note)
+            return self.journal.update(row, now, error=failure.message, refresh_at=now)  # due once the gate opens
+        level = logging.WARNING if failure.message != row.error else logging.DEBUG
+        failures = row.failures + (1 if decision.charge else 0)
+        log.log(level, "%s: %s of a new revision failed (failure %d), next try in %.1f s: %s", row.display_path,
+                step, failures, decision.delay_s, failure.message)
+        return self.journal.update(row, now, error=failure.message, refresh_at=decision.at, failures=failures)
 
     def handle_internal_error(self, rows: list[Row], step: Step, exc: BaseException) -> None:
         """A bug in a step: log it with its traceback once, then the policy decides (backoff,
@@ -515,12 +543,16 @@ class Pipeline:
         self._api_ok()
         status = details.get("status_data")
         if status == export.STATUS_DONE:
-            if row.callback_at is None and self.expect_callbacks:
-                self._callback_missing(row)
+            if row.callback_at is None and self.expect_callbacks and row.stage != REVIEW_STAGE:
+                self._callback_missing(row)  # (once per file, not at each look while it waits for review)
+            if self.config.results.require_review and not details.get("is_reviewed"):
+                return self._wait_for_person(row, checked_at, REVIEW_STAGE)
             row = self.move(row, State.EXPORTING, stage="export", next_at=self.clock.now(), failures=0)
-            return self.export(row, details)
+            return self.export(row, details, checked_at=checked_at)
         if status == export.STATUS_FAILED:
             return self.fail(row, "Konfuzio could not process the document (status 111)", stage="processing")
+        if status in PERSON_STAGES:
+            return self._wait_for_person(row, checked_at, PERSON_STAGES[status])
         name = export.STATUS_NAMES.get(status, f"status {status}")
         now = self.clock.now()
         return self.journal.schedule_poll(row, checked_at, now, now + self._poll_delay(row, now), stage=name)
@@ -544,6 +576,22 @@ class Pipeline:
             if self.on_callbacks_missing:
                 self.on_callbacks_missing(url)
 
+    def _wait_for_person(self, row: Row, checked_at: float, stage: str) -> Row:
+        """Done by the machine, waiting for a person in Konfuzio (a review, a split to confirm). The
+        server calls back when it is done; until then it is looked at every ``callback_timeout``
+        (a lost callback), not every ``poll_interval``: a person may take days. Poll-only mode
+        (no callbacks) looks every ``poll_interval``."""
+        if row.stage != stage:
+            log.info("%s: %s (document %d: %s)", row.display_path, stage, row.document_id, self.web_url(row))
+        now = self.clock.now()
+        r = self.config.results
+        wait = max(r.poll_interval, r.callback_timeout) if self.expect_callbacks else r.poll_interval
+        return self.journal.schedule_poll(row, checked_at, now, now + wait, stage=stage)
+
+    def web_url(self, row: Row) -> str | None:
+        """The document in the Konfuzio web app (for logs and ``status``)."""
+        return None if row.document_id is None else results.web_url(self.config.konfuzio.host, row.document_id)
+
     def _fetch_failed(self, row: Row, failure: Failure) -> Row:
         self.metrics.fetch_retries.inc()
         if failure.cause == Cause.NOT_FOUND:
@@ -551,25 +599,115 @@ class Pipeline:
                               status=404)
         return self._handle(row, Step.FETCH, failure, stage="result")
 
-    # -- exporting: JSON next to the file in done/ ------------------------------------------------
+    # -- exporting: JSON (and the searchable PDF) next to the file in done/ ----------------------
 
-    def export(self, row: Row, details: dict[str, Any] | None = None) -> Row:
+    def export(self, row: Row, details: dict[str, Any] | None = None, checked_at: float | None = None) -> Row:
         assert row.document_id is not None
         changed = self._changed_since_upload(row)
         if changed:  # the result describes what was uploaded, not what the file is now
             log.warning("%s: %s after it was uploaded; uploading it again as it is now", row.display_path, changed)
             return self.move(row, State.CLAIMED, next_at=self.clock.now(), error=f"{changed} after it was uploaded",
                              stage="upload")
+        if checked_at is None or details is None:
+            checked_at = self.clock.now()
         try:
             if details is None:
                 details = self.client.document(row.document_id)
-            bbox = self._bbox(row.document_id)
+            result = self._build_result(row, details, revision=1)
         except ApiError as exc:
             return self._fetch_failed(row, exc.failure)
         self._api_ok()
-        result = results.build_result(row, details, bbox, self.clock.now(), host=self.config.konfuzio.host)
-        return self._place(row, self.config.folders.done, export.RESULT_SUFFIX, result,
-                           lambda existing: export.result_is_for(row, existing), State.DONE, Step.EXPORT)
+        done = self.config.folders.done
+        rel_path = self._done_rel_path(row, result)
+        staged = None
+        if self.wants_pdf:
+            staging = self._staging_path(row, done / rel_path)
+            try:
+                self._download_pdf(row, staging)
+            except ApiError as exc:
+                return self._pdf_failed(row, exc.failure)
+            except OSError as exc:
+                return self._output_failed(row, Step.EXPORT, done, exc)
+            staged = staging
+        try:
+            return self._place(row, done, export.RESULT_SUFFIX, result,
+                               lambda existing: export.result_is_for(row, existing), State.DONE, Step.EXPORT,
+                               rel_path=rel_path, pdf=staged, done_fields={
+                                   "revision": 1, "fingerprint": results.content_fingerprint(result)},
+                               checked_at=checked_at)  # fmt: skip
+        finally:
+            if staged is not None:
+                _unlink_quietly(staged)
+
+    @property
+    def wants_pdf(self) -> bool:
+        return SEARCHABLE_PDF in self.config.results.outputs
+
+    def _build_result(self, row: Row, details: dict[str, Any], revision: int) -> dict[str, Any]:
+        """The result file's content from the details and the further calls it needs (annotations,
+        character boxes unless ``results.bbox: false``, the project's catalog); raises ``ApiError``."""
+        assert row.document_id is not None
+        annotations = self.client.annotations(row.document_id)
+        catalog = self._catalog(row, details, annotations)
+        bbox = self._bbox(row.document_id) if self.config.results.bbox else None
+        return results.build_result(row, details, bbox, self.clock.now(), annotations=annotations, catalog=catalog,
+                                    host=self.config.konfuzio.host, revision=revision,
+                                    include_bbox=self.config.results.bbox)  # fmt: skip
+
+    def _catalog(self, row: Row, details: dict[str, Any], annotations: list[dict]) -> results.ProjectCatalog | None:
+        """The project's names of labels, label sets and categories: cached, fetched again when the
+        document refers to an id the cache does not know. A server without these lists (404, 400)
+        gives results with the names the answers carry; other errors are retried like any fetch."""
+        project = details.get("project")
+        project_id = project if isinstance(project, int) else row.project_id or self.config.konfuzio.project_id
+        try:
+            return self.catalogs.catalog_for(project_id, results.references(details, annotations),
+                                             self.client.project_catalog)  # fmt: skip
+        except ApiError as exc:
+            if exc.failure.cause not in (Cause.NOT_FOUND, Cause.INVALID):
+                raise
+            if project_id not in self._no_catalog:
+                self._no_catalog.add(project_id)
+                log.warning("project %d: cannot read its labels and categories (%s); results name what the "
+                            "answers name, categories by id", project_id, exc.failure.message)
+            return None
+
+    def _done_rel_path(self, row: Row, result: dict[str, Any]) -> str:
+        """Where in done/ the file goes: ``results.layout`` (default: its path in the inbox)."""
+        template = self.config.results.layout
+        if template == layout.DEFAULT_TEMPLATE:
+            return row.rel_fspath
+        category = result.get("category")
+        name = None
+        if category:
+            name = category.get("name") or f"category {category.get('id')}"
+        return layout.render(template, path=row.rel_path, category=name, document_id=row.document_id,
+                             uploaded_at=row.uploaded_at)
+
+    def _staging_path(self, row: Row, target: Path) -> Path:
+        """A hidden name in the target's folder to download the searchable PDF under, so that it is
+        placed by a link (same file system); one per row: a retry overwrites its own."""
+        return temp_path_for(target.with_name(f"{row.id}{OCR_PDF_SUFFIX}"))
+
+    def _download_pdf(self, row: Row, staging: Path) -> None:
+        assert row.document_id is not None
+        self.client.download_searchable_pdf(row.document_id, staging, replace=True)
+        self._api_ok()
+
+    def _pdf_failed(self, row: Row, failure: Failure) -> Row:
+        """A 404 on the searchable PDF of a document the details just showed: not there yet (the
+        server makes it after the OCR), never "document gone"; retried like a transient error."""
+        if failure.cause == Cause.NOT_FOUND:
+            failure = Failure(Cause.TRANSIENT, f"the searchable PDF of document {row.document_id} is not available "
+                                               f"yet ({failure.message})", status=failure.status)  # fmt: skip
+        self.metrics.fetch_retries.inc()
+        return self._handle(row, Step.FETCH, failure, stage="result")
+
+    def _output_failed(self, row: Row, step: Step, folder: Path, exc: OSError) -> Row:
+        if exc.errno == errno.ENAMETOOLONG and row.state == State.EXPORTING:
+            return self.fail(row, f"its path does not fit into {folder} ({exc.strerror})", stage="too_long")
+        cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
+        return self._handle(row, step, Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}"))
 
     def _changed_since_upload(self, row: Row) -> str | None:
         """Is the file in processing/ still the one that was uploaded (size, mtime, inode)?"""
@@ -594,6 +732,102 @@ class Pipeline:
                 return None  # the server has no boxes for this document
             raise
 
+    # -- done: a later callback (review, re-extraction) -> the next revision in done/ ------------
+
+    def refresh(self, row: Row) -> Row:
+        """Konfuzio called again for a done document: fetch it again and, if its content changed
+        (``results.content_fingerprint``), replace the result in done/ with the next revision. The
+        original is never touched; a callback for an unchanged document costs one fetch."""
+        assert row.state == State.DONE and row.document_id is not None and row.final_path is not None
+        checked_at = self.clock.now()
+        try:
+            details = self.client.document(row.document_id)
+            if details.get("id") != row.document_id:
+                return self._fetch_failed(row, Failure(Cause.TRANSIENT, f"details of document {details.get('id')} "
+                                                                        f"returned for {row.document_id}"))
+            status = details.get("status_data")
+            if status != export.STATUS_DONE:
+                return self._refresh_later(row, checked_at, status)
+            if self.config.results.require_review and not details.get("is_reviewed"):
+                log.info("%s: document %d is no longer marked reviewed; done/ keeps revision %d", row.display_path,
+                         row.document_id, row.revision)
+                return self.journal.finish_refresh(row, checked_at, self.clock.now())
+            result = self._build_result(row, details, revision=row.revision + 1)
+        except ApiError as exc:
+            return self._fetch_failed(row, exc.failure)
+        self._api_ok()
+        fingerprint = results.content_fingerprint(result)
+        if fingerprint == row.fingerprint:
+            log.debug("%s: document %d unchanged; done/ keeps revision %d", row.display_path, row.document_id,
+                      row.revision)
+            return self.journal.finish_refresh(row, checked_at, self.clock.now())
+        return self._replace_result(row, result, fingerprint, checked_at)
+
+    def _refresh_later(self, row: Row, checked_at: float, status: Any) -> Row:
+        now = self.clock.now()
+        if status == export.STATUS_FAILED or status not in export.STATUS_NAMES:
+            log.warning("%s: document %d is %s on the server now; done/ keeps revision %d", row.display_path,
+                        row.document_id, export.STATUS_NAMES.get(status, f"in status {status}"), row.revision)
+            return self.journal.finish_refresh(row, checked_at, now)
+        # Processed again (a re-extraction): it calls back when it is done; look again meanwhile.
+        r = self.config.results
+        wait = max(r.poll_interval, r.callback_timeout) if status in PERSON_STAGES else r.poll_interval
+        return self.journal.update(row, now, refresh_at=now + wait)
+
+    def _replace_result(self, row: Row, result: dict[str, Any], fingerprint: str, checked_at: float) -> Row:
+        """Write the new revision over our own result (temp + fsync + rename; only a file that is
+        ours, never the original), the searchable PDF first; then record it. A crash in between
+        writes it again. A result someone took out of done/ is not written again."""
+        target = Path(os.fsdecode(row.final_path or b""))
+        folder = target.parent
+        json_path, pdf_path = sidecar_for(target, export.RESULT_SUFFIX), sidecar_for(target, OCR_PDF_SUFFIX)
+        existing = _read_json(json_path)
+        if existing is None and not os.path.lexists(json_path):  # taken away: not brought back alone
+            log.info("%s: %s is no longer there; revision %d of document %d not written", row.display_path,
+                     json_path, row.revision + 1, row.document_id)
+            return self.journal.finish_refresh(row, checked_at, self.clock.now())
+        if existing is None or not export.result_is_for(row, existing):
+            log.warning("%s: %s is not konfuzio-watch's result of this file; revision %d of document %d not "
+                        "written", row.display_path, json_path, row.revision + 1, row.document_id)
+            return self.journal.finish_refresh(row, checked_at, self.clock.now())
+        pdf_name = existing.get("searchable_pdf")
+        ours = pdf_name == pdf_path.name
+        staging = None
+        try:
+            if self.wants_pdf and (ours or not os.path.lexists(pdf_path)):
+                staging = self._staging_path(row, target)
+                try:
+                    self._download_pdf(row, staging)
+                except ApiError as exc:
+                    return self._pdf_failed(row, exc.failure)
+                if ours:
+                    os.replace(staging, pdf_path)
+                    fsync_dir(folder)
+                else:
+                    move_no_clobber(staging, pdf_path)
+                pdf_name = pdf_path.name
+            elif self.wants_pdf and not ours:
+                log.warning("%s: %s is not konfuzio-watch's; the searchable PDF of revision %d is not written",
+                            row.display_path, pdf_path, row.revision + 1)
+            write_json_no_clobber(json_path, _with_pdf_name(result, pdf_name if ours or staging else None),
+                                  lambda found: export.result_is_for(row, found))
+        except FileExistsError:  # someone else's file took a name between our look and our write
+            log.warning("%s: a file not written by konfuzio-watch took the place of its result; revision %d of "
+                        "document %d not written", row.display_path, row.revision + 1, row.document_id)
+            return self.journal.finish_refresh(row, checked_at, self.clock.now())
+        except OSError as exc:
+            return self._output_failed(row, Step.EXPORT, folder, exc)
+        finally:
+            if staging is not None:
+                _unlink_quietly(staging)
+        self.gates[Scope.OUTPUT].open(self.clock.now())
+        new = self.journal.finish_refresh(row, checked_at, self.clock.now(), revision=row.revision + 1,
+                                          fingerprint=fingerprint)
+        log.info("%s: document %d changed on the server%s; %s is revision %d", row.display_path, row.document_id,
+                 " (reviewed)" if (result.get("konfuzio") or {}).get("is_reviewed") else "",
+                 export_display(os.fsencode(json_path), self.config.folders.done), new.revision)
+        return new
+
     # -- failing: .error.json next to the file in failed/ -----------------------------------------
 
     def finish_failed(self, row: Row) -> Row:
@@ -602,17 +836,24 @@ class Pipeline:
                            lambda existing: export.error_is_for(row, existing), State.FAILED, Step.FAIL)
 
     def _place(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
-               is_ours: Callable[[dict], bool], final_state: State, step: Step) -> Row:
+               is_ours: Callable[[dict], bool], final_state: State, step: Step, **done: Any) -> Row:
         """Write the sidecar JSON, then move the file next to it; both never overwrite."""
         with self._placing:
-            return self._place_locked(row, folder, suffix, sidecar, is_ours, final_state, step)
+            return self._place_locked(row, folder, suffix, sidecar, is_ours, final_state, step, **done)
 
     def _place_locked(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
-                      is_ours: Callable[[dict], bool], final_state: State, step: Step) -> Row:
+                      is_ours: Callable[[dict], bool], final_state: State, step: Step, *,
+                      rel_path: str | None = None, pdf: Path | None = None, done_fields: dict[str, Any] | None = None,
+                      checked_at: float | None = None) -> Row:  # fmt: skip
+        """``rel_path``: where in ``folder`` (default: the inbox's path); ``pdf``: a downloaded searchable
+        PDF to place next to it first; ``done_fields``: recorded with the final move."""
         source = self.processing_path(row)
+        suffixes = (suffix, OCR_PDF_SUFFIX) if pdf is not None else (suffix,)
+        if final_state == State.DONE:
+            sidecar = _with_pdf_name(sidecar, None)
         for _ in range(5):
             if row.final_path is None or not Path(os.fsdecode(row.final_path)).is_relative_to(folder):
-                target = self._free_target(folder, row, suffix)
+                target = self._free_target(folder, row, suffixes, rel_path)
                 row = self.journal.update(row, self.clock.now(), final_path=os.fsencode(target))
             target = Path(os.fsdecode(row.final_path))
             gone = not os.path.lexists(source) and not os.path.lexists(target)
@@ -620,11 +861,19 @@ class Pipeline:
                 return self.fail(row, f"the file vanished from {self.processing_dir} before it was placed in "
                                       f"{folder}; its result was not kept (document {row.document_id})",
                                  stage="vanished")
+            placed_pdf = None
             try:
+                if pdf is not None:  # first: the JSON says where it is, and the original comes last
+                    pdf_path = sidecar_for(target, OCR_PDF_SUFFIX)
+                    if self._place_pdf(pdf, pdf_path, sidecar_for(target, suffix), is_ours):
+                        placed_pdf = pdf_path
+                    sidecar = _with_pdf_name(sidecar, pdf_path.name)
                 write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours)
                 if not gone:
                     self._move_into_place(row, target)
             except FileExistsError:
+                if placed_pdf is not None:  # ours, placed a moment ago: it goes with us to the next name
+                    os.replace(placed_pdf, pdf)  # type: ignore[arg-type]
                 row = self.journal.update(row, self.clock.now(), final_path=None)
                 continue  # someone else's file took the name: pick another
             except OSError as exc:
@@ -634,16 +883,38 @@ class Pipeline:
                 failure = Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}")
                 return self._handle(row, step, failure)
             self.gates[Scope.OUTPUT].open(self.clock.now())
-            return self.move(row, final_state, next_at=None)
+            new = self.move(row, final_state, next_at=None, **(done_fields or {}))
+            if final_state == State.DONE and checked_at is not None:
+                new = self.journal.arm_refresh(new, since=checked_at, now=self.clock.now())
+            return new
         raise RuntimeError(f"{row.display_path}: no free name in {folder}")
 
-    def _free_target(self, folder: Path, row: Row, suffix: str) -> Path:
-        """``folder/<its path>`` (or ``name (2).pdf``); in failed/, a path too long for the file
-        system becomes a short unique name (the error report keeps the whole path)."""
-        target = free_target(folder, row.rel_fspath, suffix)
+    def _place_pdf(self, staged: Path, target: Path, json_path: Path, is_ours: Callable[[dict], bool]) -> bool:
+        """Give the downloaded PDF its name next to the file, never replacing another file; True if
+        it was moved there. A PDF already there is ours if it has the same bytes, or if the JSON next
+        to it is ours (an earlier try of this export got that far); else ``FileExistsError``."""
+        try:
+            move_no_clobber(staged, target)
+            return True
+        except FileExistsError:
+            if _has_content(target, _sha256_of(staged)):
+                return False
+            existing = _read_json(json_path)
+            if existing is None or not is_ours(existing):
+                raise
+        os.replace(staged, target)
+        fsync_dir(target.parent)
+        return True
+
+    def _free_target(self, folder: Path, row: Row, suffixes: tuple[str, ...], rel_path: str | None = None) -> Path:
+        """``folder/<its path>`` (or ``name (2).pdf``), free for the file and each of its sidecars; in
+        failed/, a path too long for the file system becomes a short unique name (the error report
+        keeps the whole path)."""
+        target = free_target(folder, rel_path or row.rel_fspath, suffixes)
+        suffix = suffixes[0]
         if folder == self.config.folders.failed and (row.stage == "too_long" or not fits_path_max(
                 sidecar_for(target, suffix))):
-            target = free_target(folder, shortened_name(row.rel_path, suffix), suffix)
+            target = free_target(folder, shortened_name(row.rel_path, suffix), suffixes)
         return target
 
     def _move_into_place(self, row: Row, target: Path) -> None:
@@ -677,6 +948,45 @@ def _created_before(page: list[dict[str, Any]], limit: float) -> bool:
         return dt.datetime.fromisoformat(str(oldest).replace("Z", "+00:00")).timestamp() < limit
     except ValueError:
         return False
+
+
+def _with_pdf_name(result: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """The result with ``searchable_pdf`` (the PDF's file name next to it, or None) after ``web_url``."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if key != "searchable_pdf":
+            out[key] = value
+        if key == "web_url":
+            out["searchable_pdf"] = name
+    out.setdefault("searchable_pdf", name)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None (missing, unreadable, not an object)."""
+    try:
+        with open(path, "rb") as f:
+            found = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror or exc)
 
 
 def _has_content(path: Path, sha256: str | None) -> bool:

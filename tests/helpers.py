@@ -9,12 +9,15 @@ import collections
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ import pytest
 import requests
 import yaml
 
+from konfuzio_watch.emulator.content import facts_of, layout_for
 from konfuzio_watch.journal import State
 from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME
 from konfuzio_watch.samples import make_pdf, make_png
@@ -278,3 +282,71 @@ class Receiver:
 
     def accepted(self) -> list[dict]:
         return [payload for status, payload in self.posts if status == 200]
+
+
+# -- documents of a kind, and what a searchable PDF says --------------------------------------------
+
+
+def file_of(kind: str, pages: int = 1, tag: str = "", ibans: int | None = None, png: bool = False) -> bytes:
+    """The first sample (by label) whose content the emulated AI reads as ``kind``."""
+    for n in range(1000):
+        data = make_png(90, 60, label=f"{tag} {n}") if png else make_pdf(pages, label=f"{tag} {n}")
+        layout = layout_for(facts_of(data), "x")
+        if layout.kind == kind and (ibans is None or sum(f.key == "iban" for f in layout.fields) == ibans):
+            return data
+    raise AssertionError(f"no sample of kind {kind}")
+
+
+def pdf_page_texts(data: bytes) -> list[str]:
+    """A small PDF reader for what the emulator writes: follows the xref, the page tree and each
+    font's ToUnicode CMap; one line per text matrix (Tm)."""
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
+    xref_at = int(re.search(rb"startxref\s+(\d+)", data[-64:]).group(1))
+    assert data[xref_at:].startswith(b"xref")
+    count = int(re.match(rb"xref\s+0 (\d+)", data[xref_at:]).group(1))
+    table = data[xref_at:].split(b"\n", 2)[2]
+    offsets = [int(table[20 * i : 20 * i + 10]) for i in range(1, count)]
+    objects = {}
+    for number, offset in enumerate(offsets, start=1):
+        assert data[offset:].startswith(b"%d 0 obj" % number), number
+        objects[number] = data[offset : data.index(b"endobj", offset)]
+
+    def ref(obj: bytes, key: bytes) -> int:
+        return int(re.search(rb"/" + key + rb"\s+(\d+) 0 R", obj).group(1))
+
+    def stream(number: int) -> bytes:
+        obj = objects[number]
+        body = obj[obj.index(b"stream\n") + 7 : obj.rindex(b"\nendstream")]
+        return zlib.decompress(body) if b"/FlateDecode" in obj else body
+
+    root = objects[ref(data[xref_at:], b"Root")]
+    kids = re.search(rb"/Kids \[([^\]]*)\]", objects[ref(root, b"Pages")]).group(1)
+    pages = []
+    for page_id in map(int, re.findall(rb"(\d+) 0 R", kids)):
+        page = objects[page_id]
+        fonts = {}
+        for font_name, font_id in re.findall(rb"/(F\d+) (\d+) 0 R", page):
+            cmap = stream(ref(objects[int(font_id)], b"ToUnicode"))
+            pairs = [pair for block in re.findall(rb"beginbfchar(.*?)endbfchar", cmap, re.S)
+                     for pair in re.findall(rb"<([0-9A-F]{2})> <([0-9A-F]+)>", block)]  # fmt: skip
+            fonts[font_name] = {int(code, 16): bytes.fromhex(uni.decode()).decode("utf-16-be") for code, uni in pairs}
+        lines: list[str] = []
+        font = None
+        for token in re.finditer(rb"/(F\d+) [\d.]+ Tf|<([0-9A-F]*)> Tj|Tm", stream(ref(page, b"Contents"))):
+            if token.group(0) == b"Tm":
+                lines.append("")
+            elif token.group(1):
+                font = fonts[token.group(1)]
+            else:
+                lines[-1] += "".join(font[b] for b in bytes.fromhex(token.group(2).decode()))
+        pages.append("\n".join(lines))
+    return pages
+
+
+def pdftotext_pages(path: Path) -> list[str] | None:
+    """The text of each page as poppler's ``pdftotext`` reads it; None when it is not installed."""
+    if shutil.which("pdftotext") is None:
+        return None
+    out = subprocess.run(["pdftotext", "-enc", "UTF-8", str(path), "-"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return [page.strip("\n") for page in out.split("\f")[:-1]]
