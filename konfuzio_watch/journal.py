@@ -678,8 +678,14 @@ class BaseJournal(ABC):
 
     # -- a cluster of nodes: here what one node needs; journal_pg.PgJournal does the rest ------
 
+    def join(self) -> None:  # noqa: B027 - one node: nobody to tell
+        """This node starts (the daemon, once): it is listed in ``nodes``. Single node: nothing to do."""
+
     def heartbeat(self) -> None:  # noqa: B027 - one node: nobody to tell
-        """Say that this node is alive (the ``nodes`` table). Single node: nothing to do."""
+        """Say that this node is alive (every few seconds). Single node: nothing to do."""
+
+    def leave(self) -> None:  # noqa: B027 - one node: nobody to tell
+        """This node stops (the daemon, once): its leases go at once. Single node: nothing to do."""
 
     def nodes(self) -> list[Node]:
         """The nodes that use this journal, as they last said. Single node: this one."""
