@@ -219,7 +219,9 @@ class PgJournal(BaseJournal):
         self._pool = psycopg_pool.ConnectionPool(
             url, kwargs=self._kwargs, min_size=1, max_size=max(1, pool_size), open=False, configure=self._configure,
             check=psycopg_pool.ConnectionPool.check_connection, timeout=wait_s, name=f"journal-{self.node_id}",
-            reconnect_timeout=float("inf"), num_workers=1,
+            # Reconnection attempts back off (1 s, 2 s, 4 s ...) only this long; then the next call starts
+            # them afresh: a server back after a long outage is used again within seconds, not minutes.
+            reconnect_timeout=max(wait_s, 2.0), num_workers=1,
         )
         try:
             self._pool.open(wait=True, timeout=max(wait_s, connect_timeout_s))
@@ -230,7 +232,11 @@ class PgJournal(BaseJournal):
     def connect(self) -> psycopg.Connection[Any]:
         """A connection of its own (not from the pool), autocommit, configured like the pool's."""
         conn = psycopg.connect(self.url, **self._kwargs)
-        self._configure(conn)
+        try:
+            self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
@@ -433,13 +439,18 @@ class _PgRole:
                 return True
             try:
                 conn = self._journal.connect()
+            except _MAPPED as exc:
+                raise _mapped(exc, self._journal.location, reading=True) from exc
+            try:
                 if conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
                     self._conn = conn
                     return True
-                conn.close()
-                return False
             except _MAPPED as exc:
                 raise _mapped(exc, self._journal.location, reading=True) from exc
+            finally:
+                if self._conn is not conn:
+                    conn.close()
+            return False
 
     def held(self) -> bool:
         with self._lock:
@@ -475,6 +486,7 @@ class _PgListener:
     notifications sent meanwhile are lost."""
 
     POLL_S = 0.2
+    MAX_BACKOFF_S = 2.0
 
     def __init__(self, journal: PgJournal, callback: Callable[[str], None]):
         self._journal, self.callback = journal, callback
@@ -490,7 +502,7 @@ class _PgListener:
             raise JournalUnavailable(f"the journal {journal.location} cannot be reached: {error}")
 
     def _run(self) -> None:
-        backoff, first = 0.1, True
+        backoff, first, cut_off = 0.1, True, False
         while not self._stop.is_set():
             try:
                 with self._journal.connect() as conn:
@@ -498,8 +510,9 @@ class _PgListener:
                     self._listening.set()
                     backoff = 0.1
                     if not first:
+                        log.info("journal listener: listening again")
                         self._call("reconnected")
-                    first = False
+                    first, cut_off = False, False
                     while not self._stop.is_set():
                         for notice in conn.notifies(timeout=self.POLL_S):
                             self._call(notice.payload)
@@ -508,9 +521,11 @@ class _PgListener:
                     self._error = exc
                     self._listening.set()
                     return
-                log.warning("journal listener: %s; listening again in %.1f s", str(exc).strip(), backoff)
+                if not cut_off:  # once per outage, not at every attempt
+                    log.warning("journal listener: %s; trying again every few seconds", str(exc).strip())
+                    cut_off = True
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, self.MAX_BACKOFF_S)
 
     def _call(self, payload: str) -> None:
         try:

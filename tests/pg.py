@@ -49,21 +49,22 @@ def required() -> bool:
 
 
 def find_bindir() -> Path:
-    """The folder with ``initdb``, ``pg_ctl`` and ``postgres``: ``$PG_BINDIR``, Debian's newest
-    ``/usr/lib/postgresql/<version>/bin``, or where ``pg_ctl`` on the PATH really is."""
-    candidates = []
+    """The folder with ``initdb``, ``pg_ctl`` and ``postgres``: ``$PG_BINDIR`` if set (and then only
+    there), else Debian's newest ``/usr/lib/postgresql/<version>/bin`` or where ``pg_ctl`` on the PATH is."""
     if os.environ.get("PG_BINDIR"):
-        candidates.append(Path(os.environ["PG_BINDIR"]))
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                      key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)], reverse=True)
-    candidates += versions
-    if shutil.which("pg_ctl"):
-        candidates.append(Path(os.path.realpath(shutil.which("pg_ctl") or "")).parent)
+        candidates = [Path(os.environ["PG_BINDIR"])]
+    else:
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                            key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)], reverse=True)
+        if shutil.which("pg_ctl"):
+            candidates.append(Path(os.path.realpath(shutil.which("pg_ctl") or "")).parent)
     for bindir in candidates:
         if all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
             return bindir
-    raise PgUnavailable("no PostgreSQL server binaries (initdb, pg_ctl, postgres) in "
-                        "/usr/lib/postgresql/*/bin or on the PATH: apt-get install postgresql, or set PG_BINDIR")
+    where = f"PG_BINDIR={os.environ['PG_BINDIR']}" if os.environ.get("PG_BINDIR") else \
+        "/usr/lib/postgresql/*/bin or on the PATH"
+    raise PgUnavailable(f"no PostgreSQL server binaries (initdb, pg_ctl, postgres) in {where}: "
+                        "apt-get install postgresql (or set PG_BINDIR)")
 
 
 def server_user() -> tuple[list[str], int, int]:
@@ -176,7 +177,7 @@ class PgCluster:
 
     def create_database(self) -> str:
         name = f"kw_{os.getpid()}_{next(self._names)}"
-        self.admin(f"CREATE DATABASE {name} TEMPLATE template0")
+        self.admin(f"CREATE DATABASE {name} TEMPLATE template0 STRATEGY FILE_COPY")
         return name
 
     def drop_database(self, name: str) -> None:

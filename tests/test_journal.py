@@ -824,3 +824,25 @@ def test_a_server_that_is_not_there_is_one_clear_error(pg_cluster: Any):
     with pytest.raises(JournalError, match=r"cannot open the journal postgresql://kw@127.0.0.1:\d+/kw: .*"):
         PgJournal(f"postgresql://kw@127.0.0.1:{free_port()}/kw", connect_timeout_s=2)
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("ci", [False, True])
+def test_without_postgresql_its_tests_skip_loudly_or_fail_in_ci(tmp_path: Path, ci: bool):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "KONFUZIO_WATCH_REQUIRE_POSTGRES")}
+    env["PG_BINDIR"] = str(tmp_path / "no-postgresql-here")
+    if ci:
+        env["CI"] = "true"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-k", "test_row_ids_are_never_reused",
+         str(Path(__file__))], cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=120)
+    last = done.stdout.strip().splitlines()[-1]
+    if ci:
+        assert done.returncode == 1, done.stdout
+        assert "1 passed" in last and "1 error" in last and "PostgreSQL is required here (CI" in done.stdout
+    else:
+        assert done.returncode == 0, done.stdout
+        assert "1 passed" in last and "1 skipped" in last
+        assert "PostgreSQL journal tests SKIPPED" in done.stdout and "no PostgreSQL server binaries" in done.stdout
