@@ -10,6 +10,7 @@ import dataclasses
 import fnmatch
 import os
 import re
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,6 +149,24 @@ STOP_TIMEOUT_LIMIT_S = 85.0
 
 
 @dataclass(frozen=True)
+class JournalConfig:
+    """Where the journal lives. No ``url``: SQLite in ``folders.state`` (one daemon). A PostgreSQL
+    ``url`` (``postgresql://user@host:5432/db``): one journal for several daemons on one inbox. The
+    password never comes from the config: ``password_file``, else libpq's own ``PGPASSWORD`` or
+    ``~/.pgpass``."""
+
+    url: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """This daemon among the nodes that share a PostgreSQL journal (default id: the host name)."""
+
+    id: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     konfuzio: KonfuzioConfig = field(default_factory=KonfuzioConfig)
     folders: FoldersConfig = field(default_factory=FoldersConfig)
@@ -159,6 +178,8 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
     routes: tuple[Route, ...] = ()
 
     def route_for(self, rel_path: str) -> tuple[int, int | None, int]:
@@ -188,6 +209,21 @@ class Config:
     @property
     def journal_path(self) -> Path:
         return self.folders.state / "journal.sqlite3"
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id or socket.gethostname() or "localhost"
+
+    def journal_password(self) -> str | None:
+        """The PostgreSQL password from ``journal.password_file`` (read on demand, never logged); None:
+        libpq looks for one itself (``PGPASSWORD``, ``~/.pgpass``) or the server needs none."""
+        path = self.journal.password_file
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"journal.password_file: cannot read {path}: {exc.strerror}") from None
 
     def api_token(self) -> str:
         """The API token, from ``token`` or ``token_file`` (read on demand, never logged)."""
@@ -410,6 +446,7 @@ def _check(config: Config, need_secrets: bool = True) -> None:
     _check_alerts(config.alerts)
     _check_monitor_and_service(config)
     _check_results(r)
+    _check_journal(config.journal, config.node)
     if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):
         raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
     # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but
@@ -470,6 +507,21 @@ def _check_monitor_and_service(config: Config) -> None:
     if not 0 < stop < STOP_TIMEOUT_LIMIT_S:
         raise ConfigError(f"service.stop_timeout_seconds: must be more than 0 and less than {STOP_TIMEOUT_LIMIT_S:g} "
                           f"(systemd stops the service with TimeoutStopSec=90), got {stop:g}")
+
+
+def _check_journal(j: JournalConfig, node: NodeConfig) -> None:
+    if j.url is None:
+        if j.password_file is not None:
+            raise ConfigError("journal.password_file: set journal.url too (without it the journal is SQLite)")
+    else:
+        parts = urlsplit(j.url)
+        if parts.scheme not in ("postgresql", "postgres") or not (parts.path.strip("/") or parts.hostname):
+            raise ConfigError("journal.url: expected postgresql://user@host:port/database")
+        # The URL is shown in messages and kept in the config: a password has no place in it.
+        if parts.password is not None or re.search(r"(^|&)password=", parts.query):
+            raise ConfigError("journal.url: no password in the URL; use journal.password_file (or PGPASSWORD)")
+    if node.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node.id):
+        raise ConfigError(f"node.id: letters, digits, '.', '_' and '-', at most 63, got {node.id!r}")
 
 
 def _check_url(key: str, url: str) -> None:

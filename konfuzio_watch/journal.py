@@ -1,10 +1,18 @@
-"""The SQLite journal: one row per file, its ``state`` is its place in the pipeline.
+"""The journal: one row per file, its ``state`` is its place in the pipeline.
 
-The only module with SQL. Every state change is one transaction, committed with
-``synchronous=FULL`` in WAL mode, so a row read back after SIGKILL or power loss is a fact.
-Moves between states are checked against the table in ``states.py`` and guarded by the state
-the caller read (``WHERE state = ?``), so a row cannot be moved twice or sideways. A write that
-SQLite cannot make (disk full, I/O error, read-only) raises ``JournalWriteError``.
+The only modules with SQL: this one (the interface ``BaseJournal``, the logic both backends share,
+and the SQLite journal, the embedded default) and ``journal_pg.py`` (PostgreSQL, one journal for a
+cluster of daemons on one inbox). ``Journal`` is the SQLite journal; ``open_journal(config)``
+opens the one the config names.
+
+Every state change is one transaction. SQLite commits it with ``synchronous=FULL`` in WAL mode,
+so a row read back after SIGKILL or power loss is a fact. Moves between states are checked against
+the table in ``states.py`` and guarded by the state the caller read (``WHERE state = ?``), so a
+row cannot be moved twice or sideways. A write that the database cannot make (disk full, I/O
+error, read-only, the server gone) raises ``JournalWriteError``.
+
+The statements the backends share are written once, here, in the SQL both understand (``?``
+marks, ``ON CONFLICT``, ``RETURNING``); each backend runs them through its own transaction.
 """
 
 from __future__ import annotations
@@ -13,18 +21,26 @@ import dataclasses
 import hmac
 import os
 import secrets
+import socket
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .states import ACTIVE, FINISHED, TERMINAL, IllegalTransition, State, check_transition
 
+if TYPE_CHECKING:
+    from .config import Config
+
 __all__ = [
-    "ACTIVE", "FINISHED", "TERMINAL", "IllegalTransition", "Journal", "JournalError", "JournalWriteError", "NewClaim",
-    "Row", "State", "display_name", "filesystem_type",
+    "ACTIVE", "CHANNEL", "FINISHED", "TERMINAL", "BaseJournal", "IllegalTransition", "Journal", "JournalError",
+    "JournalUnavailable", "JournalWriteError", "Lease", "Listener", "NewClaim", "Node", "Role", "Row",
+    "SqliteJournal", "State", "display_name", "filesystem_type", "open_journal",
 ]
 
 SCHEMA = """
@@ -94,6 +110,9 @@ UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at", "state"}
 # A done file is looked at again at most this often, however many callbacks arrive for it.
 REFRESH_GAP_S = 2.0
 
+_COLS = ", ".join(COLUMNS)
+_F_COLS = ", ".join(f"f.{name}" for name in COLUMNS)
+
 NETWORK_FILESYSTEMS = frozenset([
     "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse.sshfs", "fuse.rclone",
     "fuse.s3fs", "ceph", "glusterfs",
@@ -117,7 +136,13 @@ class JournalError(Exception):
 
 
 class JournalWriteError(Exception):
-    """SQLite could not write (disk full, I/O error, read-only): nothing of the write happened."""
+    """The database could not write (disk full, I/O error, read-only): nothing of the write happened."""
+
+
+class JournalUnavailable(JournalWriteError):
+    """The database server cannot be reached (down, restarting, the network): nothing of the write
+    happened, and a read could not be made either. A ``JournalWriteError``, so that whatever pauses
+    on a journal that cannot write pauses on this too, and resumes when ``probe`` succeeds again."""
 
 
 @dataclass(frozen=True)
@@ -169,99 +194,225 @@ def display_name(raw: bytes | str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-class Journal:
-    """Thread-safe access to the journal; one connection guarded by a lock."""
+# -- a cluster of daemons ("nodes") on one journal ----------------------------------------------
 
-    def __init__(self, path: Path, *, allow_network_fs: bool = False, mountinfo: str | None = None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not allow_network_fs:
-            fstype = filesystem_type(path.parent, mountinfo)
-            if fstype in NETWORK_FILESYSTEMS:
-                raise JournalError(
-                    f"folders.state: {path.parent} is on a network file system ({fstype}); "
-                    "SQLite WAL needs a local disk"
-                )
-        self.path = path
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._create()
-        except (sqlite3.Error, JournalWriteError) as exc:
-            raise JournalError(f"cannot read the journal {path}: {exc}") from None
+#: The LISTEN/NOTIFY channel. Payloads: ``callback:<row id>`` (a callback was recorded for that
+#: row) and ``due:<seconds since the epoch>`` (a row is due then, or earlier), ``reconnected``
+#: (from a listener only: notifications may have been missed while it was cut off: look again).
+CHANNEL = "konfuzio_watch"
 
-    def _create(self) -> None:
-        self._db.executescript(SCHEMA)
-        with self._write():
-            found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = int(found[0]) if found else 1
-            if version > SCHEMA_VERSION:
-                raise JournalError(f"{self.path}: written by a newer konfuzio-watch (schema {version}, this one "
-                                   f"knows {SCHEMA_VERSION}); upgrade konfuzio-watch")
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    self._db.execute(statement)
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                             (str(SCHEMA_VERSION),))
-            # An identity that stays with this journal (and is lost with it): the inbox's marker names it.
-            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('journal_id', ?)",
-                             (secrets.token_hex(8),))
-        self.journal_id: str = self._db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
+
+@dataclass(frozen=True)
+class Node:
+    """A daemon that uses the journal: its id, host and process, and, by the database's clock,
+    when it started and when it last said it is alive (``silent_s`` ago)."""
+
+    id: str
+    host: str
+    pid: int | None
+    started_at: float
+    heartbeat_at: float
+    silent_s: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Which node works on a row, and for how much longer (negative: expired), by the database's clock."""
+
+    node: str
+    remaining_s: float
+
+
+class Listener(Protocol):
+    def close(self) -> None: ...
+
+
+class Role(Protocol):
+    """A job that one node at a time does (e.g. rescanning the inbox)."""
+
+    name: str
+
+    def acquire(self) -> bool:
+        """Take the role if no other node has it; True if this node has it now. Never waits."""
+        ...
+
+    def held(self) -> bool:
+        """Whether this node still has the role (a lost database connection loses it)."""
+        ...
+
+    def release(self) -> None: ...
+
+
+class _LocalRole:
+    """One node: the only daemon has every role."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._held = False
+
+    def acquire(self) -> bool:
+        self._held = True
+        return True
+
+    def held(self) -> bool:
+        return self._held
+
+    def release(self) -> None:
+        self._held = False
+
+
+class _LocalListener:
+    def __init__(self, journal: BaseJournal, callback: Callable[[str], None]):
+        self._journal, self.callback = journal, callback
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with suppress(ValueError):
+            self._journal._listeners.remove(self)
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; SQLite's own trouble becomes ``JournalWriteError``."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                if self._db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise JournalWriteError(str(exc)) from exc
+
+class _Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Tx(Protocol):
+    """One transaction (or, for reads, one connection) of a backend."""
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> _Cursor: ...
+
+    def notify(self, payload: str) -> None:
+        """Tell the listeners ``payload`` once (and only if) this transaction commits."""
+        ...
+
+
+def default_node_id() -> str:
+    return socket.gethostname() or "localhost"
+
+
+class BaseJournal(ABC):
+    """Thread-safe access to the journal, whichever database holds it.
+
+    Every public method behaves the same on every backend (``tests/test_journal.py`` runs the same
+    tests on each). The cluster methods (``take_due`` ... ``listen``) do what a single daemon
+    needs on SQLite: there is no other node, so every row is this node's, every role is held, and
+    notifications reach the listeners of this journal object only.
+    """
+
+    #: Where the journal lives, for messages: a path, or a URL without a password.
+    location: str
+    #: An identity that stays with this journal (and is lost with it): the inbox's marker names it.
+    journal_id: str
+    #: This daemon's name among the nodes that share the journal.
+    node_id: str
+    #: The schema version this konfuzio-watch writes.
+    schema_version: int
+
+    # SQL that differs between the backends, appended to shared statements:
+    _LOCK_ROW = ""  # to a SELECT of a row the transaction then changes
+    _LEASE_GUARD = ""  # to the WHERE of a write to one row: not leased to another node (one ? : node_id)
+
+    def __init__(self) -> None:
+        self._listeners: list[_LocalListener] = []
+        self._started_at = _now()
+
+    # -- what each backend provides -------------------------------------------------------------
+
+    @abstractmethod
+    def _write(self) -> AbstractContextManager[_Tx]:
+        """One write transaction; the database's own trouble becomes ``JournalWriteError``."""
+
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[_Tx]:
+        """A connection for reads."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def quick_check(self) -> str:
+        """``ok``, or what is damaged (cheap: run at every start)."""
+
+    @abstractmethod
+    def integrity_check(self) -> str:
+        """``ok``, or what is damaged (thorough)."""
+
+    @abstractmethod
+    def schema_found(self) -> int | None:
+        """The schema version the database holds (None: no journal there yet)."""
+
+    def _serialize(self, tx: _Tx, what: str) -> None:  # noqa: B027 - a hook, empty where writes are serial
+        """Make concurrent transactions that read ``what`` and then write one after the other."""
+
+    def __enter__(self) -> BaseJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check(self) -> str | None:
+        """None if the database holds the schema this konfuzio-watch writes; else what is wrong, in one
+        line (for ``konfuzio-watch check``). Opening a journal the normal way creates or upgrades it."""
+        found = self.schema_found()
+        if found is None:
+            return f"{self.location}: no journal yet (the daemon creates it when it starts)"
+        if found < self.schema_version:
+            return (f"{self.location}: journal schema {found}, this konfuzio-watch writes {self.schema_version}: "
+                    "the daemon upgrades it when it starts")
+        if found > self.schema_version:
+            return (f"{self.location}: written by a newer konfuzio-watch (schema {found}, this one knows "
+                    f"{self.schema_version}); upgrade konfuzio-watch")
+        return None
+
+    def _set_meta(self, tx: _Tx, key: str, value: str) -> None:
+        tx.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                   (key, value))
+
+    @property
+    def _guard(self) -> tuple[object, ...]:
+        return (self.node_id,) if self._LEASE_GUARD else ()
 
     def bind_processing_dir(self, path: Path) -> None:
         """Remember where claimed files wait; refuse a config that moved it while files wait there."""
-        with self._write() as db:
-            found = db.execute("SELECT value FROM meta WHERE key = 'processing_dir'").fetchone()
+        with self._write() as tx:
+            self._serialize(tx, "meta")
+            found = tx.execute("SELECT value FROM meta WHERE key = 'processing_dir'").fetchone()
             if found and found[0] != str(path):
-                waiting = [s.value for s in ACTIVE if s != State.CLAIMING]
-                n = db.execute(f"SELECT COUNT(*) FROM files WHERE state IN ({_marks(waiting)})", waiting).fetchone()[0]
+                where, waiting = _in("state", [s.value for s in ACTIVE if s != State.CLAIMING])
+                n = tx.execute(f"SELECT COUNT(*) FROM files WHERE {where}", waiting).fetchone()[0]
                 if n:
                     raise JournalError(f"folders.processing: {n} unfinished file(s) wait in {found[0]}, but the "
                                        f"config now says {path}; move them there or restore the setting")
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('processing_dir', ?)", (str(path),))
+            self._set_meta(tx, "processing_dir", str(path))
 
     def probe(self, now: float) -> None:
-        """A small real write: does the journal take writes again (after a full disk)?"""
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probed_at', ?)", (repr(now),))
+        """A small real write: does the journal take writes again (after a full disk, a lost server)?"""
+        with self._write() as tx:
+            self._set_meta(tx, "probed_at", repr(now))
 
     # -- writes: each one transaction -------------------------------------------------------
 
     def add_claims(self, claims: Sequence[bytes | NewClaim], now: float) -> list[Row]:
-        """Record files about to be claimed, in one transaction; returns their rows."""
+        """Record files about to be claimed, in one transaction; returns their rows.
+
+        A file that another node has claimed already (an active row with the same inbox path and
+        inode: PostgreSQL's unique index) gets no row: the rows returned are those of the claims
+        this call made, in order (on SQLite, one per claim)."""
         claims = [c if isinstance(c, NewClaim) else NewClaim(c, secrets.token_hex(8).encode()) for c in claims]
-        with self._write() as db:
-            ids = [
-                db.execute(
+        ids = []
+        with self._write() as tx:
+            for c in claims:
+                found = tx.execute(
                     "INSERT INTO files (rel_path, state, detected_at, updated_at, next_at, claim_name, file_dev,"
-                    " file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                     (c.rel_path, State.CLAIMING.value, c.detected_at or now, now, now, c.claim_name, c.dev, c.ino),
-                ).lastrowid
-                for c in claims
-            ]
+                ).fetchone()
+                if found is not None:
+                    ids.append(found[0])
+            if ids:
+                tx.notify(f"due:{now!r}")
         return self.get_many(ids)
 
     def transition(self, row: Row, state: State, now: float, **fields: object) -> Row:
@@ -295,12 +446,14 @@ class Journal:
         fields["updated_at"] = now
         assignments = ", ".join(f"{name} = ?" for name in fields)
         values = list(fields.values())
-        with self._write() as db:
-            for row in rows:
-                cursor = db.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?",
-                                    (*values, row.id, row.state.value))
+        with self._write() as tx:
+            for row in sorted(rows, key=lambda r: r.id):  # one order for every writer: no deadlocks
+                cursor = tx.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?{self._LEASE_GUARD}",
+                                    (*values, row.id, row.state.value, *self._guard))
                 if cursor.rowcount != 1:
                     raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
+            if fields.get("next_at") is not None:
+                tx.notify(f"due:{fields['next_at']!r}")
         return self.get_many([r.id for r in rows])
 
     def start_upload(self, row: Row, token_hash: str, now: float, **fields: object) -> Row:
@@ -308,12 +461,14 @@ class Journal:
         check_transition(row.state, State.UPLOADING)
         fields = {**fields, "token_hash": token_hash, "ambiguous_since": None}
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._write() as db:
-            cursor = db.execute(f"UPDATE files SET state = ?, updated_at = ?, {assignments} WHERE id = ? AND state = ?",
-                                (State.UPLOADING.value, now, *fields.values(), row.id, row.state.value))
+        with self._write() as tx:
+            cursor = tx.execute(
+                f"UPDATE files SET state = ?, updated_at = ?, {assignments} WHERE id = ? AND state = ?"
+                f"{self._LEASE_GUARD}",
+                (State.UPLOADING.value, now, *fields.values(), row.id, row.state.value, *self._guard))
             if cursor.rowcount != 1:
                 raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
-            db.execute("INSERT INTO upload_tokens (token_hash, row_id, sent_at) VALUES (?, ?, ?)",
+            tx.execute("INSERT INTO upload_tokens (token_hash, row_id, sent_at) VALUES (?, ?, ?)",
                        (token_hash, row.id, now))
         return self.get(row.id)
 
@@ -323,9 +478,9 @@ class Journal:
         found: dict[str, int] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            sql = f"SELECT token_hash, row_id FROM upload_tokens WHERE row_id IN ({_marks(chunk)})"
-            with self._lock:
-                found.update(self._db.execute(sql, chunk).fetchall())
+            with self._read() as tx:
+                found.update(tx.execute(f"SELECT token_hash, row_id FROM upload_tokens WHERE row_id IN"
+                                        f" ({_marks(chunk)})", chunk).fetchall())
         return found
 
     def first_sent_at(self, row_ids: Iterable[int]) -> float | None:
@@ -334,9 +489,9 @@ class Journal:
         earliest: float | None = None
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            with self._lock:
-                found = self._db.execute(f"SELECT MIN(sent_at) FROM upload_tokens WHERE row_id IN ({_marks(chunk)})",
-                                         chunk).fetchone()[0]
+            with self._read() as tx:
+                found = tx.execute(f"SELECT MIN(sent_at) FROM upload_tokens WHERE row_id IN ({_marks(chunk)})",
+                                   chunk).fetchone()[0]
             if found is not None and (earliest is None or found < earliest):
                 earliest = found
         return earliest
@@ -345,8 +500,8 @@ class Journal:
         """Tokens sent since ``since`` by files that were uploaded more than once and have their
         document: token -> (row id, document id). A listed document carrying one of them but another
         id is a late copy of an earlier attempt."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as tx:
+            rows = tx.execute(
                 "SELECT t.token_hash, f.id, f.document_id FROM upload_tokens t JOIN files f ON f.id = t.row_id"
                 " WHERE t.sent_at >= ? AND f.document_id IS NOT NULL AND t.row_id IN"
                 " (SELECT row_id FROM upload_tokens WHERE sent_at >= ? GROUP BY row_id HAVING COUNT(*) > 1)",
@@ -355,67 +510,78 @@ class Journal:
 
     def record_extra(self, document_id: int, row: Row, project_id: int | None, now: float) -> bool:
         """Remember a second document of one file, to delete; False if it was known."""
-        with self._write() as db:
-            return db.execute(
-                "INSERT OR IGNORE INTO extra_documents (document_id, row_id, project_id, found_at) VALUES (?, ?, ?, ?)",
-                (document_id, row.id, project_id, now)).rowcount == 1
+        with self._write() as tx:
+            return tx.execute(
+                "INSERT INTO extra_documents (document_id, row_id, project_id, found_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING", (document_id, row.id, project_id, now)).rowcount == 1
 
     def pending_extras(self, limit: int = 100) -> list[tuple[int, int, int | None]]:
         """(document id, row id, project id) of extra documents not deleted yet."""
-        with self._lock:
-            return self._db.execute("SELECT document_id, row_id, project_id FROM extra_documents"
-                                    " WHERE deleted_at IS NULL AND error IS NULL ORDER BY found_at LIMIT ?",
-                                    (limit,)).fetchall()
+        with self._read() as tx:
+            return [tuple(found) for found in tx.execute(
+                "SELECT document_id, row_id, project_id FROM extra_documents WHERE deleted_at IS NULL AND"
+                " error IS NULL ORDER BY found_at, document_id LIMIT ?", (limit,)).fetchall()]
 
     def settle_extra(self, document_id: int, now: float, error: str | None = None) -> None:
-        with self._write() as db:
-            db.execute("UPDATE extra_documents SET deleted_at = CASE WHEN ? IS NULL THEN ? END, error = ?"
-                       " WHERE document_id = ?", (error, now, error, document_id))
+        """An extra document was deleted (or could not be: ``error``)."""
+        with self._write() as tx:
+            tx.execute("UPDATE extra_documents SET deleted_at = ?, error = ? WHERE document_id = ?",
+                       (now if error is None else None, error, document_id))
 
     def mark_uploaded(self, row: Row, document_id: int, now: float, poll_at: float, **fields: object) -> Row:
         """UPLOADING -> UPLOADED. If the callback already came (it can beat the upload's own
         response), the row is due at once; otherwise at ``poll_at``."""
         check_transition(row.state, State.UPLOADED)
         extra = "".join(f", {name} = ?" for name in fields)
-        with self._write() as db:
-            cursor = db.execute(
+        with self._write() as tx:
+            cursor = tx.execute(
                 "UPDATE files SET state = ?, document_id = ?, uploaded_at = ?, error = NULL, failures = 0,"
                 f" updated_at = ?, next_at = CASE WHEN callback_at IS NOT NULL THEN ? ELSE ? END{extra}"
-                " WHERE id = ? AND state = ?",
+                f" WHERE id = ? AND state = ?{self._LEASE_GUARD}",
                 (State.UPLOADED.value, document_id, now, now, now, poll_at, *fields.values(), row.id,
-                 row.state.value),
+                 row.state.value, *self._guard),
             )
             if cursor.rowcount != 1:
                 raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
+            self._notify_due(tx, row.id)
         return self.get(row.id)
 
     def schedule_poll(self, row: Row, checked_at: float, now: float, poll_at: float, stage: str) -> Row:
         """Look again at ``poll_at`` - or at once if a callback came in while we were checking."""
-        with self._write() as db:
-            db.execute(
+        with self._write() as tx:
+            cursor = tx.execute(
                 "UPDATE files SET stage = ?, updated_at = ?, failures = 0, error = NULL,"
-                " next_at = CASE WHEN callback_at >= ? THEN ? ELSE ? END WHERE id = ? AND state = ?",
-                (stage, now, checked_at, now, poll_at, row.id, row.state.value),
+                " next_at = CASE WHEN callback_at >= ? THEN ? ELSE ? END"
+                f" WHERE id = ? AND state = ?{self._LEASE_GUARD}",
+                (stage, now, checked_at, now, poll_at, row.id, row.state.value, *self._guard),
             )
+            if cursor.rowcount == 1:
+                self._notify_due(tx, row.id)
         return self.get(row.id)
+
+    def _notify_due(self, tx: _Tx, row_id: int) -> None:
+        found = tx.execute("SELECT next_at FROM files WHERE id = ?", (row_id,)).fetchone()
+        if found and found[0] is not None:
+            tx.notify(f"due:{found[0]!r}")
 
     def discard(self, row: Row) -> None:
         """Forget a row whose file vanished from the inbox before we took it."""
-        with self._write() as db:
-            db.execute("DELETE FROM files WHERE id = ? AND state = ?", (row.id, State.CLAIMING.value))
+        with self._write() as tx:
+            tx.execute(f"DELETE FROM files WHERE id = ? AND state = ?{self._LEASE_GUARD}",
+                       (row.id, State.CLAIMING.value, *self._guard))
 
     def clamp_due(self, now: float, max_delay_s: float) -> int:
         """Due times further ahead than any delay could be come from a clock stepped back
         while the daemon was down: make them due now. Returns how many were clamped."""
-        states = [s.value for s in ACTIVE]
-        with self._write() as db:
-            return db.execute(
-                f"UPDATE files SET next_at = ? WHERE state IN ({_marks(states)}) AND next_at > ?",
-                (now, *states, now + max_delay_s),
-            ).rowcount + db.execute(  # a done file's look at a new revision, too
-                "UPDATE files SET refresh_at = ? WHERE refresh_at > ? AND state = ?",
-                (now, now + max_delay_s, State.DONE.value),
-            ).rowcount
+        where, states = _in("state", [s.value for s in ACTIVE])
+        with self._write() as tx:
+            n = tx.execute(f"UPDATE files SET next_at = ? WHERE {where} AND next_at > ?",
+                           (now, *states, now + max_delay_s)).rowcount
+            n += tx.execute("UPDATE files SET refresh_at = ? WHERE refresh_at > ? AND state = ?",  # a done file's
+                            (now, now + max_delay_s, State.DONE.value)).rowcount  # look at a new revision, too
+            if n:
+                tx.notify(f"due:{now!r}")
+        return n
 
     def record_callback(self, token_hash: str, claimed_document_id: int | None, now: float) -> tuple[str, Row | None]:
         """Record that a callback arrived for a token; returns what happened and the row.
@@ -427,12 +593,12 @@ class Journal:
         for a done file and its current token: Konfuzio calls again after a review or a
         re-extraction, so the pipeline is to look at the document again (``refresh_at``, at most
         once per ``REFRESH_GAP_S``); the row is returned then, else None. ``recorded``: fact stored;
-        the pipeline will confirm the outcome with the API.
+        the pipeline will confirm the outcome with the API. The listeners hear ``callback:<row id>``.
         """
-        with self._write() as db:
-            found = db.execute(
+        with self._write() as tx:
+            found = tx.execute(
                 "SELECT t.token_hash, f.id, f.state, f.document_id, f.token_hash, f.project_id FROM upload_tokens t"
-                " JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?", (token_hash,)
+                f" JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?{self._LOCK_ROW}", (token_hash,)
             ).fetchone()
             if found is None or not hmac.compare_digest(found[0], token_hash):
                 return "unknown", None
@@ -440,23 +606,27 @@ class Journal:
             if claimed_document_id is not None and document_id is not None and claimed_document_id != document_id:
                 if current_token == token_hash:
                     return "mismatch", None
-                db.execute("INSERT OR IGNORE INTO extra_documents (document_id, row_id, project_id, found_at)"
-                           " VALUES (?, ?, ?, ?)", (claimed_document_id, row_id, project_id, now))
+                tx.execute("INSERT INTO extra_documents (document_id, row_id, project_id, found_at)"
+                           " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           (claimed_document_id, row_id, project_id, now))
                 return "extra", None
             if state == State.DONE and current_token == token_hash:
-                db.execute(
-                    "UPDATE files SET callback_at = ?, refresh_at = COALESCE(refresh_at, MAX(?, updated_at + ?))"
-                    " WHERE id = ? AND state = ?", (now, now, REFRESH_GAP_S, row_id, State.DONE.value))
+                tx.execute(
+                    "UPDATE files SET callback_at = ?, refresh_at = COALESCE(refresh_at, CASE WHEN updated_at + ? > ?"
+                    " THEN updated_at + ? ELSE ? END) WHERE id = ? AND state = ?",
+                    (now, REFRESH_GAP_S, now, REFRESH_GAP_S, now, row_id, State.DONE.value))
+                tx.notify(f"callback:{row_id}")
                 refresh = True
             elif state in TERMINAL:
                 return "finished", None
             else:
                 refresh = False
                 next_at = now if state == State.UPLOADED else None
-                db.execute(
+                tx.execute(
                     "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?",
                     (now, next_at, now, row_id),
                 )
+                tx.notify(f"callback:{row_id}")
         if refresh:
             return "finished", self.get(row_id)
         return "recorded", self.get(row_id)
@@ -466,8 +636,8 @@ class Journal:
     def arm_refresh(self, row: Row, since: float, now: float) -> Row:
         """After a row became done: if a callback came in since ``since`` (the details the export
         used were fetched then), a review may have beaten the export: look again at once."""
-        with self._write() as db:
-            db.execute("UPDATE files SET refresh_at = ? WHERE id = ? AND state = ? AND callback_at >= ?"
+        with self._write() as tx:
+            tx.execute("UPDATE files SET refresh_at = ? WHERE id = ? AND state = ? AND callback_at >= ?"
                        " AND refresh_at IS NULL", (now, row.id, State.DONE.value, since))
         return self.get(row.id)
 
@@ -479,8 +649,8 @@ class Journal:
         if bad:
             raise ValueError(f"not updatable: {sorted(bad)}")
         extra = "".join(f", {name} = ?" for name in fields)
-        with self._write() as db:
-            cursor = db.execute(
+        with self._write() as tx:
+            cursor = tx.execute(
                 "UPDATE files SET refresh_at = CASE WHEN callback_at >= ? THEN ? ELSE NULL END, failures = 0,"
                 f" error = NULL, updated_at = ?{extra} WHERE id = ? AND state = ?",
                 (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value))
@@ -490,21 +660,20 @@ class Journal:
 
     def due_refreshes(self, now: float, exclude: Iterable[int], limit: int) -> list[Row]:
         """Done rows whose ``refresh_at`` has come, earliest first, skipping ``exclude``."""
-        exclude = list(exclude)
-        return self._select(f"SELECT * FROM files WHERE refresh_at <= ? AND state = ? AND id NOT IN ({_marks(exclude)})"
-                            " ORDER BY refresh_at, id LIMIT ?", (now, State.DONE.value, *exclude, limit))
+        not_excluded, exclude_ = _in("id", list(exclude), negate=True)
+        return self._select(f"SELECT {_COLS} FROM files WHERE refresh_at <= ? AND state = ? AND {not_excluded}"
+                            " ORDER BY refresh_at, id LIMIT ?", (now, State.DONE.value, *exclude_, limit))
 
     def next_refresh_at(self, exclude: Iterable[int]) -> float | None:
-        exclude = list(exclude)
-        with self._lock:
-            return self._db.execute(
-                f"SELECT MIN(refresh_at) FROM files WHERE refresh_at IS NOT NULL AND state = ?"
-                f" AND id NOT IN ({_marks(exclude)})", (State.DONE.value, *exclude)).fetchone()[0]
+        not_excluded, exclude_ = _in("id", list(exclude), negate=True)
+        with self._read() as tx:
+            return tx.execute(f"SELECT MIN(refresh_at) FROM files WHERE refresh_at IS NOT NULL AND state = ?"
+                              f" AND {not_excluded}", (State.DONE.value, *exclude_)).fetchone()[0]
 
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, row_id: int) -> Row:
-        rows = self._select("SELECT * FROM files WHERE id = ?", (row_id,))
+        rows = self._select(f"SELECT {_COLS} FROM files WHERE id = ?", (row_id,))
         if not rows:
             raise KeyError(row_id)
         return rows[0]
@@ -513,90 +682,255 @@ class Journal:
         found: dict[int, Row] = {}
         for start in range(0, len(row_ids), 500):
             chunk = list(row_ids[start : start + 500])
-            for row in self._select(f"SELECT * FROM files WHERE id IN ({_marks(chunk)})", chunk):
+            for row in self._select(f"SELECT {_COLS} FROM files WHERE id IN ({_marks(chunk)})", chunk):
                 found[row.id] = row
         return [found[i] for i in row_ids if i in found]
 
     def runnable(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int) -> list[Row]:
         """Rows in ``states`` whose ``next_at`` has come, oldest first, skipping ``exclude``."""
-        states, exclude = [s.value for s in states], list(exclude)
-        sql = (
-            f"SELECT * FROM files WHERE state IN ({_marks(states)}) AND next_at <= ?"
-            f" AND id NOT IN ({_marks(exclude)}) ORDER BY next_at, id LIMIT ?"
-        )
-        return self._select(sql, (*states, now, *exclude, limit))
+        in_states, states_ = _in("state", [s.value for s in states])
+        not_excluded, exclude_ = _in("id", list(exclude), negate=True)
+        sql = (f"SELECT {_COLS} FROM files WHERE {in_states} AND next_at <= ? AND {not_excluded}"
+               " ORDER BY next_at, id LIMIT ?")
+        return self._select(sql, (*states_, now, *exclude_, limit))
 
     def next_due_at(self, states: Iterable[State], exclude: Iterable[int]) -> float | None:
-        states, exclude = [s.value for s in states], list(exclude)
-        sql = f"SELECT MIN(next_at) FROM files WHERE state IN ({_marks(states)}) AND id NOT IN ({_marks(exclude)})"
-        with self._lock:
-            return self._db.execute(sql, (*states, *exclude)).fetchone()[0]
+        in_states, states_ = _in("state", [s.value for s in states])
+        not_excluded, exclude_ = _in("id", list(exclude), negate=True)
+        with self._read() as tx:
+            return tx.execute(f"SELECT MIN(next_at) FROM files WHERE {in_states} AND {not_excluded}",
+                              (*states_, *exclude_)).fetchone()[0]
 
     def rows(self, states: Iterable[State] = (), limit: int = 1000) -> list[Row]:
-        states = [s.value for s in states]
-        if states:
-            return self._select(
-                f"SELECT * FROM files WHERE state IN ({_marks(states)}) ORDER BY id LIMIT ?", (*states, limit)
-            )
-        return self._select("SELECT * FROM files ORDER BY id LIMIT ?", (limit,))
+        values = [s.value for s in states]
+        if values:
+            where, values = _in("state", values)
+            return self._select(f"SELECT {_COLS} FROM files WHERE {where} ORDER BY id LIMIT ?", (*values, limit))
+        return self._select(f"SELECT {_COLS} FROM files ORDER BY id LIMIT ?", (limit,))
 
     def find_by_token_hash(self, token_hash: str) -> Row | None:
-        rows = self._select("SELECT f.* FROM upload_tokens t JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?",
-                            (token_hash,))
+        rows = self._select(f"SELECT {_F_COLS} FROM upload_tokens t JOIN files f ON f.id = t.row_id"
+                            " WHERE t.token_hash = ?", (token_hash,))
         return rows[0] if rows else None
 
     def claim_names(self, states: Iterable[State]) -> set[bytes]:
         """The processing/ names of rows in these states (legacy rows: their id)."""
-        states = [s.value for s in states]
-        with self._lock:
-            found = self._db.execute(
-                f"SELECT id, claim_name FROM files WHERE state IN ({_marks(states)})", states).fetchall()
-        return {name if name is not None else str(row_id).encode() for row_id, name in found}
+        where, values = _in("state", [s.value for s in states])
+        with self._read() as tx:
+            found = tx.execute(f"SELECT id, claim_name FROM files WHERE {where}", values).fetchall()
+        return {bytes(name) if name is not None else str(row_id).encode() for row_id, name in found}
 
     def meta(self, key: str) -> str | None:
-        with self._lock:
-            found = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._read() as tx:
+            found = tx.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return found[0] if found else None
+
+    def find_same_content(self, sha256: str, exclude_id: int) -> Row | None:
+        """The earliest other file with this content that is done or on its way there."""
+        where, states = _in("state", [State.DONE.value, State.UPLOADING.value, State.UPLOADED.value,
+                                      State.EXPORTING.value])
+        rows = self._select(f"SELECT {_COLS} FROM files WHERE sha256 = ? AND id != ? AND {where} ORDER BY id LIMIT 1",
+                            (sha256, exclude_id, *states))
+        return rows[0] if rows else None
+
+    def counts(self) -> dict[State, int]:
+        with self._read() as tx:
+            found = dict(tx.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+        return {state: found.get(state.value, 0) for state in State}
+
+    def oldest_active(self) -> Row | None:
+        where, states = _in("state", [s.value for s in ACTIVE])
+        rows = self._select(f"SELECT {_COLS} FROM files WHERE {where} ORDER BY detected_at LIMIT 1", states)
+        return rows[0] if rows else None
+
+    def oldest_active_detected_at(self) -> float | None:
+        where, states = _in("state", [s.value for s in ACTIVE])
+        with self._read() as tx:
+            return tx.execute(f"SELECT MIN(detected_at) FROM files WHERE {where}", states).fetchone()[0]
+
+    def _select(self, sql: str, params: Sequence[object]) -> list[Row]:
+        with self._read() as tx:
+            return [_row(values) for values in tx.execute(sql, params).fetchall()]
+
+    # -- a cluster of nodes: here what one node needs; journal_pg.PgJournal does the rest ------
+
+    def join(self) -> None:  # noqa: B027 - one node: nobody to tell
+        """This node starts (the daemon, once): it is listed in ``nodes``. Single node: nothing to do."""
+
+    def heartbeat(self) -> None:  # noqa: B027 - one node: nobody to tell
+        """Say that this node is alive (every few seconds). Single node: nothing to do."""
+
+    def leave(self) -> None:  # noqa: B027 - one node: nobody to tell
+        """This node stops (the daemon, once): its leases go at once. Single node: nothing to do."""
+
+    def nodes(self) -> list[Node]:
+        """The nodes that use this journal, as they last said. Single node: this one."""
+        return [Node(self.node_id, socket.gethostname(), os.getpid(), self._started_at, _now(), 0.0)]
+
+    def take_due(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int,
+                 lease_s: float = 60.0) -> list[Row]:
+        """Like ``runnable``, and lease the rows to this node for ``lease_s`` seconds, skipping rows that
+        another node holds (its lease not expired) or is taking right now. Single node: ``runnable``."""
+        return self.runnable(states, now, exclude, limit)
+
+    def renew_leases(self, row_ids: Iterable[int], lease_s: float = 60.0) -> set[int]:
+        """Extend this node's leases on these rows; returns the ids it still holds (a row whose lease
+        another node took over is no longer this node's to work on). Single node: all of them."""
+        return set(row_ids)
+
+    def release_leases(self, row_ids: Iterable[int]) -> None:  # noqa: B027 - one node: no leases
+        """Give up this node's leases on these rows (the step is done). Single node: nothing to do."""
+
+    def take_over_expired(self, lease_s: float = 60.0, limit: int = 100) -> list[Row]:
+        """Lease to this node the active rows whose lease expired (their node died or hung), to be
+        reconciled as after a crash. Single node: none (a restart recovers every row)."""
+        return []
+
+    def lease_of(self, row_id: int) -> Lease | None:
+        """Who works on a row, and for how long. Single node: nobody else; None."""
+        return None
+
+    def role(self, name: str) -> Role:
+        """A job that one node at a time does, e.g. ``role("rescanner")``. Single node: always this one."""
+        return _LocalRole(name)
+
+    def listen(self, callback: Callable[[str], None]) -> Listener:
+        """Call ``callback(payload)`` for every notification on ``CHANNEL`` (see there). Close the
+        returned listener to stop. Single node: the notifications of this journal object, called in
+        the thread that wrote, after the commit."""
+        listener = _LocalListener(self, callback)
+        self._listeners.append(listener)
+        return listener
+
+    def notify(self, payload: str) -> None:
+        """Send ``payload`` to every listener (every node's)."""
+        self._deliver([payload])
+
+    def _deliver(self, payloads: Sequence[str]) -> None:
+        for payload in dict.fromkeys(payloads):  # like NOTIFY: one of equal payloads per transaction
+            for listener in list(self._listeners):
+                listener.callback(payload)
+
+
+class _SqliteTx:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.notices: list[str] = []
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        return self.db.execute(sql, params)
+
+    def notify(self, payload: str) -> None:
+        self.notices.append(payload)
+
+
+class SqliteJournal(BaseJournal):
+    """The journal in one SQLite file on a local disk; one connection guarded by a lock."""
+
+    schema_version = SCHEMA_VERSION
+
+    def __init__(self, path: Path, *, allow_network_fs: bool = False, mountinfo: str | None = None,
+                 node_id: str | None = None):
+        super().__init__()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not allow_network_fs:
+            fstype = filesystem_type(path.parent, mountinfo)
+            if fstype in NETWORK_FILESYSTEMS:
+                raise JournalError(
+                    f"folders.state: {path.parent} is on a network file system ({fstype}); "
+                    "SQLite WAL needs a local disk"
+                )
+        self.path = path
+        self.location = str(path)
+        self.node_id = node_id or default_node_id()
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._create()
+        except (sqlite3.Error, JournalWriteError) as exc:
+            raise JournalError(f"cannot read the journal {path}: {exc}") from None
+
+    def _create(self) -> None:
+        self._db.executescript(SCHEMA)
+        with self._write() as tx:
+            found = tx.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(found[0]) if found else 1
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"{self.path}: written by a newer konfuzio-watch (schema {version}, this one "
+                                   f"knows {SCHEMA_VERSION}); upgrade konfuzio-watch")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    tx.execute(statement)
+            self._set_meta(tx, "schema_version", str(SCHEMA_VERSION))
+            tx.execute("INSERT INTO meta (key, value) VALUES ('journal_id', ?) ON CONFLICT DO NOTHING",
+                       (secrets.token_hex(8),))
+        self.journal_id: str = self._db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[_SqliteTx]:
+        tx = _SqliteTx(self._db)
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield tx
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise JournalWriteError(str(exc)) from exc
+        self._deliver(tx.notices)
+
+    @contextmanager
+    def _read(self) -> Iterator[_SqliteTx]:
+        with self._lock:
+            yield _SqliteTx(self._db)
+
+    def schema_found(self) -> int | None:
+        with self._read() as tx:
+            if tx.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+                return None
+            found = tx.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(found[0]) if found else 1
 
     def quick_check(self) -> str:
         with self._lock:
             return "; ".join(r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall())
 
-    def find_same_content(self, sha256: str, exclude_id: int) -> Row | None:
-        """The earliest other file with this content that is done or on its way there."""
-        states = [State.DONE.value, State.UPLOADING.value, State.UPLOADED.value, State.EXPORTING.value]
-        rows = self._select(
-            f"SELECT * FROM files WHERE sha256 = ? AND id != ? AND state IN ({_marks(states)}) ORDER BY id LIMIT 1",
-            (sha256, exclude_id, *states),
-        )
-        return rows[0] if rows else None
-
-    def counts(self) -> dict[State, int]:
-        with self._lock:
-            found = dict(self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
-        return {state: found.get(state.value, 0) for state in State}
-
-    def oldest_active(self) -> Row | None:
-        states = [s.value for s in ACTIVE]
-        rows = self._select(f"SELECT * FROM files WHERE state IN ({_marks(states)}) ORDER BY detected_at LIMIT 1",
-                            states)
-        return rows[0] if rows else None
-
-    def oldest_active_detected_at(self) -> float | None:
-        states = [s.value for s in ACTIVE]
-        with self._lock:
-            return self._db.execute(
-                f"SELECT MIN(detected_at) FROM files WHERE state IN ({_marks(states)})", states
-            ).fetchone()[0]
-
     def integrity_check(self) -> str:
         with self._lock:
             return self._db.execute("PRAGMA integrity_check").fetchone()[0]
 
-    def _select(self, sql: str, params: Sequence[object]) -> list[Row]:
-        with self._lock:
-            cursor = self._db.execute(sql, params)
-            return [_row(values) for values in cursor.fetchall()]
+
+#: The name existing callers use: the SQLite journal.
+Journal = SqliteJournal
+
+
+def open_journal(config: Config, **kwargs: Any) -> BaseJournal:
+    """The journal the config names: PostgreSQL with a ``journal.url``, else SQLite in ``folders.state``.
+    Keyword arguments go to the journal's class (e.g. ``migrate=False`` for PostgreSQL)."""
+    url = config.journal.url
+    if url is None:
+        return SqliteJournal(config.journal_path, node_id=config.node_id, **kwargs)
+    try:
+        from .journal_pg import PgJournal
+    except ImportError as exc:
+        raise JournalError(f"journal.url: PostgreSQL needs psycopg ({exc}); install konfuzio-watch[postgres]") from None
+    return PgJournal(url, password=config.journal_password(), node_id=config.node_id, **kwargs)
+
+
+def _now() -> float:
+    return time.time()
 
 
 def _row(values: Sequence[object]) -> Row:
@@ -607,6 +941,13 @@ def _row(values: Sequence[object]) -> Row:
 
 def _marks(values: Sequence[object]) -> str:
     return ", ".join("?" * len(values))
+
+
+def _in(column: str, values: Sequence[object], *, negate: bool = False) -> tuple[str, list[object]]:
+    """``column IN (?, ...)`` and its values; an empty list matches nothing (NOT IN: everything)."""
+    if not values:
+        return ("1 = 1" if negate else "1 = 0"), []
+    return f"{column} {'NOT IN' if negate else 'IN'} ({_marks(values)})", list(values)
 
 
 assert [f.name for f in dataclasses.fields(Row)] == COLUMNS

@@ -191,3 +191,44 @@ def receiver() -> Iterator[tuple[Any, Any]]:
     if rec.hold is not None:
         rec.hold.set()
     server.close()
+
+
+# -- PostgreSQL: one throwaway server per test session (per xdist worker), one database per test ----
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A PostgreSQL server of this session (tests/pg.py). Missing PostgreSQL: a skip with a loud
+    reason on a developer's machine, a failure where it is required (CI)."""
+    from .pg import SKIP_REASON, PgCluster, PgUnavailable, required
+
+    try:
+        import psycopg  # noqa: F401
+
+        cluster = PgCluster.start_new()
+    except (PgUnavailable, ImportError) as exc:
+        if required():
+            pytest.fail(f"PostgreSQL is required here (CI / KONFUZIO_WATCH_REQUIRE_POSTGRES) but cannot be "
+                        f"started: {exc}", pytrace=False)
+        pytest.skip(f"{SKIP_REASON}: {exc}")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> Iterator[str]:
+    """The URL of a new, empty database of its own for this test."""
+    name = pg_cluster.create_database()
+    yield pg_cluster.url(name)
+    if pg_cluster.running():
+        pg_cluster.drop_database(name)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from .pg import SKIP_REASON
+
+    reasons = {str(report.longrepr[2]) for report in terminalreporter.stats.get("skipped", [])
+               if isinstance(report.longrepr, tuple) and SKIP_REASON in str(report.longrepr[2])}
+    for reason in sorted(reasons):
+        terminalreporter.write_sep("!", "PostgreSQL journal tests SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(reason.removeprefix("Skipped: "), red=True, bold=True)
