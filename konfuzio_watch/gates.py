@@ -25,6 +25,7 @@ from .policy import Limits, Scope, backoff_s
 log = logging.getLogger("konfuzio_watch")
 
 CONFIRM_S = 5.0  # open this long without a new failure before the recovery is announced
+SUCCESSES_TO_RESET = 3  # successes between two failures that start the backoff over
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Gate:
         self._probing = False
         self._episode: GateState | None = None  # the blocked state, until its end is confirmed
         self._opened_at = 0.0
+        self._successes = 0  # tasks that succeeded since the gate last opened
         self.probe_fn: Callable[[], None] | None = None  # a probe of its own instead of the next task
         self.on_recovered: Callable[[GateState], None] | None = None
 
@@ -98,7 +100,9 @@ class Gate:
             current = self._state
             s = current if current.blocked else (self._episode or current)  # unconfirmed recovery: same episode
             newly = not s.blocked
-            failures = s.failures + 1
+            # Work went on between the two failures (a service throttling now and then): the backoff
+            # starts over; right after a probe passed (a disk with a few bytes free) it keeps growing.
+            failures = 1 if not current.blocked and self._successes >= SUCCESSES_TO_RESET else s.failures + 1
             delay = max(backoff_s(failures, self.limits, self._rng.uniform(0.5, 1.0)), retry_after_s or 0.0)
             until = max(current.until if current.blocked else 0.0, now + delay)
             self._state = GateState(self.scope, True, reason, now if newly else s.since, until, failures)
@@ -118,9 +122,11 @@ class Gate:
             s = self._state
             self._probing = False
             if not s.blocked:
+                self._successes += 1
                 return False
             self._state = GateState(self.scope, blocked=False)
             self._episode, self._opened_at = s, now
+            self._successes = 0
             self.probe_fn = None
         log.debug("%s: a try succeeded; resuming", self.scope)
         self._changed()

@@ -68,7 +68,8 @@ def make_config(tmp_path: Path, emu: Emulator, **sections: dict[str, Any]) -> Co
         "watch": {"settle_seconds": 0.3},
         "callback": {"host": "127.0.0.1", "port": 0},
         "monitor": {"port": 0},
-        "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 1.0},
+        # the emulator's errors never hide a stored upload, unless a test says so: a short window
+        "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 1.0, "reconcile_window_seconds": 0.5},
         "results": {"callback_timeout": 30, "poll_interval": 0.5},
     }
     for name, values in sections.items():

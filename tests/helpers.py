@@ -121,7 +121,7 @@ class DaemonProcess:
             "watch": {"settle_seconds": 0.2},
             "callback": {"host": "127.0.0.1", "port": self.port},
             "monitor": {"port": 0},  # any free port: the daemon's lock file names it (monitor_url)
-            "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5},
+            "upload": {"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5, "reconcile_window_seconds": 0.5},
             "results": {"callback_timeout": 2, "poll_interval": 0.3},
         }
         for section, values in overrides.items():

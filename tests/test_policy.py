@@ -174,3 +174,15 @@ def test_a_gate_that_flaps_is_one_episode_with_two_log_lines(caplog):
     told = [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
     assert [r.levelname for r in told] == ["ERROR", "WARNING"]
     assert "the journal is writable again" in told[-1].getMessage()
+
+
+def test_throttling_now_and_then_does_not_grow_the_pause_while_work_goes_on():
+    gate = Gate(Scope.API, Limits(base_s=1.0, cap_s=300.0))
+    t = NOW
+    for _ in range(30):  # a 429 after every few successes, for minutes
+        t += gate.block(t, "Konfuzio is throttling requests")
+        gate.open(t)
+        for _ in range(5):
+            gate.open(t)  # uploads that went through
+        t += 1
+    assert gate.block(t, "throttled again") <= 1.0, "the pause stays at the base, not the cap"

@@ -138,8 +138,8 @@ def test_slow_clients_do_not_starve_the_callback_server(start_daemon, emulator):
 
 
 def test_throttling_and_server_errors_on_uploads(start_daemon, emulator):
-    emulator.knobs.rate_429 = 0.3
-    emulator.knobs.rate_5xx = 0.1
+    emulator.knobs.rate_429 = 0.1
+    emulator.knobs.rate_5xx = 0.05
     emulator.knobs.retry_after_s = 0
     running = start_daemon(upload={"backoff_base_seconds": 0.05, "backoff_cap_seconds": 0.3})
     files = drop_batch(running, 30)
