@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(VENV)/bin/konfuzio-watch demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest --numprocesses=auto --maxprocesses=4
+	$(VENV)/bin/python -m pytest --numprocesses=3 --dist=worksteal
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench

@@ -79,6 +79,7 @@ class Pipeline:
         # Are callbacks expected? Not in poll-only mode, nor when the reachability probe failed:
         # then results are polled soon after the upload instead of after results.callback_timeout.
         self.expect_callbacks = config.callback.enabled
+        self.started_at = clock.now()
         self.callback_watch: CallbackWatch | None = None  # set by the daemon when callbacks are expected
         self.on_callbacks_missing: Callable[[str], None] | None = None
         self.journal = journal
@@ -567,7 +568,12 @@ class Pipeline:
         return min(r.poll_interval, max(r.first_poll_seconds, now - (row.uploaded_at or now)))
 
     def _callback_missing(self, row: Row) -> None:
-        """A result found done by polling whose callback never came."""
+        """A result found done by polling whose callback never came, although it had time to
+        (uploaded by this run: after a restart, callbacks sent while we were down are lost)."""
+        now = self.clock.now()
+        if row.uploaded_at is None or row.uploaded_at < self.started_at or \
+                now - row.uploaded_at < self.config.results.callback_timeout:
+            return
         if self.callback_watch is not None and self.callback_watch.found_by_polling():
             url = self.callback_base().rstrip("/")
             log.warning("callbacks are not arriving at %s: results keep being found by polling (each after "
