@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from .config import Config
 from .journal import ACTIVE, Journal, JournalError, Row, State
 from .locks import read_daemon_lock
+from .results import web_url
 from .summary import format_age
 
 MONITOR_TIMEOUT_S = 3.0
@@ -56,7 +57,7 @@ def _print_journal(config: Config, *, show_all: bool, now: float, out: TextIO) -
         out.write(f"pending     {pending:>5}" + (f"   oldest {format_age(now - oldest)}" if oldest else "") + "\n")
         rows = journal.rows(ACTIVE if not show_all else (), limit=500)
         if rows:
-            out.write("\n" + _table(rows, now))
+            out.write("\n" + _table(rows, now, config.konfuzio.host))
         failed = [r for r in journal.rows([State.FAILED], limit=100_000)][-10:]
         if failed and not show_all:
             out.write("\nlast failures\n" + _table(failed, now))
@@ -140,12 +141,17 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def _table(rows: list[Row], now: float) -> str:
+def _table(rows: list[Row], now: float, host: str | None = None) -> str:
     lines = [f"{'id':>6}  {'state':<10} {'since':>6}  {'doc':>7}  path / last error"]
     for row in rows:
         doc = str(row.document_id) if row.document_id is not None else "-"
-        line = f"{row.id:>6}  {row.state.value:<10} {format_age(now - row.updated_at):>6}  {doc:>7}  {row.display_path}"
+        # An uploaded file is as old as its upload (its row changes at every poll).
+        since = row.uploaded_at if row.state == State.UPLOADED and row.uploaded_at else row.updated_at
+        line = f"{row.id:>6}  {row.state.value:<10} {format_age(now - since):>6}  {doc:>7}  {row.display_path}"
         if row.error:
             line += f"  [{row.stage}: {row.error}]"
+        elif row.state == State.UPLOADED and row.stage and "waiting for" in row.stage:
+            link = f": {web_url(host, row.document_id)}" if host and row.document_id else ""
+            line += f"  [{row.stage}{link}]"
         lines.append(line)
     return "\n".join(lines) + "\n"

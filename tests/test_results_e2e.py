@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import os
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from konfuzio_watch.emulator.schema import schema_for
 from konfuzio_watch.journal import Row, State
 from konfuzio_watch.pipeline import REVIEW_STAGE
 from konfuzio_watch.samples import make_pdf, make_png
+from konfuzio_watch.status import print_status
 
 from .conftest import drop, wait_until
 from .helpers import callback_url_of, file_of, pdf_page_texts, pdftotext_pages
@@ -313,6 +316,10 @@ def test_require_review_exports_only_what_a_person_reviewed(start_daemon, emulat
     assert emulator.store.details(doc_id)["status_data"] == 2, "Konfuzio is done with it: a person is not"
     assert running.daemon.pipeline.web_url(row) == f"{emulator.url}/d/{doc_id}/"
     assert list(running.done.rglob("*")) == []
+    out = io.StringIO()
+    print_status(running.config, show_all=False, now=time.time(), out=out)
+    assert f"invoice.pdf  [waiting for review in Konfuzio: {emulator.url}/d/{doc_id}/]" in out.getvalue()
+    assert "split.pdf  [waiting for splitting confirmation in Konfuzio:" in out.getvalue()
 
     emulator.review(doc_id)
     emulator.confirm_split(split.document_id)
