@@ -125,7 +125,12 @@ def fetch_live_status(monitor_url: str, timeout_s: float = MONITOR_TIMEOUT_S) ->
 
 
 def _fact(name: str, value: Any) -> list[str]:
-    """An ``extra`` entry: a mapping becomes one line per key, a list ``n: a, b, c``."""
+    """An ``extra`` entry: a mapping becomes one line per key, a list ``n: a, b, c``; files not
+    taken in yet (``candidates``) get a line each: ``scan.pdf: incomplete (...; fails in 40 s)``."""
+    if name == "candidates" and isinstance(value, list):
+        lines = [f"  in the inbox, not taken in yet: {len(value)}"]
+        lines += [f"    {c.get('path')}: {c.get('text')}" for c in value[:LIST_SHOWN] if isinstance(c, dict)]
+        return lines + ([f"    and {len(value) - LIST_SHOWN} more"] if len(value) > LIST_SHOWN else [])
     if isinstance(value, dict):
         return [line for key, sub in value.items() for line in _fact(f"{name} {key}", sub)]
     if isinstance(value, list | tuple):

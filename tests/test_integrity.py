@@ -343,3 +343,22 @@ def test_reconciliation_reads_only_the_newest_page_of_a_large_project(daemon_pro
     assert len(emulator.uploads) == 4, "reconciled, not uploaded again"
     lists = emulator.request_stats()["list"].count
     assert lists <= 3, f"{lists} list requests in a project of 50,000 documents"
+
+
+def test_status_lists_files_still_settling_incomplete_or_unreadable(start_daemon, emulator):
+    import io
+    import time
+
+    from konfuzio_watch.status import print_status
+
+    running = start_daemon(watch={"settle_seconds": 30, "incomplete_grace_seconds": 60})
+    whole = make_pdf(label="still being scanned")
+    drop(running.inbox / "half.pdf", whole[: whole.rindex(b"%%EOF")])
+    drop(running.inbox / "fresh.png", make_png(label="settling"))
+    wait_until(lambda: len(running.daemon.scheduler.tracker) == 2, 10, "both seen")
+    out = io.StringIO()
+    print_status(running.config, show_all=False, now=time.time(), out=out)
+    text = out.getvalue()
+    assert "in the inbox, not taken in yet: 2" in text
+    assert "    fresh.png: settling (stable for" in text
+    assert "    half.pdf: settling" in text or "    half.pdf: incomplete" in text
