@@ -25,7 +25,7 @@ def make_pdf(pages: int = 1, label: str = "") -> bytes:
         1: b"<< /Type /Catalog /Pages 2 0 R >>",
         2: f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
         font_id: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-        info_id: b"<< /Title <" + _pdf_utf16_hex(label) + b"> /Producer (konfuzio-watch samples) >>",
+        info_id: b"<< /Title <" + pdf_utf16_hex(label) + b"> /Producer (konfuzio-watch samples) >>",
     }
     width, height = PDF_PAGE_SIZE
     for number, page_id in enumerate(page_ids, start=1):
@@ -33,8 +33,8 @@ def make_pdf(pages: int = 1, label: str = "") -> bytes:
             f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {width} {height}] "
             f"/Resources << /Font << /F1 {font_id} 0 R >> >> /Contents {page_id + 1} 0 R >>"
         ).encode()
-        objects[page_id + 1] = _pdf_stream(_pdf_page_content(label, number, pages))
-    return _pdf_file(objects, root_id=1, info_id=info_id)
+        objects[page_id + 1] = pdf_stream(_pdf_page_content(label, number, pages))
+    return pdf_file(objects, root_id=1, info_id=info_id)
 
 
 def _pdf_page_content(label: str, number: int, pages: int) -> bytes:
@@ -47,15 +47,17 @@ def _pdf_escape(text: str) -> bytes:
     return raw.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
 
 
-def _pdf_utf16_hex(text: str) -> bytes:
+def pdf_utf16_hex(text: str) -> bytes:
     return (b"\xfe\xff" + text.encode("utf-16-be")).hex().upper().encode()
 
 
-def _pdf_stream(content: bytes) -> bytes:
+def pdf_stream(content: bytes) -> bytes:
+    """A PDF stream object around ``content`` (shared with the emulator's searchable PDF)."""
     return b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream"
 
 
-def _pdf_file(objects: dict[int, bytes], root_id: int, info_id: int) -> bytes:
+def pdf_file(objects: dict[int, bytes], root_id: int, info_id: int) -> bytes:
+    """A whole PDF from numbered objects: header, body, cross-reference table, trailer, %%EOF."""
     out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets: dict[int, int] = {}
     for obj_id in sorted(objects):

@@ -350,3 +350,15 @@ def pdftotext_pages(path: Path) -> list[str] | None:
     out = subprocess.run(["pdftotext", "-enc", "UTF-8", str(path), "-"], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     return [page.strip("\n") for page in out.split("\f")[:-1]]
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def can_drop_privileges() -> bool:
+    """Root with setpriv, and this interpreter usable as nobody: a daemon can run as another user."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import konfuzio_watch"], capture_output=True,
+                           timeout=60)
+    return probe.returncode == 0

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,14 @@ from konfuzio_watch.files import sidecar_for, temp_path_for
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop, wait_until
-from .helpers import KONFUZIO_WATCH, DaemonProcess, assert_each_file_finished_exactly_once, sample_files
+from .helpers import (
+    AS_NOBODY,
+    KONFUZIO_WATCH,
+    DaemonProcess,
+    assert_each_file_finished_exactly_once,
+    can_drop_privileges,
+    sample_files,
+)
 
 
 def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process, emulator, tmp_path):
@@ -107,15 +113,9 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     assert len(emulator.uploads) == 1
 
 
-def _can_drop_privileges() -> bool:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return False
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                            "import konfuzio_watch"], capture_output=True, timeout=60)
-    return probe.returncode == 0
 
 
-@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
+@pytest.mark.skipif(not can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
 def test_unwritable_done_folder_keeps_the_file_safe_until_fixed(daemon_process, emulator):
     root = Path(tempfile.mkdtemp(prefix="kw-perm-", dir="/tmp"))
     try:
@@ -125,7 +125,7 @@ def test_unwritable_done_folder_keeps_the_file_safe_until_fixed(daemon_process, 
         daemon = DaemonProcess(root, emulator)
         subprocess.run(["chown", "-R", "65534:65534", str(root)], check=True)
         os.chmod(root / "done", 0o555)  # done/ not writable for the daemon's user
-        daemon.start(prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        daemon.start(prefix=AS_NOBODY)
         data = make_pdf(label="no permission")
         drop(root / "inbox" / "locked.pdf", data)
         os.chown(root / "inbox" / "locked.pdf", 65534, 65534)

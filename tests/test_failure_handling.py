@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import TOKEN, drop, wait_until
-from .helpers import DaemonProcess, assert_own_result
+from .helpers import AS_NOBODY, DaemonProcess, assert_own_result, can_drop_privileges
 
 FAKE_WALL = Path(__file__).with_name("fakewall")
 
@@ -100,18 +99,11 @@ def test_a_full_journal_disk_pauses_everything_quietly_and_resumes_at_once(tmp_p
 # -- 2. a file the daemon cannot read ----------------------------------------------------------
 
 
-def _can_drop_privileges() -> bool:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return False
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                            "import konfuzio_watch"], capture_output=True, timeout=60)
-    return probe.returncode == 0
 
 
-AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
-@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
+@pytest.mark.skipif(not can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
 def test_a_file_the_daemon_cannot_read_stays_in_the_inbox_until_it_may(emulator):
     """It used to be claimed into the hidden processing folder under a number, where its owner
     could no longer see it, and failed there. Now it stays in the inbox under its own name."""

@@ -10,6 +10,7 @@ depends on guessing glyph names.
 from __future__ import annotations
 
 from konfuzio_watch.emulator.content import PageGeometry, geometry
+from konfuzio_watch.samples import pdf_file, pdf_stream
 
 ADVANCE = 600  # Courier: every glyph is 600/1000 em wide
 _WIN_ANSI_GAPS = {0x81, 0x8D, 0x8F, 0x90, 0x9D}  # bytes cp1252 leaves undefined
@@ -23,7 +24,7 @@ def searchable_pdf(text: str, sizes: list[tuple[int, int]], title: str = "") -> 
     font_refs = {}
     for name, font in fonts.fonts.items():
         cmap_id = len(objects) + 1
-        objects[cmap_id] = _stream(_to_unicode(font.to_unicode))
+        objects[cmap_id] = pdf_stream(_to_unicode(font.to_unicode))
         font_id = len(objects) + 1
         objects[font_id] = font.dictionary(cmap_id)
         font_refs[name] = font_id
@@ -31,7 +32,7 @@ def searchable_pdf(text: str, sizes: list[tuple[int, int]], title: str = "") -> 
     page_ids = []
     for page in pages:
         content_id = len(objects) + 1
-        objects[content_id] = _stream(_page_content(page, fonts))
+        objects[content_id] = pdf_stream(_page_content(page, fonts))
         page_id = len(objects) + 1
         objects[page_id] = (
             b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Resources %s /Contents %d 0 R >>"
@@ -43,7 +44,7 @@ def searchable_pdf(text: str, sizes: list[tuple[int, int]], title: str = "") -> 
     objects[2] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(page_ids))
     info_id = len(objects) + 1
     objects[info_id] = b"<< /Title <%s> /Producer (konfuzio-emulator) >>" % _utf16_hex(title)
-    return _file(objects, root_id=1, info_id=info_id)
+    return pdf_file(objects, root_id=1, info_id=info_id)
 
 
 class _Font:
@@ -146,21 +147,3 @@ def _utf16_hex(text: str, bom: bool = True) -> bytes:
     return ((b"\xfe\xff" if bom else b"") + text.encode("utf-16-be")).hex().upper().encode()
 
 
-def _stream(content: bytes) -> bytes:
-    return b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream"
-
-
-def _file(objects: dict[int, bytes], root_id: int, info_id: int) -> bytes:
-    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets: dict[int, int] = {}
-    for obj_id in sorted(objects):
-        offsets[obj_id] = len(out)
-        out += b"%d 0 obj\n" % obj_id + objects[obj_id] + b"\nendobj\n"
-    xref_at = len(out)
-    size = max(objects) + 1
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % size
-    for obj_id in range(1, size):
-        out += b"%010d 00000 n \n" % offsets[obj_id]
-    out += b"trailer\n<< /Size %d /Root %d 0 R /Info %d 0 R >>\n" % (size, root_id, info_id)
-    out += b"startxref\n%d\n%%%%EOF\n" % xref_at
-    return bytes(out)
