@@ -134,7 +134,8 @@ def _summary(done: Path, failed: Path, inbox: Path) -> None:
     print(f"failed/: {len(failures)} file(s)")
     for path in failures:
         print(f"  {path.relative_to(failed)}: {json.loads(path.read_text())['error']}")
-    left = [p for p in inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in p.parts]
+    left = [p for p in inbox.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                     p.relative_to(inbox).parts)]
     print(f"inbox: {len(left)} file(s) left")
 
 
