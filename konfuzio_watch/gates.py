@@ -109,10 +109,10 @@ class Gate:
             self._episode = None
             self._probing = False
         if newly:
-            log.error("%s; pausing %s, next try in %.0f s%s", reason, _WHAT[self.scope], delay,
+            log.error("%s; pausing %s, next try in %.1f s%s", reason, _WHAT[self.scope], delay,
                       f" ({note})" if note else "", extra={"scope": self.scope.value, "error": reason})
         else:
-            log.debug("%s still blocked (try %d failed): %s; next try in %.0f s", self.scope, failures, reason, delay)
+            log.debug("%s still blocked (try %d failed): %s; next try in %.1f s", self.scope, failures, reason, delay)
         self._changed()
         return until - now
 

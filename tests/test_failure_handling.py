@@ -211,13 +211,21 @@ def test_a_wall_clock_stepped_back_an_hour_does_not_stall_polling(daemon_process
 # -- 5. GETs answered 401, 403, 400; failure counts that survive a restart ----------------------
 
 
+def rejected_for_a_while(emulator, path: str, status: int) -> FaultRule:  # type: ignore[no-untyped-def]
+    """Once the upload is stored: requests to ``path`` answered ``status`` for 2 s (then the token works)."""
+    wait_until(lambda: emulator.uploads, 20, "the upload stored")
+    rule = FaultRule("GET", path, status, until=time.time() + 2.0)
+    emulator.knobs.fault_rules = [rule]
+    return rule
+
+
 def test_a_rejected_bbox_request_blocks_instead_of_exporting_without_boxes(start_daemon, emulator, caplog):
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
-    rule = FaultRule("GET", r"/bbox/?$", 401, until=time.time() + 2.0)
-    emulator.knobs.fault_rules = [rule]
+    emulator.knobs.processing_s = 1.0  # done after the fault is in place
     running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5})
     data = make_pdf(label="boxes matter")
     drop(running.inbox / "boxes.pdf", data)
+    rule = rejected_for_a_while(emulator, r"/bbox/?$", 401)
 
     running.wait_finished(1, timeout_s=20)
     assert rule.hits >= 1, "the fault was never hit"
@@ -227,11 +235,13 @@ def test_a_rejected_bbox_request_blocks_instead_of_exporting_without_boxes(start
 
 def test_a_rejected_details_request_is_not_retried_forever(start_daemon, emulator, caplog):
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
-    emulator.knobs.fault_rules = [FaultRule("GET", r"^/api/v3/documents/\d+/?$", 403, until=time.time() + 2.0)]
+    emulator.knobs.processing_s = 1.0
     running = start_daemon(upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.5})
     data = make_png(label="403 then fine")
     drop(running.inbox / "forbidden.png", data)
+    rule = rejected_for_a_while(emulator, r"^/api/v3/documents/\d+/?$", 403)
     running.wait_finished(1, timeout_s=20)
+    assert rule.hits >= 1, "the fault was never hit"
     assert_own_result(running.done, "forbidden.png", data)
     assert len(logged(caplog, "Konfuzio rejected the API token")) == 1, "said once, not per try"
 
