@@ -20,6 +20,7 @@ from .journal import ACTIVE, Journal, JournalError, Row, State
 from .locks import read_daemon_lock
 from .results import web_url
 from .summary import format_age
+from .watcher import ignored_files
 
 MONITOR_TIMEOUT_S = 3.0
 LIST_SHOWN = 10
@@ -61,8 +62,21 @@ def _print_journal(config: Config, *, show_all: bool, now: float, out: TextIO) -
         failed = [r for r in journal.rows([State.FAILED], limit=100_000)][-10:]
         if failed and not show_all:
             out.write("\nlast failures\n" + _table(failed, now))
+        if show_all:
+            out.write(_ignored(config, journal.meta("processing_dir")))
     finally:
         journal.close()
+
+
+def _ignored(config: Config, processing_dir: str | None) -> str:
+    """What the inbox holds that is never taken in (hidden, temporary, ``watch.ignore``), and why."""
+    f = config.folders
+    own = [f.done, f.failed, f.state, *([processing_dir] if processing_dir else [])]
+    found = [(path, why) for path, why in ignored_files(f.inbox, own, config.watch.ignore)
+             if not path.startswith(".konfuzio-watch")]  # the daemon's own marker
+    if not found:
+        return "\nignored in the inbox: nothing\n"
+    return "\nignored in the inbox (never taken in)\n" + "".join(f"  {path}  [{why}]\n" for path, why in found)
 
 
 def watch_status(config: Config, *, show_all: bool, interval_s: float, out: TextIO,

@@ -362,3 +362,46 @@ def test_status_lists_files_still_settling_incomplete_or_unreadable(start_daemon
     assert "in the inbox, not taken in yet: 2" in text
     assert "    fresh.png: settling (stable for" in text
     assert "    half.pdf: settling" in text or "    half.pdf: incomplete" in text
+
+
+def test_a_path_longer_than_path_max_reaches_failed_with_its_whole_path(start_daemon, emulator):
+    running = start_daemon(watch={"rescan_interval": 0.5})  # inotify cannot watch that deep: the rescan finds it
+    data = make_pdf(label="deeper than PATH_MAX")
+    inbox_fd = os.open(running.inbox, os.O_RDONLY | os.O_DIRECTORY)
+    parts = ["g" * 250] * 17  # 4,267 bytes of folders below the inbox
+    try:
+        fd = inbox_fd
+        for part in parts:
+            os.mkdir(part, dir_fd=fd)
+            fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        file_fd = os.open("deep.pdf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(file_fd, data)
+        os.close(file_fd)
+    finally:
+        os.close(inbox_fd)
+    running.wait_finished(1, timeout_s=30)
+    (report_path,) = running.failed.glob("deep~*.pdf.error.json")
+    report = json.loads(report_path.read_text())
+    assert report["source"]["path"] == "/".join([*parts, "deep.pdf"]) and report["stage"] == "too_long"
+    assert report_path.with_name(report_path.name.removesuffix(".error.json")).read_bytes() == data
+
+
+def test_status_all_lists_what_the_inbox_holds_but_never_takes_in(start_daemon, emulator):
+    import io
+    import time
+
+    from konfuzio_watch.status import print_status
+
+    running = start_daemon(watch={"ignore": ["*.bak"]})
+    drop(running.inbox / "a.pdf", make_pdf(label="a"))
+    running.wait_finished(1)
+    (running.inbox / ".hidden.pdf").write_bytes(b"x")
+    (running.inbox / "scan.pdf.part").write_bytes(b"x")
+    (running.inbox / "old.bak").write_bytes(b"x")
+    out = io.StringIO()
+    print_status(running.config, show_all=True, now=time.time(), out=out)
+    text = out.getvalue()
+    assert "ignored in the inbox (never taken in)" in text
+    for name in (".hidden.pdf", "scan.pdf.part", "old.bak"):
+        assert f"  {name}  [" in text, name
+    assert ".konfuzio-watch.lock" not in text
