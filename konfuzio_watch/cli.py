@@ -108,6 +108,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
+    from .journal import JournalWriteError
     from .locks import LockHeld
     from .logs import configure_logging
     from .sdnotify import Notifier
@@ -138,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LockHeld as exc:
         print(f"konfuzio-watch: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except (OSError, TunnelError) as exc:
+    except (OSError, TunnelError, JournalWriteError) as exc:
         print(f"konfuzio-watch: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if not daemon.run():
@@ -177,13 +178,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    from .journal import JournalWriteError
     from .retry import retry_files
 
     if not args.paths and not args.all_failed:
         print("konfuzio-watch: retry: name files to retry, or --all-failed", file=sys.stderr)
         return EXIT_USAGE
     config = load_config(args.config, need_secrets=False)
-    messages, unmatched = retry_files(config, args.paths, args.all_failed, now=time.time())
+    try:
+        messages, unmatched = retry_files(config, args.paths, args.all_failed, now=time.time())
+    except JournalWriteError as exc:  # a database that cannot be reached
+        print(f"konfuzio-watch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     for message in messages:
         print(message)
     return EXIT_FAILURE if unmatched else EXIT_OK

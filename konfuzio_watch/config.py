@@ -161,9 +161,13 @@ class JournalConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """This daemon among the nodes that share a PostgreSQL journal (default id: the host name)."""
+    """This daemon among the nodes that share a PostgreSQL journal (default id: the host name).
+    ``lease_seconds``: a row a node works on is its own for this long unless it renews the lease (it
+    does every quarter of it while it works); a node that died loses its rows to the others this long
+    after its last renewal."""
 
     id: str | None = None
+    lease_seconds: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -522,6 +526,7 @@ def _check_journal(j: JournalConfig, node: NodeConfig) -> None:
             raise ConfigError("journal.url: no password in the URL; use journal.password_file (or PGPASSWORD)")
     if node.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node.id):
         raise ConfigError(f"node.id: letters, digits, '.', '_' and '-', at most 63, got {node.id!r}")
+    _check_ranges([("node.lease_seconds", node.lease_seconds, 2, 600)])
 
 
 def _check_url(key: str, url: str) -> None:

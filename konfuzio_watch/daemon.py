@@ -4,6 +4,12 @@ The parts, each with one job: the journal (state), the pipeline (the steps), the
 (paused work), the candidate tracker (seen -> settled), the dispatcher (due rows -> worker
 pools), the scheduler (the loop thread that decides), the callback server, the tunnel and
 the inbox watcher (threads that only report facts).
+
+With a PostgreSQL journal (``journal.url``) the daemon is a node of a cluster on one shared inbox:
+it registers in the journal and says it is alive (a loop duty that also renews the leases of the
+rows in hand), takes over the rows of nodes that stopped renewing theirs, rescans the inbox only
+while it holds the rescanner role, and wakes up when another node records something that concerns
+it (LISTEN/NOTIFY; the loop also looks at the journal at least every few seconds).
 """
 
 from __future__ import annotations
@@ -35,10 +41,19 @@ from .events import (
     Wake,
 )
 from .gates import Gates, GateState
-from .journal import ACTIVE, Journal, JournalError, JournalWriteError, Row, State
+from .journal import ACTIVE, BaseJournal, JournalError, JournalWriteError, Role, Row, State, open_journal
 from .konfuzio import KonfuzioClient
-from .locks import DaemonLock, InboxLock, LockHeld, hostname
-from .metrics import Metrics, Sample
+from .locks import (
+    DaemonLock,
+    InboxLock,
+    LockHeld,
+    foreign_inbox_nodes,
+    hostname,
+    node_marker_path,
+    remove_node_marker,
+    write_node_marker,
+)
+from .metrics import ClusterSample, Metrics, Sample
 from .monitor import OK, STARTING, STOPPING, iso, local_url, start_monitor
 from .pipeline import Pipeline, limits_from
 from .reachability import CallbackWatch, ProbeTokens, Reachability
@@ -56,6 +71,8 @@ log = logging.getLogger("konfuzio_watch")
 STATUS_EVERY_S = 5.0
 OLDEST_EVERY_S = 60.0
 TUNNEL_CHECK_EVERY_S = 30.0
+NODE_ID_WAIT_S = 5.0  # a restarted node waits this long for the database to let go of its previous run
+RESCANNER = "rescanner"  # the role of the node that does the periodic full rescans
 
 
 class Daemon:
@@ -75,7 +92,14 @@ class Daemon:
         self._ready = threading.Event()
         self._last_status = ""
         self.tunnel: Tunnel | None = None
-        self.journal: Journal | None = None
+        self.journal: BaseJournal | None = None
+        self.cluster = config.journal.url is not None  # a node of a cluster on a shared PostgreSQL journal
+        self.node_id = config.node_id
+        self.rescanner: Role | None = None
+        self._rescanner_held = False
+        self._next_rescan_at = 0.0
+        self._alone = True  # no other node alive when this one started
+        self._node_marker: str | None = None
         self.server: ServerThread | None = None
         self.monitor: ServerThread | None = None
         self.daemon_lock: DaemonLock | None = None
@@ -91,7 +115,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.public_url: str | None = None
         self.processing_dir: Path | None = None
-        self.metrics = Metrics(self._sample)
+        self.metrics = Metrics(self._sample, node_id=self.node_id if self.cluster else None)
         self.gates = Gates(limits_from(config), on_change=self._gate_changed)
         for gate in self.gates.by_scope.values():
             gate.on_recovered = self._gate_recovered
@@ -109,6 +133,8 @@ class Daemon:
         try:
             return self._start()
         except LockHeld:
+            if self.journal is not None:
+                self.journal.close()
             self._release_locks()
             raise
         except BaseException:
@@ -122,16 +148,23 @@ class Daemon:
         c.folders.state.mkdir(parents=True, exist_ok=True)
         self.daemon_lock = DaemonLock(c.folders.state, c.folders.inbox).acquire()
         c.folders.inbox.mkdir(parents=True, exist_ok=True)
-        self.inbox_lock = InboxLock(c.folders.inbox, c.folders.state).acquire()
+        if not self.cluster:
+            self.inbox_lock = InboxLock(c.folders.inbox, c.folders.state).acquire()
         for folder in (c.folders.done, c.folders.failed):
             folder.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(c.journal_path)
+        self.journal = self._open_journal()
         damage = self.journal.quick_check()
         if damage != "ok":
+            if self.cluster:
+                raise JournalError(damage)
             raise JournalError(f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
                                f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
                                "processing folder then go back to the inbox and through again")
-        self.inbox_lock.claim(self.journal.journal_id)
+        if self.cluster:
+            self._join_cluster()
+        else:
+            assert self.inbox_lock
+            self.inbox_lock.claim(self.journal.journal_id)
         self.processing_dir = processing.resolve(c, self.journal.meta("processing_dir"))
         processing.prepare(self.processing_dir, c.folders.inbox)
         self.journal.bind_processing_dir(self.processing_dir)
@@ -155,7 +188,8 @@ class Daemon:
                                     poll_interval_s=c.watch.poll_interval, observer_factory=self._observer_factory)
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.dispatcher = Dispatcher(self.journal, self.pipeline, self.gates, self._executors,
-                                     {UPLOADS: c.upload.concurrency, RESULTS: c.results.workers}, report=events.put)
+                                     {UPLOADS: c.upload.concurrency, RESULTS: c.results.workers}, report=events.put,
+                                     lease_s=c.node.lease_seconds)
         tracker = CandidateTracker(c.watch.settle_seconds, c.watch.incomplete_grace_seconds, self.watcher.scan,
                                    inbox=keep.inbox)
         self.status_sources["candidates"] = lambda: [c.to_dict() for c in tracker.snapshot(self.clock.now())]
@@ -163,9 +197,13 @@ class Daemon:
         self.scheduler = Scheduler(clock=self.clock, journal=self.journal, gates=self.gates, pipeline=self.pipeline,
                                    dispatcher=self.dispatcher, tracker=tracker, inbox=keep.inbox,
                                    scan=self.watcher.scan, duties=self._duties(), events=events)
-        active = self.pipeline.recover()
-        if active:
+        active = self.pipeline.recover(alone=self._alone)
+        if active and self.cluster:
+            log.info("%d unfinished file(s) in the journal, for the nodes to go on with", active)
+        elif active:
             log.info("resuming %d unfinished file(s) from the journal", active)
+        if self.cluster:
+            self.journal.listen(self._heard)
         if c.monitor.enabled:  # first: it answers 503 "starting" while the rest comes up
             self.monitor = start_monitor(self.snapshot, self.metrics.render, c.monitor.host, c.monitor.port)
             self.daemon_lock.set_monitor_url(local_url(self.monitor))
@@ -186,23 +224,97 @@ class Daemon:
         self._ready.set()
         callbacks = f"callbacks at {self.public_url}/{c.callback.path.strip('/')}/…" if c.callback.enabled else \
             "poll-only (callback.enabled: false)"
-        log.info("ready: watching %s%s, %s%s", c.folders.inbox, " (polling)" if self.watcher.polling else "",
-                 callbacks, f", monitor at {local_url(self.monitor)}" if self.monitor else "")
+        node = f", node {self.node_id} of the cluster on {self.journal.location}" if self.cluster else ""
+        log.info("ready: watching %s%s, %s%s%s", c.folders.inbox, " (polling)" if self.watcher.polling else "",
+                 callbacks, f", monitor at {local_url(self.monitor)}" if self.monitor else "", node)
         self.notifier.ready(self.status_line())
         return self
 
     def _duties(self) -> list[Duty]:
         watchdog = self.notifier.watchdog_interval_s
+        c = self.config
+        quarter = c.node.lease_seconds / 4 if self.cluster else None
         return [
             # WATCHDOG=1 comes from the loop thread only: a stuck loop (not a slow upload on a
             # worker) is what systemd's watchdog catches.
             Duty("watchdog", watchdog, lambda _now: self.notifier.watchdog()),
-            Duty("rescan", self.config.watch.rescan_interval, self._rescan),
+            # A node of a cluster: alive, its leases renewed, the rows of nodes that stopped renewing
+            # theirs taken over; a quarter of a lease apart, so a lease survives three missed renewals.
+            Duty("leases", quarter, self._tend_leases),
+            # In a cluster one node at a time rescans; the others ask for the role this often.
+            Duty("rescan", min(c.watch.rescan_interval, c.node.lease_seconds) if self.cluster
+                 else c.watch.rescan_interval, self._rescan),
             Duty("status", STATUS_EVERY_S, self._publish_status),
             Duty("tunnel", TUNNEL_CHECK_EVERY_S if self.config.ngrok.enabled else None, self._check_tunnel,
                  next_at=self.clock.now() + TUNNEL_CHECK_EVERY_S),
             Duty("oldest pending", OLDEST_EVERY_S if self.alerts.enabled else None, self._tell_oldest_pending),
         ]
+
+    # -- the journal; a node of a cluster --------------------------------------------------------
+
+    def _open_journal(self) -> BaseJournal:
+        c = self.config
+        if not self.cluster:
+            return open_journal(c)
+        # Connections for the loop, the workers, the callback and monitor threads; a call that gets
+        # none within a quarter of a lease (the database cannot be reached) pauses the work.
+        return open_journal(c, pool_size=c.upload.concurrency + c.results.workers + 8,
+                            wait_s=max(1.0, min(10.0, c.node.lease_seconds / 4)))
+
+    def _join_cluster(self) -> None:
+        """This node's id is its own; the inbox is the cluster's (its marker shared), and this node says
+        what it sees there; then it is listed in the journal's nodes."""
+        c, journal = self.config, self.journal
+        assert journal is not None
+        own_id = journal.role(f"node:{journal.node_id}")
+        deadline = time.monotonic() + NODE_ID_WAIT_S
+        while not own_id.acquire():
+            if time.monotonic() > deadline:
+                other = next((n for n in journal.nodes() if n.id == journal.node_id), None)
+                who = f" (pid {other.pid} on host {other.host}, heard {other.silent_s:.0f} s ago)" if other else ""
+                raise LockHeld(f"another konfuzio-watch node with node.id {journal.node_id}{who} uses the journal "
+                               f"{journal.location}; give each node its own node.id")
+            time.sleep(0.1)  # its previous run just ended: the database lets go of its session in a moment
+        self.inbox_lock = InboxLock(c.folders.inbox, c.folders.state, cluster_id=journal.journal_id,
+                                    journal=journal.location).acquire()
+        self.inbox_lock.claim(journal.journal_id)
+        self._node_marker = write_node_marker(c.folders.inbox, journal.node_id, journal.journal_id)
+        alive_s = c.node.lease_seconds
+        others = [n for n in journal.nodes() if n.id != journal.node_id and n.silent_s <= alive_s]
+        journal.join(inbox_marker=self._node_marker)
+        self._alone = not others
+        for node in foreign_inbox_nodes(c.folders.inbox, journal.node_id, others, alive_s):
+            log.error("node %s (host %s) watches another inbox: its marker %s is not in %s as this machine sees it; "
+                      "every node must see the same share under the same path (konfuzio-watch check)", node.id,
+                      node.host, node_marker_path(c.folders.inbox, node.id).name, c.folders.inbox)
+        self.rescanner = journal.role(RESCANNER)
+        log.info("node %s joins the cluster on %s (%s)", journal.node_id, journal.location,
+                 f"{len(others)} other node(s) alive: {', '.join(n.id for n in others)}" if others else
+                 "no other node alive")
+
+    def _tend_leases(self, now: float) -> None:
+        """Heartbeat, renew the leases of the rows in hand, take over the rows whose node stopped renewing."""
+        assert self.journal and self.dispatcher and self.pipeline
+        self.journal.heartbeat()
+        self.dispatcher.renew_leases()
+        self.pipeline.take_over(exclude=set(self.dispatcher.inflight))
+
+    def _heard(self, payload: str) -> None:
+        """A notification from the journal (any node's write; on the listener's thread)."""
+        if payload.startswith("probe:"):
+            self.probe_tokens.arrived_hash(payload.removeprefix("probe:"))
+            return
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        if payload.startswith("due:"):
+            try:
+                due = float(payload.removeprefix("due:"))
+            except ValueError:
+                due = 0.0
+            if due >= scheduler.sleeping_until:
+                return  # the loop wakes before that anyway
+        scheduler.report(Wake())
 
     # -- facts from other threads ---------------------------------------------------------------
 
@@ -213,6 +325,12 @@ class Daemon:
     def _record_callback(self, token: str, claimed_id: int | None) -> str:
         assert self.journal and self.scheduler
         if self.probe_tokens.arrived(token):
+            return "probe"
+        if self.cluster and self.probe_tokens.looks_like_probe(token):  # another node's, through the balancer
+            try:
+                self.journal.notify(f"probe:{hash_token(token)}")
+            except JournalWriteError as exc:
+                raise TryLater from exc
             return "probe"
         now = self.clock.now()
         try:
@@ -334,7 +452,21 @@ class Daemon:
     # -- periodic duties -------------------------------------------------------------------------
 
     def _rescan(self, now: float) -> None:
+        """A full rescan of the inbox; in a cluster only by the node with the rescanner role, at once when
+        it gets the role (the node that had it may have died in the middle of an interval)."""
         assert self.scheduler
+        if self.rescanner is not None:
+            held, had = self.rescanner.acquire(), self._rescanner_held
+            self._rescanner_held = held
+            if held and not had:
+                log.info("this node rescans the inbox every %g s now (the rescanner role)",
+                         self.config.watch.rescan_interval)
+            elif had and not held:
+                log.warning("this node lost the rescanner role (its database connection broke); another node "
+                            "rescans the inbox")
+            if not held or (had and now < self._next_rescan_at):
+                return
+            self._next_rescan_at = now + self.config.watch.rescan_interval
         self.scheduler.rescan(now)
 
     def _publish_status(self, _now: float) -> None:
@@ -359,8 +491,12 @@ class Daemon:
     def status_line(self) -> str:
         """One line for systemd's STATUS=: pending / done / failed, the oldest pending, blocks."""
         assert self.journal
-        return status_line(self.journal.counts(), self.journal.oldest_active_detected_at(), self.clock.now(),
-                           [g.reason for g in self.gates.blocked()])
+        blocked = [g.reason for g in self.gates.blocked()]
+        try:
+            return status_line(self.journal.counts(), self.journal.oldest_active_detected_at(), self.clock.now(),
+                               blocked)
+        except JournalWriteError as exc:  # a database that cannot be reached: say so, not a traceback
+            return f"the journal cannot be read ({exc})" + "".join(f"; BLOCKED: {b}" for b in blocked)
 
     def snapshot(self) -> dict[str, object]:
         """What only the running daemon knows, for the monitor's /status (and /healthz)."""
@@ -375,7 +511,7 @@ class Daemon:
                 extra[name] = source()
             except Exception as exc:  # one broken source must not hide the others
                 extra[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        return {
+        snapshot: dict[str, object] = {
             "status": status,
             "line": self.status_line() if self.journal is not None else status,
             "pid": os.getpid(),
@@ -388,17 +524,32 @@ class Daemon:
             "in_hand": len(self.dispatcher.inflight) if self.dispatcher else 0,
             "extra": extra,
         }
+        if self.cluster:
+            snapshot["node"] = {"id": self.node_id, "rescanner": self._rescanner_held}
+        return snapshot
 
     def _sample(self) -> Sample:
         if self.journal is None:
             return Sample()
-        oldest = self.journal.oldest_active_detected_at()
+        blocked = {g.scope.value: g.reason for g in self.gates.blocked()}
+        try:
+            oldest = self.journal.oldest_active_detected_at()
+            files = {state.value: n for state, n in self.journal.counts().items()}
+            cluster = None
+            if self.cluster:
+                cluster = ClusterSample(
+                    leased=len(self.dispatcher.inflight) if self.dispatcher else 0, rescanner=self._rescanner_held,
+                    heartbeat_age_s={n.id: n.silent_s for n in self.journal.nodes()},
+                    alive_within_s=self.config.node.lease_seconds)
+        except JournalWriteError:  # the database cannot be reached: what the daemon knows by itself
+            return Sample(ready=self._ready.is_set(), blocked=blocked, callbacks_arriving=self.callbacks_arriving())
         return Sample(
-            files_by_state={state.value: n for state, n in self.journal.counts().items()},
+            files_by_state=files,
             oldest_pending_age_seconds=None if oldest is None else max(0.0, self.clock.now() - oldest),
             ready=self._ready.is_set(),
-            blocked={g.scope.value: g.reason for g in self.gates.blocked()},
+            blocked=blocked,
             callbacks_arriving=self.callbacks_arriving(),
+            cluster=cluster,
         )
 
     def callbacks_arriving(self) -> bool | None:
@@ -449,6 +600,8 @@ class Daemon:
         if self._client:
             self._client.close()
         if self.journal:
+            if self.cluster:
+                self._leave(cut_off)
             self.journal.close()
         self._release_locks()
         if cut_off:
@@ -456,6 +609,19 @@ class Daemon:
         else:
             log.log(level, "stopped")
         return not cut_off
+
+    def _leave(self, cut_off: list[int]) -> None:
+        """A node stops: its leases go to the others at once (not those of steps cut off: they expire and
+        are taken over like a dead node's), and it leaves the list of nodes and its inbox marker."""
+        assert self.journal
+        if self._node_marker is None:  # it never joined
+            return
+        try:
+            self.journal.leave(keep=cut_off)
+        except JournalWriteError as exc:
+            log.warning("stopping: could not tell the other nodes (%s); its rows pass to them when its leases expire "
+                        "(node.lease_seconds, %g s)", exc, self.config.node.lease_seconds)
+        remove_node_marker(self.config.folders.inbox, self.node_id)
 
     def _wait_for_steps(self, deadline: float) -> list[int]:
         """Until the dispatcher has nothing in hand, or the deadline: the ids of the rows still in hand.

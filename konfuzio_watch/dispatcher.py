@@ -4,6 +4,11 @@
 whose time has come, checks each kind of work against its gates (a blocked gate admits nothing,
 then one probe), and submits steps to the injected executors. A worker's completion comes back
 as a ``StepDone`` event through ``report``; ``finished`` frees the row for the next tick.
+
+In a cluster (a journal several nodes share) the rows come leased to this node (``take_due``):
+no other node works on them while their steps run here. ``renew_leases`` (a duty of the loop)
+keeps the leases of the rows in hand; a finished row's lease is given up at the next tick, so that
+any node may take its next step.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 from .events import Event, JournalFailed, StepDone
 from .gates import Gates
-from .journal import IllegalTransition, Journal, JournalWriteError, Row, State
+from .journal import BaseJournal, IllegalTransition, JournalWriteError, Row, State
 from .pipeline import Pipeline
 from .policy import Scope, Step
 
@@ -49,9 +54,12 @@ RESULT_STATES = (State.UPLOADED, State.EXPORTING, State.FAILING)
 
 
 class Dispatcher:
-    def __init__(self, journal: Journal, pipeline: Pipeline, gates: Gates, executors: Mapping[str, Executor],
-                 sizes: Mapping[str, int], report: Callable[[Event], None]):
+    def __init__(self, journal: BaseJournal, pipeline: Pipeline, gates: Gates, executors: Mapping[str, Executor],
+                 sizes: Mapping[str, int], report: Callable[[Event], None], lease_s: float = 60.0):
         self.journal = journal
+        self.lease_s = lease_s
+        self._finished: set[int] = set()  # rows whose step ended: their leases go at the next tick
+        self._lost: set[int] = set()  # rows in hand whose lease another node took over (said once)
         self.pipeline = pipeline
         self.gates = gates
         self.executors = executors
@@ -94,6 +102,7 @@ class Dispatcher:
     def tick(self, now: float) -> None:
         if self.gates[Scope.JOURNAL].is_blocked:
             return
+        self._release_finished()
         api = self.gates[Scope.API]
         own_probe = api.own_probe_due(now)
         if own_probe is not None and self.free(RESULTS) > 0:  # e.g. is the token accepted again?
@@ -104,30 +113,62 @@ class Dispatcher:
         budgets = self._budgets(now)
         free = self.free(UPLOADS)
         upload = WORK[State.CLAIMED]
+        unused: list[int] = []  # taken (leased) but not started: given back at once
         if free > 0 and self._fits(upload, budgets):
             limit = free if budgets[Scope.API] is None else min(free, budgets[Scope.API] or 0)
-            for row in self.journal.runnable([State.CLAIMED], now, self.inflight, limit):
+            for row in self.journal.take_due([State.CLAIMED], now, self.inflight, limit, self.lease_s):
                 self._submit(upload, row, budgets)
         free = self.free(RESULTS)
         reconcile = WORK[State.UPLOADING]
         if free > 0 and not self.reconciling and self._fits(reconcile, budgets):
-            due = self.journal.runnable([State.UPLOADING], now, self.inflight, RECONCILE_BATCH)
+            due = self.journal.take_due([State.UPLOADING], now, self.inflight, RECONCILE_BATCH, self.lease_s)
             if due or self.cleanup_wanted:
                 self._submit_reconcile(due, budgets)
                 free -= 1
         if free > 0:
             states = [s for s in RESULT_STATES if self._fits(WORK[s], budgets)]
             if states:
-                for row in self.journal.runnable(states, now, self.inflight, free):
+                for row in self.journal.take_due(states, now, self.inflight, free, self.lease_s):
                     work = WORK[row.state]
                     if self._fits(work, budgets):
                         self._submit(work, row, budgets)
+                    else:
+                        unused.append(row.id)
         free = self.free(RESULTS)  # new revisions of done files last: files still on their way come first
         refresh = WORK[State.DONE]
         if free > 0 and self._fits(refresh, budgets):
-            for row in self.journal.due_refreshes(now, self.inflight, free):
+            for row in self.journal.take_due_refreshes(now, self.inflight, free, self.lease_s):
                 if self._fits(refresh, budgets):
                     self._submit(refresh, row, budgets)
+                else:
+                    unused.append(row.id)
+        if unused:
+            self.journal.release_leases(unused)
+
+    def _release_finished(self) -> None:
+        """Give up the leases of the rows whose steps ended (not of one taken again meanwhile)."""
+        done = self._finished - self.inflight.keys()
+        self._finished.clear()
+        if done:
+            try:
+                self.journal.release_leases(done)
+            except JournalWriteError:
+                self._finished |= done  # next time; they expire anyway
+                raise
+
+    def renew_leases(self) -> None:
+        """Keep the leases of the rows in hand (a duty of the loop, every quarter of a lease). A row
+        whose lease another node took over (this node could not renew in time) is no longer this
+        node's: its step here stops at its next journal write; said once."""
+        in_hand = set(self.inflight)
+        if not in_hand:
+            return
+        lost = in_hand - self.journal.renew_leases(in_hand, self.lease_s) - self._lost
+        self._lost = (self._lost | lost) & in_hand
+        if lost:
+            log.warning("lost the lease on %d file(s) in hand (this node could not renew it in time; another node "
+                        "took them over): their steps here stop at their next journal write (rows %s)", len(lost),
+                        ", ".join(map(str, sorted(lost)[:20])))
 
     def next_due(self, now: float) -> float | None:
         """When the next row may be dispatched (or a gate may be probed); None: nothing waits."""
@@ -160,6 +201,7 @@ class Dispatcher:
     def finished(self, event: StepDone) -> None:
         for row_id in event.row_ids:
             self.inflight.pop(row_id, None)
+            self._finished.add(row_id)
         if event.is_reconcile:
             self.reconciling = False
         for scope in event.probes:

@@ -213,6 +213,7 @@ class Node:
     started_at: float
     heartbeat_at: float
     silent_s: float
+    inbox_marker: str | None = None  # what its marker file in the inbox says (``join``)
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,16 @@ class BaseJournal(ABC):
     #: The schema version this konfuzio-watch writes.
     schema_version: int
 
+    #: Whether several nodes may share this journal (PostgreSQL): the daemon then runs as a node of
+    #: a cluster (leases, heartbeats, roles, notifications between nodes).
+    shared = False
+    #: How long a lease lasts unless renewed, for the leases the journal gives by itself (new claims).
+    lease_s = 60.0
+
     # SQL that differs between the backends, appended to shared statements:
     _LOCK_ROW = ""  # to a SELECT of a row the transaction then changes
     _LEASE_GUARD = ""  # to the WHERE of a write to one row: not leased to another node (one ? : node_id)
+    _NOT_OTHERS = ""  # to the WHERE of a look for due rows: not leased to another node at all (one ? : node_id)
 
     def __init__(self) -> None:
         self._listeners: list[_LocalListener] = []
@@ -374,6 +382,13 @@ class BaseJournal(ABC):
     def _guard(self) -> tuple[object, ...]:
         return (self.node_id,) if self._LEASE_GUARD else ()
 
+    @property
+    def _not_others(self) -> tuple[object, ...]:
+        return (self.node_id,) if self._NOT_OTHERS else ()
+
+    def _lease_new(self, tx: _Tx, row_ids: Sequence[int]) -> None:  # noqa: B027 - a hook: one node needs no leases
+        """Lease rows this transaction created to this node (a claim is the claimer's until it is done)."""
+
     def bind_processing_dir(self, path: Path) -> None:
         """Remember where claimed files wait; refuse a config that moved it while files wait there."""
         with self._write() as tx:
@@ -412,6 +427,7 @@ class BaseJournal(ABC):
                 if found is not None:
                     ids.append(found[0])
             if ids:
+                self._lease_new(tx, ids)
                 tx.notify(f"due:{now!r}")
         return self.get_many(ids)
 
@@ -652,8 +668,8 @@ class BaseJournal(ABC):
         with self._write() as tx:
             cursor = tx.execute(
                 "UPDATE files SET refresh_at = CASE WHEN callback_at >= ? THEN ? ELSE NULL END, failures = 0,"
-                f" error = NULL, updated_at = ?{extra} WHERE id = ? AND state = ?",
-                (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value))
+                f" error = NULL, updated_at = ?{extra} WHERE id = ? AND state = ?{self._LEASE_GUARD}",
+                (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value, *self._guard))
             if cursor.rowcount != 1:
                 raise IllegalTransition(f"{row.display_path}: no longer {State.DONE} (row {row.id})")
         return self.get(row.id)
@@ -668,7 +684,8 @@ class BaseJournal(ABC):
         not_excluded, exclude_ = _in("id", list(exclude), negate=True)
         with self._read() as tx:
             return tx.execute(f"SELECT MIN(refresh_at) FROM files WHERE refresh_at IS NOT NULL AND state = ?"
-                              f" AND {not_excluded}", (State.DONE.value, *exclude_)).fetchone()[0]
+                              f" AND {not_excluded}{self._LEASE_GUARD}",
+                              (State.DONE.value, *exclude_, *self._guard)).fetchone()[0]
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -695,11 +712,13 @@ class BaseJournal(ABC):
         return self._select(sql, (*states_, now, *exclude_, limit))
 
     def next_due_at(self, states: Iterable[State], exclude: Iterable[int]) -> float | None:
+        """The earliest ``next_at`` of rows in ``states``, skipping ``exclude`` and rows another node
+        holds (in hand there; or, expired, waiting to be taken over with ``take_over_expired``)."""
         in_states, states_ = _in("state", [s.value for s in states])
         not_excluded, exclude_ = _in("id", list(exclude), negate=True)
         with self._read() as tx:
-            return tx.execute(f"SELECT MIN(next_at) FROM files WHERE {in_states} AND {not_excluded}",
-                              (*states_, *exclude_)).fetchone()[0]
+            return tx.execute(f"SELECT MIN(next_at) FROM files WHERE {in_states} AND {not_excluded}{self._NOT_OTHERS}",
+                              (*states_, *exclude_, *self._not_others)).fetchone()[0]
 
     def rows(self, states: Iterable[State] = (), limit: int = 1000) -> list[Row]:
         values = [s.value for s in states]
@@ -754,14 +773,17 @@ class BaseJournal(ABC):
 
     # -- a cluster of nodes: here what one node needs; journal_pg.PgJournal does the rest ------
 
-    def join(self) -> None:  # noqa: B027 - one node: nobody to tell
-        """This node starts (the daemon, once): it is listed in ``nodes``. Single node: nothing to do."""
+    def join(self, inbox_marker: str | None = None) -> None:  # noqa: B027 - one node: nobody to tell
+        """This node starts (the daemon, once): it is listed in ``nodes``, with what its marker file in
+        the inbox says (``check`` compares what each node sees). Single node: nothing to do."""
 
     def heartbeat(self) -> None:  # noqa: B027 - one node: nobody to tell
         """Say that this node is alive (every few seconds). Single node: nothing to do."""
 
-    def leave(self) -> None:  # noqa: B027 - one node: nobody to tell
-        """This node stops (the daemon, once): its leases go at once. Single node: nothing to do."""
+    def leave(self, keep: Iterable[int] = ()) -> None:  # noqa: B027 - one node: nobody to tell
+        """This node stops (the daemon, once): its leases go at once, except on the rows in ``keep``
+        (steps cut off at shutdown: those expire, and are taken over like a dead node's). Single node:
+        nothing to do."""
 
     def nodes(self) -> list[Node]:
         """The nodes that use this journal, as they last said. Single node: this one."""
@@ -770,8 +792,14 @@ class BaseJournal(ABC):
     def take_due(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int,
                  lease_s: float = 60.0) -> list[Row]:
         """Like ``runnable``, and lease the rows to this node for ``lease_s`` seconds, skipping rows that
-        another node holds (its lease not expired) or is taking right now. Single node: ``runnable``."""
+        another node holds (even with its lease expired: ``take_over_expired`` takes those, to be
+        recovered first) or is taking right now. Single node: ``runnable``."""
         return self.runnable(states, now, exclude, limit)
+
+    def take_due_refreshes(self, now: float, exclude: Iterable[int], limit: int, lease_s: float = 60.0) -> list[Row]:
+        """Like ``due_refreshes``, and lease the rows to this node (an expired lease of another node's
+        may be taken: a refresh needs no recovery). Single node: ``due_refreshes``."""
+        return self.due_refreshes(now, exclude, limit)
 
     def renew_leases(self, row_ids: Iterable[int], lease_s: float = 60.0) -> set[int]:
         """Extend this node's leases on these rows; returns the ids it still holds (a row whose lease
@@ -781,14 +809,35 @@ class BaseJournal(ABC):
     def release_leases(self, row_ids: Iterable[int]) -> None:  # noqa: B027 - one node: no leases
         """Give up this node's leases on these rows (the step is done). Single node: nothing to do."""
 
-    def take_over_expired(self, lease_s: float = 60.0, limit: int = 100) -> list[Row]:
+    def take_over_expired(self, lease_s: float = 60.0, limit: int = 100, *, own: bool = False,
+                          exclude: Iterable[int] = ()) -> list[Row]:
         """Lease to this node the active rows whose lease expired (their node died or hung), to be
-        reconciled as after a crash. Single node: none (a restart recovers every row)."""
+        recovered as after a crash; with ``own``, also the rows this node holds itself (a previous run
+        of it, or writes lost with the connection) except those in ``exclude`` (in hand). Single node:
+        none (a restart recovers every row)."""
         return []
+
+    def make_due(self, states: Iterable[State], now: float) -> int:
+        """Make every row in ``states`` that no other node holds due at ``now``; returns how many."""
+        where, values = _in("state", [s.value for s in states])
+        with self._write() as tx:
+            n = tx.execute(f"UPDATE files SET next_at = ? WHERE {where}{self._NOT_OTHERS}",
+                           (now, *values, *self._not_others)).rowcount
+            if n:
+                tx.notify(f"due:{now!r}")
+        return n
 
     def lease_of(self, row_id: int) -> Lease | None:
         """Who works on a row, and for how long. Single node: nobody else; None."""
         return None
+
+    def lease_holders(self, row_ids: Iterable[int]) -> dict[int, str]:
+        """Row id -> the node holding it, for those of these rows that are leased. Single node: {}."""
+        return {}
+
+    def leases_by_node(self) -> dict[str, int]:
+        """Node id -> how many rows it holds. Single node: {}."""
+        return {}
 
     def role(self, name: str) -> Role:
         """A job that one node at a time does, e.g. ``role("rescanner")``. Single node: always this one."""
@@ -926,6 +975,7 @@ def open_journal(config: Config, **kwargs: Any) -> BaseJournal:
         from .journal_pg import PgJournal
     except ImportError as exc:
         raise JournalError(f"journal.url: PostgreSQL needs psycopg ({exc}); install konfuzio-watch[postgres]") from None
+    kwargs.setdefault("lease_s", config.node.lease_seconds)
     return PgJournal(url, password=config.journal_password(), node_id=config.node_id, **kwargs)
 
 

@@ -12,14 +12,18 @@ in ``journal.py``; ``tests/test_journal.py`` runs the same tests on both). What 
 - Leases: ``take_due`` leases the due rows it returns to this node (``SELECT ... FOR UPDATE SKIP
   LOCKED``, ``lease_until`` by the database's clock, so the nodes' clocks do not matter), the node
   renews them while it works; a node whose lease another node took over cannot write that row any
-  more. ``take_over_expired`` takes the rows of a node that died.
+  more. A new claim is its claimer's from the start (``add_claims``). ``take_over_expired`` takes
+  the rows of a node that died, which ``take_due`` leaves alone: they are recovered first.
 - ``nodes`` with heartbeats, roles that one node at a time holds (``pg_try_advisory_lock`` on a
   connection of their own: a node that dies loses them), and ``LISTEN/NOTIFY`` on ``CHANNEL``.
 
 Connections: psycopg 3 with a small ``psycopg_pool.ConnectionPool``, each connection checked
 before use (after a server restart the first call works again), autocommit, and one explicit
 transaction per write. A server that cannot be reached makes every call raise ``JournalUnavailable``
-(a ``JournalWriteError``) within ``wait_s``; it works again as soon as the server is back.
+(a ``JournalWriteError``) within ``wait_s``; it works again as soon as the server is back. Both ends
+of every connection use TCP keepalives (and the client a ``tcp_user_timeout``), so a cut cable is
+noticed in about half a minute: by the node (its calls fail instead of hanging) and by the server
+(the roles a cut-off node held, e.g. the rescanner's, pass to another node).
 """
 
 from __future__ import annotations
@@ -115,8 +119,14 @@ PG_SCHEMA = [
 ]
 # Schema version -> statements that bring the previous version to it (as journal.MIGRATIONS). A new
 # journal is created at version 1 and brought up through all of them, so both paths are one path.
-PG_MIGRATIONS: dict[int, list[str]] = {}
+PG_MIGRATIONS: dict[int, list[str]] = {
+    # What each node's marker file in the inbox says: another node reads the file to see that both
+    # watch the same folder (``konfuzio-watch check``).
+    2: ["ALTER TABLE nodes ADD COLUMN inbox_marker TEXT"],
+}
 PG_SCHEMA_VERSION = max(PG_MIGRATIONS, default=1)
+# Nodes silent this long are forgotten when another node joins (their leases long taken over).
+FORGET_NODES_AFTER = "7 days"
 
 def lock_key(name: str) -> int:
     """The advisory lock key (a signed 64-bit integer) of a named konfuzio-watch lock."""
@@ -184,22 +194,28 @@ class PgJournal(BaseJournal):
     """
 
     schema_version = PG_SCHEMA_VERSION
+    shared = True
     _LOCK_ROW = " FOR UPDATE OF f"
     _LEASE_GUARD = " AND (lease_node IS NULL OR lease_node = ? OR lease_until < now())"
+    _NOT_OTHERS = " AND (lease_node IS NULL OR lease_node = ?)"
 
     def __init__(self, url: str, *, password: str | None = None, node_id: str | None = None, migrate: bool = True,
-                 pool_size: int = 6, wait_s: float = 10.0, connect_timeout_s: int = 5, lock_timeout_s: float = 10.0):
+                 pool_size: int = 6, wait_s: float = 10.0, connect_timeout_s: int = 5, lock_timeout_s: float = 10.0,
+                 lease_s: float = 60.0):
         super().__init__()
         self.url = url
         self.location = without_password(url)
         self.node_id = node_id or default_node_id()
         self.wait_s = wait_s
+        self.lease_s = lease_s
         self._kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, int(connect_timeout_s)),
             "application_name": f"konfuzio-watch {self.node_id}"[:63],
-            # A node cut off without a word (a dead peer, a failover) is noticed in about a minute.
-            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+            # A node cut off without a word (a dead peer, a pulled cable) is noticed in about half a
+            # minute: keepalives on an idle connection, and data unacknowledged for 20 s on a busy one.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "tcp_user_timeout": 20_000,
         }
         if password is not None:
             self._kwargs["password"] = password
@@ -243,6 +259,9 @@ class PgJournal(BaseJournal):
         # A row another node keeps locked makes a write fail (and be retried) rather than hang.
         conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
         conn.execute("SET idle_in_transaction_session_timeout = 60000")
+        # The server's end notices a node that vanished (power off, cut cable) in about 25 s and ends
+        # its session, releasing what it held (a role's advisory lock). Ignored on a Unix socket.
+        conn.execute("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3")
 
     def _create(self, conn: psycopg.Connection[Any]) -> None:
         with conn.transaction():
@@ -328,12 +347,21 @@ class PgJournal(BaseJournal):
 
     # -- the cluster ------------------------------------------------------------------------------
 
-    def join(self) -> None:
-        """This node starts: (re)register it in ``nodes`` (started now, alive now)."""
+    def _lease_new(self, tx: _PgTx, row_ids: Sequence[int]) -> None:  # type: ignore[override]
+        tx.conn.execute("UPDATE files SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
+                        " WHERE id = ANY(%s::bigint[])", (self.node_id, self.lease_s, list(row_ids)))
+
+    def join(self, inbox_marker: str | None = None) -> None:
+        """This node starts: (re)register it in ``nodes`` (started now, alive now, its inbox marker);
+        nodes silent for ``FORGET_NODES_AFTER`` are forgotten."""
         with self._write() as tx:
-            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, now(), now())"
-                       " ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
-                       " started_at = now(), heartbeat_at = now()", (self.node_id, socket.gethostname(), os.getpid()))
+            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, inbox_marker)"
+                       " VALUES (?, ?, ?, now(), now(), ?) ON CONFLICT (id) DO UPDATE SET host = excluded.host,"
+                       " pid = excluded.pid, started_at = now(), heartbeat_at = now(),"
+                       " inbox_marker = excluded.inbox_marker",
+                       (self.node_id, socket.gethostname(), os.getpid(), inbox_marker))
+            tx.conn.execute("DELETE FROM nodes n WHERE heartbeat_at < now() - %s::interval AND NOT EXISTS"
+                            " (SELECT 1 FROM files f WHERE f.lease_node = n.id)", (FORGET_NODES_AFTER,))
 
     def heartbeat(self) -> None:
         """This node is alive (registers it if it is not in ``nodes``)."""
@@ -342,11 +370,12 @@ class PgJournal(BaseJournal):
                        " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
                        (self.node_id, socket.gethostname(), os.getpid()))
 
-    def leave(self) -> None:
-        """This node stops: its leases are released at once (no one waits for them to expire) and it
-        leaves ``nodes``."""
+    def leave(self, keep: Iterable[int] = ()) -> None:
+        """This node stops: its leases are released at once (no one waits for them to expire), except
+        on the rows in ``keep``, and it leaves ``nodes``."""
         with self._write() as tx:
-            tx.execute("UPDATE files SET lease_node = NULL, lease_until = NULL WHERE lease_node = ?", (self.node_id,))
+            tx.conn.execute("UPDATE files SET lease_node = NULL, lease_until = NULL WHERE lease_node = %s"
+                            " AND NOT (id = ANY(%s::bigint[]))", (self.node_id, list(keep)))
             tx.execute("DELETE FROM nodes WHERE id = ?", (self.node_id,))
             tx.notify("due:0.0")
 
@@ -354,8 +383,8 @@ class PgJournal(BaseJournal):
         with self._read() as tx:
             found = tx.execute(
                 "SELECT id, host, pid, EXTRACT(EPOCH FROM started_at)::float8,"
-                " EXTRACT(EPOCH FROM heartbeat_at)::float8, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8"
-                " FROM nodes ORDER BY id").fetchall()
+                " EXTRACT(EPOCH FROM heartbeat_at)::float8, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8,"
+                " inbox_marker FROM nodes ORDER BY id").fetchall()
         return [Node(*values) for values in found]
 
     def take_due(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int,
@@ -363,13 +392,25 @@ class PgJournal(BaseJournal):
         with self._write() as tx:
             found = tx.conn.execute(
                 "WITH due AS (SELECT id FROM files WHERE state = ANY(%s::text[]) AND next_at <= %s"
-                " AND NOT (id = ANY(%s::bigint[])) AND (lease_node IS NULL OR lease_node = %s OR lease_until < now())"
+                " AND NOT (id = ANY(%s::bigint[])) AND (lease_node IS NULL OR lease_node = %s)"
                 " ORDER BY next_at, id LIMIT %s FOR UPDATE SKIP LOCKED)"
                 " UPDATE files f SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
                 f" FROM due WHERE f.id = due.id RETURNING {_F_COLS}",
                 ([s.value for s in states], now, list(exclude), self.node_id, limit, self.node_id, lease_s),
             ).fetchall()
         return sorted((_row(values) for values in found), key=lambda r: (r.next_at, r.id))
+
+    def take_due_refreshes(self, now: float, exclude: Iterable[int], limit: int, lease_s: float = 60.0) -> list[Row]:
+        with self._write() as tx:
+            found = tx.conn.execute(
+                "WITH due AS (SELECT id FROM files WHERE refresh_at <= %s AND state = %s"
+                " AND NOT (id = ANY(%s::bigint[])) AND (lease_node IS NULL OR lease_node = %s OR lease_until < now())"
+                " ORDER BY refresh_at, id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " UPDATE files f SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
+                f" FROM due WHERE f.id = due.id RETURNING {_F_COLS}",
+                (now, State.DONE.value, list(exclude), self.node_id, limit, self.node_id, lease_s),
+            ).fetchall()
+        return sorted((_row(values) for values in found), key=lambda r: (r.refresh_at, r.id))
 
     def renew_leases(self, row_ids: Iterable[int], lease_s: float = 60.0) -> set[int]:
         ids = list(row_ids)
@@ -390,14 +431,21 @@ class PgJournal(BaseJournal):
             tx.conn.execute("UPDATE files SET lease_node = NULL, lease_until = NULL"
                             " WHERE id = ANY(%s::bigint[]) AND lease_node = %s", (ids, self.node_id))
 
-    def take_over_expired(self, lease_s: float = 60.0, limit: int = 100) -> list[Row]:
+    def take_over_expired(self, lease_s: float = 60.0, limit: int = 100, *, own: bool = False,
+                          exclude: Iterable[int] = ()) -> list[Row]:
         with self._write() as tx:
             found = tx.conn.execute(
-                "WITH expired AS (SELECT id FROM files WHERE lease_node IS NOT NULL AND lease_until < now()"
+                "WITH expired AS (SELECT id FROM files WHERE lease_node IS NOT NULL"
+                " AND (lease_until < now() OR (%s AND lease_node = %s AND NOT (id = ANY(%s::bigint[]))))"
                 f" AND state IN ({_ACTIVE_SQL}) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
                 " UPDATE files f SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
                 f" FROM expired WHERE f.id = expired.id RETURNING {_F_COLS}",
-                (limit, self.node_id, lease_s)).fetchall()
+                (own, self.node_id, list(exclude), limit, self.node_id, lease_s)).fetchall()
+            # Finished rows need no recovery: a lease left on one (its node died after the last move) just goes.
+            tx.conn.execute(
+                "UPDATE files SET lease_node = NULL, lease_until = NULL WHERE id IN (SELECT id FROM files WHERE"
+                f" lease_node IS NOT NULL AND lease_until < now() AND state NOT IN ({_ACTIVE_SQL})"
+                " AND refresh_at IS NULL FOR UPDATE SKIP LOCKED)")
         return sorted((_row(values) for values in found), key=lambda r: r.id)
 
     def lease_of(self, row_id: int) -> Lease | None:
@@ -405,6 +453,17 @@ class PgJournal(BaseJournal):
             found = tx.execute("SELECT lease_node, EXTRACT(EPOCH FROM lease_until - now())::float8 FROM files"
                                " WHERE id = ? AND lease_node IS NOT NULL", (row_id,)).fetchone()
         return Lease(*found) if found else None
+
+    def lease_holders(self, row_ids: Iterable[int]) -> dict[int, str]:
+        with self._read() as tx:
+            found = tx.conn.execute("SELECT id, lease_node FROM files WHERE id = ANY(%s::bigint[])"
+                                    " AND lease_node IS NOT NULL", (list(row_ids),)).fetchall()
+        return dict(found)
+
+    def leases_by_node(self) -> dict[str, int]:
+        with self._read() as tx:
+            return dict(tx.execute("SELECT lease_node, COUNT(*) FROM files WHERE lease_node IS NOT NULL"
+                                   " GROUP BY lease_node").fetchall())
 
     def role(self, name: str) -> _PgRole:
         """One role object per name and journal; ``close`` releases every role."""

@@ -11,17 +11,24 @@ the kernel when the process dies however it dies) keep them apart:
   running daemon without taking the lock (``read_daemon_lock``). ``status`` and ``retry`` never
   take it: they only read the journal and move files, which the journal serialises.
 - ``<inbox>/.konfuzio-watch.lock`` (a hidden name: the watcher ignores it): the inbox belongs to
-  one journal. It holds JSON {journal_id, host, pid, state, mode, cluster_id, started_at}. A
-  daemon that cannot take it refuses, naming the holder. A free lock whose marker names another
+  one journal. It holds JSON {journal_id, host, pid, state, mode, cluster_id, journal, started_at}.
+  A daemon that cannot take it refuses, naming the holder. A free lock whose marker names another
   journal_id (an earlier daemon with another state folder, or a journal that was lost) is taken
   over with one WARNING.
 
-Clustered mode (not implemented; the marker is shaped for it): several nodes that share one
-PostgreSQL journal on purpose would each take the marker with LOCK_SH instead of LOCK_EX and
-write ``mode: "cluster"`` with ``cluster_id`` = the shared journal's ``journal_id``. Nodes of one
-cluster then coexist, a node whose journal is another refuses (the marker's cluster_id is not
-its own), and a single daemon (``mode: "single"``, LOCK_EX) and a cluster exclude each other,
-because a shared and an exclusive flock do. Today every daemon is ``single``.
+Clustered mode: the nodes that share one PostgreSQL journal on purpose take the marker with LOCK_SH
+instead of LOCK_EX; it says ``mode: "cluster"`` and ``cluster_id`` = the shared journal's
+``journal_id``. The first node (the one that gets LOCK_EX: nobody else holds the marker) writes it
+and then holds it shared like the others; a node that finds it held shared joins only if the
+marker names its own journal. Nodes of one cluster coexist, a node whose journal is another
+refuses, and a single daemon (``mode: "single"``, LOCK_EX) and a cluster exclude each other,
+because a shared and an exclusive flock do. On NFS, Linux gives flock the server's locks, so this
+holds across machines. The last node out marks the marker stopped.
+
+Each node also writes ``<inbox>/.konfuzio-watch.node-<node id>``: a random marker it also records
+in the journal (``BaseJournal.join``). Another node that reads the same marker in its inbox sees
+the same folder; one that does not (another mount, another path) watches another inbox, which
+``konfuzio-watch check`` says and the daemon logs.
 
 File systems without flock (some SMB mounts answer ENOLCK/EOPNOTSUPP) leave the inbox
 unguarded: the daemon says so in a WARNING and still writes the marker.
@@ -35,6 +42,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -45,7 +53,10 @@ log = logging.getLogger("konfuzio_watch")
 
 DAEMON_LOCK_NAME = "daemon.lock"
 INBOX_LOCK_NAME = ".konfuzio-watch.lock"
+NODE_MARKER_PREFIX = ".konfuzio-watch.node-"
 MODE_SINGLE = "single"
+MODE_CLUSTER = "cluster"
+JOIN_WAIT_S = 3.0  # how long a node waits for another node of its cluster that is writing the marker
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -67,6 +78,7 @@ class Holder:
     mode: str | None = None
     cluster_id: str | None = None
     stopped_at: float | None = None
+    journal: str | None = None  # a cluster's journal, for messages (a URL without a password)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Holder:
@@ -77,7 +89,7 @@ class Holder:
         return cls(pid=pick("pid", int), host=pick("host", str), started_at=pick("started_at", (int, float)),
                    state=pick("state", str), inbox=pick("inbox", str), monitor_url=pick("monitor_url", str),
                    journal_id=pick("journal_id", str), mode=pick("mode", str), cluster_id=pick("cluster_id", str),
-                   stopped_at=pick("stopped_at", (int, float)))
+                   stopped_at=pick("stopped_at", (int, float)), journal=pick("journal", str))
 
     def describe(self) -> str:
         """``pid 1234 on host scan01, since 14:02``."""
@@ -137,6 +149,22 @@ class LockFile:
             raise
         self._fd = fd
         return True
+
+    def share(self) -> bool:
+        """Turn the exclusive lock held into a shared one; False if it was lost meanwhile (the kernel
+        drops the old lock first, so another LOCK_EX|LOCK_NB may get in between)."""
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Let go without a word (the marker stays as it is)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def open_unlocked(self) -> None:
         """Keep the file open without a lock (a file system without flock): writes still work."""
@@ -219,13 +247,18 @@ def read_daemon_lock(state_dir: Path) -> Holder | None:
 
 
 class InboxLock:
-    """``<inbox>/.konfuzio-watch.lock``: this journal is the inbox's only user (see the module doc)."""
+    """``<inbox>/.konfuzio-watch.lock``: this journal is the inbox's only user (see the module doc).
+    ``cluster_id``: this node's shared journal's id (clustered mode, LOCK_SH); None: one daemon."""
 
-    def __init__(self, inbox: Path, state_dir: Path):
+    def __init__(self, inbox: Path, state_dir: Path, cluster_id: str | None = None, journal: str | None = None):
         self.file = LockFile(inbox / INBOX_LOCK_NAME)
         self.inbox = inbox
         self.state_dir = state_dir
+        self.cluster_id = cluster_id
+        self.journal = journal
         self.previous: Holder | None = None
+        self.first = True  # this process wrote the marker (clustered mode: the first node of the cluster here)
+        self._unguarded = False
         self._info: dict[str, Any] = {}
 
     def acquire(self) -> InboxLock:
@@ -238,27 +271,151 @@ class InboxLock:
             log.warning("cannot lock %s (%s): this file system has no flock, so another daemon on this inbox "
                         "would not be noticed", self.file.path, exc.strerror or exc)
             self.file.open_unlocked()
-            locked = True
+            self._unguarded = locked = True
+        if not locked and self.cluster_id is not None:
+            locked = self._join()
         if not locked:
-            holder = Holder.from_json(self.file.read())
-            state = f", state folder {holder.state}" if holder.state else ""
-            raise LockHeld(f"another konfuzio-watch ({holder.describe()}{state}) is watching the inbox "
-                           f"{self.inbox}; stop it first, or give each daemon its own inbox")
+            raise LockHeld(self._refusal(Holder.from_json(self.file.read())))
         data = self.file.read()
         self.previous = Holder.from_json(data) if data else None
         return self
 
+    def _join(self) -> bool:
+        """Clustered mode, the marker is held: join the nodes that hold it shared if they are this
+        journal's; True if joined, False if a single daemon holds it. LockHeld if another cluster does.
+        A node of ours between its LOCK_EX and its LOCK_SH (writing the marker) is waited for."""
+        deadline = time.monotonic() + JOIN_WAIT_S
+        while True:
+            if self.file.try_lock(shared=True):
+                holder = Holder.from_json(self.file.read())
+                if holder.mode == MODE_CLUSTER and holder.cluster_id == self.cluster_id:
+                    self.first = False
+                    return True
+                self.file.close()
+                raise LockHeld(self._refusal(holder))
+            if self.file.try_lock():  # the other one left meanwhile: the marker is ours to write
+                return True
+            holder = Holder.from_json(self.file.read())
+            if holder.mode != MODE_CLUSTER or holder.cluster_id != self.cluster_id or time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)  # a node of this cluster is writing the marker: it holds it shared in a moment
+
+    def _refusal(self, holder: Holder) -> str:
+        if holder.mode == MODE_CLUSTER:
+            if self.cluster_id is not None:
+                return (f"another konfuzio-watch cluster (journal {holder.journal or 'unknown'}, id "
+                        f"{holder.cluster_id}, started by {holder.describe()}) is watching the inbox {self.inbox}; "
+                        "this node's journal is another one: use the same journal.url as its nodes, or give this "
+                        "cluster its own inbox")
+            return (f"a cluster of konfuzio-watch nodes (journal {holder.journal or 'unknown'}, started by "
+                    f"{holder.describe()}) is watching the inbox {self.inbox}; a daemon with a journal of its own "
+                    "(SQLite) cannot join it: set journal.url to the cluster's, or give this daemon its own inbox")
+        state = f", state folder {holder.state}" if holder.state else ""
+        if self.cluster_id is not None:
+            return (f"another konfuzio-watch ({holder.describe()}{state}) is watching the inbox {self.inbox} with a "
+                    "journal of its own (SQLite); stop it before nodes with a shared journal take over this inbox")
+        return (f"another konfuzio-watch ({holder.describe()}{state}) is watching the inbox {self.inbox}; stop it "
+                "first, or give each daemon its own inbox")
+
     def claim(self, journal_id: str) -> None:
-        """Write the marker for ``journal_id``; one WARNING if it named another journal before."""
+        """Write the marker for ``journal_id``; one WARNING if it named another journal before. A node
+        that joined a cluster here leaves the marker as the cluster's first node wrote it."""
+        if not self.first:
+            return
         p = self.previous
         if p is not None and p.journal_id is not None and p.journal_id != journal_id:
             log.warning("the inbox %s was last watched with another journal (id %s, state folder %s, %s); taking "
                         "it over: the files that journal left unfinished are not in this one's", self.inbox,
                         p.journal_id, p.state or "unknown", p.describe())
+        cluster = self.cluster_id is not None
         self._info = {"journal_id": journal_id, "host": hostname(), "pid": os.getpid(), "state": str(self.state_dir),
-                      "mode": MODE_SINGLE, "cluster_id": None, "started_at": time.time()}
+                      "mode": MODE_CLUSTER if cluster else MODE_SINGLE, "cluster_id": journal_id if cluster else None,
+                      "started_at": time.time()}
+        if cluster:
+            self._info["journal"] = self.journal
         self.file.write(self._info)
+        if cluster and not self._unguarded:
+            self._hold_shared()
+
+    def _hold_shared(self) -> None:
+        """The first node: from LOCK_EX (while it wrote the marker) to LOCK_SH, like the other nodes."""
+        for _ in range(10):
+            if self.file.share():
+                return
+            self.file.close()  # another process got in between: join it, or write the marker again
+            if not self._join():
+                break
+            if not self.first:
+                return
+            self.file.write(self._info)
+        raise LockHeld(self._refusal(Holder.from_json(self.file.read())))
 
     def release(self) -> None:
-        # The marker keeps naming its journal (the next daemon compares journal_ids); only the pid goes.
-        self.file.release({**self._info, "stopped_at": time.time()} if self._info else None)
+        if self.cluster_id is None:
+            # The marker keeps naming its journal (the next daemon compares journal_ids); only the pid goes.
+            self.file.release({**self._info, "stopped_at": time.time()} if self._info else None)
+            return
+        if not self.file.held:
+            return
+        self.file.close()
+        if self._unguarded:
+            return
+        last = LockFile(self.file.path)  # the last node out says so
+        try:
+            if last.try_lock():
+                data = last.read()
+                if data.get("cluster_id") == self.cluster_id:
+                    last.release({**data, "stopped_at": time.time()})
+                else:
+                    last.close()
+        except OSError as exc:
+            log.warning("cannot update %s: %s", last.path, exc.strerror or exc)
+
+
+def node_marker_path(inbox: Path, node_id: str) -> Path:
+    return inbox / f"{NODE_MARKER_PREFIX}{node_id}"
+
+
+def write_node_marker(inbox: Path, node_id: str, journal_id: str) -> str:
+    """Write this node's marker into the inbox (atomically: a temp name, then rename); returns the
+    random value it holds, which the node also records in the journal."""
+    value = secrets.token_hex(16)
+    path = node_marker_path(inbox, node_id)
+    temp = path.with_name(path.name + ".tmp")
+    data = {"node": node_id, "host": hostname(), "pid": os.getpid(), "journal_id": journal_id, "marker": value,
+            "written_at": time.time()}
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o664)
+    try:
+        os.write(fd, (json.dumps(data, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    return value
+
+
+def read_node_marker(inbox: Path, node_id: str) -> str | None:
+    """The value in a node's marker as this machine sees the inbox; None if there is none."""
+    try:
+        with open(node_marker_path(inbox, node_id), "rb") as f:
+            data = json.loads(f.read(64 * 1024))
+    except (OSError, ValueError):
+        return None
+    value = data.get("marker") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def remove_node_marker(inbox: Path, node_id: str) -> None:
+    try:
+        os.unlink(node_marker_path(inbox, node_id))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", node_marker_path(inbox, node_id), exc.strerror or exc)
+
+
+def foreign_inbox_nodes(inbox: Path, me: str, nodes: list[Any], alive_s: float) -> list[Any]:
+    """The other live nodes (heard from within ``alive_s``) whose marker this machine does not read
+    in ``inbox``: they watch another folder."""
+    return [n for n in nodes if n.id != me and n.silent_s <= alive_s and n.inbox_marker is not None
+            and read_node_marker(inbox, n.id) != n.inbox_marker]

@@ -3,6 +3,11 @@
 Counters and the latency histogram are updated by whichever thread sees the event (workers,
 HTTP handlers); the journal-derived gauges (files by state, the oldest pending file, blocked
 scopes) are read from a ``Sample`` callable when ``/metrics`` is scraped.
+
+A node of a cluster (``node_id``) labels every series it exports with ``node="<its id>"`` and adds
+the cluster's gauges: the rows it holds, whether it is the rescanner, and every node's heartbeat
+age. ``konfuzio_watch_files`` counts the whole cluster's files (the journal is shared): every node
+exports the same numbers, so aggregate it with ``max``, not ``sum``.
 """
 
 from __future__ import annotations
@@ -32,11 +37,27 @@ class Sample:
     ready: bool = False
     blocked: Mapping[str, str] = field(default_factory=dict)  # scope -> reason
     callbacks_arriving: bool | None = None  # None: poll-only mode (no callbacks expected)
+    cluster: ClusterSample | None = None  # None: one daemon on its own journal
+
+
+@dataclass(frozen=True)
+class ClusterSample:
+    """What a node of a cluster says about itself and the others."""
+
+    leased: int = 0  # rows this node holds (steps in hand)
+    rescanner: bool = False  # this node does the periodic rescans
+    heartbeat_age_s: Mapping[str, float] = field(default_factory=dict)  # node id -> seconds since it was heard
+    alive_within_s: float = 60.0  # a node heard within this is alive (its leases hold)
 
 
 class Metrics:
-    def __init__(self, sample: Callable[[], Sample] = Sample):
+    def __init__(self, sample: Callable[[], Sample] = Sample, node_id: str | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
+        self.node_id = node_id
+        self._exposed = self.registry
+        if node_id is not None:
+            self._exposed = CollectorRegistry(auto_describe=False)
+            self._exposed.register(_NodeLabelled(self.registry, node_id))
         r = self.registry
         self.uploads = Counter(PREFIX + "uploads", "Files uploaded to Konfuzio.", registry=r)
         self.upload_retries = Counter(PREFIX + "upload_retries", "Upload attempts that were retried.", registry=r)
@@ -52,7 +73,23 @@ class Metrics:
         r.register(_SampleCollector(sample))
 
     def render(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+        return prometheus_client.generate_latest(self._exposed)
+
+
+class _NodeLabelled(Collector):
+    """Every series of ``registry`` with ``node="<id>"`` added to its labels."""
+
+    def __init__(self, registry: CollectorRegistry, node_id: str):
+        self._registry = registry
+        self._node_id = node_id
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, {**sample.labels, "node": self._node_id}, sample.value,
+                                    sample.timestamp, sample.exemplar)
+            yield labelled
 
 
 class _SampleCollector(Collector):
@@ -78,6 +115,19 @@ class _SampleCollector(Collector):
         for scope in ("api", "output", "journal"):
             blocked.add_metric([scope], 1 if scope in s.blocked else 0)
         yield blocked
+        if s.cluster is not None:
+            c = s.cluster
+            yield GaugeMetricFamily(PREFIX + "leased_files", "Files this node works on (their rows leased to it).",
+                                    value=c.leased)
+            yield GaugeMetricFamily(PREFIX + "rescanner", "1 while this node does the periodic rescans of the inbox.",
+                                    value=1 if c.rescanner else 0)
+            ages = GaugeMetricFamily(PREFIX + "node_heartbeat_age_seconds",
+                                     "Seconds since each node of the cluster was last heard from.", labels=["peer"])
+            for peer, age in sorted(c.heartbeat_age_s.items()):
+                ages.add_metric([peer], age)
+            yield ages
+            yield GaugeMetricFamily(PREFIX + "nodes_alive", "Nodes of the cluster heard from within their lease.",
+                                    value=sum(1 for age in c.heartbeat_age_s.values() if age <= c.alive_within_s))
         if s.callbacks_arriving is not None:
             yield GaugeMetricFamily(PREFIX + "callbacks_arriving",
                                     "0 when Konfuzio's callbacks cannot reach the daemon (the start-up probe failed, "

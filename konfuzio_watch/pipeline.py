@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,7 +45,7 @@ from .files import (
     write_json_no_clobber,
 )
 from .gates import Gates
-from .journal import ACTIVE, Journal, NewClaim, Row, State, display_name
+from .journal import ACTIVE, BaseJournal, IllegalTransition, NewClaim, Row, State, display_name
 from .konfuzio import ApiError, KonfuzioClient, UnsupportedFile, UploadForm, sniff_file_type
 from .metrics import Metrics
 from .policy import Blocked, Cause, Fail, Failure, Retry, Scope, Step
@@ -71,7 +71,7 @@ def limits_from(config: Config) -> policy.Limits:
 
 
 class Pipeline:
-    def __init__(self, config: Config, journal: Journal, client: KonfuzioClient, *, clock: Clock, gates: Gates,
+    def __init__(self, config: Config, journal: BaseJournal, client: KonfuzioClient, *, clock: Clock, gates: Gates,
                  metrics: Metrics, callback_base: Callable[[], str], processing_dir: Path,
                  on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None):
         self.config = config
@@ -83,6 +83,10 @@ class Pipeline:
         self.callback_watch: CallbackWatch | None = None  # set by the daemon when callbacks are expected
         self.on_callbacks_missing: Callable[[str], None] | None = None
         self.journal = journal
+        # A node of a cluster (a journal several daemons share): rows are leased; a file's identity is
+        # its inode alone (each machine's mount of the share has a device number of its own).
+        self.cluster = journal.shared
+        self.lease_s = config.node.lease_seconds
         self.client = client
         self.clock = clock
         self.gates = gates
@@ -244,8 +248,15 @@ class Pipeline:
 
     # -- recovery: finish what a crash (or an unwritable journal) left half done -----------------
 
-    def recover(self) -> int:
-        """Journal rows are the truth. Returns the number of unfinished files."""
+    def recover(self, in_hand: Iterable[int] = (), alone: bool = True) -> int:
+        """Journal rows are the truth. Returns the number of unfinished files.
+
+        A node of a cluster recovers only what is its own: the rows its previous run (or writes lost
+        with the database) left leased to it, except those ``in_hand`` (steps still running), and
+        rows whose node died (``take_over``). ``alone``: no other node is alive, so callbacks that
+        came while the cluster was down are lost: every waiting file is looked at once now."""
+        if self.cluster:
+            return self._recover_node(set(in_hand), alone)
         claiming = self.journal.rows([State.CLAIMING], limit=10_000_000)
         if claiming:
             self.finish_claims(claiming)
@@ -266,16 +277,64 @@ class Pipeline:
                         clamped, longest)
         return sum(n for state, n in self.journal.counts().items() if state in ACTIVE)
 
+    def _recover_node(self, in_hand: set[int], alone: bool) -> int:
+        self.take_over(own=True, exclude=in_hand)
+        self.adopt_orphans()
+        now = self.clock.now()
+        if alone:
+            self.journal.make_due([State.UPLOADED], now)
+        r = self.config.results
+        longest = max(self.limits.cap_s, r.poll_interval, r.callback_timeout) + 1.0
+        clamped = self.journal.clamp_due(now, longest)
+        if clamped:
+            log.warning("%d file(s) were due more than %.0f s ahead (a node's clock is ahead, or was set back?); "
+                        "due now", clamped, longest)
+        return sum(n for state, n in self.journal.counts().items() if state in ACTIVE)
+
+    def take_over(self, *, own: bool = False, exclude: Iterable[int] = ()) -> list[Row]:
+        """Lease to this node the rows whose node stopped renewing its leases (it died, hung, or lost the
+        database) - with ``own``, also this node's own except ``exclude`` - and recover them as after a
+        crash (``resume``). Returns them as they are now."""
+        done: set[int] = set(exclude)
+        out: list[Row] = []
+        while batch := self.journal.take_over_expired(self.lease_s, 500, own=own, exclude=done):
+            done.update(r.id for r in batch)
+            out += self.resume(batch)
+        return out
+
+    def resume(self, rows: list[Row]) -> list[Row]:
+        """What start-up recovery does, on these rows only (they are leased to this node): finish their
+        claims, look for uploads that were in flight before uploading again (the reconcile window starts
+        now), look at waiting documents at once. Then any node may go on with them."""
+        names = ", ".join(r.display_path for r in rows[:10]) + (f", and {len(rows) - 10} more" if rows[10:] else "")
+        log.warning("took over %d file(s) whose node stopped renewing its lease (it stopped, died or lost the "
+                    "journal): %s", len(rows), names)
+        claiming = [r for r in rows if r.state == State.CLAIMING]
+        if claiming:
+            self.finish_claims(claiming)
+        now = self.clock.now()
+        self.journal.update_many([r for r in rows if r.state == State.UPLOADING and r.ambiguous_since is None], now,
+                                 ambiguous_since=now)
+        self.journal.update_many([r for r in rows if r.state == State.UPLOADED], now, next_at=now)
+        self.journal.release_leases(r.id for r in rows)
+        return self.journal.get_many([r.id for r in rows])
+
     def adopt_orphans(self) -> list[Path]:
         """Files in processing/ that no row claims (the journal was lost, or restored from a backup)
-        go back into the inbox under their base names, visibly; never matched to another row."""
-        names = processing.orphans(self.processing_dir, self.journal.claim_names(ACTIVE))
+        go back into the inbox under their base names, visibly; never matched to another row.
+
+        The folder is listed before the journal is read: a claim writes its row before it moves the
+        file, so a file another node is claiming right now has its row by the time it is read."""
+        listed = processing.names(self.processing_dir)
+        names = processing.orphans(listed, self.journal.claim_names(ACTIVE))
         adopted = []
         for name in names:
             source = self.processing_dir / os.fsdecode(name)
             target = free_target(self.config.folders.inbox, os.fsdecode(processing.original_name(name)), "")
             try:
                 move_no_clobber(source, target)
+            except FileNotFoundError:
+                continue  # finished (placed into done/ or failed/) since the folder was listed
             except OSError as exc:
                 log.error("%s: found in %s with no journal row, and cannot move it back into the inbox: %s",
                           display_name(name), self.processing_dir, exc.strerror or exc)
@@ -306,6 +365,15 @@ class Pipeline:
         rows = self.journal.add_claims(claims, self.clock.now())
         return self.finish_claims(rows)
 
+    def _is_claimed_file(self, found: os.stat_result, row: Row) -> bool:
+        """Is the file found under a row's claim name the one it claimed? Its inode (and, with one node,
+        its device: in a cluster each machine's mount of the share has a device number of its own)."""
+        if row.file_ino is None:
+            return True
+        if self.cluster:
+            return found.st_ino == row.file_ino
+        return (found.st_dev, found.st_ino) == (row.file_dev, row.file_ino)
+
     def finish_claims(self, rows: list[Row]) -> list[Row]:
         taken, folders = [], {self.processing_dir}
         for row in rows:
@@ -314,34 +382,64 @@ class Pipeline:
                 found = os.lstat(target)  # processing/ names are short
             except FileNotFoundError:
                 found = None
-            if found is not None and row.file_ino is not None and (found.st_dev, found.st_ino) != (row.file_dev,
-                                                                                                   row.file_ino):
+            if found is not None and not self._is_claimed_file(found, row):
                 log.error("%s: %s holds another file than the one claimed; it is left to be adopted at start-up, "
                           "and this file is claimed anew", row.display_path, target)
-                self.journal.discard(row)
+                self._discard(row)
                 continue
             if found is None:
                 source = self.inbox_path(row)
                 try:
                     rename_any(source, target)
                 except FileNotFoundError:
+                    if self._renamed_by_another(row, target):
+                        taken.append(row)
+                        continue
                     log.info("%s: vanished from the inbox before it was claimed", row.display_path)
-                    self.journal.discard(row)
+                    self._discard(row)
                     continue
                 except OSError as exc:  # e.g. a folder the daemon may not write to: leave it be
                     log.error("%s: cannot take it out of the inbox (%s); it stays there and is tried again "
                               "at the next rescan", row.display_path, exc.strerror or exc)
-                    self.journal.discard(row)
+                    self._discard(row)
                     continue
                 folders.add(source.parent)
             taken.append(row)
         for folder in folders:  # the renames must be durable before the journal says "claimed"
             fsync_dir(folder)
         now = self.clock.now()
-        claimed = self.journal.transition_many(taken, State.CLAIMED, now, next_at=now)
+        try:
+            claimed = self.journal.transition_many(taken, State.CLAIMED, now, next_at=now)
+        except IllegalTransition:  # a cluster: a row was taken over meanwhile; move the others one by one
+            claimed, kept = [], []
+            for row in taken:
+                try:
+                    claimed.append(self.journal.transition(row, State.CLAIMED, now, next_at=now))
+                    kept.append(row)
+                except IllegalTransition as exc:
+                    log.warning("%s", exc)
+            taken = kept
         for old, new in zip(taken, claimed, strict=True):
             self._log_transition(old, new)
+        self.journal.release_leases(r.id for r in claimed)  # any node may upload them
         return claimed
+
+    def _renamed_by_another(self, row: Row, target: Path) -> bool:
+        """The claim's rename found no file in the inbox: did another node (a row taken over from it)
+        rename this very claim a moment ago? Then the file is where the row says, and it is claimed."""
+        if not self.cluster:
+            return False
+        try:
+            found = os.lstat(target)
+        except FileNotFoundError:
+            return False
+        return self._is_claimed_file(found, row)
+
+    def _discard(self, row: Row) -> None:
+        try:
+            self.journal.discard(row)
+        except IllegalTransition as exc:  # a cluster: another node took this claim over meanwhile
+            log.warning("%s", exc)
 
     # -- claimed -> uploading -> uploaded ---------------------------------------------------------
 

@@ -10,6 +10,14 @@ Each claimed file gets an unpredictable name there, ``<16 hex>-<its base name>``
 journal row with the file's inode: a file found under a row's name is trusted only if it is that
 file, and a file no row claims (a lost journal, a restored backup) is adopted visibly — moved back
 into the inbox under its base name — never matched to another row.
+
+Clustered mode (a PostgreSQL journal several nodes share): the folder is shared too. It is one
+folder for the whole cluster, on the share next to the inbox, and the journal's ``processing_dir``
+names it for every node: any node can finish any file, including the files of a node that died.
+So every node must see it under the same path (mount the share at the same place everywhere) and
+run as the same user id (the folder is 0700). A file's identity there is its inode alone: NFS and
+CIFS (``serverino``) give the server's inode numbers on every machine, while each machine's mount
+has a device number of its own.
 """
 
 from __future__ import annotations
@@ -79,10 +87,15 @@ def original_name(claim_name: bytes) -> bytes:
     return b"recovered-" + claim_name
 
 
-def orphans(path: Path, claimed: set[bytes]) -> list[bytes]:
-    """Names in the processing folder that no journal row claims."""
+def names(path: Path) -> list[bytes]:
+    """The names in the processing folder (none if it is missing)."""
     try:
-        names = os.listdir(os.fsencode(path))
+        return os.listdir(os.fsencode(path))
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n not in claimed)
+
+
+def orphans(listed: list[bytes], claimed: set[bytes]) -> list[bytes]:
+    """Names listed in the processing folder that no journal row claims. List the folder first, then
+    read the claims: a claim's row is written before its file is moved in."""
+    return sorted(n for n in listed if n not in claimed)

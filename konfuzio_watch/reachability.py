@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .tokens import new_token
+from .tokens import hash_token, new_token
 
 log = logging.getLogger("konfuzio_watch")
 
@@ -24,15 +24,22 @@ PROBE_TIMEOUT_S = 10.0
 MISSES_BEFORE_WARNING = 3  # results found by polling in a row, with no callback at all meanwhile
 
 
+PROBE_PREFIX = "kwprobe-"  # a probe token's shape: another node of a cluster recognises one it did not send
+
+
 class ProbeTokens:
-    """One-time tokens of reachability probes; the callback handler asks ``arrived`` first."""
+    """One-time tokens of reachability probes; the callback handler asks ``arrived`` first.
+
+    In a cluster, the public URL leads to any node (a load balancer): a node that gets a probe it did
+    not send tells the others through the journal (``probe:<token hash>``), and the node that sent
+    it hears that (``arrived_hash``)."""
 
     def __init__(self) -> None:
         self._waiting: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     def expect(self) -> tuple[str, threading.Event]:
-        token, event = new_token(), threading.Event()
+        token, event = PROBE_PREFIX + new_token(), threading.Event()
         with self._lock:
             self._waiting[token] = event
         return token, event
@@ -44,6 +51,16 @@ class ProbeTokens:
             return False
         event.set()
         return True
+
+    def arrived_hash(self, token_hash: str) -> bool:
+        """A probe arrived at another node of the cluster: is it one of ours (by its hash)?"""
+        with self._lock:
+            token = next((t for t in self._waiting if hash_token(t) == token_hash), None)
+        return token is not None and self.arrived(token)
+
+    @staticmethod
+    def looks_like_probe(token: str) -> bool:
+        return token.startswith(PROBE_PREFIX)
 
 
 @dataclass(frozen=True)

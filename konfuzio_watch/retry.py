@@ -3,7 +3,7 @@
 A failed file moves from failed/ back to its place in the inbox (never overwriting), its
 ``.error.json`` is removed, and its journal row becomes ``retried``; the daemon then sees it as
 a new file. A file still pending (e.g. waiting out a backoff after a disk-full error) is made
-due now instead.
+due now instead; in a cluster, a file a node works on right now is left to it.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 from .config import Config
 from .export import ERROR_SUFFIX
 from .files import free_target, move_no_clobber, sidecar_for
-from .journal import ACTIVE, Journal, Row, State
+from .journal import ACTIVE, BaseJournal, IllegalTransition, Row, State, open_journal
 
 
 def retry_files(config: Config, paths: Iterable[str], all_failed: bool, now: float) -> tuple[list[str], int]:
     """Returns (one message per file, number of paths that matched nothing)."""
-    journal = Journal(config.journal_path)
+    journal = open_journal(config) if config.journal.url is None else open_journal(config, migrate=False, wait_s=5.0)
     try:
         failed = journal.rows([State.FAILED], limit=10_000_000)
         pending = journal.rows(ACTIVE, limit=10_000_000)
@@ -50,11 +50,19 @@ def _matches(row: Row, path: str, config: Config) -> bool:
     return row.final_path in (absolute, in_failed)
 
 
-def _retry(journal: Journal, config: Config, row: Row, now: float) -> str:
+def _retry(journal: BaseJournal, config: Config, row: Row, now: float) -> str:
     if row.state != State.FAILED:
-        journal.update(row, now, next_at=now, failures=0)
+        try:
+            journal.update(row, now, next_at=now, failures=0)
+        except IllegalTransition:  # a cluster: a node works on it right now (or it moved on meanwhile)
+            lease = journal.lease_of(row.id)
+            where = f"node {lease.node} works on it right now" if lease else "it moved on meanwhile"
+            return f"{row.display_path}: {row.state.value}; {where}: nothing to retry"
         return f"{row.display_path}: {row.state.value}; will be retried at once"
     assert row.final_path is not None
+    lease = journal.lease_of(row.id)
+    if lease is not None and lease.remaining_s > 0:  # a cluster: the node that failed it is finishing its step
+        return f"{row.display_path}: node {lease.node} is finishing it right now; try again in a moment"
     source = Path(os.fsdecode(row.final_path))
     if not os.path.lexists(source):
         return f"{row.display_path}: not in failed/ any more ({source}); nothing to retry"

@@ -6,9 +6,10 @@ periodic duties (rescan, systemd watchdog and status, tunnel check). It sleeps u
 thing is due, so an idle daemon costs nothing. ``tick(now)`` is one pass and can be called by
 a test on its own thread with a fake clock.
 
-When the journal cannot be written (a full disk), everything pauses: the journal gate is
-probed with backoff, and once a probe write succeeds the loop re-runs start-up recovery and
-claims the candidates it kept, at full speed.
+When the journal cannot be written (a full disk, a database that cannot be reached), everything
+pauses: the journal gate is probed with backoff, and once a probe write succeeds the loop re-runs
+start-up recovery (in a cluster: of what is this node's and not in hand) and claims the candidates
+it kept, at full speed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .clock import Clock
 from .dispatcher import Dispatcher
 from .events import CleanupWanted, Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone
 from .gates import Gates
-from .journal import Journal, JournalWriteError
+from .journal import BaseJournal, JournalWriteError
 from .pipeline import Pipeline
 from .policy import Limits, Scope, backoff_s
 from .tracker import CandidateTracker
@@ -47,7 +48,7 @@ class Duty:
 
 
 class Scheduler:
-    def __init__(self, *, clock: Clock, journal: Journal, gates: Gates, pipeline: Pipeline, dispatcher: Dispatcher,
+    def __init__(self, *, clock: Clock, journal: BaseJournal, gates: Gates, pipeline: Pipeline, dispatcher: Dispatcher,
                  tracker: CandidateTracker, inbox: str, scan: Callable[[], Iterable[str]],
                  duties: Iterable[Duty] = (), events: queue.SimpleQueue[Event] | None = None):
         self.clock = clock
@@ -60,6 +61,7 @@ class Scheduler:
         self._scan = scan
         self.duties = list(duties)
         self.events: queue.SimpleQueue[Event] = events if events is not None else queue.SimpleQueue()
+        self.sleeping_until = 0.0  # when the loop wakes next unless something is reported
 
     def report(self, event: Event) -> None:
         """Thread-safe: any thread may report a fact."""
@@ -94,15 +96,21 @@ class Scheduler:
         for duty in self.duties:
             if duty.interval_s is not None and now >= duty.next_at:
                 duty.next_at = now + duty.interval_s
-                duty.run(now)
+                try:
+                    duty.run(now)
+                except JournalWriteError as exc:  # e.g. the status line or a heartbeat: the journal gate says it
+                    self._journal_failed(now, str(exc))
                 duty.runs += 1
         journal_gate = self.gates[Scope.JOURNAL]
         if journal_gate.is_blocked:
             if journal_gate.admits(now):
                 self._probe_journal(now)
             return
-        self._claim(now)
-        self.dispatcher.tick(now)
+        try:
+            self._claim(now)
+            self.dispatcher.tick(now)
+        except JournalWriteError as exc:  # a database that cannot be reached fails reads too
+            self._journal_failed(now, str(exc))
 
     def next_wake(self, now: float) -> float:
         times = [now + MAX_SLEEP_S]
@@ -134,7 +142,12 @@ class Scheduler:
         while not stopping.is_set():
             try:
                 now = self.clock.now()
-                self._wait(self.next_wake(now) - now)
+                try:
+                    self.sleeping_until = self.next_wake(now)
+                except JournalWriteError as exc:
+                    self._journal_failed(now, str(exc))
+                    self.sleeping_until = self.next_wake(now)  # the blocked journal gate needs no journal
+                self._wait(self.sleeping_until - now)
                 if stopping.is_set():
                     break
                 self.tick(self.clock.now())
@@ -177,6 +190,7 @@ class Scheduler:
         try:
             self.journal.probe(now)
             gate.open(now)
-            self.pipeline.recover()  # finish what the failed writes left half done
+            # finish what the failed writes left half done (in a cluster: not what is still in hand)
+            self.pipeline.recover(in_hand=set(self.dispatcher.inflight), alone=False)
         except JournalWriteError as exc:
             self._journal_failed(now, str(exc))

@@ -2,7 +2,9 @@
 
 The journal is read directly (no API token, no daemon needed). The running daemon, if any, is
 found through the state folder's lock file (``locks.py``), which names its monitor URL; its
-``/status`` adds what only it knows: what is blocked since when, and the ``extra`` facts.
+``/status`` adds what only it knows: what is blocked since when, and the ``extra`` facts. With a
+shared journal (a cluster) it also lists the nodes: each one's host, when it was last heard from
+and how many files it works on, and which node works on each pending file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import urllib.request
 from typing import Any, TextIO
 
 from .config import Config
-from .journal import ACTIVE, Journal, JournalError, Row, State
+from .journal import ACTIVE, BaseJournal, JournalError, JournalWriteError, Row, State, open_journal
 from .locks import read_daemon_lock
 from .results import web_url
 from .summary import format_age
@@ -33,13 +35,13 @@ class StatusError(Exception):
 def print_status(config: Config, *, show_all: bool, now: float, out: TextIO) -> None:
     out.write(daemon_report(config))
     try:
-        if not config.journal_path.exists():
+        if config.journal.url is None and not config.journal_path.exists():
             out.write(f"no journal yet at {config.journal_path}: nothing has been processed\n")
             return
         _print_journal(config, show_all=show_all, now=now, out=out)
     except BrokenPipeError:  # the reader went away (`status | head -1`): the CLI handles that
         raise
-    except JournalError as exc:
+    except (JournalError, JournalWriteError) as exc:
         raise StatusError(str(exc)) from None
     except (sqlite3.Error, OSError) as exc:
         reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
@@ -47,8 +49,13 @@ def print_status(config: Config, *, show_all: bool, now: float, out: TextIO) -> 
 
 
 def _print_journal(config: Config, *, show_all: bool, now: float, out: TextIO) -> None:
-    journal = Journal(config.journal_path)
+    journal = open_journal(config) if config.journal.url is None else open_journal(config, migrate=False, wait_s=5.0)
     try:
+        if journal.shared:
+            if journal.schema_found() is None:
+                out.write(f"no journal yet at {journal.location}: nothing has been processed\n")
+                return
+            out.write(_nodes(journal, config.node.lease_seconds))
         counts = journal.counts()
         oldest = journal.oldest_active_detected_at()
         out.write("state       files\n")
@@ -58,7 +65,8 @@ def _print_journal(config: Config, *, show_all: bool, now: float, out: TextIO) -
         out.write(f"pending     {pending:>5}" + (f"   oldest {format_age(now - oldest)}" if oldest else "") + "\n")
         rows = journal.rows(ACTIVE if not show_all else (), limit=500)
         if rows:
-            out.write("\n" + _table(rows, now, config.konfuzio.host))
+            holders = journal.lease_holders(r.id for r in rows) if journal.shared else None
+            out.write("\n" + _table(rows, now, config.konfuzio.host, holders))
         failed = [r for r in journal.rows([State.FAILED], limit=100_000)][-10:]
         if failed and not show_all:
             out.write("\nlast failures\n" + _table(failed, now))
@@ -160,13 +168,37 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def _table(rows: list[Row], now: float, host: str | None = None) -> str:
-    lines = [f"{'id':>6}  {'state':<10} {'since':>6}  {'doc':>7}  path / last error"]
+def _nodes(journal: BaseJournal, lease_s: float) -> str:
+    """The cluster's nodes: id, host, pid, when last heard from, files in hand."""
+    nodes = journal.nodes()
+    leased = journal.leases_by_node()
+    width = max([4, *(len(n.id) for n in nodes), *(len(k) for k in leased)])
+    host_width = max([4, *(len(n.host) for n in nodes)])
+    lines = [f"nodes sharing the journal {journal.location}",
+             f"  {'node':<{width}}  {'host':<{host_width}}  {'pid':>7}  {'heard':>6}  {'files':>5}"]
+    for node in nodes:
+        line = (f"  {node.id:<{width}}  {node.host:<{host_width}}  {node.pid or '-':>7}  "
+                f"{format_age(node.silent_s) + ' ago':>6}  {leased.get(node.id, 0):>5}")
+        if node.silent_s > lease_s:
+            line += "  SILENT: its files pass to the other nodes"
+        lines.append(line)
+    for gone in sorted(set(leased) - {n.id for n in nodes}):  # stopped, with steps cut off: their leases expire
+        lines.append(f"  {gone:<{width}}  {'-':<{host_width}}  {'-':>7}  {'-':>6}  {leased[gone]:>5}  stopped")
+    if not nodes and not leased:
+        lines.append("  (none running)")
+    return "\n".join(lines) + "\n\n"
+
+
+def _table(rows: list[Row], now: float, host: str | None = None, holders: dict[int, str] | None = None) -> str:
+    node = f"  {'node':<8}" if holders is not None else ""
+    lines = [f"{'id':>6}  {'state':<10} {'since':>6}  {'doc':>7}{node}  path / last error"]
     for row in rows:
         doc = str(row.document_id) if row.document_id is not None else "-"
         # An uploaded file is as old as its upload (its row changes at every poll).
         since = row.uploaded_at if row.state == State.UPLOADED and row.uploaded_at else row.updated_at
-        line = f"{row.id:>6}  {row.state.value:<10} {format_age(now - since):>6}  {doc:>7}  {row.display_path}"
+        held = f"  {holders.get(row.id, '-'):<8}" if holders is not None else ""
+        line = (f"{row.id:>6}  {row.state.value:<10} {format_age(now - since):>6}  {doc:>7}{held}  "
+                f"{row.display_path}")
         if row.error:
             line += f"  [{row.stage}: {row.error}]"
         elif row.state == State.UPLOADED and row.stage and "waiting for" in row.stage:

@@ -523,8 +523,11 @@ def nodes(pg_url: str) -> Iterator[Callable[..., Any]]:
 
 
 def due_rows(journal: BaseJournal, n: int, now: float = 1.0) -> list[Row]:
+    """Claimed rows, due, free for any node (as ``Pipeline.finish_claims`` leaves them)."""
     rows = journal.add_claims([f"f{i:03}.pdf".encode() for i in range(n)], now)
-    return journal.transition_many(rows, State.CLAIMED, now, next_at=now)
+    rows = journal.transition_many(rows, State.CLAIMED, now, next_at=now)
+    journal.release_leases([r.id for r in rows])
+    return rows
 
 
 @postgres
@@ -630,11 +633,15 @@ def test_a_file_is_claimed_by_one_node_however_many_claim_it_at_once(nodes: Call
     # Another file at the same path (another inode) while the first is on its way: a new file.
     (again,) = journals[0].add_claims([NewClaim(b"scan-0.pdf", b"x", dev=2, ino=5000)], 2.0)
     # The same file while its row is active: no; once that row finished, the same path and inode may return.
-    first = next(r for rows in got for r in rows if r.rel_path == b"scan-1.pdf")
+    k, first = next((k, r) for k, rows in enumerate(got) for r in rows if r.rel_path == b"scan-1.pdf")
     assert journals[1].add_claims([claims[1]], 2.0) == []
-    first = journals[0].transition(journals[0].get(first.id), State.CLAIMED, 3.0)
-    first = journals[0].transition(first, State.FAILING, 3.0)
-    journals[0].transition(first, State.FAILED, 3.0)
+    claimer, other = journals[k], journals[(k + 1) % len(journals)]
+    assert claimer.lease_of(first.id).node == claimer.node_id  # a claim is its claimer's until it is done
+    with pytest.raises(IllegalTransition):
+        other.transition(first, State.CLAIMED, 3.0)
+    first = claimer.transition(claimer.get(first.id), State.CLAIMED, 3.0)
+    first = claimer.transition(first, State.FAILING, 3.0)
+    claimer.transition(first, State.FAILED, 3.0)
     assert len(journals[1].add_claims([claims[1]], 4.0)) == 1
     assert again.rel_path == b"scan-0.pdf"
 
@@ -769,13 +776,15 @@ def test_the_schema_is_checked_without_touching_it_and_upgraded_by_the_daemon(pg
     with PgJournal(pg_url) as daemon:
         assert daemon.check() is None
         (row,) = daemon.add_claims([b"a.pdf"], 1.0)
-    monkeypatch.setattr(journal_pg, "PG_MIGRATIONS", {2: ["ALTER TABLE files ADD COLUMN shiny INTEGER"]})
-    monkeypatch.setattr(PgJournal, "schema_version", 2)
+    now = PgJournal.schema_version
+    monkeypatch.setattr(journal_pg, "PG_MIGRATIONS",
+                        {**journal_pg.PG_MIGRATIONS, now + 1: ["ALTER TABLE files ADD COLUMN shiny INTEGER"]})
+    monkeypatch.setattr(PgJournal, "schema_version", now + 1)
     with PgJournal(pg_url, migrate=False) as looking:
-        assert looking.check() == (f"{looking.location}: journal schema 1, this konfuzio-watch writes 2: "
+        assert looking.check() == (f"{looking.location}: journal schema {now}, this konfuzio-watch writes {now + 1}: "
                                    "the daemon upgrades it when it starts")
     with PgJournal(pg_url) as daemon:
-        assert daemon.check() is None and daemon.get(row.id) == row and daemon.meta("schema_version") == "2"
+        assert daemon.check() is None and daemon.get(row.id) == row and daemon.meta("schema_version") == str(now + 1)
         assert daemon.quick_check() == "ok"
 
 
