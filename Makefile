@@ -41,8 +41,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest --numprocesses=3 --dist=worksteal
 
+# `make bench` compares this checkout with the code before the scaling work (README: Performance):
+# a detached worktree of BEFORE_REV, made on first use. BENCH_ARGS: e.g. --quick, --runs 3, --only burst.
+BEFORE_REV ?= be7dd22
+BEFORE     ?= .bench-before
 bench: $(STAMP)
-	$(VENV)/bin/python -m bench
+	@test -d $(BEFORE)/konfuzio_watch || git worktree add --detach $(BEFORE) $(BEFORE_REV)
+	$(VENV)/bin/python -m bench --before $(BEFORE) --before-label $(BEFORE_REV) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet ruff

@@ -1,10 +1,20 @@
-"""python -m bench [--quick] [--idle-seconds S] [--json PATH] [--profile DIR]
+"""python -m bench [--quick] [--before DIR] [--runs N] [--only NAME] [--skip NAME] [--json PATH] [--profile DIR]
 
-Runs, in this order, each against its own emulator with realistic knobs:
-  daemon (settle 2 s): latency probes, a burst of N files, an idle window;
-  daemon (settle 0.5 s): latency probes and the same burst;
-  Konfuzio's tutorial flow on the same N files;
-  a backlog of 10 000 files present at start-up.
+Runs each scenario against its own emulator with realistic knobs (0.25 s per upload, 2-3 s
+processing), with this checkout's daemon and, with --before DIR, with the daemon of another
+checkout (e.g. `git worktree add --detach DIR be7dd22`), and prints both side by side:
+
+  burst         latency probes, a burst of N files (100) at concurrency 4, settle 2 s, an idle window
+  fsync         the same burst with the daemon under strace: fsync-class calls per file
+  scale16/32    1,000 files at concurrency 16 and 32
+  backlog       100,000 files present at start-up: journaling time, upload rate meanwhile
+  memory        4 x 100 MB files in flight (and 4 x 10 MB: memory must not grow with file size)
+  reconcile     a crash with uploads stored but unanswered, in a project of 50,000 documents
+  idle_polling  polling mode, idle, with 20,000 files waiting in processing/ and 20,000 in done/
+  pollonly      the burst without callbacks (after only: the code before has no poll-only mode)
+  outputs       the burst with each results.outputs / results.bbox (after only)
+  venv          the size of a fresh `make test` virtualenv (not in --quick)
+  tutorial      Konfuzio's tutorial flow on the burst's files (only with --only tutorial)
 """
 
 from __future__ import annotations
@@ -21,73 +31,149 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from . import profiles, report, scenarios  # noqa: E402
 from .harness import PROFILE_RATE_HZ, machine_info  # noqa: E402
 
+ALL = ("burst", "fsync", "scale16", "scale32", "backlog", "memory", "reconcile", "idle_polling", "pollonly",
+       "outputs", "venv", "tutorial")
+DEFAULT_SKIP = {"tutorial"}
+QUICK_SKIP = {"tutorial", "venv"}
+AFTER_ONLY = {"pollonly": "no poll-only mode", "outputs": "no results.outputs", "tutorial": "(not compared)"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sizes:
+    burst: int
+    idle_s: float
+    latency_files: int
+    scale: int
+    backlog: int
+    steady_s: float
+    seeded: int
+    idle_files: int
+    idle_window_s: float
+    outputs: int
+
+
+FULL = Sizes(burst=100, idle_s=60, latency_files=10, scale=1000, backlog=100_000, steady_s=10, seeded=50_000,
+             idle_files=20_000, idle_window_s=60, outputs=50)
+QUICK = Sizes(burst=30, idle_s=5, latency_files=3, scale=300, backlog=10_000, steady_s=5, seeded=50_000,
+              idle_files=2_000, idle_window_s=10, outputs=20)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: N=20, 10 s idle, backlog of 1000")
-    parser.add_argument("-n", "--files", type=int, help="documents per burst (default 100; quick: 20)")
-    parser.add_argument("--idle-seconds", type=float, help="idle window (default 60; quick: 10)")
-    parser.add_argument("--backlog", type=int, help="files present at start-up (default 10000; quick: 1000)")
-    parser.add_argument("--concurrency", type=int, default=4, help="upload.concurrency (default 4)")
-    parser.add_argument("--settle", type=float, default=2.0, help="watch.settle_seconds of the main run (default 2)")
-    parser.add_argument("--fast-settle", type=float, default=0.5,
-                        help="settle_seconds of the second run; 0 skips it (default 0.5)")
-    parser.add_argument("--skip", action="append", default=[], choices=("tutorial", "backlog", "fast"),
-                        help="leave a scenario out (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, no venv build: a smoke run")
+    parser.add_argument("--before", metavar="DIR", help="a checkout of the code to compare with (PYTHONPATH)")
+    parser.add_argument("--before-label", default="be7dd22", help="its name in the table (default be7dd22)")
+    parser.add_argument("--runs", type=int, help="runs of each scenario; figures are ranges (default 2; quick 1)")
+    parser.add_argument("-n", "--files", type=int, help="documents per burst (default 100; quick: 30)")
+    parser.add_argument("--only", action="append", default=[], choices=ALL, help="run only these (repeatable)")
+    parser.add_argument("--skip", action="append", default=[], choices=ALL, help="leave these out (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="save the raw figures here")
-    parser.add_argument("--profile", metavar="DIR", help="record the daemons with py-spy into DIR")
+    parser.add_argument("--profile", metavar="DIR", help="record this checkout's daemons with py-spy into DIR")
     parser.add_argument("--workdir", help="work here instead of a temporary folder (kept afterwards)")
     return parser
 
 
+def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[Path, Path | None], Any]]:
+    """scenario name -> run(root, code) for every scenario; a scenario may give several keys."""
+    s = sizes
+
+    def burst(root: Path, code: Path | None) -> dict[str, Any]:
+        return scenarios.daemon_run(root, name="burst", n=n, settle_s=2.0, concurrency=4, idle_s=s.idle_s,
+                                    latency_files=s.latency_files, profile_dir=None if code else profile_dir,
+                                    code=code)
+
+    def scale(concurrency: int) -> Callable[[Path, Path | None], Any]:
+        def run(root: Path, code: Path | None) -> dict[str, Any]:
+            return scenarios.daemon_run(root, name=f"scale{concurrency}", n=s.scale, settle_s=2.0,
+                                        concurrency=concurrency, idle_s=0, latency_files=0, code=code,
+                                        profile_dir=None if code else profile_dir, emulator_threads=concurrency + 16,
+                                        timeout_s=300, extra={"results": {"workers": 4}})  # fmt: skip
+        return run
+
+    return {
+        "burst": burst,
+        "fsync": lambda root, code: scenarios.fsync_run(root, n=n, code=code),
+        "scale16": scale(16),
+        "scale32": scale(32),
+        "backlog": lambda root, code: scenarios.backlog_run(root, n=s.backlog, steady_s=s.steady_s, code=code,
+                                                            profile_dir=None if code else profile_dir),
+        "memory": lambda root, code: scenarios.memory_run(root, size_mb=100, code=code),
+        "memory_small": lambda root, code: scenarios.memory_run(root, size_mb=10, code=code),
+        "reconcile": lambda root, code: scenarios.reconcile_run(root, seeded=s.seeded, code=code),
+        "idle_polling": lambda root, code: scenarios.idle_polling_run(root, n=s.idle_files, window_s=s.idle_window_s,
+                                                                      code=code),
+        "pollonly_5s": lambda root, code: scenarios.pollonly_run(root, n=n, first_poll_s=5.0),
+        "pollonly_2s": lambda root, code: scenarios.pollonly_run(root, n=n, first_poll_s=2.0),
+        **{f"outputs_{which}": (lambda w: lambda root, code: scenarios.outputs_run(root, n=s.outputs, which=w))(which)
+           for which in scenarios.OUTPUTS},
+        "venv": lambda root, code: scenarios.venv_run(root, checkout=code or REPO),
+        "tutorial": lambda root, code: scenarios.tutorial_run(root, n=n),
+    }
+
+
+def _scenario_of(key: str) -> str:
+    return "memory" if key == "memory_small" else key.split("_")[0] if key.startswith(("pollonly_", "outputs_")) \
+        else key
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    n = args.files or (20 if args.quick else 100)
-    idle_s = args.idle_seconds if args.idle_seconds is not None else (10.0 if args.quick else 60.0)
-    backlog_n = args.backlog or (1000 if args.quick else 10_000)
+    sizes = QUICK if args.quick else FULL
+    n = args.files or sizes.burst
+    runs = args.runs or (1 if args.quick else 2)
     profile_dir = Path(args.profile).absolute() if args.profile else None
+    before = Path(args.before).resolve() if args.before else None
+    if before is not None and not (before / "konfuzio_watch").is_dir():
+        print(f"bench: --before {before}: not a konfuzio-watch checkout", file=sys.stderr)
+        return 2
+    wanted = set(args.only) if args.only else set(ALL) - (QUICK_SKIP if args.quick else DEFAULT_SKIP)
+    wanted -= set(args.skip)
+    keys = [k for k in plan(sizes, n, profile_dir) if _scenario_of(k) in wanted]
+    if args.quick and "memory_small" in keys:
+        keys.remove("memory_small")
     root = Path(args.workdir).absolute() if args.workdir else Path(tempfile.mkdtemp(prefix="konfuzio-watch-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    figures: dict[str, Any] = {"machine": machine_info(root), "errors": {}}
-
-    def step(key: str, what: str, run: Callable[[], dict[str, Any]]) -> None:
-        print(f"bench: {what} ...", file=sys.stderr, flush=True)
-        t = time.monotonic()
-        try:
-            figures[key] = run()
-        except Exception as exc:  # one broken scenario must not hide the others' figures
-            figures["errors"][key] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-        print(f"bench: {what}: {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
-
+    figures: dict[str, Any] = {"machine": machine_info(root), "errors": {}, "runs": runs, "quick": args.quick,
+                               "after": {}}
+    if before is not None:
+        figures["before"] = {}
+        figures["before_label"] = args.before_label
+    steps = plan(sizes, n, profile_dir)
     try:
-        step("daemon", f"daemon, settle {args.settle:g} s: latency probes, {n} files, {idle_s:g} s idle",
-             lambda: scenarios.daemon_run(root, name="daemon", n=n, settle_s=args.settle,
-                                          concurrency=args.concurrency, idle_s=idle_s, latency_files=10,
-                                          profile_dir=profile_dir))
-        if args.fast_settle and "fast" not in args.skip:
-            step("daemon_settle_fast", f"daemon, settle {args.fast_settle:g} s: latency probes, {n} files",
-                 lambda: scenarios.daemon_run(root, name="daemon-fast", n=n, settle_s=args.fast_settle,
-                                              concurrency=args.concurrency, idle_s=0, latency_files=5,
-                                              profile_dir=profile_dir))
-        if "tutorial" not in args.skip:
-            step("tutorial", f"Konfuzio tutorial flow, {n} files", lambda: scenarios.tutorial_run(root, n=n))
-        if "backlog" not in args.skip:
-            step("backlog", f"backlog of {backlog_n} files at start-up",
-                 lambda: scenarios.backlog_run(root, n=backlog_n, profile_dir=profile_dir))
+        for run in range(1, runs + 1):
+            for key in keys:
+                sides: list[tuple[str, Path | None]] = [("after", None)]
+                if before is not None and _scenario_of(key) not in AFTER_ONLY:
+                    sides.append(("before", before))
+                for side, code in sides:
+                    what = f"{key} ({side}, run {run} of {runs})"
+                    print(f"bench: {what} ...", file=sys.stderr, flush=True)
+                    t = time.monotonic()
+                    workdir = root / f"{side}-{run}"
+                    try:
+                        result = steps[key](workdir, code)
+                        figures[side].setdefault(key, []).append(result)
+                    except Exception as exc:  # one broken scenario must not hide the others' figures
+                        figures["errors"][f"{key} ({side}, run {run})"] = f"{type(exc).__name__}: {exc}"
+                        traceback.print_exc()
+                    finally:
+                        if not args.workdir:
+                            shutil.rmtree(workdir, ignore_errors=True)
+                    print(f"bench: {what}: {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
     finally:
         figures["bench_s"] = time.monotonic() - started
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-
     _print(figures, profile_dir)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
@@ -96,9 +182,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(figures: dict[str, Any], profile_dir: Path | None) -> None:
     m = figures["machine"]
-    print(f"\nkonfuzio-watch benchmark — {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, "
-          f"Linux {m['kernel']}, work folder on {m['workdir_fs']}\n")
-    print(report.markdown_table(report.rows(figures)))
+    runs = figures["runs"]
+    print(f"\nkonfuzio-watch benchmark{' (--quick)' if figures['quick'] else ''} — {m['nproc']} CPUs ({m['cpu']}), "
+          f"Python {m['python']}, Linux {m['kernel']}, work folder on {m['workdir_fs']}; "
+          f"{runs} run(s) of each scenario: a cell is the range over them, 'met?' judges the worst\n")
+    notes = {scenario: f"n/a ({why})" for scenario, why in AFTER_ONLY.items()}
+    print(report.markdown_table(report.target_header(figures), report.target_rows(figures, notes)))
+    extra = report.extra_rows(figures)
+    if extra:
+        print()
+        print(report.markdown_table(report.EXTRA_HEADER, extra))
+    tutorial = figures["after"].get("tutorial")
+    if tutorial:
+        walls = [t["wall_s"] for t in tutorial]
+        print(f"\nKonfuzio tutorial flow, same {tutorial[0]['n']} files: {min(walls):.2f}-{max(walls):.2f} s")
     print()
     print("\n".join(report.methods(figures)))
     for key, error in figures["errors"].items():

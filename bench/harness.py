@@ -5,8 +5,11 @@ Nothing here decides what "fast" means; scenarios.py runs the workloads and __ma
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -117,11 +120,16 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 @dataclass
 class DaemonConfig:
+    """The daemon's config.yaml. ``legacy``: for the code before (``--before``), whose config knows
+    no ``monitor`` section; ``results_in_inbox``: done/ and failed/ inside the inbox."""
+
     workdir: Path
     emulator_url: str
     settle_s: float = 2.0
     concurrency: int = 4
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    legacy: bool = False
+    results_in_inbox: bool = False
 
     @property
     def inbox(self) -> Path:
@@ -129,11 +137,11 @@ class DaemonConfig:
 
     @property
     def done(self) -> Path:
-        return self.workdir / "done"
+        return (self.inbox if self.results_in_inbox else self.workdir) / "done"
 
     @property
     def failed(self) -> Path:
-        return self.workdir / "failed"
+        return (self.inbox if self.results_in_inbox else self.workdir) / "failed"
 
     @property
     def state(self) -> Path:
@@ -154,6 +162,8 @@ class DaemonConfig:
             "monitor": {"port": 0},
             "upload": {"concurrency": self.concurrency},
         }  # fmt: skip
+        if self.legacy:
+            del raw["monitor"]
         for section, values in self.extra.items():
             raw.setdefault(section, {}).update(values)
         for folder in (self.inbox, self.done, self.failed, self.state):
@@ -163,22 +173,52 @@ class DaemonConfig:
         return path
 
 
-def daemon_command(config_path: Path) -> list[str]:
-    """``.venv/bin/konfuzio-watch run --config ...`` (the console script next to this Python)."""
+def daemon_command(config_path: Path, code: Path | None = None) -> list[str]:
+    """``.venv/bin/konfuzio-watch run --config ...`` (the console script next to this Python);
+    with ``code`` (another checkout, put first on PYTHONPATH): ``python -m konfuzio_watch run ...``."""
     script = Path(sys.executable).parent / "konfuzio-watch"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "konfuzio_watch"]
+    head = [str(script)] if script.exists() and code is None else [sys.executable, "-m", "konfuzio_watch"]
     return [*head, "run", "--config", str(config_path)]
+
+
+FSYNC_CLASS = ("fsync", "fdatasync", "msync", "sync_file_range")
+_SYSCALL_LINE = re.compile(r"^\s*(?:\[pid\s+)?(\d+)\]?\s+(\d+\.\d+)\s+(\w+)\(")
+
+
+def strace_prefix(output: Path) -> list[str]:
+    """``strace`` recording every fsync-class call of the daemon and all its threads, with
+    timestamps (seccomp-bpf: only these calls stop the daemon, so it runs at nearly full speed)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise BenchError("the fsync count needs strace (apt-get install strace)")
+    return [strace, "-f", "--seccomp-bpf", "-qq", "-ttt", "-y", "-e", f"trace={','.join(FSYNC_CLASS)}",
+            "-o", str(output)]
+
+
+def syscalls_between(output: Path, start: float, end: float) -> dict[str, int]:
+    """Calls per name in a ``strace -f -ttt`` recording whose timestamp lies in [start, end]
+    (an interrupted call is counted once, on its ``<unfinished ...>`` line)."""
+    counts = dict.fromkeys(FSYNC_CLASS, 0)
+    for line in output.read_text(errors="replace").splitlines():
+        found = _SYSCALL_LINE.match(line)
+        if found and start <= float(found[2]) <= end and found[3] in counts:
+            counts[found[3]] += 1
+    return counts
 
 
 class DaemonProcess:
     """``konfuzio-watch run`` in its own process; its log goes to ``<workdir>/daemon.log``."""
 
-    def __init__(self, config: DaemonConfig, profile_dir: Path | None = None, name: str = "daemon"):
+    def __init__(self, config: DaemonConfig, profile_dir: Path | None = None, name: str = "daemon",
+                 code: Path | None = None, strace_output: Path | None = None):
         self.config = config
         self.name = name
         self.log_path = config.workdir / f"{name}.log"
         self.profile_dir = profile_dir
+        self.code = code  # another checkout to run (--before), else this one
+        self.strace_output = strace_output
         self.proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None  # the daemon's own pid (under strace: strace's child)
         self._profiler: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0  # time.time() just before the exec
         self.ready_at: float | None = None
@@ -186,33 +226,49 @@ class DaemonProcess:
     @property
     def pid(self) -> int:
         assert self.proc is not None
-        return self.proc.pid
+        if self._pid is None:
+            self._pid = self.proc.pid if self.strace_output is None else _traced_child(self.proc.pid)
+        return self._pid
 
     def start(self) -> DaemonProcess:
         config_path = self.config.write()
         env = {**os.environ, "LOG_TO_FILE": "False"}
         env.pop("KONFUZIO_HOST", None)
         env.pop("KONFUZIO_TOKEN", None)
+        if self.code is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(self.code), *filter(None, [env.get("PYTHONPATH")])])
+        command = daemon_command(config_path, self.code)
+        if self.strace_output is not None:
+            command = [*strace_prefix(self.strace_output), *command]
         with open(self.log_path, "wb") as log:
             self.started_at = time.time()
-            self.proc = subprocess.Popen(daemon_command(config_path), stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.config.workdir, env=env)
         if self.profile_dir is not None:
             self._start_profiler()
         return self
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self._stop_profiler()
+
     def _start_profiler(self) -> None:
         """py-spy samples the daemon (the thread holding the GIL) into a collapsed-stack file."""
         assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
-        spy = Path(sys.executable).parent / "py-spy"
-        if not spy.exists():
-            print(f"bench: --profile needs py-spy ({spy}); pip install py-spy", file=sys.stderr)
+        found = Path(sys.executable).parent / "py-spy"
+        spy = str(found) if found.exists() else shutil.which("py-spy")
+        if spy is None:
+            print(f"bench: --profile needs py-spy (next to {sys.executable}, or on PATH)", file=sys.stderr)
             return
         out = self.profile_dir / f"{self.name}.collapsed.txt"
         self._profiler = subprocess.Popen(
             # --nonblocking: never ptrace-stop the daemon (that distorts timings and can swallow SIGTERM)
-            [str(spy), "record", "--pid", str(self.pid), "--rate", str(PROFILE_RATE_HZ), "--format", "raw",
+            [spy, "record", "--pid", str(self.pid), "--rate", str(PROFILE_RATE_HZ), "--format", "raw",
              "--threads", "--gil", "--nonblocking", "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=open(self.profile_dir / f"{self.name}.py-spy.log", "wb"),  # noqa: SIM115
         )  # fmt: skip
@@ -249,10 +305,12 @@ class DaemonProcess:
             self._stop_profiler()
             return {"exit_code": None if self.proc is None else self.proc.returncode, "stop_s": 0.0}
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        os.kill(self.pid, signal.SIGTERM)
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
             self.proc.kill()
             code = self.proc.wait()
         self._stop_profiler()
@@ -271,6 +329,23 @@ class DaemonProcess:
                 self._profiler.kill()
                 self._profiler.wait()
         self._profiler = None
+
+
+def _traced_child(strace_pid: int, timeout_s: float = 10.0) -> int:
+    """The pid of the process strace started."""
+    def child() -> int | None:
+        try:
+            found = Path(f"/proc/{strace_pid}/task/{strace_pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(found[0]) if found else None
+
+    return wait_until(child, timeout_s, "the daemon under strace to start", interval_s=0.01)
+
+
+def process_cpu_s() -> float:
+    """utime + stime of this process (the bench and the emulator it serves), in seconds."""
+    return cpu_seconds(os.getpid())
 
 
 # -- the journal, read-only --------------------------------------------------------------------
@@ -296,7 +371,7 @@ def journal_counts(path: Path) -> dict[str, int]:
 
 
 def write_documents(folder: Path, count: int, prefix: str) -> list[Path]:
-    """``count`` distinct one-page PDFs named ``<prefix>_0001.pdf`` ..."""
+    """``count`` distinct one-page PDFs named ``<prefix>_00001.pdf`` ..."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(1, count + 1):
@@ -304,6 +379,24 @@ def write_documents(folder: Path, count: int, prefix: str) -> list[Path]:
         path.write_bytes(make_pdf(pages=1, label=path.name))
         paths.append(path)
     return paths
+
+
+def write_big_pdf(path: Path, size: int) -> Path:
+    """A valid one-page PDF of about ``size`` bytes: comment lines pad it (written 1 MiB at a time)."""
+    head = make_pdf(pages=1, label=path.name)
+    line = b"%" + b"0123456789abcdef" * 63 + b"\n"  # 1009 bytes
+    chunk = line * (1024 * 1024 // len(line))
+    version, _, rest = head.partition(b"\n")
+    with open(path, "wb") as f:
+        f.write(version + b"\n")
+        left = max(0, size - len(head))
+        while left > 0:
+            piece = chunk[: min(len(chunk), left)]
+            piece = piece[: piece.rfind(b"\n") + 1] or b"%\n"
+            f.write(piece)
+            left -= len(piece)
+        f.write(rest)
+    return path
 
 
 def results_in(folder: Path, suffix: str = ".json") -> list[os.DirEntry[str]]:
