@@ -362,3 +362,112 @@ def can_drop_privileges() -> bool:
     probe = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import konfuzio_watch"], capture_output=True,
                            timeout=60)
     return probe.returncode == 0
+
+
+# -- a cluster of nodes on one PostgreSQL journal ------------------------------------------------------
+
+
+def cluster_node(shared: Path, node_id: str, emulator, pg_url: str, **overrides: dict) -> DaemonProcess:  # type: ignore[no-untyped-def]
+    """A node of a cluster: its own folder (config, log, state folder with its daemon lock) and ports;
+    the inbox, done/ and failed/ of ``shared``, and the journal ``pg_url``, are the cluster's."""
+    root = shared / f"node-{node_id}"
+    root.mkdir(exist_ok=True)
+    sections: dict[str, dict] = {
+        "folders": {"inbox": str(shared / "inbox"), "done": str(shared / "done"), "failed": str(shared / "failed"),
+                    "state": str(root / "state")},
+        "journal": {"url": pg_url},
+        "node": {"id": node_id, "lease_seconds": 3},
+    }
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return DaemonProcess(root, emulator, **sections)
+
+
+class CallbackBalancer:
+    """One public callback URL in front of several nodes, as a load balancer: each request goes to the
+    next node in turn, and to the one after it if that one does not answer (stopped, killed)."""
+
+    def __init__(self) -> None:
+        self.backends: list[str] = []
+        self._next = 0
+        self._lock = threading.Lock()
+        self.forwarded: collections.Counter = collections.Counter()  # backend -> requests it answered
+
+    def app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        path = environ.get("PATH_INFO", "/")
+        with self._lock:
+            order = self.backends[self._next:] + self.backends[: self._next]
+            self._next = (self._next + 1) % max(1, len(self.backends))
+        for backend in order:
+            try:
+                answer = requests.post(backend + path, data=body, timeout=5,
+                                       headers={"Content-Type": environ.get("CONTENT_TYPE", "application/json")})
+            except requests.RequestException:
+                continue  # that node is down: the next one
+            self.forwarded[backend] += 1
+            start_response(f"{answer.status_code} {answer.reason}", [("Content-Type", "application/json")])
+            return [answer.content]
+        start_response("502 Bad Gateway", [("Content-Type", "application/json")])
+        return [b'{"detail": "no node answers"}']
+
+
+# A trigger the tests install on the journal: every state move, with the node that made it (its
+# connection's application_name) and who held the row's lease then. No production code writes it.
+MOVE_AUDIT = """
+CREATE TABLE IF NOT EXISTS test_moves (
+    seq BIGSERIAL PRIMARY KEY, row_id BIGINT NOT NULL, old_state TEXT NOT NULL, new_state TEXT NOT NULL,
+    writer TEXT NOT NULL, lease_node TEXT, lease_until TIMESTAMPTZ, at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
+CREATE OR REPLACE FUNCTION test_audit_move() RETURNS trigger AS $$
+BEGIN
+    IF NEW.state IS DISTINCT FROM OLD.state THEN
+        INSERT INTO test_moves (row_id, old_state, new_state, writer, lease_node, lease_until)
+        VALUES (OLD.id, OLD.state, NEW.state, current_setting('application_name'), OLD.lease_node, OLD.lease_until);
+    END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS test_audit_move ON files;
+CREATE TRIGGER test_audit_move AFTER UPDATE ON files FOR EACH ROW EXECUTE FUNCTION test_audit_move();
+"""
+
+
+def install_move_audit(pg_url: str) -> None:
+    """Create the journal's schema (as a node would) and the audit of state moves on it."""
+    import psycopg
+
+    from konfuzio_watch.journal_pg import PgJournal
+
+    PgJournal(pg_url, node_id="schema", wait_s=5.0).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(MOVE_AUDIT)  # type: ignore[arg-type]
+
+
+def pg_rows(pg_url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def moves_not_under_own_lease(pg_url: str) -> list[tuple]:
+    """State moves a node made on a row whose lease it did not hold (another node's, or nobody's).
+    Leases pass from node to node only through the journal, so if every move was made by the row's
+    lease holder, no two nodes ever worked on one file at the same time."""
+    return pg_rows(pg_url, "SELECT row_id, old_state, new_state, writer, lease_node FROM test_moves"
+                           " WHERE lease_node IS NULL OR writer <> 'konfuzio-watch ' || lease_node ORDER BY seq")
+
+
+def illegal_move_chains(pg_url: str) -> list[tuple]:
+    """Moves that do not continue from the state the row's previous move left it in."""
+    return pg_rows(pg_url, "SELECT row_id, seq, old_state, prev FROM (SELECT row_id, seq, old_state, LAG(new_state)"
+                           " OVER (PARTITION BY row_id ORDER BY seq) AS prev FROM test_moves) m"
+                           " WHERE prev IS NOT NULL AND prev <> old_state")
+
+
+def net_uploads_per_sha(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]
+    """Documents on the server per content: uploads minus the extra copies the daemon deleted."""
+    by_doc = {u.doc_id: u.sha256 for u in emulator.uploads}
+    count = collections.Counter(u.sha256 for u in emulator.uploads)
+    for deletion in emulator.deletions:
+        count[by_doc[deletion.doc_id]] -= 1
+    return count

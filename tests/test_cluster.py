@@ -1,0 +1,195 @@
+"""A cluster end to end: several daemon processes on one inbox and one PostgreSQL journal.
+
+The emulator and a callback balancer (helpers.CallbackBalancer: one public callback URL in front of
+the nodes, as a load balancer) run in the test process and outlive every node. A trigger on the
+journal (helpers.MOVE_AUDIT) records each state move with the node that wrote it and the row's lease
+holder at that time: a move by a node that did not hold the lease would be two nodes on one file.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from konfuzio_watch.server import ServerThread
+
+from .conftest import drop, wait_until
+from .helpers import (
+    CallbackBalancer,
+    DaemonProcess,
+    cluster_node,
+    illegal_move_chains,
+    install_move_audit,
+    is_daemons_own,
+    moves_not_under_own_lease,
+    pg_rows,
+    sample_files,
+)
+
+
+@dataclass
+class Cluster:
+    shared: Path
+    emulator: Any
+    pg_url: str
+    balancer: CallbackBalancer
+    balancer_url: str
+    nodes: dict[str, DaemonProcess] = field(default_factory=dict)
+
+    def node(self, node_id: str, **overrides: dict) -> DaemonProcess:
+        sections: dict[str, dict] = {"callback": {"public_url": self.balancer_url}}
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        node = cluster_node(self.shared, node_id, self.emulator, self.pg_url, **sections)
+        self.nodes[node_id] = node
+        return node
+
+    def start(self, node: DaemonProcess) -> None:
+        # Behind the balancer from the start: its start-up probe of the callback route comes through it.
+        self.balancer.backends = sorted({*self.balancer.backends, f"http://127.0.0.1:{node.port}"})
+        node.start()
+
+    @property
+    def inbox(self) -> Path:
+        return self.shared / "inbox"
+
+    def finished(self) -> int:
+        return sum(1 for p in (self.shared / "done").rglob("*.json")) + \
+            sum(1 for p in (self.shared / "failed").rglob("*") if p.is_file() and not p.name.endswith(".json"))
+
+    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return pg_rows(self.pg_url, sql, params)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} ---\n{n.log.read_text()[-3000:]}" for name, n in self.nodes.items()
+                         if n.log.exists())
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, emulator: Any, pg_url: str) -> Iterator[Cluster]:
+    install_move_audit(pg_url)
+    balancer = CallbackBalancer()
+    server = ServerThread(balancer.app, "127.0.0.1", 0, name="balancer", threads=8).start()
+    made = Cluster(tmp_path, emulator, pg_url, balancer, server.url)
+    (tmp_path / "inbox").mkdir()
+    yield made
+    for node in made.nodes.values():
+        node.cleanup()
+    server.close()
+
+
+def assert_every_file_once(cluster: Cluster, files: dict[str, bytes]) -> None:
+    """Each file once in done/ with its own result; nothing left in the inbox or in processing; each
+    file's content uploaded once; every state move made by the row's lease holder; no active rows."""
+    done = cluster.shared / "done"
+    for rel, data in files.items():
+        assert (done / rel).read_bytes() == data, f"{rel} missing or changed in done/"
+        result = json.loads((done / (rel + ".json")).read_text())
+        assert hashlib.sha256(data).hexdigest() in result["text"], f"{rel} got another file's result"
+    assert len(list(done.rglob("*.json"))) == len(files), "an extra result in done/"
+    assert not [p for p in (cluster.shared / "failed").rglob("*") if p.is_file()], "a file failed"
+    left = [p for p in cluster.inbox.rglob("*") if p.is_file() and not is_daemons_own(p)]
+    assert left == [], f"left in the inbox: {left[:10]}"
+    processing = cluster.shared / ".inbox.konfuzio-watch"
+    assert not [p for p in processing.rglob("*") if p.is_file()], "left in the processing folder"
+    per_sha = collections.Counter(u.sha256 for u in cluster.emulator.uploads)
+    twice = {sha: n for sha, n in per_sha.items() if n > 1}
+    assert not twice, f"{len(twice)} file(s) uploaded more than once"
+    assert len(per_sha) == len(files)
+    assert cluster.rows("SELECT state, COUNT(*) FROM files GROUP BY state") == [("done", len(files))]
+    assert cluster.rows("SELECT COUNT(*) FROM files WHERE lease_node IS NOT NULL") == [(0,)], "a lease left behind"
+    assert moves_not_under_own_lease(cluster.pg_url) == [], "a node moved a row it did not hold"
+    assert illegal_move_chains(cluster.pg_url) == []
+    moves = cluster.rows("SELECT COUNT(DISTINCT writer) FROM test_moves")[0][0]
+    assert moves >= 2, "the work was not shared between the nodes"
+
+
+def test_three_nodes_share_a_burst_and_each_file_is_handled_once(cluster: Cluster):
+    nodes = [cluster.node(n) for n in ("a", "b", "c")]
+    for node in nodes:
+        cluster.start(node)
+    files = sample_files(30, "burst")
+    for rel, data in files.items():
+        drop(cluster.inbox / rel, data)
+    wait_until(lambda: cluster.finished() >= len(files), 60,
+               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    for node in nodes:
+        assert node.terminate() == 0
+    assert_every_file_once(cluster, files)
+
+
+def seeded(request: pytest.FixtureRequest) -> random.Random:
+    """A random generator whose seed the output shows (KW_CLUSTER_SEED repeats a run)."""
+    seed = int(os.environ.get("KW_CLUSTER_SEED") or random.SystemRandom().randrange(1 << 32))
+    print(f"\n{request.node.name}: seed {seed} (KW_CLUSTER_SEED={seed} repeats it)")
+    request.node.user_properties.append(("seed", seed))
+    return random.Random(seed)
+
+
+def test_failover_sigkill_and_restarts_leave_every_file_done_once(cluster: Cluster, request: pytest.FixtureRequest):
+    """300 files; node a is killed with SIGKILL at random moments (restarted at once each time), node b
+    stops with SIGTERM and comes back, node c runs throughout."""
+    rng = seeded(request)
+    emu = cluster.emulator
+    emu.knobs.upload_latency_s = 0.02
+    emu.knobs.processing_s = 0.3
+    emu.knobs.processing_jitter_s = 0.5
+    emu.knobs.callback_duplicate = 0.1
+    # A reconcile window longer than any upload takes: an upload cut off by a kill is found, never repeated.
+    nodes = {n: cluster.node(n, upload={"reconcile_window_seconds": 3}) for n in ("a", "b", "c")}
+    for node in nodes.values():
+        cluster.start(node)
+    files = sample_files(300, "failover")
+    names = list(files)
+    uploads = lambda: len(emu.uploads)  # noqa: E731
+    dropped = 0
+
+    def drop_upto(n: int) -> None:
+        nonlocal dropped
+        for rel in names[dropped:n]:
+            drop(cluster.inbox / rel, files[rel])
+        dropped = max(dropped, n)
+
+    # The files come in four waves, each once the cluster has uploaded most of the one before; the
+    # faults happen at random numbers of uploads, in the middle of the waves.
+    events: list[tuple[int, str]] = [(t, "kill a") for t in sorted(rng.sample(range(5, 285), 5))]
+    events += [(rng.randrange(40, 200), "stop b")]
+    events += [(0, "wave 75"), (60, "wave 150"), (135, "wave 225"), (210, "wave 300")]
+    events.sort(key=lambda e: (e[0], not e[1].startswith("wave")))
+    b_back_at: int | None = None
+    for at, what in events:
+        if b_back_at is not None and at >= b_back_at:
+            wait_until(lambda t=b_back_at: uploads() >= t, 60, f"{b_back_at} uploads while b is stopped")
+            cluster.start(nodes["b"])
+            b_back_at = None
+        wait_until(lambda t=at: uploads() >= t, 60,
+                   lambda t=at, w=what: f"{t} uploads before '{w}' (have {uploads()})\n{cluster.logs()}")
+        if what.startswith("wave"):
+            drop_upto(int(what.split()[1]))
+        elif what == "kill a":
+            nodes["a"].kill9()
+            cluster.start(nodes["a"])
+        else:
+            assert nodes["b"].terminate() == 0
+            b_back_at = min(dropped, uploads() + rng.randrange(5, 30))
+    if b_back_at is not None:
+        wait_until(lambda: uploads() >= b_back_at, 60, "uploads while b is stopped")
+        cluster.start(nodes["b"])
+    wait_until(lambda: cluster.finished() >= len(files), 90,
+               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    for node in nodes.values():
+        assert node.terminate() == 0
+    assert_every_file_once(cluster, files)
+    log_a = nodes["a"].log.read_text()
+    assert log_a.count("joins the cluster") == 6, "node a did not come back after every kill"
+    taken_over = sum(n.log.read_text().count("took over") for n in nodes.values())
+    assert taken_over >= 1, "no node ever took over a killed node's files"
