@@ -61,6 +61,10 @@ from .journal import (
 )
 
 log = logging.getLogger(__name__)
+# The pool says every failed connection attempt (a few a second while the server is away) and every
+# broken connection it drops; the journal gate says an outage once, and its end (gates.py). The
+# pool's own errors stay.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE)
 _STATES_SQL = ", ".join(f"'{s.value}'" for s in State)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,3 +194,73 @@ def test_failover_sigkill_and_restarts_leave_every_file_done_once(cluster: Clust
     assert log_a.count("joins the cluster") == 6, "node a did not come back after every kill"
     taken_over = sum(n.log.read_text().count("took over") for n in nodes.values())
     assert taken_over >= 1, "no node ever took over a killed node's files"
+
+
+def test_a_database_outage_pauses_every_node_and_nothing_doubles_after_it(cluster: Cluster, pg_cluster: Any):
+    """The database stops for about 20 s while files are on their way (uploads, processing, callbacks):
+    each node says once that it pauses, takes no work, and goes on once the database is back; the leases
+    that expired meanwhile are continued or taken over; every file ends once."""
+    emu = cluster.emulator
+    emu.knobs.upload_latency_s = 0.05
+    emu.knobs.processing_s = 1.0
+    nodes = {n: cluster.node(n, upload={"reconcile_window_seconds": 3}) for n in ("a", "b")}
+    for node in nodes.values():
+        cluster.start(node)
+    files = sample_files(60, "outage")
+    first, later = dict(list(files.items())[:40]), dict(list(files.items())[40:])
+    for rel, data in first.items():
+        drop(cluster.inbox / rel, data)
+    wait_until(lambda: len(emu.uploads) >= 12, 60, "uploads under way")
+    pg_cluster.stop()
+    try:
+        stopped_at, stopped_wall = time.monotonic(), time.time()
+        for rel, data in later.items():  # arrive while the journal cannot be written: claimed afterwards
+            drop(cluster.inbox / rel, data)
+        paused = "the journal cannot be written"
+        wait_until(lambda: all(paused in n.log.read_text() for n in nodes.values()), 30,
+                   lambda: f"both nodes pause\n{cluster.logs()}")
+        refused = lambda: [c for c in emu.callbacks if c.sent_at > stopped_wall and c.status_code != 200]  # noqa: E731
+        wait_until(refused, 30, "a callback refused while the journal is down (the sender tries again later)")
+        # The outage outlasts several leases (3 s): every lease expires while the database is away.
+        wait_until(lambda: time.monotonic() - stopped_at >= 20, 30, "the outage")
+        late = [u for u in emu.uploads if (u.arrived_at or u.received_at) > stopped_wall + 1]
+        assert late == [], "a node uploaded while the journal could not be written"
+    finally:
+        pg_cluster.start()
+    wait_until(lambda: cluster.finished() >= len(files), 90,
+               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    resumed = "the journal is writable again"
+    wait_until(lambda: all(resumed in n.log.read_text() for n in nodes.values()), 30, "both nodes say they resumed")
+    for node in nodes.values():
+        assert node.terminate() == 0
+    assert_every_file_once(cluster, files)
+    for name, node in nodes.items():
+        log = node.log.read_text()
+        assert log.count(paused) == 1, f"node {name} did not say once that it pauses"
+        said = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+        assert len(said) <= 6, f"node {name} said too much about one outage:\n" + "\n".join(said)
+
+
+def test_cut_database_connections_of_one_node_cost_it_nothing_but_time(cluster: Cluster):
+    """The database ends every connection of node a (as a network cut or a failover of the database
+    would) three times while files are on their way: a reconnects; nothing doubles."""
+    emu = cluster.emulator
+    emu.knobs.upload_latency_s = 0.05
+    emu.knobs.processing_s = 0.5
+    nodes = {n: cluster.node(n) for n in ("a", "b")}
+    for node in nodes.values():
+        cluster.start(node)
+    files = sample_files(60, "cut")
+    for rel, data in files.items():
+        drop(cluster.inbox / rel, data)
+    for at in (5, 20, 40):
+        wait_until(lambda t=at: len(emu.uploads) >= t, 60, f"{at} uploads")
+        cut = cluster.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                           " WHERE application_name = 'konfuzio-watch a'")
+        assert cut and all(ok for (ok,) in cut)
+    wait_until(lambda: cluster.finished() >= len(files), 90,
+               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    for node in nodes.values():
+        assert node.terminate() == 0
+    assert_every_file_once(cluster, files)
+    assert "journal listener: listening again" in nodes["a"].log.read_text()
