@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import pytest
 
@@ -25,6 +27,7 @@ from konfuzio_watch.server import ServerThread
 
 from .conftest import drop, wait_until
 from .helpers import (
+    KONFUZIO_WATCH,
     CallbackBalancer,
     DaemonProcess,
     cluster_node,
@@ -264,3 +267,124 @@ def test_cut_database_connections_of_one_node_cost_it_nothing_but_time(cluster: 
         assert node.terminate() == 0
     assert_every_file_once(cluster, files)
     assert "journal listener: listening again" in nodes["a"].log.read_text()
+
+
+def konfuzio_watch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*KONFUZIO_WATCH, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LOG_TO_FILE": "False"})
+
+
+class ToTheOtherNode(CallbackBalancer):
+    """A balancer that sends each callback to a node other than the one that uploaded the file (the
+    writer of its move to ``uploading``, as the audit trigger recorded it)."""
+
+    def __init__(self, pg_url: str, ports: dict[str, int]):
+        super().__init__()
+        self.pg_url, self.ports = pg_url, ports
+        self.routed: list[tuple[str, str]] = []  # (uploader, receiver)
+
+    def app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        from konfuzio_watch.tokens import hash_token
+
+        token = environ.get("PATH_INFO", "").rstrip("/").rsplit("/", 1)[-1]
+        found = pg_rows(self.pg_url, "SELECT m.writer FROM test_moves m JOIN files f ON f.id = m.row_id"
+                                     " WHERE f.token_hash = %s AND m.new_state = 'uploading'", (hash_token(token),))
+        uploader = found[0][0].removeprefix("konfuzio-watch ") if found else ""
+        others = [n for n in sorted(self.ports) if n != uploader]
+        self.backends = [f"http://127.0.0.1:{self.ports[n]}" for n in others]
+        self._next = 0
+        if found:
+            self.routed.append((uploader, others[0]))
+        return super().app(environ, start_response)
+
+
+def test_a_callback_that_reaches_another_node_finishes_the_file_at_once(tmp_path: Path, emulator: Any,
+                                                                         pg_url: str):
+    """Polling is a minute away: only the callbacks, recorded by the node that did not upload the file,
+    make the files finish within seconds; the uploader hears of them (LISTEN/NOTIFY) and goes on too."""
+    install_move_audit(pg_url)
+    emulator.knobs.processing_s = 1.0
+    emulator.knobs.processing_jitter_s = 1.0
+    shared = tmp_path
+    (shared / "inbox").mkdir()
+    balancer = ToTheOtherNode(pg_url, {})
+    server = ServerThread(balancer.app, "127.0.0.1", 0, name="balancer", threads=8).start()
+    slow_polls = {"results": {"callback_timeout": 60, "poll_interval": 60}, "callback": {"public_url": server.url}}
+    nodes = {n: cluster_node(shared, n, emulator, pg_url, **slow_polls) for n in ("a", "b")}
+    balancer.ports.update({n: node.port for n, node in nodes.items()})
+    cluster = Cluster(shared, emulator, pg_url, balancer, server.url, nodes)
+    try:
+        for node in nodes.values():
+            node.start()
+        files = sample_files(16, "woken")
+        for rel, data in files.items():
+            drop(shared / "inbox" / rel, data)
+        wait_until(lambda: cluster.finished() >= len(files), 30,
+                   lambda: f"all {len(files)} finished by their callbacks (have {cluster.finished()})\n"
+                           f"{cluster.logs()}")
+        for node in nodes.values():
+            assert node.terminate() == 0
+    finally:
+        for node in nodes.values():
+            node.cleanup()
+        server.close()
+    assert_every_file_once(cluster, files)
+    assert len(balancer.routed) >= len(files) and all(up != to for up, to in balancer.routed)
+    # who went on after each callback: the node that recorded it, or the one woken by the journal
+    fetched_by = collections.Counter(w for (w,) in cluster.rows(
+        "SELECT writer FROM test_moves WHERE old_state = 'uploaded' AND new_state = 'exporting'"))
+    assert len(fetched_by) == 2, f"one node did all the fetching: {fetched_by}"
+
+
+def test_one_node_rescans_and_the_role_passes_on_when_it_dies(cluster: Cluster):
+    nodes = {n: cluster.node(n) for n in ("a", "b", "c")}
+    for node in nodes.values():
+        cluster.start(node)
+
+    def rescanners() -> list[str]:
+        found = []
+        for name, node in nodes.items():
+            if node.proc and node.proc.poll() is None:
+                status = json.loads(urlopen(f"{node.monitor_url}/status", timeout=5).read())
+                if status["node"]["rescanner"]:
+                    found.append(name)
+        return found
+
+    first = wait_until(rescanners, 30, "a rescanner")
+    assert len(first) == 1, first
+    said = [n for n, node in nodes.items() if "this node rescans the inbox" in node.log.read_text()]
+    assert said == first
+    nodes[first[0]].kill9()
+    second = wait_until(rescanners, 30, "another node takes the rescanner role")
+    assert len(second) == 1 and second != first, second
+    status = konfuzio_watch("status", "--config", str(nodes[second[0]].config))
+    assert status.returncode == 0, status.stderr
+    listed = status.stdout
+    assert "nodes sharing the journal" in listed
+    for name in nodes:
+        assert f"  {name} " in listed, listed
+    dead = next(line for line in listed.splitlines() if line.startswith(f"  {first[0]} "))
+    wait_until(lambda: "SILENT" in next(line for line in konfuzio_watch("status", "--config", str(
+        nodes[second[0]].config)).stdout.splitlines() if line.startswith(f"  {first[0]} ")), 30,
+        f"the dead node shown silent (was: {dead})")
+
+
+def test_check_refuses_a_journal_url_while_a_single_daemon_holds_the_inbox(tmp_path: Path, emulator: Any,
+                                                                          pg_url: str):
+    (tmp_path / "single").mkdir()
+    single = DaemonProcess(tmp_path / "single", emulator,
+                           folders={"inbox": str(tmp_path / "inbox"), "state": str(tmp_path / "single" / "state")})
+    node = cluster_node(tmp_path, "a", emulator, pg_url)
+    try:
+        single.start()
+        checked = konfuzio_watch("check", "--config", str(node.config))
+        assert checked.returncode != 0
+        assert "a konfuzio-watch with a journal of its own (SQLite)" in checked.stdout + checked.stderr
+        node.start(wait_ready=False)
+        assert node.proc is not None and node.proc.wait(30) != 0, "a node started on a single daemon's inbox"
+        assert single.terminate() == 0
+        checked = konfuzio_watch("check", "--config", str(node.config))
+        assert "a konfuzio-watch with a journal of its own" not in checked.stdout + checked.stderr
+    finally:
+        single.cleanup()
+        node.cleanup()
