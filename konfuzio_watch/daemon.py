@@ -99,6 +99,7 @@ class Daemon:
         self._rescanner_held = False
         self._next_rescan_at = 0.0
         self._alone = True  # no other node alive when this one started
+        self._alive_nodes: set[str] = set()  # the other nodes alive at the last look (``_tend_leases``)
         self._node_marker: str | None = None
         self.server: ServerThread | None = None
         self.monitor: ServerThread | None = None
@@ -283,6 +284,7 @@ class Daemon:
         others = [n for n in journal.nodes() if n.id != journal.node_id and n.silent_s <= alive_s]
         journal.join(inbox_marker=self._node_marker)
         self._alone = not others
+        self._alive_nodes = {n.id for n in others}
         for node in foreign_inbox_nodes(c.folders.inbox, journal.node_id, others, alive_s):
             log.error("node %s (host %s) watches another inbox: its marker %s is not in %s as this machine sees it; "
                       "every node must see the same share under the same path (konfuzio-watch check)", node.id,
@@ -298,6 +300,21 @@ class Daemon:
         self.journal.heartbeat()
         self.dispatcher.renew_leases()
         self.pipeline.take_over(exclude=set(self.dispatcher.inflight))
+        self._look_after_lost_nodes(now)
+
+    def _look_after_lost_nodes(self, now: float) -> None:
+        """A node that fell silent (or left) since the last look may have been the one its files'
+        callbacks go to (a callback URL of its own, a tunnel on it; or its callbacks were refused while
+        it could not reach the journal): the files waiting for their results are looked at now, as a
+        single daemon does after a restart, rather than a ``results.callback_timeout`` later."""
+        assert self.journal
+        lease_s = self.config.node.lease_seconds
+        alive = {n.id for n in self.journal.nodes() if n.id != self.node_id and n.silent_s <= lease_s}
+        lost, self._alive_nodes = self._alive_nodes - alive, alive
+        if lost:
+            due = self.journal.make_due([State.UPLOADED], now)
+            log.warning("node(s) %s stopped or fell silent: callbacks sent to them may be lost; %d file(s) waiting "
+                        "for their results are looked at now", ", ".join(sorted(lost)), due)
 
     def _heard(self, payload: str) -> None:
         """A notification from the journal (any node's write; on the listener's thread)."""

@@ -91,7 +91,7 @@ def cluster(tmp_path: Path, emulator: Any, pg_url: str) -> Iterator[Cluster]:
     server.close()
 
 
-def assert_every_file_once(cluster: Cluster, files: dict[str, bytes]) -> None:
+def assert_every_file_once(cluster: Cluster, files: dict[str, bytes], shared: bool = True) -> None:
     """Each file once in done/ with its own result; nothing left in the inbox or in processing; each
     file's content uploaded once; every state move made by the row's lease holder; no active rows."""
     done = cluster.shared / "done"
@@ -113,8 +113,8 @@ def assert_every_file_once(cluster: Cluster, files: dict[str, bytes]) -> None:
     assert cluster.rows("SELECT COUNT(*) FROM files WHERE lease_node IS NOT NULL") == [(0,)], "a lease left behind"
     assert moves_not_under_own_lease(cluster.pg_url) == [], "a node moved a row it did not hold"
     assert illegal_move_chains(cluster.pg_url) == []
-    moves = cluster.rows("SELECT COUNT(DISTINCT writer) FROM test_moves")[0][0]
-    assert moves >= 2, "the work was not shared between the nodes"
+    writers = cluster.rows("SELECT COUNT(DISTINCT writer) FROM test_moves")[0][0]
+    assert writers >= 2 or not shared, "the work was not shared between the nodes"
 
 
 def test_three_nodes_share_a_burst_and_each_file_is_handled_once(cluster: Cluster):
@@ -388,3 +388,33 @@ def test_check_refuses_a_journal_url_while_a_single_daemon_holds_the_inbox(tmp_p
     finally:
         single.cleanup()
         node.cleanup()
+
+
+def test_files_a_dead_node_uploaded_are_looked_at_when_it_falls_silent(tmp_path: Path, emulator: Any, pg_url: str):
+    """Each node with a callback URL of its own: a node dies after its uploads, with no file in hand;
+    the callbacks for its files go nowhere. The other node looks at those files once the dead one
+    falls silent, not a callback_timeout (a minute here, ten by default) later."""
+    install_move_audit(pg_url)
+    emulator.knobs.processing_s = 2.0
+    shared = tmp_path
+    (shared / "inbox").mkdir()
+    slow_polls = {"results": {"callback_timeout": 60, "poll_interval": 60}}
+    a = cluster_node(shared, "a", emulator, pg_url, **slow_polls)
+    b = cluster_node(shared, "b", emulator, pg_url, **slow_polls)
+    cluster = Cluster(shared, emulator, pg_url, CallbackBalancer(), "", {"a": a, "b": b})
+    try:
+        a.start()
+        files = sample_files(8, "orphaned")
+        for rel, data in files.items():
+            drop(shared / "inbox" / rel, data)
+        wait_until(lambda: cluster.rows("SELECT COUNT(*) FROM files WHERE state = 'uploaded'"
+                                        " AND lease_node IS NULL")[0][0] == len(files), 30, "a's uploads done")
+        a.kill9()
+        b.start()
+        wait_until(lambda: cluster.finished() >= len(files), 20,
+                   lambda: f"all {len(files)} finished by b (have {cluster.finished()})\n{cluster.logs()}")
+        assert b.terminate() == 0
+    finally:
+        a.cleanup()
+        b.cleanup()
+    assert_every_file_once(cluster, files, shared=False)
