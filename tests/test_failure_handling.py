@@ -136,7 +136,9 @@ def test_a_file_the_daemon_cannot_read_stays_in_the_inbox_until_it_may(emulator)
         assert [u.data_file_name for u in emulator.uploads] == ["readable.pdf"]
 
         os.chmod(secret, 0o644)  # its owner lets the daemon read it: a chmod event
-        wait_until(lambda: (root / "done" / "other-user.pdf.json").exists(), 60, "the file done once readable")
+        # the JSON is placed before the file itself: wait for both
+        wait_until(lambda: (root / "done" / "other-user.pdf").exists() and (root / "done" / "other-user.pdf.json")
+                   .exists(), 60, "the file done once readable")
         assert (root / "done" / "other-user.pdf").read_bytes() == data
         assert daemon.log.read_text().count("may read it now; it is taken in as usual") == 1
         assert list((root / "failed").iterdir()) == []
