@@ -40,6 +40,7 @@ def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process,
     daemon = daemon_process()
     files = sample_files(24, "first")
     later = sample_files(16, "second")
+    stalled = sample_files(2, "stalled")  # one each for the two stalled uploads (the batches may be stored by then)
     for rel, data in files.items():
         drop(tmp_path / "inbox" / rel, data)
 
@@ -68,19 +69,21 @@ def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process,
         # The dangerous window: the server has stored the upload, the daemon never hears its id.
         if index in (2, 5):
             emulator.knobs.stall_after_store_s = 5  # long enough to kill in; frees the server soon after
-            daemon.start()
             stored = uploads()
+            rel = sorted(stalled)[0 if index == 2 else 1]
+            drop(tmp_path / "inbox" / rel, stalled[rel])
+            daemon.start()
             wait_until(lambda s=stored: uploads() > s, 30, "an upload stored by the server, its answer pending")
             daemon.kill9()
             emulator.knobs.stall_after_store_s = 0
 
     daemon.start()
-    wait_until(lambda: daemon.done_count() >= 40, 90, lambda: f"all 40 files done (have {daemon.done_count()})")
+    wait_until(lambda: daemon.done_count() >= 42, 90, lambda: f"all 42 files done (have {daemon.done_count()})")
     assert daemon.terminate() == 0
     assert daemon.journal("PRAGMA integrity_check") == [("ok",)]
-    assert_each_file_finished_exactly_once(tmp_path, emulator, {**files, **later})
+    assert_each_file_finished_exactly_once(tmp_path, emulator, {**files, **later, **stalled})
     states = dict(daemon.journal("SELECT state, COUNT(*) FROM files GROUP BY state"))
-    assert states == {"done": 40}, states
+    assert states == {"done": 42}, states
     log = daemon.log.read_text()
     assert log.count("the server already had it as document") >= 1, "the reconcile path was never exercised"
 
