@@ -213,10 +213,12 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".konfuzio-watch-{digest}.tmp")
 
 
-def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool]) -> None:
+def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool], *, sync_dir: bool = True) -> None:
     """Write JSON atomically at ``path``. An existing file is replaced only if ``is_ours`` says
     it is an earlier write of the same result (a crash between write and move); otherwise
-    ``FileExistsError``."""
+    ``FileExistsError``. Its content is fsynced before it gets its name; the name is durable when
+    this returns, unless ``sync_dir=False``: then the caller fsyncs the folder before relying on it
+    (e.g. once for the JSON and the file moved next to it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     body = encode_json(data)
@@ -231,7 +233,8 @@ def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool]
             if not _existing_is_ours(path, is_ours):
                 raise
             os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)

@@ -117,8 +117,8 @@ class Pipeline:
 
     # -- transitions and failures ----------------------------------------------------------------
 
-    def move(self, row: Row, state: State, **fields: Any) -> Row:
-        new = self.journal.transition(row, state, self.clock.now(), **fields)
+    def move(self, row: Row, state: State, *, durable: bool = True, **fields: Any) -> Row:
+        new = self.journal.transition(row, state, self.clock.now(), durable=durable, **fields)
         self._log_transition(row, new)
         return new
 
@@ -408,13 +408,15 @@ class Pipeline:
         for folder in folders:  # the renames must be durable before the journal says "claimed"
             fsync_dir(folder)
         now = self.clock.now()
+        # Not durable (the upload's own durable write makes it so): lost in a power failure, the row is
+        # ``claiming`` again and recovery finds the file under its claim name (its inode checked).
         try:
-            claimed = self.journal.transition_many(taken, State.CLAIMED, now, next_at=now)
+            claimed = self.journal.transition_many(taken, State.CLAIMED, now, durable=False, next_at=now)
         except IllegalTransition:  # a cluster: a row was taken over meanwhile; move the others one by one
             claimed, kept = [], []
             for row in taken:
                 try:
-                    claimed.append(self.journal.transition(row, State.CLAIMED, now, next_at=now))
+                    claimed.append(self.journal.transition(row, State.CLAIMED, now, durable=False, next_at=now))
                     kept.append(row)
                 except IllegalTransition as exc:
                     log.warning("%s", exc)
@@ -491,7 +493,11 @@ class Pipeline:
         self._api_ok()
         self.metrics.uploads.inc()
         now = self.clock.now()
-        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay())
+        # Not durable when it returns: nothing outside acts on it before a durable write (the export's
+        # final_path) covers it; lost in a power failure, the row is ``uploading`` again and is
+        # reconciled by its token (already journaled) before any new upload: never uploaded twice.
+        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay(),
+                                         durable=False)
         self._log_transition(row, new)
         return new
 
@@ -646,7 +652,10 @@ class Pipeline:
                 self._callback_missing(row)  # (once per file, not at each look while it waits for review)
             if self.config.results.require_review and not details.get("is_reviewed"):
                 return self._wait_for_person(row, checked_at, REVIEW_STAGE)
-            row = self.move(row, State.EXPORTING, stage="export", next_at=self.clock.now(), failures=0)
+            # Not durable: the export's first write into done/ waits for its durable final_path, which
+            # covers this; lost in a power failure, the row is ``uploaded`` and is looked at again.
+            row = self.move(row, State.EXPORTING, durable=False, stage="export", next_at=self.clock.now(),
+                            failures=0)
             return self.export(row, details, checked_at=checked_at)
         if status == export.STATUS_FAILED:
             return self.fail(row, "Konfuzio could not process the document (status 111)", stage="processing")
@@ -972,7 +981,9 @@ class Pipeline:
                     if self._place_pdf(pdf, pdf_path, sidecar_for(target, suffix), is_ours):
                         placed_pdf = pdf_path
                     sidecar = _with_pdf_name(sidecar, pdf_path.name)
-                write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours)
+                # The JSON's name is made durable by the one fsync of the folder that the move of the
+                # file next to it makes before the source goes (``_move_into_place``).
+                write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours, sync_dir=gone)
                 if not gone:
                     self._move_into_place(row, target)
             except FileExistsError:
@@ -987,7 +998,13 @@ class Pipeline:
                 failure = Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}")
                 return self._handle(row, step, failure)
             self.gates[Scope.OUTPUT].open(self.clock.now())
-            new = self.move(row, final_state, next_at=None, **(done_fields or {}))
+            # ``done`` is not durable when it returns: the result and the file are durable in done/
+            # and the source is gone from processing/ (fsynced) before it is committed, and nothing
+            # outside acts on it; lost in a power failure, the row is ``exporting`` with its durable
+            # final_path, and the export runs again: the JSON (ours) is rewritten, the file is found
+            # in place. ``failed`` stays durable (its notification goes out at once).
+            new = self.move(row, final_state, durable=final_state != State.DONE, next_at=None,
+                            **(done_fields or {}))
             if final_state == State.DONE and checked_at is not None:
                 new = self.journal.arm_refresh(new, since=checked_at, now=self.clock.now())
             return new
@@ -1022,11 +1039,16 @@ class Pipeline:
         return target
 
     def _move_into_place(self, row: Row, target: Path) -> None:
+        """Move the file from processing/ to ``target``; the target's folder (which holds its JSON,
+        written just before) is fsynced before the source is unlinked, and the unlink is fsynced."""
         source = self.processing_path(row)
         if not os.path.lexists(source):
-            return  # moved before a crash (the caller checked that one of the two exists)
+            fsync_dir(target.parent)  # moved before a crash (the caller checked that one of the two exists)
+            return
         if os.path.lexists(target) and (same_file(source, target) or _has_content(target, row.sha256)):
-            os.unlink(source)  # moved before a crash that came before the source was unlinked
+            fsync_dir(target.parent)  # moved before a crash that came before the source was unlinked
+            os.unlink(source)
+            fsync_dir(source.parent)
             return
         move_no_clobber(source, target)
 
