@@ -776,6 +776,19 @@ class BaseJournal(ABC):
             found = tx.execute(f"SELECT id, claim_name FROM files WHERE {where}", values).fetchall()
         return {bytes(name) if name is not None else str(row_id).encode() for row_id, name in found}
 
+    def finished_claims(self, names: Iterable[bytes]) -> dict[bytes, Row]:
+        """Done or failed rows whose processing/ name is one of ``names``: claim name -> row."""
+        wanted = list(names)
+        found: dict[bytes, Row] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            where, states = _in("state", [s.value for s in TERMINAL])
+            for row in self._select(f"SELECT {_COLS} FROM files WHERE claim_name IN ({_marks(chunk)}) AND {where}",
+                                    (*chunk, *states)):
+                assert row.claim_name is not None
+                found[bytes(row.claim_name)] = row
+        return found
+
     def meta(self, key: str) -> str | None:
         with self._read() as tx:
             found = tx.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

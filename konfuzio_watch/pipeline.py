@@ -13,6 +13,7 @@ Steps run on worker threads; they never share mutable state except through the j
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -327,6 +328,7 @@ class Pipeline:
         file, so a file another node is claiming right now has its row by the time it is read."""
         listed = processing.names(self.processing_dir)
         names = processing.orphans(listed, self.journal.claim_names(ACTIVE))
+        names = self._drop_leftover_names(names)
         adopted = []
         for name in names:
             source = self.processing_dir / os.fsdecode(name)
@@ -346,6 +348,26 @@ class Pipeline:
                         ", ".join(display_name(os.fsencode(t.relative_to(self.config.folders.inbox)))
                                   for t in adopted[:20]) + (" ..." if len(adopted) > 20 else ""))
         return adopted
+
+    def _drop_leftover_names(self, names: list[bytes]) -> list[bytes]:
+        """Remove processing/ names of done or failed rows that are a second name of the very file in
+        done/ or failed/ (same device and inode): the move's unlink is not fsynced (``_move_into_place``),
+        so a power failure can bring it back. Nothing is lost by removing it; anything else under such
+        a name (another file, a copy) is adopted like any orphan. Returns the names left to adopt."""
+        finished = self.journal.finished_claims(names) if names else {}
+        removed = []
+        for name, row in finished.items():
+            source = self.processing_dir / os.fsdecode(name)
+            if row.final_path is None or not same_file(source, Path(os.fsdecode(row.final_path))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(source)
+            removed.append(name)
+            log.info("%s: removed its leftover name %s in %s (the file is in %s)", row.display_path,
+                     display_name(name), self.processing_dir, export_display(row.final_path, self.config.folders.done))
+        if removed:
+            fsync_dir(self.processing_dir)
+        return [n for n in names if n not in set(removed)]
 
     # -- claiming: inbox -> processing/ (scheduler thread, in batches) ---------------------------
 
@@ -999,10 +1021,10 @@ class Pipeline:
                 return self._handle(row, step, failure)
             self.gates[Scope.OUTPUT].open(self.clock.now())
             # ``done`` is not durable when it returns: the result and the file are durable in done/
-            # and the source is gone from processing/ (fsynced) before it is committed, and nothing
-            # outside acts on it; lost in a power failure, the row is ``exporting`` with its durable
-            # final_path, and the export runs again: the JSON (ours) is rewritten, the file is found
-            # in place. ``failed`` stays durable (its notification goes out at once).
+            # before it is committed, and nothing outside acts on it; lost in a power failure, the row
+            # is ``exporting`` with its durable final_path, and the export runs again: the JSON (ours)
+            # is rewritten, the file is found in place (a name of it left in processing/ is unlinked).
+            # ``failed`` stays durable (its notification goes out at once).
             new = self.move(row, final_state, durable=final_state != State.DONE, next_at=None,
                             **(done_fields or {}))
             if final_state == State.DONE and checked_at is not None:
@@ -1040,17 +1062,22 @@ class Pipeline:
 
     def _move_into_place(self, row: Row, target: Path) -> None:
         """Move the file from processing/ to ``target``; the target's folder (which holds its JSON,
-        written just before) is fsynced before the source is unlinked, and the unlink is fsynced."""
+        written just before) is fsynced before the source is unlinked."""
         source = self.processing_path(row)
         if not os.path.lexists(source):
             fsync_dir(target.parent)  # moved before a crash (the caller checked that one of the two exists)
             return
         if os.path.lexists(target) and (same_file(source, target) or _has_content(target, row.sha256)):
             fsync_dir(target.parent)  # moved before a crash that came before the source was unlinked
+            linked = same_file(source, target)
             os.unlink(source)
-            fsync_dir(source.parent)
+            if not linked:
+                fsync_dir(source.parent)
             return
-        move_no_clobber(source, target)
+        # The unlink from processing/ is not fsynced when the move was a hard link: a power failure may
+        # bring that name back, a second name of the file now in done/ (or failed/), which start-up
+        # recognises by its inode and removes (``_drop_leftover_names``), never adopts.
+        move_no_clobber(source, target, sync_unlink=False)
 
 
 class _Invalid(Exception):
