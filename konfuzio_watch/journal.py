@@ -326,6 +326,10 @@ class BaseJournal(ABC):
     #: How long a lease lasts unless renewed, for the leases the journal gives by itself (new claims).
     lease_s = 60.0
 
+    #: Whether one writer at a time has the database (SQLite): a batch of rows may then be changed by
+    #: one statement (several nodes keep one row per statement, locking rows in one order).
+    _ONE_WRITER = False
+
     # SQL that differs between the backends, appended to shared statements:
     _LOCK_ROW = ""  # to a SELECT of a row the transaction then changes
     _LEASE_GUARD = ""  # to the WHERE of a write to one row: not leased to another node (one ? : node_id)
@@ -441,11 +445,13 @@ class BaseJournal(ABC):
             for c in claims:
                 found = tx.execute(
                     "INSERT INTO files (rel_path, state, detected_at, updated_at, next_at, claim_name, file_dev,"
-                    f" file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING {_COLS}",
+                    " file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                     (c.rel_path, State.CLAIMING.value, c.detected_at or now, now, now, c.claim_name, c.dev, c.ino),
                 ).fetchone()
-                if found is not None:
-                    rows.append(_row(found))
+                if found is not None:  # the row as inserted (every other column at its default)
+                    rows.append(Row(found[0], c.rel_path, State.CLAIMING, None, None, None, None, None, 0, now, None,
+                                    None, None, None, None, None, c.detected_at or now, now, None, 0, c.claim_name,
+                                    c.dev, c.ino))
             if rows:
                 self._lease_new(tx, [r.id for r in rows])
                 tx.notify(f"due:{now!r}")
@@ -487,12 +493,27 @@ class BaseJournal(ABC):
         values = list(fields.values())
         found: dict[int, Row] = {}
         with self._writer(durable) as tx:
-            for row in sorted(rows, key=lambda r: r.id):  # one order for every writer: no deadlocks
-                new = tx.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?{self._LEASE_GUARD}"
-                                 f" RETURNING {_COLS}", (*values, row.id, row.state.value, *self._guard)).fetchone()
-                if new is None:
+            if self._ONE_WRITER and len(rows) > 1:  # a batch (claims): one statement per 500 rows
+                by_state: dict[State, list[int]] = {}
+                for row in rows:
+                    by_state.setdefault(row.state, []).append(row.id)
+                for was, ids in by_state.items():
+                    for start in range(0, len(ids), 500):
+                        chunk = ids[start : start + 500]
+                        for new in tx.execute(f"UPDATE files SET {assignments} WHERE state = ? AND id IN"
+                                              f" ({_marks(chunk)}){self._LEASE_GUARD} RETURNING {_COLS}",
+                                              (*values, was.value, *chunk, *self._guard)).fetchall():
+                            found[new[0]] = _row(new)
+            else:  # one row per statement, in one order for every writer: no deadlocks between nodes
+                for row in sorted(rows, key=lambda r: r.id):
+                    new = tx.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?{self._LEASE_GUARD}"
+                                     f" RETURNING {_COLS}", (*values, row.id, row.state.value, *self._guard)
+                                     ).fetchone()
+                    if new is not None:
+                        found[row.id] = _row(new)
+            for row in rows:
+                if row.id not in found:  # the transaction rolls back: none of them moved
                     raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
-                found[row.id] = _row(new)
             if fields.get("next_at") is not None:
                 tx.notify(f"due:{fields['next_at']!r}")
         return [found[r.id] for r in rows]
@@ -939,6 +960,7 @@ class SqliteJournal(BaseJournal):
     """
 
     schema_version = SCHEMA_VERSION
+    _ONE_WRITER = True
 
     def __init__(self, path: Path, *, allow_network_fs: bool = False, mountinfo: str | None = None,
                  node_id: str | None = None):
