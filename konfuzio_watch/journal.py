@@ -986,6 +986,7 @@ class SqliteJournal(BaseJournal):
         self._sync_done = threading.Condition(threading.Lock())
         self._wal_fd: int | None = None
         self.syncs = 0  # fsyncs of the WAL so far (tests, benchmarks)
+        self._cached: dict[str, tuple[tuple[int, int], Any]] = {}  # counts() and oldest_active_detected_at()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -1109,6 +1110,30 @@ class SqliteJournal(BaseJournal):
     def _read(self) -> Iterator[_SqliteTx]:
         with self._lock:
             yield _SqliteTx(self._db)
+
+    # -- the status line's figures, read again only when the journal changed ---------------------
+
+    def _version(self) -> tuple[int, int]:
+        """Changes as (this connection's commits that wrote something, SQLite's data_version: other
+        connections' commits, e.g. ``konfuzio-watch retry``)."""
+        with self._lock:
+            return self._committed, self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def counts(self) -> dict[State, int]:
+        """Rows per state. The daemon asks every few seconds (status line, metrics); with tens of
+        thousands of rows the count was most of an idle daemon's CPU, so it is kept until a commit."""
+        version = self._version()
+        cached = self._cached.get("counts")
+        if cached is None or cached[0] != version:
+            cached = self._cached["counts"] = (version, super().counts())
+        return dict(cached[1])
+
+    def oldest_active_detected_at(self) -> float | None:
+        version = self._version()
+        cached = self._cached.get("oldest")
+        if cached is None or cached[0] != version:
+            cached = self._cached["oldest"] = (version, super().oldest_active_detected_at())
+        return cached[1]
 
     def schema_found(self) -> int | None:
         with self._read() as tx:

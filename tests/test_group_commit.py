@@ -149,3 +149,17 @@ def test_a_failed_fsync_fails_that_write_and_every_later_one(journal: SqliteJour
         journal.update(journal.get(row.id), 3.0, stage="y", durable=False)
     with pytest.raises(JournalWriteError, match="restart"):
         journal.probe(4.0)
+
+
+def test_counts_are_read_again_after_any_commit_of_this_or_another_connection(journal: SqliteJournal):
+    row = claim(journal, "a.pdf")
+    assert journal.counts()[State.CLAIMING] == 1 and journal.oldest_active_detected_at() == 1.0
+    journal.transition(row, State.CLAIMED, 2.0, durable=False)
+    assert (journal.counts()[State.CLAIMING], journal.counts()[State.CLAIMED]) == (0, 1)
+    other = SqliteJournal(journal.path)  # e.g. `konfuzio-watch retry` while the daemon runs
+    try:
+        other.add_claims([NewClaim(b"b.pdf", b"b-c", detected_at=0.5)], 3.0)
+    finally:
+        other.close()
+    assert journal.counts()[State.CLAIMING] == 1
+    assert journal.oldest_active_detected_at() == 0.5
