@@ -140,14 +140,19 @@ def _split_suffix(name: str) -> tuple[str, str]:
     return stem, "." + ext
 
 
-def move_no_clobber(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; raise ``FileExistsError`` rather than replace anything."""
+def move_no_clobber(src: Path, dst: Path, *, sync_unlink: bool = True) -> None:
+    """Move ``src`` to ``dst``; raise ``FileExistsError`` rather than replace anything. ``dst`` is
+    durable before ``src`` is unlinked. ``sync_unlink=False``: when the move was a hard link, the
+    unlink of ``src`` is not fsynced (a caller that recognises a leftover second name of the same
+    file); after a copy across file systems it always is."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    linked = True
     try:
         os.link(src, dst, follow_symlinks=False)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             _copy_across(src, dst)
+            linked = False
         elif exc.errno in NO_HARD_LINKS:
             if os.path.lexists(dst):  # no hard links here (some SMB/FAT): check, then rename
                 raise FileExistsError(errno.EEXIST, "target exists", str(dst)) from None
@@ -158,7 +163,8 @@ def move_no_clobber(src: Path, dst: Path) -> None:
             raise
     fsync_dir(dst.parent)
     os.unlink(src)
-    fsync_dir(src.parent)
+    if sync_unlink or not linked:
+        fsync_dir(src.parent)
 
 
 def _copy_across(src: Path, dst: Path) -> None:
@@ -213,10 +219,12 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".konfuzio-watch-{digest}.tmp")
 
 
-def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool]) -> None:
+def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool], *, sync_dir: bool = True) -> None:
     """Write JSON atomically at ``path``. An existing file is replaced only if ``is_ours`` says
     it is an earlier write of the same result (a crash between write and move); otherwise
-    ``FileExistsError``."""
+    ``FileExistsError``. Its content is fsynced before it gets its name; the name is durable when
+    this returns, unless ``sync_dir=False``: then the caller fsyncs the folder before relying on it
+    (e.g. once for the JSON and the file moved next to it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     body = encode_json(data)
@@ -231,7 +239,8 @@ def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool]
             if not _existing_is_ours(path, is_ours):
                 raise
             os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)

@@ -5,11 +5,17 @@ and the SQLite journal, the embedded default) and ``journal_pg.py`` (PostgreSQL,
 cluster of daemons on one inbox). ``Journal`` is the SQLite journal; ``open_journal(config)``
 opens the one the config names.
 
-Every state change is one transaction. SQLite commits it with ``synchronous=FULL`` in WAL mode,
-so a row read back after SIGKILL or power loss is a fact. Moves between states are checked against
-the table in ``states.py`` and guarded by the state the caller read (``WHERE state = ?``), so a
-row cannot be moved twice or sideways. A write that the database cannot make (disk full, I/O
-error, read-only, the server gone) raises ``JournalWriteError``.
+Every state change is one transaction. A write returns once its transaction is durable: SQLite
+(WAL mode) commits it and the journal fsyncs the WAL before the caller goes on, several threads'
+commits sharing one fsync (group commit); so a row read back after SIGKILL or power loss is a fact.
+A few writes are marked ``durable=False``: committed (visible at once, and kept by SIGKILL, which
+leaves the page cache alone), made durable by the next durable write of any thread (the WAL is a
+log: an fsync covers every commit before it). They are the steps whose loss in a power failure
+start-up recovery redoes without any outside effect twice; each such call says why.
+
+Moves between states are checked against the table in ``states.py`` and guarded by the state the
+caller read (``WHERE state = ?``), so a row cannot be moved twice or sideways. A write that the
+database cannot make (disk full, I/O error, read-only, the server gone) raises ``JournalWriteError``.
 
 The statements the backends share are written once, here, in the SQL both understand (``?``
 marks, ``ON CONFLICT``, ``RETURNING``); each backend runs them through its own transaction.
@@ -136,7 +142,10 @@ class JournalError(Exception):
 
 
 class JournalWriteError(Exception):
-    """The database could not write (disk full, I/O error, read-only): nothing of the write happened."""
+    """The database could not write (disk full, I/O error, read-only): nothing of the write happened;
+    or (SQLite) its transaction is committed but the fsync that makes it durable failed: as after a
+    crash right after the commit, which start-up recovery (run again when the journal takes writes)
+    finishes. Nothing is acted on that is not known to be durable."""
 
 
 class JournalUnavailable(JournalWriteError):
@@ -317,6 +326,10 @@ class BaseJournal(ABC):
     #: How long a lease lasts unless renewed, for the leases the journal gives by itself (new claims).
     lease_s = 60.0
 
+    #: Whether one writer at a time has the database (SQLite): a batch of rows may then be changed by
+    #: one statement (several nodes keep one row per statement, locking rows in one order).
+    _ONE_WRITER = False
+
     # SQL that differs between the backends, appended to shared statements:
     _LOCK_ROW = ""  # to a SELECT of a row the transaction then changes
     _LEASE_GUARD = ""  # to the WHERE of a write to one row: not leased to another node (one ? : node_id)
@@ -335,6 +348,17 @@ class BaseJournal(ABC):
     @abstractmethod
     def _read(self) -> AbstractContextManager[_Tx]:
         """A connection for reads."""
+
+    def _write_soon(self) -> AbstractContextManager[_Tx]:
+        """One write transaction that need not be durable when it returns (``durable=False``): the
+        next durable write makes it so. By default a write like any other (PostgreSQL)."""
+        return self._write()
+
+    def _writer(self, durable: bool) -> AbstractContextManager[_Tx]:
+        return self._write() if durable else self._write_soon()
+
+    def _make_durable(self) -> None:  # noqa: B027 - a hook: every write of a backend without _write_soon is
+        """Make every write committed so far durable (after ``_write_soon``)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -416,27 +440,31 @@ class BaseJournal(ABC):
         inode: PostgreSQL's unique index) gets no row: the rows returned are those of the claims
         this call made, in order (on SQLite, one per claim)."""
         claims = [c if isinstance(c, NewClaim) else NewClaim(c, secrets.token_hex(8).encode()) for c in claims]
-        ids = []
-        with self._write() as tx:
+        rows: list[Row] = []
+        with self._write() as tx:  # durable: the claim is on disk before the file leaves the inbox
             for c in claims:
                 found = tx.execute(
                     "INSERT INTO files (rel_path, state, detected_at, updated_at, next_at, claim_name, file_dev,"
                     " file_ino) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                     (c.rel_path, State.CLAIMING.value, c.detected_at or now, now, now, c.claim_name, c.dev, c.ino),
                 ).fetchone()
-                if found is not None:
-                    ids.append(found[0])
-            if ids:
-                self._lease_new(tx, ids)
+                if found is not None:  # the row as inserted (every other column at its default)
+                    rows.append(Row(found[0], c.rel_path, State.CLAIMING, None, None, None, None, None, 0, now, None,
+                                    None, None, None, None, None, c.detected_at or now, now, None, 0, c.claim_name,
+                                    c.dev, c.ino))
+            if rows:
+                self._lease_new(tx, [r.id for r in rows])
                 tx.notify(f"due:{now!r}")
-        return self.get_many(ids)
+        return rows
 
-    def transition(self, row: Row, state: State, now: float, **fields: object) -> Row:
+    def transition(self, row: Row, state: State, now: float, *, durable: bool = True, **fields: object) -> Row:
         """Move one row to ``state`` (a legal move from the state it is in), with other columns,
-        in one transaction. A successful move clears the row's failure count unless given."""
-        return self.transition_many([row], state, now, **fields)[0]
+        in one transaction. A successful move clears the row's failure count unless given.
+        ``durable=False``: see the module's docstring."""
+        return self.transition_many([row], state, now, durable=durable, **fields)[0]
 
-    def transition_many(self, rows: Sequence[Row], state: State, now: float, **fields: object) -> list[Row]:
+    def transition_many(self, rows: Sequence[Row], state: State, now: float, *, durable: bool = True,
+                        **fields: object) -> list[Row]:
         for row in rows:
             check_transition(row.state, state)
         fields.setdefault("failures", 0)
@@ -444,16 +472,17 @@ class BaseJournal(ABC):
             fields.setdefault("error", None)  # moving on: the last failure is history
         if state in TERMINAL:
             fields.setdefault("finished_at", now)
-        return self._set(rows, now, {**fields, "state": state.value}, moving=True)
+        return self._set(rows, now, {**fields, "state": state.value}, moving=True, durable=durable)
 
-    def update(self, row: Row, now: float, **fields: object) -> Row:
+    def update(self, row: Row, now: float, *, durable: bool = True, **fields: object) -> Row:
         """Change some columns of a row that stays in its state."""
-        return self._set([row], now, fields)[0]
+        return self._set([row], now, fields, durable=durable)[0]
 
     def update_many(self, rows: Sequence[Row], now: float, **fields: object) -> list[Row]:
         return self._set(rows, now, fields)
 
-    def _set(self, rows: Sequence[Row], now: float, fields: dict[str, object], moving: bool = False) -> list[Row]:
+    def _set(self, rows: Sequence[Row], now: float, fields: dict[str, object], moving: bool = False,
+             durable: bool = True) -> list[Row]:
         bad = set(fields) - UPDATABLE - ({"state"} if moving else set())
         if bad:
             raise ValueError(f"not updatable: {sorted(bad)}")
@@ -462,31 +491,48 @@ class BaseJournal(ABC):
         fields["updated_at"] = now
         assignments = ", ".join(f"{name} = ?" for name in fields)
         values = list(fields.values())
-        with self._write() as tx:
-            for row in sorted(rows, key=lambda r: r.id):  # one order for every writer: no deadlocks
-                cursor = tx.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?{self._LEASE_GUARD}",
-                                    (*values, row.id, row.state.value, *self._guard))
-                if cursor.rowcount != 1:
+        found: dict[int, Row] = {}
+        with self._writer(durable) as tx:
+            if self._ONE_WRITER and len(rows) > 1:  # a batch (claims): one statement per 500 rows
+                by_state: dict[State, list[int]] = {}
+                for row in rows:
+                    by_state.setdefault(row.state, []).append(row.id)
+                for was, ids in by_state.items():
+                    for start in range(0, len(ids), 500):
+                        chunk = ids[start : start + 500]
+                        for new in tx.execute(f"UPDATE files SET {assignments} WHERE state = ? AND id IN"
+                                              f" ({_marks(chunk)}){self._LEASE_GUARD} RETURNING {_COLS}",
+                                              (*values, was.value, *chunk, *self._guard)).fetchall():
+                            found[new[0]] = _row(new)
+            else:  # one row per statement, in one order for every writer: no deadlocks between nodes
+                for row in sorted(rows, key=lambda r: r.id):
+                    new = tx.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?{self._LEASE_GUARD}"
+                                     f" RETURNING {_COLS}", (*values, row.id, row.state.value, *self._guard)
+                                     ).fetchone()
+                    if new is not None:
+                        found[row.id] = _row(new)
+            for row in rows:
+                if row.id not in found:  # the transaction rolls back: none of them moved
                     raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
             if fields.get("next_at") is not None:
                 tx.notify(f"due:{fields['next_at']!r}")
-        return self.get_many([r.id for r in rows])
+        return [found[r.id] for r in rows]
 
     def start_upload(self, row: Row, token_hash: str, now: float, **fields: object) -> Row:
         """CLAIMED -> UPLOADING with a new attempt's token, kept with every earlier one."""
         check_transition(row.state, State.UPLOADING)
         fields = {**fields, "token_hash": token_hash, "ambiguous_since": None}
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._write() as tx:
-            cursor = tx.execute(
+        with self._write() as tx:  # durable: the token is on disk before the POST that carries it
+            new = tx.execute(
                 f"UPDATE files SET state = ?, updated_at = ?, {assignments} WHERE id = ? AND state = ?"
-                f"{self._LEASE_GUARD}",
-                (State.UPLOADING.value, now, *fields.values(), row.id, row.state.value, *self._guard))
-            if cursor.rowcount != 1:
+                f"{self._LEASE_GUARD} RETURNING {_COLS}",
+                (State.UPLOADING.value, now, *fields.values(), row.id, row.state.value, *self._guard)).fetchone()
+            if new is None:
                 raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
             tx.execute("INSERT INTO upload_tokens (token_hash, row_id, sent_at) VALUES (?, ?, ?)",
                        (token_hash, row.id, now))
-        return self.get(row.id)
+        return _row(new)
 
     def tokens_of(self, row_ids: Iterable[int]) -> dict[str, int]:
         """Every upload attempt's token hash of these rows -> row id."""
@@ -544,41 +590,41 @@ class BaseJournal(ABC):
             tx.execute("UPDATE extra_documents SET deleted_at = ?, error = ? WHERE document_id = ?",
                        (now if error is None else None, error, document_id))
 
-    def mark_uploaded(self, row: Row, document_id: int, now: float, poll_at: float, **fields: object) -> Row:
+    def mark_uploaded(self, row: Row, document_id: int, now: float, poll_at: float, *, durable: bool = True,
+                      **fields: object) -> Row:
         """UPLOADING -> UPLOADED. If the callback already came (it can beat the upload's own
         response), the row is due at once; otherwise at ``poll_at``."""
         check_transition(row.state, State.UPLOADED)
         extra = "".join(f", {name} = ?" for name in fields)
-        with self._write() as tx:
-            cursor = tx.execute(
+        with self._writer(durable) as tx:
+            found = tx.execute(
                 "UPDATE files SET state = ?, document_id = ?, uploaded_at = ?, error = NULL, failures = 0,"
                 f" updated_at = ?, next_at = CASE WHEN callback_at IS NOT NULL THEN ? ELSE ? END{extra}"
-                f" WHERE id = ? AND state = ?{self._LEASE_GUARD}",
+                f" WHERE id = ? AND state = ?{self._LEASE_GUARD} RETURNING {_COLS}",
                 (State.UPLOADED.value, document_id, now, now, now, poll_at, *fields.values(), row.id,
                  row.state.value, *self._guard),
-            )
-            if cursor.rowcount != 1:
+            ).fetchone()
+            if found is None:
                 raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
-            self._notify_due(tx, row.id)
-        return self.get(row.id)
+            new = _row(found)
+            if new.next_at is not None:
+                tx.notify(f"due:{float(new.next_at)!r}")
+        return new
 
     def schedule_poll(self, row: Row, checked_at: float, now: float, poll_at: float, stage: str) -> Row:
-        """Look again at ``poll_at`` - or at once if a callback came in while we were checking."""
-        with self._write() as tx:
-            cursor = tx.execute(
+        """Look again at ``poll_at`` - or at once if a callback came in while we were checking.
+        Not durable (``durable=False``): lost in a power failure, the row is looked at again at
+        start-up (every uploaded row is), which is all this write asks for."""
+        with self._write_soon() as tx:
+            found = tx.execute(
                 "UPDATE files SET stage = ?, updated_at = ?, failures = 0, error = NULL,"
                 " next_at = CASE WHEN callback_at >= ? THEN ? ELSE ? END"
-                f" WHERE id = ? AND state = ?{self._LEASE_GUARD}",
+                f" WHERE id = ? AND state = ?{self._LEASE_GUARD} RETURNING {_COLS}",
                 (stage, now, checked_at, now, poll_at, row.id, row.state.value, *self._guard),
-            )
-            if cursor.rowcount == 1:
-                self._notify_due(tx, row.id)
-        return self.get(row.id)
-
-    def _notify_due(self, tx: _Tx, row_id: int) -> None:
-        found = tx.execute("SELECT next_at FROM files WHERE id = ?", (row_id,)).fetchone()
-        if found and found[0] is not None:
-            tx.notify(f"due:{found[0]!r}")
+            ).fetchone()
+            if found is not None and found[COLUMNS.index("next_at")] is not None:
+                tx.notify(f"due:{float(found[COLUMNS.index('next_at')])!r}")
+        return _row(found) if found is not None else self.get(row.id)
 
     def discard(self, row: Row) -> None:
         """Forget a row whose file vanished from the inbox before we took it."""
@@ -610,8 +656,14 @@ class BaseJournal(ABC):
         re-extraction, so the pipeline is to look at the document again (``refresh_at``, at most
         once per ``REFRESH_GAP_S``); the row is returned then, else None. ``recorded``: fact stored;
         the pipeline will confirm the outcome with the API. The listeners hear ``callback:<row id>``.
+
+        ``recorded`` is not durable when this returns (``durable=False``): lost in a power failure, it
+        is a lost callback, and start-up looks at every uploaded file once (an uploading one is
+        reconciled first). The other outcomes that write are durable before the answer.
         """
-        with self._write() as tx:
+        refresh = False
+        new: Row | None = None
+        with self._write_soon() as tx:
             found = tx.execute(
                 "SELECT t.token_hash, f.id, f.state, f.document_id, f.token_hash, f.project_id FROM upload_tokens t"
                 f" JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?{self._LOCK_ROW}", (token_hash,)
@@ -622,40 +674,44 @@ class BaseJournal(ABC):
             if claimed_document_id is not None and document_id is not None and claimed_document_id != document_id:
                 if current_token == token_hash:
                     return "mismatch", None
-                tx.execute("INSERT INTO extra_documents (document_id, row_id, project_id, found_at)"
-                           " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                           (claimed_document_id, row_id, project_id, now))
-                return "extra", None
-            if state == State.DONE and current_token == token_hash:
-                tx.execute(
+                extra = tx.execute("INSERT INTO extra_documents (document_id, row_id, project_id, found_at)"
+                                   " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                   (claimed_document_id, row_id, project_id, now)).rowcount
+                refresh = extra == 1
+            elif state == State.DONE and current_token == token_hash:
+                new = _row(tx.execute(
                     "UPDATE files SET callback_at = ?, refresh_at = COALESCE(refresh_at, CASE WHEN updated_at + ? > ?"
-                    " THEN updated_at + ? ELSE ? END) WHERE id = ? AND state = ?",
-                    (now, REFRESH_GAP_S, now, REFRESH_GAP_S, now, row_id, State.DONE.value))
+                    f" THEN updated_at + ? ELSE ? END) WHERE id = ? AND state = ? RETURNING {_COLS}",
+                    (now, REFRESH_GAP_S, now, REFRESH_GAP_S, now, row_id, State.DONE.value)).fetchone())
                 tx.notify(f"callback:{row_id}")
                 refresh = True
             elif state in TERMINAL:
                 return "finished", None
             else:
-                refresh = False
                 next_at = now if state == State.UPLOADED else None
-                tx.execute(
-                    "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?",
-                    (now, next_at, now, row_id),
-                )
+                new = _row(tx.execute(
+                    "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?"
+                    f" RETURNING {_COLS}", (now, next_at, now, row_id)).fetchone())
                 tx.notify(f"callback:{row_id}")
-        if refresh:
-            return "finished", self.get(row_id)
-        return "recorded", self.get(row_id)
+        if refresh:  # a second copy to delete, a done file's next revision: nothing else would find them again
+            self._make_durable()
+        if new is None:
+            return "extra", None
+        return ("finished" if new.state == State.DONE else "recorded"), new
 
     # -- done results that may have changed on the server ------------------------------------
 
     def arm_refresh(self, row: Row, since: float, now: float) -> Row:
         """After a row became done: if a callback came in since ``since`` (the details the export
         used were fetched then), a review may have beaten the export: look again at once."""
-        with self._write() as tx:
-            tx.execute("UPDATE files SET refresh_at = ? WHERE id = ? AND state = ? AND callback_at >= ?"
-                       " AND refresh_at IS NULL", (now, row.id, State.DONE.value, since))
-        return self.get(row.id)
+        with self._write_soon() as tx:
+            found = tx.execute("UPDATE files SET refresh_at = ? WHERE id = ? AND state = ? AND callback_at >= ?"
+                               f" AND refresh_at IS NULL RETURNING {_COLS}",
+                               (now, row.id, State.DONE.value, since)).fetchone()
+        if found is None:  # nothing to look at again: nothing to make durable
+            return row
+        self._make_durable()
+        return _row(found)
 
     def finish_refresh(self, row: Row, checked_at: float, now: float, **fields: object) -> Row:
         """A refresh of a done row is over (``fields``: e.g. its new ``revision`` and ``fingerprint``),
@@ -666,13 +722,15 @@ class BaseJournal(ABC):
             raise ValueError(f"not updatable: {sorted(bad)}")
         extra = "".join(f", {name} = ?" for name in fields)
         with self._write() as tx:
-            cursor = tx.execute(
+            found = tx.execute(
                 "UPDATE files SET refresh_at = CASE WHEN callback_at >= ? THEN ? ELSE NULL END, failures = 0,"
-                f" error = NULL, updated_at = ?{extra} WHERE id = ? AND state = ?{self._LEASE_GUARD}",
-                (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value, *self._guard))
-            if cursor.rowcount != 1:
+                f" error = NULL, updated_at = ?{extra} WHERE id = ? AND state = ?{self._LEASE_GUARD}"
+                f" RETURNING {_COLS}",
+                (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value, *self._guard)
+            ).fetchone()
+            if found is None:
                 raise IllegalTransition(f"{row.display_path}: no longer {State.DONE} (row {row.id})")
-        return self.get(row.id)
+        return _row(found)
 
     def due_refreshes(self, now: float, exclude: Iterable[int], limit: int) -> list[Row]:
         """Done rows whose ``refresh_at`` has come, earliest first, skipping ``exclude``."""
@@ -738,6 +796,19 @@ class BaseJournal(ABC):
         with self._read() as tx:
             found = tx.execute(f"SELECT id, claim_name FROM files WHERE {where}", values).fetchall()
         return {bytes(name) if name is not None else str(row_id).encode() for row_id, name in found}
+
+    def finished_claims(self, names: Iterable[bytes]) -> dict[bytes, Row]:
+        """Done or failed rows whose processing/ name is one of ``names``: claim name -> row."""
+        wanted = list(names)
+        found: dict[bytes, Row] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            where, states = _in("state", [s.value for s in TERMINAL])
+            for row in self._select(f"SELECT {_COLS} FROM files WHERE claim_name IN ({_marks(chunk)}) AND {where}",
+                                    (*chunk, *states)):
+                assert row.claim_name is not None
+                found[bytes(row.claim_name)] = row
+        return found
 
     def meta(self, key: str) -> str | None:
         with self._read() as tx:
@@ -865,6 +936,7 @@ class _SqliteTx:
     def __init__(self, db: sqlite3.Connection):
         self.db = db
         self.notices: list[str] = []
+        self.seq = 0  # the commit's number (group commit)
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
         return self.db.execute(sql, params)
@@ -874,9 +946,21 @@ class _SqliteTx:
 
 
 class SqliteJournal(BaseJournal):
-    """The journal in one SQLite file on a local disk; one connection guarded by a lock."""
+    """The journal in one SQLite file on a local disk; one connection guarded by a lock.
+
+    Durability: the connection runs WAL with ``synchronous=NORMAL`` (SQLite syncs the WAL before a
+    checkpoint, the database file after it and the WAL header when the WAL is reused, so the file is
+    never damaged), and a durable write (``_write``) returns only after an fdatasync of the WAL that
+    began after its COMMIT: what ``synchronous=FULL`` guarantees. The fsync runs outside the
+    connection's lock, so other threads commit meanwhile; the next fsync then covers all of them at
+    once (group commit: one leader syncs, the others wait for it, each released only by an fsync
+    that started after its own commit). A failed fsync is final for this process: the kernel may
+    have dropped the pages it could not write, so no later write is reported durable; the daemon
+    pauses until it is restarted.
+    """
 
     schema_version = SCHEMA_VERSION
+    _ONE_WRITER = True
 
     def __init__(self, path: Path, *, allow_network_fs: bool = False, mountinfo: str | None = None,
                  node_id: str | None = None):
@@ -893,10 +977,20 @@ class SqliteJournal(BaseJournal):
         self.location = str(path)
         self.node_id = node_id or default_node_id()
         self._lock = threading.Lock()
+        # Group commit: ``_committed`` counts commits that wrote something, ``_synced`` how many of
+        # them an fsync of the WAL covers; one thread at a time (``_syncing``) runs the fsync.
+        self._committed = 0
+        self._synced = 0
+        self._syncing = False
+        self._sync_failed: str | None = None
+        self._sync_done = threading.Condition(threading.Lock())
+        self._wal_fd: int | None = None
+        self.syncs = 0  # fsyncs of the WAL so far (tests, benchmarks)
+        self._cached: dict[str, tuple[tuple[int, int], Any]] = {}  # counts() and oldest_active_detected_at()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._create()
         except (sqlite3.Error, JournalWriteError) as exc:
             raise JournalError(f"cannot read the journal {path}: {exc}") from None
@@ -920,13 +1014,41 @@ class SqliteJournal(BaseJournal):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._sync_done:
+            while self._syncing:  # a leader's fsync in progress: its descriptor stays open until it ends
+                self._sync_done.wait()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
 
     @contextmanager
     def _write(self) -> Iterator[_SqliteTx]:
+        """A durable write: committed, and the WAL fsynced since, before the caller goes on."""
+        with self._commit() as tx:
+            yield tx
+        self._sync_through(tx.seq)
+        self._deliver(tx.notices)
+
+    @contextmanager
+    def _write_soon(self) -> Iterator[_SqliteTx]:
+        """A write committed (visible, kept by SIGKILL) but not synced: the next durable write syncs it."""
+        with self._commit() as tx:
+            yield tx
+        self._deliver(tx.notices)
+
+    def _make_durable(self) -> None:
+        self._sync_through(self._committed)
+
+    @contextmanager
+    def _commit(self) -> Iterator[_SqliteTx]:
         tx = _SqliteTx(self._db)
         with self._lock:
+            if self._sync_failed is not None:
+                raise JournalWriteError(f"an earlier fsync of the journal failed ({self._sync_failed}); "
+                                        "restart konfuzio-watch")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                changes = self._db.total_changes
                 try:
                     yield tx
                 except BaseException:
@@ -938,12 +1060,80 @@ class SqliteJournal(BaseJournal):
                     with suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise JournalWriteError(str(exc)) from exc
-        self._deliver(tx.notices)
+            if self._db.total_changes != changes:  # a transaction that changed nothing needs no fsync
+                self._committed += 1
+            tx.seq = self._committed
+
+    def _sync_through(self, seq: int) -> None:
+        """Return once an fsync of the WAL that began after commit number ``seq`` has finished."""
+        with self._sync_done:
+            while True:
+                if self._sync_failed is not None:
+                    raise JournalWriteError(f"an earlier fsync of the journal failed ({self._sync_failed}); "
+                                            "restart konfuzio-watch")
+                if self._synced >= seq:
+                    return
+                if not self._syncing:
+                    break
+                self._sync_done.wait()
+            self._syncing = True
+            target = self._committed  # every commit counted so far is in the WAL file
+        try:
+            self._fdatasync_wal()
+        except OSError as exc:
+            with self._sync_done:
+                self._syncing = False
+                self._sync_failed = exc.strerror or str(exc)
+                self._sync_done.notify_all()
+            raise JournalWriteError(f"cannot fsync the journal: {self._sync_failed}") from exc
+        with self._sync_done:
+            self._syncing = False
+            self._synced = max(self._synced, target)
+            self.syncs += 1
+            self._sync_done.notify_all()
+
+    def _fdatasync_wal(self) -> None:
+        wal = f"{self.path}-wal"
+        if self._wal_fd is not None:
+            try:
+                same = os.path.samestat(os.fstat(self._wal_fd), os.stat(wal))
+            except FileNotFoundError:
+                same = False
+            if not same:  # SQLite made a new WAL file (e.g. the last other connection removed it)
+                os.close(self._wal_fd)
+                self._wal_fd = None
+        if self._wal_fd is None:
+            self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        os.fdatasync(self._wal_fd)
 
     @contextmanager
     def _read(self) -> Iterator[_SqliteTx]:
         with self._lock:
             yield _SqliteTx(self._db)
+
+    # -- the status line's figures, read again only when the journal changed ---------------------
+
+    def _version(self) -> tuple[int, int]:
+        """Changes as (this connection's commits that wrote something, SQLite's data_version: other
+        connections' commits, e.g. ``konfuzio-watch retry``)."""
+        with self._lock:
+            return self._committed, self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def counts(self) -> dict[State, int]:
+        """Rows per state. The daemon asks every few seconds (status line, metrics); with tens of
+        thousands of rows the count was most of an idle daemon's CPU, so it is kept until a commit."""
+        version = self._version()
+        cached = self._cached.get("counts")
+        if cached is None or cached[0] != version:
+            cached = self._cached["counts"] = (version, super().counts())
+        return dict(cached[1])
+
+    def oldest_active_detected_at(self) -> float | None:
+        version = self._version()
+        cached = self._cached.get("oldest")
+        if cached is None or cached[0] != version:
+            cached = self._cached["oldest"] = (version, super().oldest_active_detected_at())
+        return cached[1]
 
     def schema_found(self) -> int | None:
         with self._read() as tx:

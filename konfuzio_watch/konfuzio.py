@@ -113,6 +113,20 @@ class KonfuzioClient:
         )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self._read_environment_once()
+
+    def _read_environment_once(self) -> None:
+        """Take the proxy and CA bundle the environment names for our host now, once: with
+        ``trust_env`` requests looks up ``~/.netrc`` and the proxy variables at every request, a
+        measurable part of the CPU per file. (A netrc entry for the host never did any good: it
+        would replace the token header with Basic auth.)"""
+        import requests
+
+        self.session.proxies.update(requests.utils.get_environ_proxies(self.host))
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle and self.session.verify is True:
+            self.session.verify = bundle
+        self.session.trust_env = False
 
     def close(self) -> None:
         self.session.close()

@@ -13,6 +13,7 @@ Steps run on worker threads; they never share mutable state except through the j
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -117,8 +118,8 @@ class Pipeline:
 
     # -- transitions and failures ----------------------------------------------------------------
 
-    def move(self, row: Row, state: State, **fields: Any) -> Row:
-        new = self.journal.transition(row, state, self.clock.now(), **fields)
+    def move(self, row: Row, state: State, *, durable: bool = True, **fields: Any) -> Row:
+        new = self.journal.transition(row, state, self.clock.now(), durable=durable, **fields)
         self._log_transition(row, new)
         return new
 
@@ -327,6 +328,7 @@ class Pipeline:
         file, so a file another node is claiming right now has its row by the time it is read."""
         listed = processing.names(self.processing_dir)
         names = processing.orphans(listed, self.journal.claim_names(ACTIVE))
+        names = self._drop_leftover_names(names)
         adopted = []
         for name in names:
             source = self.processing_dir / os.fsdecode(name)
@@ -346,6 +348,26 @@ class Pipeline:
                         ", ".join(display_name(os.fsencode(t.relative_to(self.config.folders.inbox)))
                                   for t in adopted[:20]) + (" ..." if len(adopted) > 20 else ""))
         return adopted
+
+    def _drop_leftover_names(self, names: list[bytes]) -> list[bytes]:
+        """Remove processing/ names of done or failed rows that are a second name of the very file in
+        done/ or failed/ (same device and inode): the move's unlink is not fsynced (``_move_into_place``),
+        so a power failure can bring it back. Nothing is lost by removing it; anything else under such
+        a name (another file, a copy) is adopted like any orphan. Returns the names left to adopt."""
+        finished = self.journal.finished_claims(names) if names else {}
+        removed = []
+        for name, row in finished.items():
+            source = self.processing_dir / os.fsdecode(name)
+            if row.final_path is None or not same_file(source, Path(os.fsdecode(row.final_path))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(source)
+            removed.append(name)
+            log.info("%s: removed its leftover name %s in %s (the file is in %s)", row.display_path,
+                     display_name(name), self.processing_dir, export_display(row.final_path, self.config.folders.done))
+        if removed:
+            fsync_dir(self.processing_dir)
+        return [n for n in names if n not in set(removed)]
 
     # -- claiming: inbox -> processing/ (scheduler thread, in batches) ---------------------------
 
@@ -408,13 +430,15 @@ class Pipeline:
         for folder in folders:  # the renames must be durable before the journal says "claimed"
             fsync_dir(folder)
         now = self.clock.now()
+        # Not durable (the upload's own durable write makes it so): lost in a power failure, the row is
+        # ``claiming`` again and recovery finds the file under its claim name (its inode checked).
         try:
-            claimed = self.journal.transition_many(taken, State.CLAIMED, now, next_at=now)
+            claimed = self.journal.transition_many(taken, State.CLAIMED, now, durable=False, next_at=now)
         except IllegalTransition:  # a cluster: a row was taken over meanwhile; move the others one by one
             claimed, kept = [], []
             for row in taken:
                 try:
-                    claimed.append(self.journal.transition(row, State.CLAIMED, now, next_at=now))
+                    claimed.append(self.journal.transition(row, State.CLAIMED, now, durable=False, next_at=now))
                     kept.append(row)
                 except IllegalTransition as exc:
                     log.warning("%s", exc)
@@ -491,7 +515,11 @@ class Pipeline:
         self._api_ok()
         self.metrics.uploads.inc()
         now = self.clock.now()
-        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay())
+        # Not durable when it returns: nothing outside acts on it before a durable write (the export's
+        # final_path) covers it; lost in a power failure, the row is ``uploading`` again and is
+        # reconciled by its token (already journaled) before any new upload: never uploaded twice.
+        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay(),
+                                         durable=False)
         self._log_transition(row, new)
         return new
 
@@ -646,7 +674,10 @@ class Pipeline:
                 self._callback_missing(row)  # (once per file, not at each look while it waits for review)
             if self.config.results.require_review and not details.get("is_reviewed"):
                 return self._wait_for_person(row, checked_at, REVIEW_STAGE)
-            row = self.move(row, State.EXPORTING, stage="export", next_at=self.clock.now(), failures=0)
+            # Not durable: the export's first write into done/ waits for its durable final_path, which
+            # covers this; lost in a power failure, the row is ``uploaded`` and is looked at again.
+            row = self.move(row, State.EXPORTING, durable=False, stage="export", next_at=self.clock.now(),
+                            failures=0)
             return self.export(row, details, checked_at=checked_at)
         if status == export.STATUS_FAILED:
             return self.fail(row, "Konfuzio could not process the document (status 111)", stage="processing")
@@ -972,7 +1003,9 @@ class Pipeline:
                     if self._place_pdf(pdf, pdf_path, sidecar_for(target, suffix), is_ours):
                         placed_pdf = pdf_path
                     sidecar = _with_pdf_name(sidecar, pdf_path.name)
-                write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours)
+                # The JSON's name is made durable by the one fsync of the folder that the move of the
+                # file next to it makes before the source goes (``_move_into_place``).
+                write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours, sync_dir=gone)
                 if not gone:
                     self._move_into_place(row, target)
             except FileExistsError:
@@ -987,7 +1020,13 @@ class Pipeline:
                 failure = Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}")
                 return self._handle(row, step, failure)
             self.gates[Scope.OUTPUT].open(self.clock.now())
-            new = self.move(row, final_state, next_at=None, **(done_fields or {}))
+            # ``done`` is not durable when it returns: the result and the file are durable in done/
+            # before it is committed, and nothing outside acts on it; lost in a power failure, the row
+            # is ``exporting`` with its durable final_path, and the export runs again: the JSON (ours)
+            # is rewritten, the file is found in place (a name of it left in processing/ is unlinked).
+            # ``failed`` stays durable (its notification goes out at once).
+            new = self.move(row, final_state, durable=final_state != State.DONE, next_at=None,
+                            **(done_fields or {}))
             if final_state == State.DONE and checked_at is not None:
                 new = self.journal.arm_refresh(new, since=checked_at, now=self.clock.now())
             return new
@@ -1022,13 +1061,23 @@ class Pipeline:
         return target
 
     def _move_into_place(self, row: Row, target: Path) -> None:
+        """Move the file from processing/ to ``target``; the target's folder (which holds its JSON,
+        written just before) is fsynced before the source is unlinked."""
         source = self.processing_path(row)
         if not os.path.lexists(source):
-            return  # moved before a crash (the caller checked that one of the two exists)
-        if os.path.lexists(target) and (same_file(source, target) or _has_content(target, row.sha256)):
-            os.unlink(source)  # moved before a crash that came before the source was unlinked
+            fsync_dir(target.parent)  # moved before a crash (the caller checked that one of the two exists)
             return
-        move_no_clobber(source, target)
+        if os.path.lexists(target) and (same_file(source, target) or _has_content(target, row.sha256)):
+            fsync_dir(target.parent)  # moved before a crash that came before the source was unlinked
+            linked = same_file(source, target)
+            os.unlink(source)
+            if not linked:
+                fsync_dir(source.parent)
+            return
+        # The unlink from processing/ is not fsynced when the move was a hard link: a power failure may
+        # bring that name back, a second name of the file now in done/ (or failed/), which start-up
+        # recognises by its inode and removes (``_drop_leftover_names``), never adopts.
+        move_no_clobber(source, target, sync_unlink=False)
 
 
 class _Invalid(Exception):

@@ -173,7 +173,7 @@ class Scheduler:
         ready = self.tracker.step(now)
         if not ready:
             return
-        found = {os.fsencode(os.path.relpath(r.path, self.inbox)): r for r in ready}
+        found = {os.fsencode(_relative(r.path, self.inbox)): r for r in ready}
         try:
             self.pipeline.claim(list(found), {rel: r.detected_at for rel, r in found.items()})
         except JournalWriteError as exc:
@@ -194,3 +194,12 @@ class Scheduler:
             self.pipeline.recover(in_hand=set(self.dispatcher.inflight), alone=False)
         except JournalWriteError as exc:
             self._journal_failed(now, str(exc))
+
+
+def _relative(path: str, inbox: str) -> str:
+    """``path`` relative to ``inbox``; a plain cut for the paths the watcher reports (under the inbox,
+    as it spells it): ``os.path.relpath`` normalises both paths again for each file of a batch."""
+    prefix = inbox.rstrip(os.sep) + os.sep
+    if path.startswith(prefix) and os.sep + os.curdir not in path[len(prefix) - 1 :]:
+        return path[len(prefix):]
+    return os.path.relpath(path, inbox)

@@ -117,6 +117,7 @@ class CandidateTracker:
         self.inbox = inbox  # only to name files relative to it in the log
         self.candidates: dict[str, readiness.Observation] = {}
         self._due: list[tuple[float, str]] = []  # heap of (check at, path); stale entries are skipped
+        self._resolved: dict[str, str] | None = None  # during step(): folder -> its realpath
 
     def __len__(self) -> int:
         return len(self.candidates)
@@ -177,15 +178,19 @@ class CandidateTracker:
     def step(self, now: float) -> list[ReadyFile]:
         """The candidates that are ready to be claimed now (at most one batch)."""
         ready: dict[str, ReadyFile] = {}
-        while self._due and self._due[0][0] <= now and len(ready) < self.batch:
-            _, path = heapq.heappop(self._due)
-            obs = self.candidates.get(path)
-            if obs is None or path in ready or obs.unreadable is not None \
-                    or not readiness.is_ready(obs, now, self.settle_s, self.grace_s):
-                continue  # stale heap entry; a newer one is queued (or none while unreadable)
-            handed_out = self._recheck(path, obs, now)
-            if handed_out is not None:
-                ready[path] = handed_out
+        self._resolved = {}  # folder -> its realpath, for this batch (one lookup per folder)
+        try:
+            while self._due and self._due[0][0] <= now and len(ready) < self.batch:
+                _, path = heapq.heappop(self._due)
+                obs = self.candidates.get(path)
+                if obs is None or path in ready or obs.unreadable is not None \
+                        or not readiness.is_ready(obs, now, self.settle_s, self.grace_s):
+                    continue  # stale heap entry; a newer one is queued (or none while unreadable)
+                handed_out = self._recheck(path, obs, now)
+                if handed_out is not None:
+                    ready[path] = handed_out
+        finally:
+            self._resolved = None
         return list(ready.values())
 
     def snapshot(self, now: float) -> list[Candidate]:
@@ -221,6 +226,14 @@ class CandidateTracker:
         if obs.unreadable is None:
             heapq.heappush(self._due, (readiness.ready_at(obs, self.settle_s, self.grace_s), path))
 
+    def _realpath(self, folder: str) -> str:
+        resolved = self._resolved
+        if resolved is None:
+            return os.path.realpath(folder)
+        if folder not in resolved:
+            resolved[folder] = os.path.realpath(folder)
+        return resolved[folder]
+
     def _recheck(self, path: str, obs: readiness.Observation, now: float) -> ReadyFile | None:
         """Stat once more at claim time; the daemon must be able to read it, and a PDF must also
         end with %%EOF (or wait out the grace)."""
@@ -232,7 +245,7 @@ class CandidateTracker:
             self.candidates.pop(path, None)
             return None
         parent = os.path.dirname(path)
-        if fits_path_max(parent) and os.path.realpath(parent) != parent:  # a folder was swapped for a symlink
+        if fits_path_max(parent) and self._realpath(parent) != parent:  # a folder was swapped for a symlink
             log.warning("%s: a folder in its path is a symbolic link; not followed", self._name(path))
             self.candidates.pop(path, None)
             return None

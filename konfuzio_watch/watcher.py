@@ -17,7 +17,18 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
@@ -57,6 +68,15 @@ class InboxFilter:
 
 
 PROBE_PREFIX = ".konfuzio-watch-probe-"
+
+
+# What the handler acts on. Passed to the observer, which asks inotify for these alone: no events for
+# the opens and reads of the daemon's own readiness checks, nor for deletions (the claims' moves out
+# of the inbox still arrive, as part of IN_MOVE, and are dropped by the observer).
+WANTED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirMovedEvent,
+    FileAttribEvent, DirAttribEvent,
+]
 
 
 class _Handler(FileSystemEventHandler):
@@ -137,7 +157,7 @@ class InboxWatcher:
         observer = self.observer_factory(polling, self.poll_interval_s, frozenset(self.keep.own))
         observer.name = "inbox-observer"
         self._handler = _Handler(self.report, self.keep)
-        observer.schedule(self._handler, self.keep.inbox, recursive=True)
+        observer.schedule(self._handler, self.keep.inbox, recursive=True, event_filter=WANTED_EVENTS)
         observer.start()
         self._observer = observer
 
