@@ -31,6 +31,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserverVFS
 
 from .files import ignore_reason, is_ignored, list_dir
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 # watchdog 7 warns from its inotify thread when a new folder's watch is registered twice
 # (a benign race on folders created in quick succession); keep it out of the service log.
 warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
+
+# watchdog holds an IN_MOVED_FROM back (0.5 s by default) to pair it with its IN_MOVED_TO, and every
+# later event waits behind it. Each claim moves a file out of the inbox (a move_from that is never
+# paired), so a file written within 0.5 s after a claim started its settle time up to 0.5 s late. The
+# two halves of a rename inside the inbox come from one syscall, in one read of the inotify queue:
+# 20 ms still pairs them, and the handler does not need the pairing anyway (a move reports its
+# destination; an unpaired one reports a deletion and a new file).
+InotifyMoveEventGrouper.delay = 0.02
 
 Report = Callable[[str, str], None]  # (kind, absolute path); kind is "file" or "dir"
 

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import stat
+import time
 from pathlib import Path
 
 from konfuzio_watch.samples import make_pdf
@@ -131,3 +132,40 @@ def test_ignored_files_lists_what_is_never_taken_in_and_why(tmp_path):
         ("sub/new\nline.pdf.tmp", "a temporary or system file (built-in pattern '*.tmp')"),
     ]
     assert not any(Path(rel).parts[0] in ("done", ".konfuzio-watch") for rel, _ in found)
+
+
+def test_a_file_written_right_after_a_claim_moved_another_out_is_reported_at_once(tmp_path):
+    """A claim renames a file out of the inbox: inotify says IN_MOVED_FROM with no IN_MOVED_TO in the
+    watched tree. watchdog holds such an event back to pair it with its IN_MOVED_TO, and every later
+    event waits behind it (0.5 s by default): each file that arrived just after a claim started its
+    settle time that much late. A rename inside the inbox is still reported under its new name."""
+    inbox, processing = tmp_path / "inbox", tmp_path / "processing"
+    inbox.mkdir()
+    processing.mkdir()
+    reported: queue.SimpleQueue[tuple[float, str]] = queue.SimpleQueue()
+    watcher = InboxWatcher(InboxFilter(inbox, [], ()), lambda kind, path: reported.put((time.monotonic(), path)),
+                           probe_timeout_s=5)
+    watcher.start()
+    try:
+        (inbox / "claimed.pdf").write_bytes(make_pdf(label="claimed"))
+        wait_until(lambda: any(p.endswith("claimed.pdf") for _, p in drain(reported)), 10, "the first file reported")
+        os.rename(inbox / "claimed.pdf", processing / "claimed.pdf")  # what a claim does
+        written_at = time.monotonic()
+        (inbox / "next.pdf").write_bytes(make_pdf(label="next"))
+        seen = wait_until(lambda: [t for t, p in drain(reported) if p.endswith("next.pdf")], 10, "the next file")
+        assert seen[0] - written_at < 0.4, f"reported {seen[0] - written_at:.2f} s after it was written"
+
+        (inbox / "scan.tmp").write_bytes(make_pdf(label="renamed"))
+        os.rename(inbox / "scan.tmp", inbox / "scan.pdf")  # a scanner's write-then-rename
+        wait_until(lambda: any(p.endswith("scan.pdf") for _, p in drain(reported)), 10, "the renamed file")
+    finally:
+        watcher.stop()
+
+
+def drain(reported: queue.SimpleQueue) -> list[tuple[float, str]]:
+    out = []
+    while True:
+        try:
+            out.append(reported.get_nowait())
+        except queue.Empty:
+            return out
