@@ -189,6 +189,10 @@ class PgCluster:
                 self.stop()
             except PgUnavailable:
                 with suppress(OSError, ValueError, IndexError):  # the server this cluster started, only
-                    os.kill(int((self.data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
-                    time.sleep(0.5)
+                    pid = int((self.data / "postmaster.pid").read_text().split()[0])
+                    os.kill(pid, signal.SIGKILL)
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline:  # gone before its data folder is removed
+                        os.kill(pid, 0)  # raises ProcessLookupError (an OSError) once it is gone
+                        time.sleep(0.02)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -424,8 +424,11 @@ def test_listeners_hear_callbacks_and_due_rows_after_the_commit(journal: BaseJou
     # In commit order: claimed, uploaded (due at its poll), the callback (due at once), the notice.
     assert in_order(["due:1.0", "due:101.0", f"callback:{row.id}", "hello"], heard), heard
     listener.close()
+    later: list[str] = []
+    other = journal.listen(later.append)  # hears what the closed one would have heard, by the same way
     journal.notify("after close")
-    time.sleep(0.3)
+    wait_until(lambda: "after close" in later, 10, "the notice heard by the open listener")
+    other.close()
     assert "after close" not in heard
 
 
@@ -581,8 +584,8 @@ def test_a_lease_fences_other_nodes_until_it_expires_and_is_taken_over(nodes: Ca
     with pytest.raises(IllegalTransition):
         b.start_upload(row, "tb", 6.0)  # a's row while a's lease lasts
     assert b.record_callback("nope", None, 6.0)[0] == "unknown"
-    time.sleep(0.7)  # a hangs; its lease expires
-    (taken,) = b.take_over_expired(lease_s=60)
+    # a hangs; once its lease has expired (by the database's clock), b takes the row over
+    (taken,) = wait_until(lambda: b.take_over_expired(lease_s=60), 10, "a's lease expired and taken over")
     assert taken == row and b.lease_of(row.id).node == "b"
     assert a.renew_leases([row.id]) == set()  # a wakes up: the row is no longer its
     with pytest.raises(IllegalTransition):
@@ -599,7 +602,7 @@ def test_nodes_say_they_are_alive_and_leave_their_leases_behind_when_they_stop(n
     a, b = nodes("a"), nodes("b")
     a.join()
     b.join()
-    time.sleep(0.2)
+    wait_until(lambda: {n.id: n for n in a.nodes()}["a"].silent_s > 0.05, 10, "a silent for a moment")
     b.heartbeat()
     listed = {n.id: n for n in a.nodes()}
     assert set(listed) == {"a", "b"} and listed["a"].silent_s > listed["b"].silent_s >= 0
