@@ -367,7 +367,8 @@ class Pipeline:
                      display_name(name), self.processing_dir, export_display(row.final_path, self.config.folders.done))
         if removed:
             fsync_dir(self.processing_dir)
-        return [n for n in names if n not in set(removed)]
+        gone = set(removed)
+        return [n for n in names if n not in gone]
 
     # -- claiming: inbox -> processing/ (scheduler thread, in batches) ---------------------------
 
