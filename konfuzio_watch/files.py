@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 BUILTIN_IGNORES = (
     "*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.download", "*.swp", "~$*", ".~lock*",
     "@eaDir", "#recycle", "#snapshot", ".DS_Store", "Thumbs.db", "desktop.ini", "._*", "*~",
@@ -201,16 +203,20 @@ def _link_no_clobber(src: Path, dst: Path) -> None:
 
 
 def encode_json(data: Any) -> bytes:
-    """One top-level key per line, each value compact. ``indent=`` would switch json to its
-    pure-Python encoder, which dominated the CPU per file for documents with many boxes."""
-    def dump(value: Any) -> str:
-        return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+    """One top-level key per line, each value compact (UTF-8). orjson encodes ~10x faster than
+    json, whose encoder was a fifth of the daemon's CPU per file on the character boxes; a value
+    orjson refuses (an integer beyond 64 bits, a lone surrogate) is encoded by json instead."""
+    def dump(value: Any) -> bytes:
+        try:
+            return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS, default=str)
+        except TypeError:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+            return text.encode("utf-8", "backslashreplace")
 
     if not isinstance(data, dict):
-        text = dump(data)
-    else:
-        text = "{\n" + ",\n".join(f"  {dump(str(k))}: {dump(v)}" for k, v in data.items()) + "\n}"
-    return (text + "\n").encode("utf-8", "backslashreplace")
+        return dump(data) + b"\n"
+    lines = b",\n".join(b"  " + dump(str(k)) + b": " + dump(v) for k, v in data.items())
+    return b"{\n" + lines + b"\n}\n"
 
 
 def temp_path_for(path: Path) -> Path:

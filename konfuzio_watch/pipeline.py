@@ -892,12 +892,11 @@ class Pipeline:
         except ApiError as exc:
             return self._fetch_failed(row, exc.failure)
         self._api_ok()
-        fingerprint = results.content_fingerprint(result)
-        if fingerprint == row.fingerprint:
+        if results.fingerprint_matches(result, row.fingerprint):
             log.debug("%s: document %d unchanged; done/ keeps revision %d", row.display_path, row.document_id,
                       row.revision)
             return self.journal.finish_refresh(row, checked_at, self.clock.now())
-        return self._replace_result(row, result, fingerprint, checked_at)
+        return self._replace_result(row, result, results.content_fingerprint(result), checked_at)
 
     def _refresh_later(self, row: Row, checked_at: float, status: Any) -> Row:
         now = self.clock.now()

@@ -32,7 +32,10 @@ from konfuzio_watch.results import (
     References,
     build_extractions,
     build_result,
+    CONTENT_DETAIL_KEYS,
+    CONTENT_KEYS,
     content_fingerprint,
+    fingerprint_matches,
     redact_callback_url,
     references,
     web_url,
@@ -346,6 +349,26 @@ def test_build_result_extends_todays_result_and_carries_no_token():
     for bad in (0, -1, 1.0, True, "2"):
         with pytest.raises(ValueError, match="revision"):
             build_result(row_for(details), details, None, now, revision=bad)
+
+
+def test_a_fingerprint_stored_by_an_earlier_version_still_recognises_its_content():
+    """Rows exported before the fingerprint's encoding changed keep their digest: a callback sent
+    again for their unchanged document must not make a new revision (nor a changed one be missed)."""
+    def legacy(result: dict) -> str:  # how 0.1.0 computed it: json, sorted keys, ASCII, no spaces
+        details = result["konfuzio"]
+        content = {k: result[k] for k in CONTENT_KEYS if k in result}
+        content["konfuzio"] = {k: details.get(k) for k in CONTENT_DETAIL_KEYS}
+        canonical = json.dumps(content, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+    first = build_result(row_for(DETAILS), DETAILS, None, 1.0, annotations=invoice_annotations(), catalog=CATALOG)
+    changed = build_result(row_for(DETAILS), {**DETAILS, "text": "other"}, None, 1.0,
+                           annotations=invoice_annotations(), catalog=CATALOG)  # fmt: skip
+    assert fingerprint_matches(first, legacy(first))
+    assert not fingerprint_matches(changed, legacy(first))
+    assert fingerprint_matches(first, content_fingerprint(first))
+    assert not fingerprint_matches(changed, content_fingerprint(first))
+    assert not fingerprint_matches(first, None)
 
 
 def test_fingerprint_ignores_when_and_how_often_and_sees_what_changed():
