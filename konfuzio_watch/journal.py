@@ -992,6 +992,13 @@ class SqliteJournal(BaseJournal):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._create()
+            # Reads go through a second connection with its own lock: WAL lets it read what is
+            # committed while a write is under way, so the scheduling loop's queries never wait
+            # behind the workers' transactions (the loop waited ~40 % of its time at 32 uploads).
+            # Every statement here is its own transaction: it sees each commit made before it.
+            self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._reader.execute("PRAGMA query_only=1")
+            self._read_lock = threading.Lock()
         except (sqlite3.Error, JournalWriteError) as exc:
             raise JournalError(f"cannot read the journal {path}: {exc}") from None
 
@@ -1014,6 +1021,8 @@ class SqliteJournal(BaseJournal):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
         with self._sync_done:
             while self._syncing:  # a leader's fsync in progress: its descriptor stays open until it ends
                 self._sync_done.wait()
@@ -1108,8 +1117,8 @@ class SqliteJournal(BaseJournal):
 
     @contextmanager
     def _read(self) -> Iterator[_SqliteTx]:
-        with self._lock:
-            yield _SqliteTx(self._db)
+        with self._read_lock:
+            yield _SqliteTx(self._reader)
 
     # -- the status line's figures, read again only when the journal changed ---------------------
 

@@ -22,7 +22,8 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -96,9 +97,12 @@ class Pipeline:
         self.on_transition = on_transition
         self.limits = limits_from(config)
         self.rng = rng or random.Random()
-        # Choosing a free name in done/ or failed/ and taking it must be one step: two files
-        # with the same relative path may be placed by two workers at once.
-        self._placing = threading.RLock()  # failing a file while placing it places its report
+        # Choosing a free name in done/ or failed/ and taking it is one step for files with the same
+        # relative path (two workers may place two "scan.pdf" at once). Files with other paths are
+        # placed in parallel: their fsyncs overlap. Should two of them still pick one name (a.pdf's
+        # "a (2).pdf" and a file named so), the no-clobber link lets one of them have it and the
+        # other picks the next free name.
+        self._placing = KeyedLocks()
         self.catalogs = results.CatalogCache()  # each project's label, label set and category names
         self._no_catalog: set[int] = set()  # projects whose catalog the server would not give (logged once)
 
@@ -973,7 +977,10 @@ class Pipeline:
     def _place(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
                is_ours: Callable[[dict], bool], final_state: State, step: Step, **done: Any) -> Row:
         """Write the sidecar JSON, then move the file next to it; both never overwrite."""
-        with self._placing:
+        # One lock per target folder and path (case-folded, for a share that ignores case). Failing
+        # a file while placing it in done/ places its report in failed/: the only nesting, always in
+        # this order, so two workers never wait for each other's lock.
+        with self._placing.hold((str(folder), str(done.get("rel_path") or row.rel_fspath).casefold())):
             return self._place_locked(row, folder, suffix, sidecar, is_ours, final_state, step, **done)
 
     def _place_locked(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
@@ -1078,6 +1085,28 @@ class Pipeline:
         # bring that name back, a second name of the file now in done/ (or failed/), which start-up
         # recognises by its inode and removes (``_drop_leftover_names``), never adopts.
         move_no_clobber(source, target, sync_unlink=False)
+
+
+class KeyedLocks:
+    """A re-entrant lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[Any, list[Any]] = {}  # key -> [RLock, holders and waiters]
+
+    @contextmanager
+    def hold(self, key: Any) -> Iterator[None]:
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.RLock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
 
 
 class _Invalid(Exception):

@@ -195,3 +195,44 @@ def test_scanner_that_closes_and_reopens_the_file_between_pages(start_daemon, em
     running.wait_finished(1)
     assert len(emulator.uploads) == 1
     assert_own_result(running.done, "scanner.pdf", data)
+
+
+def test_placing_locks_keep_one_path_at_a_time_and_let_other_paths_through():
+    """Two files with the same path are placed one after the other (choosing a free name and taking
+    it is one step); files with other paths do not wait for them."""
+    from konfuzio_watch.pipeline import KeyedLocks
+
+    locks = KeyedLocks()
+    key = ("/done", "scan.pdf")
+    held, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def holder() -> None:
+        with locks.hold(key), locks.hold(key):  # re-entrant: failing a file while placing it
+            order.append("first in")
+            held.set()
+            release.wait(10)
+            order.append("first out")
+
+    def same_path() -> None:
+        with locks.hold(key):
+            order.append("second in")
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert held.wait(10)
+    second = threading.Thread(target=same_path)
+    second.start()
+    other_done = threading.Event()
+
+    def other_path() -> None:
+        with locks.hold(("/done", "other.pdf")):
+            other_done.set()
+
+    threading.Thread(target=other_path).start()
+    assert other_done.wait(10), "a file with another path waited for the first one"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert order == ["first in", "first out", "second in"]
+    assert locks._locks == {}, "a lock nobody holds or waits for is dropped"

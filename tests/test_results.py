@@ -27,13 +27,13 @@ from konfuzio_watch.journal import Row, State
 from konfuzio_watch.konfuzio import ApiError, KonfuzioClient, UploadForm
 from konfuzio_watch.policy import Cause, Failure
 from konfuzio_watch.results import (
+    CONTENT_DETAIL_KEYS,
+    CONTENT_KEYS,
     CatalogCache,
     ProjectCatalog,
     References,
     build_extractions,
     build_result,
-    CONTENT_DETAIL_KEYS,
-    CONTENT_KEYS,
     content_fingerprint,
     fingerprint_matches,
     redact_callback_url,
