@@ -176,15 +176,15 @@ class Dispatcher:
             return None
         times: list[float] = []
         budgets = self._budgets(now)
-        for work in WORK.values():
-            if work.pool == RESULTS and work.state == State.UPLOADING and self.reconciling:
-                continue
-            if self.free(work.pool) <= 0:
-                continue
+        wanted = [work for work in WORK.values() if self.free(work.pool) > 0
+                  and not (work.pool == RESULTS and work.state == State.UPLOADING and self.reconciling)]
+        states = [work.state for work in wanted if work.state != State.DONE]
+        dues = self.journal.next_due_by_state(states, self.inflight) if states else {}
+        for work in wanted:
             if work.state == State.DONE:
                 due = self.journal.next_refresh_at(self.inflight)
             else:
-                due = self.journal.next_due_at([work.state], self.inflight)
+                due = dues.get(work.state)
             if work.state == State.UPLOADING and self.cleanup_wanted:
                 due = now
             if due is None:

@@ -342,6 +342,10 @@ def test_due_rows_come_oldest_first_within_states_exclusions_and_limits(journal:
     assert journal.next_due_at([State.CLAIMED], []) == 3.0
     assert journal.next_due_at([State.CLAIMED], [a.id, b.id]) == 5.0
     assert journal.next_due_at([State.UPLOADING], []) is None and journal.next_due_at([], []) is None
+    failing = journal.transition(d, State.FAILING, 1.0, next_at=7.0)
+    assert journal.next_due_by_state([State.CLAIMED, State.FAILING, State.UPLOADING], [a.id]) == {
+        State.CLAIMED: 5.0, State.FAILING: 7.0}
+    assert journal.next_due_by_state([State.FAILING], [failing.id]) == {} == journal.next_due_by_state([], [])
 
 
 def test_reads(journal: BaseJournal):
