@@ -181,10 +181,7 @@ class Dispatcher:
         states = [work.state for work in wanted if work.state != State.DONE]
         dues = self.journal.next_due_by_state(states, self.inflight) if states else {}
         for work in wanted:
-            if work.state == State.DONE:
-                due = self.journal.next_refresh_at(self.inflight)
-            else:
-                due = dues.get(work.state)
+            due = self.journal.next_refresh_at(self.inflight) if work.state == State.DONE else dues.get(work.state)
             if work.state == State.UPLOADING and self.cleanup_wanted:
                 due = now
             if due is None:

@@ -107,8 +107,11 @@ class Scheduler:
                 self._probe_journal(now)
             return
         try:
-            self._claim(now)
+            # Steps first: a worker freed while the last batch was claimed starts its next file now,
+            # not after this batch (a backlog of 100,000 files is claimed batch after batch).
             self.dispatcher.tick(now)
+            if self._claim(now):
+                self.dispatcher.tick(now)
         except JournalWriteError as exc:  # a database that cannot be reached fails reads too
             self._journal_failed(now, str(exc))
 
@@ -169,18 +172,20 @@ class Scheduler:
 
     # -- claims and the journal gate ------------------------------------------------------------
 
-    def _claim(self, now: float) -> None:
+    def _claim(self, now: float) -> bool:
+        """Claim the candidates that are ready (one batch); True if there were any."""
         ready = self.tracker.step(now)
         if not ready:
-            return
+            return False
         found = {os.fsencode(_relative(r.path, self.inbox)): r for r in ready}
         try:
             self.pipeline.claim(list(found), {rel: r.detected_at for rel, r in found.items()})
         except JournalWriteError as exc:
             self.tracker.keep(ready, now)
             self._journal_failed(now, str(exc))
-            return
+            return False
         self.tracker.claimed(ready)
+        return True
 
     def _journal_failed(self, now: float, error: str) -> None:
         self.gates[Scope.JOURNAL].block(now, f"the journal cannot be written ({error})")

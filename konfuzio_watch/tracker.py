@@ -34,7 +34,7 @@ from .journal import display_name
 
 log = logging.getLogger("konfuzio_watch")
 
-CLAIM_BATCH = 500
+CLAIM_BATCH = 200
 NOT_READABLE = (errno.EACCES, errno.EPERM)
 
 CanRead = Callable[[str], OSError | None]
