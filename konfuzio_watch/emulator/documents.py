@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from konfuzio_watch.emulator import content, extraction
 from konfuzio_watch.emulator.blobs import Blob
 from konfuzio_watch.emulator.content import FileFacts, Layout
 from konfuzio_watch.emulator.schema import schema_for
+
+T = TypeVar("T")
 
 QUEUING_OCR, OCR_IN_PROGRESS, QUEUING_EXTRACTION, EXTRACTION_IN_PROGRESS = 0, 10, 1, 20
 QUEUING_SPLITTING, SPLITTING_IN_PROGRESS, WAITING_FOR_SPLITTING_CONFIRMATION = 4, 40, 41
@@ -248,19 +251,15 @@ class DocumentStore:
 
     def bbox(self, doc_id: int) -> dict | None:
         """Character bboxes once the document is done; ``{}`` before; None if unknown."""
-        doc = self._document(doc_id)
-        if doc is None:
+        found = self._read(doc_id, lambda doc: (doc.details["status_data"], doc.layout.text, list(doc.page_sizes)))
+        if found is None:
             return None
-        if doc.details["status_data"] != DONE:
-            return {}
-        return content.bbox_for(doc.layout.text, doc.page_sizes)
+        status, text, sizes = found
+        return content.bbox_for(text, sizes) if status == DONE else {}
 
     def annotations(self, doc_id: int) -> list[dict] | None:
         """The flat annotation list of ``GET /api/v3/annotations/?document=``; None if unknown."""
-        doc = self._document(doc_id)
-        if doc is None:
-            return None
-        return extraction.flat_annotations(doc.details["annotation_sets"])
+        return self._read(doc_id, lambda doc: extraction.flat_annotations(doc.details["annotation_sets"]))
 
     def document(self, doc_id: int) -> StoredDocument | None:
         """A snapshot (deep copy of the details) for the file endpoints."""
@@ -354,6 +353,16 @@ class DocumentStore:
                 return None
             doc = self._docs[doc_id] = _seeded(batch, doc_id)
         return doc
+
+    def _read(self, doc_id: int, read: Callable[[StoredDocument], T]) -> T | None:
+        """``read`` a document under the lock, without copying it first: ``read`` returns only copies
+        or immutable parts. None if unknown."""
+        with self._lock:
+            doc = self._docs.get(doc_id)
+            if doc is not None:
+                return read(doc)
+            batch = self._seed_batch(doc_id)
+        return read(_seeded(batch, doc_id)) if batch else None
 
     def _document(self, doc_id: int) -> StoredDocument | None:
         with self._lock:
