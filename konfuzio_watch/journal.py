@@ -457,14 +457,19 @@ class BaseJournal(ABC):
                 tx.notify(f"due:{now!r}")
         return rows
 
-    def transition(self, row: Row, state: State, now: float, *, durable: bool = True, **fields: object) -> Row:
+    def transition(self, row: Row, state: State, now: float, *, durable: bool = True,
+                   refresh_if_called_back_since: float | None = None, **fields: object) -> Row:
         """Move one row to ``state`` (a legal move from the state it is in), with other columns,
         in one transaction. A successful move clears the row's failure count unless given.
-        ``durable=False``: see the module's docstring."""
-        return self.transition_many([row], state, now, durable=durable, **fields)[0]
+        ``durable=False``: see the module's docstring. ``refresh_if_called_back_since`` (a move to
+        done): if a callback came in since then (the details the export used were fetched then), a
+        review may have beaten the export: the row is due for a look again at once (``refresh_at``),
+        and the move is made durable."""
+        return self.transition_many([row], state, now, durable=durable,
+                                    refresh_if_called_back_since=refresh_if_called_back_since, **fields)[0]
 
     def transition_many(self, rows: Sequence[Row], state: State, now: float, *, durable: bool = True,
-                        **fields: object) -> list[Row]:
+                        refresh_if_called_back_since: float | None = None, **fields: object) -> list[Row]:
         for row in rows:
             check_transition(row.state, state)
         fields.setdefault("failures", 0)
@@ -472,7 +477,8 @@ class BaseJournal(ABC):
             fields.setdefault("error", None)  # moving on: the last failure is history
         if state in TERMINAL:
             fields.setdefault("finished_at", now)
-        return self._set(rows, now, {**fields, "state": state.value}, moving=True, durable=durable)
+        return self._set(rows, now, {**fields, "state": state.value}, moving=True, durable=durable,
+                         refresh_since=refresh_if_called_back_since)
 
     def update(self, row: Row, now: float, *, durable: bool = True, **fields: object) -> Row:
         """Change some columns of a row that stays in its state."""
@@ -482,7 +488,7 @@ class BaseJournal(ABC):
         return self._set(rows, now, fields)
 
     def _set(self, rows: Sequence[Row], now: float, fields: dict[str, object], moving: bool = False,
-             durable: bool = True) -> list[Row]:
+             durable: bool = True, refresh_since: float | None = None) -> list[Row]:
         bad = set(fields) - UPDATABLE - ({"state"} if moving else set())
         if bad:
             raise ValueError(f"not updatable: {sorted(bad)}")
@@ -491,6 +497,9 @@ class BaseJournal(ABC):
         fields["updated_at"] = now
         assignments = ", ".join(f"{name} = ?" for name in fields)
         values = list(fields.values())
+        if refresh_since is not None:  # (SET sees the row as it was)
+            assignments += ", refresh_at = CASE WHEN callback_at >= ? AND refresh_at IS NULL THEN ? ELSE refresh_at END"
+            values += [refresh_since, now]
         found: dict[int, Row] = {}
         with self._writer(durable) as tx:
             if self._ONE_WRITER and len(rows) > 1:  # a batch (claims): one statement per 500 rows
@@ -516,6 +525,9 @@ class BaseJournal(ABC):
                     raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
             if fields.get("next_at") is not None:
                 tx.notify(f"due:{fields['next_at']!r}")
+        if not durable and refresh_since is not None and any(
+                found[r.id].refresh_at is not None and r.refresh_at is None for r in rows):
+            self._make_durable()  # a second look armed: not to be lost
         return [found[r.id] for r in rows]
 
     def start_upload(self, row: Row, token_hash: str, now: float, **fields: object) -> Row:
@@ -700,18 +712,6 @@ class BaseJournal(ABC):
         return ("finished" if new.state == State.DONE else "recorded"), new
 
     # -- done results that may have changed on the server ------------------------------------
-
-    def arm_refresh(self, row: Row, since: float, now: float) -> Row:
-        """After a row became done: if a callback came in since ``since`` (the details the export
-        used were fetched then), a review may have beaten the export: look again at once."""
-        with self._write_soon() as tx:
-            found = tx.execute("UPDATE files SET refresh_at = ? WHERE id = ? AND state = ? AND callback_at >= ?"
-                               f" AND refresh_at IS NULL RETURNING {_COLS}",
-                               (now, row.id, State.DONE.value, since)).fetchone()
-        if found is None:  # nothing to look at again: nothing to make durable
-            return row
-        self._make_durable()
-        return _row(found)
 
     def finish_refresh(self, row: Row, checked_at: float, now: float, **fields: object) -> Row:
         """A refresh of a done row is over (``fields``: e.g. its new ``revision`` and ``fingerprint``),

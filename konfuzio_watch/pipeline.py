@@ -1031,12 +1031,12 @@ class Pipeline:
             # before it is committed, and nothing outside acts on it; lost in a power failure, the row
             # is ``exporting`` with its durable final_path, and the export runs again: the JSON (ours)
             # is rewritten, the file is found in place (a name of it left in processing/ is unlinked).
-            # ``failed`` stays durable (its notification goes out at once).
-            new = self.move(row, final_state, durable=final_state != State.DONE, next_at=None,
-                            **(done_fields or {}))
-            if final_state == State.DONE and checked_at is not None:
-                new = self.journal.arm_refresh(new, since=checked_at, now=self.clock.now())
-            return new
+            # ``failed`` stays durable (its notification goes out at once). A callback that came in
+            # after the details were fetched (``checked_at``: a review may have beaten the export)
+            # makes the done row due for a second look, in the same transaction (then durable).
+            armed = {"refresh_if_called_back_since": checked_at} if final_state == State.DONE else {}
+            return self.move(row, final_state, durable=final_state != State.DONE, next_at=None,
+                             **armed, **(done_fields or {}))
         raise RuntimeError(f"{row.display_path}: no free name in {folder}")
 
     def _place_pdf(self, staged: Path, target: Path, json_path: Path, is_ours: Callable[[dict], bool]) -> bool:

@@ -116,10 +116,9 @@ def test_writes_that_need_not_be_durable_wait_for_no_fsync_and_the_next_durable_
 
 
 def test_a_durable_write_that_changes_nothing_needs_no_fsync_when_all_is_durable(journal: SqliteJournal):
-    row = claim(journal, "a.pdf")
+    claim(journal, "a.pdf")
     before = journal.syncs
     assert journal.make_due([State.UPLOADED], 1.0) == 0
-    assert journal.arm_refresh(row, since=0.0, now=1.0) == row
     assert journal.syncs == before
 
 
@@ -163,3 +162,20 @@ def test_counts_are_read_again_after_any_commit_of_this_or_another_connection(jo
         other.close()
     assert journal.counts()[State.CLAIMING] == 1
     assert journal.oldest_active_detected_at() == 0.5
+
+
+def test_a_done_move_that_arms_a_second_look_is_made_durable_and_one_that_does_not_is_not(journal: SqliteJournal):
+    rows = []
+    for name, called_back_at in (("plain.pdf", 2.0), ("reviewed.pdf", 5.0)):
+        row = journal.start_upload(journal.transition(claim(journal, name), State.CLAIMED, 1.0), f"t-{name}", 1.0)
+        row = journal.mark_uploaded(row, 10 + row.id, 1.5, poll_at=100.0)
+        row = journal.update(row, 1.5, callback_at=called_back_at)
+        rows.append(journal.transition(row, State.EXPORTING, 3.0))
+    plain, reviewed = rows
+    before = journal.syncs
+    done = journal.transition(plain, State.DONE, 6.0, durable=False, refresh_if_called_back_since=4.0)
+    assert done.refresh_at is None
+    assert journal.syncs == before and journal._synced < journal._committed
+    done = journal.transition(reviewed, State.DONE, 6.0, durable=False, refresh_if_called_back_since=4.0)
+    assert done.refresh_at == 6.0
+    assert journal.syncs == before + 1 and journal._synced == journal._committed

@@ -864,3 +864,20 @@ def test_without_postgresql_its_tests_skip_loudly_or_fail_in_ci(tmp_path: Path, 
         assert done.returncode == 0, done.stdout
         assert "1 passed" in last and "1 skipped" in last
         assert "PostgreSQL journal tests SKIPPED" in done.stdout and "no PostgreSQL server binaries" in done.stdout
+
+
+def test_becoming_done_arms_a_second_look_in_the_same_transaction_if_a_callback_came_since(journal: BaseJournal):
+    """A review may beat the export: a callback that came in after the details were fetched
+    (``since``) makes the done row due for a look again (``refresh_at``), in the transition itself."""
+    a, b = journal.add_claims([b"a.pdf", b"b.pdf"], 1.0)
+    exporting = []
+    for row, called_back_at in ((a, 5.0), (b, 2.0)):
+        row = journal.start_upload(journal.transition(row, State.CLAIMED, 1.0), f"t-{row.id}", 1.0)
+        row = journal.mark_uploaded(row, 10 + row.id, 1.5, poll_at=100.0)
+        row = journal.update(row, 1.5, callback_at=called_back_at)
+        exporting.append(journal.transition(row, State.EXPORTING, 3.0))
+    reviewed, plain = (journal.transition(r, State.DONE, 6.0, durable=False, refresh_if_called_back_since=4.0)
+                       for r in exporting)
+    assert (reviewed.state, reviewed.refresh_at) == (State.DONE, 6.0)
+    assert (plain.state, plain.refresh_at) == (State.DONE, None)
+    assert journal.due_refreshes(6.0, [], 10) == [reviewed]
