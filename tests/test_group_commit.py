@@ -179,3 +179,25 @@ def test_a_done_move_that_arms_a_second_look_is_made_durable_and_one_that_does_n
     done = journal.transition(reviewed, State.DONE, 6.0, durable=False, refresh_if_called_back_since=4.0)
     assert done.refresh_at == 6.0
     assert journal.syncs == before + 1 and journal._synced == journal._committed
+
+
+def test_a_one_statement_write_commits_on_its_own_and_refuses_a_second_statement(journal: SqliteJournal,
+                                                                                    tmp_path: Path):
+    import sqlite3
+
+    row = claim(journal, "a.pdf")
+    before = journal.syncs
+    moved = journal.transition(row, State.CLAIMED, 2.0, durable=False, next_at=2.0)  # one UPDATE, autocommit
+    assert not journal._db.in_transaction
+    other = sqlite3.connect(journal.path)
+    try:
+        assert other.execute("SELECT state FROM files WHERE id = ?", (row.id,)).fetchone() == ("claimed",)
+    finally:
+        other.close()
+    assert journal.syncs == before and journal._synced < journal._committed
+    journal.update(moved, 3.0, next_at=4.0)  # durable: fsynced before it returns
+    assert journal.syncs == before + 1 and journal._synced == journal._committed
+    with pytest.raises(RuntimeError, match="second statement"), journal._one_statement(durable=False) as tx:
+        tx.execute("UPDATE files SET next_at = 5.0 WHERE id = ?", (row.id,))
+        tx.execute("UPDATE files SET next_at = 6.0 WHERE id = ?", (row.id,))
+    assert journal.get(row.id).next_at == 5.0, "the first statement stands: the guard is for programming errors"
