@@ -213,10 +213,13 @@ class KonfuzioClient:
     def annotations(self, document_id: int) -> list[dict[str, Any]]:
         """Every annotation of the document, following ``next`` as the SDK's
         ``consume_paginated_api`` does: 1000 per page, fewer if the server caps the page size."""
+        return self._call(self._all_results, self._urls.get_document_annotations_url(document_id=document_id,
+                                                                                     host=self.host))
+
+    def _all_results(self, url: str | None) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
-        url: str | None = self._urls.get_document_annotations_url(document_id=document_id, host=self.host)
-        while url:
-            page = self._get_json(url)
+        while url:  # (a page without "results" raises here, inside _call: classified like any bad answer)
+            page = self._fetch_json(url)
             found.extend(page["results"])
             url = page.get("next")
         return found

@@ -513,6 +513,11 @@ def test_annotations_of_a_document_come_in_pages_and_all_of_them(emulator, clien
     assert client.annotations(details["id"]) == whole
     assert emulator.request_stats()["annotations"].count == (len(whole) + 1) // 2
     assert client.annotations(10_000) == []
+    for body, cause in (({"count": 1}, Cause.INTERNAL), ("<html>maintenance</html>", Cause.TRANSIENT)):
+        emulator.knobs.fault_rules.append(FaultRule("GET", r"/annotations/?$", 200, body=body, count=1))
+        with pytest.raises(ApiError) as raised:  # a page without "results", a body that is not JSON
+            client.annotations(details["id"])
+        assert raised.value.failure.cause == cause
 
 
 def test_searchable_pdf_is_streamed_to_a_file(emulator, client, tmp_path):
