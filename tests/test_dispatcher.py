@@ -162,3 +162,36 @@ def test_a_bug_in_a_step_backs_off_through_the_policy_instead_of_spinning(parts,
     assert row.next_at is not None and row.next_at >= now + 1.0, "backed off, not due again at once"
     parts.dispatcher.tick(parts.clock.now())
     assert parts.executors[UPLOADS].pending == []
+
+
+def test_a_tick_starts_due_steps_before_it_claims_the_next_batch(parts):
+    """With a backlog, a batch of claims takes a while: a worker that is free must not wait for it."""
+    from konfuzio_watch.scheduler import Scheduler
+    from konfuzio_watch.tracker import CandidateTracker
+
+    parts.claim(2)  # two files claimed, due for upload
+    waiting = parts.inbox / "backlog"
+    waiting.mkdir()
+    for i in range(3):
+        (waiting / f"b{i}.pdf").write_bytes(make_pdf(label=f"backlog {i}"))
+
+    def scan(folder: str) -> list[str]:
+        return sorted(str(p) for p in Path(folder).rglob("*.pdf"))
+
+    tracker = CandidateTracker(0.5, 30.0, scan)
+    scheduler = Scheduler(clock=parts.clock, journal=parts.journal, gates=parts.gates, pipeline=parts.pipeline,
+                          dispatcher=parts.dispatcher, tracker=tracker, inbox=str(parts.inbox), scan=lambda: [])
+    for path in scan(str(waiting)):
+        tracker.seen(path, parts.clock.now())
+    parts.clock.advance(1.0)  # settled: the three are ready to be claimed
+    uploads_started_at_claim: list[int] = []
+    claim = parts.pipeline.claim
+
+    def recording_claim(*args, **kwargs):
+        uploads_started_at_claim.append(len(parts.executors[UPLOADS].pending))
+        return claim(*args, **kwargs)
+
+    parts.pipeline.claim = recording_claim
+    scheduler.tick(parts.clock.now())
+    assert uploads_started_at_claim == [2], "the free upload workers got their files before the batch was claimed"
+    assert parts.states() == {State.CLAIMED: 5}
