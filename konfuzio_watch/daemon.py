@@ -313,8 +313,11 @@ class Daemon:
         lost, self._alive_nodes = self._alive_nodes - alive, alive
         if lost:
             due = self.journal.make_due([State.UPLOADED], now)
-            log.warning("node(s) %s stopped or fell silent: callbacks sent to them may be lost; %d file(s) waiting "
-                        "for their results are looked at now", ", ".join(sorted(lost)), due)
+            # A warning when files wait on it; with none, nothing is at risk (and a node whose
+            # heartbeats flap on a loaded machine, e.g. after a database outage, would repeat it).
+            log.log(logging.WARNING if due else logging.INFO,
+                    "node(s) %s stopped or fell silent: callbacks sent to them may be lost; %d file(s) waiting "
+                    "for their results are looked at now", ", ".join(sorted(lost)), due)
 
     def _heard(self, payload: str) -> None:
         """A notification from the journal (any node's write; on the listener's thread)."""

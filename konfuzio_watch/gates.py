@@ -59,6 +59,11 @@ class Gate:
         return self._state
 
     @property
+    def opened_at(self) -> float:
+        """When the gate last opened after being blocked (0.0: never blocked)."""
+        return self._opened_at
+
+    @property
     def is_blocked(self) -> bool:
         return self._state.blocked
 

@@ -708,6 +708,9 @@ class Pipeline:
         if row.uploaded_at is None or row.uploaded_at < self.started_at or \
                 now - row.uploaded_at < self.config.results.callback_timeout:
             return
+        journal = self.gates[Scope.JOURNAL]
+        if journal.is_blocked or journal.opened_at >= row.uploaded_at:
+            return  # its callback came while the journal could not be written: refused, not missing
         if self.callback_watch is not None and self.callback_watch.found_by_polling():
             url = self.callback_base().rstrip("/")
             log.warning("callbacks are not arriving at %s: results keep being found by polling (each after "
