@@ -776,11 +776,7 @@ class BaseJournal(ABC):
     def next_due_at(self, states: Iterable[State], exclude: Iterable[int]) -> float | None:
         """The earliest ``next_at`` of rows in ``states``, skipping ``exclude`` and rows another node
         holds (in hand there; or, expired, waiting to be taken over with ``take_over_expired``)."""
-        in_states, states_ = _in("state", [s.value for s in states])
-        not_excluded, exclude_ = _in("id", list(exclude), negate=True)
-        with self._read() as tx:
-            return tx.execute(f"SELECT MIN(next_at) FROM files WHERE {in_states} AND {not_excluded}{self._NOT_OTHERS}",
-                              (*states_, *exclude_, *self._not_others)).fetchone()[0]
+        return min(self.next_due_by_state(states, exclude).values(), default=None)
 
     def next_due_by_state(self, states: Iterable[State], exclude: Iterable[int]) -> dict[State, float]:
         """``next_due_at`` of each of ``states`` in one query (the scheduling loop asks after every
