@@ -163,8 +163,8 @@ def _add_document_routes(app: Flask, emu: Emulator) -> None:
 
     @app.get("/api/v3/documents/<int:doc_id>/", strict_slashes=False)
     def document_details(doc_id: int) -> Response:
-        details = emu.store.details(doc_id)
-        return _json(details) if details is not None else _json(NOT_FOUND, 404)
+        details = emu.store.details_json(doc_id)
+        return Response(details, mimetype="application/json") if details is not None else _json(NOT_FOUND, 404)
 
     @app.delete("/api/v3/documents/<int:doc_id>/", strict_slashes=False)
     def delete_document(doc_id: int) -> Response:

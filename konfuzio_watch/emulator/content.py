@@ -348,10 +348,13 @@ def bbox_for(text: str, sizes: list[tuple[int, int]]) -> dict[str, dict]:
         index = page.offset
         for line_number, line in enumerate(page.lines, start=1):
             y0, y1 = page.line_box(line_number)
+            row = _line_box(y0, y1, page, line_number)  # what every box of the line shares, in the
+            font = {"font_size": round(y1 - y0, 3), "font_name": "EmulatedMono"}  # real answer's order
             for column, char in enumerate(line):
                 if not char.isspace():
                     x0 = page.x(column)
-                    boxes[str(index + column)] = _char_box(char, x0, x0 + page.char_w, y0, y1, page, line_number)
+                    boxes[str(index + column)] = {"x0": round(x0, 3), "x1": round(x0 + page.char_w, 3), **row,
+                                                  "text": char, **font}
             index += len(line) + 1  # the newline
     return boxes
 
@@ -381,17 +384,12 @@ def span_box(pages: list[PageGeometry], start: int, end: int) -> dict:
     raise ValueError(f"span {start}:{end} is outside the text")
 
 
-def _char_box(char: str, x0: float, x1: float, y0: float, y1: float, page: PageGeometry, line: int) -> dict:
+def _line_box(y0: float, y1: float, page: PageGeometry, line: int) -> dict:
     return {
-        "x0": round(x0, 3),
-        "x1": round(x1, 3),
         "y0": round(y0, 3),
         "y1": round(y1, 3),
         "top": round(page.height - y1, 3),
         "bottom": round(page.height - y0, 3),
         "page_number": page.number,
         "line_number": line,
-        "text": char,
-        "font_size": round((y1 - y0), 3),
-        "font_name": "EmulatedMono",
     }

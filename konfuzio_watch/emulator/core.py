@@ -261,7 +261,7 @@ class Emulator:
 
     def _advance(self, doc_id: int, status: int) -> None:
         """Scheduler job: one status step; at the end of a run, hand over the callback."""
-        details = self.store.advance(doc_id, status, self.knobs.uncategorized_share)
+        details = self.store.advance(doc_id, status, self.knobs.uncategorized_share, deep=False)  # callback_url
         if status in END_OF_RUN:
             try:
                 if details is not None and status in FINAL:
@@ -369,7 +369,7 @@ class Emulator:
 
     def _send_callback(self, doc_id: int, url: str) -> None:
         """POST the current details as JSON; record the answer or the error, never raise."""
-        body = self.store.details(doc_id)
+        body = self.store.details_json(doc_id)
         if body is None:  # deleted meanwhile
             return
         status_code: int | None = None
@@ -378,7 +378,8 @@ class Emulator:
         try:
             with requests.Session() as session:
                 session.trust_env = False  # never route loopback callbacks through a proxy
-                response = session.post(url, json=body, timeout=self.knobs.callback_timeout_s)
+                response = session.post(url, data=body, headers={"Content-Type": "application/json"},
+                                        timeout=self.knobs.callback_timeout_s)
             status_code = response.status_code
             self.store.record_callback_status(doc_id, status_code)
         except Exception as exc:  # unreachable, timeout, bad URL: record it, carry on

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import orjson
+
 from konfuzio_watch.emulator import content, extraction
 from konfuzio_watch.emulator.blobs import Blob
 from konfuzio_watch.emulator.content import FileFacts, Layout
@@ -128,9 +130,11 @@ class DocumentStore:
             self._by_project.setdefault(new.project, []).append(doc_id)
             return doc_id, copy.deepcopy(details)
 
-    def advance(self, doc_id: int, status: int, uncategorized_share: float = 0.0) -> dict | None:
+    def advance(self, doc_id: int, status: int, uncategorized_share: float = 0.0, *,
+                deep: bool = True) -> dict | None:
         """Move a document to ``status`` (filling text, pages, timings, results); return a copy of
-        its details, or None if it is gone."""
+        its details (``deep=False``: of their top level only, for a caller that reads no more than
+        that), or None if it is gone."""
         with self._lock:
             doc = self._docs.get(doc_id)
             if doc is None:
@@ -153,7 +157,7 @@ class DocumentStore:
                 self._extract(doc_id, doc, uncategorized_share)
             elif status == COULD_NOT_BE_PROCESSED:
                 details["processing_time"] = elapsed
-            return copy.deepcopy(details)
+            return copy.deepcopy(details) if deep else dict(details)
 
     def _extract(self, doc_id: int, doc: StoredDocument, uncategorized_share: float) -> None:
         """Categorize (unless fixed) and extract; annotations a person revised survive."""
@@ -248,6 +252,11 @@ class DocumentStore:
                 return copy.deepcopy(doc.details)
             batch = self._seed_batch(doc_id)
         return _seeded(batch, doc_id).details if batch else None
+
+    def details_json(self, doc_id: int) -> bytes | None:
+        """The details as JSON, encoded under the lock: a snapshot without a deep copy (the answer
+        to ``GET`` and the callback's body); None if unknown."""
+        return self._read(doc_id, lambda doc: orjson.dumps(doc.details, option=orjson.OPT_NON_STR_KEYS))
 
     def bbox(self, doc_id: int) -> dict | None:
         """Character bboxes once the document is done; ``{}`` before; None if unknown."""
