@@ -90,6 +90,9 @@ def test_forged_and_garbage_callbacks_move_nothing_and_never_5xx(start_daemon, e
         ("post", running.daemon.server.url + "/callback", {"json": done_details}, 404),
         ("post", f"{base}/ab", {"json": done_details}, 404),  # malformed token
         ("post", url_a, {"json": done_details}, 403),  # right token, another document's id
+        # read as json reads it, also where orjson would refuse (UTF-16, NaN): still that other id
+        ("post", url_a, {"data": json.dumps(done_details).encode("utf-16")}, 403),
+        ("post", url_a, {"data": json.dumps({**done_details, "ocr_time": float("nan")}).encode()}, 403),
         ("post", url_a, {"data": b"\x00\xffnot json"}, 400),
         ("post", url_a, {"json": [1, 2, 3]}, 400),
         ("post", url_a, {"json": {"id": "1; DROP TABLE files"}}, 400),
