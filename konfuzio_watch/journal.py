@@ -781,12 +781,19 @@ class BaseJournal(ABC):
     def next_due_by_state(self, states: Iterable[State], exclude: Iterable[int]) -> dict[State, float]:
         """``next_due_at`` of each of ``states`` in one query (the scheduling loop asks after every
         event); a state without rows is left out."""
-        in_states, states_ = _in("state", [s.value for s in states])
+        # Per state, the first row in (state, next_at) index order that is not excluded: a walk over
+        # at most the rows in hand. MIN(next_at) with the exclusion visited every row of the states
+        # (0.26 ms with 1,000 rows, after every event of the loop; a backlog has 100,000).
+        wanted = list(dict.fromkeys(states))
+        if not wanted:
+            return {}
         not_excluded, exclude_ = _in("id", list(exclude), negate=True)
+        first = (f"(SELECT next_at FROM files WHERE state = ? AND next_at IS NOT NULL AND {not_excluded}"
+                 f"{self._NOT_OTHERS} ORDER BY next_at LIMIT 1)")
+        params = [p for state in wanted for p in (state.value, *exclude_, *self._not_others)]
         with self._read() as tx:
-            found = tx.execute(f"SELECT state, MIN(next_at) FROM files WHERE {in_states} AND {not_excluded}"
-                               f"{self._NOT_OTHERS} GROUP BY state", (*states_, *exclude_, *self._not_others))
-            return {State(state): due for state, due in found.fetchall() if due is not None}
+            found = tx.execute("SELECT " + ", ".join([first] * len(wanted)), params).fetchone()
+        return {state: due for state, due in zip(wanted, found, strict=True) if due is not None}
 
     def rows(self, states: Iterable[State] = (), limit: int = 1000) -> list[Row]:
         values = [s.value for s in states]
