@@ -84,7 +84,9 @@ def sniff_file_type(fd: int) -> str:
     descriptor (``/proc/self/fd``: the file we opened, never a path someone swapped); raises
     ``UnsupportedFile`` for anything it would not take."""
     utils = import_sdk()["utils"]
-    logging.getLogger("konfuzio_sdk.utils").setLevel(logging.CRITICAL)  # it logs ERROR for every rejection
+    quiet = logging.getLogger("konfuzio_sdk.utils")  # it logs ERROR for every rejection
+    if quiet.level != logging.CRITICAL:  # (setLevel empties every logger's level cache: not per file)
+        quiet.setLevel(logging.CRITICAL)
     try:
         return utils.get_file_type_and_extension(f"/proc/self/fd/{fd}")[0]
     except NotImplementedError:
