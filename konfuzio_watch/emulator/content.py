@@ -348,8 +348,9 @@ def bbox_for(text: str, sizes: list[tuple[int, int]]) -> dict[str, dict]:
         index = page.offset
         for line_number, line in enumerate(page.lines, start=1):
             y0, y1 = page.line_box(line_number)
-            row = _line_box(y0, y1, page, line_number)  # what every box of the line shares, in the
-            font = {"font_size": round(y1 - y0, 3), "font_name": "EmulatedMono"}  # real answer's order
+            # What every box of the line shares, computed once per line (keys in the real answer's order).
+            row = _line_box(y0, y1, page, line_number)
+            font = {"font_size": round(y1 - y0, 3), "font_name": "EmulatedMono"}
             for column, char in enumerate(line):
                 if not char.isspace():
                     x0 = page.x(column)
