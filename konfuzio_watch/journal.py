@@ -1073,30 +1073,26 @@ class SqliteJournal(BaseJournal):
                 os.close(self._wal_fd)
                 self._wal_fd = None
 
-    @contextmanager
-    def _write(self) -> Iterator[_SqliteTx]:
+    def _write(self) -> AbstractContextManager[_SqliteTx]:
         """A durable write: committed, and the WAL fsynced since, before the caller goes on."""
-        with self._commit() as tx:
-            yield tx
-        self._sync_through(tx.seq)
-        self._deliver(tx.notices)
+        return self._writing(durable=True)
 
-    @contextmanager
-    def _write_soon(self) -> Iterator[_SqliteTx]:
+    def _write_soon(self) -> AbstractContextManager[_SqliteTx]:
         """A write committed (visible, kept by SIGKILL) but not synced: the next durable write syncs it."""
-        with self._commit() as tx:
-            yield tx
-        self._deliver(tx.notices)
+        return self._writing(durable=False)
+
+    def _one_statement(self, durable: bool) -> AbstractContextManager[_SqliteTx]:
+        """One statement in SQLite's autocommit mode: atomic on its own, and without BEGIN and COMMIT
+        it gives up the interpreter once instead of three times while it holds the lock (at 32
+        uploads in flight, the waits for the interpreter inside the lock were most of its hold time)."""
+        return self._writing(durable, single=True)
 
     def _make_durable(self) -> None:
         self._sync_through(self._committed)
 
     @contextmanager
-    def _one_statement(self, durable: bool) -> Iterator[_SqliteTx]:
-        """One statement in SQLite's autocommit mode: atomic on its own, and without BEGIN and COMMIT
-        it gives up the interpreter once instead of three times while it holds the lock (at 32
-        uploads in flight, the waits for the interpreter inside the lock were most of its hold time)."""
-        with self._commit(single=True) as tx:
+    def _writing(self, durable: bool, single: bool = False) -> Iterator[_SqliteTx]:
+        with self._commit(single=single) as tx:
             yield tx
         if durable:
             self._sync_through(tx.seq)
