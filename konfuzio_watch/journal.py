@@ -783,7 +783,7 @@ class BaseJournal(ABC):
         event); a state without rows is left out."""
         # Per state, the first row in (state, next_at) index order that is not excluded: a walk over
         # at most the rows in hand. MIN(next_at) with the exclusion visited every row of the states
-        # (0.26 ms with 1,000 rows, after every event of the loop; a backlog has 100,000).
+        # (0.24 ms with 1,000 rows against 0.03, after every event of the loop; a backlog has 100,000).
         wanted = list(dict.fromkeys(states))
         if not wanted:
             return {}

@@ -881,7 +881,7 @@ class Pipeline:
         (``results.content_fingerprint``), replace the result in done/ with the next revision. The
         original is never touched; a callback for an unchanged document costs one fetch.
 
-        The export stores no fingerprint (encoding the character boxes sorted for it was ~5 % of the
+        The export stores no fingerprint (encoding the character boxes sorted for it was 1-5 % of the
         daemon's CPU with 32 uploads in flight, for a look few files ever get): the first look takes
         it from the result in done/, which is what revision 1 said (a read-back result has the same
         fingerprint). One that someone edited there counts as changed, and is replaced if it is still
