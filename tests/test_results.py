@@ -490,6 +490,24 @@ def done_document(emulator, client: KonfuzioClient, data: bytes, name: str = "sc
     return client.document(doc_id)
 
 
+def test_every_request_carries_the_session_settings_and_a_rotated_token(emulator, client):
+    """The client sends through the session with its settings prepared once (``_send``): the same
+    headers as ``session.get``, cookies the server set, and a rotated token from the next request on."""
+    url = f"{emulator.url}/api/v3/projects/1/"
+    client.session.cookies.set("lb", "node-2")  # as a load balancer's Set-Cookie would
+    ours, sessions = client._send("GET", url), client.session.get(url)
+    assert ours.status_code == sessions.status_code == 200
+    assert dict(ours.request.headers) == dict(sessions.request.headers)
+    assert ours.request.headers["Cookie"] == "lb=node-2"
+    with pytest.raises(ApiError) as caught:
+        client.document(999_999)
+    assert caught.value.failure.cause == Cause.NOT_FOUND
+    client.set_token("a-rotated-token")
+    with pytest.raises(ApiError) as caught:
+        client.document(999_999)
+    assert caught.value.failure.status == 401, "the new token, not the one the first request was prepared with"
+
+
 def test_project_lists_through_the_sdk(emulator, client):
     labels, label_sets = client.project_labels(1), client.project_label_sets(1)
     categories = client.project_categories(1)
