@@ -9,6 +9,7 @@ import collections
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -104,7 +105,21 @@ def _parent_pid(pid: object) -> int | None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port for a daemon to bind now and again after each restart: below the kernel's ephemeral
+    range. A port from that range (what a bind to port 0 gives) can be taken meanwhile by any
+    outgoing connection of a test running in parallel, and a restarted node then fails with
+    "Address already in use" (seen in the cluster tests under the full suite)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, low - 16384), low))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (no room below the range: take the kernel's pick)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
