@@ -9,11 +9,9 @@ import collections
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +33,7 @@ from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, NODE_MARKER_
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import TOKEN, drop, wait_until
+from .pg import free_port
 
 KONFUZIO_WATCH = [sys.executable, "-m", "konfuzio_watch"]
 
@@ -102,29 +101,6 @@ def _parent_pid(pid: object) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def free_port() -> int:
-    """A port for a daemon to bind now and again after each restart: below the kernel's ephemeral
-    range. A port from that range (what a bind to port 0 gives) can be taken meanwhile by any
-    outgoing connection of a test running in parallel, and a restarted node then fails with
-    "Address already in use" (seen in the cluster tests under the full suite)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default
-    candidates = list(range(max(1024, low - 16384), low))
-    random.SystemRandom().shuffle(candidates)
-    for port in candidates[:200]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # (no room below the range: take the kernel's pick)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DaemonProcess:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -86,7 +87,25 @@ def server_user() -> tuple[list[str], int, int]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port for a server to bind now and again after each restart (a daemon of the tests, this
+    module's PostgreSQL after an outage): below the kernel's ephemeral range. A port from that
+    range (what a bind to port 0 gives) can be taken meanwhile by any outgoing connection of a test
+    running in parallel, and the restarted server then fails with "Address already in use" (seen
+    in the cluster tests under the full suite)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    candidates = list(range(max(1024, low - 16384), low))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (no room below the range: take the kernel's pick)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
