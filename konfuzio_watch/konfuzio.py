@@ -151,7 +151,7 @@ class KonfuzioClient:
         adapter, timeout, proxies, CA bundle, redirects, hooks and cookies), but with the session's
         headers merged once per method instead of at every call: requests' "prepared requests".
         ``Session.request`` merges every setting of the session into each request (headers, cookies,
-        hooks, auth, the environment's), 0.16-0.19 ms of CPU per call on this machine, with four calls
+        hooks, auth, the environment's), 0.13-0.16 ms of CPU per call on this machine, with four calls
         per file (README: Performance). The headers change only with the token (``set_token``)."""
         template = self._templates.get(method)
         if template is None:
