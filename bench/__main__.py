@@ -13,6 +13,7 @@ checkout (e.g. `git worktree add --detach DIR be7dd22`), and prints both side by
   idle_polling  polling mode, idle, with 20,000 files waiting in processing/ and 20,000 in done/
   pollonly      the burst without callbacks (after only: the code before has no poll-only mode)
   outputs       the burst with each results.outputs / results.bbox (after only)
+  floor         the burst's API calls, callback and durable writes alone, without the daemon (after only)
   venv          the size of a fresh `make test` virtualenv (not in --quick)
   tutorial      Konfuzio's tutorial flow on the burst's files (only with --only tutorial)
 """
@@ -38,11 +39,12 @@ from typing import Any  # noqa: E402
 from . import profiles, report, scenarios  # noqa: E402
 from .harness import PROFILE_RATE_HZ, machine_info  # noqa: E402
 
-ALL = ("burst", "fsync", "scale16", "scale32", "backlog", "memory", "reconcile", "idle_polling", "pollonly",
-       "outputs", "venv", "tutorial")
+ALL = ("burst", "fsync", "floor", "scale16", "scale32", "backlog", "memory", "reconcile", "idle_polling",
+       "pollonly", "outputs", "venv", "tutorial")
 DEFAULT_SKIP = {"tutorial"}
 QUICK_SKIP = {"tutorial", "venv"}
-AFTER_ONLY = {"pollonly": "no poll-only mode", "outputs": "no results.outputs", "tutorial": "(not compared)"}
+AFTER_ONLY = {"pollonly": "no poll-only mode", "outputs": "no results.outputs", "tutorial": "(not compared)",
+              "floor": "not compared"}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -102,6 +104,7 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
     return {
         "burst": burst,
         "fsync": lambda root, code: scenarios.fsync_run(root, n=n, code=code),
+        "floor": lambda root, code: scenarios.floor_run(root, n=n),
         "scale16": scale(16),
         "scale32": scale(32),
         "backlog": lambda root, code: scenarios.backlog_run(root, n=s.backlog, steady_s=s.steady_s, code=code,
@@ -192,6 +195,13 @@ def _print(figures: dict[str, Any], profile_dir: Path | None) -> None:
     if extra:
         print()
         print(report.markdown_table(report.EXTRA_HEADER, extra))
+    floor = [r for r in figures["after"].get("floor", []) if "segments_ms" in r]
+    if floor:
+        print(f"\nThe floor's steps, thread CPU per file ({len(floor)} run(s); with --segments, which costs a "
+              "little itself):")
+        for step in floor[0]["segments_ms"]:
+            values = [r["segments_ms"].get(step) for r in floor]
+            print(f"  {step}: {report.fmt_range(values, ' ms', 2)}")
     tutorial = figures["after"].get("tutorial")
     if tutorial:
         walls = [t["wall_s"] for t in tutorial]

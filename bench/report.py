@@ -73,8 +73,12 @@ TARGETS = [
     Target("   documents uploaded twice after the restart", "reconcile", _path("duplicate_documents"), 0, digits=0),
     Target("daemon CPU per file, 100-file burst (utime+stime / N)", "burst", _path("burst", "cpu_per_file_ms"), 6,
            unit=" ms", digits=1),
+    Target("   floor: the same API calls, callback and durable writes alone (bench/floor.py)", "floor",
+           _path("cpu_per_file_ms"), None, unit=" ms", digits=1),
     Target("fsync-class calls per file in the burst (strace -f)", "fsync", _path("per_file"), 2, digits=1),
     Target("   of which fsync / fdatasync per file", "fsync", lambda r: None, None),  # filled in by _fsync_split
+    Target("   floor: WAL fdatasyncs + the JSON's fsync + done/'s fsync (bench/floor.py)", "floor",
+           lambda r: r["wal_syncs_per_file"] + 2 if "wal_syncs_per_file" in r else None, None, digits=1),
     Target("1,000 files, concurrency 16: wall / (ideal + settle)", "scale16", _ratio_to_ideal_settle, 1.10),
     Target("   wall (ideal + settle)", "scale16", _path("burst", "wall_s"), None, unit=" s", digits=1),
     Target("   daemon CPU / emulator+bench CPU during the burst", "scale16", lambda r: None, None),
@@ -108,6 +112,9 @@ def _fmt(values: list[float | None], unit: str, digits: int) -> str:
         f"{low:.{digits}f}-{high:.{digits}f}"
     missing = len(values) - len(found)
     return text + unit + (f" ({missing} run(s) without)" if missing else "")
+
+
+fmt_range = _fmt  # the printouts under the tables use the same ranges
 
 
 def _worst(values: list[float | None], at_most: bool) -> float | None:
@@ -298,6 +305,11 @@ def methods(figures: dict[str, Any]) -> list[str]:
         "done/; N files in the inbox at start, claimed into the processing folder (default place), where they "
         "wait: their uploads hang at the emulator (latency 3600 s), so 4 are in flight; CPU over the window.",
         "- venv: `make VENV=<fresh dir> <fresh dir>/.installed` from each checkout's own Makefile, then du -sk.",
+        "- Floor (bench/floor.py, its own process, the burst's emulator): per file only the token armed durably, "
+        "the streamed upload, the callback through Waitress and the callback app, the details, annotations and "
+        "boxes, the final path recorded durably, the result JSON written and fsynced, the file linked into done/ "
+        "and done/ fsynced; 4 upload and 2 result threads. No watching, settling, sniffing, hashing, scheduling "
+        "loop, logging or rich result. CPU = its own utime+stime over the N files.",
         "- Poll-only / outputs: the burst with callback.enabled false (results.first_poll_seconds as given), or "
         "with results.outputs / results.bbox as given; requests and bytes from the emulator's request_stats().",
     ]

@@ -246,6 +246,34 @@ def tutorial_run(root: Path, *, n: int, timeout_s: float = 300.0) -> dict[str, A
     }
 
 
+# -- the floor: the same API calls, callback and durable writes per file, without the daemon ------------
+
+
+def floor_run(root: Path, *, n: int, concurrency: int = 4, timeout_s: float = 300.0) -> dict[str, Any]:
+    """``bench/floor.py`` in its own process against a fresh emulator (the burst's knobs): once for the
+    figure, once more with each step's thread CPU (``--segments``, which costs a little itself)."""
+    out: dict[str, Any] = {}
+    for segments in (False, True):
+        emu = _emulator(realistic_knobs())
+        workdir = root / ("floor-segments" if segments else "floor")
+        try:
+            command = [sys.executable, "-m", "bench.floor", "--host", emu.url, "--workdir", str(workdir), "-n", str(n),
+                       "--concurrency", str(concurrency), *(["--segments"] if segments else [])]
+            proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                                  timeout=timeout_s, env={**os.environ, "LOG_TO_FILE": "False"})
+        finally:
+            emu.stop()
+        if proc.returncode != 0 or not proc.stdout.strip():
+            tail = proc.stderr.decode(errors="replace")[-2000:]
+            raise BenchError(f"bench.floor exited with {proc.returncode}:\n{tail}")
+        figures = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+        if segments:
+            out["segments_ms"] = figures["segments_ms"]
+        else:
+            out.update(figures)
+    return out
+
+
 # -- 5: a backlog present at start-up ---------------------------------------------------------------
 
 

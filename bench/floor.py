@@ -1,0 +1,196 @@
+"""The floor: what one file costs in CPU with only the work that the required stack and the promise
+force, and nothing of the daemon around it. Runs in its own process (its CPU is the figure); the
+emulator runs in the bench process. Usage::
+
+    python -m bench.floor --host http://127.0.0.1:PORT --workdir DIR [-n 100] [--concurrency 4] [--segments]
+
+Per file, exactly what the daemon cannot leave out:
+- its claim recorded in the journal (one batch for all files, as the daemon claims a burst);
+- the token armed in the SQLite journal, durably, before the upload (WAL fdatasync);
+- the upload: a streamed multipart POST through the SDK's session (``KonfuzioClient.upload``);
+- the callback, received by Waitress with the callback's Flask app, with the daemon's settings;
+- the details, annotations and character boxes, GET through the same session;
+- where the file goes, recorded durably in the journal (the second WAL fdatasync);
+- the result JSON (text, pages, annotations, boxes, the details) encoded with the daemon's encoder,
+  written, fsynced, linked into done/; the original linked next to it; done/ fsynced.
+
+Left out, though the daemon does them: watching the folder and the settle time, the rename of each
+claimed file into processing/, sniffing and hashing the file, the scheduling loop, the
+other journal steps (uploaded, called back, exporting, done), logging, the rich result (category,
+fields, names from the project's catalog), the checks that never overwrite someone else's file.
+Four upload threads and two result threads, as the daemon has by default.
+
+Prints one JSON line: CPU (user, system) per file over the whole run, wall time, WAL fsyncs per
+file; with ``--segments``, each worker step's own CPU (thread time) per file, and what the other
+threads (Waitress's, the callback's) used.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LOG_TO_FILE", "False")  # before anything imports konfuzio_sdk
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from konfuzio_watch.callback import create_app  # noqa: E402
+from konfuzio_watch.files import encode_json, fsync_dir  # noqa: E402
+from konfuzio_watch.journal import Row, SqliteJournal, State  # noqa: E402
+from konfuzio_watch.konfuzio import KonfuzioClient, UploadForm  # noqa: E402
+from konfuzio_watch.server import PUBLIC_ENDPOINT_SETTINGS, ServerThread  # noqa: E402
+from konfuzio_watch.tokens import hash_token, new_token  # noqa: E402
+
+from .harness import PROJECT_ID, TOKEN, write_documents  # noqa: E402
+
+
+class Floor:
+    def __init__(self, host: str, workdir: Path, concurrency: int, segments: bool):
+        self.inbox, self.done = workdir / "inbox", workdir / "done"
+        self.done.mkdir(parents=True, exist_ok=True)
+        self.client = KonfuzioClient(host, TOKEN)
+        self.journal = SqliteJournal(workdir / "state" / "journal.sqlite3")
+        self.uploads = ThreadPoolExecutor(concurrency, thread_name_prefix="upload")
+        self.results = ThreadPoolExecutor(2, thread_name_prefix="results")
+        self.pending: dict[str, tuple[Row, Path, int | None]] = {}  # token -> (row, file, document id)
+        self.lock = threading.Lock()
+        self.finished: list[Future] = []
+        self.all_done = threading.Event()
+        self.expected = 0
+        self.segments: collections.Counter[str] = collections.Counter()
+        self.timed = segments
+        self.server = ServerThread(create_app(self.record), "127.0.0.1", 0, name="callback-server", threads=4,
+                                   **PUBLIC_ENDPOINT_SETTINGS).start()
+
+    def _mark(self, name: str, since: float) -> float:
+        now = time.thread_time()
+        if self.timed:
+            with self.lock:
+                self.segments[name] += now - since
+        return now
+
+    def run(self, paths: list[Path]) -> None:
+        self.expected = len(paths)
+        rows = self.journal.add_claims([p.name.encode() for p in paths], time.time())
+        rows = self.journal.transition_many(rows, State.CLAIMED, time.time())  # as the daemon's claims: one batch
+        for row, path in zip(rows, paths, strict=True):
+            self.uploads.submit(self.upload, row, path)
+
+    def upload(self, row: Row, path: Path) -> None:
+        t = time.thread_time()
+        token = new_token()
+        row = self.journal.start_upload(row, hash_token(token), time.time())
+        t = self._mark("journal: token armed (durable)", t)
+        with self.lock:
+            self.pending[token] = (row, path, None)
+        form = UploadForm(PROJECT_ID, f"{self.server.url}/konfuzio-callback/{token}")
+        with open(path, "rb") as f:
+            answer = self.client.upload(f, path.name, form)
+        self._mark("upload POST", t)
+        with self.lock:  # the callback may have come first
+            entry = self.pending.get(token)
+            if entry is None or entry[2] == -1:
+                self.pending.pop(token, None)
+                self.results.submit(self.export, row, path, answer["id"])
+            else:
+                self.pending[token] = (row, path, answer["id"])
+
+    def record(self, token: str, claimed_id: int | None) -> str:
+        with self.lock:
+            entry = self.pending.get(token)
+            if entry is None:
+                return "unknown"
+            row, path, document_id = entry
+            if document_id is None:  # before the upload's answer: the upload thread submits
+                self.pending[token] = (row, path, -1)
+                return "recorded"
+            del self.pending[token]
+        self.results.submit(self.export, row, path, document_id)
+        return "recorded"
+
+    def export(self, row: Row, path: Path, document_id: int) -> None:
+        t = time.thread_time()
+        details = self.client.document(document_id)
+        t = self._mark("GET details", t)
+        annotations = self.client.annotations(document_id)
+        t = self._mark("GET annotations", t)
+        bbox = self.client.bbox(document_id)
+        t = self._mark("GET bbox", t)
+        target = self.done / path.name
+        self.journal.update(row, time.time(), final_path=os.fsencode(target))
+        t = self._mark("journal: final path (durable)", t)
+        body = encode_json({"text": details.get("text"), "pages": details.get("pages"), "annotations": annotations,
+                            "bbox": bbox.get("bbox"), "konfuzio": details})
+        tmp = target.with_name(f".{target.name}.json.tmp")
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, target.with_name(target.name + ".json"))
+        os.unlink(tmp)
+        t = self._mark("result JSON: encode, write, fsync", t)
+        os.link(path, target)
+        fsync_dir(target.parent)
+        os.unlink(path)
+        self._mark("file moved, done/ fsynced", t)
+        with self.lock:
+            self.expected -= 1
+            if self.expected == 0:
+                self.all_done.set()
+
+    def close(self) -> None:
+        self.uploads.shutdown()
+        self.results.shutdown()
+        self.server.close()
+        self.journal.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", required=True, help="the emulator's URL")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("-n", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--segments", action="store_true", help="each step's thread CPU (costs a little itself)")
+    parser.add_argument("--timeout-s", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    floor = Floor(args.host.rstrip("/"), workdir, args.concurrency, args.segments)
+    try:
+        warm = write_documents(workdir / "inbox", 1, "warm")  # imports, connections, the SDK's first call
+        floor.run(warm)
+        if not floor.all_done.wait(args.timeout_s):
+            raise SystemExit("floor: the warm-up file did not finish")
+        floor.all_done.clear()
+        floor.segments.clear()
+        paths = write_documents(workdir / "inbox", args.n, "doc")
+        syncs, before, t0 = floor.journal.syncs, resource.getrusage(resource.RUSAGE_SELF), time.time()
+        floor.run(paths)
+        if not floor.all_done.wait(args.timeout_s):
+            raise SystemExit(f"floor: {floor.expected} of {args.n} files did not finish in {args.timeout_s:.0f} s")
+        after, wall = resource.getrusage(resource.RUSAGE_SELF), time.time() - t0
+        syncs = floor.journal.syncs - syncs
+    finally:
+        floor.close()
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    out: dict[str, Any] = {"n": args.n, "wall_s": wall, "cpu_s": user + system, "cpu_user_s": user,
+                           "cpu_system_s": system, "cpu_per_file_ms": (user + system) / args.n * 1000,
+                           "wal_syncs_per_file": syncs / args.n}
+    if args.segments:
+        steps = {name: s / args.n * 1000 for name, s in floor.segments.most_common()}
+        steps["other threads (Waitress, the callback app), and the rest"] = out["cpu_per_file_ms"] - sum(steps.values())
+        out["segments_ms"] = steps
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
