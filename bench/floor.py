@@ -37,7 +37,8 @@ import json  # noqa: E402
 import resource  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -59,10 +60,11 @@ class Floor:
         self.journal = SqliteJournal(workdir / "state" / "journal.sqlite3")
         self.uploads = ThreadPoolExecutor(concurrency, thread_name_prefix="upload")
         self.results = ThreadPoolExecutor(2, thread_name_prefix="results")
-        self.pending: dict[str, tuple[Row, Path, int | None]] = {}  # token -> (row, file, document id)
+        # token -> (row, file, document id: None until the upload's answer, -1 if called back before it)
+        self.pending: dict[str, tuple[Row, Path, int | None]] = {}
         self.lock = threading.Lock()
-        self.finished: list[Future] = []
         self.all_done = threading.Event()
+        self.error: BaseException | None = None  # a step that failed: the run stops at once, with it
         self.expected = 0
         self.segments: collections.Counter[str] = collections.Counter()
         self.timed = segments
@@ -76,12 +78,29 @@ class Floor:
                 self.segments[name] += now - since
         return now
 
+    def _submit(self, pool: ThreadPoolExecutor, step: Callable[..., None], *args: object) -> None:
+        def guarded() -> None:
+            try:
+                step(*args)
+            except BaseException as exc:
+                self.error = self.error or exc
+                self.all_done.set()
+                raise
+
+        pool.submit(guarded)
+
+    def wait(self, timeout_s: float, what: str) -> None:
+        if not self.all_done.wait(timeout_s):
+            raise SystemExit(f"floor: {self.expected} {what} did not finish in {timeout_s:.0f} s")
+        if self.error is not None:
+            raise SystemExit(f"floor: a step failed: {type(self.error).__name__}: {self.error}")
+
     def run(self, paths: list[Path]) -> None:
         self.expected = len(paths)
         rows = self.journal.add_claims([p.name.encode() for p in paths], time.time())
         rows = self.journal.transition_many(rows, State.CLAIMED, time.time())  # as the daemon's claims: one batch
         for row, path in zip(rows, paths, strict=True):
-            self.uploads.submit(self.upload, row, path)
+            self._submit(self.uploads, self.upload, row, path)
 
     def upload(self, row: Row, path: Path) -> None:
         t = time.thread_time()
@@ -98,7 +117,7 @@ class Floor:
             entry = self.pending.get(token)
             if entry is None or entry[2] == -1:
                 self.pending.pop(token, None)
-                self.results.submit(self.export, row, path, answer["id"])
+                self._submit(self.results, self.export, row, path, answer["id"])
             else:
                 self.pending[token] = (row, path, answer["id"])
 
@@ -112,7 +131,7 @@ class Floor:
                 self.pending[token] = (row, path, -1)
                 return "recorded"
             del self.pending[token]
-        self.results.submit(self.export, row, path, document_id)
+        self._submit(self.results, self.export, row, path, document_id)
         return "recorded"
 
     def export(self, row: Row, path: Path, document_id: int) -> None:
@@ -167,15 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         warm = write_documents(workdir / "inbox", 1, "warm")  # imports, connections, the SDK's first call
         floor.run(warm)
-        if not floor.all_done.wait(args.timeout_s):
-            raise SystemExit("floor: the warm-up file did not finish")
+        floor.wait(args.timeout_s, "warm-up file")
         floor.all_done.clear()
         floor.segments.clear()
         paths = write_documents(workdir / "inbox", args.n, "doc")
         syncs, before, t0 = floor.journal.syncs, resource.getrusage(resource.RUSAGE_SELF), time.time()
         floor.run(paths)
-        if not floor.all_done.wait(args.timeout_s):
-            raise SystemExit(f"floor: {floor.expected} of {args.n} files did not finish in {args.timeout_s:.0f} s")
+        floor.wait(args.timeout_s, f"of {args.n} files")
         after, wall = resource.getrusage(resource.RUSAGE_SELF), time.time() - t0
         syncs = floor.journal.syncs - syncs
     finally:
