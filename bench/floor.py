@@ -3,6 +3,7 @@ force, and nothing of the daemon around it. Runs in its own process (its CPU is 
 emulator runs in the bench process. Usage::
 
     python -m bench.floor --host http://127.0.0.1:PORT --workdir DIR [-n 100] [--concurrency 4] [--segments]
+                          [--http raw]
 
 Per file, exactly what the daemon cannot leave out:
 - its claim recorded in the journal (one batch for all files, as the daemon claims a burst);
@@ -20,6 +21,10 @@ other journal steps (uploaded, called back, exporting, done), logging, the rich 
 fields, names from the project's catalog), the checks that never overwrite someone else's file.
 Four upload threads and two result threads, as the daemon has by default.
 
+``--http raw`` sends the same requests (same URLs, headers, multipart body) on one kept-alive
+``http.client`` connection per thread instead of the SDK's session: what the floor would be without
+requests and urllib3 (no proxies, no retries, no TLS settings: not a client the daemon could ship).
+
 Prints one JSON line: CPU (user, system) per file over the whole run, wall time, WAL fsyncs per
 file; with ``--segments``, each worker step's own CPU (thread time) per file, and what the other
 threads (Waitress's, the callback's) used.
@@ -33,6 +38,7 @@ os.environ.setdefault("LOG_TO_FILE", "False")  # before anything imports konfuzi
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import http.client  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import threading  # noqa: E402
@@ -40,23 +46,72 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, BinaryIO  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+import orjson  # noqa: E402
+from requests_toolbelt import MultipartEncoder  # noqa: E402
 
 from konfuzio_watch.callback import create_app  # noqa: E402
 from konfuzio_watch.files import encode_json, fsync_dir  # noqa: E402
 from konfuzio_watch.journal import Row, SqliteJournal, State  # noqa: E402
-from konfuzio_watch.konfuzio import KonfuzioClient, UploadForm  # noqa: E402
+from konfuzio_watch.konfuzio import KonfuzioClient, UploadForm, import_sdk  # noqa: E402
 from konfuzio_watch.server import PUBLIC_ENDPOINT_SETTINGS, ServerThread  # noqa: E402
 from konfuzio_watch.tokens import hash_token, new_token  # noqa: E402
 
 from .harness import PROJECT_ID, TOKEN, write_documents  # noqa: E402
 
 
+class RawClient:
+    """``KonfuzioClient``'s four calls on bare ``http.client`` (``--http raw``): the SDK's URLs, the same
+    headers and multipart body, one kept-alive connection per thread, orjson for the answers."""
+
+    def __init__(self, host: str, token: str):
+        self.host, self.urls = host, import_sdk()["urls"]
+        self.headers = {"Authorization": f"Token {token}", "Accept": "*/*", "Connection": "keep-alive"}
+        self.local = threading.local()
+
+    def _request(self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        parts = urlsplit(url)
+        connection = getattr(self.local, "connection", None)
+        if connection is None:
+            connection = self.local.connection = http.client.HTTPConnection(parts.netloc, timeout=120)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request(method, path, body=body, headers={**self.headers, **(headers or {})})
+        response = connection.getresponse()
+        data = response.read()
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {url}: {response.status} {data[:200]!r}")
+        return orjson.loads(data)
+
+    def upload(self, file: BinaryIO, file_name: str, form: UploadForm) -> dict[str, Any]:
+        body = MultipartEncoder(fields={"data_file": (file_name, file, "multipart/form-data"),
+                                        "project": str(form.project_id), "dataset_status": str(form.dataset_status),
+                                        "sync": "False", "callback_url": form.callback_url})
+        return self._request("POST", self.urls.get_upload_document_url(self.host), body,
+                             {"Content-Type": body.content_type, "Content-Length": str(body.len)})
+
+    def document(self, document_id: int) -> dict[str, Any]:
+        return self._request("GET", self.urls.get_document_details_url(document_id=document_id, host=self.host))
+
+    def bbox(self, document_id: int) -> dict[str, Any]:
+        return self._request("GET", self.urls.get_document_bbox_url(document_id=document_id, host=self.host))
+
+    def annotations(self, document_id: int) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        url = self.urls.get_document_annotations_url(document_id=document_id, host=self.host)
+        while url:
+            page = self._request("GET", url)
+            found.extend(page["results"])
+            url = page.get("next")
+        return found
+
+
 class Floor:
-    def __init__(self, host: str, workdir: Path, concurrency: int, segments: bool):
+    def __init__(self, host: str, workdir: Path, concurrency: int, segments: bool, raw_http: bool = False):
         self.inbox, self.done = workdir / "inbox", workdir / "done"
         self.done.mkdir(parents=True, exist_ok=True)
-        self.client = KonfuzioClient(host, TOKEN)
+        self.client: KonfuzioClient | RawClient = RawClient(host, TOKEN) if raw_http else KonfuzioClient(host, TOKEN)
         self.journal = SqliteJournal(workdir / "state" / "journal.sqlite3")
         self.uploads = ThreadPoolExecutor(concurrency, thread_name_prefix="upload")
         self.results = ThreadPoolExecutor(2, thread_name_prefix="results")
@@ -179,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--segments", action="store_true", help="each step's thread CPU (costs a little itself)")
+    parser.add_argument("--http", choices=("sdk", "raw"), default="sdk",
+                        help="the SDK's session (default), or bare http.client: the floor without requests")
     parser.add_argument("--timeout-s", type=float, default=300.0)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
-    floor = Floor(args.host.rstrip("/"), workdir, args.concurrency, args.segments)
+    floor = Floor(args.host.rstrip("/"), workdir, args.concurrency, args.segments, raw_http=args.http == "raw")
     try:
         warm = write_documents(workdir / "inbox", 1, "warm")  # imports, connections, the SDK's first call
         floor.run(warm)

@@ -75,6 +75,8 @@ TARGETS = [
            unit=" ms", digits=1),
     Target("   floor: the same API calls, callback and durable writes alone (bench/floor.py)", "floor",
            _path("cpu_per_file_ms"), None, unit=" ms", digits=1),
+    Target("   floor with bare http.client instead of the SDK's session (not shippable)", "floor",
+           _path("raw_http_cpu_per_file_ms"), None, unit=" ms", digits=1),
     Target("fsync-class calls per file in the burst (strace -f)", "fsync", _path("per_file"), 2, digits=1),
     Target("   of which fsync / fdatasync per file", "fsync", lambda r: None, None),  # filled in by _fsync_split
     Target("   floor: WAL fdatasyncs + the JSON's fsync + done/'s fsync (bench/floor.py)", "floor",
@@ -309,7 +311,8 @@ def methods(figures: dict[str, Any]) -> list[str]:
         "the streamed upload, the callback through Waitress and the callback app, the details, annotations and "
         "boxes, the final path recorded durably, the result JSON written and fsynced, the file linked into done/ "
         "and done/ fsynced; 4 upload and 2 result threads. No watching, settling, sniffing, hashing, scheduling "
-        "loop, logging or rich result. CPU = its own utime+stime over the N files.",
+        "loop, logging or rich result. CPU = its own utime+stime over the N files. A third run sends the same requests "
+        "on bare http.client (one kept-alive connection per thread): the floor without requests and urllib3.",
         "- Poll-only / outputs: the burst with callback.enabled false (results.first_poll_seconds as given), or "
         "with results.outputs / results.bbox as given; requests and bytes from the emulator's request_stats().",
     ]

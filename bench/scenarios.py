@@ -251,14 +251,16 @@ def tutorial_run(root: Path, *, n: int, timeout_s: float = 300.0) -> dict[str, A
 
 def floor_run(root: Path, *, n: int, concurrency: int = 4, timeout_s: float = 300.0) -> dict[str, Any]:
     """``bench/floor.py`` in its own process against a fresh emulator (the burst's knobs): once for the
-    figure, once more with each step's thread CPU (``--segments``, which costs a little itself)."""
+    figure, once more with each step's thread CPU (``--segments``, which costs a little itself), once
+    with bare http.client instead of the SDK's session (``--http raw``)."""
     out: dict[str, Any] = {}
-    for segments in (False, True):
+    for variant in ("sdk", "segments", "raw"):
         emu = _emulator(realistic_knobs())
-        workdir = root / ("floor-segments" if segments else "floor")
+        workdir = root / f"floor-{variant}"
         try:
             command = [sys.executable, "-m", "bench.floor", "--host", emu.url, "--workdir", str(workdir), "-n", str(n),
-                       "--concurrency", str(concurrency), *(["--segments"] if segments else [])]
+                       "--concurrency", str(concurrency), "--http", "raw" if variant == "raw" else "sdk",
+                       *(["--segments"] if variant == "segments" else [])]
             proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
                                   timeout=timeout_s, env={**os.environ, "LOG_TO_FILE": "False"})
         finally:
@@ -267,8 +269,10 @@ def floor_run(root: Path, *, n: int, concurrency: int = 4, timeout_s: float = 30
             tail = proc.stderr.decode(errors="replace")[-2000:]
             raise BenchError(f"bench.floor exited with {proc.returncode}:\n{tail}")
         figures = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-        if segments:
+        if variant == "segments":
             out["segments_ms"] = figures["segments_ms"]
+        elif variant == "raw":
+            out["raw_http_cpu_per_file_ms"] = figures["cpu_per_file_ms"]
         else:
             out.update(figures)
     return out
