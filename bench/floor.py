@@ -21,7 +21,7 @@ other journal steps (uploaded, called back, exporting, done), logging, the rich 
 fields, names from the project's catalog), the checks that never overwrite someone else's file.
 Four upload threads and two result threads, as the daemon has by default.
 
-``--http raw`` sends the same requests (same URLs, headers, multipart body) on one kept-alive
+``--http raw`` sends the same requests (same URLs, token header, multipart body) on one kept-alive
 ``http.client`` connection per thread instead of the SDK's session: what the floor would be without
 requests and urllib3 (no proxies, no retries, no TLS settings: not a client the daemon could ship).
 
@@ -63,8 +63,9 @@ from .harness import PROJECT_ID, TOKEN, write_documents  # noqa: E402
 
 
 class RawClient:
-    """``KonfuzioClient``'s four calls on bare ``http.client`` (``--http raw``): the SDK's URLs, the same
-    headers and multipart body, one kept-alive connection per thread, orjson for the answers."""
+    """``KonfuzioClient``'s four calls on bare ``http.client`` (``--http raw``): the SDK's URLs, the token
+    header and the same multipart body (no User-Agent, no compression), one kept-alive connection per
+    thread, orjson for the answers."""
 
     def __init__(self, host: str, token: str):
         self.host, self.urls = host, import_sdk()["urls"]
