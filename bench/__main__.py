@@ -43,7 +43,7 @@ ALL = ("burst", "fsync", "floor", "scale16", "scale32", "backlog", "memory", "re
        "pollonly", "outputs", "venv", "tutorial")
 DEFAULT_SKIP = {"tutorial"}
 QUICK_SKIP = {"tutorial", "venv"}
-AFTER_ONLY = {"pollonly": "no poll-only mode", "outputs": "no results.outputs", "tutorial": "(not compared)",
+AFTER_ONLY = {"pollonly": "no poll-only mode", "outputs": "no results.outputs", "tutorial": "not compared",
               "floor": "not compared"}
 REPO = Path(__file__).resolve().parent.parent
 
