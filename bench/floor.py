@@ -53,7 +53,8 @@ import orjson  # noqa: E402
 from requests_toolbelt import MultipartEncoder  # noqa: E402
 
 from konfuzio_watch.callback import create_app  # noqa: E402
-from konfuzio_watch.files import encode_json, fsync_dir  # noqa: E402
+from konfuzio_watch.export import RESULT_SUFFIX  # noqa: E402
+from konfuzio_watch.files import move_no_clobber, sidecar_for, write_json_no_clobber  # noqa: E402
 from konfuzio_watch.journal import Row, SqliteJournal, State  # noqa: E402
 from konfuzio_watch.konfuzio import KonfuzioClient, UploadForm, import_sdk  # noqa: E402
 from konfuzio_watch.server import PUBLIC_ENDPOINT_SETTINGS, ServerThread  # noqa: E402
@@ -201,19 +202,12 @@ class Floor:
         target = self.done / path.name
         self.journal.update(row, time.time(), final_path=os.fsencode(target))
         t = self._mark("journal: final path (durable)", t)
-        body = encode_json({"text": details.get("text"), "pages": details.get("pages"), "annotations": annotations,
-                            "bbox": bbox.get("bbox"), "konfuzio": details})
-        tmp = target.with_name(f".{target.name}.json.tmp")
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, target.with_name(target.name + ".json"))
-        os.unlink(tmp)
+        result = {"text": details.get("text"), "pages": details.get("pages"), "annotations": annotations,
+                  "bbox": bbox.get("bbox"), "konfuzio": details}
+        # the daemon's own writes: the JSON fsynced before its name, one fsync of done/ for both names
+        write_json_no_clobber(sidecar_for(target, RESULT_SUFFIX), result, lambda _existing: False, sync_dir=False)
         t = self._mark("result JSON: encode, write, fsync", t)
-        os.link(path, target)
-        fsync_dir(target.parent)
-        os.unlink(path)
+        move_no_clobber(path, target, sync_unlink=False)
         self._mark("file moved, done/ fsynced", t)
         with self.lock:
             self.expected -= 1
