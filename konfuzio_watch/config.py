@@ -268,14 +268,82 @@ def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] 
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader that refuses duplicate keys
+        raw = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested more than Python can read; flatten it") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return parse_config(raw if raw is not None else {}, base_dir=path.parent, environ=environ,
                         need_secrets=need_secrets)
+
+
+# Values a config may hold once its aliases are expanded. A real config has a few hundred; a few
+# hundred bytes of nested aliases (the YAML "billion laughs") expand to billions, which every walk
+# over the value (validation, an error message's repr) would pay for in time and memory.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with duplicate keys refused, and aliases that expand beyond
+    MAX_EXPANDED_NODES or into themselves refused before anything is built from them."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise ``ConfigError`` naming the key whose value expands too far (or contains itself).
+    Sizes are counted once per node (aliases share nodes), so this is linear in the text."""
+    sizes: dict[int, int] = {}
+    looped: list[yaml.Node] = []
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known == -1:  # an alias inside its own anchor's value: it expands without end
+            looped.append(node)
+            return MAX_EXPANDED_NODES + 1
+        if known is not None:
+            return known
+        sizes[id(node)] = -1
+        total = 1
+        for child in _children(node):
+            total = min(total + size(child), MAX_EXPANDED_NODES + 1)
+        sizes[id(node)] = total
+        return total
+
+    def check(node: yaml.Node, key: str) -> None:
+        if size(node) <= MAX_EXPANDED_NODES:
+            return
+        if isinstance(node, yaml.MappingNode):  # name the innermost key whose value is too large
+            for key_node, value in node.value:
+                name = f"{key}.{key_node.value}" if key else str(key_node.value)
+                check(key_node, name)
+                check(value, name)
+        if looped:
+            raise ConfigError(f"{key or 'config'}: a YAML alias refers to the value that contains it")
+        raise ConfigError(f"{key or 'config'}: its YAML aliases expand to over {MAX_EXPANDED_NODES:,} values; "
+                          "write the value out")
+
+    check(root, "")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,50 @@ def test_yaml_mistakes_say_where_and_why(tmp_path: Path, text: str, message: str
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}: {message}"
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A list value that is a few hundred bytes of YAML and ``width ** levels`` strings once its
+    aliases are expanded (the "billion laughs" of YAML)."""
+    items = ["&l0 [" + ", ".join(["lol"] * width) + "]"]
+    items += [f"&l{n} [" + ", ".join([f"*l{n - 1}"] * width) + "]" for n in range(1, levels)]
+    return "  ignore: [" + ", ".join(items) + "]\n"
+
+
+def _write(tmp_path: Path, watch_lines: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "watch:\n" + watch_lines)
+    return path
+
+
+def test_an_alias_bomb_is_refused_at_once_naming_the_key(tmp_path: Path):
+    path = _write(tmp_path, _alias_bomb())
+    assert path.stat().st_size < 1024
+    result = subprocess.run([sys.executable, "-m", "konfuzio_watch", "check", "--config", str(path)],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-500:]
+    assert result.stderr.startswith(f"konfuzio-watch: {path}: watch.ignore: its YAML aliases expand to over ")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ("  ignore: &a ['*.x', *a]\n", "watch.ignore: a YAML alias refers to the value that contains it"),
+    ("  ignore: " + "[" * 2000 + "]" * 2000 + "\n", "nested more than"),
+])
+def test_self_reference_and_deep_nesting_are_one_line(tmp_path: Path, lines: str, message: str):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(_write(tmp_path, lines))
+
+
+def test_aliases_that_stay_small_still_work(tmp_path: Path):
+    path = _write(tmp_path, "  ignore: &globs ['*.bak', '*.old']\nroutes:\n  - {match: 'a/*', project_id: 2}\n")
+    assert load_config(path).watch.ignore == ("*.bak", "*.old")
+
+
+def test_a_bomb_of_mappings_names_its_key(tmp_path: Path):
+    lines = ["  x-a: &m0 {a: 1, b: 2}"] + [f"  x-{n}: &m{n} {{a: *m{n - 1}, b: *m{n - 1}, c: *m{n - 1}}}"
+                                            for n in range(1, 14)]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "anchors:\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"anchors\.x-9: its YAML aliases expand to over 100,000 values"):
+        load_config(path)
