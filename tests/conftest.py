@@ -233,3 +233,29 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for reason in sorted(reasons):
         terminalreporter.write_sep("!", "PostgreSQL journal tests SKIPPED", red=True, bold=True)
         terminalreporter.write_line(reason.removeprefix("Skipped: "), red=True, bold=True)
+
+
+# -- Samba: a share on loopback, served by smbd and mounted through FUSE (tests/smb.py) ------------
+
+
+@pytest.fixture
+def samba(tmp_path: Path) -> Iterator[Any]:
+    """A Samba server of this test with an empty share; missing Samba: a skip, a failure in CI."""
+    from .smb import SambaUnavailable, skip_or_fail, start_share
+
+    try:
+        server = start_share(tmp_path / "smb")
+    except SambaUnavailable as exc:
+        skip_or_fail(exc)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def smb_mount(samba: Any, tmp_path: Path) -> Iterator[Any]:
+    """The share mounted through smbnetfs as the daemon's user would mount it."""
+    from .smb import SmbMount
+
+    mount = SmbMount(samba, tmp_path / "smb-home", tmp_path / "smb-mnt").mount()
+    yield mount
+    mount.unmount(lazy=True)
