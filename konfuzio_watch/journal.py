@@ -103,6 +103,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE files ADD COLUMN refresh_at REAL",
         "CREATE INDEX files_refresh ON files(refresh_at) WHERE refresh_at IS NOT NULL",
     ],
+    # The inode change time of the content that was uploaded: a rewrite that keeps the size and puts
+    # the mtime back still changes it (no user can set it).
+    5: ["ALTER TABLE files ADD COLUMN ctime_ns INTEGER"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -110,7 +113,7 @@ COLUMNS = [
     "id", "rel_path", "state", "size", "sha256", "upload_name", "token_hash", "document_id", "attempts",
     "next_at", "callback_at", "uploaded_at", "final_path", "error", "stage", "project_id", "detected_at",
     "updated_at", "finished_at", "failures", "claim_name", "file_dev", "file_ino", "mtime_ns", "ambiguous_since",
-    "revision", "fingerprint", "refresh_at",
+    "revision", "fingerprint", "refresh_at", "ctime_ns",
 ]
 UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at", "state"}
 # A done file is looked at again at most this often, however many callbacks arrive for it.
@@ -184,6 +187,7 @@ class Row:
     revision: int = 0
     fingerprint: str | None = None
     refresh_at: float | None = None
+    ctime_ns: int | None = None
 
     @property
     def display_path(self) -> str:

@@ -127,6 +127,7 @@ PG_MIGRATIONS: dict[int, list[str]] = {
     # What each node's marker file in the inbox says: another node reads the file to see that both
     # watch the same folder (``konfuzio-watch check``).
     2: ["ALTER TABLE nodes ADD COLUMN inbox_marker TEXT"],
+    3: ["ALTER TABLE files ADD COLUMN ctime_ns BIGINT"],  # as the SQLite journal's schema 5
 }
 PG_SCHEMA_VERSION = max(PG_MIGRATIONS, default=1)
 # Nodes silent this long are forgotten when another node joins (their leases long taken over).

@@ -409,6 +409,21 @@ def test_identity_schema_and_checks_survive_reopening(backend: Backend):
     assert again.journal_id == journal.journal_id and again.get(row.id) == row and again.check() is None
 
 
+def test_a_journal_from_before_the_ctime_column_gains_it_and_keeps_its_rows(backend: Backend):
+    journal = backend()
+    (row,) = journal.add_claims([NewClaim(b"a.pdf", b"n", dev=1, ino=2)], 1.0)
+    row = journal.update(row, 2.0, size=10, mtime_ns=1795621922123456789)
+    journal.close()
+    backend.sql("ALTER TABLE files DROP COLUMN ctime_ns")  # as the version before it left the journal
+    backend.sql("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(journal.schema_version - 1),))
+
+    again = backend()
+    assert again.get(row.id) == row and row.ctime_ns is None
+    assert again.meta("schema_version") == str(again.schema_version)
+    again.update(row, 3.0, ctime_ns=1795621922987654321)
+    assert again.get(row.id).ctime_ns == 1795621922987654321
+
+
 def test_a_journal_written_by_a_newer_konfuzio_watch_is_refused(backend: Backend):
     journal = backend()
     newer = journal.schema_version + 1
