@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import export, layout, policy, processing, readiness, results
+from . import changes, export, layout, policy, processing, readiness, results
 from .clock import Clock
 from .config import Config
 from .files import (
@@ -504,7 +504,8 @@ class Pipeline:
             project_id, category_id, dataset_status = self.config.route_for(row.rel_fspath)
             old = row
             row = self.journal.start_upload(row, hash_token(token), self.clock.now(), sha256=sha256, size=st.st_size,
-                                            mtime_ns=st.st_mtime_ns, upload_name=name, attempts=row.attempts + 1,
+                                            mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, upload_name=name,
+                                            attempts=row.attempts + 1,
                                             stage="upload", project_id=project_id, next_at=self.clock.now())
             self._log_transition(old, row)
             form = UploadForm(project_id, self.callback_url(token), category_id, dataset_status)
@@ -747,10 +748,8 @@ class Pipeline:
     def export(self, row: Row, details: dict[str, Any] | None = None, checked_at: float | None = None) -> Row:
         assert row.document_id is not None
         changed = self._changed_since_upload(row)
-        if changed:  # the result describes what was uploaded, not what the file is now
-            log.warning("%s: %s after it was uploaded; uploading it again as it is now", row.display_path, changed)
-            return self.move(row, State.CLAIMED, next_at=self.clock.now(), error=f"{changed} after it was uploaded",
-                             stage="upload")
+        if changed:
+            return self._upload_again(row, changed)
         if checked_at is None or details is None:
             checked_at = self.clock.now()
         try:
@@ -852,19 +851,79 @@ class Pipeline:
         return self._handle(row, step, Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}"))
 
     def _changed_since_upload(self, row: Row) -> str | None:
-        """Is the file in processing/ still the one that was uploaded (size, mtime, inode)?"""
+        """Is the file in processing/ still the one that was uploaded? Its size, mtime and inode; and if
+        its ctime moved (a rewrite that kept the size and put the mtime back, or only a link or chmod),
+        its content against the uploaded sha256 (``changes``)."""
+        path = self.processing_path(row)
         try:
-            st = os.lstat(self.processing_path(row))
+            st = os.lstat(path)
         except OSError:
             return None  # gone: placing it reports that
-        if row.size is not None and st.st_size != row.size:
-            return f"it grew from {row.size} to {st.st_size} bytes" if st.st_size > row.size else \
-                f"it shrank from {row.size} to {st.st_size} bytes"
-        if row.mtime_ns is not None and st.st_mtime_ns != row.mtime_ns:
-            return "it was modified"
-        if row.file_ino is not None and st.st_ino != row.file_ino:
-            return "it was replaced by another file"
-        return None
+        changed = changes.change_since_upload(row, st, same_inode=self._is_claimed_file(st, row))
+        if changed is None and changes.ctime_moved(row, st) and changes.content_differs(path, row.sha256):
+            changed = "it was rewritten (same size and modification time)"
+        return changed
+
+    def _upload_again(self, row: Row, changed: str) -> Row:
+        """The result describes what was uploaded, not what the file is now: upload it again as it is.
+        A result an earlier try of this export left in done/ goes (it describes the old bytes)."""
+        log.warning("%s: %s after it was uploaded; uploading it again as it is now", row.display_path, changed)
+        self._remove_own_result(row)
+        return self.move(row, State.CLAIMED, next_at=self.clock.now(), error=f"{changed} after it was uploaded",
+                         stage="upload", final_path=None)
+
+    def _remove_own_result(self, row: Row) -> None:
+        """Take this row's result (and the searchable PDF it names) out of done/, if it is there and ours."""
+        if row.final_path is None:
+            return
+        target = Path(os.fsdecode(row.final_path))
+        json_path, pdf_path = sidecar_for(target, export.RESULT_SUFFIX), sidecar_for(target, OCR_PDF_SUFFIX)
+        found = _read_json(json_path)
+        if found is None or not export.result_is_for(row, found):
+            return
+        if found.get("searchable_pdf") == pdf_path.name:
+            _unlink_quietly(pdf_path)
+        _unlink_quietly(json_path)
+        fsync_dir(target.parent)
+
+    def _move_checked(self, row: Row, target: Path, final_state: State) -> str | None:
+        """Move the file into place. Into done/: only if it is still the file that was uploaded (the
+        export took its time, and its writer may have gone on), and checked again once there; returns
+        what changed (then the caller takes it back, ``_take_back``), else None."""
+        if final_state != State.DONE:
+            self._move_into_place(row, target)
+            return None
+        changed = self._changed_since_upload(row)
+        if changed is None:
+            self._move_into_place(row, target)
+            changed = self._placed_file_changed(row, target)
+        return changed
+
+    def _placed_file_changed(self, row: Row, target: Path) -> str | None:
+        """Is the file just placed in done/ the one its result describes? Its ctime is the daemon's own
+        now (the link and the unlink): size, mtime and inode tell; a copy (done/ on another file system)
+        is compared by content."""
+        try:
+            st = os.lstat(target)
+        except OSError:
+            return None  # taken out of done/ at once: nothing placed to be wrong
+        same_inode = self._is_claimed_file(st, row)
+        changed = changes.placed_change(row, st, same_inode=same_inode)
+        if changed is None and not same_inode and changes.content_differs(target, row.sha256):
+            changed = "it was rewritten"
+        return changed
+
+    def _take_back(self, row: Row, target: Path, changed: str) -> Row:
+        """The file changed while it was placed in done/: back into processing/ (if it got into done/),
+        its result out of done/, and uploaded again as it now is. A crash in between: the export runs
+        again, finds the file changed again, and ends here or in ``_upload_again``."""
+        source = self.processing_path(row)
+        try:
+            if not os.path.lexists(source):
+                move_no_clobber(target, source)
+            return self._upload_again(row, changed)
+        except OSError as exc:
+            return self._output_failed(row, Step.EXPORT, target.parent, exc)
 
     def _bbox(self, document_id: int) -> dict[str, Any] | None:
         try:
@@ -1029,8 +1088,7 @@ class Pipeline:
                 # The JSON's name is made durable by the one fsync of the folder that the move of the
                 # file next to it makes before the source goes (``_move_into_place``).
                 write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours, sync_dir=gone)
-                if not gone:
-                    self._move_into_place(row, target)
+                changed = None if gone else self._move_checked(row, target, final_state)
             except FileExistsError:
                 if placed_pdf is not None:  # ours, placed a moment ago: it goes with us to the next name
                     os.replace(placed_pdf, pdf)  # type: ignore[arg-type]
@@ -1042,6 +1100,8 @@ class Pipeline:
                 cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
                 failure = Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}")
                 return self._handle(row, step, failure)
+            if changed:
+                return self._take_back(row, target, changed)
             self.gates[Scope.OUTPUT].open(self.clock.now())
             # ``done`` is not durable when it returns: the result and the file are durable in done/
             # before it is committed, and nothing outside acts on it; lost in a power failure, the row
