@@ -9,6 +9,13 @@ path stays tracked until the claim is confirmed (``claimed``): if the claim coul
 recorded (the journal's disk is full), ``keep`` makes it due again, so nothing waits for the
 next full rescan. Time comes in as ``now``; tests drive it with a fake clock.
 
+A settled file that a process still holds open for writing (``writers.py`` looks through /proc, for
+all the files of a batch at once) is not handed out either: it is said once in the log, shown as
+``open for writing`` in ``status``, looked at again at once when a writer closes it (inotify's
+close-write event reaches ``seen``) or changes it, else at a growing interval; held past
+``grace_s``, it is said again as a warning, and it stays pending until it is closed. Writers the
+look cannot see (other users' processes, other machines on a share) leave the settle time alone.
+
 A file the daemon may not read (open fails with EACCES/EPERM) is never handed out: claiming it
 would hide it from its owner in the processing folder. It stays in the inbox under its name,
 logged once, is looked at again at each event and rescan, and is handed out once readable.
@@ -28,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import readiness
+from . import readiness, writers
 from .files import PATH_MAX, fits_path_max, lstat_any, open_any
 from .journal import display_name
 
@@ -70,7 +77,8 @@ class Candidate:
     ``state``: ``settling`` (changed ``stable_s`` ago, handed out once that reaches ``settle_s``),
     ``settled`` (handed out, its claim not yet recorded), ``incomplete`` (empty or no ``%%EOF``;
     fails in ``due_in_s``), ``unreadable`` (``reason``; waits until readable), ``too long`` (its
-    path is longer than PATH_MAX; settles like any other, but cannot be kept under its name).
+    path is longer than PATH_MAX; settles like any other, but cannot be kept under its name),
+    ``open for writing`` (``reason``: by whom, for how long; waits until it is closed).
     """
 
     path: str
@@ -87,8 +95,8 @@ class Candidate:
     @property
     def text(self) -> str:
         """``settling (stable for 1.2 of 2 s)``, ``incomplete (no %%EOF; fails in 48 s)``, ..."""
-        if self.state == "unreadable":
-            return f"unreadable ({self.reason})"
+        if self.state in ("unreadable", "open for writing"):
+            return f"{self.state} ({self.reason})"
         if self.state == "incomplete":
             return f"incomplete ({self.reason}; fails in {self.due_in_s or 0:.0f} s)"
         stable = f"stable for {min(self.stable_s, self.settle_s):.1f} of {self.settle_s:g} s"
@@ -108,12 +116,15 @@ class Candidate:
 
 class CandidateTracker:
     def __init__(self, settle_s: float, grace_s: float, scan: Callable[[str], Iterable[str]], *,
-                 batch: int = CLAIM_BATCH, can_read: CanRead = probe_readable, inbox: str | None = None):
+                 batch: int = CLAIM_BATCH, can_read: CanRead = probe_readable, inbox: str | None = None,
+                 find_writers: writers.FindWriters = writers.find_writers):
         self.settle_s = settle_s
         self.grace_s = grace_s
         self._scan = scan
         self.batch = batch
         self._can_read = can_read
+        self._find_writers = find_writers
+        self._blind_said = False  # that a look through /proc could not see everything: said once
         self.inbox = inbox  # only to name files relative to it in the log
         self.candidates: dict[str, readiness.Observation] = {}
         self._due: list[tuple[float, str]] = []  # heap of (check at, path); stale entries are skipped
@@ -150,6 +161,8 @@ class CandidateTracker:
                                     st.st_size, st.st_mtime_ns, now)
             if previous is None or not previous.regular or previous.unreadable is not None:
                 obs = self._check_readable(path, obs)
+            elif obs is previous and obs.held is not None and obs.held.checked is not None:
+                obs = dataclasses.replace(obs, held=readiness.look_again(obs.held))  # e.g. a writer closed it
         if previous is not obs:
             self._track(path, obs)
 
@@ -178,6 +191,7 @@ class CandidateTracker:
     def step(self, now: float) -> list[ReadyFile]:
         """The candidates that are ready to be claimed now (at most one batch)."""
         ready: dict[str, ReadyFile] = {}
+        files: dict[str, writers.FileId] = {}  # the regular files among them: (device, inode)
         self._resolved = {}  # folder -> its realpath, for this batch (one lookup per folder)
         try:
             while self._due and self._due[0][0] <= now and len(ready) < self.batch:
@@ -188,9 +202,13 @@ class CandidateTracker:
                     continue  # stale heap entry; a newer one is queued (or none while unreadable)
                 handed_out = self._recheck(path, obs, now)
                 if handed_out is not None:
-                    ready[path] = handed_out
+                    ready[path], file_id = handed_out
+                    if file_id is not None:
+                        files[path] = file_id
         finally:
             self._resolved = None
+        for path in self._held_open(files, now):
+            del ready[path]
         return list(ready.values())
 
     def snapshot(self, now: float) -> list[Candidate]:
@@ -206,6 +224,8 @@ class CandidateTracker:
         state, reason, due_in = "settling", None, max(0.0, due - now)
         if obs.unreadable is not None:
             state, reason, due_in = "unreadable", f"cannot read it: {obs.unreadable}", None
+        elif obs.held is not None and obs.held.checked is not None:
+            state, reason, due_in = "open for writing", _held(obs.held, now), None
         elif stable >= self.settle_s and not readiness.is_complete(obs):
             state, reason = "incomplete", _incomplete(obs)
         elif not fits_path_max(path):
@@ -234,9 +254,10 @@ class CandidateTracker:
             resolved[folder] = os.path.realpath(folder)
         return resolved[folder]
 
-    def _recheck(self, path: str, obs: readiness.Observation, now: float) -> ReadyFile | None:
+    def _recheck(self, path: str, obs: readiness.Observation,
+                 now: float) -> tuple[ReadyFile, writers.FileId | None] | None:
         """Stat once more at claim time; the daemon must be able to read it, and a PDF must also
-        end with %%EOF (or wait out the grace)."""
+        end with %%EOF (or wait out the grace). With the file's (device, inode) if it is regular."""
         try:
             st = lstat_any(path)
         except OSError as exc:
@@ -257,7 +278,7 @@ class CandidateTracker:
             self.seen(path, now)
             return None
         if not obs.regular:
-            return ReadyFile(path, obs.first_seen)
+            return ReadyFile(path, obs.first_seen), None
         if (st.st_size, st.st_mtime_ns) != (obs.size, obs.mtime_ns):
             self.seen(path, now)
             return None
@@ -268,7 +289,46 @@ class CandidateTracker:
         if obs.looks_complete and obs.size > 0 and not looks_complete(path, st.st_size):
             self._track(path, dataclasses.replace(obs, looks_complete=False))
             return None
-        return self._ready_file(path, obs)
+        return self._ready_file(path, obs), (st.st_dev, st.st_ino)
+
+    def _held_open(self, files: dict[str, writers.FileId], now: float) -> list[str]:
+        """Which of the files about to be handed out a process holds open for writing: one look
+        through /proc for all of them. Those stay candidates, looked at again later."""
+        if not files:
+            return []
+        look = self._find_writers(set(files.values()))
+        self._say_if_blind(look)
+        held = []
+        for path, file_id in files.items():
+            obs = self.candidates[path]
+            writer = look.writers.get(file_id)
+            new = readiness.held_by(obs, None if writer is None else str(writer), now)
+            if writer is None:
+                if new is not obs:
+                    self.candidates[path] = new  # (handed out now: no new due time)
+                continue
+            if obs.held is None:
+                log.info("%s: open for writing by %s; taken in once it is closed", self._name(path), writer)
+            elif readiness.is_held_past(new, now, self.grace_s):
+                log.warning("%s: still open for writing by %s after %.0f s; it stays in the inbox until it is "
+                            "closed", self._name(path), writer, now - obs.held.since)
+                new = readiness.said_loudly(new)
+            self._track(path, new)
+            held.append(path)
+        return held
+
+    def _say_if_blind(self, look: writers.Look) -> None:
+        """Once: writers the look could not see (another user's processes, a look cut short)."""
+        if self._blind_said or (look.complete and not look.hidden):
+            return
+        self._blind_said = True
+        if not look.complete:
+            log.warning("the look through /proc for processes writing to files about to be taken in was cut "
+                        "short (no /proc, or more open files than it may take time for); the files it did not "
+                        "reach are taken in by watch.settle_seconds alone")
+        else:
+            log.info("%d process(es) of other users cannot be looked into; a file they hold open for writing is "
+                     "taken in by watch.settle_seconds alone", look.hidden)
 
     def _check_readable(self, path: str, obs: readiness.Observation) -> readiness.Observation:
         """Probe whether the daemon may read the file; log a change (once), not every look."""
@@ -287,6 +347,10 @@ class CandidateTracker:
         if self.inbox and path.startswith(self.inbox.rstrip(os.sep) + os.sep):
             path = path[len(self.inbox.rstrip(os.sep)) + 1 :]
         return display_name(path)
+
+
+def _held(held: readiness.Held, now: float) -> str:
+    return f"for {max(0.0, now - held.since):.0f} s, by {held.by}; taken in once it is closed"
 
 
 def _incomplete(obs: readiness.Observation) -> str:

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,6 +112,55 @@ def test_a_file_rewritten_while_it_is_uploaded_is_uploaded_again(start_daemon, e
     assert stale_results(running.done) == []
     assert (running.done / "scan.pdf").read_bytes() == new
     assert running.counts()[State.DONE] == 1
+
+
+# -- part 5: a writer that pauses past settle_seconds with its file open -----------------------------
+
+WRITER = """
+import sys
+path, source = sys.argv[1], sys.argv[2]
+data = open(source, "rb").read()
+with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+    f.flush()
+    print("half", flush=True)
+    sys.stdin.readline()  # the pause: until the test says go on
+    f.write(data[len(data) // 2 :])
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_that_pauses_with_its_file_open_is_waited_for(start_daemon, emulator, tmp_path):
+    settle = 0.3
+    running = start_daemon(watch={"settle_seconds": settle})
+    data = make_png(320, 240, label="written in two parts")
+    source = tmp_path / "source.png"
+    source.write_bytes(data)
+    path = running.inbox / "scan.png"
+    with subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(source)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE) as writer:
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline() == b"half\n"
+        half_written = time.monotonic()
+        tracker = running.daemon.scheduler.tracker
+
+        def waited_for_or_taken() -> bool:
+            held = any(c.state == "open for writing" for c in tracker.snapshot(time.time()))
+            return held or (running.done / "scan.png.json").exists()
+
+        try:
+            wait_until(waited_for_or_taken, 20, "the file held back as open for writing, or taken and finished")
+            time.sleep(max(0.0, half_written + 2 * settle - time.monotonic()))  # the writer's pause, not a wait
+        finally:
+            writer.stdin.write(b"go on\n")
+            writer.stdin.close()
+        assert writer.wait(10) == 0
+
+    running.wait_finished(1, timeout_s=30)
+    assert stale_results(running.done) == []
+    assert (running.done / "scan.png").read_bytes() == data
+    assert running.counts()[State.DONE] == 1
+    assert [u.sha256 for u in emulator.uploads] == [hashlib.sha256(data).hexdigest()], "uploaded once, whole"
 
 
 # -- the comparisons (changes.py), on real files ------------------------------------------------------

@@ -230,11 +230,12 @@ def test_a_file_that_grows_after_it_was_claimed_is_uploaded_again_as_it_now_is(s
     running = start_daemon(results={"callback_timeout": 0.5, "poll_interval": 0.2})
     first = make_pdf(label="first revision") if kind == "pdf" else make_png(label="first part")
     more = b"\n% an incremental update\n%%EOF\n" if kind == "pdf" else b"trailing bytes the writer added later"
-    path = running.inbox / f"growing.{kind}"
-    with open(path, "wb") as writer:  # the writer keeps its descriptor open
-        writer.write(first)
-        writer.flush()
-        wait_until(lambda: len(emulator.uploads) == 1, 20, "the first content uploaded")
+    own_name = running.inbox.parent / "scanner" / f"growing.{kind}"  # the writer keeps a name of its own
+    own_name.parent.mkdir()
+    own_name.write_bytes(first)
+    os.link(own_name, running.inbox / f"growing.{kind}")
+    wait_until(lambda: len(emulator.uploads) == 1, 20, "the first content uploaded")
+    with open(own_name, "ab") as writer:  # and comes back to it later (a file held open is not taken at all)
         writer.write(more)
     full = first + more
 

@@ -371,7 +371,7 @@ def test_a_file_the_daemon_may_not_read_for_real_stays_where_it_is():
             finally:
                 if proc.poll() is None:
                     proc.kill()
-        assert log == [
+        assert [line for line in log if "scan.pdf" in line] == [
             "WARNING scan.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch may read "
             "it",
             "INFO scan.pdf: konfuzio-watch may read it now; it is taken in as usual",
@@ -434,3 +434,92 @@ def test_the_snapshot_says_where_each_candidate_stands(tmp_path, clock):
 ])
 def test_content_looks_complete(head, tail, complete):
     assert readiness.content_looks_complete(head, tail) is complete
+
+
+# -- a file someone still holds open for writing (a real descriptor of this process; /proc) ----------
+
+
+def test_readiness_waits_for_a_held_file_at_a_growing_interval_and_looks_again_after_a_change(clock):
+    obs = readiness.observe(None, 100, 1, clock.now())
+    assert readiness.ready_at(obs, SETTLE, GRACE) == clock.now() + SETTLE
+    found_at = clock.advance(SETTLE)
+    held = readiness.held_by(obs, "scanner, pid 7", found_at)
+    assert held.held == readiness.Held("scanner, pid 7", found_at, found_at)
+    assert readiness.ready_at(held, SETTLE, GRACE) == found_at + SETTLE, "looked at again after settle_s"
+    later = readiness.held_by(held, "scanner, pid 7", clock.advance(40))
+    assert later.held.since == found_at and later.held.checked == clock.now()
+    assert readiness.ready_at(later, SETTLE, GRACE) == clock.now() + 20, "half as long as it has been held"
+    much_later = readiness.held_by(later, "scanner, pid 7", clock.advance(3600))
+    assert readiness.ready_at(much_later, SETTLE, GRACE) == clock.now() + readiness.MAX_RECHECK_S
+    assert readiness.is_held_past(much_later, clock.now(), GRACE)
+    assert not readiness.is_held_past(held, found_at + GRACE - 1, GRACE)
+
+    grown = readiness.observe(much_later, 200, 2, clock.advance(1))
+    assert grown.held is not None and grown.held.checked is None and grown.held.since == found_at
+    assert readiness.ready_at(grown, SETTLE, GRACE) == clock.now() + SETTLE, "changed: looked at once settled"
+    assert readiness.held_by(grown, None, clock.now()).held is None, "closed: nobody holds it"
+
+
+def test_a_settled_file_held_open_for_writing_waits_until_it_is_closed(tmp_path, clock, caplog):
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    tracker = CandidateTracker(SETTLE, GRACE, scan, inbox=str(tmp_path))
+    path = tmp_path / "scan.png"
+    with open(path, "wb") as writer:  # half of it, and a pause longer than settle_s
+        writer.write(b"\x89PNG half")
+        writer.flush()
+        tracker.seen(str(path), clock.now())
+
+        assert tracker.step(clock.advance(SETTLE)) == [], "settled, but open for writing"
+        [held] = tracker.snapshot(clock.now())
+        assert (held.state, held.due_in_s) == ("open for writing", None)
+        assert held.text.startswith("open for writing (for 0 s, by ")
+        assert held.text.endswith(f", pid {os.getpid()}; taken in once it is closed)")
+        assert tracker.step(clock.advance(SETTLE / 2)) == [] and tracker.next_due() == clock.now() + SETTLE / 2
+        assert tracker.step(clock.advance(SETTLE / 2)) == [], "looked at again: still open"
+        writer.write(b" and the rest")
+    tracker.seen(str(path), clock.now())  # the modify and close-write events
+
+    assert tracker.step(clock.advance(SETTLE - 0.01)) == [], "changed: it settles first"
+    assert paths(tracker.step(clock.advance(0.01))) == [str(path)]
+    said = messages(caplog, logging.INFO)
+    writer_name = held.reason.split(" by ")[1].split(";")[0] if held.reason else ""
+    assert said == [f"scan.png: open for writing by {writer_name}; taken in once it is closed"], "said once"
+
+
+def test_a_writer_that_closes_without_a_change_lets_the_file_go_at_once(tmp_path, clock):
+    tracker = CandidateTracker(SETTLE, GRACE, scan)
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(make_pdf(label="written, then held open"))
+    writer = open(path, "ab")  # noqa: SIM115 - opened for writing, nothing more written
+    try:
+        tracker.seen(str(path), clock.now())
+        assert tracker.step(clock.advance(SETTLE)) == []
+        assert tracker.step(clock.advance(0.5)) == [], "not due before its next look"
+    finally:
+        writer.close()
+    tracker.seen(str(path), clock.now())  # the close-write event
+    assert paths(tracker.step(clock.now())) == [str(path)], "looked at again at once"
+
+
+def test_a_file_held_open_forever_stays_pending_and_is_said_loudly_once_after_the_grace(tmp_path, clock, caplog):
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    tracker = CandidateTracker(SETTLE, GRACE, scan, inbox=str(tmp_path))
+    path = tmp_path / "stuck.pdf"
+    path.write_bytes(make_pdf(label="held by a stuck process"))
+    looks, start = 0, clock.now()
+    with open(path, "r+b"):
+        tracker.seen(str(path), clock.now())
+        for _ in range(1000):  # an hour, a look whenever it is due
+            due = tracker.next_due()
+            assert due is not None, "held files are looked at again"
+            clock.t = max(clock.now(), due)
+            assert tracker.step(clock.now()) == []
+            looks += 1
+            if clock.now() - start > 3600:
+                break
+        [held] = tracker.snapshot(clock.now())
+    assert held.state == "open for writing" and held.reason and held.reason.endswith("taken in once it is closed")
+    assert looks < 3600 / readiness.MAX_RECHECK_S + 20, "the looks thin out"
+    warned = messages(caplog, logging.WARNING)
+    assert len(warned) == 1 and warned[0].startswith("stuck.pdf: still open for writing by ")
+    assert warned[0].endswith(f"after {GRACE:.0f} s; it stays in the inbox until it is closed")
