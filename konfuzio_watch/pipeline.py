@@ -527,7 +527,19 @@ class Pipeline:
         new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay(),
                                          durable=False)
         self._log_transition(row, new)
+        if row.document_id is not None:  # uploaded again after it changed
+            self._delete_superseded(new, row.document_id)
         return new
+
+    def _delete_superseded(self, row: Row, document_id: int) -> None:
+        """The document of the file's bytes before they changed goes, once the new one is stored: one
+        document per file. (An UPLOADING row still names it: only a changed file's row goes back from
+        exporting to be uploaded again; ``reconcile`` never takes it for the new upload's.)"""
+        if self.journal.record_extra(document_id, row, row.project_id or self.config.konfuzio.project_id,
+                                     self.clock.now()):
+            log.info("%s: deleting document %d, the result of its bytes before they changed", row.display_path,
+                     document_id)
+        self.delete_extras()
 
     def _validate(self, f: BinaryIO, st: os.stat_result) -> str:
         """Size cap, type (the SDK's sniffer, on this descriptor), PDF completeness; the sha256,
@@ -592,7 +604,8 @@ class Pipeline:
                         if doc.get("id") is None or token is None:
                             continue
                         if token in tokens:
-                            found.setdefault(tokens[token], []).append(int(doc["id"]))
+                            if int(doc["id"]) != by_id[tokens[token]].document_id:  # (not its bytes before a change)
+                                found.setdefault(tokens[token], []).append(int(doc["id"]))
                         elif token in late and late[token][1] != int(doc["id"]):
                             extras.append((int(doc["id"]), late[token][0], project_id))
                     if len(found) == len(rows) or _created_before(page, oldest_wanted):
@@ -606,6 +619,7 @@ class Pipeline:
         for row_id, documents in found.items():
             first, *others = sorted(documents)
             row = by_id[row_id]
+            others += [row.document_id] if row.document_id is not None else []  # the result of its old bytes
             extras += [(d, row_id, row.project_id or self.config.konfuzio.project_id) for d in others]
             new = self.journal.mark_uploaded(row, first, self.clock.now(), poll_at=self.clock.now())
             log.info("%s: the server already had it as document %d", row.display_path, first)

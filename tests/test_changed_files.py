@@ -22,6 +22,7 @@ import pytest
 
 from konfuzio_watch import changes
 from konfuzio_watch.emulator import Emulator
+from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.gates import Gates
 from konfuzio_watch.journal import Journal, Row, State
 from konfuzio_watch.konfuzio import KonfuzioClient
@@ -93,8 +94,8 @@ def test_files_rewritten_through_a_hard_link_after_the_upload_are_uploaded_again
         assert (running.done / name).read_bytes() == new[name]
     assert sorted(p.name for p in running.done.iterdir()) == sorted([*names, *(n + ".json" for n in names)])
     assert running.counts()[State.DONE] == 5 and inbox_files(running) == []
-    uploaded = {u.sha256 for u in emulator.uploads}
-    assert all(hashlib.sha256(new[n]).hexdigest() in uploaded for n in names), "the new bytes were uploaded"
+    kept = {u.sha256 for u in emulator.uploads if u.doc_id not in {d.doc_id for d in emulator.deletions}}
+    assert kept == {hashlib.sha256(new[n]).hexdigest() for n in names}, "one document per file: of its new bytes"
 
 
 def test_a_file_rewritten_while_it_is_uploaded_is_uploaded_again(start_daemon, emulator, tmp_path):
@@ -111,7 +112,28 @@ def test_a_file_rewritten_while_it_is_uploaded_is_uploaded_again(start_daemon, e
     running.wait_finished(1, timeout_s=30)
     assert stale_results(running.done) == []
     assert (running.done / "scan.pdf").read_bytes() == new
-    assert running.counts()[State.DONE] == 1
+    assert running.counts()[State.DONE] == 1 and documents_left(emulator) == 1
+
+
+def test_a_rewritten_file_whose_second_upload_is_ambiguous_gets_the_new_documents_result(start_daemon, emulator,
+                                                                                        tmp_path):
+    emulator.knobs.processing_s = 1.0
+    running = start_daemon(upload={"reconcile_window_seconds": 3})
+    old, new = make_pdf(label="old, then an ambiguous upload"), make_pdf(label="new, then an ambiguous upload")
+    link = link_into(running.inbox, tmp_path / "elsewhere", "scan.pdf", old)
+    wait_until(lambda: len(emulator.uploads) == 1, 20, "the old bytes uploaded")
+    # the second upload: the gateway answers 504 at once, the server stores it a moment later
+    emulator.knobs.fault_rules = [FaultRule.gateway(504, store_after_s=0.5, count=1)]
+    rewrite_in_place(link, new)
+
+    running.wait_finished(1, timeout_s=30)
+    assert emulator.knobs.fault_rules[0].hits == 1, "the second upload was ambiguous"
+    assert stale_results(running.done) == [], "the result of the old document, reconciled by its old token"
+    assert (running.done / "scan.pdf").read_bytes() == new
+    first, second = emulator.uploads
+    assert [first.sha256, second.sha256] == [hashlib.sha256(d).hexdigest() for d in (old, new)]
+    assert [d.doc_id for d in emulator.deletions] == [first.doc_id], "the old bytes' document goes, the new one stays"
+    assert json.loads((running.done / "scan.pdf.json").read_text())["document_id"] == second.doc_id
 
 
 # -- part 5: a writer that pauses past settle_seconds with its file open -----------------------------
@@ -345,6 +367,7 @@ def test_a_rewrite_while_the_result_is_fetched_takes_the_result_back_out_of_done
     assert (steps.done / "scan.pdf").read_bytes() == new
     assert sorted(p.name for p in steps.done.iterdir()) == ["scan.pdf", "scan.pdf.json"]
     assert [u.sha256 for u in steps.emulator.uploads] == [hashlib.sha256(d).hexdigest() for d in (old, new)]
+    assert documents_left(steps.emulator) == 1, "the old bytes' document deleted"
 
 
 def test_an_append_right_after_the_move_takes_the_file_back_and_uploads_it_again(steps, tmp_path, monkeypatch):
@@ -366,4 +389,4 @@ def test_an_append_right_after_the_move_takes_the_file_back_and_uploads_it_again
     assert appended and row.state == State.DONE and stale_results(steps.done) == []
     assert (steps.done / "scan.png").read_bytes() == data + b"appended"
     assert sorted(p.name for p in steps.done.iterdir()) == ["scan.png", "scan.png.json"]
-    assert len(steps.emulator.uploads) == 2
+    assert len(steps.emulator.uploads) == 2 and documents_left(steps.emulator) == 1
