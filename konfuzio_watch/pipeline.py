@@ -921,7 +921,7 @@ class Pipeline:
             st = os.lstat(target)
         except OSError:
             return None  # taken out of done/ at once: nothing placed to be wrong
-        same_inode = self._is_claimed_file(st, row)
+        same_inode = row.file_ino is not None and self._is_claimed_file(st, row)  # unknown: compared as a copy
         changed = changes.placed_change(row, st, same_inode=same_inode)
         if changed is None and not same_inode and changes.content_differs(target, row.sha256):
             changed = "it was rewritten"

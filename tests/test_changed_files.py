@@ -11,8 +11,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,6 +136,23 @@ def test_a_rewritten_file_whose_second_upload_is_ambiguous_gets_the_new_document
     assert [first.sha256, second.sha256] == [hashlib.sha256(d).hexdigest() for d in (old, new)]
     assert [d.doc_id for d in emulator.deletions] == [first.doc_id], "the old bytes' document goes, the new one stays"
     assert json.loads((running.done / "scan.pdf.json").read_text())["document_id"] == second.doc_id
+
+
+def test_a_file_copied_into_a_done_folder_on_another_file_system_is_checked_by_content(start_daemon, emulator,
+                                                                                      tmp_path):
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the tests' folders")
+    done = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="konfuzio-watch-test-"))
+    try:
+        running = start_daemon(folders={"done": str(done)})
+        files = {f"copied_{i}.pdf": make_pdf(label=f"copied {i}") for i in range(3)}
+        for name, data in files.items():
+            link_into(running.inbox, tmp_path / "elsewhere", name, data)
+        running.wait_finished(3, timeout_s=30)
+        assert stale_results(done) == [] and running.counts()[State.DONE] == 3
+        assert len(emulator.uploads) == 3, "a copy's new inode and mtime are no change"
+    finally:
+        shutil.rmtree(done)
 
 
 # -- part 5: a writer that pauses past settle_seconds with its file open -----------------------------
