@@ -98,6 +98,7 @@ def test_files_rewritten_through_a_hard_link_after_the_upload_are_uploaded_again
     assert running.counts()[State.DONE] == 5 and inbox_files(running) == []
     kept = {u.sha256 for u in emulator.uploads if u.doc_id not in {d.doc_id for d in emulator.deletions}}
     assert kept == {hashlib.sha256(new[n]).hexdigest() for n in names}, "one document per file: of its new bytes"
+    assert len(emulator.uploads) == 10 and documents_left(emulator) == 5
 
 
 def test_a_file_rewritten_while_it_is_uploaded_is_uploaded_again(start_daemon, emulator, tmp_path):
