@@ -61,6 +61,7 @@ def find_writers(files: Collection[FileId], *, proc: str = PROC, budget_s: float
     except OSError:
         return Look(complete=False)
     deadline = monotonic() + budget_s
+    inodes = {ino for _, ino in wanted}
     found: dict[FileId, Writer] = {}
     hidden = looked = 0
     for pid in pids:
@@ -75,8 +76,11 @@ def find_writers(files: Collection[FileId], *, proc: str = PROC, budget_s: float
             looked += 1
             if looked % CHECK_CLOCK_EVERY == 0 and monotonic() > deadline:
                 return Look(found, False, hidden)
+            writing, ino = _fdinfo(f"{proc}/{pid}/fdinfo/{fd}")
+            if not writing or (ino is not None and ino not in inodes):
+                continue
             key = _file_of(f"{proc}/{pid}/fd/{fd}")
-            if key in wanted and key not in found and _is_open_for_writing(f"{proc}/{pid}/fdinfo/{fd}"):
+            if key in wanted and key not in found:
                 found[key] = Writer(int(pid), _command(f"{proc}/{pid}/comm"))
                 if len(found) == len(wanted):
                     return Look(found, True, hidden)
@@ -93,16 +97,23 @@ def _file_of(fd_link: str) -> FileId | None:
     return st.st_dev, st.st_ino
 
 
-def _is_open_for_writing(fdinfo: str) -> bool:
+def _fdinfo(fdinfo: str) -> tuple[bool, int | None]:
+    """Is the descriptor open for writing, and its inode where the kernel says (``ino:``, Linux 5.x
+    on). fdinfo is procfs alone: unlike a stat of the fd's link, reading it never waits on the open
+    file's own file system (a stalled network share), so the link is only stat'ed for a writer of
+    one of the inodes asked about."""
     try:
         with open(fdinfo, "rb") as f:
             text = f.read(4096)
     except OSError:
-        return False  # closed meanwhile
+        return False, None  # closed meanwhile
+    writing, ino = False, None
     for line in text.splitlines():
         if line.startswith(b"flags:"):
-            return int(line.split()[1], 8) & os.O_ACCMODE in WRITE_MODES
-    return False
+            writing = int(line.split()[1], 8) & os.O_ACCMODE in WRITE_MODES
+        elif line.startswith(b"ino:"):
+            ino = int(line.split()[1])
+    return writing, ino
 
 
 def _command(comm: str) -> str:
