@@ -7,9 +7,10 @@ the inbox watcher (threads that only report facts).
 
 With a PostgreSQL journal (``journal.url``) the daemon is a node of a cluster on one shared inbox:
 it registers in the journal and says it is alive (a loop duty that also renews the leases of the
-rows in hand), takes over the rows of nodes that stopped renewing theirs, rescans the inbox only
-while it holds the rescanner role, and wakes up when another node records something that concerns
-it (LISTEN/NOTIFY; the loop also looks at the journal at least every few seconds).
+rows in hand and measures the database's clock: a node's clock is the database's, whatever its own
+says, ``clock.DatabaseClock``), takes over the rows of nodes that stopped renewing theirs, rescans
+the inbox only while it holds the rescanner role, and wakes up when another node records something
+that concerns it (LISTEN/NOTIFY; the loop also looks at the journal at least every few seconds).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from . import processing, reachability
 from .alerts import Alerts
 from .callback import TryLater, create_app
-from .clock import Clock, SteadyClock
+from .clock import Clock, DatabaseClock, SteadyClock, describe_offset, is_off
 from .config import Config
 from .dispatcher import RESULTS, UPLOADS, Dispatcher
 from .events import (
@@ -81,7 +82,10 @@ class Daemon:
                  notifier: Notifier | None = None, observer_factory: ObserverFactory = make_observer,
                  executors: Mapping[str, Executor] | None = None, config_path: str | None = None):
         self.config = config
-        self.clock = clock or SteadyClock()
+        self.cluster = config.journal.url is not None  # a node of a cluster on a shared PostgreSQL journal
+        # A node's times are compared by the other nodes: they are the database's (``_measure_clock``).
+        self.clock: Clock = DatabaseClock(clock or SteadyClock()) if self.cluster else clock or SteadyClock()
+        self._clock_off = False  # this node's clock is off from the database's (said once, and when right again)
         self._client = client
         self._on_transition = on_transition
         self.notifier = notifier or Notifier(None)
@@ -93,7 +97,6 @@ class Daemon:
         self._last_status = ""
         self.tunnel: Tunnel | None = None
         self.journal: BaseJournal | None = None
-        self.cluster = config.journal.url is not None  # a node of a cluster on a shared PostgreSQL journal
         self.node_id = config.node_id
         self.rescanner: Role | None = None
         self._rescanner_held = False
@@ -282,7 +285,7 @@ class Daemon:
         self._node_marker = write_node_marker(c.folders.inbox, journal.node_id, journal.journal_id)
         alive_s = c.node.lease_seconds
         others = [n for n in journal.nodes() if n.id != journal.node_id and n.silent_s <= alive_s]
-        journal.join(inbox_marker=self._node_marker)
+        journal.join(inbox_marker=self._node_marker, clock_offset_s=self._measure_clock())
         self._alone = not others
         self._alive_nodes = {n.id for n in others}
         for node in foreign_inbox_nodes(c.folders.inbox, journal.node_id, others, alive_s):
@@ -297,10 +300,26 @@ class Daemon:
     def _tend_leases(self, now: float) -> None:
         """Heartbeat, renew the leases of the rows in hand, take over the rows whose node stopped renewing."""
         assert self.journal and self.dispatcher and self.pipeline
-        self.journal.heartbeat()
+        self.journal.heartbeat(clock_offset_s=self._measure_clock())
         self.dispatcher.renew_leases()
         self.pipeline.take_over(exclude=set(self.dispatcher.inflight))
         self._look_after_lost_nodes(now)
+
+    def _measure_clock(self) -> float:
+        """Keep this node's clock on the database's (at join, and at every heartbeat); say once that the
+        node's own clock is off, and once that it is right again. Returns the offset measured."""
+        assert self.journal and isinstance(self.clock, DatabaseClock)
+        measured = self.journal.clock_offset(self.clock.base.now)
+        self.clock.adjust(measured)
+        off = is_off(measured.offset_s)
+        if off and not self._clock_off:
+            log.warning("this node's clock is %s (the PostgreSQL server's): the times it writes for the other nodes "
+                        "are on the database's clock all the same, but its log lines are not; set the clocks right "
+                        "(NTP) on this machine or the database server", describe_offset(measured.offset_s))
+        elif self._clock_off and not off:
+            log.info("this node's clock is %s now", describe_offset(measured.offset_s))
+        self._clock_off = off
+        return measured.offset_s
 
     def _look_after_lost_nodes(self, now: float) -> None:
         """A node that fell silent (or left) since the last look may have been the one its files'

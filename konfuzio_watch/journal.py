@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .clock import ClockOffset
 from .states import ACTIVE, FINISHED, TERMINAL, IllegalTransition, State, check_transition
 
 if TYPE_CHECKING:
@@ -227,6 +228,7 @@ class Node:
     heartbeat_at: float
     silent_s: float
     inbox_marker: str | None = None  # what its marker file in the inbox says (``join``)
+    clock_offset_s: float | None = None  # how far the database's clock was ahead of its own, at its last heartbeat
 
 
 @dataclass(frozen=True)
@@ -865,12 +867,19 @@ class BaseJournal(ABC):
 
     # -- a cluster of nodes: here what one node needs; journal_pg.PgJournal does the rest ------
 
-    def join(self, inbox_marker: str | None = None) -> None:  # noqa: B027 - one node: nobody to tell
+    def join(self, inbox_marker: str | None = None, clock_offset_s: float | None = None) -> None:  # noqa: B027
         """This node starts (the daemon, once): it is listed in ``nodes``, with what its marker file in
-        the inbox says (``check`` compares what each node sees). Single node: nothing to do."""
+        the inbox says (``check`` compares what each node sees) and how far the journal's clock is ahead
+        of its own (``status`` shows a node whose clock is off). Single node: nothing to do."""
 
-    def heartbeat(self) -> None:  # noqa: B027 - one node: nobody to tell
-        """Say that this node is alive (every few seconds). Single node: nothing to do."""
+    def heartbeat(self, clock_offset_s: float | None = None) -> None:  # noqa: B027 - one node: nobody to tell
+        """Say that this node is alive (every few seconds), and its clock's offset now. Single node:
+        nothing to do."""
+
+    def clock_offset(self, local: Callable[[], float] = time.time) -> ClockOffset:
+        """How far the journal's clock is ahead of ``local`` (every time the nodes of a cluster compare is
+        on it). Single node: the journal has no clock of its own; the daemon's is the one: 0."""
+        return ClockOffset(0.0, 0.0)
 
     def leave(self, keep: Iterable[int] = ()) -> None:  # noqa: B027 - one node: nobody to tell
         """This node stops (the daemon, once): its leases go at once, except on the rows in ``keep``

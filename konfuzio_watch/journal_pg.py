@@ -9,9 +9,12 @@ in ``journal.py``; ``tests/test_journal.py`` runs the same tests on both). What 
 - One claim per file: a unique index on the inbox path and inode of the active rows (the inode is
   the file's identity across the nodes' mounts: NFS and CIFS with ``serverino`` give the server's;
   the device number is each client's own). A second node's claim of a file gets no row.
+- One clock: the database's. Leases are timed by it in SQL (``lease_until``); every other time a node
+  writes for the others to compare (due times, when an upload timed out, ...) is on it too: the node's
+  clock is its own plus the offset to the database's, measured at ``join`` and at every ``heartbeat``
+  (``clock_offset``; ``clock.DatabaseClock``), and each node's offset is in ``nodes``.
 - Leases: ``take_due`` leases the due rows it returns to this node (``SELECT ... FOR UPDATE SKIP
-  LOCKED``, ``lease_until`` by the database's clock, so the nodes' clocks do not matter), the node
-  renews them while it works; a node whose lease another node took over cannot write that row any
+  LOCKED``), the node renews them while it works; a node whose lease another node took over cannot write that row any
   more. A new claim is its claimer's from the start (``add_claims``). ``take_over_expired`` takes
   the rows of a node that died, which ``take_due`` leaves alone: they are recovered first.
 - ``nodes`` with heartbeats, roles that one node at a time holds (``pg_try_advisory_lock`` on a
@@ -35,6 +38,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from enum import Enum
@@ -44,6 +48,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import psycopg_pool
 
+from .clock import ClockOffset, measure_offset
 from .journal import (
     _F_COLS,
     ACTIVE,
@@ -128,6 +133,8 @@ PG_MIGRATIONS: dict[int, list[str]] = {
     # watch the same folder (``konfuzio-watch check``).
     2: ["ALTER TABLE nodes ADD COLUMN inbox_marker TEXT"],
     3: ["ALTER TABLE files ADD COLUMN ctime_ns BIGINT"],  # as the SQLite journal's schema 5
+    # How far the database's clock is ahead of each node's own (``status`` shows a node whose clock is off).
+    4: ["ALTER TABLE nodes ADD COLUMN clock_offset_s DOUBLE PRECISION"],
 }
 PG_SCHEMA_VERSION = max(PG_MIGRATIONS, default=1)
 # Nodes silent this long are forgotten when another node joins (their leases long taken over).
@@ -356,24 +363,32 @@ class PgJournal(BaseJournal):
         tx.conn.execute("UPDATE files SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
                         " WHERE id = ANY(%s::bigint[])", (self.node_id, self.lease_s, list(row_ids)))
 
-    def join(self, inbox_marker: str | None = None) -> None:
-        """This node starts: (re)register it in ``nodes`` (started now, alive now, its inbox marker);
-        nodes silent for ``FORGET_NODES_AFTER`` are forgotten."""
+    def join(self, inbox_marker: str | None = None, clock_offset_s: float | None = None) -> None:
+        """This node starts: (re)register it in ``nodes`` (started now, alive now, its inbox marker, its
+        clock's offset); nodes silent for ``FORGET_NODES_AFTER`` are forgotten."""
         with self._write() as tx:
-            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, inbox_marker)"
-                       " VALUES (?, ?, ?, now(), now(), ?) ON CONFLICT (id) DO UPDATE SET host = excluded.host,"
+            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, inbox_marker, clock_offset_s)"
+                       " VALUES (?, ?, ?, now(), now(), ?, ?) ON CONFLICT (id) DO UPDATE SET host = excluded.host,"
                        " pid = excluded.pid, started_at = now(), heartbeat_at = now(),"
-                       " inbox_marker = excluded.inbox_marker",
-                       (self.node_id, socket.gethostname(), os.getpid(), inbox_marker))
+                       " inbox_marker = excluded.inbox_marker, clock_offset_s = excluded.clock_offset_s",
+                       (self.node_id, socket.gethostname(), os.getpid(), inbox_marker, clock_offset_s))
             tx.conn.execute("DELETE FROM nodes n WHERE heartbeat_at < now() - %s::interval AND NOT EXISTS"
                             " (SELECT 1 FROM files f WHERE f.lease_node = n.id)", (FORGET_NODES_AFTER,))
 
-    def heartbeat(self) -> None:
-        """This node is alive (registers it if it is not in ``nodes``)."""
+    def heartbeat(self, clock_offset_s: float | None = None) -> None:
+        """This node is alive (registers it if it is not in ``nodes``); its clock's offset now, if given."""
         with self._write() as tx:
-            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, now(), now())"
-                       " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
-                       (self.node_id, socket.gethostname(), os.getpid()))
+            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, clock_offset_s)"
+                       " VALUES (?, ?, ?, now(), now(), ?) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),"
+                       " clock_offset_s = COALESCE(excluded.clock_offset_s, nodes.clock_offset_s)",
+                       (self.node_id, socket.gethostname(), os.getpid(), clock_offset_s))
+
+    def clock_offset(self, local: Callable[[], float] = time.time) -> ClockOffset:
+        """How far the database's clock is ahead of ``local``: its ``clock_timestamp()`` read on one
+        connection between two readings of ``local`` (the best of three)."""
+        with self._read() as tx:
+            return measure_offset(local, lambda: tx.conn.execute(
+                "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()[0])
 
     def leave(self, keep: Iterable[int] = ()) -> None:
         """This node stops: its leases are released at once (no one waits for them to expire), except
@@ -389,7 +404,7 @@ class PgJournal(BaseJournal):
             found = tx.execute(
                 "SELECT id, host, pid, EXTRACT(EPOCH FROM started_at)::float8,"
                 " EXTRACT(EPOCH FROM heartbeat_at)::float8, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8,"
-                " inbox_marker FROM nodes ORDER BY id").fetchall()
+                " inbox_marker, clock_offset_s FROM nodes ORDER BY id").fetchall()
         return [Node(*values) for values in found]
 
     def take_due(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int,

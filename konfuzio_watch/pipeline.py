@@ -629,6 +629,8 @@ class Pipeline:
         for row in rows:
             if row.id in found:
                 continue
+            # Written by whichever node's upload timed out, compared by this one's: in a cluster both
+            # are the database's clock (clock.DatabaseClock), so the window is the same for every node.
             since = row.ambiguous_since if row.ambiguous_since is not None else row.updated_at
             if now < since + window:  # a slow server may still be storing it: look again, do not upload
                 again = min(since + window, now + policy.backoff_s(row.failures + 1, self.limits))
