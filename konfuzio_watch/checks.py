@@ -3,7 +3,8 @@ line says what to do. It catches what ``run`` would reject, and what ``run`` wou
 from later (callbacks that can never arrive).
 
 With a PostgreSQL journal (a node of a cluster) it also checks the server (reachable, the schema
-current), that no other live node uses this node.id, that every live node sees the same inbox
+current), that this machine's clock is within ``CLOCK_OFF_WARN_S`` of the server's, that no other
+live node uses this node.id, that every live node sees the same inbox
 (each node's marker file there holds what the journal says it wrote), and that the inbox is not a
 single daemon's (a SQLite journal's: one inbox is one daemon's or one cluster's)."""
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import processing, reachability
+from .clock import CLOCK_OFF_WARN_S, describe_offset, is_off
 from .config import Config, ConfigError
 from .journal import NETWORK_FILESYSTEMS, BaseJournal, JournalError, JournalWriteError, filesystem_type, open_journal
 from .konfuzio import ApiError, KonfuzioClient
@@ -148,6 +150,10 @@ def _check_cluster(config: Config, journal: BaseJournal, report: Report, note: C
                problem)
         if problem is not None:
             return
+        offset = journal.clock_offset().offset_s
+        report(not is_off(offset), "clock", f"this machine's clock is {describe_offset(offset)}",
+               f"set the clocks right (NTP) on this machine and the database server: nodes keep to the database's "
+               f"clock, but their logs are off from each other (allowed: {CLOCK_OFF_WARN_S:g} s)")
         nodes = journal.nodes()
     except JournalWriteError as exc:
         report(False, "journal", str(exc), "check that this machine reaches the server")

@@ -22,6 +22,7 @@ def retry_files(config: Config, paths: Iterable[str], all_failed: bool, now: flo
     """Returns (one message per file, number of paths that matched nothing)."""
     journal = open_journal(config) if config.journal.url is None else open_journal(config, migrate=False, wait_s=5.0)
     try:
+        now += journal.clock_offset().offset_s  # "due now" for the nodes of a cluster: by the database's clock
         failed = journal.rows([State.FAILED], limit=10_000_000)
         pending = journal.rows(ACTIVE, limit=10_000_000)
         messages, unmatched = [], 0

@@ -4,7 +4,8 @@ The journal is read directly (no API token, no daemon needed). The running daemo
 found through the state folder's lock file (``locks.py``), which names its monitor URL; its
 ``/status`` adds what only it knows: what is blocked since when, and the ``extra`` facts. With a
 shared journal (a cluster) it also lists the nodes: each one's host, when it was last heard from
-and how many files it works on, and which node works on each pending file.
+and how many files it works on, and whose clock is off from the database's; and which node works on
+each pending file. Ages are then by the database's clock, as the times in the journal are.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Any, TextIO
 
+from .clock import describe_offset, is_off
 from .config import Config
 from .journal import ACTIVE, BaseJournal, JournalError, JournalWriteError, Row, State, open_journal
 from .locks import read_daemon_lock
@@ -56,6 +58,7 @@ def _print_journal(config: Config, *, show_all: bool, now: float, out: TextIO) -
                 out.write(f"no journal yet at {journal.location}: nothing has been processed\n")
                 return
             out.write(_nodes(journal, config.node.lease_seconds))
+        now += journal.clock_offset().offset_s  # a cluster's times are the database's
         counts = journal.counts()
         oldest = journal.oldest_active_detected_at()
         out.write("state       files\n")
@@ -181,6 +184,8 @@ def _nodes(journal: BaseJournal, lease_s: float) -> str:
                 f"{format_age(node.silent_s) + ' ago':>6}  {leased.get(node.id, 0):>5}")
         if node.silent_s > lease_s:
             line += "  SILENT: its files pass to the other nodes"
+        if node.clock_offset_s is not None and is_off(node.clock_offset_s):
+            line += f"  CLOCK {describe_offset(node.clock_offset_s)} (the times it writes are the database's)"
         lines.append(line)
     for gone in sorted(set(leased) - {n.id for n in nodes}):  # stopped, with steps cut off: their leases expire
         lines.append(f"  {gone:<{width}}  {'-':<{host_width}}  {'-':>7}  {'-':>6}  {leased[gone]:>5}  stopped")

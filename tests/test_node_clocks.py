@@ -8,6 +8,7 @@ PostgreSQL server, the emulator and the other node keep the true time.
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from konfuzio_watch.server import ServerThread
 
 from .conftest import TOKEN, drop, wait_until
 from .helpers import (
+    KONFUZIO_WATCH,
     CallbackBalancer,
     DaemonProcess,
     FakeClock,
@@ -235,3 +237,24 @@ def test_the_files_of_a_dead_node_whose_clock_is_ahead_are_taken_over_at_once(no
           "after it died")
     assert right.terminate() == 0
     assert all(n == 1 for n in documents_per_sha(nodes.emulator).values())
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_check_and_status_say_that_a_node_clock_is_off(nodes: Nodes, clockshift: Path):
+    ahead = nodes.node("ahead")
+    nodes.start(ahead, shifted(clockshift, AHEAD_S))
+    run = lambda *args, prefix=(): subprocess.run(  # noqa: E731
+        [*prefix, *KONFUZIO_WATCH, *args, "--config", str(ahead.config)], capture_output=True, text=True,
+        timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+    status = run("status")
+    assert status.returncode == 0, status.stderr
+    line = next(line for line in status.stdout.splitlines() if line.startswith("  ahead "))
+    assert "CLOCK 600." in line and "ahead of the database's" in line, status.stdout
+    checked = run("check", prefix=shifted(clockshift, AHEAD_S))
+    clock = next(line for line in checked.stdout.splitlines() if "  clock:" in line)
+    assert clock.startswith("FAIL") and "ahead of the database's" in clock and "600." in clock, checked.stdout
+    checked = run("check")
+    clock = next(line for line in checked.stdout.splitlines() if "  clock:" in line)
+    assert clock.startswith("ok"), checked.stdout
+    assert ahead.terminate() == 0
