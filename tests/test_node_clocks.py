@@ -258,3 +258,23 @@ def test_check_and_status_say_that_a_node_clock_is_off(nodes: Nodes, clockshift:
     clock = next(line for line in checked.stdout.splitlines() if "  clock:" in line)
     assert clock.startswith("ok"), checked.stdout
     assert ahead.terminate() == 0
+
+
+@pytest.mark.postgres
+def test_retry_on_a_machine_whose_clock_is_ahead_makes_a_file_due_by_the_database_clock(
+        tmp_path: Path, emulator: Any, pg_url: str, clockshift: Path):
+    from konfuzio_watch.journal import State
+    from konfuzio_watch.journal_pg import PgJournal
+
+    node = cluster_node(tmp_path, "a", emulator, pg_url)
+    with PgJournal(pg_url, node_id="a", wait_s=5.0) as journal:
+        now = time.time()
+        [row] = journal.add_claims([b"waiting.pdf"], now)
+        journal.transition(row, State.CLAIMED, now, next_at=now + 3600)  # waiting out a long backoff
+        journal.release_leases([row.id])
+    done = subprocess.run([*shifted(clockshift, AHEAD_S), *KONFUZIO_WATCH, "retry", "waiting.pdf", "--config",
+                           str(node.config)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LOG_TO_FILE": "False"})
+    assert done.returncode == 0 and "will be retried at once" in done.stdout, done.stdout + done.stderr
+    [(late_s,)] = pg_rows(pg_url, "SELECT next_at - EXTRACT(EPOCH FROM clock_timestamp()) FROM files")
+    assert late_s < 5, f"due {late_s:.0f} s from now by the database's clock"
