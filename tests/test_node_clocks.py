@@ -127,6 +127,8 @@ def test_the_journal_measures_the_database_clock_and_keeps_each_node_offset(pg_u
 
 
 class Nodes:
+    """Node processes on one shared folder and journal, behind one callback balancer (test_cluster's set-up)."""
+
     def __init__(self, shared: Path, emulator: Any, pg_url: str, balancer_url: str, balancer: CallbackBalancer):
         self.shared, self.emulator, self.pg_url = shared, emulator, pg_url
         self.balancer, self.balancer_url = balancer, balancer_url
