@@ -257,6 +257,7 @@ def test_check_says_that_this_machine_clock_is_off(tmp_path: Path, emulator: Any
 
     PgJournal(pg_url, node_id="a", wait_s=5.0).close()  # the journal's schema, as the first node creates it
     node = cluster_node(tmp_path, "a", emulator, pg_url)
+    (tmp_path / "inbox").mkdir()
     for prefix, expected in ((shifted(clockshift, AHEAD_S), "FAIL  clock: this machine's clock is 600.0 s ahead of "
                                                             "the database's -> set the clocks right (NTP)"),
                              ([], "ok    clock: this machine's clock is 0.0 s")):
