@@ -1,7 +1,8 @@
-"""Who runs where: the daemon lock on the state folder and the marker lock on the inbox.
+"""Who runs where: the daemon lock on the state folder, the marker lock on the inbox, and the lock
+of the processing folder.
 
 Two daemons on one journal, or on one inbox, upload files twice and give files each other's
-results. Two ``flock(2)`` locks (LOCK_EX|LOCK_NB, held for the daemon's lifetime, released by
+results. Three ``flock(2)`` locks (LOCK_EX|LOCK_NB, held for the daemon's lifetime, released by
 the kernel when the process dies however it dies) keep them apart:
 
 - ``<folders.state>/daemon.lock``: the journal belongs to one process. Taken before anything
@@ -15,9 +16,27 @@ the kernel when the process dies however it dies) keep them apart:
   A daemon that cannot take it refuses, naming the holder. A free lock whose marker names another
   journal_id (an earlier daemon with another state folder, or a journal that was lost) is taken
   over with one WARNING.
+- ``<processing folder>/.konfuzio-watch.processing.lock``, the same JSON: the files waiting there
+  are in the hands of a live daemon. Only its holder adopts files of that folder that no journal
+  row claims (``processing.py``). The inbox's marker is not enough for that: anyone who may write
+  the inbox may remove it, and it is gone when the inbox is renamed and recreated; then a second
+  daemon with a state folder of its own took the marker, found the first one's files in flight in
+  the processing folder (the same folder: its name follows the inbox's path) without a row in its
+  own journal, put them back into the inbox and uploaded them again. The processing folder is
+  0700: only the daemon's user can remove this one. Taken after the journal is opened (the
+  journal names the folder), before the inbox's marker is written.
 
-Clustered mode: the nodes that share one PostgreSQL journal on purpose take the marker with LOCK_SH
-instead of LOCK_EX; it says ``mode: "cluster"`` and ``cluster_id`` = the shared journal's
+A running daemon looks at both markers every few seconds (``FolderLock.verify``: does the path
+still name the file whose descriptor it holds?). One that was removed or replaced is taken again
+and rewritten, with one WARNING. If another process holds the new one and its JSON names a
+running daemon, the daemon stops with an ERROR and a non-zero exit, and refuses to start while the
+other runs. If the JSON names nobody running, the holder is a daemon starting: it writes its name
+only once it holds its processing folder's lock, so it refuses in a moment when that folder is
+this daemon's, and stopping now would hand the files in flight there to it; the running daemon
+waits and takes the marker once it is free.
+
+Clustered mode: the nodes that share one PostgreSQL journal on purpose take these markers with LOCK_SH
+instead of LOCK_EX; they say ``mode: "cluster"`` and ``cluster_id`` = the shared journal's
 ``journal_id``. The first node (the one that gets LOCK_EX: nobody else holds the marker) writes it
 and then holds it shared like the others; a node that finds it held shared joins only if the
 marker names its own journal. Nodes of one cluster coexist, a node whose journal is another
@@ -31,7 +50,7 @@ the same folder; one that does not (another mount, another path) watches another
 ``konfuzio-watch check`` says and the daemon logs.
 
 File systems without flock (some SMB mounts answer ENOLCK/EOPNOTSUPP) leave the inbox
-unguarded: the daemon says so in a WARNING and still writes the marker.
+unguarded: the daemon says so in a WARNING and still writes the markers.
 """
 
 from __future__ import annotations
@@ -53,6 +72,7 @@ log = logging.getLogger("konfuzio_watch")
 
 DAEMON_LOCK_NAME = "daemon.lock"
 INBOX_LOCK_NAME = ".konfuzio-watch.lock"
+PROCESSING_LOCK_NAME = ".konfuzio-watch.processing.lock"
 NODE_MARKER_PREFIX = ".konfuzio-watch.node-"
 MODE_SINGLE = "single"
 MODE_CLUSTER = "cluster"
@@ -61,7 +81,12 @@ _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class LockHeld(Exception):
-    """Another daemon holds a lock; the message is one line for the user (without the program name)."""
+    """Another daemon holds a lock; the message is one line for the user (without the program name).
+    ``holder``: what the lock's marker says, when it was read."""
+
+    def __init__(self, message: str, holder: Holder | None = None):
+        super().__init__(message)
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,10 @@ class Holder:
         if self.started_at is not None:
             parts.append(f"since {format_since(self.started_at)}")
         return ", ".join(parts)
+
+    def is_another_process(self) -> bool:
+        """Names a process that runs and is not this one (a marker copied from this process's is not)."""
+        return self.is_running() and (self.pid, self.host) != (os.getpid(), hostname())
 
     def is_running(self) -> bool:
         """Best guess without taking the lock: not marked stopped, and (on this host) its pid lives."""
@@ -138,17 +167,44 @@ class LockFile:
 
     def try_lock(self, *, shared: bool = False) -> bool:
         """True: ours now. False: another open file holds it. OSError: cannot open, or no flock here."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o664)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o664)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            if self.in_place():
+                return True
+            # Removed or replaced between the open and the flock (a holder restoring its marker): a lock
+            # on a file no longer under this name guards nothing. Open the one there now.
+            self.close()
+        raise OSError(errno.EAGAIN, "it keeps being removed or replaced", str(self.path))
+
+    def in_place(self) -> bool:
+        """The file held is still the one under this path: not removed, not replaced (e.g. its folder
+        renamed and another one made under the old name)."""
+        if self._fd is None:
             return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
+        held = os.fstat(self._fd)
+        try:
+            found = os.stat(self.path, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+    def where(self) -> str:
+        """Where the file held is now, as the kernel says (``… (deleted)`` once removed), for messages."""
+        if self._fd is None:
+            return "nowhere"
+        try:
+            return os.readlink(f"/proc/self/fd/{self._fd}")
+        except OSError:
+            return "unknown"
 
     def share(self) -> bool:
         """Turn the exclusive lock held into a shared one; False if it was lost meanwhile (the kernel
@@ -246,13 +302,16 @@ def read_daemon_lock(state_dir: Path) -> Holder | None:
     return Holder.from_json(data) if data else None
 
 
-class InboxLock:
-    """``<inbox>/.konfuzio-watch.lock``: this journal is the inbox's only user (see the module doc).
-    ``cluster_id``: this node's shared journal's id (clustered mode, LOCK_SH); None: one daemon."""
+class FolderLock:
+    """A flock'ed marker in a folder that one journal uses (see the module doc): LOCK_EX for one daemon;
+    ``cluster_id`` (this node's shared journal's id): LOCK_SH with the other nodes of that journal."""
 
-    def __init__(self, inbox: Path, state_dir: Path, cluster_id: str | None = None, journal: str | None = None):
-        self.file = LockFile(inbox / INBOX_LOCK_NAME)
-        self.inbox = inbox
+    NAME = ""
+    TAKEN_OVER = ""  # the take-over WARNING (``claim``); empty: none
+
+    def __init__(self, folder: Path, state_dir: Path, cluster_id: str | None = None, journal: str | None = None):
+        self.file = LockFile(folder / self.NAME)
+        self.folder = folder
         self.state_dir = state_dir
         self.cluster_id = cluster_id
         self.journal = journal
@@ -261,24 +320,32 @@ class InboxLock:
         self._unguarded = False
         self._info: dict[str, Any] = {}
 
-    def acquire(self) -> InboxLock:
+    def uses(self) -> str:
+        """What the holder of this marker does, for the refusals: ``is watching the inbox /srv/scans``."""
+        raise NotImplementedError
+
+    def acquire(self) -> FolderLock:
         """Take the lock (refusing if held) and remember what the marker said before."""
+        self._take()
+        data = self.file.read()
+        self.previous = Holder.from_json(data) if data else None
+        return self
+
+    def _take(self) -> None:
         try:
             locked = self.file.try_lock()
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
-            log.warning("cannot lock %s (%s): this file system has no flock, so another daemon on this inbox "
-                        "would not be noticed", self.file.path, exc.strerror or exc)
+            if not self._unguarded:
+                log.warning("cannot lock %s (%s): this file system has no flock, so another daemon on this folder "
+                            "would not be noticed", self.file.path, exc.strerror or exc)
             self.file.open_unlocked()
             self._unguarded = locked = True
         if not locked and self.cluster_id is not None:
             locked = self._join()
         if not locked:
-            raise LockHeld(self._refusal(Holder.from_json(self.file.read())))
-        data = self.file.read()
-        self.previous = Holder.from_json(data) if data else None
-        return self
+            raise self._refusal(Holder.from_json(self.file.read()))
 
     def _join(self) -> bool:
         """Clustered mode, the marker is held: join the nodes that hold it shared if they are this
@@ -292,7 +359,7 @@ class InboxLock:
                     self.first = False
                     return True
                 self.file.close()
-                raise LockHeld(self._refusal(holder))
+                raise self._refusal(holder)
             if self.file.try_lock():  # the other one left meanwhile: the marker is ours to write
                 return True
             holder = Holder.from_json(self.file.read())
@@ -300,41 +367,45 @@ class InboxLock:
                 return False
             time.sleep(0.02)  # a node of this cluster is writing the marker: it holds it shared in a moment
 
-    def _refusal(self, holder: Holder) -> str:
+    def _refusal(self, holder: Holder) -> LockHeld:
+        return LockHeld(self._refusal_text(holder), holder)
+
+    def _refusal_text(self, holder: Holder) -> str:
+        uses = self.uses()
         if holder.mode == MODE_CLUSTER:
             if self.cluster_id is not None:
                 return (f"another konfuzio-watch cluster (journal {holder.journal or 'unknown'}, id "
-                        f"{holder.cluster_id}, started by {holder.describe()}) is watching the inbox {self.inbox}; "
-                        "this node's journal is another one: use the same journal.url as its nodes, or give this "
-                        "cluster its own inbox")
+                        f"{holder.cluster_id}, started by {holder.describe()}) {uses}; this node's journal is another "
+                        "one: use the same journal.url as its nodes, or give this cluster its own inbox")
             return (f"a cluster of konfuzio-watch nodes (journal {holder.journal or 'unknown'}, started by "
-                    f"{holder.describe()}) is watching the inbox {self.inbox}; a daemon with a journal of its own "
-                    "(SQLite) cannot join it: set journal.url to the cluster's, or give this daemon its own inbox")
+                    f"{holder.describe()}) {uses}; a daemon with a journal of its own (SQLite) cannot join it: set "
+                    "journal.url to the cluster's, or give this daemon its own inbox")
         state = f", state folder {holder.state}" if holder.state else ""
         if self.cluster_id is not None:
-            return (f"another konfuzio-watch ({holder.describe()}{state}) is watching the inbox {self.inbox} with a "
-                    "journal of its own (SQLite); stop it before nodes with a shared journal take over this inbox")
-        return (f"another konfuzio-watch ({holder.describe()}{state}) is watching the inbox {self.inbox}; stop it "
-                "first, or give each daemon its own inbox")
+            return (f"another konfuzio-watch ({holder.describe()}{state}) {uses} with a journal of its own (SQLite); "
+                    "stop it before nodes with a shared journal take over this inbox")
+        return (f"another konfuzio-watch ({holder.describe()}{state}) {uses}; stop it first, or give each daemon its "
+                "own inbox")
 
     def claim(self, journal_id: str) -> None:
-        """Write the marker for ``journal_id``; one WARNING if it named another journal before. A node
-        that joined a cluster here leaves the marker as the cluster's first node wrote it."""
-        if not self.first:
-            return
-        p = self.previous
-        if p is not None and p.journal_id is not None and p.journal_id != journal_id:
-            log.warning("the inbox %s was last watched with another journal (id %s, state folder %s, %s); taking "
-                        "it over: the files that journal left unfinished are not in this one's", self.inbox,
-                        p.journal_id, p.state or "unknown", p.describe())
+        """Write the marker for ``journal_id``; one WARNING (``TAKEN_OVER``) if it named another journal
+        before. A node that joined a cluster here leaves the marker as the cluster's first node wrote it."""
         cluster = self.cluster_id is not None
         self._info = {"journal_id": journal_id, "host": hostname(), "pid": os.getpid(), "state": str(self.state_dir),
                       "mode": MODE_CLUSTER if cluster else MODE_SINGLE, "cluster_id": journal_id if cluster else None,
                       "started_at": time.time()}
         if cluster:
             self._info["journal"] = self.journal
+        if not self.first:
+            return
+        p = self.previous
+        if self.TAKEN_OVER and p is not None and p.journal_id is not None and p.journal_id != journal_id:
+            log.warning(self.TAKEN_OVER, self.folder, p.journal_id, p.state or "unknown", p.describe())
+        self._write_info()
+
+    def _write_info(self) -> None:
         self.file.write(self._info)
-        if cluster and not self._unguarded:
+        if self.cluster_id is not None and not self._unguarded:
             self._hold_shared()
 
     def _hold_shared(self) -> None:
@@ -348,7 +419,27 @@ class InboxLock:
             if not self.first:
                 return
             self.file.write(self._info)
-        raise LockHeld(self._refusal(Holder.from_json(self.file.read())))
+        raise self._refusal(Holder.from_json(self.file.read()))
+
+    def verify(self) -> bool:
+        """True if the marker is still the file this process holds. If it was removed or replaced (its
+        folder renamed and recreated), take the one at its path now as at start-up and write this
+        process's JSON into it (a joining node: the cluster's is there), and return False. LockHeld:
+        another daemon holds the new one; OSError: it cannot be made (e.g. the folder is gone). Either
+        way the old one stays held."""
+        if self.file.in_place():
+            return True
+        held, first, self.file, self.first = self.file, self.first, LockFile(self.file.path), True
+        try:
+            self._take()
+            if self.first:
+                self._write_info()
+        except BaseException:
+            self.file.close()
+            self.file, self.first = held, first
+            raise
+        held.close()
+        return False
 
     def release(self) -> None:
         if self.cluster_id is None:
@@ -370,6 +461,31 @@ class InboxLock:
                     last.close()
         except OSError as exc:
             log.warning("cannot update %s: %s", last.path, exc.strerror or exc)
+
+
+class InboxLock(FolderLock):
+    """``<inbox>/.konfuzio-watch.lock``: this journal is the inbox's only user (see the module doc)."""
+
+    NAME = INBOX_LOCK_NAME
+    TAKEN_OVER = ("the inbox %s was last watched with another journal (id %s, state folder %s, %s); taking it over: "
+                  "the files that journal left unfinished are not in this one's")
+
+    @property
+    def inbox(self) -> Path:
+        return self.folder
+
+    def uses(self) -> str:
+        return f"is watching the inbox {self.folder}"
+
+
+class ProcessingLock(FolderLock):
+    """``<processing folder>/.konfuzio-watch.processing.lock``: the files waiting there are this journal's,
+    in the hands of a live daemon (see the module doc)."""
+
+    NAME = PROCESSING_LOCK_NAME
+
+    def uses(self) -> str:
+        return f"has files in flight in the processing folder {self.folder}"
 
 
 def node_marker_path(inbox: Path, node_id: str) -> Path:

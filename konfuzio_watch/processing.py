@@ -9,7 +9,12 @@ way it is created 0700 and the daemon refuses to start if others may write into 
 Each claimed file gets an unpredictable name there, ``<16 hex>-<its base name>``, recorded in its
 journal row with the file's inode: a file found under a row's name is trusted only if it is that
 file, and a file no row claims (a lost journal, a restored backup) is adopted visibly — moved back
-into the inbox under its base name — never matched to another row.
+into the inbox under its base name — never matched to another row. Only a daemon that holds the
+folder's lock (``locks.ProcessingLock``, ``.konfuzio-watch.processing.lock`` in it, held for the
+daemon's lifetime) adopts: the files of a live daemon with another journal are never taken for a
+lost journal's, even when the inbox's marker was removed or the inbox renamed and recreated (the
+sibling folder's name follows the inbox's path, so a daemon started on the new inbox finds the old
+daemon's folder, and its lock).
 
 Clustered mode (a PostgreSQL journal several nodes share): the folder is shared too. It is one
 folder for the whole cluster, on the share next to the inbox, and the journal's ``processing_dir``
@@ -17,7 +22,9 @@ names it for every node: any node can finish any file, including the files of a 
 So every node must see it under the same path (mount the share at the same place everywhere) and
 run as the same user id (the folder is 0700). A file's identity there is its inode alone: NFS and
 CIFS (``serverino``) give the server's inode numbers on every machine, while each machine's mount
-has a device number of its own.
+has a device number of its own. The nodes hold the folder's lock shared, as the inbox's marker: a
+node that dies lets go of it, and its files pass to the other nodes through their journal rows
+(leases), never as files without a row.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ import stat
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .locks import PROCESSING_LOCK_NAME
+
+LOCK_NAME = os.fsencode(PROCESSING_LOCK_NAME)
 
 NAME_KEEP = 180  # bytes of the base name kept in a claim name (a name is at most 255 bytes)
 
@@ -88,11 +98,12 @@ def original_name(claim_name: bytes) -> bytes:
 
 
 def names(path: Path) -> list[bytes]:
-    """The names in the processing folder (none if it is missing)."""
+    """The names of the files waiting in the processing folder (none if it is missing): all but its lock."""
     try:
-        return os.listdir(os.fsencode(path))
+        listed = os.listdir(os.fsencode(path))
     except FileNotFoundError:
         return []
+    return [n for n in listed if n != LOCK_NAME]
 
 
 def orphans(listed: list[bytes], claimed: set[bytes]) -> list[bytes]:

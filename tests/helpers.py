@@ -29,7 +29,7 @@ import yaml
 
 from konfuzio_watch.emulator.content import facts_of, layout_for
 from konfuzio_watch.journal import State
-from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, NODE_MARKER_PREFIX
+from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, NODE_MARKER_PREFIX, PROCESSING_LOCK_NAME
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import TOKEN, drop, wait_until
@@ -211,6 +211,11 @@ def is_daemons_own(path: Path) -> bool:
     """The daemon's own files in the inbox: its processing folder, the inbox marker and the marker of
     each node of a cluster (a killed node's stays) (locks.py)."""
     return ".konfuzio-watch" in path.parts or path.name == INBOX_LOCK_NAME or path.name.startswith(NODE_MARKER_PREFIX)
+
+
+def waiting_in(processing: Path) -> list[Path]:
+    """The claimed files in a processing folder: everything in it but its lock."""
+    return sorted(p for p in processing.iterdir() if p.name != PROCESSING_LOCK_NAME)
 
 
 def assert_own_result(done: Path, rel: str, data: bytes) -> dict:

@@ -37,6 +37,7 @@ from .helpers import (
     moves_not_under_own_lease,
     pg_rows,
     sample_files,
+    waiting_in,
 )
 
 
@@ -104,7 +105,7 @@ def assert_every_file_once(cluster: Cluster, files: dict[str, bytes], shared: bo
     left = [p for p in cluster.inbox.rglob("*") if p.is_file() and not is_daemons_own(p)]
     assert left == [], f"left in the inbox: {left[:10]}"
     processing = cluster.shared / ".inbox.konfuzio-watch"
-    assert not [p for p in processing.rglob("*") if p.is_file()], "left in the processing folder"
+    assert not waiting_in(processing), "left in the processing folder"
     per_sha = collections.Counter(u.sha256 for u in cluster.emulator.uploads)
     twice = {sha: n for sha, n in per_sha.items() if n > 1}
     assert not twice, f"{len(twice)} file(s) uploaded more than once"

@@ -29,6 +29,7 @@ from .helpers import (
     assert_each_file_finished_exactly_once,
     can_drop_privileges,
     sample_files,
+    waiting_in,
 )
 
 
@@ -100,7 +101,7 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
 
     wait_until(lambda: "No space left on device" in daemon.log.read_text(), 30, "the ENOSPC reported in the log")
     processing = tmp_path / ".inbox.konfuzio-watch"
-    assert [p.read_bytes() for p in processing.iterdir()] == [data], "the source must stay safe"
+    assert [p.read_bytes() for p in waiting_in(processing)] == [data], "the source must stay safe"
     assert not (tmp_path / "done" / "full.pdf").exists()
     assert not list((tmp_path / "done").glob(".konfuzio-watch-*.tmp")), "a half-written temp file was left"
     status = subprocess.run([*KONFUZIO_WATCH, "status", "--config", str(daemon.config)], capture_output=True,
@@ -135,7 +136,7 @@ def test_unwritable_done_folder_keeps_the_file_safe_until_fixed(daemon_process, 
 
         wait_until(lambda: "Permission denied" in daemon.log.read_text(), 30, "the EACCES reported in the log")
         processing = root / ".inbox.konfuzio-watch"
-        assert [p.read_bytes() for p in processing.iterdir()] == [data]
+        assert [p.read_bytes() for p in waiting_in(processing)] == [data]
         os.chmod(root / "done", 0o755)  # fixed: the daemon retries by itself
 
         wait_until(lambda: (root / "done" / "locked.pdf").exists(), 30, "exported once done/ is writable")

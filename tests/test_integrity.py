@@ -21,7 +21,7 @@ from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop, make_config, wait_until
-from .helpers import assert_own_result, callback_url_of, inbox_files
+from .helpers import assert_own_result, callback_url_of, inbox_files, waiting_in
 
 
 def uploads_per_sha(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]
@@ -131,7 +131,7 @@ def test_a_deleted_wal_orphans_nothing(daemon_process, emulator, tmp_path):
     assert daemon.terminate() == 0
     for rel, data in files.items():
         assert (tmp_path / "done" / Path(rel).name).read_bytes() == data
-    assert not list(processing_dir_of(tmp_path).iterdir())
+    assert not waiting_in(processing_dir_of(tmp_path))
 
 
 def processing_dir_of(root: Path) -> Path:

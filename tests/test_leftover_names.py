@@ -12,6 +12,7 @@ from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import drop, make_config, wait_until
+from .helpers import waiting_in
 
 
 def test_a_leftover_name_of_a_done_file_is_removed_not_adopted(start_daemon, emulator, tmp_path):
@@ -29,7 +30,7 @@ def test_a_leftover_name_of_a_done_file_is_removed_not_adopted(start_daemon, emu
     os.link(os.fsdecode(row.final_path), processing / os.fsdecode(row.claim_name))
 
     running = start_daemon(config)
-    wait_until(lambda: not any(processing.iterdir()), 10, "the leftover name removed")
+    wait_until(lambda: not waiting_in(processing), 10, "the leftover name removed")
     assert (running.done / "scan.pdf").read_bytes() == data
     assert sorted(p.name for p in running.done.iterdir()) == ["scan.pdf", "scan.pdf.json"]
     assert [p for p in running.inbox.iterdir() if not p.name.startswith(".")] == []
