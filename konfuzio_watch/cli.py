@@ -28,8 +28,9 @@ Try it without an account: konfuzio-watch demo. Help on a command: konfuzio-watc
 exit codes:
   0    success
   1    failure: check found a problem, the daemon could not start (e.g. another one runs on
-       the same state folder or inbox), status cannot read the journal, a file to retry was
-       not found, the demo did not finish, install-files left something to do
+       the same state folder or inbox) or stopped because another one took its inbox, status
+       cannot read the journal, a file to retry was not found, the demo did not finish,
+       install-files left something to do
   2    usage or configuration error (one line on stderr names it)
   130  interrupted (Ctrl-C)"""
 
@@ -146,14 +147,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (OSError, TunnelError, JournalWriteError) as exc:
         print(f"konfuzio-watch: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if not daemon.run():
+    clean = daemon.run()
+    # Another daemon took the inbox's marker (or the processing folder's lock) while this one ran: it
+    # stopped, and says so to systemd, which restarts it (Restart=on-failure) to refuse until that one stops.
+    code = EXIT_FAILURE if daemon.lost_lock else EXIT_OK
+    if not clean:
         # Steps were cut off after service.stop_timeout_seconds; their worker threads are stuck in
         # a call that would hold the interpreter's exit. The journal has every committed state.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_OK)
-    return EXIT_OK
+        os._exit(code)
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:

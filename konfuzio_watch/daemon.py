@@ -5,6 +5,13 @@ The parts, each with one job: the journal (state), the pipeline (the steps), the
 pools), the scheduler (the loop thread that decides), the callback server, the tunnel and
 the inbox watcher (threads that only report facts).
 
+Start-up takes the locks in this order: the state folder's (the journal is this process's); the
+inbox's marker (a node of a cluster: later); with the journal open, the processing folder's lock;
+only then is this daemon's name written into the inbox's marker. A daemon that finds a live one's
+files in its processing folder refuses before its name is in the marker, so the live one, whose
+marker it may have taken after it was removed, waits for it to go and takes the marker back. While
+running, a loop duty looks after both markers (``markers.py``).
+
 With a PostgreSQL journal (``journal.url``) the daemon is a node of a cluster on one shared inbox:
 it registers in the journal and says it is alive (a loop duty that also renews the leases of the
 rows in hand and measures the database's clock: a node's clock is the database's, whatever its own
@@ -24,7 +31,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
-from . import processing, reachability
+from . import markers, processing, reachability
 from .alerts import Alerts
 from .callback import TryLater, create_app
 from .clock import Clock, DatabaseClock, SteadyClock, describe_offset, is_off
@@ -48,12 +55,14 @@ from .locks import (
     DaemonLock,
     InboxLock,
     LockHeld,
+    ProcessingLock,
     foreign_inbox_nodes,
     hostname,
     node_marker_path,
     remove_node_marker,
     write_node_marker,
 )
+from .markers import MarkerKeeper
 from .metrics import ClusterSample, Metrics, Sample
 from .monitor import OK, STARTING, STOPPING, iso, local_url, start_monitor
 from .pipeline import Pipeline, limits_from
@@ -108,6 +117,8 @@ class Daemon:
         self.monitor: ServerThread | None = None
         self.daemon_lock: DaemonLock | None = None
         self.inbox_lock: InboxLock | None = None
+        self.processing_lock: ProcessingLock | None = None
+        self.markers: MarkerKeeper | None = None
         # name -> callable whose answer /status (and `konfuzio-watch status`) shows under "extra";
         # called on a monitor thread, so it must be thread-safe (e.g. a snapshot taken under a lock).
         self.status_sources: dict[str, Callable[[], object]] = {}
@@ -164,13 +175,21 @@ class Daemon:
             raise JournalError(f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
                                f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
                                "processing folder then go back to the inbox and through again")
+        self.processing_dir = processing.resolve(c, self.journal.meta("processing_dir"))
+        processing.prepare(self.processing_dir, c.folders.inbox)
+        # Before the inbox's marker is written: a daemon whose processing folder holds the files of a
+        # live one (its marker removed, its inbox renamed and recreated) leaves the marker to it.
+        self.processing_lock = ProcessingLock(self.processing_dir, c.folders.state,
+                                              cluster_id=self.journal.journal_id if self.cluster else None,
+                                              journal=self.journal.location if self.cluster else None).acquire()
+        self.processing_lock.claim(self.journal.journal_id)
         if self.cluster:
             self._join_cluster()
         else:
             assert self.inbox_lock
             self.inbox_lock.claim(self.journal.journal_id)
-        self.processing_dir = processing.resolve(c, self.journal.meta("processing_dir"))
-        processing.prepare(self.processing_dir, c.folders.inbox)
+        self.markers = MarkerKeeper(self.inbox_lock, self.processing_lock, inbox=c.folders.inbox,
+                                    on_lost=lambda _reason: self.request_stop(), on_new_inbox=self._watch_new_inbox)
         self.journal.bind_processing_dir(self.processing_dir)
         if self._client is None:
             self._client = KonfuzioClient(c.konfuzio.host, c.api_token(), c.konfuzio.timeout_seconds,
@@ -178,6 +197,7 @@ class Daemon:
         self.pipeline = Pipeline(c, self.journal, self._client, clock=self.clock, gates=self.gates,
                                  metrics=self.metrics, callback_base=lambda: self.public_url or "",
                                  processing_dir=self.processing_dir, on_transition=self._transitioned)
+        self.pipeline.holds_processing_dir = self.markers.holds_processing_dir
         if c.callback.enabled:
             self.pipeline.callback_watch = self.callback_watch
             self.pipeline.on_callbacks_missing = self._callbacks_missing
@@ -235,6 +255,7 @@ class Daemon:
         return self
 
     def _duties(self) -> list[Duty]:
+        assert self.markers
         watchdog = self.notifier.watchdog_interval_s
         c = self.config
         quarter = c.node.lease_seconds / 4 if self.cluster else None
@@ -248,6 +269,8 @@ class Daemon:
             # In a cluster one node at a time rescans; the others ask for the role this often.
             Duty("rescan", min(c.watch.rescan_interval, c.node.lease_seconds) if self.cluster
                  else c.watch.rescan_interval, self._rescan),
+            # Anyone who may write the inbox may remove its marker; a renamed and recreated inbox has none.
+            Duty("markers", markers.MARKERS_EVERY_S, self.markers.tend),
             Duty("status", STATUS_EVERY_S, self._publish_status),
             Duty("tunnel", TUNNEL_CHECK_EVERY_S if self.config.ngrok.enabled else None, self._check_tunnel,
                  next_at=self.clock.now() + TUNNEL_CHECK_EVERY_S),
@@ -485,6 +508,12 @@ class Daemon:
             self.scheduler.report(RescanRequested())
 
     @property
+    def lost_lock(self) -> str | None:
+        """Why the daemon stopped by itself: another daemon took its inbox's marker (or its processing
+        folder's lock) while it ran."""
+        return self.markers.lost if self.markers else None
+
+    @property
     def is_ready(self) -> bool:
         return self._ready.is_set()
 
@@ -506,6 +535,15 @@ class Daemon:
             if not held or (had and now < self._next_rescan_at):
                 return
             self._next_rescan_at = now + self.config.watch.rescan_interval
+        self.scheduler.rescan(now)
+
+    def _watch_new_inbox(self, now: float) -> None:
+        """The inbox was renamed and made again: the file events come from the old folder; watch the new
+        one, and look at what it holds now."""
+        assert self.watcher and self.scheduler
+        log.info("the inbox %s is a new folder: watching it", self.config.folders.inbox)
+        self.watcher.stop()
+        self.watcher.start()
         self.scheduler.rescan(now)
 
     def _publish_status(self, _now: float) -> None:
@@ -700,7 +738,7 @@ class Daemon:
         return ", ".join(parts)
 
     def _release_locks(self) -> None:
-        for lock in (self.inbox_lock, self.daemon_lock):
+        for lock in (self.inbox_lock, self.processing_lock, self.daemon_lock):
             if lock:
                 lock.release()
 

@@ -83,6 +83,8 @@ class Pipeline:
         self.expect_callbacks = config.callback.enabled
         self.started_at = clock.now()
         self.callback_watch: CallbackWatch | None = None  # set by the daemon when callbacks are expected
+        # Set by the daemon: does it still hold the processing folder's lock (locks.ProcessingLock)?
+        self.holds_processing_dir: Callable[[], bool] = lambda: True
         self.on_callbacks_missing: Callable[[str], None] | None = None
         self.journal = journal
         # A node of a cluster (a journal several daemons share): rows are leased; a file's identity is
@@ -329,7 +331,14 @@ class Pipeline:
         go back into the inbox under their base names, visibly; never matched to another row.
 
         The folder is listed before the journal is read: a claim writes its row before it moves the
-        file, so a file another node is claiming right now has its row by the time it is read."""
+        file, so a file another node is claiming right now has its row by the time it is read.
+
+        Only while this daemon holds the folder's lock: a folder that is no longer the one it locked
+        (removed or moved away, made again by another daemon) may hold another live daemon's files."""
+        if not self.holds_processing_dir():
+            log.warning("%s is no longer the processing folder this daemon locked: files without a journal row there "
+                        "are left alone until it holds it again", self.processing_dir)
+            return []
         listed = processing.names(self.processing_dir)
         names = processing.orphans(listed, self.journal.claim_names(ACTIVE))
         names = self._drop_leftover_names(names)

@@ -4,18 +4,20 @@ the files in flight in a processing folder in the hands of one live daemon (the 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from konfuzio_watch import locks, processing
+from konfuzio_watch import locks, markers, processing
 from konfuzio_watch.daemon import Daemon
 from konfuzio_watch.journal import State
 from konfuzio_watch.locks import (
@@ -24,16 +26,22 @@ from konfuzio_watch.locks import (
     PROCESSING_LOCK_NAME,
     Holder,
     InboxLock,
+    LockFile,
     LockHeld,
     ProcessingLock,
 )
+from konfuzio_watch.markers import MarkerKeeper
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import drop, make_config, wait_until
 from .helpers import (
     KONFUZIO_WATCH,
     DaemonProcess,
+    FakeClock,
+    cluster_node,
     documents_per_sha,
+    pg_rows,
+    waiting_in,
 )
 
 HOST = socket.gethostname()
@@ -331,3 +339,295 @@ def test_the_processing_folders_lock_is_never_taken_for_a_claimed_file(tmp_path)
     (folder / PROCESSING_LOCK_NAME).write_text("{}")
     (folder / "0123456789abcdef-scan.pdf").write_bytes(b"%PDF")
     assert processing.names(folder) == [b"0123456789abcdef-scan.pdf"]
+
+
+# -- the running daemon looks after its markers ------------------------------------------------------------
+
+
+def test_a_new_marker_a_starting_daemon_holds_is_waited_out_and_one_a_running_daemon_holds_stops_this_one(
+        tmp_path, inbox, caplog):
+    caplog.set_level(logging.WARNING, logger="konfuzio_watch")
+    clock = FakeClock()
+    folder = tmp_path / ".inbox.konfuzio-watch"
+    processing.prepare(folder, inbox)
+    taken = [InboxLock(inbox, tmp_path / "state").acquire(), ProcessingLock(folder, tmp_path / "state").acquire()]
+    for lock in taken:
+        lock.claim("journal-1")
+    lost: list[str] = []
+    keeper = MarkerKeeper(*taken, inbox=inbox, on_lost=lost.append, on_new_inbox=lambda _now: None)
+    (inbox / INBOX_LOCK_NAME).unlink()
+    other = LockFile(inbox / INBOX_LOCK_NAME)  # a second daemon, still starting: it wrote no name yet
+    assert other.try_lock()
+
+    keeper.tend(clock.now())
+    keeper.tend(clock.advance(markers.MARKER_TAKEN_GRACE_S - 1))
+    assert (lost, caplog.records) == ([], [])
+    keeper.tend(clock.advance(1))
+    keeper.tend(clock.advance(markers.MARKERS_EVERY_S))
+    (waited,) = caplog.records
+    assert waited.levelno == logging.WARNING and "another process holds the new one without saying who it is (for " \
+        f"{markers.MARKER_TAKEN_GRACE_S:.0f} s now); this daemon goes on" in waited.getMessage()
+    assert taken[0].file.held and not lost
+
+    other.write({"journal_id": "journal-2", "pid": os.getppid(), "host": HOST, "mode": "single"})  # it runs now
+    keeper.tend(clock.advance(markers.MARKERS_EVERY_S))
+    assert lost == [keeper.lost] and keeper.lost
+    assert keeper.lost.startswith(f"another konfuzio-watch (pid {os.getppid()} on host {HOST}) is watching the inbox")
+    assert caplog.records[-1].levelno == logging.ERROR
+    other.close()
+    for lock in taken:
+        lock.release()
+
+
+
+@pytest.mark.parametrize("how", ["removed", "inbox renamed and recreated"])
+def test_a_running_daemon_takes_its_inbox_marker_again_within_seconds(start_daemon, tmp_path, emulator, caplog, how):
+    caplog.set_level(logging.WARNING, logger="konfuzio_watch")
+    running = start_daemon()
+    assert running.daemon.journal
+    written = marker_of(running.inbox)
+    if how == "removed":
+        (running.inbox / INBOX_LOCK_NAME).unlink()
+    else:
+        running.inbox.rename(tmp_path / "inbox-old")
+        running.inbox.mkdir()
+
+    taken_at = time.monotonic()
+    (warning,) = wait_until(lambda: [r for r in caplog.records if r.name == "konfuzio_watch"], 10, "the marker back")
+    assert time.monotonic() - taken_at < markers.MARKERS_EVERY_S + 1
+    assert warning.levelno == logging.WARNING and warning.getMessage() == (
+        f"the inbox's marker {running.inbox / INBOX_LOCK_NAME} was removed or replaced (by an inbox writer, or the "
+        "inbox was renamed and recreated) while this daemon ran; it holds it again")
+    assert marker_of(running.inbox) == written
+    with pytest.raises(LockHeld, match=r"\) is watching the inbox "):
+        Daemon(make_config(tmp_path, emulator, folders={"state": str(tmp_path / "state-2")})).start()
+    drop(running.inbox / "after.pdf", make_pdf(label="after"))
+    running.daemon.request_rescan()  # a renamed inbox's watch followed the old folder
+    running.wait_finished(1)
+
+
+def test_a_second_daemon_refuses_a_processing_folder_a_live_daemon_uses(start_daemon, tmp_path, emulator,
+                                                                        monkeypatch):
+    monkeypatch.setattr(markers, "MARKERS_EVERY_S", 3600.0)  # the first daemon does not look meanwhile
+    emulator.knobs.processing_s = 60  # the file waits in the processing folder
+    running = start_daemon()
+    drop(running.inbox / "flight.pdf", make_pdf(label="in flight"))
+    wait_until(lambda: running.counts()[State.UPLOADED] == 1, 10, "flight.pdf uploaded")
+    (running.inbox / INBOX_LOCK_NAME).unlink()
+    second_state = tmp_path / "state-2"
+
+    with pytest.raises(LockHeld) as refused:
+        Daemon(make_config(tmp_path, emulator, folders={"state": str(second_state)})).start()
+    assert re.fullmatch(rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state folder "
+                        rf"{re.escape(str(tmp_path / 'state'))}\) has files in flight in the processing folder "
+                        rf"{re.escape(str(running.daemon.processing_dir))}; stop it first, or give each daemon its "
+                        "own inbox", str(refused.value)), refused.value
+    assert running.daemon.processing_dir
+    assert len(waiting_in(running.daemon.processing_dir)) == 1, "taken out of the first daemon's hands"
+    assert (running.inbox / INBOX_LOCK_NAME).read_text() == "", "the second daemon wrote its name into the marker"
+    assert [p.name for p in running.inbox.iterdir()] == [INBOX_LOCK_NAME]
+    assert len(emulator.uploads) == 1
+
+
+@pytest.mark.parametrize("how", ["lock removed", "folder moved away"])
+def test_a_running_daemon_takes_its_processing_folders_lock_again(start_daemon, tmp_path, caplog, how):
+    caplog.set_level(logging.WARNING, logger="konfuzio_watch")
+    running = start_daemon()
+    folder = running.daemon.processing_dir
+    assert folder
+    lock = folder / PROCESSING_LOCK_NAME
+    written = json.loads(lock.read_text())
+    if how == "lock removed":
+        lock.unlink()
+        now = f"{lock} (deleted)"
+    else:
+        folder.rename(tmp_path / "moved")
+        now = str(tmp_path / "moved" / PROCESSING_LOCK_NAME)
+
+    (warning,) = wait_until(lambda: [r for r in caplog.records if r.name == "konfuzio_watch"], 10, "the lock back")
+    assert json.loads(lock.read_text()) == written
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert warning.getMessage().startswith(f"the lock {lock} of the processing folder was removed or replaced while "
+                                           f"this daemon ran (the one it held is now {now}); it holds it again")
+    assert running.daemon.pipeline and running.daemon.pipeline.holds_processing_dir()
+
+
+def test_files_without_a_row_are_left_alone_in_a_processing_folder_not_locked(start_daemon, tmp_path, monkeypatch):
+    monkeypatch.setattr(markers, "MARKERS_EVERY_S", 3600.0)
+    running = start_daemon()
+    folder = running.daemon.processing_dir
+    assert folder and running.daemon.pipeline
+    folder.rename(tmp_path / "moved")
+    folder.mkdir(mode=0o700)  # another daemon's now, say
+    planted = folder / "0123456789abcdef-theirs.pdf"
+    planted.write_bytes(make_pdf(label="theirs"))
+
+    assert running.daemon.pipeline.adopt_orphans() == []
+    assert planted.exists()
+
+
+@pytest.mark.slow
+def test_a_daemon_whose_inbox_marker_another_running_daemon_took_stops_and_refuses_to_start(tmp_path, emulator,
+                                                                                            daemon_process):
+    first = daemon_process()
+    first.start()
+    assert first.proc
+    marker = tmp_path / "inbox" / INBOX_LOCK_NAME
+    marker.unlink()
+    taker = LockFile(marker)  # this test process, as another daemon that took the marker and runs
+    assert taker.try_lock()
+    taker.write({"journal_id": "journal-2", "pid": os.getpid(), "host": HOST, "state": "/elsewhere",
+                 "mode": "single", "started_at": time.time()})
+    try:
+        assert first.proc.wait(10) == 1
+        log = first.log.read_text()
+        assert re.search(rf"ERROR +{re.escape(str(marker))} was removed or replaced while this daemon ran, and now "
+                         rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state "
+                         r"folder /elsewhere\) is watching the inbox .*: stopping\n", log), log
+        assert json.loads(marker.read_text())["journal_id"] == "journal-2", "it left the other one's marker alone"
+
+        first.start(wait_ready=False)  # systemd restarts it
+        assert first.proc.wait(20) == 1
+        assert f"(pid {os.getpid()} on host {HOST}" in first.log.read_text().splitlines()[-1]
+    finally:
+        taker.close()
+    first.start()
+    assert first.terminate() == 0
+
+
+def test_an_inbox_renamed_away_with_the_processing_folder_in_it_loses_no_file(start_daemon, tmp_path, emulator,
+                                                                              caplog, monkeypatch):
+    """The processing folder inside the inbox (``<inbox>/.konfuzio-watch/processing``, the fallback when
+    the inbox's parent is not writable, or configured so) goes with it when the inbox is renamed away."""
+    caplog.set_level(logging.INFO, logger="konfuzio_watch")
+    monkeypatch.setattr(markers, "MARKERS_EVERY_S", 0.5)  # a shorter test
+    emulator.knobs.processing_s = 1.5  # the files wait in the processing folder meanwhile
+    inbox = tmp_path / "inbox"
+    running = start_daemon(folders={"processing": str(inbox / ".konfuzio-watch" / "processing")})
+    files = {f"nested-{i}.pdf": make_pdf(label=f"nested {i}") for i in range(4)}
+    for name, data in files.items():
+        drop(inbox / name, data)
+    wait_until(lambda: running.counts()[State.UPLOADED] == len(files), 10, "every file uploaded")
+
+    inbox.rename(tmp_path / "inbox-old")
+    inbox.mkdir()
+    running.wait_finished(len(files), timeout_s=20)
+    emulator.knobs.processing_s = 0.2
+    files["later.pdf"] = make_pdf(label="later")
+    drop(inbox / "later.pdf", files["later.pdf"])  # the new folder is watched
+    running.wait_finished(len(files), timeout_s=10)
+
+    assert running.counts()[State.DONE] == len(files) and not list(running.failed.iterdir())
+    for name, data in files.items():
+        assert (running.done / name).read_bytes() == data
+    assert sorted(documents_per_sha(emulator).values()) == [1] * len(files)
+    assert not waiting_in(tmp_path / "inbox-old" / ".konfuzio-watch" / "processing")
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2, said
+    assert said[1].endswith(f", and moved the 4 file(s) in flight back from "
+                            f"{tmp_path / 'inbox-old' / '.konfuzio-watch' / 'processing'}"), said
+
+
+# -- the marker removed while a daemon runs: a second daemon must not take the files in flight ----------
+
+
+def files_in_flight(tmp_path, emulator, first: DaemonProcess, n: int) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    """``n`` files uploaded by ``first`` and waiting for their results in its processing folder."""
+    files = {f"flight-{i:02d}.pdf": make_pdf(label=f"in flight {i}") for i in range(n)}
+    for name, data in files.items():
+        drop(tmp_path / "inbox" / name, data)
+    wait_until(lambda: first.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'") == [(n,)], 30,
+               "every file uploaded, waiting for its result")
+    return files
+
+
+def outcome(tmp_path, emulator, files: dict[str, bytes]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """The issue's figures: files, done, duplicate documents, error reports in failed/."""
+    per_sha = documents_per_sha(emulator)
+    shas = {hashlib.sha256(data).hexdigest() for data in files.values()}
+    done = [p for p in (tmp_path / "done").rglob("*") if p.is_file() and not p.name.endswith(".json")]
+    return {"files": len(files), "done": sum(hashlib.sha256(p.read_bytes()).hexdigest() in shas for p in done),
+            "duplicate documents": sum(per_sha[sha] - 1 for sha in shas if per_sha[sha] > 1),
+            "error reports in failed/": len(list((tmp_path / "failed").rglob("*.error.json")))}
+
+
+def settled(*daemons: DaemonProcess) -> bool:
+    """Every daemon still running has nothing unfinished in its journal."""
+    return all(d.proc is None or d.proc.poll() is not None or
+               not d.journal("SELECT 1 FROM files WHERE state NOT IN ('done', 'failed', 'retried') LIMIT 1")
+               for d in daemons)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["marker removed", "inbox renamed and recreated"])
+def test_a_second_daemon_never_takes_the_files_in_flight_of_a_running_one(tmp_path, emulator, daemon_process,
+                                                                          attack):
+    emulator.knobs.processing_s = 6.0  # the files wait in the processing folder meanwhile
+    first = daemon_process()
+    first.start()
+    assert first.proc
+    files = files_in_flight(tmp_path, emulator, first, 12)
+    inbox = tmp_path / "inbox"
+    if attack == "marker removed":
+        (inbox / INBOX_LOCK_NAME).unlink()  # any inbox writer may
+    else:
+        inbox.rename(tmp_path / "inbox-old")  # whoever may write the inbox's parent
+        inbox.mkdir()
+    second = second_daemon(tmp_path, emulator, first, state=str(tmp_path / "second" / "state"))
+    second.start(wait_ready=False)
+    assert second.proc
+    try:
+        wait_until(lambda: second.proc.poll() is not None or second.is_ready(), 30, "the second daemon decided")
+        wait_until(lambda: first.done_count() >= len(files) and settled(first, second), 60,
+                   lambda: f"every file finished ({outcome(tmp_path, emulator, files)})")
+        figures = outcome(tmp_path, emulator, files)
+        assert figures == {"files": 12, "done": 12, "duplicate documents": 0, "error reports in failed/": 0}, figures
+        assert second.proc.wait(10) == 1, second.log.read_text()
+        assert f"(pid {first.proc.pid} on host {HOST}" in second.log.read_text()
+        marker = wait_until(lambda: json.loads((inbox / INBOX_LOCK_NAME).read_text() or "{}"), 10,
+                            "the first daemon's marker back in the inbox")
+        assert (marker["pid"], marker["state"]) == (first.proc.pid, str(tmp_path / "state")), marker
+        warnings = [line for line in first.log.read_text().splitlines() if " WARNING " in line or " ERROR " in line]
+        assert len(warnings) == 1 and "it holds it again" in warnings[0], warnings
+        assert first.terminate() == 0
+    finally:
+        second.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_cluster_nodes_take_their_removed_marker_again_and_a_dead_nodes_files_still_pass_on(tmp_path, emulator,
+                                                                                           pg_url):
+    emulator.knobs.processing_s = 4.0  # the files wait in the shared processing folder
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    nodes = [cluster_node(tmp_path, n, emulator, pg_url) for n in ("a", "b")]
+    (tmp_path / "single").mkdir()
+    single = DaemonProcess(tmp_path / "single", emulator, folders={  # a daemon with a journal of its own
+        "inbox": str(inbox), "done": str(tmp_path / "done"), "failed": str(tmp_path / "failed"),
+        "state": str(tmp_path / "single" / "state")})
+    try:
+        for node in nodes:
+            node.start()
+        files = {f"node-{i:02d}.pdf": make_pdf(label=f"cluster {i}") for i in range(10)}
+        for name, data in files.items():
+            drop(inbox / name, data)
+        waiting = "SELECT COUNT(*) FROM files WHERE state = 'uploaded'"
+        wait_until(lambda: pg_rows(pg_url, waiting) == [(10,)], 30, "every file uploaded, waiting for its result")
+        (inbox / INBOX_LOCK_NAME).unlink()
+        nodes[1].kill9()  # with its files in flight: they pass to node a through the journal
+
+        mark = wait_until(lambda: (inbox / INBOX_LOCK_NAME).exists() and marker_of(inbox), 10, "the marker back")
+        assert (mark["mode"], mark["state"]) == ("cluster", str(tmp_path / "node-a" / "state")), mark
+        single.start(wait_ready=False)
+        assert single.proc and single.proc.wait(20) == 1
+        assert "a cluster of konfuzio-watch nodes" in single.log.read_text(), single.log.read_text()
+        wait_until(lambda: len(list((tmp_path / "done").glob("*.json"))) >= len(files), 60,
+                   lambda: f"every file done ({outcome(tmp_path, emulator, files)})\n{nodes[0].log.read_text()}")
+        assert outcome(tmp_path, emulator, files) == {"files": 10, "done": 10, "duplicate documents": 0,
+                                                      "error reports in failed/": 0}
+        assert nodes[0].terminate() == 0
+        assert marker_of(inbox)["stopped_at"]
+    finally:
+        for daemon in (*nodes, single):
+            daemon.cleanup()
