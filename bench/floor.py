@@ -205,9 +205,10 @@ class Floor:
         result = {"text": details.get("text"), "pages": details.get("pages"), "annotations": annotations,
                   "bbox": bbox.get("bbox"), "konfuzio": details}
         # the daemon's own writes: the JSON fsynced before its name, one fsync of done/ for both names
-        write_json_no_clobber(sidecar_for(target, RESULT_SUFFIX), result, lambda _existing: False, sync_dir=False)
+        write_json_no_clobber(sidecar_for(target, RESULT_SUFFIX), result, lambda _existing: False, root=self.done,
+                              sync_dir=False)
         t = self._mark("result JSON: encode, write, fsync", t)
-        move_no_clobber(path, target, sync_unlink=False)
+        move_no_clobber(path, target, dst_root=self.done, sync_unlink=False)
         self._mark("file moved, done/ fsynced", t)
         with self.lock:
             self.expected -= 1

@@ -59,13 +59,14 @@ def size_change(was: int, now: int) -> str:
     return f"it grew from {was} to {now} bytes" if now > was else f"it shrank from {was} to {now} bytes"
 
 
-def content_differs(path: Path, sha256: str | None) -> bool:
+def content_differs(path: Path, sha256: str | None, *, root: Path | None = None) -> bool:
     """Are the bytes at ``path`` other than those with this sha256? No longer a regular file: True.
-    Unknown (no hash) or unreadable: False, the stat facts decide alone."""
+    Unknown (no hash) or unreadable: False, the stat facts decide alone. ``root``: no folder
+    between it and the file is followed (done/)."""
     if sha256 is None:
         return False
     try:
-        fd, _ = open_regular_file(path)
+        fd, _ = open_regular_file(path, root=root)
     except NotRegularFile:
         return True
     except OSError:

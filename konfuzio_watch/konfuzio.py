@@ -274,44 +274,41 @@ class KonfuzioClient:
                                 chunk_size: int = 64 * 1024) -> int:  # fmt: skip
         """Stream the searchable (OCR'd) PDF of ``GET /doc/show/<id>/`` into ``target``; its size.
 
-        What ``download_file_konfuzio_api(id, ocr=True)`` fetches, but chunk by chunk into a hidden
-        file next to ``target`` (a 250-page PDF never sits in memory), checked (a PDF, as long as
-        Content-Length said), fsynced, then given its name: an error leaves no partial file.
-        ``target`` is never replaced unless ``replace`` (else ``FileExistsError``). API and transfer
-        errors raise ``ApiError`` (before OCR is done the server answers 404: ``Cause.NOT_FOUND``,
-        so do not read it as a deleted document); writing errors raise ``OSError``.
+        Written into a new hidden file next to ``target`` (``write_searchable_pdf``), fsynced, then
+        given its name: an error leaves no partial file. ``target`` is never replaced unless
+        ``replace`` (else ``FileExistsError``). Errors as ``write_searchable_pdf``'s.
+        """
+        from .files import write_file_no_clobber
+
+        sizes = []
+        write_file_no_clobber(target, lambda out: sizes.append(self.write_searchable_pdf(document_id, out, chunk_size)),
+                              may_replace=(lambda _folder: True) if replace else None)
+        return sizes[0]
+
+    def write_searchable_pdf(self, document_id: int, out: BinaryIO, chunk_size: int = 64 * 1024) -> int:
+        """Stream the searchable PDF into ``out``, chunk by chunk (a 250-page PDF never sits in
+        memory), and check it (a PDF, as long as Content-Length said); its size.
+
+        What ``download_file_konfuzio_api(id, ocr=True)`` fetches. API and transfer errors raise
+        ``ApiError`` (before OCR is done the server answers 404: ``Cause.NOT_FOUND``, so do not read
+        it as a deleted document); writing errors raise ``OSError``. The caller fsyncs.
         """
         import requests
 
-        from .files import fsync_dir, move_no_clobber, temp_path_for
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path_for(target)
         url = self._urls.get_document_ocr_file_url(document_id, host=self.host)
         response = self._call(self._send, "GET", url, stream=True)
         written = 0
-        try:
-            with response, open(tmp, "wb") as out:
-                head = b""
-                try:
-                    for chunk in response.iter_content(chunk_size):
-                        if len(head) < 1024:
-                            head += chunk[: 1024 - len(head)]
-                        out.write(chunk)
-                        written += len(chunk)
-                except requests.RequestException as exc:  # cut short, reset, timed out mid-body
-                    raise classify(exc) from exc
-                self._check_pdf(head, written, response.headers, url)
-                out.flush()
-                os.fsync(out.fileno())
-            if replace:
-                os.replace(tmp, target)
-                fsync_dir(target.parent)
-            else:
-                move_no_clobber(tmp, target)
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+        with response:
+            head = b""
+            try:
+                for chunk in response.iter_content(chunk_size):
+                    if len(head) < 1024:
+                        head += chunk[: 1024 - len(head)]
+                    out.write(chunk)
+                    written += len(chunk)
+            except requests.RequestException as exc:  # cut short, reset, timed out mid-body
+                raise classify(exc) from exc
+            self._check_pdf(head, written, response.headers, url)
         return written
 
     @staticmethod

@@ -30,21 +30,26 @@ from typing import Any, BinaryIO
 from . import changes, export, layout, policy, processing, readiness, results
 from .clock import Clock
 from .config import Config
+from .dirfd import FolderInTheWay
 from .files import (
     NotRegularFile,
     fits_path_max,
     free_target,
     fsync_dir,
+    lexists_below,
     lstat_any,
+    lstat_below,
     move_no_clobber,
     open_regular_file,
     rename_any,
+    replace_file,
     safe_upload_name,
     same_file,
     shortened_name,
     sidecar_for,
-    temp_path_for,
+    unlink_below,
     write_json_no_clobber,
+    write_temp,
 )
 from .gates import Gates
 from .journal import ACTIVE, BaseJournal, IllegalTransition, NewClaim, Row, State, display_name
@@ -788,14 +793,12 @@ class Pipeline:
         rel_path = self._done_rel_path(row, result)
         staged = None
         if self.wants_pdf:
-            staging = self._staging_path(row, done / rel_path)
             try:
-                self._download_pdf(row, staging)
+                staged = self._download_pdf(row)
             except ApiError as exc:
                 return self._pdf_failed(row, exc.failure)
             except OSError as exc:
                 return self._output_failed(row, Step.EXPORT, done, exc)
-            staged = staging
         try:
             return self._place(row, done, export.RESULT_SUFFIX, result,
                                lambda existing: export.result_is_for(row, existing), State.DONE, Step.EXPORT,
@@ -850,15 +853,15 @@ class Pipeline:
         return layout.render(template, path=row.rel_path, category=name, document_id=row.document_id,
                              uploaded_at=row.uploaded_at)
 
-    def _staging_path(self, row: Row, target: Path) -> Path:
-        """A hidden name in the target's folder to download the searchable PDF under, so that it is
-        placed by a link (same file system); one per row: a retry overwrites its own."""
-        return temp_path_for(target.with_name(f"{row.id}{OCR_PDF_SUFFIX}"))
-
-    def _download_pdf(self, row: Row, staging: Path) -> None:
+    def _download_pdf(self, row: Row) -> Path:
+        """The searchable PDF, downloaded into a new hidden file (a random name) in done/ itself: on
+        the file system of the folders below it, so that it is placed by a link; never in a subfolder,
+        which may be a planted link. The caller removes it."""
         assert row.document_id is not None
-        self.client.download_searchable_pdf(row.document_id, staging, replace=True)
+        document_id = row.document_id
+        staged = write_temp(self.config.folders.done, lambda out: self.client.write_searchable_pdf(document_id, out))
         self._api_ok()
+        return staged
 
     def _pdf_failed(self, row: Row, failure: Failure) -> Row:
         """A 404 on the searchable PDF of a document the details just showed: not there yet (the
@@ -898,18 +901,18 @@ class Pipeline:
                          stage="upload", final_path=None)
 
     def _remove_own_result(self, row: Row) -> None:
-        """Take this row's result (and the searchable PDF it names) out of done/, if it is there and ours."""
+        """Take this row's result (and the searchable PDF it names) out of done/, if it is there and ours
+        (reached without following a link; a link by those names is removed, never followed)."""
         if row.final_path is None:
             return
         target = Path(os.fsdecode(row.final_path))
+        root = self._root_of(target)
         json_path, pdf_path = sidecar_for(target, export.RESULT_SUFFIX), sidecar_for(target, OCR_PDF_SUFFIX)
-        found = _read_json(json_path)
+        found = _read_json(json_path, root)
         if found is None or not export.result_is_for(row, found):
             return
-        if found.get("searchable_pdf") == pdf_path.name:
-            _unlink_quietly(pdf_path)
-        _unlink_quietly(json_path)
-        fsync_dir(target.parent)
+        names = [pdf_path.name] if found.get("searchable_pdf") == pdf_path.name else []
+        unlink_below(root, target.parent, [*names, json_path.name])
 
     def _move_checked(self, row: Row, target: Path, final_state: State) -> str | None:
         """Move the file into place. Into done/: only if it is still the file that was uploaded (the
@@ -928,13 +931,14 @@ class Pipeline:
         """Is the file just placed in done/ the one its result describes? Its ctime is the daemon's own
         now (the link and the unlink): size, mtime and inode tell; a copy (done/ on another file system)
         is compared by content."""
+        root = self._root_of(target)
         try:
-            st = os.lstat(target)
+            st = lstat_below(root, target)
         except OSError:
-            return None  # taken out of done/ at once: nothing placed to be wrong
+            return None  # taken out of done/ at once (or its folder replaced): nothing placed to be wrong
         same_inode = row.file_ino is not None and self._is_claimed_file(st, row)  # unknown: compared as a copy
         changed = changes.placed_change(row, st, same_inode=same_inode)
-        if changed is None and not same_inode and changes.content_differs(target, row.sha256):
+        if changed is None and not same_inode and changes.content_differs(target, row.sha256, root=root):
             changed = "it was rewritten"
         return changed
 
@@ -945,7 +949,7 @@ class Pipeline:
         source = self.processing_path(row)
         try:
             if not os.path.lexists(source):
-                move_no_clobber(target, source)
+                move_no_clobber(target, source, src_root=self._root_of(target))
             return self._upload_again(row, changed)
         except OSError as exc:
             return self._output_failed(row, Step.EXPORT, target.parent, exc)
@@ -997,7 +1001,8 @@ class Pipeline:
 
     def _fingerprint_in_done(self, row: Row) -> str | None:
         """The fingerprint of the result in done/ if it is there and ours; else None."""
-        existing = _read_json(sidecar_for(Path(os.fsdecode(row.final_path or b"")), export.RESULT_SUFFIX))
+        target = Path(os.fsdecode(row.final_path or b""))
+        existing = _read_json(sidecar_for(target, export.RESULT_SUFFIX), self._root_of(target))
         if existing is None or not export.result_is_for(row, existing):
             return None
         return results.content_fingerprint(existing)
@@ -1018,10 +1023,10 @@ class Pipeline:
         ours, never the original), the searchable PDF first; then record it. A crash in between
         writes it again. A result someone took out of done/ is not written again."""
         target = Path(os.fsdecode(row.final_path or b""))
-        folder = target.parent
+        folder, root = target.parent, self._root_of(target)
         json_path, pdf_path = sidecar_for(target, export.RESULT_SUFFIX), sidecar_for(target, OCR_PDF_SUFFIX)
-        existing = _read_json(json_path)
-        if existing is None and not os.path.lexists(json_path):  # taken away: not brought back alone
+        existing = _read_json(json_path, root)
+        if existing is None and not lexists_below(root, json_path):  # taken away: not brought back alone
             log.info("%s: %s is no longer there; revision %d of document %d not written", row.display_path,
                      json_path, row.revision + 1, row.document_id)
             return self.journal.finish_refresh(row, checked_at, self.clock.now())
@@ -1033,23 +1038,21 @@ class Pipeline:
         ours = pdf_name == pdf_path.name
         staging = None
         try:
-            if self.wants_pdf and (ours or not os.path.lexists(pdf_path)):
-                staging = self._staging_path(row, target)
+            if self.wants_pdf and (ours or not lexists_below(root, pdf_path)):
                 try:
-                    self._download_pdf(row, staging)
+                    staging = self._download_pdf(row)
                 except ApiError as exc:
                     return self._pdf_failed(row, exc.failure)
-                if ours:
-                    os.replace(staging, pdf_path)
-                    fsync_dir(folder)
+                if ours:  # the name is replaced; a link someone put there is never followed
+                    replace_file(staging, pdf_path, root=root, sync_dir=True)
                 else:
-                    move_no_clobber(staging, pdf_path)
+                    move_no_clobber(staging, pdf_path, src_root=root, dst_root=root)
                 pdf_name = pdf_path.name
             elif self.wants_pdf and not ours:
                 log.warning("%s: %s is not konfuzio-watch's; the searchable PDF of revision %d is not written",
                             row.display_path, pdf_path, row.revision + 1)
             write_json_no_clobber(json_path, _with_pdf_name(result, pdf_name if ours or staging else None),
-                                  lambda found: export.result_is_for(row, found))
+                                  lambda found: export.result_is_for(row, found), root=root)
         except FileExistsError:  # someone else's file took a name between our look and our write
             log.warning("%s: a file not written by konfuzio-watch took the place of its result; revision %d of "
                         "document %d not written", row.display_path, row.revision + 1, row.document_id)
@@ -1098,7 +1101,7 @@ class Pipeline:
                 target = self._free_target(folder, row, suffixes, rel_path)
                 row = self.journal.update(row, self.clock.now(), final_path=os.fsencode(target))
             target = Path(os.fsdecode(row.final_path))
-            gone = not os.path.lexists(source) and not os.path.lexists(target)
+            gone = not os.path.lexists(source) and not lexists_below(folder, target)
             if gone and final_state == State.DONE:  # never report done what is not there
                 return self.fail(row, f"the file vanished from {self.processing_dir} before it was placed in "
                                       f"{folder}; its result was not kept (document {row.document_id})",
@@ -1107,16 +1110,19 @@ class Pipeline:
             try:
                 if pdf is not None:  # first: the JSON says where it is, and the original comes last
                     pdf_path = sidecar_for(target, OCR_PDF_SUFFIX)
-                    if self._place_pdf(pdf, pdf_path, sidecar_for(target, suffix), is_ours):
+                    if self._place_pdf(pdf, pdf_path, sidecar_for(target, suffix), is_ours, folder):
                         placed_pdf = pdf_path
                     sidecar = _with_pdf_name(sidecar, pdf_path.name)
                 # The JSON's name is made durable by the one fsync of the folder that the move of the
                 # file next to it makes before the source goes (``_move_into_place``).
-                write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours, sync_dir=gone)
+                write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours, root=folder, sync_dir=gone)
                 changed = None if gone else self._move_checked(row, target, final_state)
-            except FileExistsError:
+            except FileExistsError as exc:
                 if placed_pdf is not None:  # ours, placed a moment ago: it goes with us to the next name
-                    os.replace(placed_pdf, pdf)  # type: ignore[arg-type]
+                    replace_file(placed_pdf, pdf, root=folder)  # type: ignore[arg-type]
+                if isinstance(exc, FolderInTheWay):
+                    log.warning("%s: %s is %s; the file goes elsewhere in %s", row.display_path, exc.filename,
+                                exc.strerror, folder)
                 row = self.journal.update(row, self.clock.now(), final_path=None)
                 continue  # someone else's file took the name: pick another
             except OSError as exc:
@@ -1140,44 +1146,64 @@ class Pipeline:
                              **armed, **(done_fields or {}))
         raise RuntimeError(f"{row.display_path}: no free name in {folder}")
 
-    def _place_pdf(self, staged: Path, target: Path, json_path: Path, is_ours: Callable[[dict], bool]) -> bool:
+    def _place_pdf(self, staged: Path, target: Path, json_path: Path, is_ours: Callable[[dict], bool],
+                   root: Path) -> bool:
         """Give the downloaded PDF its name next to the file, never replacing another file; True if
         it was moved there. A PDF already there is ours if it has the same bytes, or if the JSON next
         to it is ours (an earlier try of this export got that far); else ``FileExistsError``."""
         try:
-            move_no_clobber(staged, target)
+            move_no_clobber(staged, target, src_root=root, dst_root=root)
             return True
+        except FolderInTheWay:
+            raise
         except FileExistsError:
-            if _has_content(target, _sha256_of(staged)):
+            if _has_content(target, _sha256_of(staged), root):
                 return False
-            existing = _read_json(json_path)
+            existing = _read_json(json_path, root)
             if existing is None or not is_ours(existing):
                 raise
-        os.replace(staged, target)
-        fsync_dir(target.parent)
+        replace_file(staged, target, root=root, sync_dir=True)
         return True
 
     def _free_target(self, folder: Path, row: Row, suffixes: tuple[str, ...], rel_path: str | None = None) -> Path:
         """``folder/<its path>`` (or ``name (2).pdf``), free for the file and each of its sidecars; in
         failed/, a path too long for the file system becomes a short unique name (the error report
-        keeps the whole path)."""
-        target = free_target(folder, rel_path or row.rel_fspath, suffixes)
+        keeps the whole path). A folder on the path that is a symbolic link (or a file) is gone
+        around (``sub (2)/``), never followed, and the log says so."""
+        wanted = rel_path or row.rel_fspath
+        target = free_target(folder, wanted, suffixes)
+        self._say_if_gone_around(row, folder, Path(wanted), target)
         suffix = suffixes[0]
         if folder == self.config.folders.failed and (row.stage == "too_long" or not fits_path_max(
                 sidecar_for(target, suffix))):
             target = free_target(folder, shortened_name(row.rel_path, suffix), suffixes)
         return target
 
+    @staticmethod
+    def _say_if_gone_around(row: Row, folder: Path, wanted: Path, target: Path) -> None:
+        chosen = target.relative_to(folder).parts
+        for index, part in enumerate(wanted.parts[:-1]):
+            if chosen[index] != part:
+                log.warning("%s: %s is not a folder (a symbolic link, or a file); not followed: the file goes into "
+                            "%s", row.display_path, folder.joinpath(*wanted.parts[: index + 1]), target.parent)
+                return
+
     def _move_into_place(self, row: Row, target: Path) -> None:
-        """Move the file from processing/ to ``target``; the target's folder (which holds its JSON,
-        written just before) is fsynced before the source is unlinked."""
+        """Move the file from processing/ to ``target`` (no link below done/ or failed/ followed); the
+        target's folder (which holds its JSON, written just before) is fsynced before the source is
+        unlinked."""
+        root = self._root_of(target)
         source = self.processing_path(row)
         if not os.path.lexists(source):
-            fsync_dir(target.parent)  # moved before a crash (the caller checked that one of the two exists)
+            fsync_dir(target.parent, root=root)  # moved before a crash (the caller checked that one of the two exists)
             return
-        if os.path.lexists(target) and (same_file(source, target) or _has_content(target, row.sha256)):
-            fsync_dir(target.parent)  # moved before a crash that came before the source was unlinked
-            linked = same_file(source, target)
+        try:
+            found = lstat_below(root, target)
+        except OSError:
+            found = None
+        linked = found is not None and _same_stat(found, source)
+        if found is not None and (linked or _has_content(target, row.sha256, root)):
+            fsync_dir(target.parent, root=root)  # moved before a crash that came before the source was unlinked
             os.unlink(source)
             if not linked:
                 fsync_dir(source.parent)
@@ -1185,7 +1211,14 @@ class Pipeline:
         # The unlink from processing/ is not fsynced when the move was a hard link: a power failure may
         # bring that name back, a second name of the file now in done/ (or failed/), which start-up
         # recognises by its inode and removes (``_drop_leftover_names``), never adopts.
-        move_no_clobber(source, target, sync_unlink=False)
+        move_no_clobber(source, target, src_root=self.processing_dir, dst_root=root, sync_unlink=False)
+
+    def _root_of(self, path: Path) -> Path:
+        """The output folder ``path`` is in (nothing below it is followed), else its own folder."""
+        for folder in (self.config.folders.done, self.config.folders.failed):
+            if path.is_relative_to(folder):
+                return folder
+        return path.parent
 
 
 class KeyedLocks:
@@ -1245,19 +1278,26 @@ def _with_pdf_name(result: dict[str, Any], name: str | None) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from a file, or None (missing, unreadable, not an object)."""
+def _read_json(path: Path, root: Path) -> dict[str, Any] | None:
+    """A JSON object from a regular file below ``root`` (no link followed), or None (missing,
+    unreadable, not an object)."""
     try:
-        with open(path, "rb") as f:
+        fd, _ = open_regular_file(path, root=root)
+        with os.fdopen(fd, "rb") as f:
             found = json.loads(f.read())
-    except (OSError, ValueError):
+    except (OSError, ValueError, NotRegularFile):
         return None
     return found if isinstance(found, dict) else None
 
 
-def _sha256_of(path: Path) -> str:
+def _sha256_of(path: Path) -> str | None:
+    """The content's sha256 of a regular file (no link followed), or None."""
+    try:
+        fd, _ = open_regular_file(path)
+    except (OSError, NotRegularFile):
+        return None
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
         for block in iter(lambda: f.read(HASH_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -1272,13 +1312,22 @@ def _unlink_quietly(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, exc.strerror or exc)
 
 
-def _has_content(path: Path, sha256: str | None) -> bool:
-    """Is ``path`` a regular file with exactly this content (a cross-device copy of ours)?"""
+def _same_stat(found: os.stat_result, path: Path) -> bool:
+    """Is ``path`` (not followed) the file ``found`` describes?"""
+    try:
+        return os.path.samestat(found, os.lstat(path))
+    except OSError:
+        return False
+
+
+def _has_content(path: Path, sha256: str | None, root: Path) -> bool:
+    """Is ``path`` (below ``root``, no link followed) a regular file with exactly this content (a
+    cross-device copy of ours)?"""
     if sha256 is None:
         return False
     try:
-        fd, _ = open_regular_file(path)
-    except OSError:
+        fd, _ = open_regular_file(path, root=root)
+    except (OSError, NotRegularFile):
         return False
     digest = hashlib.sha256()
     with os.fdopen(fd, "rb") as f:

@@ -2,8 +2,9 @@
 
 A failed file moves from failed/ back to its place in the inbox (never overwriting), its
 ``.error.json`` is removed, and its journal row becomes ``retried``; the daemon then sees it as
-a new file. A file still pending (e.g. waiting out a backoff after a disk-full error) is made
-due now instead; in a cluster, a file a node works on right now is left to it.
+a new file. Neither folder is followed through a symbolic link someone put there. A file still
+pending (e.g. waiting out a backoff after a disk-full error) is made due now instead; in a
+cluster, a file a node works on right now is left to it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .config import Config
+from .dirfd import FolderInTheWay
 from .export import ERROR_SUFFIX
-from .files import free_target, move_no_clobber, sidecar_for
+from .files import free_target, lstat_below, move_no_clobber, sidecar_for, unlink_below
 from .journal import ACTIVE, BaseJournal, IllegalTransition, Row, State, open_journal
 
 
@@ -65,12 +67,16 @@ def _retry(journal: BaseJournal, config: Config, row: Row, now: float) -> str:
     if lease is not None and lease.remaining_s > 0:  # a cluster: the node that failed it is finishing its step
         return f"{row.display_path}: node {lease.node} is finishing it right now; try again in a moment"
     source = Path(os.fsdecode(row.final_path))
-    if not os.path.lexists(source):
+    failed = config.folders.failed if source.is_relative_to(config.folders.failed) else source.parent
+    try:
+        lstat_below(failed, source)
+    except FolderInTheWay as exc:
+        return f"{row.display_path}: {exc.filename} is not a folder (a symbolic link, or a file); not followed"
+    except FileNotFoundError:
         return f"{row.display_path}: not in failed/ any more ({source}); nothing to retry"
     target = free_target(config.folders.inbox, row.rel_fspath, "")
-    move_no_clobber(source, target)
+    move_no_clobber(source, target, src_root=failed, dst_root=config.folders.inbox)
     report = sidecar_for(source, ERROR_SUFFIX)
-    if report.exists():
-        report.unlink()
+    unlink_below(failed, report.parent, [report.name])  # a link by that name is removed, never followed
     journal.transition(row, State.RETRIED, now, next_at=None)
     return f"{row.display_path}: back in the inbox as {target.relative_to(config.folders.inbox)}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from konfuzio_watch.files import sidecar_for, temp_path_for
+from konfuzio_watch.files import sidecar_for
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop, wait_until
@@ -94,8 +94,11 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     daemon = daemon_process()
     data = make_pdf(label="disk full")
     target_json = sidecar_for(tmp_path / "done" / "full.pdf", ".json")
-    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=write", "-e", "inject=write:error=ENOSPC",
-              "-P", str(temp_path_for(target_json))]
+    # The JSON is written under a random temporary name, then linked to its own: a full disk is
+    # refused at the link (a folder out of blocks for one more name); strace sees the name relative
+    # to the folder's descriptor.
+    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=link,linkat", "-e",
+              "inject=link,linkat:error=ENOSPC", "-P", target_json.name]
     daemon.start(prefix=strace)
     drop(tmp_path / "inbox" / "full.pdf", data)
 

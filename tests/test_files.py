@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from konfuzio_watch import export
+from konfuzio_watch.dirfd import FolderInTheWay, remove_stale_temps
 from konfuzio_watch.files import (
     SHORT_NAME_MAX,
     NotRegularFile,
@@ -16,10 +23,12 @@ from konfuzio_watch.files import (
     is_ignored,
     move_no_clobber,
     open_regular_file,
+    replace_file,
     safe_upload_name,
     shortened_name,
     sidecar_for,
     write_json_no_clobber,
+    write_temp,
 )
 from konfuzio_watch.journal import Row, State
 
@@ -174,3 +183,202 @@ def test_why_a_path_is_ignored(rel, reason):
     parts = tuple(rel.split("/"))
     assert ignore_reason(parts, ("*.bak", "archive/*")) == reason
     assert is_ignored(parts, ("*.bak", "archive/*")) is (reason is not None)
+
+
+# -- links someone put into the output folders (done/, failed/) ---------------------------------------
+
+
+def predictable_temp(path: Path) -> Path:
+    """The hidden name konfuzio-watch up to 2026-12 wrote ``path`` under first: anyone could compute it."""
+    return path.with_name(f".konfuzio-watch-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}.tmp")
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> tuple[Path, Path]:
+    """done/ and a victim file outside it."""
+    (tmp_path / "done").mkdir()
+    (tmp_path / "outside").mkdir()
+    victim = tmp_path / "outside" / "victim"
+    victim.write_bytes(b"victim")
+    return tmp_path / "done", victim
+
+
+def entries(folder: Path) -> dict[str, str]:
+    return {p.name: f"-> {os.readlink(p)}" if p.is_symlink() else p.read_text() for p in folder.iterdir()}
+
+
+def test_a_link_at_a_temporary_name_is_never_written_through_nor_removed(planted):
+    done, victim = planted
+    link = predictable_temp(done / "r.json")
+    os.symlink(victim, link)
+    write_json_no_clobber(done / "r.json", {"document_id": 1}, is_ours=lambda old: False, root=done)
+    assert entries(done) == {link.name: f"-> {victim}", "r.json": '{\n  "document_id": 1\n}\n'}
+    assert victim.read_bytes() == b"victim"
+
+
+def test_temporary_names_are_new_for_each_write(planted, monkeypatch):
+    done, _ = planted
+    seen = []
+    original = os.open
+
+    def recording_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & os.O_CREAT:
+            seen.append(path)
+            assert flags & os.O_EXCL and flags & os.O_NOFOLLOW, "an existing entry must never be opened"
+        return original(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    for _ in range(3):
+        write_json_no_clobber(done / "r.json", {"document_id": 1}, is_ours=lambda old: True, root=done)
+    assert len(set(seen)) == 3 and all(name.startswith(".konfuzio-watch-") for name in seen)
+
+
+@pytest.mark.parametrize("in_the_way", ["link", "dangling link", "file"])
+def test_a_link_or_a_file_in_place_of_a_folder_is_never_written_into(planted, tmp_path, in_the_way):
+    done, victim = planted
+    elsewhere = tmp_path / "outside" / "elsewhere"
+    elsewhere.mkdir()
+    if in_the_way == "file":
+        (done / "sub").write_bytes(b"a file")
+    else:
+        os.symlink(elsewhere if in_the_way == "link" else tmp_path / "nowhere", done / "sub")
+    source = tmp_path / "x.pdf"
+    source.write_bytes(b"original")
+    for rel in ("sub/x.pdf", "sub/deeper/x.pdf"):
+        with pytest.raises(FolderInTheWay, match="not followed"):
+            write_json_no_clobber(done / (rel + ".json"), {"document_id": 1}, is_ours=lambda old: False, root=done)
+        with pytest.raises(FileExistsError):
+            move_no_clobber(source, done / rel, dst_root=done)
+    assert source.read_bytes() == b"original" and list(elsewhere.iterdir()) == []
+    assert not (tmp_path / "nowhere").exists() and victim.read_bytes() == b"victim"
+
+
+def test_a_file_is_never_moved_out_of_a_linked_folder(tmp_path):
+    """``konfuzio-watch retry`` reads from failed/: a folder there that became a link is not followed."""
+    failed, inbox, outside = tmp_path / "failed", tmp_path / "inbox", tmp_path / "outside"
+    for folder in (failed, inbox, outside):
+        folder.mkdir()
+    (outside / "secret.pdf").write_bytes(b"not ours")
+    os.symlink(outside, failed / "sub")
+    with pytest.raises(FolderInTheWay):
+        move_no_clobber(failed / "sub" / "secret.pdf", inbox / "secret.pdf", src_root=failed, dst_root=inbox)
+    assert (outside / "secret.pdf").read_bytes() == b"not ours" and list(inbox.iterdir()) == []
+    with pytest.raises(FolderInTheWay):
+        open_regular_file(failed / "sub" / "secret.pdf", root=failed)
+
+
+def test_free_names_go_around_what_is_not_a_folder(planted, tmp_path):
+    done, victim = planted
+    os.symlink(tmp_path / "outside", done / "sub")
+    (done / "sub (2)").write_bytes(b"a file where a folder is wanted")
+    (done / "a").mkdir()
+    os.symlink(tmp_path / "outside", done / "a" / "b")
+    (done / "real").mkdir()
+    os.symlink(victim, done / "real" / "x.pdf")  # a link with the file's own name takes that name
+    assert free_target(done, "sub/x.pdf", ".json") == done / "sub (3)" / "x.pdf"
+    assert free_target(done, "a/b/c/x.pdf", ".json") == done / "a" / "b (2)" / "c" / "x.pdf"
+    assert free_target(done, "real/x.pdf", ".json") == done / "real" / "x (2).pdf"
+    assert free_target(done, "new/x.pdf", ".json") == done / "new" / "x.pdf"
+    assert free_target(tmp_path / "not yet", "sub/x.pdf", ".json") == tmp_path / "not yet" / "sub" / "x.pdf"
+
+
+def test_a_copy_across_file_systems_never_writes_through_a_link(planted, tmp_path):
+    done, victim = planted
+    other = Path(tempfile.mkdtemp(prefix="kw-files-", dir="/dev/shm"))
+    try:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same file system as the test's folder")
+        source = other / "x.pdf"
+        source.write_bytes(b"original")
+        link = predictable_temp(done / "x.pdf")
+        os.symlink(victim, link)
+        move_no_clobber(source, done / "x.pdf", dst_root=done)
+        assert entries(done) == {link.name: f"-> {victim}", "x.pdf": "original"}
+        assert victim.read_bytes() == b"victim" and not source.exists()
+    finally:
+        shutil.rmtree(other)
+
+
+def test_our_own_file_replaces_a_link_put_in_its_place_never_its_target(planted):
+    done, victim = planted
+    os.symlink(victim, done / "x.pdf.ocr.pdf")
+    staged = write_temp(done, lambda out: out.write(b"%PDF- revision 2"))
+    replace_file(staged, done / "x.pdf.ocr.pdf", root=done, sync_dir=True)
+    assert entries(done) == {"x.pdf.ocr.pdf": "%PDF- revision 2"} and victim.read_bytes() == b"victim"
+
+
+def test_a_json_that_is_a_link_is_never_taken_for_ours(planted):
+    done, victim = planted
+    victim.write_text('{"document_id": 1}')
+    os.symlink(victim, done / "r.json")
+    with pytest.raises(FileExistsError):
+        write_json_no_clobber(done / "r.json", {"document_id": 1, "v": 2}, is_ours=lambda old: True, root=done)
+    assert victim.read_text() == '{"document_id": 1}' and (done / "r.json").is_symlink()
+
+
+def test_only_our_stale_temporary_files_are_removed(planted, tmp_path):
+    done, victim = planted
+    hour_ago = time.time() - 3700
+    stale, fresh = done / ".konfuzio-watch-0123456789abcdef.tmp", done / ".konfuzio-watch-fresh.tmp"
+    stale.write_bytes(b"left by a crash")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (hour_ago, hour_ago))
+    link = done / ".konfuzio-watch-link.tmp"
+    os.symlink(victim, link)
+    os.utime(link, (hour_ago, hour_ago), follow_symlinks=False)
+    (done / ".konfuzio-watch-folder.tmp").mkdir()
+    os.utime(done / ".konfuzio-watch-folder.tmp", (hour_ago, hour_ago))
+    other_users = done / ".konfuzio-watch-other.tmp"
+    if os.geteuid() == 0:
+        other_users.write_bytes(b"not ours")
+        os.chown(other_users, 65534, 65534)
+        os.utime(other_users, (hour_ago, hour_ago))
+    fd = os.open(done, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert remove_stale_temps(fd, time.time()) == [stale.name]
+    finally:
+        os.close(fd)
+    assert not stale.exists() and fresh.exists() and link.is_symlink() and victim.read_bytes() == b"victim"
+    assert (done / ".konfuzio-watch-folder.tmp").is_dir() and other_users.exists() == (os.geteuid() == 0)
+
+
+def test_a_write_sweeps_the_folders_stale_temporary_files(planted):
+    done, _ = planted
+    stale = done / ".konfuzio-watch-0123456789abcdef.tmp"
+    stale.write_bytes(b"left by a crash")
+    os.utime(stale, (time.time() - 3700,) * 2)
+    write_json_no_clobber(done / "r.json", {"document_id": 1}, is_ours=lambda old: False, root=done)
+    assert sorted(p.name for p in done.iterdir()) == ["r.json"]
+
+
+NO_LINKS = """
+import sys
+from pathlib import Path
+from konfuzio_watch.files import move_no_clobber, write_json_no_clobber
+root = Path(sys.argv[1])
+done = root / "done"
+write_json_no_clobber(done / "sub" / "r.json", {"document_id": 1}, is_ours=lambda old: False, root=done)
+write_json_no_clobber(done / "sub" / "r.json", {"document_id": 1, "v": 2}, is_ours=lambda old: True, root=done)
+try:
+    write_json_no_clobber(done / "sub" / "r.json", {"document_id": 2}, is_ours=lambda old: False, root=done)
+except FileExistsError:
+    print("json kept")
+move_no_clobber(root / "a.pdf", done / "sub" / "a.pdf", dst_root=done)
+try:
+    move_no_clobber(root / "b.pdf", done / "sub" / "a.pdf", dst_root=done)
+except FileExistsError:
+    print("file kept")
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs Debian's strace for fault injection")
+def test_without_hard_links_a_write_or_move_checks_then_renames(tmp_path):
+    """A file system without hard links (vfat, exFAT, some SMB): every link(2) fails with EPERM."""
+    (tmp_path / "a.pdf").write_bytes(b"a")
+    (tmp_path / "b.pdf").write_bytes(b"b")
+    out = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=link,linkat", "-e",
+                          "inject=link,linkat:error=EPERM", sys.executable, "-c", NO_LINKS, str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert out.stdout.split("\n")[:2] == ["json kept", "file kept"]
+    assert entries(tmp_path / "done" / "sub") == {"a.pdf": "a", "r.json": '{\n  "document_id": 1,\n  "v": 2\n}\n'}
+    assert (tmp_path / "b.pdf").read_bytes() == b"b" and not (tmp_path / "a.pdf").exists()

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop, wait_until
-from .helpers import DaemonProcess
+from .helpers import DaemonProcess, file_of
 
 pytestmark = pytest.mark.slow
 
@@ -241,7 +242,7 @@ def test_a_linked_subfolder_in_done_is_never_followed(tmp_path, emulator):
 
 
 def test_a_linked_subfolder_in_failed_is_never_followed(tmp_path, emulator):
-    attack = Attack(tmp_path, emulator)
+    attack = Attack(tmp_path, emulator, watch={"incomplete_grace_seconds": 0.5})  # an empty file fails soon
     (tmp_path / "outside" / "elsewhere").mkdir()
     attack.plant(tmp_path / "failed" / "sub", tmp_path / "outside" / "elsewhere")
     attack.drop("sub/empty.pdf", b"", folder="failed")
@@ -278,3 +279,42 @@ def test_a_link_at_a_copys_temporary_name_is_never_written_through(tmp_path, emu
         assert attack.run() == Outcome(files=3, done=3, **CLEAN)
     finally:
         shutil.rmtree(other_fs, ignore_errors=True)
+
+
+def test_a_review_never_writes_its_revision_through_a_link_put_in_place_of_the_result(start_daemon, emulator,
+                                                                                      tmp_path):
+    """After the export someone puts links where the results are: the searchable PDF's own name
+    (a link to a victim) and the folder of another file's result (a link to where that folder was
+    moved). The reviews that follow replace the one link by the new PDF and write nothing through
+    the other."""
+    running = start_daemon(results={"outputs": ["json", "searchable_pdf"]})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    drop(running.inbox / "pdf" / "a.pdf", file_of("invoice", tag="review through a link a"))
+    drop(running.inbox / "moved" / "b.pdf", file_of("invoice", tag="review through a link b"))
+    running.wait_finished(2)
+    assert emulator.wait_idle(10)
+    wait_until(lambda: all(r.refresh_at is None for r in running.daemon.journal.rows([State.DONE])), 10,
+               "no refresh pending")
+    docs = {r.rel_path: r.document_id for r in running.daemon.journal.rows([State.DONE])}
+    victim = outside / "victim.pdf"
+    victim.write_bytes(b"victim: must never change\n")
+    pdf = running.done / "pdf" / "a.pdf.ocr.pdf"
+    pdf.unlink()
+    os.symlink(victim, pdf)
+    os.replace(running.done / "moved", outside / "moved")
+    os.symlink(outside / "moved", running.done / "moved")
+    before = snapshot(outside)
+
+    reviewed = emulator.request_stats()["details"].count + len(docs)
+    for doc_id in docs.values():
+        emulator.review(doc_id, changes={"Total": "999,00"})
+    wait_until(lambda: emulator.request_stats()["details"].count >= reviewed and all(
+        r.refresh_at is None for r in running.daemon.journal.rows([State.DONE])), 15, "both reviews looked at")
+    revisions = {r.rel_path: r.revision for r in running.daemon.journal.rows([State.DONE])}
+    print(f"written outside: {changed(before, snapshot(outside))}, revisions: {revisions}")
+    assert changed(before, snapshot(outside)) == 0, "written outside done/"
+    assert revisions == {b"pdf/a.pdf": 2, b"moved/b.pdf": 1}
+    assert not pdf.is_symlink() and pdf.read_bytes().startswith(b"%PDF-")
+    assert json.loads((running.done / "pdf" / "a.pdf.json").read_text())["revision"] == 2
+    assert os.readlink(running.done / "moved") == str(outside / "moved")
