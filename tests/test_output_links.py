@@ -15,6 +15,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,3 +319,26 @@ def test_a_review_never_writes_its_revision_through_a_link_put_in_place_of_the_r
     assert not pdf.is_symlink() and pdf.read_bytes().startswith(b"%PDF-")
     assert json.loads((running.done / "pdf" / "a.pdf.json").read_text())["revision"] == 2
     assert os.readlink(running.done / "moved") == str(outside / "moved")
+
+
+def test_retry_never_takes_a_file_in_through_a_folder_of_failed_that_became_a_link(start_daemon, emulator, tmp_path):
+    """``konfuzio-watch retry`` moves a failed file back into the inbox: a folder of failed/ that was
+    replaced by a link in the meantime (to someone's files) is not followed, and nothing is taken in."""
+    from konfuzio_watch.retry import retry_files
+
+    running = start_daemon()
+    drop(running.inbox / "sub" / "notes.txt", b"not a document\n")
+    running.wait_finished(1)
+    running.stop()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.replace(running.failed / "sub", outside / "sub")
+    (outside / "sub" / "notes.txt").write_bytes(b"someone else's notes, now under that name\n")
+    os.symlink(outside / "sub", running.failed / "sub")
+    before = snapshot(outside)
+
+    messages, unmatched = retry_files(running.config, [], all_failed=True, now=time.time())
+    print(messages, f"written outside: {changed(before, snapshot(outside))}")
+    assert unmatched == 0 and len(messages) == 1 and "not followed" in messages[0]
+    assert changed(before, snapshot(outside)) == 0
+    assert [p for p in running.inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in str(p)] == []
