@@ -129,8 +129,8 @@ def free_target(folder: Path, rel_path: str, sidecar_suffix: str | Sequence[str]
     *folders, name = Path(rel_path).parts
     try:
         fd: int | None = open_folder(folder, folder)
-    except FileNotFoundError:
-        fd = None  # made by the write: every name in it is free
+    except OSError:
+        fd = None  # made by the write (or unreadable: the write says why): every name in it is free
     chosen = []
     try:
         for part in folders:
@@ -159,11 +159,9 @@ def _enter_free_folder(fd: int | None, part: str) -> tuple[str, int | None]:
             candidate = part if n == 1 else _fit(part, f" ({n})")
             try:
                 return candidate, os.open(candidate, _WALK_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                return candidate, None
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
+                    return candidate, None  # missing (or not to be entered: the write says why)
         raise FileExistsError(errno.EEXIST, f"no free folder name after {MAX_VARIANTS} tries", part)
     finally:
         os.close(fd)
