@@ -342,3 +342,28 @@ def test_retry_never_takes_a_file_in_through_a_folder_of_failed_that_became_a_li
     assert unmatched == 0 and len(messages) == 1 and "not followed" in messages[0]
     assert changed(before, snapshot(outside)) == 0
     assert [p for p in running.inbox.rglob("*") if p.is_file() and ".konfuzio-watch" not in str(p)] == []
+
+
+def test_on_a_samba_mount_results_are_placed_without_hard_links_or_links(smb_mount, tmp_path):
+    """A client mount of an SMB share (smbnetfs: no hard links, no symbolic links): every write and
+    move below done/ falls back to check-then-rename, a file where a subfolder should be is gone
+    around, and nothing is left under a temporary name."""
+    from konfuzio_watch.files import free_target, move_no_clobber, write_json_no_clobber
+
+    done = smb_mount.share / "done"
+    done.mkdir()
+    (done / "sub").write_bytes(b"a file where a folder is wanted")
+    source, second = tmp_path / "x.pdf", tmp_path / "second.pdf"
+    source.write_bytes(b"%PDF- original")
+    second.write_bytes(b"%PDF- another")
+
+    target = free_target(done, "sub/x.pdf", ".json")
+    assert target == done / "sub (2)" / "x.pdf"
+    write_json_no_clobber(target.with_name("x.pdf.json"), {"document_id": 1}, is_ours=lambda old: False, root=done)
+    move_no_clobber(source, target, dst_root=done)  # another file system: a copy, then its name
+    with pytest.raises(FileExistsError):
+        move_no_clobber(second, target, dst_root=done)
+    assert free_target(done, "sub/x.pdf", ".json") == done / "sub (2)" / "x (2).pdf"
+    assert sorted(os.listdir(done / "sub (2)")) == ["x.pdf", "x.pdf.json"]
+    assert target.read_bytes() == b"%PDF- original" and second.read_bytes() == b"%PDF- another"
+    assert not source.exists() and (done / "sub").read_bytes() == b"a file where a folder is wanted"
