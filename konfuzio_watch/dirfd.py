@@ -66,14 +66,21 @@ def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:
 
 
 def _open_root(root: Path, create: bool) -> int:
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    """The configured folder, followed as the admin gave it (a link to a share is theirs to make)."""
     try:
-        return os.open(root, flags)
+        return _open_readable(root)
     except FileNotFoundError:
         if not create:
             raise
     root.mkdir(parents=True, exist_ok=True)
-    return os.open(root, flags)
+    return _open_readable(root)
+
+
+def _open_readable(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:  # may be entered, not listed: it cannot be fsynced
+        return os.open(path, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _enter(fd: int, part: str, last: bool, create: bool, where: Path) -> int:
