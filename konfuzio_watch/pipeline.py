@@ -352,7 +352,7 @@ class Pipeline:
             source = self.processing_dir / os.fsdecode(name)
             target = free_target(self.config.folders.inbox, os.fsdecode(processing.original_name(name)), "")
             try:
-                move_no_clobber(source, target)
+                move_no_clobber(source, target, src_root=self.processing_dir, dst_root=self.config.folders.inbox)
             except FileNotFoundError:
                 continue  # finished (placed into done/ or failed/) since the folder was listed
             except OSError as exc:

@@ -3,10 +3,11 @@
 A writer that pauses longer than ``watch.settle_seconds`` with its file open (a scanner between
 pages, a program that appends a trailer later) leaves a file that looks finished. The kernel knows
 better: ``/proc/<pid>/fdinfo/<fd>`` says how each open file of a process was opened (``flags:``,
-octal, with O_WRONLY or O_RDWR for a writer) and its inode (``ino:``); the link ``/proc/<pid>/fd/<fd>``
-gives its device by ``stat``, asked only for a writer of a wanted inode, since that stat reaches the
-file's own file system (lsof's lesson: it hangs on a stalled network mount). The tracker asks about the files it is about to hand out, all of
-a batch at once, and holds back those someone still has open for writing.
+octal, with O_WRONLY or O_RDWR for a writer) and its inode (``ino:``); the link
+``/proc/<pid>/fd/<fd>`` gives its device by ``stat``, asked only for a writer of a wanted inode,
+since that stat reaches the file's own file system (lsof's lesson: it hangs on a stalled network
+mount). The tracker asks about the files it is about to hand out, all of a batch at once, and
+holds back those someone still has open for writing.
 
 What it cannot see: processes the daemon may not look into (another user's, unless the daemon runs
 as root; /proc mounted with ``hidepid``), and writers on other machines (a network share). For
