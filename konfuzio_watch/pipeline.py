@@ -163,6 +163,9 @@ class Pipeline:
             return self._refresh_failed(row, step, failure, decision, now)
         if isinstance(decision, Fail):
             return self.fail(row, decision.reason, stage=stage or step.value)
+        # A failing row's error is the reason it fails for, which its .error.json will say: an error
+        # met while placing it in failed/ (a share busy for a moment) is logged, never stored over it.
+        keeps_reason = row.state == State.FAILING
         if isinstance(decision, Blocked):
             self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note,
                                              probe=self.probe_account if decision.account else None)
@@ -174,11 +177,14 @@ class Pipeline:
             assert isinstance(decision, Retry)
             fields = {"error": failure.message, "next_at": decision.at,
                       "failures": row.failures + (1 if decision.charge else 0)}
-            level = logging.WARNING if failure.message != row.error else logging.DEBUG  # once per change
+            # Once per change of the error; a failing row's stored error never changes: each try is logged.
+            level = logging.WARNING if failure.message != row.error or keeps_reason else logging.DEBUG
             log.log(level, "%s: %s failed (failure %d), next try in %.1f s: %s", row.display_path, step,
                     fields["failures"], decision.delay_s, failure.message,
                     extra={"file": row.display_path, "state": row.state.value, "document_id": row.document_id,
                            "stage": step.value, "error": failure.message})
+        if keeps_reason:
+            del fields["error"]
         fields.update(extra)
         if back_to is not None and back_to != row.state:
             fields.setdefault("failures", row.failures)
