@@ -46,7 +46,7 @@ def run_checks(config: Config, out: TextIO) -> list[str]:
 
     journal = _open_shared_journal(config, report) if config.journal.url else None
     try:
-        _check_folders(config, report, journal)
+        _check_folders(config, report, note, journal)
         if config.journal.url is None:
             _check_journal(config, report)
         elif journal is not None:
@@ -72,7 +72,8 @@ def run_checks(config: Config, out: TextIO) -> list[str]:
     return problems
 
 
-def _check_folders(config: Config, report: Report, journal: BaseJournal | None = None) -> None:
+def _check_folders(config: Config, report: Report, note: Callable[[str], None],
+                   journal: BaseJournal | None = None) -> None:
     f = config.folders
     if f.inbox.is_dir():
         ok, detail = _can_write(f.inbox)
@@ -101,6 +102,8 @@ def _check_folders(config: Config, report: Report, journal: BaseJournal | None =
         report(same_fs, "processing folder", f"{folder} (will be created)" if same_fs else
                f"{folder} would be on another file system than the inbox {f.inbox}",
                "set folders.processing to a folder next to the inbox (claims are renames)")
+    if unverifiable := processing.unverifiable_privacy(folder):
+        note(unverifiable)
 
 
 def _check_journal(config: Config, report: Report) -> None:

@@ -177,6 +177,8 @@ class Daemon:
                                "processing folder then go back to the inbox and through again")
         self.processing_dir = processing.resolve(c, self.journal.meta("processing_dir"))
         processing.prepare(self.processing_dir, c.folders.inbox)
+        if unverifiable := processing.unverifiable_privacy(self.processing_dir):
+            log.warning("%s", unverifiable)
         # Before the inbox's marker is written: a daemon whose processing folder holds the files of a
         # live one (its marker removed, its inbox renamed and recreated) leaves the marker to it.
         self.processing_lock = ProcessingLock(self.processing_dir, c.folders.state,

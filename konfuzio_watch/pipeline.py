@@ -83,6 +83,10 @@ class Pipeline:
                  on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None):
         self.config = config
         self.processing_dir = processing_dir
+        # On a network or FUSE mount, stat may not see another client's swap of a file: smbnetfs numbers
+        # inodes by path and shows the mtime as the ctime. There a file's content is always compared
+        # with what was uploaded before it is placed in done/ (one more read of it over the network).
+        self.stat_is_blind = processing.is_remote(processing_dir)
         # Are callbacks expected? Not in poll-only mode, nor when the reachability probe failed:
         # then results are polled soon after the upload instead of after results.callback_timeout.
         self.expect_callbacks = config.callback.enabled
@@ -887,14 +891,16 @@ class Pipeline:
     def _changed_since_upload(self, row: Row) -> str | None:
         """Is the file in processing/ still the one that was uploaded? Its size, mtime and inode; and if
         its ctime moved (a rewrite that kept the size and put the mtime back, or only a link or chmod),
-        its content against the uploaded sha256 (``changes``)."""
+        or on a mount whose stat cannot tell (``stat_is_blind``), its content against the uploaded
+        sha256 (``changes``)."""
         path = self.processing_path(row)
         try:
             st = os.lstat(path)
         except OSError:
             return None  # gone: placing it reports that
         changed = changes.change_since_upload(row, st, same_inode=self._is_claimed_file(st, row))
-        if changed is None and changes.ctime_moved(row, st) and changes.content_differs(path, row.sha256):
+        compare = self.stat_is_blind or changes.ctime_moved(row, st)
+        if changed is None and compare and changes.content_differs(path, row.sha256):
             changed = "it was rewritten (same size and modification time)"
         return changed
 

@@ -34,6 +34,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from . import mounts
 from .config import Config, ConfigError
 from .locks import PROCESSING_LOCK_NAME
 
@@ -82,6 +83,26 @@ def prepare(path: Path, inbox: Path) -> None:
     if st.st_dev != os.stat(inbox).st_dev:
         raise ProcessingDirError(f"folders.processing: {path} is on another file system than the inbox {inbox}; "
                                  "claims are renames: put it next to the inbox")
+
+
+def is_remote(path: Path) -> bool:
+    """Is the folder on a network or FUSE file system (``mounts``), where the owner, mode, inode and
+    ctime seen here are the mount's view, not the server's?"""
+    mount = mounts.mount_of(path)
+    return mount is not None and mount.is_remote
+
+
+def unverifiable_privacy(path: Path) -> str | None:
+    """On a share mounted here, why ``prepare`` cannot tell whether others may write into the folder,
+    and what to set on the server; None where it can (a local disk)."""
+    mount = mounts.mount_of(path)
+    if mount is None or not mount.is_remote:
+        return None
+    return (f"the processing folder {path} is on {mount.describe()}: the owner and mode seen here are the "
+            "mount's, not the server's, so whether others (the scanners) can put files into it cannot be verified "
+            "from here. On the server, let only konfuzio-watch's account enter that folder (owned by it, mode "
+            "0700; not the scanners' group), and give the scanners a share account of their own. It stays on "
+            "the share next to the inbox (claims are renames)")
 
 
 def new_claim_name(rel_path: bytes) -> bytes:
