@@ -21,8 +21,10 @@ def test_a_busy_failed_folder_once_leaves_the_incomplete_pdf_its_reason(daemon_p
     retry places it."""
     daemon = daemon_process(watch={"settle_seconds": 0.2, "incomplete_grace_seconds": 0.5})
     target = tmp_path / "failed" / "truncated.pdf"
+    # The move is linkat(<processing/>, <claim name>, <failed/>, "truncated.pdf"): strace's -P matches
+    # that relative name as it is (and the whole path, should the move ever name it so).
     strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=link,linkat",
-              "-e", "inject=link,linkat:error=EBUSY:when=1", "-P", str(target)]
+              "-e", "inject=link,linkat:error=EBUSY:when=1", "-P", target.name, "-P", str(target)]
     daemon.start(prefix=strace)
     drop(tmp_path / "inbox" / "truncated.pdf", make_pdf(label="cut short")[:-200])
 
