@@ -4,12 +4,17 @@ A claim is a rename, so the folder must be on the inbox's file system. By defaul
 sibling of the inbox (``/srv/.scans.konfuzio-watch`` for ``/srv/scans``), so that people and
 scanners writing into the inbox cannot write into it; only when the inbox's parent is another
 file system or not writable does it fall back to ``<inbox>/.konfuzio-watch/processing``. Either
-way it is created 0700 and the daemon refuses to start if others may write into it.
+way it is created 0700 and the daemon refuses to start if others may write into it. On a share
+mounted here (a network or FUSE file system: ``mounts``) the owner and mode it sees are the mount's,
+not the server's: ``check`` and the start-up log say that its privacy cannot be verified from here,
+and what to set on the server (``unverifiable_privacy``).
 
 Each claimed file gets an unpredictable name there, ``<16 hex>-<its base name>``, recorded in its
 journal row with the file's inode: a file found under a row's name is trusted only if it is that
 file, and a file no row claims (a lost journal, a restored backup) is adopted visibly — moved back
-into the inbox under its base name — never matched to another row. Only a daemon that holds the
+into the inbox under its base name — never matched to another row. (smbnetfs numbers inodes by
+path, so a file swapped under a claim name keeps the number there: on a share, a file's content is
+compared with what was uploaded before it is placed, ``Pipeline.stat_is_blind``.) Only a daemon that holds the
 folder's lock (``locks.ProcessingLock``, ``.konfuzio-watch.processing.lock`` in it, held for the
 daemon's lifetime) adopts: the files of a live daemon with another journal are never taken for a
 lost journal's, even when the inbox's marker was removed or the inbox renamed and recreated (the
