@@ -14,6 +14,7 @@ import errno
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -27,6 +28,7 @@ from .locks import INBOX_LOCK_NAME, MODE_CLUSTER, Holder, LockFile, hostname, no
 from .policy import Cause
 
 Report = Callable[..., None]
+PROBE_REMOVAL_DELAYS_S = (0.05, 0.1, 0.2, 0.4)  # a busy share, then the last try
 
 
 def run_checks(config: Config, out: TextIO) -> list[str]:
@@ -304,10 +306,24 @@ def _can_write(folder: Path) -> tuple[bool, str]:
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
-        os.unlink(probe)
+        _remove_probe(probe)
     except OSError as exc:
         return False, f"cannot write into {target}: {exc.strerror or exc}"
     return True, str(folder) if folder.exists() else f"{folder} (will be created)"
+
+
+def _remove_probe(probe: Path) -> None:
+    """A share may hold the probe open for a moment after its close (smbnetfs: the removal answers
+    EBUSY now and then, the next one works): the folder is writable all the same; try again."""
+    for delay_s in PROBE_REMOVAL_DELAYS_S:
+        try:
+            os.unlink(probe)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+        time.sleep(delay_s)
+    os.unlink(probe)
 
 
 def _existing_parent(path: Path) -> Path:
