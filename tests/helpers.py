@@ -36,6 +36,16 @@ from .conftest import TOKEN, drop, wait_until
 from .pg import free_port
 
 KONFUZIO_WATCH = [sys.executable, "-m", "konfuzio_watch"]
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(marker: str, lang: str = "sh") -> str:
+    """The one fenced ``lang`` block right after ``<!-- marker ... -->`` in the README (e.g. marker
+    ``cluster: database``): a block the tests run or read as written."""
+    found = re.findall(rf"<!-- {re.escape(marker)}\b[^>]*-->\n```{lang}\n(.*?)```", README.read_text(encoding="utf-8"),
+                       re.S)
+    assert len(found) == 1, f"README.md needs one ```{lang} block right after <!-- {marker} ... -->"
+    return found[0]
 
 
 class FakeClock:
