@@ -31,8 +31,9 @@ from konfuzio_watch.alerts import (
     check_urls,
 )
 from konfuzio_watch.config import AlertsConfig, ConfigError, parse_config
+from konfuzio_watch.samples import make_pdf
 
-from .conftest import wait_until
+from .conftest import drop, wait_until
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 HOOK = "json://hooks.example.com/kw"
@@ -531,3 +532,23 @@ def test_close_says_what_could_not_be_sent(caplog: pytest.LogCaptureFixture):
     assert len(sender.attempts) == 1  # one last try at once, without waiting for the interval
     assert ("alerts: stopped with notifications not sent (json://hooks.example.com/kw: "
             "1 failed file and 1 change of state)") in caplog.text
+
+
+@pytest.mark.slow
+def test_the_mails_what_to_do_names_the_config_the_daemon_was_started_with(daemon_process, receiver, tmp_path):
+    """`run -c config.yaml` in the config's folder: the mail is read elsewhere, so it names the whole path."""
+    rec, server = receiver
+    daemon = daemon_process(alerts={"urls": [f"json://127.0.0.1:{server.port}/kw"], "min_interval_seconds": 0.5},
+                            upload={"max_file_mb": 0.001})
+    daemon.config = Path("config.yaml")  # as the admin typed it, in tmp_path (the daemon's working folder)
+    daemon.start()
+    drop(tmp_path / "inbox" / "big.pdf", make_pdf(4, label="over 1 kB"))  # refused before any upload: failed/
+
+    wait_until(rec.accepted, 20, lambda: f"an alert (log: {daemon.log.read_text()[-1500:]})")
+
+    (message,) = rec.accepted()
+    assert "- big.pdf (" in message["message"]
+    config = tmp_path / "config.yaml"
+    assert (f"What to do: `konfuzio-watch status -c {config}` lists them; once the cause is fixed, "
+            f"`konfuzio-watch retry -c {config} --all-failed` puts them through again.") in message["message"]
+    assert daemon.terminate() == 0

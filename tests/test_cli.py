@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from konfuzio_watch.cli import main
@@ -173,3 +175,34 @@ def test_status_and_retry_need_no_secrets(tmp_path, emulator):
     run = subprocess.run([sys.executable, "-m", "konfuzio_watch", "check", "--config", str(config)],
                          capture_output=True, text=True, timeout=60, env=env)
     assert "CREDENTIALS_DIRECTORY is not set" in run.stderr, "commands that call the API still need the token"
+
+
+def test_retry_all_failed_with_nothing_failed_says_so(tmp_path, emulator):
+    config = write_config(tmp_path, emulator)
+
+    done = subprocess.run([sys.executable, "-m", "konfuzio_watch", "retry", "--all-failed", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"nothing to retry: the journal holds no failed file (failed/: {tmp_path / 'failed'})\n"
+
+
+@pytest.mark.slow
+def test_demo_workdir_leaves_a_config_that_status_reads_as_the_readme_says(tmp_path):
+    """From a fresh folder: the demo kept in demo-run/, then status on what it left there."""
+    env = {**os.environ, "LOG_TO_FILE": "False"}
+
+    def konfuzio_watch(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "konfuzio_watch", *line.split()], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    demo = konfuzio_watch("demo --workdir demo-run --files 2")
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert demo.stdout.rstrip().endswith("konfuzio-watch status --config demo-run/config.yaml"), demo.stdout[-500:]
+    status = konfuzio_watch("status --config demo-run/config.yaml")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert re.search(r"^done\s+2$", status.stdout, re.M), status.stdout
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "`.venv/bin/konfuzio-watch demo --workdir demo-run`" in readme
+    assert "`.venv/bin/konfuzio-watch status --config demo-run/config.yaml`" in readme

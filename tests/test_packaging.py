@@ -292,3 +292,22 @@ def test_the_wheel_installs_outside_the_checkout_and_carries_what_an_admin_deplo
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert re.search(r"^ {6}'scan_0001\.pdf page 1 of 1 sha256 [0-9a-f]{20,}\.\.\.'$", demo.stdout, re.M), demo.stdout
     assert demo.stdout.rstrip().endswith(f"to keep them: {venv}/bin/konfuzio-watch demo --workdir DIR")
+
+
+def test_the_readme_gives_one_install_size_the_one_make_prints() -> None:
+    """`make` ends with `du -sh` of the new virtualenv; the README quotes that line, and every other place
+    that sizes the lean virtualenv (or the full one it replaces) says the same, in du's notation."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert 'echo "==> $(VENV) ready: $$(du -sh $(VENV) | cut -f1)' in (REPO / "Makefile").read_text()
+    quoted = re.findall(r"`==> \.venv ready: (\d+)M, \d+ packages`", readme)
+    assert len(quoted) == 1, "the README quotes the line `make` ends with, once"
+    lean = quoted[0]
+    (row,) = re.findall(r"^\| fresh `make test` venv \(`du -sh`\) \| (\d+)M \| (\d+)M \|", readme, re.M)
+    full = row[0]
+    assert row[1] == lean, "the Performance table measures the same virtualenv"
+    why = readme[readme.index("### Why the install is lean"):readme.index("## Scanner shares")]
+    assert re.findall(r"(\d+)M in a virtualenv", why) == [full] and re.findall(r"a (\d+)M virtualenv", why) == [lean]
+    sizes = re.findall(r"\b(\d+)M\b", (REPO / "requirements" / "lean.txt").read_text())
+    assert sizes == [full, lean]
+    assert not re.search(r"\d+ (MB|MiB)\b[^|\n]*\b(venv|virtualenv)|\b(venv|virtualenv)\b[^|.\n]*\d+ (MB|MiB)\b",
+                         readme), "a virtualenv sized in another unit than du's"

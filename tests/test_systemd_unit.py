@@ -158,3 +158,31 @@ def test_the_demo_runs_without_writable_executable_memory(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     done = tmp_path / "demo" / "done"
     assert len(list(done.rglob("*.json"))) == 3, result.stdout[-2000:]
+
+
+def exposure(result: subprocess.CompletedProcess[str]) -> str:
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) ", result.stdout)
+    assert match, result.stdout + result.stderr
+    return match.group(1)
+
+
+@needs_analyze
+def test_the_readmes_exposure_figures_are_what_systemd_analyze_says(tmp_path: Path) -> None:
+    """The shipped unit alone, and with the drop-in of the README's scanner group block."""
+    readme = (DATA.parent.parent / "README.md").read_text(encoding="utf-8")
+    claimed = re.findall(r"`systemd-analyze security` exposure (\d+\.\d), or (\d+\.\d) with the \[scanner group\]",
+                         readme)
+    assert len(claimed) == 1, "the README gives the exposure of the unit, and with the scanner group's drop-in"
+    (scanner_block,) = re.findall(r"<!-- install: scanner\b[^>]*-->\n```sh\n(.*?)```", readme, re.S)
+    (drop_in, name), = re.findall(r"printf '(\[Service\][^']*)' > \"\$ROOT/etc/systemd/system/konfuzio-watch\.service"
+                                  r"\.d/([^\"]+)\"", scanner_block)
+    units = tmp_path / "etc/systemd/system"
+    (units / "konfuzio-watch.service.d").mkdir(parents=True)
+    shutil.copy(UNIT, units)
+    (units / "konfuzio-watch.service.d" / name).write_text(drop_in.replace("\\n", "\n"))
+
+    alone = exposure(analyze("security", "--offline=yes", str(UNIT)))
+    with_group = exposure(analyze("security", "--offline=yes", f"--root={tmp_path}", "konfuzio-watch.service"))
+
+    print(f"systemd-analyze security: {alone}, with the scanner group's drop-in {with_group}")
+    assert claimed[0] == (alone, with_group)
