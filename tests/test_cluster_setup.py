@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +73,7 @@ def run_database_block(pg: Any, admin_dir: Path) -> None:
            "PGHOST": str(pg.root), "PGPORT": str(pg.port), "PGUSER": SUPERUSER, "PGDATABASE": "postgres"}
     result = bash(readme_block("cluster: database"), prefix=pg.prefix, cwd=admin_dir, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "ERROR" not in result.stderr, result.stderr
+    assert result.stderr == "", result.stderr
 
 
 def credentials_from_drop_ins(root: Path, into: Path) -> None:
@@ -98,14 +99,21 @@ def node_config(pg: Any, node_id: str, port: int) -> dict[str, dict]:
     return raw
 
 
+@pytest.fixture
+def admin_dir(server: Any) -> Iterator[Path]:
+    """Where the blocks are run (the password file passes through it): the server's user's, where it can
+    reach it (tmp_path's parents are root's alone here)."""
+    path = Path(tempfile.mkdtemp(prefix="kw-cluster-admin-"))
+    os.chown(path, server.root.stat().st_uid, -1)  # tests/pg.py gave the server's user its folder
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_the_readmes_cluster_setup_gives_two_nodes_a_journal_behind_a_password(
-        server: Any, tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        server: Any, admin_dir: Path, tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import psycopg
 
-    admin_dir = tmp_path / "admin"  # where the blocks are run: the password file passes through it
-    admin_dir.mkdir()
-    os.chown(admin_dir, server.root.stat().st_uid, -1)  # the server's user (tests/pg.py gave it its folder)
     run_database_block(server, admin_dir)
     password = (admin_dir / "journal-password").read_text().strip()
     assert len(password) >= 20
@@ -125,6 +133,7 @@ def test_the_readmes_cluster_setup_gives_two_nodes_a_journal_behind_a_password(
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
     with pytest.raises(psycopg.OperationalError, match="password"):  # the server wants it: the file is needed
         psycopg.connect(url, connect_timeout=10).close()
+    psycopg.connect(url, connect_timeout=10, password=password).close()  # the role's password is the file's
 
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))  # as the service sees it (DaemonProcess's env)
     shared = tmp_path / "shared"
