@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from konfuzio_watch.emulator.control import endpoints_help
 from konfuzio_watch.emulator.core import Emulator
 from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.emulator.knobs import Knobs
@@ -36,7 +37,8 @@ KNOB_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m konfuzio_watch.emulator", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m konfuzio_watch.emulator", description=__doc__,
+                                     epilog=endpoints_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--token", default="secret-token", help="the API token clients must send")
