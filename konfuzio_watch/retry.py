@@ -37,6 +37,8 @@ def retry_files(config: Config, paths: Iterable[str], all_failed: bool, now: flo
             chosen += matches
         for row in {r.id: r for r in chosen}.values():
             messages.append(_retry(journal, config, row, now))
+        if all_failed and not failed and not messages:  # silence would read as "done" or as a hang
+            messages.append(f"nothing to retry: the journal holds no failed file (failed/: {config.folders.failed})")
         return messages, unmatched
     finally:
         journal.close()
