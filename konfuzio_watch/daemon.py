@@ -134,7 +134,10 @@ class Daemon:
         self.gates = Gates(limits_from(config), on_change=self._gate_changed)
         for gate in self.gates.by_scope.values():
             gate.on_recovered = self._gate_recovered
-        self.alerts = Alerts(config.alerts, config_path=config_path)
+        # The alerts' "what to do" names the config: as typed (`-c config.yaml`) it means nothing to the
+        # admin who reads the mail elsewhere, so the path is made whole against the folder started in.
+        self.config_path = os.path.abspath(config_path) if config_path else None
+        self.alerts = Alerts(config.alerts, config_path=self.config_path)
         self.probe_tokens = ProbeTokens()
         self.callback_watch = CallbackWatch()
         self.reachability: Reachability | None = None  # the start-up probe's verdict
