@@ -4,12 +4,17 @@ Starts the emulator on loopback, runs the daemon on temporary folders, drops sam
 (one of them written slowly in chunks, some in nested folders with awkward names), prints each
 file's progress, and ends with every file in done/ next to its result JSON (OCR text, category,
 extracted fields) and its searchable PDF.
+
+The daemon runs with a ``config.yaml`` the demo writes into its folder, the folders named relative to
+it: with ``--workdir DIR`` it stays there, so ``konfuzio-watch status --config DIR/config.yaml`` shows
+the demo's journal afterwards (and the folder may be moved).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -17,7 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-from .config import parse_config
+import yaml
+
+from .config import Config, load_config
 from .daemon import Daemon, run_in_thread
 from .journal import FINISHED, Row, State
 from .logs import configure_logging
@@ -36,7 +43,7 @@ def run_demo(files: int = 8, workdir: str | None = None) -> int:
     knobs = Knobs(upload_latency_s=0.1, processing_s=1.5, processing_jitter_s=1.0)
     with Emulator(token=DEMO_TOKEN, project_ids=(1,), knobs=knobs).start() as emu:
         print(f"Konfuzio API emulator on {emu.url} (processing ~1.5-2.5 s per document)")
-        config = _demo_config(root, emu.url)
+        config = _write_demo_config(root / "config.yaml", emu.url)
         finished = threading.Event()
         progress = _Progress(files, finished)
         daemon = Daemon(config, on_transition=progress.on_transition)
@@ -49,11 +56,12 @@ def run_demo(files: int = 8, workdir: str | None = None) -> int:
             daemon.request_stop()
             thread.join(60)
     _summary(config.folders.done, config.folders.failed, config.folders.inbox)
+    prog = sys.argv[0] if Path(sys.argv[0]).name == "konfuzio-watch" else "konfuzio-watch"
     if workdir:
-        print(f"\nThe demo's folders are kept in {root}")
+        print(f"\nThe demo's folders are kept in {root}, with the config it ran with; its journal:\n"
+              f"  {prog} status --config {os.path.join(workdir, 'config.yaml')}")
     else:
         shutil.rmtree(root, ignore_errors=True)
-        prog = sys.argv[0] if Path(sys.argv[0]).name == "konfuzio-watch" else "konfuzio-watch"
         print(f"\nThe demo's folders were temporary and are gone; to keep them: {prog} demo --workdir DIR")
     if not ok:
         print("demo: not every file finished within 120 s", file=sys.stderr)
@@ -61,16 +69,20 @@ def run_demo(files: int = 8, workdir: str | None = None) -> int:
     return 0
 
 
-def _demo_config(root: Path, host: str):  # type: ignore[no-untyped-def]
-    return parse_config({
+def _write_demo_config(path: Path, host: str) -> Config:
+    """The demo's config, written to ``path`` and read back from it: what runs is what stays."""
+    raw = {
         "konfuzio": {"host": host, "token": DEMO_TOKEN, "project_id": 1},
-        "folders": {"inbox": str(root / "inbox"), "done": str(root / "done"), "failed": str(root / "failed"),
-                    "state": str(root / "state")},
+        "folders": {"inbox": "inbox", "done": "done", "failed": "failed", "state": "state"},  # next to the file
         "watch": {"settle_seconds": 1.0},
         "callback": {"host": "127.0.0.1", "port": 0},
         "monitor": {"port": 0},
         "results": {"callback_timeout": 20, "poll_interval": 2, "outputs": ["json", "searchable_pdf"]},
-    })
+    }
+    path.write_text("# written by `konfuzio-watch demo`: the emulator at konfuzio.host ended with it, and\n"
+                    "# `konfuzio-watch status --config` on this file shows the demo's journal\n"
+                    + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return load_config(path)
 
 
 def _drop_samples(inbox: Path, staging: Path, count: int, write_samples) -> None:  # type: ignore[no-untyped-def]
