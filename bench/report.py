@@ -7,6 +7,7 @@ Every scenario may have run several times (``--runs``): a cell shows the range o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,15 @@ def _kib_to_mib(get: Callable[[dict[str, Any]], float | None]) -> Callable[[dict
     return mib
 
 
+def _kib_as_du_h(get: Callable[[dict[str, Any]], float | None]) -> Callable[[dict[str, Any]], float | None]:
+    """KiB as `du -sh` shows a size from 10 MiB on: whole MiB, rounded up (`make` prints the venv's so)."""
+    def mib(run: dict[str, Any]) -> float | None:
+        value = get(run)
+        return None if value is None else float(math.ceil(value / MIB))
+
+    return mib
+
+
 def _per_file(get: Callable[[dict[str, Any]], float | None], n_key: str = "n", scale: float = 1.0):
     def per_file(run: dict[str, Any]) -> float | None:
         value = get(run)
@@ -94,7 +104,7 @@ TARGETS = [
     Target("   first upload (s from exec) / peak RSS", "backlog", lambda r: None, None),
     Target("polling mode, idle CPU, files waiting in processing/ and in done/", "idle_polling",
            _path("cpu_percent"), 0.2 - 1e-9, unit=" %", digits=3),
-    Target("fresh `make test` venv (du -sk)", "venv", _kib_to_mib(_path("size_kib")), 250, unit=" MiB", digits=0),
+    Target("fresh `make test` venv (`du -sh`)", "venv", _kib_as_du_h(_path("size_kib")), 250, unit="M", digits=0),
     Target("100 files, concurrency 4, settle 2 s: wall / (ideal + settle)", "burst", _ratio_to_ideal_settle, 1.05),
     Target("   wall (ideal + settle)", "burst", _path("burst", "wall_s"), None, unit=" s"),
     Target("   every file done once, with its own result", "burst", lambda r: None, None),
@@ -306,7 +316,8 @@ def methods(figures: dict[str, Any]) -> list[str]:
         "- Polling idle: watch.polling (poll_interval 5 s), done/ and failed/ inside the inbox with N files in "
         "done/; N files in the inbox at start, claimed into the processing folder (default place), where they "
         "wait: their uploads hang at the emulator (latency 3600 s), so 4 are in flight; CPU over the window.",
-        "- venv: `make VENV=<fresh dir> <fresh dir>/.installed` from each checkout's own Makefile, then du -sk.",
+        "- venv: `make VENV=<fresh dir> <fresh dir>/.installed` from each checkout's own Makefile, then du -sk, "
+        "shown as `du -sh` does (and `make` prints): whole MiB, rounded up.",
         "- Floor (bench/floor.py, its own process, the burst's emulator): per file only the token armed durably, "
         "the streamed upload, the callback through Waitress and the callback app, the details, annotations and "
         "boxes, the final path recorded durably, the result JSON written and fsynced, the file linked into done/ "
