@@ -66,7 +66,7 @@ from .markers import MarkerKeeper
 from .metrics import ClusterSample, Metrics, Sample
 from .monitor import OK, STARTING, STOPPING, iso, local_url, start_monitor
 from .pipeline import Pipeline, limits_from
-from .reachability import CallbackWatch, ProbeTokens, Reachability
+from .reachability import POLL_ONLY, CallbackVerdict, CallbackWatch, ProbeTokens, Reachability
 from .scheduler import Duty, Scheduler
 from .sdnotify import Notifier
 from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
@@ -139,8 +139,9 @@ class Daemon:
         self.config_path = os.path.abspath(config_path) if config_path else None
         self.alerts = Alerts(config.alerts, config_path=self.config_path)
         self.probe_tokens = ProbeTokens()
+        # The one answer to "are callbacks arriving?" that status, /healthz, /metrics and the log show
+        # (its times are this machine's, as the log's).
         self.callback_watch = CallbackWatch()
-        self.reachability: Reachability | None = None  # the start-up probe's verdict
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -222,7 +223,6 @@ class Daemon:
         tracker = CandidateTracker(c.watch.settle_seconds, c.watch.incomplete_grace_seconds, self.watcher.scan,
                                    inbox=keep.inbox)
         self.status_sources["candidates"] = lambda: [c.to_dict() for c in tracker.snapshot(self.clock.now())]
-        self.status_sources["callbacks"] = self._callbacks_status
         self.scheduler = Scheduler(clock=self.clock, journal=self.journal, gates=self.gates, pipeline=self.pipeline,
                                    dispatcher=self.dispatcher, tracker=tracker, inbox=keep.inbox,
                                    scan=self.watcher.scan, duties=self._duties(), events=events)
@@ -411,8 +411,7 @@ class Daemon:
                 self.metrics.callback_latency.observe(max(0.0, now - row.uploaded_at))
             self.scheduler.report(Wake())
             if self.callback_watch.callback_arrived():
-                log.info("callbacks arrive again at %s", self.public_url)
-                self.alerts.callbacks_arriving()
+                self._callbacks_arriving()
         elif outcome == "finished" and row is not None:  # a done file's callback again: a refresh is due
             self.scheduler.report(Wake())
         elif outcome == "extra":  # a late copy from an earlier attempt: check it and delete it
@@ -435,8 +434,25 @@ class Daemon:
         if self._on_transition:
             self._on_transition(row, old)
 
+    def _callbacks_arriving(self) -> None:
+        """The verdict turned to yes: results are waited for (their callbacks) again."""
+        log.info("callbacks arriving: %s", self.callback_watch.verdict().text)
+        if self.pipeline is not None:
+            self.pipeline.expect_callbacks = True
+        self.alerts.callbacks_arriving()
+
     def _callbacks_missing(self, url: str) -> None:
+        """Results keep being found by polling, their callbacks never came: the verdict is no."""
+        log.warning("callbacks arriving: %s (check callback.public_url, the reverse proxy or the tunnel, or set "
+                    "callback.enabled: false)", self.callback_watch.verdict().text)
+        self._poll_soon()
         self.alerts.callbacks_not_arriving(url)
+
+    def _poll_soon(self) -> None:
+        """No callbacks to wait for: results are polled soon after the upload (``results.first_poll_seconds``,
+        then less and less often up to ``results.poll_interval``), not after ``results.callback_timeout``."""
+        assert self.pipeline
+        self.pipeline.expect_callbacks = False
 
     # -- start-up probes: the token and projects, the callback route -----------------------------
 
@@ -465,25 +481,19 @@ class Daemon:
             found = Reachability(False, public, f"{public} is a loopback address, which Konfuzio cannot reach")
         else:
             found = reachability.probe(public, c.callback.path, self.probe_tokens)
-        self.reachability = found
-        if found.ok:
-            log.info("callbacks reach this daemon through %s", public)
+        verdict = self.callback_watch.probed(found)
+        if found.ok or verdict.arriving:  # (a real callback may have come first)
+            log.info("callbacks arriving: %s", verdict.text)
             return
-        assert self.pipeline
-        self.pipeline.expect_callbacks = False
-        log.warning("callbacks cannot reach this daemon at %s: %s; results will be fetched by polling (%g s after "
-                    "the upload, then less and less often up to every %g s). Set callback.public_url, enable ngrok, "
-                    "or callback.enabled: false", public, found.detail, c.results.first_poll_seconds,
-                    c.results.poll_interval)
+        self._poll_soon()
+        log.warning("callbacks arriving: %s (%g s after the upload, then less and less often up to every %g s). "
+                    "Set callback.public_url, enable ngrok, or callback.enabled: false", verdict.text,
+                    c.results.first_poll_seconds, c.results.poll_interval)
         self.alerts.callbacks_not_arriving(public)
 
-    def _callbacks_status(self) -> dict[str, object]:
-        if not self.config.callback.enabled:
-            return {"mode": "poll-only"}
-        found = self.reachability
-        return {"mode": "callbacks", "url": self.public_url,
-                "probe": None if found is None else ("ok" if found.ok else found.detail),
-                "arriving": not self.callback_watch.missing}
+    def callbacks_verdict(self) -> CallbackVerdict:
+        """Are callbacks arriving? The one answer (``reachability.CallbackWatch``)."""
+        return self.callback_watch.verdict() if self.config.callback.enabled else POLL_ONLY
 
     def _tell_oldest_pending(self, now: float) -> None:
         assert self.journal
@@ -604,6 +614,7 @@ class Daemon:
             "public_url": self.public_url,
             "blocked": blocked,
             "in_hand": len(self.dispatcher.inflight) if self.dispatcher else 0,
+            "callbacks": self.callbacks_verdict().to_dict(),
             "extra": extra,
         }
         if self.cluster:
@@ -635,10 +646,8 @@ class Daemon:
         )
 
     def callbacks_arriving(self) -> bool | None:
-        """None in poll-only mode; False when the probe failed or callbacks stopped arriving."""
-        if not self.config.callback.enabled:
-            return None
-        return not self.callback_watch.missing and (self.reachability is None or self.reachability.ok)
+        """The verdict's yes or no; None while not known yet, and in poll-only mode."""
+        return self.callbacks_verdict().arriving
 
     def pending(self) -> int:
         assert self.journal

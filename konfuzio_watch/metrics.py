@@ -36,7 +36,7 @@ class Sample:
     oldest_pending_age_seconds: float | None = None
     ready: bool = False
     blocked: Mapping[str, str] = field(default_factory=dict)  # scope -> reason
-    callbacks_arriving: bool | None = None  # None: poll-only mode (no callbacks expected)
+    callbacks_arriving: bool | None = None  # None: not known yet, or poll-only mode (no callbacks expected)
     cluster: ClusterSample | None = None  # None: one daemon on its own journal
 
 
@@ -130,6 +130,8 @@ class _SampleCollector(Collector):
                                     value=sum(1 for age in c.heartbeat_age_s.values() if age <= c.alive_within_s))
         if s.callbacks_arriving is not None:
             yield GaugeMetricFamily(PREFIX + "callbacks_arriving",
-                                    "0 when Konfuzio's callbacks cannot reach the daemon (the start-up probe failed, "
-                                    "or results keep being found by polling); results are then polled.",
+                                    "1 when Konfuzio's callbacks arrive, 0 when not (the start-up probe failed, or "
+                                    "results keep being found by polling; results are then polled): the answer "
+                                    "status and /healthz give under callbacks. Absent until it is known, and in "
+                                    "poll-only mode.",
                                     value=1 if s.callbacks_arriving else 0)

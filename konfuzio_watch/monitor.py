@@ -10,7 +10,9 @@ daemon's lock file names the URL).
   ``"status": "starting"`` or ``"stopping"``. A daemon whose work is *blocked* (Konfuzio down,
   a full disk) still answers 200, with the reasons in ``"blocked"``: a restart would not fix
   that, and a liveness probe that failed would only restart it in a loop. Alert on
-  ``konfuzio_watch_blocked`` or on ``"blocked"`` instead.
+  ``konfuzio_watch_blocked`` or on ``"blocked"`` instead. ``"callbacks"``: are Konfuzio's callbacks
+  arriving (``{"arriving": true | false | null, "text", "since", "url"}``, ``reachability.CallbackVerdict``),
+  the same answer as ``/status``, ``konfuzio_watch_callbacks_arriving`` and ``konfuzio-watch status``.
 - ``GET /metrics``: the Prometheus text format.
 - ``GET /status``: what only the running daemon knows (``Snapshot``): its state, the status
   line, what is blocked since when, the steps in hand, and ``extra`` (facts other parts of the
@@ -62,6 +64,8 @@ def create_app(snapshot: Snapshot, metrics: Callable[[], bytes]) -> Flask:
             log.exception("the monitor could not take a snapshot")
             return _json({"status": "error", "line": f"cannot take a snapshot: {exc}", "blocked": []}, 503)
         body = {"status": s["status"], "line": s["line"], "blocked": s["blocked"]}
+        if "callbacks" in s:
+            body["callbacks"] = s["callbacks"]
         return _json(body, 200 if s["status"] == OK else 503)
 
     @app.get("/status")

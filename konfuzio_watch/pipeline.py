@@ -87,8 +87,9 @@ class Pipeline:
         # inodes by path and shows the mtime as the ctime. There a file's content is always compared
         # with what was uploaded before it is placed in done/ (one more read of it over the network).
         self.stat_is_blind = processing.is_remote(processing_dir)
-        # Are callbacks expected? Not in poll-only mode, nor when the reachability probe failed:
-        # then results are polled soon after the upload instead of after results.callback_timeout.
+        # Are callbacks expected? Not in poll-only mode, nor while the daemon's verdict is that they do not
+        # arrive (reachability.CallbackWatch): then results are polled soon after the upload instead of
+        # after results.callback_timeout.
         self.expect_callbacks = config.callback.enabled
         self.started_at = clock.now()
         self.callback_watch: CallbackWatch | None = None  # set by the daemon when callbacks are expected
@@ -752,13 +753,9 @@ class Pipeline:
         journal = self.gates[Scope.JOURNAL]
         if journal.is_blocked or journal.opened_at >= row.uploaded_at:
             return  # its callback came while the journal could not be written: refused, not missing
-        if self.callback_watch is not None and self.callback_watch.found_by_polling():
-            url = self.callback_base().rstrip("/")
-            log.warning("callbacks are not arriving at %s: results keep being found by polling (each after "
-                        "results.callback_timeout, %g s); check callback.public_url, the reverse proxy or the tunnel, "
-                        "or set callback.enabled: false", url, self.config.results.callback_timeout)
-            if self.on_callbacks_missing:
-                self.on_callbacks_missing(url)
+        # The verdict turned to no: the daemon says so, and has results polled soon from now on.
+        if self.callback_watch is not None and self.callback_watch.found_by_polling() and self.on_callbacks_missing:
+            self.on_callbacks_missing(self.callback_base().rstrip("/"))
 
     def _wait_for_person(self, row: Row, checked_at: float, stage: str) -> Row:
         """Done by the machine, waiting for a person in Konfuzio (a review, a split to confirm). The

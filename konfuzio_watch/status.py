@@ -107,7 +107,8 @@ def watch_status(config: Config, *, show_all: bool, interval_s: float, out: Text
 
 def daemon_report(config: Config) -> str:
     """``daemon: running (pid 1234 on host scan01, since 14:02)`` and, from its monitor, what is
-    blocked and the extra facts; or ``daemon: no daemon running``. Ends with a blank line."""
+    blocked, whether callbacks arrive, and the extra facts; or ``daemon: no daemon running``. Ends with a
+    blank line."""
     try:
         holder = read_daemon_lock(config.folders.state)
     except OSError as exc:
@@ -134,6 +135,9 @@ def daemon_report(config: Config) -> str:
     for gate in blocked:
         since = f" for {format_age(gate['for_seconds'])}" if gate.get("for_seconds") is not None else ""
         lines.append(f"  BLOCKED {gate.get('scope')}{since}: {gate.get('reason')}")
+    callbacks = live.get("callbacks")
+    if isinstance(callbacks, dict) and callbacks.get("text"):  # the daemon's one answer, as /healthz and /metrics
+        lines.append(f"  callbacks arriving: {callbacks['text']}")
     for name, value in (live.get("extra") or {}).items():
         lines += _fact(name, value)
     return "\n".join(lines) + "\n\n"
