@@ -24,7 +24,16 @@ from .clock import CLOCK_OFF_WARN_S, describe_offset, is_off
 from .config import Config, ConfigError
 from .journal import NETWORK_FILESYSTEMS, BaseJournal, JournalError, JournalWriteError, filesystem_type, open_journal
 from .konfuzio import ApiError, KonfuzioClient
-from .locks import INBOX_LOCK_NAME, MODE_CLUSTER, Holder, LockFile, hostname, node_marker_path, read_node_marker
+from .locks import (
+    INBOX_LOCK_NAME,
+    MODE_CLUSTER,
+    Holder,
+    LockFile,
+    hostname,
+    node_marker_path,
+    read_daemon_lock,
+    read_node_marker,
+)
 from .policy import Cause
 
 Report = Callable[..., None]
@@ -59,6 +68,7 @@ def run_checks(config: Config, out: TextIO) -> list[str]:
             journal.close()
     _check_api(config, report)
     _check_callbacks(config, report, note)
+    _check_monitor_port(config, report)
     if config.ngrok.enabled:
         path = config.ngrok.path
         usable = path.is_file() and os.access(path, os.X_OK)
@@ -273,9 +283,13 @@ def _check_callbacks(config: Config, report: Report, note: Callable[[str], None]
                               **PUBLIC_ENDPOINT_SETTINGS).start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            report(False, "callback.port", f"{c.host}:{c.port} is in use",
-                   f"stop what listens there (`ss -ltnp 'sport = :{c.port}'`), or choose another callback.port; if "
-                   "it is this konfuzio-watch running, this check does not apply")
+            holder = _running_daemon_on(config, "callback.port", c.host, c.port)
+            if holder is not None:
+                report(True, "callback.port", f"{c.host}:{c.port} {_served_by(holder)}")
+                _report_daemons_callbacks(holder, report, note)
+            else:
+                report(False, "callback.port", f"{c.host}:{c.port} is in use",
+                       f"stop what listens there (`ss -ltnp 'sport = :{c.port}'`), or choose another callback.port")
         else:
             report(False, "callback.port", f"cannot listen on {c.host}:{c.port}: {exc.strerror or exc}",
                    "choose another callback.host/port")
@@ -297,6 +311,71 @@ def _check_callbacks(config: Config, report: Report, note: Callable[[str], None]
                f"make {public}/{c.path.strip('/')}/ reach {c.host}:{c.port}, or set callback.enabled: false")
     finally:
         server.close(timeout_s=2)
+
+
+def _check_monitor_port(config: Config, report: Report) -> None:
+    """Would ``run`` get its monitor port? (Port 0 takes any free one.)"""
+    m = config.monitor
+    if not m.enabled or m.port == 0:
+        return
+    from .server import try_bind
+
+    try:
+        try_bind(m.host, m.port)
+    except OSError as exc:
+        holder = _running_daemon_on(config, "monitor.port", m.host, m.port) if exc.errno == errno.EADDRINUSE else None
+        if holder is not None:
+            report(True, "monitor.port", f"{m.host}:{m.port} {_served_by(holder)}")
+        elif exc.errno == errno.EADDRINUSE:
+            report(False, "monitor.port", f"{m.host}:{m.port} is in use",
+                   f"stop what listens there (`ss -ltnp 'sport = :{m.port}'`), or choose another monitor.port (0: any "
+                   "free port, which the state folder's daemon.lock names)")
+        else:
+            report(False, "monitor.port", f"cannot listen on {m.host}:{m.port}: {exc.strerror or exc}",
+                   "choose another monitor.host/port")
+        return
+    report(True, "monitor.port", f"{m.host}:{m.port} is free")
+
+
+def _running_daemon_on(config: Config, key: str, host: str, port: int) -> Holder | None:
+    """The konfuzio-watch of this state folder, if it runs and its lock says it listens on ``host:port``
+    for ``key``: its own port is in use by it, which is no problem."""
+    try:
+        holder = read_daemon_lock(config.folders.state)
+    except OSError:
+        return None
+    if holder is None or not holder.is_running() or holder.host != hostname():
+        return None
+    return holder if (holder.listening or {}).get(key) == f"{host}:{port}" else None
+
+
+def _served_by(holder: Holder) -> str:
+    return f"is served by the running konfuzio-watch (pid {holder.pid})"
+
+
+def _report_daemons_callbacks(holder: Holder, report: Report, note: Callable[[str], None]) -> None:
+    """Whether callbacks reach the running daemon, as it says (its monitor's /status): this check cannot
+    probe them itself while the daemon holds the port."""
+    from .status import fetch_live_status
+
+    if not holder.monitor_url:
+        note("whether callbacks reach the running konfuzio-watch is in its log (`callbacks arriving: ...`): its "
+             "monitor is off")
+        return
+    try:
+        said = fetch_live_status(holder.monitor_url).get("callbacks")
+    except (OSError, ValueError) as exc:
+        note(f"whether callbacks reach the running konfuzio-watch is in its log: its monitor at "
+             f"{holder.monitor_url} does not answer ({exc})")
+        return
+    if not isinstance(said, dict) or not said.get("text"):
+        note("the running konfuzio-watch does not say whether callbacks reach it (an older version)")
+    elif said.get("arriving") is None:
+        note(f"callbacks: {said['text']}")
+    else:
+        report(said["arriving"] is True, "callbacks", str(said["text"]),
+               "make the public callback URL reach callback.host/port (callback.public_url, the reverse proxy or "
+               "the tunnel), or set callback.enabled: false")
 
 
 def _can_write(folder: Path) -> tuple[bool, str]:

@@ -235,6 +235,7 @@ class Daemon:
             self.journal.listen(self._heard)
         if c.monitor.enabled:  # first: it answers 503 "starting" while the rest comes up
             self.monitor = start_monitor(self.snapshot, self.metrics.render, c.monitor.host, c.monitor.port)
+            self.daemon_lock.set_listening("monitor.port", c.monitor.host, self.monitor.port)
             self.daemon_lock.set_monitor_url(local_url(self.monitor))
         if c.callback.enabled:
             app = create_app(self._record_callback, path=c.callback.path,
@@ -242,6 +243,7 @@ class Daemon:
             settings = dict(PUBLIC_ENDPOINT_SETTINGS, max_request_body_size=c.callback.max_body_kb * 1024)
             self.server = ServerThread(app, c.callback.host, c.callback.port, name="callback-server", threads=4,
                                        **settings).start()
+            self.daemon_lock.set_listening("callback.port", c.callback.host, self.server.port)
             self.public_url = c.callback.public_url or self.server.url
             if c.ngrok.enabled:
                 self.tunnel = Tunnel(TunnelSettings(c.ngrok.path, c.ngrok_authtoken(), c.ngrok.domain,

@@ -7,9 +7,10 @@ the kernel when the process dies however it dies) keep them apart:
 
 - ``<folders.state>/daemon.lock``: the journal belongs to one process. Taken before anything
   else at start-up (only the state folder is created first). It holds JSON naming the holder
-  (pid, host, started_at, state folder, inbox, and the monitor URL once bound), which is how a
-  second daemon names the first in its refusal and how ``konfuzio-watch status`` finds the
-  running daemon without taking the lock (``read_daemon_lock``). ``status`` and ``retry`` never
+  (pid, host, started_at, state folder, inbox, the monitor URL and the addresses it listens on
+  once bound), which is how a second daemon names the first in its refusal, how ``konfuzio-watch
+  status`` finds the running daemon without taking the lock (``read_daemon_lock``), and how
+  ``check`` tells its ports taken by it from ports taken by something else. ``status`` and ``retry`` never
   take it: they only read the journal and move files, which the journal serialises.
 - ``<inbox>/.konfuzio-watch.lock`` (a hidden name: the watcher ignores it): the inbox belongs to
   one journal. It holds JSON {journal_id, host, pid, state, mode, cluster_id, journal, started_at}.
@@ -104,6 +105,7 @@ class Holder:
     cluster_id: str | None = None
     stopped_at: float | None = None
     journal: str | None = None  # a cluster's journal, for messages (a URL without a password)
+    listening: dict[str, str] | None = None  # the daemon's: "callback.port"/"monitor.port" -> "host:port"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Holder:
@@ -114,7 +116,8 @@ class Holder:
         return cls(pid=pick("pid", int), host=pick("host", str), started_at=pick("started_at", (int, float)),
                    state=pick("state", str), inbox=pick("inbox", str), monitor_url=pick("monitor_url", str),
                    journal_id=pick("journal_id", str), mode=pick("mode", str), cluster_id=pick("cluster_id", str),
-                   stopped_at=pick("stopped_at", (int, float)), journal=pick("journal", str))
+                   stopped_at=pick("stopped_at", (int, float)), journal=pick("journal", str),
+                   listening=_addresses(data.get("listening")))
 
     def describe(self) -> str:
         """``pid 1234 on host scan01, since 14:02``."""
@@ -142,6 +145,12 @@ class Holder:
         except PermissionError:
             return True  # alive, under another user
         return True
+
+
+def _addresses(value: Any) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def hostname() -> str:
@@ -289,6 +298,12 @@ class DaemonLock:
 
     def set_monitor_url(self, url: str | None) -> None:
         self._info["monitor_url"] = url
+        if self.file.held:
+            self.file.write(self._info)
+
+    def set_listening(self, key: str, host: str, port: int) -> None:
+        """The daemon listens on ``host:port`` for ``key`` (``callback.port``, ``monitor.port``)."""
+        self._info.setdefault("listening", {})[key] = f"{host}:{port}"
         if self.file.held:
             self.file.write(self._info)
 

@@ -104,6 +104,11 @@ class ServerThread:
         return False
 
 
+def try_bind(host: str, port: int) -> None:
+    """Bind as the servers do and let go at once; OSError (e.g. EADDRINUSE) if they could not."""
+    _bind(host, port).close()
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)

@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from konfuzio_watch.checks import run_checks
 from konfuzio_watch.cli import main
 from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 from konfuzio_watch.status import print_status
 
 from .conftest import TOKEN, drop, wait_until
+from .helpers import KONFUZIO_WATCH
+from .pg import free_port
 
 
 def write_config(tmp_path: Path, emulator, **overrides) -> Path:  # type: ignore[no-untyped-def]
@@ -206,3 +209,50 @@ def test_demo_workdir_leaves_a_config_that_status_reads_as_the_readme_says(tmp_p
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert "`.venv/bin/konfuzio-watch demo --workdir demo-run`" in readme
     assert "`.venv/bin/konfuzio-watch status --config demo-run/config.yaml`" in readme
+
+
+@pytest.mark.slow
+def test_check_recognises_its_own_running_daemon_on_the_callback_and_monitor_ports(daemon_process):
+    """On the machine where the daemon runs, its ports are in use by it: that is no problem to report."""
+    daemon = daemon_process(monitor={"port": free_port()})
+    daemon.start()
+    assert daemon.proc
+    pid = daemon.proc.pid
+    result = subprocess.run([*KONFUZIO_WATCH, "check", "--config", str(daemon.config)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+    out = result.stdout
+    assert (f"ok    callback.port: 127.0.0.1:{daemon.port} is served by the running konfuzio-watch (pid {pid})"
+            in out), out
+    monitor_port = yaml.safe_load(daemon.config.read_text())["monitor"]["port"]
+    assert (f"ok    monitor.port: 127.0.0.1:{monitor_port} is served by the running konfuzio-watch (pid {pid})"
+            in out), out
+    assert f"ok    callbacks: yes: a probe through http://127.0.0.1:{daemon.port} arrived at " in out, out
+    assert "FAIL" not in out and result.returncode == 0, out + result.stderr
+
+
+def test_check_names_what_else_holds_the_monitor_port(tmp_path, emulator, capsys):
+    import socket
+
+    (tmp_path / "inbox").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["check", "--config", str(write_config(tmp_path, emulator, monitor={"port": port}))]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  monitor.port: 127.0.0.1:{port} is in use -> stop what listens there" in out, out
+
+
+def test_check_on_the_daemons_machine_says_what_it_says_of_its_callbacks(start_daemon):
+    """The daemon holds the callback port, so check cannot probe the route itself: it reports the daemon's answer."""
+    port = free_port()
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    running = start_daemon(callback={"port": port, "public_url": nowhere})
+    wait_until(lambda: running.daemon.callbacks_arriving() is False, 20, "the daemon's probe failed")
+    out = io.StringIO()
+    problems = run_checks(running.config, out)
+    text = out.getvalue()
+    assert f"ok    callback.port: 127.0.0.1:{port} is served by the running konfuzio-watch (pid {os.getpid()})" in text
+    verdict = running.daemon.callbacks_verdict().text
+    assert f"FAIL  callbacks: {verdict} -> make the public callback URL reach" in text, text
+    assert problems == [f"callbacks: {verdict}"]
