@@ -1,6 +1,9 @@
 """``konfuzio-watch check``: is this config good to run with? One line per check; every failing
 line says what to do. It catches what ``run`` would reject, and what ``run`` would only suffer
-from later (callbacks that can never arrive).
+from later (callbacks that can never arrive). The folders, and the files the daemon keeps in them,
+are judged for the user the service runs as, which the first line names (``accounts.py``); the
+ports of a konfuzio-watch running on this state folder are its own, and whether its callbacks
+arrive is its answer (``reachability.CallbackVerdict``).
 
 With a PostgreSQL journal (a node of a cluster) it also checks the server (reachable, the schema
 current), that this machine's clock is within ``CLOCK_OFF_WARN_S`` of the server's, that no other
@@ -12,19 +15,19 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from . import processing, reachability
+from . import accounts, processing, reachability
+from .accounts import Account
 from .clock import CLOCK_OFF_WARN_S, describe_offset, is_off
 from .config import Config, ConfigError
 from .journal import NETWORK_FILESYSTEMS, BaseJournal, JournalError, JournalWriteError, filesystem_type, open_journal
 from .konfuzio import ApiError, KonfuzioClient
 from .locks import (
+    DAEMON_LOCK_NAME,
     INBOX_LOCK_NAME,
     MODE_CLUSTER,
     Holder,
@@ -37,11 +40,11 @@ from .locks import (
 from .policy import Cause
 
 Report = Callable[..., None]
-PROBE_REMOVAL_DELAYS_S = (0.05, 0.1, 0.2, 0.4)  # a busy share, then the last try
 
 
-def run_checks(config: Config, out: TextIO) -> list[str]:
-    """Print one line per check; return the problems found."""
+def run_checks(config: Config, out: TextIO, as_user: str | None = None) -> list[str]:
+    """Print one line per check; return the problems found. The folders are judged for the user the
+    service runs as (``accounts.service_account``; ``as_user``: ``check --as``)."""
     problems: list[str] = []
 
     def report(ok: bool, what: str, detail: str = "", fix: str = "") -> None:
@@ -55,9 +58,11 @@ def run_checks(config: Config, out: TextIO) -> list[str]:
     def note(text: str) -> None:
         out.write(f"note  {text}\n")
 
+    account, why = accounts.service_account(config.folders.state, as_user)
+    note(why)
     journal = _open_shared_journal(config, report) if config.journal.url else None
     try:
-        _check_folders(config, report, note, journal)
+        _check_folders(config, report, note, account, journal)
         if config.journal.url is None:
             _check_journal(config, report)
         elif journal is not None:
@@ -84,17 +89,22 @@ def run_checks(config: Config, out: TextIO) -> list[str]:
     return problems
 
 
-def _check_folders(config: Config, report: Report, note: Callable[[str], None],
+def _check_folders(config: Config, report: Report, note: Callable[[str], None], account: Account,
                    journal: BaseJournal | None = None) -> None:
     f = config.folders
+    user = account.describe()
+    keyed = [("folders.done", f.done), ("folders.failed", f.failed), ("folders.state", f.state)]
     if f.inbox.is_dir():
-        ok, detail = _can_write(f.inbox)
-        report(ok, "folders.inbox", detail, "the inbox must be readable and writable for konfuzio-watch")
+        keyed.insert(0, ("folders.inbox", f.inbox))
     else:
         report(False, "folders.inbox", f"{f.inbox} does not exist", f"create it: mkdir -p {f.inbox}")
-    for key, folder in (("folders.done", f.done), ("folders.failed", f.failed), ("folders.state", f.state)):
-        ok, detail = _can_write(folder)
-        report(ok, key, detail, f"let konfuzio-watch (uid {os.geteuid()}) write there: chown or chmod {folder}")
+    tried = accounts.try_writes(account, [(accounts.FOLDER, folder) for _, folder in keyed])
+    as_other = "" if account.uid == os.geteuid() else f" (as {user})"
+    for (key, folder), (ok, detail) in zip(keyed, tried, strict=True):
+        fix = (f"the inbox must be readable and writable for {user}" if key == "folders.inbox" else
+               f"let {user} write there: chown or chmod {folder}")
+        report(ok, key, detail if ok else detail + as_other, fix)
+    _check_own_files(config, report, account)
     if not f.inbox.is_dir():
         return
     if config.journal.url is None:
@@ -104,18 +114,37 @@ def _check_folders(config: Config, report: Report, note: Callable[[str], None],
     folder = processing.resolve(config, bound)
     if folder.exists():
         try:
-            processing.prepare(folder, f.inbox)
+            processing.prepare(folder, f.inbox, checked_as=account)
             report(True, "processing folder", str(folder))
         except (ConfigError, OSError) as exc:
             report(False, "processing folder", str(exc))
     else:
-        parent = _existing_parent(folder)
+        parent = accounts.existing_parent(folder)
         same_fs = os.stat(parent).st_dev == os.stat(f.inbox).st_dev
         report(same_fs, "processing folder", f"{folder} (will be created)" if same_fs else
                f"{folder} would be on another file system than the inbox {f.inbox}",
                "set folders.processing to a folder next to the inbox (claims are renames)")
     if unverifiable := processing.unverifiable_privacy(folder):
         note(unverifiable)
+
+
+def _check_own_files(config: Config, report: Report, account: Account) -> None:
+    """The journal and the lock files the daemon opens for writing, where they exist: made by another user
+    (root running ``konfuzio-watch run`` by hand once), they stop the service at its start."""
+    state = config.folders.state
+    names = [DAEMON_LOCK_NAME]
+    if config.journal.url is None:
+        names += [config.journal_path.name + suffix for suffix in ("", "-wal", "-shm")]
+    files = [state / name for name in names] + [config.folders.inbox / INBOX_LOCK_NAME]
+    files = [path for path in files if path.is_file()]
+    if not files:
+        return
+    tried = accounts.try_writes(account, [(accounts.FILE, path) for path in files])
+    failed = [detail for ok, detail in tried if not ok]
+    report(not failed, "files it keeps", "; ".join(failed) + f" (as {account.describe()})" if failed else
+           f"{len(files)} (journal, locks) writable for {account.describe()}",
+           f"give them to {account.describe()}: chown {account.name or account.uid} each (another user made them, "
+           "e.g. root running konfuzio-watch run by hand)")
 
 
 def _check_journal(config: Config, report: Report) -> None:
@@ -376,39 +405,6 @@ def _report_daemons_callbacks(holder: Holder, report: Report, note: Callable[[st
         report(said["arriving"] is True, "callbacks", str(said["text"]),
                "make the public callback URL reach callback.host/port (callback.public_url, the reverse proxy or "
                "the tunnel), or set callback.enabled: false")
-
-
-def _can_write(folder: Path) -> tuple[bool, str]:
-    """Really write (``os.access`` says yes to root and no to ACLs): the reason if it fails."""
-    target = folder if folder.exists() else _existing_parent(folder)
-    probe = target / f".konfuzio-watch-check-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-        _remove_probe(probe)
-    except OSError as exc:
-        return False, f"cannot write into {target}: {exc.strerror or exc}"
-    return True, str(folder) if folder.exists() else f"{folder} (will be created)"
-
-
-def _remove_probe(probe: Path) -> None:
-    """A share may hold the probe open for a moment after its close (smbnetfs: the removal answers
-    EBUSY now and then, the next one works): the folder is writable all the same; try again."""
-    for delay_s in PROBE_REMOVAL_DELAYS_S:
-        try:
-            os.unlink(probe)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-        time.sleep(delay_s)
-    os.unlink(probe)
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _journal_meta(path: Path, key: str) -> str | None:

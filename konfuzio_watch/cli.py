@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the config, the folders and the API access")
     _config_arg(check)
+    check.add_argument("--as", dest="as_user", metavar="USER",
+                       help="judge the folders for this user (a name or uid; trying writes as another user needs "
+                            "root). Default, as root: the user konfuzio-watch last ran as (its daemon.lock), else "
+                            "the system user konfuzio-watch if there is one; otherwise: you")
     check.set_defaults(func=cmd_check)
 
     status = sub.add_parser("status", help="where every file is")
@@ -165,7 +169,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .checks import run_checks
 
     config = load_config(args.config)
-    problems = run_checks(config, out=sys.stdout)
+    problems = run_checks(config, out=sys.stdout, as_user=args.as_user)
     return EXIT_FAILURE if problems else EXIT_OK
 
 

@@ -7,10 +7,11 @@ the kernel when the process dies however it dies) keep them apart:
 
 - ``<folders.state>/daemon.lock``: the journal belongs to one process. Taken before anything
   else at start-up (only the state folder is created first). It holds JSON naming the holder
-  (pid, host, started_at, state folder, inbox, the monitor URL and the addresses it listens on
-  once bound), which is how a second daemon names the first in its refusal, how ``konfuzio-watch
+  (pid, host, its user and groups, started_at, state folder, inbox, the monitor URL and the
+  addresses it listens on once bound), which is how a second daemon names the first in its refusal, how ``konfuzio-watch
   status`` finds the running daemon without taking the lock (``read_daemon_lock``), and how
-  ``check`` tells its ports taken by it from ports taken by something else. ``status`` and ``retry`` never
+  ``check`` tells its ports taken by it from ports taken by something else, and whom to judge the
+  folders for (``accounts.py``). ``status`` and ``retry`` never
   take it: they only read the journal and move files, which the journal serialises.
 - ``<inbox>/.konfuzio-watch.lock`` (a hidden name: the watcher ignores it): the inbox belongs to
   one journal. It holds JSON {journal_id, host, pid, state, mode, cluster_id, journal, started_at}.
@@ -106,6 +107,9 @@ class Holder:
     stopped_at: float | None = None
     journal: str | None = None  # a cluster's journal, for messages (a URL without a password)
     listening: dict[str, str] | None = None  # the daemon's: "callback.port"/"monitor.port" -> "host:port"
+    uid: int | None = None  # the daemon's user and groups (effective ids)
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Holder:
@@ -117,7 +121,8 @@ class Holder:
                    state=pick("state", str), inbox=pick("inbox", str), monitor_url=pick("monitor_url", str),
                    journal_id=pick("journal_id", str), mode=pick("mode", str), cluster_id=pick("cluster_id", str),
                    stopped_at=pick("stopped_at", (int, float)), journal=pick("journal", str),
-                   listening=_addresses(data.get("listening")))
+                   listening=_addresses(data.get("listening")), uid=pick("uid", int), gid=pick("gid", int),
+                   groups=_ids(data.get("groups")))
 
     def describe(self) -> str:
         """``pid 1234 on host scan01, since 14:02``."""
@@ -151,6 +156,12 @@ def _addresses(value: Any) -> dict[str, str] | None:
     if not isinstance(value, dict):
         return None
     return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _ids(value: Any) -> tuple[int, ...] | None:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return None
+    return tuple(value)
 
 
 def hostname() -> str:
@@ -286,7 +297,8 @@ class DaemonLock:
         self.file = LockFile(state_dir / DAEMON_LOCK_NAME)
         self.state_dir = state_dir
         self._info: dict[str, Any] = {"pid": os.getpid(), "host": hostname(), "started_at": time.time(),
-                                      "state": str(state_dir), "inbox": str(inbox), "monitor_url": None}
+                                      "state": str(state_dir), "inbox": str(inbox), "monitor_url": None,
+                                      "uid": os.geteuid(), "gid": os.getegid(), "groups": os.getgroups()}
 
     def acquire(self) -> DaemonLock:
         if not self.file.try_lock():

@@ -39,7 +39,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from . import mounts
+from . import accounts, mounts
+from .accounts import Account
 from .config import Config, ConfigError
 from .locks import PROCESSING_LOCK_NAME
 
@@ -73,15 +74,20 @@ def resolve(config: Config, bound: str | None) -> Path:
     return default_dir(config.folders.inbox)
 
 
-def prepare(path: Path, inbox: Path) -> None:
-    """Create the folder 0700; refuse one that others may write or that is on another file system."""
+def prepare(path: Path, inbox: Path, checked_as: Account | None = None) -> None:
+    """Create the folder 0700; refuse one that others may write or that is on another file system.
+    ``checked_as``: ``check`` judges it for the user the service runs as (``accounts``), not for itself."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ProcessingDirError(f"folders.processing: {path} is not a folder")
-    if st.st_uid != os.geteuid():
-        raise ProcessingDirError(f"folders.processing: {path} belongs to uid {st.st_uid}, not to konfuzio-watch "
-                                 f"(uid {os.geteuid()}); anyone owning it could plant files there")
+    owner = checked_as or accounts.me()
+    if st.st_uid != owner.uid:
+        whom = f"not to {owner.describe()}, the user {'running konfuzio-watch' if checked_as is None else 'checked as'}"
+        if owner.uid != os.geteuid():
+            whom += f"; you are {accounts.me().describe()}"
+        raise ProcessingDirError(f"folders.processing: {path} belongs to {accounts.describe_uid(st.st_uid)}, {whom}; "
+                                 "anyone owning it could plant files there")
     if st.st_mode & 0o022:
         raise ProcessingDirError(f"folders.processing: {path} is writable by others (mode "
                                  f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}")

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from konfuzio_watch.accounts import Account, describe_uid, name_of
 from konfuzio_watch.install import shipped_bytes
 from konfuzio_watch.samples import make_pdf
 
@@ -163,6 +164,14 @@ class Service:
     def run(self, args: Sequence[str], **ids) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
         return subprocess.run(self.command(args, **ids), cwd=self.cwd, env=self.env, capture_output=True, text=True,
                               timeout=60)
+
+    def run_as_root(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        """``args`` as root with the service's environment, where the service user reaches this Python too
+        (``check`` tries writes as that user in a child process)."""
+        script = reachable([Path(sys.executable), Path(sys.base_prefix), Path(sys.prefix), REPO, self.root],
+                           self.root / ".mnt") + 'exec "$@"'
+        return subprocess.run(["unshare", "--mount", "--propagation=private", "sh", "-c", script, "sh", *args],
+                              cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=60)
 
 
 def reachable(paths: Sequence[Path], stash: Path) -> str:
@@ -315,3 +324,56 @@ def check_unit_with_drop_ins(root: Path) -> None:
                               capture_output=True, text=True, timeout=60)
     assert "SupplementaryGroups=" in security.stdout and "runs with supplementary groups" in security.stdout
     assert security.returncode == 0, security.stdout[-1500:]
+
+
+@pytest.mark.slow
+def test_check_as_root_judges_the_folders_for_the_user_the_service_ran_as(installed: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    """After the service ran, root's check judged the folders as root: it failed the service's own processing
+    folder and passed a done/ the service cannot write."""
+    root = installed
+    share = root / "srv/scans"
+    config = configure(root, emulator, share)
+    uid, gid = user_ids(root)
+    for name in ("inbox", "done", "failed"):
+        (share / name).mkdir(parents=True)
+        os.chown(share / name, uid, gid)
+        (share / name).chmod(0o750)
+    service = Service.from_unit(root)
+    app = str(root / APP.lstrip("/"))
+    with (root / "daemon.log").open("w") as log:
+        daemon = subprocess.Popen(service.command([app, "run", "--config", str(config)]), cwd=service.cwd,
+                                  env=service.env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            (share / "inbox/scan.pdf").write_bytes(make_pdf(label="the service ran"))
+            wait_until(lambda: (share / "done/scan.pdf.json").exists(), 30,
+                       lambda: "scan.pdf done: " + (root / "daemon.log").read_text()[-2000:])
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(30) == 0, (root / "daemon.log").read_text()[-2000:]
+    service_user = Account(uid, gid, (), name_of(uid)).describe()  # the host may have no name for it
+
+    checked = service.run_as_root([app, "check", "--config", str(config)])
+
+    out = checked.stdout
+    assert checked.returncode == 0, out + checked.stderr
+    assert out.startswith(f"note  checked as {service_user}, the user konfuzio-watch last ran as (daemon.lock in "
+                          f"{root}/var/lib/konfuzio-watch); you are root (uid 0); another: check --as USER\n"), out
+    assert "ok    processing folder: " in out and "FAIL" not in out, out
+    assert f"ok    files it keeps: 3 (journal, locks) writable for {service_user}" in out, out
+
+    os.chown(share / "done", 0, 0)  # root's now, as root's check could not tell: the service cannot write there
+    os.chmod(share / "done", 0o755)
+    journal = root / "var/lib/konfuzio-watch/journal.sqlite3"
+    os.chown(journal, 0, 0)  # as after `konfuzio-watch run` by root: the service would stop at its start
+    checked = service.run_as_root([app, "check", "--config", str(config)])
+    out = checked.stdout
+    assert checked.returncode == 1, out
+    assert (f"FAIL  folders.done: cannot write into {share / 'done'}: Permission denied (as {service_user}) -> "
+            f"let {service_user} write there") in out, out
+    assert (f"FAIL  files it keeps: cannot write {journal}: Permission denied (as {service_user}) -> give them to "
+            f"{service_user}") in out, out
+
+    as_root = service.run_as_root([app, "check", "--as", "root", "--config", str(config)])
+    out = as_root.stdout
+    assert out.startswith("note  checked as root (uid 0) (--as); you are root (uid 0)\n"), out
+    assert f"belongs to {describe_uid(uid)}, not to root (uid 0), the user checked as; anyone owning it" in out, out
