@@ -37,7 +37,9 @@ from .locks import (
     read_daemon_lock,
     read_node_marker,
 )
+from .mounts import mount_of
 from .policy import Cause
+from .watcher import plan_watching
 
 Report = Callable[..., None]
 
@@ -58,11 +60,15 @@ def run_checks(config: Config, out: TextIO, as_user: str | None = None) -> list[
     def note(text: str) -> None:
         out.write(f"note  {text}\n")
 
+    def warn(text: str) -> None:  # works, but not as well as it could: `run` says it too
+        out.write(f"warn  {text}\n")
+
     account, why = accounts.service_account(config.folders.state, as_user)
     note(why)
     journal = _open_shared_journal(config, report) if config.journal.url else None
     try:
         _check_folders(config, report, note, account, journal)
+        _check_watcher(config, report, warn)
         if config.journal.url is None:
             _check_journal(config, report)
         elif journal is not None:
@@ -145,6 +151,19 @@ def _check_own_files(config: Config, report: Report, account: Account) -> None:
            f"{len(files)} (journal, locks) writable for {account.describe()}",
            f"give them to {account.describe()}: chown {account.name or account.uid} each (another user made them, "
            "e.g. root running konfuzio-watch run by hand)")
+
+
+def _check_watcher(config: Config, report: Report, warn: Callable[[str], None]) -> None:
+    """Which watcher ``run`` starts on the inbox, and why (``watcher.plan_watching``); a warning where files
+    other hosts write would wait for the rescan (``watch.polling: false`` on a network or FUSE mount)."""
+    w = config.watch
+    plan = plan_watching(w.polling, mount_of(config.folders.inbox), w.rescan_interval)
+    text = plan.describe(w.poll_interval)
+    if plan.warning:
+        warn(f"watcher: {text}")
+    else:
+        report(True, "watcher", text + ("; `run` first checks with a probe file that its events arrive, else it "
+                                        "polls" if plan.probe else ""))
 
 
 def _check_journal(config: Config, report: Report) -> None:

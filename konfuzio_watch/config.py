@@ -51,7 +51,9 @@ class FoldersConfig:
 class WatchConfig:
     settle_seconds: float = 2.0
     ignore: tuple[str, ...] = ()
-    polling: bool = False
+    # auto: polling where other hosts' writes make no inotify event (a network or FUSE mount), else
+    # inotify (checked at start with a probe file); true: always polling; false: never (watcher.py).
+    polling: typing.Literal["auto", True, False] = "auto"
     poll_interval: float = 5.0
     rescan_interval: float = 300.0
     incomplete_grace_seconds: float = 60.0
@@ -446,6 +448,12 @@ def _convert(key: str, hint: Any, value: Any, base_dir: Path) -> Any:
         if value is None:
             return None
         (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        if any(type(value) is type(choice) and value == choice for choice in choices):
+            return value
+        shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+        raise ConfigError(f"{key}: expected one of {shown}, got {_show(value)}")
     if hint is bool:
         if isinstance(value, bool):
             return value

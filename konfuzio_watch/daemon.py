@@ -215,7 +215,9 @@ class Daemon:
         keep = InboxFilter(c.folders.inbox, [c.folders.done, c.folders.failed, c.folders.state, self.processing_dir],
                            c.watch.ignore)
         self.watcher = InboxWatcher(keep, self._report_path, polling=c.watch.polling,
-                                    poll_interval_s=c.watch.poll_interval, observer_factory=self._observer_factory)
+                                    poll_interval_s=c.watch.poll_interval, rescan_interval_s=c.watch.rescan_interval,
+                                    observer_factory=self._observer_factory)
+        self.status_sources["watcher"] = self.watcher.describe
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.dispatcher = Dispatcher(self.journal, self.pipeline, self.gates, self._executors,
                                      {UPLOADS: c.upload.concurrency, RESULTS: c.results.workers}, report=events.put,

@@ -2,6 +2,9 @@
 
 The watcher only *reports* paths that may be new or changed; whether a file is finished
 being written is decided by the scheduler (readiness.py), and the journal deduplicates.
+Which observer runs follows ``watch.polling`` and the inbox's file system (``plan_watching``): on
+a network or FUSE mount, files other hosts write make no inotify event here, so ``auto`` polls
+there. Which one runs and why is logged, and shown by ``check`` and ``status``.
 Scans reach folders whose path is longer than PATH_MAX (inotify cannot watch those: files in
 them are found by the periodic rescan). Hidden and ignored files are passed over without a
 word; ``ignored_files`` lists them, with the reason, for ``status --all``.
@@ -9,13 +12,17 @@ word; ``ignored_files`` lists them, with the reason, for ``status --all``.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import os
 import secrets
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from watchdog.events import (
     DirAttribEvent,
@@ -36,6 +43,7 @@ from watchdog.observers.polling import PollingObserverVFS
 
 from .files import ignore_reason, is_ignored, list_dir
 from .journal import display_name
+from .mounts import Mount, mount_of
 
 log = logging.getLogger(__name__)
 
@@ -126,41 +134,102 @@ def make_observer(polling: bool, poll_interval_s: float, skip: frozenset[str] = 
     return Observer()
 
 
-class InboxWatcher:
-    """The observer on the inbox. In inotify mode it first proves that events arrive (they do
-    not for files written by other machines on SMB/NFS mounts) and falls back to polling."""
+REMOTE_WHY = "where other hosts' writes make no inotify event"
 
-    def __init__(self, keep: InboxFilter, report: Report, *, polling: bool = False, poll_interval_s: float = 5.0,
-                 observer_factory: ObserverFactory = make_observer, probe_timeout_s: float = 2.0):
+PollingSetting = Literal["auto", True, False]  # watch.polling
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """Which watcher the inbox gets, and why. ``why`` follows ``by polling every 5 s`` or ``by inotify``
+    as it is said in the log, ``check`` and ``status`` (``: it is on ...`` or `` (watch.polling: true)``)."""
+
+    polling: bool
+    why: str
+    probe: bool = False  # inotify whose events a probe file must prove first (auto, on a local file system)
+    warning: bool = False  # watch.polling: false where other hosts write unseen: their files wait for the rescan
+
+    def describe(self, poll_interval_s: float) -> str:
+        return f"by {f'polling every {poll_interval_s:g} s' if self.polling else 'inotify'}{self.why}"
+
+
+def plan_watching(setting: PollingSetting, mount: Mount | None, rescan_interval_s: float) -> WatchPlan:
+    """``auto`` polls a folder on a network or FUSE mount (``mounts.py``): there, a file another host
+    writes makes no inotify event here, while the daemon's own writes do, so a probe file would prove
+    nothing. Elsewhere it takes inotify, once a probe file showed that its events arrive. ``true`` and
+    ``false`` are honoured; ``false`` on such a mount is said as a warning."""
+    where = f"it is on {mount.describe()}" if mount is not None else ""
+    if setting is True:
+        return WatchPlan(True, " (watch.polling: true)")
+    if setting is False:
+        if mount is not None and mount.is_remote:
+            return WatchPlan(False, f" (watch.polling: false), although {where}, {REMOTE_WHY}: files they write are "
+                                    f"found only by the rescan every {rescan_interval_s:g} s; set watch.polling: auto",
+                             warning=True)
+        return WatchPlan(False, " (watch.polling: false)")
+    if mount is None:
+        return WatchPlan(False, ": its file system is not known (no /proc/self/mountinfo)", probe=True)
+    if mount.is_remote:
+        return WatchPlan(True, f": {where}, {REMOTE_WHY}")
+    return WatchPlan(False, f": {where}, a local file system", probe=True)
+
+
+class InboxWatcher:
+    """The observer on the inbox, as ``plan_watching`` decides from ``watch.polling`` and the inbox's file
+    system. inotify that cannot watch (its limits), or whose probe file's event never comes, gives way
+    to polling. ``how`` says which watcher runs and why; it is logged when it changes (INFO, or WARNING
+    when files may be found late)."""
+
+    def __init__(self, keep: InboxFilter, report: Report, *, polling: PollingSetting = "auto",
+                 poll_interval_s: float = 5.0, rescan_interval_s: float = 300.0,
+                 observer_factory: ObserverFactory = make_observer, probe_timeout_s: float = 2.0,
+                 find_mount: Callable[[str], Mount | None] = mount_of):
         self.keep = keep
         self.report = report
-        self.polling = polling
+        self.setting = polling
+        self.polling = False  # what runs now
         self.poll_interval_s = poll_interval_s
+        self.rescan_interval_s = rescan_interval_s
         self.observer_factory = observer_factory
         self.probe_timeout_s = probe_timeout_s
+        self.find_mount = find_mount
+        self.how = ""  # "by polling every 5 s: it is on cifs at /mnt/scans (//nas/scans), where ..."
         self._observer: BaseObserver | None = None
+        self._said = ""
         self._scan_errors: dict[str, str] = {}  # folder -> why it could not be scanned (logged once)
 
     def start(self) -> None:
-        if not self.polling:
-            try:
-                self._start_observer(polling=False)
-            except OSError as exc:  # inotify watch/instance limits: ENOSPC, EMFILE
-                log.warning("inotify cannot watch %s (%s; raise fs.inotify.max_user_watches / max_user_instances); "
-                            "polling every %.0f s instead", self.keep.inbox, exc.strerror or exc, self.poll_interval_s)
-                self._switch_to_polling()
-                return
-            if not self._events_arrive():
-                log.warning("no file events arrive from %s (a network share?); polling every %.0f s instead",
-                            self.keep.inbox, self.poll_interval_s)
-                self.stop()
-                self._switch_to_polling()
+        plan = plan_watching(self.setting, self.find_mount(self.keep.inbox), self.rescan_interval_s)
+        if plan.polling:
+            self._start_observer(polling=True)
+            self._settle(plan, loud=False)
             return
-        self._start_observer(polling=True)
+        try:
+            self._start_observer(polling=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE):  # inotify's watch/instance limits
+                raise
+            self._start_observer(polling=True)
+            self._settle(WatchPlan(True, f": inotify cannot watch it ({exc.strerror or exc}; raise "
+                                         "fs.inotify.max_user_watches / max_user_instances)"), loud=True)
+            return
+        if plan.probe and not self._events_arrive():
+            self.stop()
+            self._start_observer(polling=True)
+            plan = WatchPlan(True, ": no event arrived for a probe file written into it (a network share?)")
+            self._settle(plan, loud=True)
+            return
+        if plan.probe:
+            plan = dataclasses.replace(plan, why=f"{plan.why}, and a probe file's event arrived")
+        self._settle(plan, loud=plan.warning)
 
-    def _switch_to_polling(self) -> None:
-        self.polling = True
-        self._start_observer(polling=True)
+    def _settle(self, plan: WatchPlan, *, loud: bool) -> None:
+        """Record what runs now; say it if it is not what was said last (a restart says nothing new)."""
+        self.polling = plan.polling
+        self.how = plan.describe(self.poll_interval_s)
+        if self.how != self._said:
+            self._said = self.how
+            log.log(logging.WARNING if loud else logging.INFO, "watching %s %s", self.keep.inbox, self.how)
 
     def _start_observer(self, polling: bool) -> None:
         observer = self.observer_factory(polling, self.poll_interval_s, frozenset(self.keep.own))
@@ -183,6 +252,10 @@ class InboxWatcher:
             return self._handler.probe_seen.wait(self.probe_timeout_s)
         finally:
             os.unlink(probe)
+
+    def describe(self) -> str:
+        """What ``status`` shows: which watcher runs and why."""
+        return self.how
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self._observer is None:

@@ -45,6 +45,8 @@ def test_check_passes_against_the_emulator(tmp_path, emulator, capsys):
     assert main(["check", "--config", str(write_config(tmp_path, emulator))]) == 0
     out = capsys.readouterr().out
     assert "ok    Konfuzio API: project 1" in out
+    assert "ok    watcher: by inotify: it is on " in out and ", a local file system; `run` first checks with a probe " \
+        "file that its events arrive, else it polls" in out
     assert "FAIL" not in out
 
 

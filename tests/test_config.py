@@ -29,6 +29,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path):
     config = parse_config(BASE, base_dir=tmp_path)
     assert config.folders.inbox == tmp_path / "in"
     assert config.watch.settle_seconds == 2
+    assert config.watch.polling == "auto", "polls a network or FUSE mount, inotify elsewhere"
     assert config.upload.concurrency == 4
     assert config.results.callback_timeout == 600 and config.results.poll_interval == 30
     assert config.callback.path == "konfuzio-callback"
@@ -60,6 +61,8 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path):
         (with_("upload", concurency=4), "upload.concurency: unknown key"),
         (with_("watch", settle_seconds=True), "watch.settle_seconds: expected a number"),
         (with_("watch", ignore=[1]), "watch.ignore: expected a list of strings"),
+        (with_("watch", polling="sometimes"), "watch.polling: expected one of auto, true, false, got 'sometimes'"),
+        (with_("watch", polling=1), "watch.polling: expected one of auto, true, false, got 1"),
         (with_("callback", port=70000), "callback.port: must be between 0 and 65535, got 70000"),
         (with_("upload", concurrency=0), "upload.concurrency: must be between 1 and 64, got 0"),
         (with_("results", max_failures=0), "results.max_failures: must be at least 1, got 0"),

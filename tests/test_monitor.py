@@ -152,7 +152,9 @@ def test_status_json_carries_the_gates_and_the_extra_facts(start_daemon, emulato
     assert status["status"] == "ok" and status["pid"] == os.getpid() and status["blocked"] == []
     assert status["line"] == "0 pending, 0 done, 0 failed" and status["in_hand"] == 0
     assert status["state_folder"] == str(running.config.folders.state)
-    assert status["extra"] == {"candidates": {"settling": ["a.pdf", "b.pdf"], "unreadable": []},
+    assert status["extra"]["watcher"].startswith("by inotify: it is on ")
+    extra = {k: v for k, v in status["extra"].items() if k not in ("callbacks", "watcher")}
+    assert extra == {"candidates": {"settling": ["a.pdf", "b.pdf"], "unreadable": []},
                                "broken": {"error": "ZeroDivisionError: division by zero"}}
     lock = json.loads((running.config.folders.state / DAEMON_LOCK_NAME).read_text())
     assert lock["monitor_url"] == running.daemon.monitor.url and lock["pid"] == os.getpid()
