@@ -2,7 +2,9 @@
 
 The journal is read directly (no API token, no daemon needed). The running daemon, if any, is
 found through the state folder's lock file (``locks.py``), which names its monitor URL; its
-``/status`` adds what only it knows: what is blocked since when, and the ``extra`` facts. With a
+``/status`` adds what only it knows: what is blocked since when, and the ``extra`` facts (which watcher
+runs on the inbox and why, the files it saw settling). The files waiting in the inbox are counted by
+status itself, with the watcher's scan, so that files no event announced are counted too. With a
 shared journal (a cluster) it also lists the nodes: each one's host, when it was last heard from
 and how many files it works on, and whose clock is off from the database's; and which node works on
 each pending file. Ages are then by the database's clock, as the times in the journal are.
@@ -24,7 +26,7 @@ from .journal import ACTIVE, BaseJournal, JournalError, JournalWriteError, Row, 
 from .locks import read_daemon_lock
 from .results import web_url
 from .summary import format_age
-from .watcher import ignored_files
+from .watcher import Waiting, count_waiting, ignored_files
 
 MONITOR_TIMEOUT_S = 3.0
 LIST_SHOWN = 10
@@ -35,7 +37,7 @@ class StatusError(Exception):
 
 
 def print_status(config: Config, *, show_all: bool, now: float, out: TextIO) -> None:
-    out.write(daemon_report(config))
+    out.write(daemon_report(config, waiting_in_inbox(config)))
     try:
         if config.journal.url is None and not config.journal_path.exists():
             out.write(f"no journal yet at {config.journal_path}: nothing has been processed\n")
@@ -105,28 +107,42 @@ def watch_status(config: Config, *, show_all: bool, interval_s: float, out: Text
             time.sleep(interval_s)  # the refresh period of a live display
 
 
-def daemon_report(config: Config) -> str:
+def waiting_in_inbox(config: Config) -> Waiting:
+    """The files in the inbox not taken in yet, by the watcher's own scan (bounded): whether or not the
+    daemon heard of them (no file event comes for another host's file on a client mount)."""
+    f = config.folders
+    own = [f.done, f.failed, f.state, *([f.processing] if f.processing else [])]
+    return count_waiting(f.inbox, own, config.watch.ignore)
+
+
+def daemon_report(config: Config, waiting: Waiting | None = None) -> str:
     """``daemon: running (pid 1234 on host scan01, since 14:02)`` and, from its monitor, what is
-    blocked, whether callbacks arrive, and the extra facts; or ``daemon: no daemon running``. Ends with a
-    blank line."""
+    blocked, whether callbacks arrive, and the extra facts; or ``daemon: no daemon running``. With
+    ``waiting``, how many files wait in the inbox. Ends with a blank line."""
+    lines = _daemon_lines(config, waiting)
+    said = any("in the inbox, not taken in yet" in line for line in lines)
+    running = not lines[0].startswith("daemon: no daemon running")
+    if waiting is not None and not said and (running or waiting.files):  # no daemon: only files left waiting
+        lines.append(f"  {_waiting_line(waiting, None)}")
+    return "\n".join(lines) + "\n\n"
+
+
+def _daemon_lines(config: Config, waiting: Waiting | None) -> list[str]:
     try:
         holder = read_daemon_lock(config.folders.state)
     except OSError as exc:
-        return f"daemon: unknown (cannot read its lock file: {exc.strerror or exc})\n\n"
+        return [f"daemon: unknown (cannot read its lock file: {exc.strerror or exc})"]
     if holder is None or not holder.is_running():
-        return "daemon: no daemon running\n\n"
+        return ["daemon: no daemon running"]
     lines = [f"daemon: running ({holder.describe()})"]
     if not holder.monitor_url:
-        lines.append("  its monitor is off (monitor.enabled: false) or not yet up: no live state to show")
-        return "\n".join(lines) + "\n\n"
+        return [*lines, "  its monitor is off (monitor.enabled: false) or not yet up: no live state to show"]
     try:
         live = fetch_live_status(holder.monitor_url)
     except (OSError, ValueError) as exc:
-        lines.append(f"  its monitor at {holder.monitor_url} does not answer: {_reason(exc)}")
-        return "\n".join(lines) + "\n\n"
+        return [*lines, f"  its monitor at {holder.monitor_url} does not answer: {_reason(exc)}"]
     if live.get("pid") != holder.pid:
-        lines.append(f"  {holder.monitor_url} answers for another process (pid {live.get('pid')})")
-        return "\n".join(lines) + "\n\n"
+        return [*lines, f"  {holder.monitor_url} answers for another process (pid {live.get('pid')})"]
     if live.get("status") != "ok":
         lines[0] += f", {live.get('status')}"
     blocked = live.get("blocked") or []
@@ -139,8 +155,8 @@ def daemon_report(config: Config) -> str:
     if isinstance(callbacks, dict) and callbacks.get("text"):  # the daemon's one answer, as /healthz and /metrics
         lines.append(f"  callbacks arriving: {callbacks['text']}")
     for name, value in (live.get("extra") or {}).items():
-        lines += _fact(name, value)
-    return "\n".join(lines) + "\n\n"
+        lines += _fact(name, value, waiting)
+    return lines
 
 
 def fetch_live_status(monitor_url: str, timeout_s: float = MONITOR_TIMEOUT_S) -> dict[str, Any]:
@@ -153,11 +169,25 @@ def fetch_live_status(monitor_url: str, timeout_s: float = MONITOR_TIMEOUT_S) ->
     return data
 
 
-def _fact(name: str, value: Any) -> list[str]:
+def _waiting_line(waiting: Waiting | None, seen: int | None) -> str:
+    """``in the inbox, not taken in yet: 29 (the daemon has seen 3 of them)``: the inbox's own count
+    (``waiting``) and the files the daemon tracks (``seen``); either may be unknown."""
+    head = "in the inbox, not taken in yet:"
+    if waiting is None or waiting.error is not None:
+        cannot = f" (cannot look into the inbox: {waiting.error})" if waiting is not None else ""
+        return f"{head} {seen if seen is not None else 'unknown'}{cannot}"
+    count = f"at least {waiting.files}" if not waiting.complete else str(max(waiting.files, seen or 0))
+    if seen is None or (waiting.complete and seen >= waiting.files):
+        return f"{head} {count}"
+    return f"{head} {count} (the daemon has seen {seen} of them)"
+
+
+def _fact(name: str, value: Any, waiting: Waiting | None = None) -> list[str]:
     """An ``extra`` entry: a mapping becomes one line per key, a list ``n: a, b, c``; files not
-    taken in yet (``candidates``) get a line each: ``scan.pdf: incomplete (...; fails in 40 s)``."""
+    taken in yet (``candidates``) get a line each: ``scan.pdf: incomplete (...; fails in 40 s)``,
+    under the count of the files waiting in the inbox (``waiting``, from its own scan)."""
     if name == "candidates" and isinstance(value, list):
-        lines = [f"  in the inbox, not taken in yet: {len(value)}"]
+        lines = [f"  {_waiting_line(waiting, len(value))}"]
         lines += [f"    {c.get('path')}: {c.get('text')}" for c in value[:LIST_SHOWN] if isinstance(c, dict)]
         return lines + ([f"    and {len(value) - LIST_SHOWN} more"] if len(value) > LIST_SHOWN else [])
     if isinstance(value, dict):

@@ -4,7 +4,8 @@ The watcher only *reports* paths that may be new or changed; whether a file is f
 being written is decided by the scheduler (readiness.py), and the journal deduplicates.
 Which observer runs follows ``watch.polling`` and the inbox's file system (``plan_watching``): on
 a network or FUSE mount, files other hosts write make no inotify event here, so ``auto`` polls
-there. Which one runs and why is logged, and shown by ``check`` and ``status``.
+there. Which one runs and why is logged, and shown by ``check`` and ``status``; ``count_waiting``
+lets ``status`` count the files waiting in the inbox whether or not an event came for them.
 Scans reach folders whose path is longer than PATH_MAX (inotify cannot watch those: files in
 them are found by the periodic rescan). Hidden and ignored files are passed over without a
 word; ``ignored_files`` lists them, with the reason, for ``status --all``.
@@ -18,6 +19,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -269,18 +271,7 @@ class InboxWatcher:
     def scan(self, top: str | None = None) -> Iterator[str]:
         """Every candidate file below ``top`` (default: the inbox), without following symlinked dirs.
         A folder that cannot be read is logged once (and once more when it can be again)."""
-        stack = [top or self.keep.inbox]
-        while stack:
-            folder = stack.pop()
-            entries = self._list(folder)
-            for name, is_dir in entries:
-                path = os.path.join(folder, name)
-                if self.keep.rel_parts(path) is None:
-                    continue
-                if is_dir:
-                    stack.append(path)
-                else:
-                    yield path
+        return walk(self.keep, top or self.keep.inbox, self._list)
 
     def _list(self, folder: str) -> list[tuple[str, bool]]:
         try:
@@ -296,6 +287,56 @@ class InboxWatcher:
         if self._scan_errors.pop(folder, None) is not None:
             log.info("can scan %s again", display_name(folder))
         return entries
+
+
+def walk(keep: InboxFilter, top: str, list_folder: Callable[[str], list[tuple[str, bool]]]) -> Iterator[str]:
+    """Every candidate file below ``top``, without following symlinked folders; ``list_folder`` gives a
+    folder's entries as ``files.list_dir`` does (and says what it cannot read)."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        for name, is_dir in list_folder(folder):
+            path = os.path.join(folder, name)
+            if keep.rel_parts(path) is None:
+                continue
+            if is_dir:
+                stack.append(path)
+            else:
+                yield path
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """How many files wait in the inbox (``count_waiting``); ``complete`` False: at least that many."""
+
+    files: int
+    complete: bool = True
+    error: str | None = None  # the inbox could not be read
+
+
+def count_waiting(inbox: str | os.PathLike, own_folders: Iterable[str | os.PathLike], patterns: tuple[str, ...], *,
+                  limit: int = 10_000, budget_s: float = 2.0) -> Waiting:
+    """The files in the inbox that would be taken in, counted by the watcher's own scan, whether or not an
+    event came for them (``status``). Bounded for a big inbox on a slow share: it stops at ``limit`` files
+    or after ``budget_s``, and then says "at least"."""
+    keep = InboxFilter(Path(inbox), [Path(p) for p in own_folders], patterns)
+    errors: list[str] = []
+
+    def list_folder(folder: str) -> list[tuple[str, bool]]:
+        try:
+            return list_dir(folder)
+        except OSError as exc:
+            if folder == keep.inbox:
+                errors.append(exc.strerror or str(exc))
+            return []
+
+    deadline = time.monotonic() + budget_s
+    files = 0
+    for _ in walk(keep, keep.inbox, list_folder):
+        files += 1
+        if files >= limit or time.monotonic() > deadline:
+            return Waiting(files, complete=False)
+    return Waiting(files, error=errors[0] if errors else None)
 
 
 def ignored_files(inbox: str | os.PathLike, own_folders: Iterable[str | os.PathLike],

@@ -1,21 +1,25 @@
-"""Watching a share: a client mount is polled by default; which watcher runs and why is said. The
-end-to-end tests use tests/smb.py: smbd on loopback, the share mounted through smbnetfs, smbclient as
-the scanner, which writes as another host (no inotify event on the mount)."""
+"""Watching a share: a client mount is polled by default; which watcher runs and why is said; status
+counts the files waiting whether or not an event came. The end-to-end tests use tests/smb.py: smbd on
+loopback, the share mounted through smbnetfs, smbclient as the scanner, which writes as another host
+(no inotify event on the mount)."""
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from watchdog.observers.api import BaseObserver, EventEmitter
 
 from konfuzio_watch.mounts import Mount
 from konfuzio_watch.samples import make_pdf
-from konfuzio_watch.watcher import plan_watching
+from konfuzio_watch.status import print_status
+from konfuzio_watch.watcher import count_waiting, plan_watching
 
-from .conftest import wait_until
+from .conftest import drop, wait_until
 from .helpers import KONFUZIO_WATCH, DaemonProcess
 from .smb import Scanner
 
@@ -45,6 +49,49 @@ def test_the_watcher_follows_the_setting_and_the_inboxs_file_system(setting, mou
     plan = plan_watching(setting, mount, rescan_interval_s=300)
     assert (plan.polling, plan.describe(5), plan.warning) == (polling, said, warning)
     assert plan.probe == (setting == "auto" and not polling), "a probe proves something on a local disk only"
+
+
+class _DeadEmitter(EventEmitter):
+    """An observer that never reports (inotify on a client mount, for another host's file)."""
+
+    def queue_events(self, timeout: float) -> None:
+        self.stopped_event.wait(timeout)
+
+
+def _blind(polling: bool, interval_s: float, skip: frozenset[str]) -> BaseObserver:
+    return BaseObserver(emitter_class=_DeadEmitter)
+
+
+def test_status_counts_the_files_waiting_in_the_inbox_that_no_event_announced(start_daemon):
+    running = start_daemon(watch={"polling": False, "rescan_interval": 300},
+                           daemon_kwargs={"observer_factory": _blind})
+    rescan = next(duty for duty in running.daemon.scheduler.duties if duty.name == "rescan")
+    wait_until(lambda: rescan.runs, 10, "the start-up scan done (the files come after it)")
+    for name in ("a.pdf", "b.pdf", "sub/c.pdf"):
+        drop(running.inbox / name, make_pdf(label=name))
+    drop(running.inbox / "scan.pdf.part", b"a scanner's temporary file is not counted")
+    out = io.StringIO()
+    print_status(running.config, show_all=False, now=time.time(), out=out)
+    lines = out.getvalue().splitlines()
+    assert "  watcher: by inotify (watch.polling: false)" in lines, lines
+    assert "  in the inbox, not taken in yet: 3 (the daemon has seen 0 of them)" in lines, lines
+
+    running.stop()
+    out = io.StringIO()
+    print_status(running.config, show_all=False, now=time.time(), out=out)
+    assert out.getvalue().startswith("daemon: no daemon running\n  in the inbox, not taken in yet: 3\n")
+
+
+def test_the_count_of_a_big_inbox_stops_at_its_limit(tmp_path):
+    inbox = tmp_path / "inbox"
+    for i in range(30):
+        drop(inbox / f"{i:02d}.pdf", b"%PDF-1.4\n%%EOF\n")
+    drop(inbox / "done" / "old.pdf", b"%PDF-1.4\n%%EOF\n")
+    assert count_waiting(inbox, [inbox / "done"], ()) == count_waiting(inbox, [inbox / "done"], (), limit=31)
+    assert count_waiting(inbox, [inbox / "done"], (), limit=31).files == 30
+    counted = count_waiting(inbox, [inbox / "done"], (), limit=10)
+    assert (counted.files, counted.complete) == (10, False)
+    assert count_waiting(tmp_path / "missing", [], ()).error == "No such file or directory"
 
 
 # -- a real share ------------------------------------------------------------------------------------
@@ -113,7 +160,7 @@ def test_a_client_mount_is_polled_by_default_and_another_hosts_file_is_done_with
 
 
 @pytest.mark.slow
-def test_polling_false_on_a_client_mount_is_honoured_loudly(
+def test_polling_false_on_a_client_mount_is_honoured_loudly_and_status_counts_the_files_it_cannot_see(
         samba, smb_mount, daemon_process, tmp_path):
     daemon = on_the_share(daemon_process, smb_mount, polling=False)
     inbox = smb_mount.share / "inbox"
@@ -130,4 +177,5 @@ def test_polling_false_on_a_client_mount_is_honoured_loudly(
     put_all(samba, tmp_path, ["a.pdf", "b.pdf"])
     status = konfuzio_watch(daemon, "status")
     assert "  watcher: by inotify (watch.polling: false), although it is on fuse.smbnetfs" in status, status
+    assert "  in the inbox, not taken in yet: 2 (the daemon has seen 0 of them)" in status, status
     assert daemon.terminate() == 0
