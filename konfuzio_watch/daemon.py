@@ -125,6 +125,10 @@ class Daemon:
         self.started_at = time.time()
         self._stop_requested_at: float | None = None
         self.watcher: InboxWatcher | None = None
+        self._watch_trouble: str | None = None  # why the inbox cannot be watched now (said once)
+        # The markers, and the inbox's share, are looked at this often: watching restarts within a poll_interval
+        # of the share's return.
+        self._markers_every_s = max(0.5, min(markers.MARKERS_EVERY_S, config.watch.poll_interval))
         self.pipeline: Pipeline | None = None
         self.dispatcher: Dispatcher | None = None
         self.scheduler: Scheduler | None = None
@@ -195,7 +199,8 @@ class Daemon:
             assert self.inbox_lock
             self.inbox_lock.claim(self.journal.journal_id)
         self.markers = MarkerKeeper(self.inbox_lock, self.processing_lock, inbox=c.folders.inbox,
-                                    on_lost=lambda _reason: self.request_stop(), on_new_inbox=self._watch_new_inbox)
+                                    on_lost=lambda _reason: self.request_stop(), on_new_inbox=self._watch_new_inbox,
+                                    on_inbox_away=self._pause_watching, on_inbox_back=self._watch_again)
         self.journal.bind_processing_dir(self.processing_dir)
         if self._client is None:
             self._client = KonfuzioClient(c.konfuzio.host, c.api_token(), c.konfuzio.timeout_seconds,
@@ -278,8 +283,9 @@ class Daemon:
             # In a cluster one node at a time rescans; the others ask for the role this often.
             Duty("rescan", min(c.watch.rescan_interval, c.node.lease_seconds) if self.cluster
                  else c.watch.rescan_interval, self._rescan),
-            # Anyone who may write the inbox may remove its marker; a renamed and recreated inbox has none.
-            Duty("markers", markers.MARKERS_EVERY_S, self.markers.tend),
+            # Anyone who may write the inbox may remove its marker; a renamed and recreated inbox has none;
+            # its share may go away and come back.
+            Duty("markers", self._markers_every_s, self._tend_inbox),
             Duty("status", STATUS_EVERY_S, self._publish_status),
             Duty("tunnel", TUNNEL_CHECK_EVERY_S if self.config.ngrok.enabled else None, self._check_tunnel,
                  next_at=self.clock.now() + TUNNEL_CHECK_EVERY_S),
@@ -540,8 +546,11 @@ class Daemon:
 
     def _rescan(self, now: float) -> None:
         """A full rescan of the inbox; in a cluster only by the node with the rescanner role, at once when
-        it gets the role (the node that had it may have died in the middle of an interval)."""
+        it gets the role (the node that had it may have died in the middle of an interval). Not while the
+        inbox's share is away: there is nothing to find, and its return brings a rescan of its own."""
         assert self.scheduler
+        if self.markers is not None and self.markers.away is not None:
+            return
         if self.rescanner is not None:
             held, had = self.rescanner.acquire(), self._rescanner_held
             self._rescanner_held = held
@@ -559,10 +568,41 @@ class Daemon:
     def _watch_new_inbox(self, now: float) -> None:
         """The inbox was renamed and made again: the file events come from the old folder; watch the new
         one, and look at what it holds now."""
-        assert self.watcher and self.scheduler
         log.info("the inbox %s is a new folder: watching it", self.config.folders.inbox)
+        self._watch_again(now)
+
+    def _tend_inbox(self, now: float) -> None:
+        """The markers and the inbox's share (``markers.py``); and an observer that stopped by itself (watchdog's
+        poller does when its folder is missing for a moment) is started again."""
+        assert self.markers and self.watcher
+        self.markers.tend(now)
+        if self.markers.away is None and self.markers.lost is None and not self.watcher.is_running():
+            if self._watch_trouble is None:
+                log.warning("the observer of the inbox %s had stopped (its folder was missing for a moment?): "
+                            "watching it again", self.config.folders.inbox)
+            self._watch_again(now)
+
+    def _pause_watching(self, reason: str) -> None:
+        assert self.watcher
+        self.watcher.pause(f"the inbox's share is away since {time.strftime('%H:%M:%S')}: {reason}")
+
+    def _watch_again(self, now: float) -> None:
+        """Watch the inbox anew (a new folder, its share back, an observer that stopped) and look at what it
+        holds now: a new observer reports only what changes after it started."""
+        assert self.watcher and self.scheduler
         self.watcher.stop()
-        self.watcher.start()
+        try:
+            self.watcher.start()
+        except OSError as exc:  # missing, or gone again in between: the next look at the markers tries again
+            reason = exc.strerror or str(exc)
+            if reason != self._watch_trouble:
+                log.warning("cannot watch the inbox %s: %s; trying again every %g s", self.config.folders.inbox,
+                            reason, self._markers_every_s)
+            self._watch_trouble = reason
+            return
+        if self._watch_trouble is not None:
+            log.info("watching the inbox %s again", self.config.folders.inbox)
+            self._watch_trouble = None
         self.scheduler.rescan(now)
 
     def _publish_status(self, _now: float) -> None:

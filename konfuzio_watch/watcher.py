@@ -180,7 +180,9 @@ class InboxWatcher:
     """The observer on the inbox, as ``plan_watching`` decides from ``watch.polling`` and the inbox's file
     system. inotify that cannot watch (its limits), or whose probe file's event never comes, gives way
     to polling. ``how`` says which watcher runs and why; it is logged when it changes (INFO, or WARNING
-    when files may be found late)."""
+    when files may be found late). ``pause`` stops watching while the inbox's share is away;
+    ``is_running`` is False once the observer stopped by itself (watchdog's poller stops for good when
+    its folder is missing for a moment): ``start`` again."""
 
     def __init__(self, keep: InboxFilter, report: Report, *, polling: PollingSetting = "auto",
                  poll_interval_s: float = 5.0, rescan_interval_s: float = 300.0,
@@ -196,12 +198,14 @@ class InboxWatcher:
         self.probe_timeout_s = probe_timeout_s
         self.find_mount = find_mount
         self.how = ""  # "by polling every 5 s: it is on cifs at /mnt/scans (//nas/scans), where ..."
+        self.paused: str | None = None  # why watching is paused (the inbox's share is away)
         self._observer: BaseObserver | None = None
         self._said = ""
         self._scan_errors: dict[str, str] = {}  # folder -> why it could not be scanned (logged once)
 
     def start(self) -> None:
         plan = plan_watching(self.setting, self.find_mount(self.keep.inbox), self.rescan_interval_s)
+        self.paused = None
         if plan.polling:
             self._start_observer(polling=True)
             self._settle(plan, loud=False)
@@ -255,9 +259,22 @@ class InboxWatcher:
         finally:
             os.unlink(probe)
 
+    def is_running(self) -> bool:
+        """The observer and each of its emitters run (a poller stops by itself when its folder is missing)."""
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return False
+        emitters = observer.emitters
+        return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
+
     def describe(self) -> str:
-        """What ``status`` shows: which watcher runs and why."""
-        return self.how
+        """What ``status`` shows: which watcher runs and why, or why watching is paused."""
+        return f"paused: {self.paused}" if self.paused is not None else self.how
+
+    def pause(self, reason: str) -> None:
+        """Stop watching until ``start``: the inbox's share is away (``reason``)."""
+        self.stop()
+        self.paused = reason
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self._observer is None:

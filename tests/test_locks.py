@@ -456,7 +456,9 @@ def test_files_without_a_row_are_left_alone_in_a_processing_folder_not_locked(st
     monkeypatch.setattr(markers, "MARKERS_EVERY_S", 3600.0)
     running = start_daemon()
     folder = running.daemon.processing_dir
-    assert folder and running.daemon.pipeline
+    assert folder and running.daemon.pipeline and running.daemon.scheduler
+    look = next(duty for duty in running.daemon.scheduler.duties if duty.name == "markers")
+    wait_until(lambda: look.runs, 10, "the loop's first look at the markers (the next is seconds away)")
     folder.rename(tmp_path / "moved")
     folder.mkdir(mode=0o700)  # another daemon's now, say
     planted = folder / "0123456789abcdef-theirs.pdf"

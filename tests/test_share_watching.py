@@ -1,23 +1,28 @@
 """Watching a share: a client mount is polled by default; which watcher runs and why is said; status
-counts the files waiting whether or not an event came. The end-to-end tests use tests/smb.py: smbd on
-loopback, the share mounted through smbnetfs, smbclient as the scanner, which writes as another host
-(no inotify event on the mount)."""
+counts the files waiting whether or not an event came; watching comes back by itself after the share
+went away. The end-to-end tests use tests/smb.py: smbd on loopback, the share mounted through
+smbnetfs, smbclient as the scanner, which writes as another host (no inotify event on the mount)."""
 
 from __future__ import annotations
 
 import io
+import logging
+import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import requests
 from watchdog.observers.api import BaseObserver, EventEmitter
 
+from konfuzio_watch.locks import INBOX_LOCK_NAME, InboxLock, ProcessingLock
+from konfuzio_watch.markers import InboxPlace, MarkerKeeper
 from konfuzio_watch.mounts import Mount
 from konfuzio_watch.samples import make_pdf
 from konfuzio_watch.status import print_status
-from konfuzio_watch.watcher import count_waiting, plan_watching
+from konfuzio_watch.watcher import InboxFilter, InboxWatcher, count_waiting, plan_watching
 
 from .conftest import drop, wait_until
 from .helpers import KONFUZIO_WATCH, DaemonProcess
@@ -92,6 +97,125 @@ def test_the_count_of_a_big_inbox_stops_at_its_limit(tmp_path):
     counted = count_waiting(inbox, [inbox / "done"], (), limit=10)
     assert (counted.files, counted.complete) == (10, False)
     assert count_waiting(tmp_path / "missing", [], ()).error == "No such file or directory"
+
+
+# -- an observer that stopped, a share that went away ----------------------------------------------
+
+
+def test_a_poller_that_stopped_by_itself_is_started_again(start_daemon, caplog):
+    """watchdog's poller stops for good when its folder is missing for a moment (a share remounted)."""
+    caplog.set_level(logging.WARNING, logger="konfuzio_watch")
+    running = start_daemon(watch={"polling": True, "poll_interval": 0.2, "rescan_interval": 300})
+    watcher = running.daemon.watcher
+    wait_until(watcher.is_running, 5, "the poller running")
+    stopped, old = time.monotonic(), watcher._observer
+    for emitter in old.emitters:  # what the poller does when its snapshot finds no folder
+        emitter.stop()
+    wait_until(lambda: watcher._observer is not old and watcher.is_running(), 5, "the poller started again")
+    assert time.monotonic() - stopped < 0.5 + 0.5, "within the markers' look (every poll_interval, at least 0.5 s)"
+    drop(running.inbox / "after.pdf", make_pdf(label="after"))
+    running.wait_finished(1, timeout_s=10)
+    assert [r.getMessage() for r in caplog.records if r.name == "konfuzio_watch"] == [
+        f"the observer of the inbox {running.inbox} had stopped (its folder was missing for a moment?): watching it "
+        "again"]
+
+
+class FakeMounts:
+    """The inbox's place as ``markers.inbox_place`` gives it, with a mount the test unmounts and mounts
+    again: a real folder under a mountpoint that the test empties (a lazy unmount) and fills again."""
+
+    def __init__(self, point: Path):
+        self.point = point
+        self.mounted = True
+        self.mount_id = 100
+        self.fs_type = "fuse.smbnetfs"
+
+    def where(self, inbox: Path) -> InboxPlace:
+        mount = Mount(self.mount_id, "0:99", str(self.point), self.fs_type, "smbnetfs") if self.mounted else EXT4
+        try:
+            return InboxPlace(mount, os.stat(inbox).st_dev)
+        except OSError as exc:  # under the bare mountpoint
+            return InboxPlace(mount, error=exc.strerror)
+
+
+def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_and_is_taken_again_when_back(
+        tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="konfuzio_watch")
+    point, elsewhere = tmp_path / "mnt", tmp_path / "share-while-unmounted"
+    inbox, processing = point / "share" / "inbox", point / "share" / ".inbox.konfuzio-watch"
+    inbox.mkdir(parents=True)
+    processing.mkdir(mode=0o700)
+    state = tmp_path / "state"
+    inbox_lock = InboxLock(inbox, state).acquire()
+    inbox_lock.claim("journal-1")
+    processing_lock = ProcessingLock(processing, state).acquire()
+    processing_lock.claim("journal-1")
+    mounts = FakeMounts(point)
+    calls: list[str] = []
+    keeper = MarkerKeeper(inbox_lock, processing_lock, inbox=inbox, on_lost=lambda r: calls.append(f"lost {r}"),
+                          on_new_inbox=lambda now: calls.append("new inbox"),
+                          on_inbox_away=lambda reason: calls.append(f"away: {reason}"),
+                          on_inbox_back=lambda now: calls.append("back"), where=mounts.where)
+    try:
+        keeper.tend(1.0)
+        assert calls == [] and keeper.away is None
+
+        point.rename(elsewhere)  # the share unmounted: the bare mountpoint is left, empty
+        point.mkdir()
+        mounts.mounted = False
+        for now in (2.0, 4.0, 6.0):
+            keeper.tend(now)
+        assert list(point.iterdir()) == [], "written under the bare mountpoint"
+        assert calls == [f"away: fuse.smbnetfs at {point} (smbnetfs) is not mounted any more (No such file or "
+                         "directory)"]
+        assert keeper.away is not None and keeper.away.since == 2.0
+        assert not inbox_lock.file.held and not processing_lock.file.held, "let go: they keep a dead mount alive"
+
+        point.rmdir()  # mounted again: the same share, a new mount
+        elsewhere.rename(point)
+        mounts.mounted, mounts.mount_id = True, mounts.mount_id + 1
+        keeper.tend(8.0)
+        assert calls[1:] == ["back"] and keeper.away is None
+        assert inbox_lock.file.in_place() and processing_lock.file.in_place()
+        assert (inbox / INBOX_LOCK_NAME).read_text().count(f'"pid": {os.getpid()}') == 1
+
+        mounts.mount_id += 1  # mounted again between two looks
+        keeper.tend(10.0)
+        assert calls[2:] == ["back"]
+        mounts.fs_type = "tmpfs"  # something else mounted there
+        keeper.tend(12.0)
+        assert calls[3:] == ["away: it is on tmpfs at " + str(point) + " (smbnetfs) now, not on fuse.smbnetfs at "
+                             f"{point} (smbnetfs) as at start-up (if it moved there for good, restart konfuzio-watch)"]
+    finally:
+        inbox_lock.release()
+        processing_lock.release()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == [
+        ("ERROR", f"the inbox {inbox} is away: fuse.smbnetfs at {point} (smbnetfs) is not mounted any more (No "
+                  "such file or directory); watching it is paused, and nothing is written there until it is back"),
+        ("WARNING", f"the inbox {inbox} is back on fuse.smbnetfs at {point} (smbnetfs) after 6 s away: watching it "
+                    "again"),
+        ("WARNING", f"the inbox {inbox} is back on fuse.smbnetfs at {point} (smbnetfs), mounted again since the last "
+                    "look: watching it again"),
+        ("ERROR", f"the inbox {inbox} is away: it is on tmpfs at {point} (smbnetfs) now, not on fuse.smbnetfs at "
+                  f"{point} (smbnetfs) as at start-up (if it moved there for good, restart konfuzio-watch); watching "
+                  "it is paused, and nothing is written there until it is back"),
+    ]
+
+
+def test_a_paused_watcher_says_why_and_starts_again(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    watcher = InboxWatcher(InboxFilter(inbox, [], ()), lambda kind, path: None, polling=True, poll_interval_s=0.1)
+    watcher.start()
+    try:
+        assert watcher.is_running() and watcher.describe() == "by polling every 0.1 s (watch.polling: true)"
+        watcher.pause("the inbox's share is away")
+        assert not watcher.is_running() and watcher.describe() == "paused: the inbox's share is away"
+        watcher.start()
+        assert watcher.is_running() and watcher.describe() == "by polling every 0.1 s (watch.polling: true)"
+    finally:
+        watcher.stop()
 
 
 # -- a real share ------------------------------------------------------------------------------------
@@ -178,4 +302,42 @@ def test_polling_false_on_a_client_mount_is_honoured_loudly_and_status_counts_th
     status = konfuzio_watch(daemon, "status")
     assert "  watcher: by inotify (watch.polling: false), although it is on fuse.smbnetfs" in status, status
     assert "  in the inbox, not taken in yet: 2 (the daemon has seen 0 of them)" in status, status
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.slow
+def test_a_share_unmounted_and_mounted_again_is_watched_again_within_a_poll_and_nothing_lands_under_the_mountpoint(
+        samba, smb_mount, daemon_process, tmp_path):
+    poll = 2.0
+    daemon = on_the_share(daemon_process, smb_mount, poll_interval=poll)
+    daemon.start()
+    put_all(samba, tmp_path, ["before.pdf"])
+    wait_until(lambda: all_done(daemon, samba, ["before.pdf"], 1), 20, "before.pdf done")
+
+    unmounted = time.monotonic()
+    smb_mount.unmount(lazy=True)  # returns once smbnetfs is gone: the daemon let go of the share (or 10 s)
+    print(f"smbnetfs gone {time.monotonic() - unmounted:.1f} s after the lazy unmount")
+    wait_until(lambda: log_lines(daemon, "ERROR", "inbox"), 10,
+               lambda: f"the ERROR on the share going away (log: {daemon.log.read_text()[-2000:]})")
+    live = requests.get(f"{daemon.monitor_url}/status", timeout=5).json()
+    assert live["extra"]["watcher"].startswith("paused: the inbox's share is away since "), live["extra"]
+    outage_end = time.monotonic() + 3
+    while time.monotonic() < outage_end:  # the share stays away; the daemon looks at it every second or two
+        assert list(smb_mount.mountpoint.iterdir()) == [], "written under the bare mountpoint"
+        time.sleep(0.1)
+
+    smb_mount.mount()
+    back = time.monotonic()
+    names = [f"after-{i}.pdf" for i in range(5)]
+    put_all(samba, tmp_path, names)
+    wait_until(lambda: all_done(daemon, samba, names, 6), 30,
+               lambda: f"the 5 files put after the return done (log: {daemon.log.read_text()[-3000:]})")
+    took = time.monotonic() - back
+    print(f"lazy unmount and remount: the 5 files done {took:.1f} s after the return")
+    assert took <= 2 * poll, "2 x poll_interval of the share's return"
+    said = log_lines(daemon, "ERROR", "") + log_lines(daemon, "WARNING", "")
+    assert len(said) == 2 and " is away: fuse.smbnetfs at " in said[0] and " is back on fuse.smbnetfs at " in said[1], \
+        daemon.log.read_text()[-3000:]
+    assert daemon.journal("SELECT state, COUNT(*) FROM files GROUP BY state") == [("done", 6)]
+    assert not list((samba.share / "failed").rglob("*"))
     assert daemon.terminate() == 0
