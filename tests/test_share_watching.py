@@ -5,6 +5,7 @@ smbnetfs, smbclient as the scanner, which writes as another host (no inotify eve
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -130,18 +131,21 @@ class FakeMounts:
         self.mount_id = 100
         self.fs_type = "fuse.smbnetfs"
 
+        self.failing: int | None = None  # the errno a server that does not answer gives
+
     def where(self, inbox: Path) -> InboxPlace:
         mount = Mount(self.mount_id, "0:99", str(self.point), self.fs_type, "smbnetfs") if self.mounted else EXT4
         try:
+            if self.failing is not None:
+                raise OSError(self.failing, os.strerror(self.failing))
             return InboxPlace(mount, os.stat(inbox).st_dev)
-        except OSError as exc:  # under the bare mountpoint
-            return InboxPlace(mount, error=exc.strerror)
+        except OSError as exc:  # under the bare mountpoint, or the server does not answer
+            return InboxPlace(mount, error=exc.strerror, code=exc.errno)
 
 
-def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_and_is_taken_again_when_back(
-        tmp_path, caplog):
-    caplog.set_level(logging.DEBUG, logger="konfuzio_watch")
-    point, elsewhere = tmp_path / "mnt", tmp_path / "share-while-unmounted"
+def keeper_on(tmp_path: Path, calls: list[str]) -> tuple[MarkerKeeper, FakeMounts, Path]:
+    """A marker keeper on an inbox under a fake mount, with the markers taken; it tells ``calls``."""
+    point = tmp_path / "mnt"
     inbox, processing = point / "share" / "inbox", point / "share" / ".inbox.konfuzio-watch"
     inbox.mkdir(parents=True)
     processing.mkdir(mode=0o700)
@@ -151,11 +155,21 @@ def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_a
     processing_lock = ProcessingLock(processing, state).acquire()
     processing_lock.claim("journal-1")
     mounts = FakeMounts(point)
-    calls: list[str] = []
     keeper = MarkerKeeper(inbox_lock, processing_lock, inbox=inbox, on_lost=lambda r: calls.append(f"lost {r}"),
                           on_new_inbox=lambda now: calls.append("new inbox"),
                           on_inbox_away=lambda reason: calls.append(f"away: {reason}"),
                           on_inbox_back=lambda now: calls.append("back"), where=mounts.where)
+    return keeper, mounts, inbox
+
+
+def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_and_is_taken_again_when_back(
+        tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="konfuzio_watch")
+    calls: list[str] = []
+    keeper, mounts, inbox = keeper_on(tmp_path, calls)
+    point, elsewhere = mounts.point, tmp_path / "share-while-unmounted"
+    inbox_lock, processing_lock = keeper.inbox_lock, keeper.processing_lock
+    assert inbox_lock
     try:
         keeper.tend(1.0)
         assert calls == [] and keeper.away is None
@@ -216,6 +230,36 @@ def test_a_paused_watcher_says_why_and_starts_again(tmp_path):
         assert watcher.is_running() and watcher.describe() == "by polling every 0.1 s (watch.polling: true)"
     finally:
         watcher.stop()
+
+
+def test_a_share_that_does_not_answer_pauses_watching_and_one_merely_missing_inbox_is_left_to_the_markers(
+        tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="konfuzio_watch")
+    calls: list[str] = []
+    keeper, mounts, inbox = keeper_on(tmp_path, calls)
+    try:
+        mounts.failing = errno.EIO  # smbd stopped: the mount is there, and answers EIO
+        keeper.tend(1.0)
+        keeper.tend(3.0)
+        mounts.failing = None
+        keeper.tend(31.0)
+        assert calls == ["away: it cannot be looked at (Input/output error)", "back"]
+
+        inbox.rename(inbox.with_name("inbox-old"))  # renamed, on its own mount: the markers' look says it
+        keeper.tend(33.0)
+        inbox.mkdir()
+        keeper.tend(35.0)
+        assert calls[2:] == ["new inbox"] and keeper.away is None
+    finally:
+        assert keeper.inbox_lock
+        keeper.inbox_lock.release()
+        keeper.processing_lock.release()
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        f"the inbox {inbox} is away: it cannot be looked at (Input/output error)",
+        f"the inbox {inbox} is back on fuse.smbnetfs at {mounts.point} (smbnetfs) after 30 s away: watching it again",
+        f"the inbox's marker {inbox / INBOX_LOCK_NAME} was removed or replaced (by an inbox writer, or the inbox was "
+        "renamed and recreated) while this daemon ran",
+    ]
 
 
 # -- a real share ------------------------------------------------------------------------------------
