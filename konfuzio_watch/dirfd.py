@@ -4,8 +4,9 @@ done/ and failed/ may be writable by others (a scanner group, an admin's script)
 may be a planted symbolic link, to a victim file or to the journal, and any subfolder may be one.
 So every write or move into them starts from a descriptor of the folder's root (its configured
 path, followed as the admin gave it) and opens each folder below it with ``O_NOFOLLOW |
-O_DIRECTORY``, creating what is missing with ``mkdirat``; the last step is an ``*at`` call on that
-descriptor. A symbolic link or a file where a folder should be raises ``FolderInTheWay`` (a
+O_DIRECTORY``, creating what is missing below the root with ``mkdirat`` (never the root itself:
+a share unmounted leaves a bare mountpoint, which nothing may be written into); the last step
+is an ``*at`` call on that descriptor. A symbolic link or a file where a folder should be raises ``FolderInTheWay`` (a
 ``FileExistsError``: a placement then picks another name); nothing is written through it.
 
 Temporary files get a new random name each (``O_CREAT | O_EXCL | O_NOFOLLOW``): nothing can be
@@ -48,11 +49,12 @@ def relative_parts(root: Path, path: Path) -> tuple[str, ...]:
 
 def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:
     """A descriptor of ``folder`` (``root`` or below it), opened one component at a time from
-    ``root`` without following a symbolic link; with ``create``, missing folders are made (the root
-    with its parents, as the daemon makes its folders at start). Readable where permitted, so that
-    it can be fsynced and listed."""
+    ``root`` without following a symbolic link; with ``create``, missing folders below ``root`` are
+    made. ``root`` itself is never made: the daemon makes its folders at start-up, and one missing
+    now is a share that went away (its bare mountpoint must stay empty). Readable where permitted,
+    so that it can be fsynced and listed."""
     parts = relative_parts(root, folder)
-    fd = _open_root(root, create)
+    fd = _open_readable(root)  # the configured folder, followed as the admin gave it (a link to a share is theirs)
     try:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
@@ -63,17 +65,6 @@ def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _open_root(root: Path, create: bool) -> int:
-    """The configured folder, followed as the admin gave it (a link to a share is theirs to make)."""
-    try:
-        return _open_readable(root)
-    except FileNotFoundError:
-        if not create:
-            raise
-    root.mkdir(parents=True, exist_ok=True)
-    return _open_readable(root)
 
 
 def _open_readable(path: Path) -> int:
@@ -108,10 +99,12 @@ def _open_dir(fd: int, part: str, flags: int, where: Path) -> int:
 
 
 def lexists_at(dir_fd: int, name: str) -> bool:
-    """Is there an entry (of any kind, a dangling link included) by that name in the folder?"""
+    """Is there an entry (of any kind, a dangling link included) by that name in the folder? Only
+    ENOENT and ENOTDIR say no: any other error (EIO from a share that is away) is raised, never
+    taken for a free name (on a share without hard links a name is taken by a rename, which replaces)."""
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     return True
 

@@ -129,8 +129,8 @@ def free_target(folder: Path, rel_path: str, sidecar_suffix: str | Sequence[str]
     *folders, name = Path(rel_path).parts
     try:
         fd: int | None = open_folder(folder, folder)
-    except OSError:
-        fd = None  # made by the write (or unreadable: the write says why): every name in it is free
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        fd = None  # the write says why (any other error, a share's EIO, is raised: no name is known free)
     chosen = []
     try:
         for part in folders:

@@ -69,8 +69,22 @@ def test_a_move_never_replaces_an_existing_file(tmp_path):
 def test_a_move_creates_folders_and_leaves_no_source(tmp_path):
     src, dst = tmp_path / "a", tmp_path / "x" / "y" / "a"
     src.write_bytes(b"data")
-    move_no_clobber(src, dst)
+    move_no_clobber(src, dst, dst_root=tmp_path)
     assert dst.read_bytes() == b"data" and not src.exists()
+
+
+def test_a_missing_root_is_never_made(tmp_path):
+    """A configured folder missing at run time is a share that went away: its bare mountpoint stays
+    empty (on main the write made the folder with its parents there)."""
+    src, mountpoint = tmp_path / "a", tmp_path / "mnt"
+    src.write_bytes(b"data")
+    mountpoint.mkdir()
+    done = mountpoint / "share" / "done"
+    with pytest.raises(FileNotFoundError):
+        move_no_clobber(src, done / "sub" / "a", dst_root=done)
+    with pytest.raises(FileNotFoundError):
+        write_json_no_clobber(done / "a.json", {}, lambda _old: False, root=done)
+    assert list(mountpoint.iterdir()) == [] and src.read_bytes() == b"data"
 
 
 def test_a_symlink_is_moved_as_a_link_never_followed(tmp_path):
@@ -357,6 +371,7 @@ from pathlib import Path
 from konfuzio_watch.files import move_no_clobber, write_json_no_clobber
 root = Path(sys.argv[1])
 done = root / "done"
+done.mkdir()
 write_json_no_clobber(done / "sub" / "r.json", {"document_id": 1}, is_ours=lambda old: False, root=done)
 write_json_no_clobber(done / "sub" / "r.json", {"document_id": 1, "v": 2}, is_ours=lambda old: True, root=done)
 try:
