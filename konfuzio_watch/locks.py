@@ -210,7 +210,10 @@ class LockFile:
         renamed and another one made under the old name)."""
         if self._fd is None:
             return False
-        held = os.fstat(self._fd)
+        try:
+            held = os.fstat(self._fd)
+        except OSError:  # the file held cannot be reached any more (its share was unmounted): not in place
+            return False
         try:
             found = os.stat(self.path, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):

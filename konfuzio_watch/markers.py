@@ -39,6 +39,7 @@ from .files import move_no_clobber
 from .journal import display_name
 from .locks import FolderLock, LockHeld
 from .mounts import Mount, mount_of
+from .shares import Folders, is_share_error
 
 log = logging.getLogger("konfuzio_watch")
 
@@ -93,8 +94,10 @@ class MarkerKeeper:
                  on_lost: Callable[[str], None], on_new_inbox: Callable[[float], None],
                  on_inbox_away: Callable[[str], None] = lambda _reason: None,
                  on_inbox_back: Callable[[float], None] = lambda _now: None,
-                 where: Callable[[Path], InboxPlace] = inbox_place):
+                 where: Callable[[Path], InboxPlace] = inbox_place,
+                 folders: Folders | None = None):
         self.inbox_lock = inbox_lock
+        self.folders = folders  # a marker is taken again only where the inbox answers as itself (``shares``)
         self.processing_lock = processing_lock
         self.inbox = inbox
         self.on_lost = on_lost
@@ -118,7 +121,12 @@ class MarkerKeeper:
             return
         for lock in (self.inbox_lock, self.processing_lock):
             if lock is not None and self.lost is None:
-                self._tend(lock, now)
+                try:
+                    self._tend(lock, now)
+                except OSError as exc:  # the inbox's share does not answer: the work on it pauses (``shares``)
+                    if not is_share_error(exc):
+                        raise
+                    log.debug("cannot look at %s now: %s", lock.file.path, exc)
 
     # -- the inbox's share: away and back ---------------------------------------------------------
 
@@ -200,11 +208,13 @@ class MarkerKeeper:
             self._taken_at.pop(key, None)
             self._trouble.pop(key, None)
             return
+        if self.folders is not None:
+            self.folders.look(self.inbox)  # not into a bare mountpoint, nor while the share is away
         was = lock.file.where()
         try:
-            if lock is self.processing_lock:  # removed or moved away: made again
+            if lock is self.processing_lock:  # removed or moved away: made again, never above the inbox
                 _make_again(lock.folder, self.inbox)
-                processing.prepare(lock.folder, self.inbox)
+                processing.prepare(lock.folder, self.inbox, parents=False)
             lock.verify()
         except LockHeld as exc:
             self._held(lock, exc, now)

@@ -74,10 +74,12 @@ def resolve(config: Config, bound: str | None) -> Path:
     return default_dir(config.folders.inbox)
 
 
-def prepare(path: Path, inbox: Path, checked_as: Account | None = None) -> None:
+def prepare(path: Path, inbox: Path, checked_as: Account | None = None, *, parents: bool = True) -> None:
     """Create the folder 0700; refuse one that others may write or that is on another file system.
-    ``checked_as``: ``check`` judges it for the user the service runs as (``accounts``), not for itself."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ``checked_as``: ``check`` judges it for the user the service runs as (``accounts``), not for itself.
+    ``parents=False`` (made again while the daemon runs): its parent must be there; nothing else
+    is made (a share's bare mountpoint stays empty)."""
+    path.mkdir(mode=0o700, parents=parents, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise ProcessingDirError(f"folders.processing: {path} is not a folder")
