@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .files import NotRegularFile, open_regular_file
 from .journal import Row
+from .shares import is_share_error
 
 HASH_CHUNK = 1024 * 1024
 
@@ -61,7 +62,8 @@ def size_change(was: int, now: int) -> str:
 
 def content_differs(path: Path, sha256: str | None, *, root: Path | None = None) -> bool:
     """Are the bytes at ``path`` other than those with this sha256? No longer a regular file: True.
-    Unknown (no hash) or unreadable: False, the stat facts decide alone. ``root``: no folder
+    Unknown (no hash) or unreadable: False, the stat facts decide alone; but a share that does not
+    answer (``shares.is_share_error``) is raised: it says nothing about the bytes. ``root``: no folder
     between it and the file is followed (done/)."""
     if sha256 is None:
         return False
@@ -69,7 +71,9 @@ def content_differs(path: Path, sha256: str | None, *, root: Path | None = None)
         fd, _ = open_regular_file(path, root=root)
     except NotRegularFile:
         return True
-    except OSError:
+    except OSError as exc:
+        if is_share_error(exc):
+            raise
         return False
     digest = hashlib.sha256()
     with os.fdopen(fd, "rb") as f:

@@ -70,6 +70,7 @@ from .reachability import POLL_ONLY, CallbackVerdict, CallbackWatch, ProbeTokens
 from .scheduler import Duty, Scheduler
 from .sdnotify import Notifier
 from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
+from .shares import Folders
 from .summary import status_line
 from .tokens import hash_token
 from .tracker import CandidateTracker
@@ -198,16 +199,20 @@ class Daemon:
         else:
             assert self.inbox_lock
             self.inbox_lock.claim(self.journal.journal_id)
+        # The folders as they are now, on the file systems they are on: a share's error, a missing folder
+        # or a bare mountpoint pauses the work on them (``shares.py``); nothing makes them again.
+        folders = Folders([c.folders.inbox, self.processing_dir, c.folders.done, c.folders.failed])
         self.markers = MarkerKeeper(self.inbox_lock, self.processing_lock, inbox=c.folders.inbox,
                                     on_lost=lambda _reason: self.request_stop(), on_new_inbox=self._watch_new_inbox,
-                                    on_inbox_away=self._pause_watching, on_inbox_back=self._watch_again)
+                                    on_inbox_away=self._pause_watching, on_inbox_back=self._watch_again,
+                                    folders=folders)
         self.journal.bind_processing_dir(self.processing_dir)
         if self._client is None:
             self._client = KonfuzioClient(c.konfuzio.host, c.api_token(), c.konfuzio.timeout_seconds,
                                           pool_size=c.upload.concurrency + c.results.workers + 2)
         self.pipeline = Pipeline(c, self.journal, self._client, clock=self.clock, gates=self.gates,
                                  metrics=self.metrics, callback_base=lambda: self.public_url or "",
-                                 processing_dir=self.processing_dir, on_transition=self._transitioned)
+                                 processing_dir=self.processing_dir, on_transition=self._transitioned, folders=folders)
         self.pipeline.holds_processing_dir = self.markers.holds_processing_dir
         if c.callback.enabled:
             self.pipeline.callback_watch = self.callback_watch

@@ -41,15 +41,18 @@ class Work:
 
 
 WORK = {
-    State.CLAIMED: Work(State.CLAIMED, Step.UPLOAD, UPLOADS, (Scope.API,)),
+    # Reading the file from the processing folder needs the shares; asking the server about an
+    # upload does not, nor does fetching a result (one fetched while the shares are away is kept).
+    State.CLAIMED: Work(State.CLAIMED, Step.UPLOAD, UPLOADS, (Scope.API, Scope.SHARES)),
     State.UPLOADING: Work(State.UPLOADING, Step.RECONCILE, RESULTS, (Scope.API,)),
     State.UPLOADED: Work(State.UPLOADED, Step.FETCH, RESULTS, (Scope.API,)),
-    State.EXPORTING: Work(State.EXPORTING, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT)),
-    State.FAILING: Work(State.FAILING, Step.FAIL, RESULTS, (Scope.OUTPUT,)),
+    State.EXPORTING: Work(State.EXPORTING, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT, Scope.SHARES)),
+    State.FAILING: Work(State.FAILING, Step.FAIL, RESULTS, (Scope.OUTPUT, Scope.SHARES)),
     # A done file whose document Konfuzio reported again (a review, a re-extraction): due at
     # ``refresh_at``, not ``next_at``; the new revision is fetched and written like an export.
-    State.DONE: Work(State.DONE, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT)),
+    State.DONE: Work(State.DONE, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT, Scope.SHARES)),
 }
+OWN_PROBES = (Scope.API, Scope.SHARES)  # gates that may be probed by a function of their own
 RESULT_STATES = (State.UPLOADED, State.EXPORTING, State.FAILING)
 
 
@@ -81,7 +84,7 @@ class Dispatcher:
         return size - sum(1 for p in self.inflight.values() if p == pool)
 
     def _budgets(self, now: float) -> dict[Scope, int | None]:
-        return {scope: self.gates[scope].admits(now) for scope in (Scope.API, Scope.OUTPUT)}
+        return {scope: self.gates[scope].admits(now) for scope in (Scope.API, Scope.OUTPUT, Scope.SHARES)}
 
     @staticmethod
     def _fits(work: Work, budgets: dict[Scope, int | None]) -> bool:
@@ -103,13 +106,8 @@ class Dispatcher:
         if self.gates[Scope.JOURNAL].is_blocked:
             return
         self._release_finished()
-        api = self.gates[Scope.API]
-        own_probe = api.own_probe_due(now)
-        if own_probe is not None and self.free(RESULTS) > 0:  # e.g. is the token accepted again?
-            api.probe_started()
-            future: Future = self.executors[RESULTS].submit(self._guard, Step.FETCH, lambda _rows: own_probe(), [],
-                                                            single=False)
-            future.add_done_callback(lambda _f: self.report(StepDone((), RESULTS, (Scope.API,))))
+        for scope in OWN_PROBES:  # e.g. is the token accepted again? do the shares' folders answer?
+            self._start_own_probe(scope, now)
         budgets = self._budgets(now)
         free = self.free(UPLOADS)
         upload = WORK[State.CLAIMED]
@@ -145,6 +143,16 @@ class Dispatcher:
         if unused:
             self.journal.release_leases(unused)
 
+    def _start_own_probe(self, scope: Scope, now: float) -> None:
+        gate = self.gates[scope]
+        own_probe = gate.own_probe_due(now)
+        if own_probe is None or self.free(RESULTS) <= 0:
+            return
+        gate.probe_started()
+        step = Step.FETCH if scope == Scope.API else Step.CLAIM
+        future: Future = self.executors[RESULTS].submit(self._guard, step, lambda _rows: own_probe(), [], single=False)
+        future.add_done_callback(lambda _f: self.report(StepDone((), RESULTS, (scope,))))
+
     def _release_finished(self) -> None:
         """Give up the leases of the rows whose steps ended (not of one taken again meanwhile)."""
         done = self._finished - self.inflight.keys()
@@ -174,7 +182,10 @@ class Dispatcher:
         """When the next row may be dispatched (or a gate may be probed); None: nothing waits."""
         if self.gates[Scope.JOURNAL].is_blocked:
             return None
-        times: list[float] = []
+        # A gate probed by a function of its own is probed when its time comes, whatever rows are due
+        # (one that waits for a worker: a worker's end wakes the loop).
+        times = [t for s in OWN_PROBES if self.gates[s].probe_fn is not None
+                 and (t := self.gates[s].next_probe_at()) is not None and (t > now or self.free(RESULTS) > 0)]
         budgets = self._budgets(now)
         wanted = [work for work in WORK.values() if self.free(work.pool) > 0
                   and not (work.pool == RESULTS and work.state == State.UPLOADING and self.reconciling)]

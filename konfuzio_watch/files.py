@@ -378,15 +378,6 @@ def unlink_below(root: Path, folder: Path, names: Sequence[str]) -> None:
         os.close(fd)
 
 
-def lexists_below(root: Path, path: Path) -> bool:
-    """Is there an entry at ``path``, reached from ``root`` through real folders only?"""
-    try:
-        lstat_below(root, path)
-    except OSError:
-        return False
-    return True
-
-
 def _check_fits(path: Path) -> None:
     """Files are placed only where the kernel can reach them by path (users and tools do): a
     descriptor walk would place them deeper, and nobody could open them."""
@@ -434,13 +425,6 @@ def _existing_is_ours(folder: int, name: str, is_ours: Callable[[dict], bool]) -
     except (OSError, ValueError):
         return False
     return isinstance(existing, dict) and is_ours(existing)
-
-
-def same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samestat(os.lstat(a), os.lstat(b))
-    except OSError:
-        return False
 
 
 def fsync_dir(path: Path, *, root: Path | None = None) -> None:

@@ -1,5 +1,6 @@
 """Gates: when a whole kind of work is blocked (Konfuzio down or rejecting our token, a full
-disk, an unwritable journal), it pauses together instead of every file backing off on its own.
+disk, an unwritable journal, a share that does not answer), it pauses together instead of every
+file backing off on its own.
 
 A blocked gate admits nothing until its delay has passed, then exactly one probe; the probe's
 success opens the gate, its failure blocks it again for longer. The state lives in memory only:
@@ -162,20 +163,24 @@ _WHAT = {
     Scope.API: "every upload and result fetch",
     Scope.OUTPUT: "every export into done/ and failed/",
     Scope.JOURNAL: "all work",
+    Scope.SHARES: "all work on the shares (claims, reading files, placing into done/ and failed/)",
 }
 _RESUMED = {
     Scope.API: "Konfuzio answers",
     Scope.OUTPUT: "results can be written",
     Scope.JOURNAL: "the journal is writable",
+    Scope.SHARES: "the shares answer",
 }
 
 
-# Probing local disks is cheap: after a full disk is freed, work resumes within seconds.
-LOCAL_LIMITS = {Scope.JOURNAL: Limits(base_s=0.25, cap_s=2.0), Scope.OUTPUT: Limits(base_s=0.5, cap_s=10.0)}
+# Probing local disks is cheap: after a full disk is freed, work resumes within seconds. A look at the
+# shares' folders is cheap too: work goes on within 5 s of a share's return.
+LOCAL_LIMITS = {Scope.JOURNAL: Limits(base_s=0.25, cap_s=2.0), Scope.OUTPUT: Limits(base_s=0.5, cap_s=10.0),
+                Scope.SHARES: Limits(base_s=0.5, cap_s=5.0)}
 
 
 class Gates:
-    """The three gates of a daemon, by scope. ``limits`` paces the API gate's probes."""
+    """The gates of a daemon, by scope. ``limits`` paces the API gate's probes."""
 
     def __init__(self, limits: Limits, *, rng: random.Random | None = None,
                  on_change: Callable[[GateState], None] | None = None):

@@ -9,6 +9,11 @@ before the next one may start. When a step fails it classifies the failure and a
 policy (``policy.decide``) what to do; ``_handle`` applies the answer — a retry at a time, a
 failed file, or a blocked gate — in one journal transaction with the row's failure count.
 Steps run on worker threads; they never share mutable state except through the journal.
+
+A share the files are on (the inbox, the processing folder, done/, failed/) that does not answer
+is never a file's fault: the work on the shares pauses as one blocked episode (``shares.py``), a
+result fetched meanwhile is kept in the state folder (``kept_results.py``), and a file counts as
+gone only when that is proven (ENOENT from a folder that answers as itself).
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from .files import (
     fits_path_max,
     free_target,
     fsync_dir,
-    lexists_below,
     lstat_any,
     lstat_below,
     move_no_clobber,
@@ -44,7 +48,6 @@ from .files import (
     rename_any,
     replace_file,
     safe_upload_name,
-    same_file,
     shortened_name,
     sidecar_for,
     unlink_below,
@@ -53,10 +56,12 @@ from .files import (
 )
 from .gates import Gates
 from .journal import ACTIVE, BaseJournal, IllegalTransition, NewClaim, Row, State, display_name
+from .kept_results import KeptResults
 from .konfuzio import ApiError, KonfuzioClient, UnsupportedFile, UploadForm, sniff_file_type
 from .metrics import Metrics
 from .policy import Blocked, Cause, Fail, Failure, Retry, Scope, Step
 from .reachability import CallbackWatch
+from .shares import ABSENT_ERRNOS, Folders, ShareUnavailable, caused_by_share_error, is_share_error
 from .tokens import hash_token, new_token, token_hash_of
 
 log = logging.getLogger("konfuzio_watch")
@@ -80,13 +85,21 @@ def limits_from(config: Config) -> policy.Limits:
 class Pipeline:
     def __init__(self, config: Config, journal: BaseJournal, client: KonfuzioClient, *, clock: Clock, gates: Gates,
                  metrics: Metrics, callback_base: Callable[[], str], processing_dir: Path,
-                 on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None):
+                 on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None,
+                 folders: Folders | None = None):
         self.config = config
         self.processing_dir = processing_dir
         # On a network or FUSE mount, stat may not see another client's swap of a file: smbnetfs numbers
         # inodes by path and shows the mtime as the ctime. There a file's content is always compared
         # with what was uploaded before it is placed in done/ (one more read of it over the network).
         self.stat_is_blind = processing.is_remote(processing_dir)
+        # The folders the files live in, as they were at start-up: a share's error pauses the work on
+        # them (``Scope.SHARES``), and only a folder that answers as itself proves a file gone.
+        self.folders = folders or Folders([config.folders.inbox, processing_dir, config.folders.done,
+                                           config.folders.failed])
+        self.kept = KeptResults(config.folders.state)  # results fetched while done/ did not answer
+        self._waiting_claims: set[int] = set()  # claims a share's error left half done, finished when it answers
+        self._waiting_lock = threading.Lock()
         # Are callbacks expected? Not in poll-only mode, nor while the daemon's verdict is that they do not
         # arrive (reachability.CallbackWatch): then results are polled soon after the upload instead of
         # after results.callback_timeout.
@@ -172,8 +185,7 @@ class Pipeline:
         # met while placing it in failed/ (a share busy for a moment) is logged, never stored over it.
         keeps_reason = row.state == State.FAILING
         if isinstance(decision, Blocked):
-            self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note,
-                                             probe=self.probe_account if decision.account else None)
+            self._block(decision, now)
             fields: dict[str, Any] = {"error": failure.message, "next_at": now}  # due once the gate opens
             if row.state == State.UPLOADING and not failure.maybe_received:
                 fields["attempts"] = row.attempts - 1  # the server does not have it: the attempt is free
@@ -205,7 +217,7 @@ class Pipeline:
                         row.display_path, row.document_id, row.revision, decision.reason)
             return self.journal.update(row, now, refresh_at=None, failures=0, error=f"refresh: {decision.reason}")
         if isinstance(decision, Blocked):
-            self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note)
+            self._block(decision, now)
             return self.journal.update(row, now, error=failure.message, refresh_at=now)  # due once the gate opens
         level = logging.WARNING if failure.message != row.error else logging.DEBUG
         failures = row.failures + (1 if decision.charge else 0)
@@ -224,6 +236,42 @@ class Pipeline:
             if current.state != row.state:
                 continue  # the step got as far as moving it
             self._handle(current, step, Failure(Cause.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _block(self, decision: Blocked, now: float) -> None:
+        """Block the decision's gate, with the probe that finds out when it is over: a project request
+        for the token, a look at the folders for the shares, else the next task of the scope."""
+        probe = self.probe_account if decision.account else self.probe_shares if decision.scope == Scope.SHARES \
+            else None
+        self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note, probe=probe)
+
+    def _share_failed(self, row: Row, step: Step, exc: OSError, doing: str, **extra: Any) -> Row:
+        """A share did not answer while ``doing`` something with the file: the work on the shares pauses,
+        and the row is due again once they answer; no failure or attempt is charged (``policy``)."""
+        failure = Failure(Cause.SHARE_UNAVAILABLE, f"{doing}: {_error_text(exc, doing)}")
+        return self._handle(row, step, failure, **extra)
+
+    def _shares_blocked(self, exc: OSError, doing: str) -> None:
+        """A share's error that no row carries (a claim, a look): block the gate by itself."""
+        now = self.clock.now()
+        decision = policy.decide(Step.CLAIM, Failure(Cause.SHARE_UNAVAILABLE, f"{doing}: {_error_text(exc, doing)}"),
+                                 0, now, self.limits)
+        assert isinstance(decision, Blocked)
+        self._block(decision, now)
+
+    def probe_shares(self) -> bool:
+        """The probe of the blocked shares: does every folder answer as itself (a stat and a listing
+        each)? Then the claims a share's error left half done are finished, and the work goes on."""
+        try:
+            self.folders.look_all()
+        except OSError as exc:
+            if not is_share_error(exc):
+                raise
+            self._shares_blocked(exc, "the folders do not answer")
+            return False
+        if not self._finish_waiting_claims():
+            return False
+        self.gates[Scope.SHARES].open(self.clock.now())
+        return True
 
     def fail(self, row: Row, error: str, stage: str) -> Row:
         row = self.move(row, State.FAILING, error=error, stage=stage, next_at=self.clock.now())
@@ -250,8 +298,7 @@ class Pipeline:
                                       status=404)
                 decision = policy.decide(Step.RECONCILE, failure, 0, now, self.limits)
                 if isinstance(decision, Blocked):
-                    self.gates[Scope.API].block(now, decision.reason, decision.retry_after_s, decision.note,
-                                                probe=self.probe_account if decision.account else None)
+                    self._block(decision, now)
                 else:  # a timeout or a 500: not a verdict on the token; the next tasks will tell
                     log.warning("could not check project %d: %s", project_id, failure.message)
                 return False
@@ -278,6 +325,7 @@ class Pipeline:
         with the database) left leased to it, except those ``in_hand`` (steps still running), and
         rows whose node died (``take_over``). ``alone``: no other node is alive, so callbacks that
         came while the cluster was down are lost: every waiting file is looked at once now."""
+        self.kept.sweep(r.id for r in self.journal.rows([State.EXPORTING], limit=10_000_000))
         if self.cluster:
             return self._recover_node(set(in_hand), alone)
         claiming = self.journal.rows([State.CLAIMING], limit=10_000_000)
@@ -355,14 +403,21 @@ class Pipeline:
             log.warning("%s is no longer the processing folder this daemon locked: files without a journal row there "
                         "are left alone until it holds it again", self.processing_dir)
             return []
-        listed = processing.names(self.processing_dir)
-        names = processing.orphans(listed, self.journal.claim_names(ACTIVE))
-        names = self._drop_leftover_names(names)
+        try:
+            listed = processing.names(self.processing_dir)
+            names = processing.orphans(listed, self.journal.claim_names(ACTIVE))
+            names = self._drop_leftover_names(names)
+        except OSError as exc:
+            if not is_share_error(exc):
+                raise
+            log.warning("cannot look for files without a journal row in %s (%s); looked for at the next start",
+                        self.processing_dir, _error_text(exc))
+            return []
         adopted = []
         for name in names:
             source = self.processing_dir / os.fsdecode(name)
-            target = free_target(self.config.folders.inbox, os.fsdecode(processing.original_name(name)), "")
             try:
+                target = free_target(self.config.folders.inbox, os.fsdecode(processing.original_name(name)), "")
                 move_no_clobber(source, target, src_root=self.processing_dir, dst_root=self.config.folders.inbox)
             except FileNotFoundError:
                 continue  # finished (placed into done/ or failed/) since the folder was listed
@@ -387,7 +442,7 @@ class Pipeline:
         removed = []
         for name, row in finished.items():
             source = self.processing_dir / os.fsdecode(name)
-            if row.final_path is None or not same_file(source, Path(os.fsdecode(row.final_path))):
+            if row.final_path is None or not _same_file(source, Path(os.fsdecode(row.final_path))):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(source)
@@ -402,61 +457,80 @@ class Pipeline:
     # -- claiming: inbox -> processing/ (scheduler thread, in batches) ---------------------------
 
     def claim(self, rel_paths: list[bytes], detected_at: dict[bytes, float] | None = None) -> list[Row]:
-        """Take files out of the inbox: journal first, then move, then confirm - one batch."""
+        """Take files out of the inbox: journal first, then move, then confirm - one batch. A share
+        that does not answer stops the batch: ``ClaimsPaused`` names the files not taken, for later."""
         if not rel_paths:
             return []
-        claims = []
+        claims: list[NewClaim] = []
+        left: list[bytes] = []
         inbox = os.fsencode(self.config.folders.inbox)
-        for rel in rel_paths:
+        for index, rel in enumerate(rel_paths):
+            path = os.path.join(inbox, rel)
             try:
-                st = lstat_any(os.path.join(inbox, rel))
-            except OSError:
-                continue  # gone since the tracker looked
+                st = lstat_any(path)
+            except OSError as exc:
+                share_error = self._share_error_of(exc, self.config.folders.inbox)
+                if share_error is None:
+                    continue  # gone since the tracker looked
+                self._shares_blocked(share_error, f"cannot look at {display_name(rel)} in the inbox")
+                left = rel_paths[index:]
+                break
             claims.append(NewClaim(rel, processing.new_claim_name(rel), st.st_dev, st.st_ino,
                                    (detected_at or {}).get(rel)))
-        rows = self.journal.add_claims(claims, self.clock.now())
-        return self.finish_claims(rows)
+        rows = self.journal.add_claims(claims, self.clock.now()) if claims else []
+        claimed = self.finish_claims(rows)
+        if left:
+            raise ClaimsPaused(left)
+        return claimed
 
-    def _is_claimed_file(self, found: os.stat_result, row: Row) -> bool:
+    def _share_error_of(self, exc: OSError, folder: Path) -> OSError | None:
+        """The share's error behind ``exc`` met in the configured ``folder``, or None if there is none:
+        an ENOENT from a folder that answers as itself proves the file absent; other errors are the
+        file's own."""
+        if is_share_error(exc):
+            return exc
+        if exc.errno not in ABSENT_ERRNOS:
+            return None
+        try:
+            self.folders.look(folder)
+        except OSError as look:
+            return look if is_share_error(look) else None
+        return None
+
+    def _is_claimed_file(self, found: os.stat_result, row: Row) -> bool | None:
         """Is the file found under a row's claim name the one it claimed? Its inode (and, with one node,
-        its device: in a cluster each machine's mount of the share has a device number of its own)."""
+        its device: in a cluster each machine's mount of the share has a device number of its own; so
+        has a share mounted anew, which keeps the server's inode numbers). None: the inode cannot tell,
+        on FUSE (``Folders.inodes_are_stable``); then its name, an unpredictable one in a folder only
+        the daemon writes, and its size, mtime and ctime (the content when that moved) tell."""
         if row.file_ino is None:
             return True
+        if not self.folders.inodes_are_stable(self.processing_dir):
+            return None
         if self.cluster:
             return found.st_ino == row.file_ino
+        if found.st_dev != row.file_dev and found.st_dev == self.folders.device_of(self.processing_dir):
+            return found.st_ino == row.file_ino  # the processing folder's share, mounted anew
         return (found.st_dev, found.st_ino) == (row.file_dev, row.file_ino)
 
     def finish_claims(self, rows: list[Row]) -> list[Row]:
-        taken, folders = [], {self.processing_dir}
+        """Move each claimed file into the processing folder under its claim name (or find it there).
+        A share's error leaves a row ``claiming`` (its rename may or may not have happened): it is
+        finished once the shares answer again (``probe_shares``), as start-up recovery would."""
+        taken, folders, waiting = [], {self.processing_dir}, []
         for row in rows:
-            target = self.processing_path(row)
             try:
-                found = os.lstat(target)  # processing/ names are short
-            except FileNotFoundError:
-                found = None
-            if found is not None and not self._is_claimed_file(found, row):
-                log.error("%s: %s holds another file than the one claimed; it is left to be adopted at start-up, "
-                          "and this file is claimed anew", row.display_path, target)
-                self._discard(row)
-                continue
-            if found is None:
-                source = self.inbox_path(row)
-                try:
-                    rename_any(source, target)
-                except FileNotFoundError:
-                    if self._renamed_by_another(row, target):
-                        taken.append(row)
-                        continue
-                    log.info("%s: vanished from the inbox before it was claimed", row.display_path)
-                    self._discard(row)
-                    continue
-                except OSError as exc:  # e.g. a folder the daemon may not write to: leave it be
-                    log.error("%s: cannot take it out of the inbox (%s); it stays there and is tried again "
-                              "at the next rescan", row.display_path, exc.strerror or exc)
-                    self._discard(row)
-                    continue
-                folders.add(source.parent)
-            taken.append(row)
+                if self._finish_claim(row, folders):
+                    taken.append(row)
+            except OSError as exc:
+                if not is_share_error(exc):
+                    raise
+                waiting.append((row, exc))
+        if waiting:
+            with self._waiting_lock:
+                self._waiting_claims.update(row.id for row, _ in waiting)
+            row, exc = waiting[0]
+            self._shares_blocked(exc, f"cannot take {row.display_path} out of the inbox")
         for folder in folders:  # the renames must be durable before the journal says "claimed"
             fsync_dir(folder)
         now = self.clock.now()
@@ -478,6 +552,55 @@ class Pipeline:
         self.journal.release_leases(r.id for r in claimed)  # any node may upload them
         return claimed
 
+    def _finish_claim(self, row: Row, folders: set[Path]) -> bool:
+        """One row's part of ``finish_claims``: True if its file is in the processing folder now;
+        False if the row was discarded. A share's error is raised."""
+        target = self.processing_path(row)
+        try:
+            found: os.stat_result | None = os.lstat(target)  # processing/ names are short
+        except FileNotFoundError:
+            found = None
+        if found is not None and self._is_claimed_file(found, row) is False:
+            log.error("%s: %s holds another file than the one claimed; it is left to be adopted at start-up, "
+                      "and this file is claimed anew", row.display_path, target)
+            self._discard(row)
+            return False
+        if found is not None:
+            return True
+        source = self.inbox_path(row)
+        try:
+            rename_any(source, target)
+        except FileNotFoundError as exc:
+            if self._renamed_by_another(row, target):
+                return True
+            for folder in (self.config.folders.inbox, self.processing_dir):
+                share_error = self._share_error_of(exc, folder)
+                if share_error is not None:  # the inbox (or the processing folder) is away: no proof of anything
+                    raise share_error from None
+            log.info("%s: vanished from the inbox before it was claimed", row.display_path)
+            self._discard(row)
+            return False
+        except OSError as exc:  # e.g. a folder the daemon may not write to: leave it be
+            if is_share_error(exc):
+                raise
+            log.error("%s: cannot take it out of the inbox (%s); it stays there and is tried again "
+                      "at the next rescan", row.display_path, exc.strerror or exc)
+            self._discard(row)
+            return False
+        folders.add(source.parent)
+        return True
+
+    def _finish_waiting_claims(self) -> bool:
+        """Finish the claims a share's error left half done; False if a share failed again."""
+        with self._waiting_lock:
+            ids, self._waiting_claims = self._waiting_claims, set()
+        if not ids:
+            return True
+        rows = [r for r in self.journal.get_many(sorted(ids)) if r.state == State.CLAIMING]
+        self.finish_claims(rows)
+        with self._waiting_lock:
+            return not self._waiting_claims
+
     def _renamed_by_another(self, row: Row, target: Path) -> bool:
         """The claim's rename found no file in the inbox: did another node (a row taken over from it)
         rename this very claim a moment ago? Then the file is where the row says, and it is claimed."""
@@ -487,7 +610,7 @@ class Pipeline:
             found = os.lstat(target)
         except FileNotFoundError:
             return False
-        return self._is_claimed_file(found, row)
+        return self._is_claimed_file(found, row) is not False
 
     def _discard(self, row: Row) -> None:
         try:
@@ -504,9 +627,12 @@ class Pipeline:
             fd, st = open_regular_file(self.processing_path(row))
         except NotRegularFile as exc:
             return self.fail(row, str(exc), stage="validate")
-        except FileNotFoundError:
-            return self.fail(row, "the file disappeared from the processing folder", stage="validate")
         except OSError as exc:
+            share_error = self._share_error_of(exc, self.processing_dir)
+            if share_error is not None:  # not the file's fault, and no proof that it is gone
+                return self._share_failed(row, Step.UPLOAD, share_error, "cannot read the file", stage="validate")
+            if exc.errno in ABSENT_ERRNOS:
+                return self.fail(row, "the file disappeared from the processing folder", stage="validate")
             return self._handle(row, Step.UPLOAD, Failure(Cause.UNREADABLE, f"cannot read the file: {exc.strerror}"),
                                 stage="validate")
         with os.fdopen(fd, "rb") as f:
@@ -515,6 +641,8 @@ class Pipeline:
             except (UnsupportedFile, _Invalid) as exc:
                 return self.fail(row, str(exc), stage="validate")
             except OSError as exc:
+                if is_share_error(exc):
+                    return self._share_failed(row, Step.UPLOAD, exc, "cannot read the file", stage="validate")
                 failure = Failure(Cause.UNREADABLE, f"cannot read the file: {exc.strerror}")
                 return self._handle(row, Step.UPLOAD, failure, stage="validate")
             if row.attempts >= self.config.upload.max_attempts:
@@ -539,7 +667,11 @@ class Pipeline:
                 details = self.client.upload(f, name, form)
                 document_id = int(details["id"])
             except ApiError as exc:
-                return self._upload_failed(row, exc.failure)
+                failure = exc.failure
+                if caused_by_share_error(exc):  # the file's share failed while it was sent (the server may hold
+                    failure = Failure(Cause.SHARE_UNAVAILABLE,  # a part of it: it is looked for before a new upload)
+                                      f"cannot read the file while sending it: {failure.message}", maybe_received=True)
+                return self._upload_failed(row, failure)
             except (KeyError, TypeError, ValueError) as exc:
                 return self._upload_failed(row, Failure(Cause.TRANSIENT, f"unexpected upload response: {exc!r}",
                                                         maybe_received=True))
@@ -784,36 +916,66 @@ class Pipeline:
 
     def export(self, row: Row, details: dict[str, Any] | None = None, checked_at: float | None = None) -> Row:
         assert row.document_id is not None
-        changed = self._changed_since_upload(row)
+        kept = self.kept.take(row)  # fetched before, while done/ did not answer
+        changed = None  # (while a share does not answer: looked at when the file is placed)
+        if not self.gates[Scope.SHARES].is_blocked:
+            try:
+                changed = self._changed_since_upload(row)
+            except OSError as exc:
+                if not is_share_error(exc):
+                    raise
         if changed:
+            self.kept.drop(row.id)
             return self._upload_again(row, changed)
-        if checked_at is None or details is None:
-            checked_at = self.clock.now()
-        try:
-            if details is None:
-                details = self.client.document(row.document_id)
-            result = self._build_result(row, details, revision=1)
-        except ApiError as exc:
-            return self._fetch_failed(row, exc.failure)
-        self._api_ok()
+        if kept is not None:
+            result, checked_at = kept
+        else:
+            if checked_at is None or details is None:
+                checked_at = self.clock.now()
+            try:
+                if details is None:
+                    details = self.client.document(row.document_id)
+                result = self._build_result(row, details, revision=1)
+            except ApiError as exc:
+                return self._fetch_failed(row, exc.failure)
+            self._api_ok()
+            if self.gates[Scope.SHARES].is_blocked:  # not placed now: kept until the shares answer
+                return self._keep_result(row, result, checked_at)
         done = self.config.folders.done
         rel_path = self._done_rel_path(row, result)
         staged = None
         if self.wants_pdf:
             try:
+                self.folders.check(done)
                 staged = self._download_pdf(row)
             except ApiError as exc:
                 return self._pdf_failed(row, exc.failure)
             except OSError as exc:
+                if is_share_error(exc):
+                    self._keep_result(row, result, checked_at)
                 return self._output_failed(row, Step.EXPORT, done, exc)
         try:
-            return self._place(row, done, export.RESULT_SUFFIX, result,
-                               lambda existing: export.result_is_for(row, existing), State.DONE, Step.EXPORT,
-                               rel_path=rel_path, pdf=staged, done_fields={"revision": 1},
-                               checked_at=checked_at)  # fmt: skip
+            placed = self._place(row, done, export.RESULT_SUFFIX, result,
+                                 lambda existing: export.result_is_for(row, existing), State.DONE, Step.EXPORT,
+                                 rel_path=rel_path, pdf=staged, done_fields={"revision": 1},
+                                 checked_at=checked_at)  # fmt: skip
         finally:
             if staged is not None:
                 _unlink_quietly(staged)
+        if kept is not None and placed.state != State.EXPORTING:
+            self.kept.drop(row.id)
+        return placed
+
+    def _keep_result(self, row: Row, result: dict[str, Any], checked_at: float | None) -> Row:
+        """A share does not answer: keep the fetched result in the state folder until it can be placed
+        (the export then needs nothing from Konfuzio). The row stays ``exporting``, due once the
+        shares answer again."""
+        try:
+            self.kept.keep(row, result, checked_at)
+        except OSError as exc:  # the state folder's disk: the export fetches the result again then
+            log.warning("%s: cannot keep its result in %s (%s); it is fetched again once the shares answer",
+                        row.display_path, self.kept.folder, exc.strerror or exc)
+        return row
 
     @property
     def wants_pdf(self) -> bool:
@@ -880,6 +1042,8 @@ class Pipeline:
         return self._handle(row, Step.FETCH, failure, stage="result")
 
     def _output_failed(self, row: Row, step: Step, folder: Path, exc: OSError) -> Row:
+        if is_share_error(exc):
+            return self._share_failed(row, step, exc, f"cannot write into {folder}")
         if exc.errno == errno.ENAMETOOLONG and row.state == State.EXPORTING:
             return self.fail(row, f"its path does not fit into {folder} ({exc.strerror})", stage="too_long")
         cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
@@ -893,9 +1057,9 @@ class Pipeline:
         path = self.processing_path(row)
         try:
             st = os.lstat(path)
-        except OSError:
-            return None  # gone: placing it reports that
-        changed = changes.change_since_upload(row, st, same_inode=self._is_claimed_file(st, row))
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # gone, or a share away: placing it proves which (any other error is raised)
+        changed = changes.change_since_upload(row, st, same_inode=self._is_claimed_file(st, row) is not False)
         compare = self.stat_is_blind or changes.ctime_moved(row, st)
         if changed is None and compare and changes.content_differs(path, row.sha256):
             changed = "it was rewritten (same size and modification time)"
@@ -904,8 +1068,11 @@ class Pipeline:
     def _upload_again(self, row: Row, changed: str) -> Row:
         """The result describes what was uploaded, not what the file is now: upload it again as it is.
         A result an earlier try of this export left in done/ goes (it describes the old bytes)."""
+        try:
+            self._remove_own_result(row)
+        except OSError as exc:  # a share does not answer: looked at again (and taken out) once it does
+            return self._output_failed(row, Step.EXPORT, self.config.folders.done, exc)
         log.warning("%s: %s after it was uploaded; uploading it again as it is now", row.display_path, changed)
-        self._remove_own_result(row)
         return self.move(row, State.CLAIMED, next_at=self.clock.now(), error=f"{changed} after it was uploaded",
                          stage="upload", final_path=None)
 
@@ -943,9 +1110,14 @@ class Pipeline:
         root = self._root_of(target)
         try:
             st = lstat_below(root, target)
-        except OSError:
+        except OSError as exc:
+            if is_share_error(exc):  # looked at again when the placement is tried again
+                raise
             return None  # taken out of done/ at once (or its folder replaced): nothing placed to be wrong
-        same_inode = row.file_ino is not None and self._is_claimed_file(st, row)  # unknown: compared as a copy
+        if row.file_ino is not None and not self.folders.inodes_are_stable(self.processing_dir):
+            same_inode = st.st_dev == self.folders.device_of(self.processing_dir)  # renamed on FUSE, or a copy
+        else:
+            same_inode = row.file_ino is not None and self._is_claimed_file(st, row) is True  # unknown: a copy
         changed = changes.placed_change(row, st, same_inode=same_inode)
         if changed is None and not same_inode and changes.content_differs(target, row.sha256, root=root):
             changed = "it was rewritten"
@@ -957,7 +1129,7 @@ class Pipeline:
         again, finds the file changed again, and ends here or in ``_upload_again``."""
         source = self.processing_path(row)
         try:
-            if not os.path.lexists(source):
+            if self.folders.is_absent(source, self.processing_dir):
                 move_no_clobber(target, source, src_root=self._root_of(target))
             return self._upload_again(row, changed)
         except OSError as exc:
@@ -1001,12 +1173,15 @@ class Pipeline:
         except ApiError as exc:
             return self._fetch_failed(row, exc.failure)
         self._api_ok()
-        stored = row.fingerprint if row.fingerprint is not None else self._fingerprint_in_done(row)
-        if results.fingerprint_matches(result, stored):
-            log.debug("%s: document %d unchanged; done/ keeps revision %d", row.display_path, row.document_id,
-                      row.revision)
-            return self.journal.finish_refresh(row, checked_at, self.clock.now())
-        return self._replace_result(row, result, results.content_fingerprint(result), checked_at)
+        try:
+            stored = row.fingerprint if row.fingerprint is not None else self._fingerprint_in_done(row)
+            if results.fingerprint_matches(result, stored):
+                log.debug("%s: document %d unchanged; done/ keeps revision %d", row.display_path, row.document_id,
+                          row.revision)
+                return self.journal.finish_refresh(row, checked_at, self.clock.now())
+            return self._replace_result(row, result, results.content_fingerprint(result), checked_at)
+        except OSError as exc:  # looking at the result in done/: a share that does not answer says nothing
+            return self._output_failed(row, Step.EXPORT, self._root_of(Path(os.fsdecode(row.final_path))), exc)
 
     def _fingerprint_in_done(self, row: Row) -> str | None:
         """The fingerprint of the result in done/ if it is there and ours; else None."""
@@ -1035,7 +1210,7 @@ class Pipeline:
         folder, root = target.parent, self._root_of(target)
         json_path, pdf_path = sidecar_for(target, export.RESULT_SUFFIX), sidecar_for(target, OCR_PDF_SUFFIX)
         existing = _read_json(json_path, root)
-        if existing is None and not lexists_below(root, json_path):  # taken away: not brought back alone
+        if existing is None and self.folders.is_absent_below(root, json_path):  # taken away: not brought back alone
             log.info("%s: %s is no longer there; revision %d of document %d not written", row.display_path,
                      json_path, row.revision + 1, row.document_id)
             return self.journal.finish_refresh(row, checked_at, self.clock.now())
@@ -1047,7 +1222,7 @@ class Pipeline:
         ours = pdf_name == pdf_path.name
         staging = None
         try:
-            if self.wants_pdf and (ours or not lexists_below(root, pdf_path)):
+            if self.wants_pdf and (ours or self.folders.is_absent_below(root, pdf_path)):
                 try:
                     staging = self._download_pdf(row)
                 except ApiError as exc:
@@ -1106,11 +1281,17 @@ class Pipeline:
         if final_state == State.DONE:
             sidecar = _with_pdf_name(sidecar, None)
         for _ in range(5):
-            if row.final_path is None or not Path(os.fsdecode(row.final_path)).is_relative_to(folder):
-                target = self._free_target(folder, row, suffixes, rel_path)
-                row = self.journal.update(row, self.clock.now(), final_path=os.fsencode(target))
-            target = Path(os.fsdecode(row.final_path))
-            gone = not os.path.lexists(source) and not lexists_below(folder, target)
+            try:
+                self.folders.check(folder)  # there, on the file system it was on: never a bare mountpoint
+                if row.final_path is None or not Path(os.fsdecode(row.final_path)).is_relative_to(folder):
+                    target = self._free_target(folder, row, suffixes, rel_path)
+                    row = self.journal.update(row, self.clock.now(), final_path=os.fsencode(target))
+                target = Path(os.fsdecode(row.final_path))
+                # Gone only if proven: ENOENT from folders that answer as themselves (``shares``).
+                gone = self.folders.is_absent(source, self.processing_dir) and \
+                    self.folders.is_absent_below(folder, target)
+            except OSError as exc:
+                return self._placing_failed(row, step, folder, exc, final_state, sidecar, checked_at)
             if gone and final_state == State.DONE:  # never report done what is not there
                 return self.fail(row, f"the file vanished from {self.processing_dir} before it was placed in "
                                       f"{folder}; its result was not kept (document {row.document_id})",
@@ -1135,11 +1316,7 @@ class Pipeline:
                 row = self.journal.update(row, self.clock.now(), final_path=None)
                 continue  # someone else's file took the name: pick another
             except OSError as exc:
-                if exc.errno == errno.ENAMETOOLONG and final_state == State.DONE:
-                    return self.fail(row, f"its path does not fit into {folder} ({exc.strerror})", stage="too_long")
-                cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
-                failure = Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}")
-                return self._handle(row, step, failure)
+                return self._placing_failed(row, step, folder, exc, final_state, sidecar, checked_at)
             if changed:
                 return self._take_back(row, target, changed)
             self.gates[Scope.OUTPUT].open(self.clock.now())
@@ -1154,6 +1331,20 @@ class Pipeline:
             return self.move(row, final_state, durable=final_state != State.DONE, next_at=None,
                              **armed, **(done_fields or {}))
         raise RuntimeError(f"{row.display_path}: no free name in {folder}")
+
+    def _placing_failed(self, row: Row, step: Step, folder: Path, exc: OSError, final_state: State,
+                        sidecar: dict[str, Any], checked_at: float | None) -> Row:
+        """A placement that failed: a share that does not answer pauses (a result is kept until it can
+        be placed); a path too long fails the file; a full disk blocks done/ and failed/; any other
+        error is retried with backoff."""
+        if is_share_error(exc):
+            if final_state == State.DONE:
+                self._keep_result(row, sidecar, checked_at)
+            return self._share_failed(row, step, exc, f"cannot write into {folder}")
+        if exc.errno == errno.ENAMETOOLONG and final_state == State.DONE:
+            return self.fail(row, f"its path does not fit into {folder} ({exc.strerror})", stage="too_long")
+        cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
+        return self._handle(row, step, Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}"))
 
     def _place_pdf(self, staged: Path, target: Path, json_path: Path, is_ours: Callable[[dict], bool],
                    root: Path) -> bool:
@@ -1203,13 +1394,13 @@ class Pipeline:
         unlinked."""
         root = self._root_of(target)
         source = self.processing_path(row)
-        if not os.path.lexists(source):
+        if self.folders.is_absent(source, self.processing_dir):
             fsync_dir(target.parent, root=root)  # moved before a crash (the caller checked that one of the two exists)
             return
         try:
-            found = lstat_below(root, target)
-        except OSError:
-            found = None
+            found: os.stat_result | None = lstat_below(root, target)
+        except (FileNotFoundError, NotADirectoryError, FolderInTheWay):
+            found = None  # (any other error, a share's, is the placement's)
         linked = found is not None and _same_stat(found, source)
         if found is not None and (linked or _has_content(target, row.sha256, root)):
             fsync_dir(target.parent, root=root)  # moved before a crash that came before the source was unlinked
@@ -1256,6 +1447,22 @@ class _Invalid(Exception):
     """The file cannot be processed as it is (empty, too big)."""
 
 
+class ClaimsPaused(Exception):
+    """A share did not answer while a batch was claimed: ``left`` (paths relative to the inbox) were not
+    taken; the shares' gate is blocked, and they are claimed once it opens."""
+
+    def __init__(self, left: list[bytes]):
+        super().__init__(f"{len(left)} file(s) not claimed: a share does not answer")
+        self.left = left
+
+
+def _error_text(exc: OSError, doing: str = "") -> str:
+    """``Input/output error``, with the folder a folder's error is about if ``doing`` does not name it."""
+    text = exc.strerror or str(exc)
+    named = isinstance(exc, ShareUnavailable) and exc.filename and str(exc.filename) not in doing
+    return f"{text} ({exc.filename})" if named else text
+
+
 def duplicate_message(earlier: Row, done: Path) -> str:
     where = f"its result is {export_display(earlier.final_path, done)}.json" if earlier.final_path else \
         f"it is {earlier.state.value}"
@@ -1294,16 +1501,24 @@ def _read_json(path: Path, root: Path) -> dict[str, Any] | None:
         fd, _ = open_regular_file(path, root=root)
         with os.fdopen(fd, "rb") as f:
             found = json.loads(f.read())
-    except (OSError, ValueError, NotRegularFile):
+    except OSError as exc:
+        if is_share_error(exc):  # not an answer about the file
+            raise
+        return None
+    except (ValueError, NotRegularFile):
         return None
     return found if isinstance(found, dict) else None
 
 
 def _sha256_of(path: Path) -> str | None:
-    """The content's sha256 of a regular file (no link followed), or None."""
+    """The content's sha256 of a regular file (no link followed), or None. A share's error is raised."""
     try:
         fd, _ = open_regular_file(path)
-    except (OSError, NotRegularFile):
+    except OSError as exc:
+        if is_share_error(exc):
+            raise
+        return None
+    except NotRegularFile:
         return None
     digest = hashlib.sha256()
     with os.fdopen(fd, "rb") as f:
@@ -1321,6 +1536,16 @@ def _unlink_quietly(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, exc.strerror or exc)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Are ``a`` and ``b`` (not followed) one file? A share's error is raised, never taken for "no"."""
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError as exc:
+        if is_share_error(exc):
+            raise
+        return False
+
+
 def _same_stat(found: os.stat_result, path: Path) -> bool:
     """Is ``path`` (not followed) the file ``found`` describes?"""
     try:
@@ -1336,7 +1561,11 @@ def _has_content(path: Path, sha256: str | None, root: Path) -> bool:
         return False
     try:
         fd, _ = open_regular_file(path, root=root)
-    except (OSError, NotRegularFile):
+    except OSError as exc:
+        if is_share_error(exc):  # not an answer about the file
+            raise
+        return False
+    except NotRegularFile:
         return False
     digest = hashlib.sha256()
     with os.fdopen(fd, "rb") as f:

@@ -7,8 +7,9 @@ The answer is one of:
   failure count, which the journal stores in the same transaction as the decision);
 - ``Fail(reason)``: the file goes to failed/ with the reason;
 - ``Blocked(scope)``: not the file's fault — the service is unavailable, throttling, or
-  rejecting our token, or the disk is full. The affected work pauses as a whole (see
-  ``gates.py``), no file is charged, and one probe at a time finds out when it is over.
+  rejecting our token, the disk is full, or a share the files are on does not answer. The
+  affected work pauses as a whole (see ``gates.py``), no file is charged, and one probe at a time
+  finds out when it is over.
 
 Nothing is retried at a fixed interval and nothing is retried without limit, except writing
 into failed/ (there is no further place to put a file that cannot go there) which backs off to
@@ -39,7 +40,10 @@ class Cause(enum.StrEnum):
     TRANSIENT = "transient"  # timeouts, resets, 500, a garbled answer: try again
     UNREADABLE = "unreadable"  # the daemon cannot read the file
     DISK_FULL = "disk_full"  # ENOSPC/EDQUOT writing results
-    LOCAL_IO = "local_io"  # any other error writing results (permissions, I/O)
+    LOCAL_IO = "local_io"  # any other error writing results (permissions ...)
+    # EIO, ENOTCONN, ESTALE, EBUSY, EHOSTDOWN ... on the inbox, the processing folder, done/ or failed/, or
+    # one of them missing or on another file system than it was (an unmounted share): ``shares.py``
+    SHARE_UNAVAILABLE = "share_unavailable"
     INTERNAL = "internal"  # a bug in the daemon
 
 
@@ -47,6 +51,7 @@ class Scope(enum.StrEnum):
     API = "api"  # every call to Konfuzio
     OUTPUT = "output"  # writing into done/ and failed/
     JOURNAL = "journal"  # everything: the journal is where every decision is recorded
+    SHARES = "shares"  # every file operation: claims, reads, placing into done/ and failed/ (``shares.py``)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,8 @@ def decide(step: Step, failure: Failure, failures: int, now: float, limits: Limi
         return Blocked(Scope.API, reason, None, account=True)
     if cause == Cause.DISK_FULL:
         return Blocked(Scope.OUTPUT, f"disk full: {failure.message}", None)
+    if cause == Cause.SHARE_UNAVAILABLE:  # never the file's fault, in any step: no attempt, no failure counted
+        return Blocked(Scope.SHARES, failure.message, None)
 
     if step == Step.FAIL:  # nowhere further to go: keep trying, backing off to the cap
         return _retry(failures, now, limits, jitter)

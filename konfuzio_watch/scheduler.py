@@ -6,6 +6,9 @@ periodic duties (rescan, systemd watchdog and status, tunnel check). It sleeps u
 thing is due, so an idle daemon costs nothing. ``tick(now)`` is one pass and can be called by
 a test on its own thread with a fake clock.
 
+While a share does not answer (the shares' gate is blocked) nothing is claimed: settled files stay
+candidates until the gate's probe finds the folders answering again.
+
 When the journal cannot be written (a full disk, a database that cannot be reached), everything
 pauses: the journal gate is probed with backoff, and once a probe write succeeds the loop re-runs
 start-up recovery (in a cluster: of what is this node's and not in hand) and claims the candidates
@@ -26,7 +29,7 @@ from .dispatcher import Dispatcher
 from .events import CleanupWanted, Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone
 from .gates import Gates
 from .journal import BaseJournal, JournalWriteError
-from .pipeline import Pipeline
+from .pipeline import ClaimsPaused, Pipeline
 from .policy import Limits, Scope, backoff_s
 from .tracker import CandidateTracker
 
@@ -126,7 +129,7 @@ class Scheduler:
             times.append(journal_gate.state.until)
             return min(times)
         due = self.tracker.next_due()
-        if due is not None:
+        if due is not None and not self.gates[Scope.SHARES].is_blocked:  # (claims wait for the shares' probe)
             times.append(due)
         due = self.dispatcher.next_due(now)
         if due is not None:
@@ -173,7 +176,10 @@ class Scheduler:
     # -- claims and the journal gate ------------------------------------------------------------
 
     def _claim(self, now: float) -> bool:
-        """Claim the candidates that are ready (one batch); True if there were any."""
+        """Claim the candidates that are ready (one batch); True if there were any. Not while a share
+        does not answer: they stay candidates, claimed once its probe finds it answering."""
+        if self.gates[Scope.SHARES].is_blocked:
+            return False
         ready = self.tracker.step(now)
         if not ready:
             return False
@@ -183,6 +189,11 @@ class Scheduler:
         except JournalWriteError as exc:
             self.tracker.keep(ready, now)
             self._journal_failed(now, str(exc))
+            return False
+        except ClaimsPaused as paused:
+            left = [found[rel] for rel in paused.left]
+            self.tracker.claimed([r for r in ready if r not in left])
+            self.tracker.keep(left, now)
             return False
         self.tracker.claimed(ready)
         return True

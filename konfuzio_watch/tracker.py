@@ -19,7 +19,9 @@ look cannot see (other users' processes, other machines on a share) leave the se
 A file the daemon may not read (open fails with EACCES/EPERM) is never handed out: claiming it
 would hide it from its owner in the processing folder. It stays in the inbox under its name,
 logged once, is looked at again at each event and rescan, and is handed out once readable.
-Paths longer than PATH_MAX are handled like any other (``files.lstat_any`` and friends).
+Paths longer than PATH_MAX are handled like any other (``files.lstat_any`` and friends). A share
+that does not answer (EIO and its kind, ``shares.is_share_error``) makes no candidate go: it is
+looked at again later.
 ``snapshot(now)`` says where every candidate stands, for ``status``.
 """
 
@@ -38,6 +40,7 @@ from typing import Any
 from . import readiness, writers
 from .files import PATH_MAX, fits_path_max, lstat_any, open_any
 from .journal import display_name
+from .shares import is_share_error
 
 log = logging.getLogger("konfuzio_watch")
 
@@ -143,8 +146,9 @@ class CandidateTracker:
         could not read is checked again."""
         try:
             st = lstat_any(path)
-        except OSError:
-            self.candidates.pop(path, None)  # gone (claimed, renamed away, deleted)
+        except OSError as exc:
+            if not is_share_error(exc):  # (a share that does not answer: it is still what it was)
+                self.candidates.pop(path, None)  # gone (claimed, renamed away, deleted)
             return
         if stat.S_ISDIR(st.st_mode):
             self.folder_seen(path, now)
@@ -261,6 +265,9 @@ class CandidateTracker:
         try:
             st = lstat_any(path)
         except OSError as exc:
+            if is_share_error(exc):  # the share does not answer: looked at again later, not forgotten
+                heapq.heappush(self._due, (now + max(self.settle_s, 1.0), path))
+                return None
             if exc.errno == errno.ELOOP:  # a long path is walked without following links
                 log.warning("%s: a folder in its path is a symbolic link; not followed", self._name(path))
             self.candidates.pop(path, None)

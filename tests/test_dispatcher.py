@@ -195,3 +195,39 @@ def test_a_tick_starts_due_steps_before_it_claims_the_next_batch(parts):
     scheduler.tick(parts.clock.now())
     assert uploads_started_at_claim == [2], "the free upload workers got their files before the batch was claimed"
     assert parts.states() == {State.CLAIMED: 5}
+
+
+def test_a_processing_folder_that_goes_away_pauses_the_files_and_one_look_at_a_time_finds_it_back(parts):
+    """A share's folder missing (an unmounted share) is no proof that its files are gone: nothing fails,
+    nothing is charged; the shares' gate is probed by a look at the folders, not by a file."""
+    parts.claim(2)
+    processing = parts.pipeline.processing_dir
+    away = processing.with_name("processing.away")
+    processing.rename(away)
+    parts.dispatcher.tick(parts.clock.now())
+    parts.run(UPLOADS)
+    gate = parts.gates[Scope.SHARES]
+    assert gate.is_blocked
+    rows = parts.journal.rows()
+    assert {r.state for r in rows} == {State.CLAIMED} and all(r.attempts == 0 and r.failures == 0 for r in rows)
+
+    parts.dispatcher.tick(parts.clock.now())
+    assert parts.executors[UPLOADS].pending == [] and parts.executors[RESULTS].pending == []
+    probe_at = parts.dispatcher.next_due(parts.clock.now())
+    assert probe_at == gate.state.until
+
+    parts.dispatcher.tick(parts.clock.advance(probe_at - parts.clock.now()))
+    assert parts.executors[UPLOADS].pending == [] and len(parts.executors[RESULTS].pending) == 1, "one look"
+    tries, since = gate.state.failures, gate.state.since
+    parts.run(RESULTS)
+    assert gate.is_blocked and (gate.state.failures, gate.state.since) == (tries + 1, since), \
+        "still away: the same episode, a longer wait"
+
+    away.rename(processing)
+    parts.dispatcher.tick(parts.clock.advance(gate.state.until - parts.clock.now()))
+    parts.run(RESULTS)
+    assert not gate.is_blocked
+    parts.dispatcher.tick(parts.clock.now())
+    assert parts.run(UPLOADS) == 2
+    assert parts.states() == {State.UPLOADED: 2}
+    assert all(r.attempts == 1 and r.failures == 0 for r in parts.journal.rows())

@@ -42,6 +42,12 @@ def failure(cause: Cause, **kw: object) -> Failure:
     (Step.RECONCILE, Cause.NOT_FOUND, 0, 0, Blocked),
     (Step.EXPORT, Cause.DISK_FULL, 0, 0, Blocked),
     (Step.FAIL, Cause.DISK_FULL, 0, 0, Blocked),
+    # a share that does not answer (EIO, ENOTCONN ... on the inbox, processing/, done/, failed/): never the
+    # file's fault, in any step, however many failures or attempts it had
+    (Step.CLAIM, Cause.SHARE_UNAVAILABLE, 0, 0, Blocked),
+    (Step.UPLOAD, Cause.SHARE_UNAVAILABLE, 7, 8, Blocked),
+    (Step.EXPORT, Cause.SHARE_UNAVAILABLE, 29, 0, Blocked),
+    (Step.FAIL, Cause.SHARE_UNAVAILABLE, 1000, 0, Blocked),
     # the file's own trouble
     (Step.UPLOAD, Cause.INVALID, 0, 1, Fail),
     (Step.FETCH, Cause.INVALID, 0, 0, Fail),  # a GET answered 400: not retried forever
@@ -73,6 +79,8 @@ def test_an_upload_the_server_may_hold_is_looked_for_before_it_fails():
 def test_blocked_scopes():
     assert decide(Step.FETCH, failure(Cause.UNAVAILABLE), 0, NOW, LIMITS).scope == Scope.API  # type: ignore[union-attr]
     assert decide(Step.EXPORT, failure(Cause.DISK_FULL), 0, NOW, LIMITS).scope == Scope.OUTPUT  # type: ignore[union-attr]
+    shares = decide(Step.EXPORT, failure(Cause.SHARE_UNAVAILABLE), 0, NOW, LIMITS)
+    assert isinstance(shares, Blocked) and shares.scope == Scope.SHARES and shares.retry_after_s is None
     rejected = decide(Step.FETCH, failure(Cause.REJECTED, status=401), 0, NOW, LIMITS)
     assert isinstance(rejected, Blocked) and "rejected the API token" in rejected.reason
 
