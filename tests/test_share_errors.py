@@ -1,6 +1,6 @@
-"""Which errors say that a share does not answer, and when a file is proven gone (``shares.py``).
-The Samba tests (test_share_outages.py) show the same on a real share; these run on the local disk,
-with Debian's strace to make a path answer EIO."""
+"""Which errors say that a share does not answer, and when a file is proven gone (``shares.py``);
+a missing output folder pauses the exports. The Samba tests (test_share_outages.py) show the same
+on a real share; these run on the local disk, with Debian's strace to make a path answer EIO."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from konfuzio_watch.journal import State
 from konfuzio_watch.konfuzio import classify
+from konfuzio_watch.policy import Scope
 from konfuzio_watch.shares import Folders, ShareUnavailable, caused_by_share_error, is_share_error
+
+from .conftest import wait_until
+from .helpers import drop_batch
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs Debian's strace for fault injection")
 
@@ -122,3 +127,29 @@ def test_eio_is_never_taken_for_absent(tmp_path: Path):
     # the file is missing, but its folder does not answer: no proof either
     assert _with_eio_on(folder, folder, folder / "gone.pdf") == f"OSError {errno.EIO}"
     assert _with_eio_on(tmp_path / "elsewhere", folder, folder / "gone.pdf") == "absent"
+
+
+def test_done_taken_away_pauses_the_exports_keeps_the_results_and_is_never_made_again(start_daemon, emulator,
+                                                                                      tmp_path: Path):
+    """done/ missing (a share unmounted under it) is no reason to fail a file, nor to make it again; the
+    results fetched meanwhile are kept in the state folder and placed without asking Konfuzio again."""
+    running = start_daemon()
+    away = tmp_path / "done.away"
+    running.done.rename(away)
+    files = drop_batch(running, 4)
+    kept = running.config.folders.state / "kept-results"
+    wait_until(lambda: kept.is_dir() and len(list(kept.glob("*.json"))) == len(files), 15,
+               lambda: f"every result fetched and kept: {running.counts()}")
+    assert running.counts()[State.EXPORTING] == len(files)
+    assert not running.done.exists(), "done/ made again at run time"
+    assert running.daemon.gates[Scope.SHARES].is_blocked and running.counts()[State.FAILED] == 0
+    emulator.reset_request_stats()
+    away.rename(running.done)
+    running.wait_finished(len(files), timeout_s=15)
+    assert running.counts()[State.DONE] == len(files)
+    for name, data in files.items():
+        assert (running.done / name).read_bytes() == data and (running.done / f"{name}.json").exists()
+    assert emulator.api_requests("details", "annotations", "bbox", "upload") == 0, emulator.request_stats()
+    assert list(kept.iterdir()) == []
+    rows = running.daemon.journal.rows()
+    assert all(r.failures == 0 and r.attempts == 1 for r in rows)
