@@ -110,9 +110,9 @@ class _SampleCollector(Collector):
                                     "Age of the oldest unfinished file in seconds.", value=s.oldest_pending_age_seconds)
         yield GaugeMetricFamily(PREFIX + "up", "1 when the daemon is ready (watching and serving callbacks).",
                                 value=1 if s.ready else 0)
-        blocked = GaugeMetricFamily(PREFIX + "blocked", "1 while a kind of work is paused (api, output, journal).",
-                                    labels=["scope"])
-        for scope in ("api", "output", "journal"):
+        blocked = GaugeMetricFamily(PREFIX + "blocked", "1 while a kind of work is paused (api, output, journal, "
+                                    "shares).", labels=["scope"])
+        for scope in ("api", "output", "journal", "shares"):
             blocked.add_metric([scope], 1 if scope in s.blocked else 0)
         yield blocked
         if s.cluster is not None:

@@ -143,6 +143,7 @@ def test_done_taken_away_pauses_the_exports_keeps_the_results_and_is_never_made_
     assert running.counts()[State.EXPORTING] == len(files)
     assert not running.done.exists(), "done/ made again at run time"
     assert running.daemon.gates[Scope.SHARES].is_blocked and running.counts()[State.FAILED] == 0
+    assert running.metric("blocked", scope="shares") == 1
     emulator.reset_request_stats()
     away.rename(running.done)
     running.wait_finished(len(files), timeout_s=15)
