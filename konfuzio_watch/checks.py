@@ -117,17 +117,22 @@ def _check_folders(config: Config, report: Report, note: Callable[[str], None], 
         bound = _journal_meta(config.journal_path, "processing_dir")
     else:
         bound = _shared_meta(journal, "processing_dir")
-    folder = processing.resolve(config, bound)
+    # Where the processing folder goes depends on whether that user may create entries in the inbox's
+    # parent: the kernel answers as it will answer the daemon (``processing.choose``).
+    may_create = (processing.may_create_entries if account.same_ids(accounts.me()) else
+                  processing.may_create_as(account.uid, account.gid, account.groups))
+    chosen = processing.find(config, bound, may_create, user=account.name or f"uid {account.uid}")
+    folder = chosen.path
     if folder.exists():
         try:
             processing.prepare(folder, f.inbox, checked_as=account)
-            report(True, "processing folder", str(folder))
+            report(True, "processing folder", str(chosen))
         except (ConfigError, OSError) as exc:
             report(False, "processing folder", str(exc))
     else:
         parent = accounts.existing_parent(folder)
         same_fs = os.stat(parent).st_dev == os.stat(f.inbox).st_dev
-        report(same_fs, "processing folder", f"{folder} (will be created)" if same_fs else
+        report(same_fs, "processing folder", f"{chosen}, will be created" if same_fs else
                f"{folder} would be on another file system than the inbox {f.inbox}",
                "set folders.processing to a folder next to the inbox (claims are renames)")
     if unverifiable := processing.unverifiable_privacy(folder):

@@ -184,8 +184,10 @@ class Daemon:
             raise JournalError(f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
                                f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
                                "processing folder then go back to the inbox and through again")
-        self.processing_dir = processing.resolve(c, self.journal.meta("processing_dir"))
+        chosen = processing.find(c, self.journal.meta("processing_dir"))
+        self.processing_dir = chosen.path
         processing.prepare(self.processing_dir, c.folders.inbox)
+        log.info("processing folder: %s", chosen)
         if unverifiable := processing.unverifiable_privacy(self.processing_dir):
             log.warning("%s", unverifiable)
         # Before the inbox's marker is written: a daemon whose processing folder holds the files of a

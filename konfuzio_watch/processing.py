@@ -1,13 +1,25 @@
 """Where claimed files wait: a folder only the daemon can write, on the inbox's file system.
 
-A claim is a rename, so the folder must be on the inbox's file system. By default it is a hidden
-sibling of the inbox (``/srv/.scans.konfuzio-watch`` for ``/srv/scans``), so that people and
-scanners writing into the inbox cannot write into it; only when the inbox's parent is another
-file system or not writable does it fall back to ``<inbox>/.konfuzio-watch/processing``. Either
-way it is created 0700 and the daemon refuses to start if others may write into it. On a share
-mounted here (a network or FUSE file system: ``mounts``) the owner and mode it sees are the mount's,
-not the server's: ``check`` and the start-up log say that its privacy cannot be verified from here,
-and what to set on the server (``unverifiable_privacy``).
+A claim is a rename, so the folder must be on the inbox's file system. Where it is, is one rule
+(``choose``), which ``run`` and ``check`` both follow and the start-up log names with its reason:
+
+1. ``folders.processing``, if set;
+2. else the folder the journal's files were claimed into before (the journal keeps the first choice,
+   so that a later change of permissions never strands files);
+3. else the one of the two folders below that exists already, the sibling first (an admin made it for
+   the service's user; an earlier run's, whose files a journal moved aside no longer names);
+4. else the hidden sibling of the inbox, ``<parent>/.<inbox name>.konfuzio-watch``
+   (``/srv/scans/.inbox.konfuzio-watch`` for ``/srv/scans/inbox``), so that people and scanners writing
+   into the inbox cannot write into it, if the service's user may create entries in the inbox's parent
+   and that parent is on the inbox's file system;
+5. else ``<inbox>/.konfuzio-watch/processing``.
+
+The one fact that depends on who asks is whether the user may create entries in the parent, so
+``choose`` takes it as an argument: ``check`` run by root can judge for the service's user
+(``may_create_as``). Either way the folder is created 0700 and the daemon refuses to start if others
+may write into it. On a share mounted here (a network or FUSE file system: ``mounts``) the owner
+and mode it sees are the mount's, not the server's: ``check`` and the start-up log say that its
+privacy cannot be verified from here, and what to set on the server (``unverifiable_privacy``).
 
 Each claimed file gets an unpredictable name there, ``<16 hex>-<its base name>``, recorded in its
 journal row with the file's inode: a file found under a row's name is trusted only if it is that
@@ -37,6 +49,9 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import accounts, mounts
@@ -53,25 +68,87 @@ class ProcessingDirError(ConfigError):
     """The processing folder cannot be used safely; the message is one line for the admin."""
 
 
-def default_dir(inbox: Path) -> Path:
-    parent = inbox.parent
-    try:
-        same_fs = os.stat(parent).st_dev == os.stat(inbox).st_dev
-    except OSError:
-        same_fs = False
-    if same_fs and parent != inbox and os.access(parent, os.W_OK | os.X_OK):
-        return parent / f".{inbox.name}.konfuzio-watch"
+SIBLING_WHY = "a hidden sibling of the inbox, on the same file system"
+USER = "konfuzio-watch"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where the claimed files wait, and why there (the start-up log and ``check`` say both)."""
+
+    path: Path
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.why})"
+
+
+def sibling_of(inbox: Path) -> Path:
+    return inbox.parent / f".{inbox.name}.konfuzio-watch"
+
+
+def inside(inbox: Path) -> Path:
     return inbox / ".konfuzio-watch" / "processing"
 
 
-def resolve(config: Config, bound: str | None) -> Path:
-    """The configured folder; else the one the journal has files waiting in (an older default);
-    else the default for this inbox."""
-    if config.folders.processing is not None:
-        return config.folders.processing
+def choose(inbox: Path, *, configured: Path | None = None, bound: str | None = None, sibling_exists: bool = False,
+           inside_exists: bool = False, parent_same_fs: bool = True, may_create_in_parent: bool = True,
+           user: str = USER) -> Choice:
+    """The rule (see the module's docstring), on facts gathered elsewhere (``find``): no file system here.
+    ``user``: who would create the folder, as the reason names them."""
+    if configured is not None:
+        return Choice(configured, "set in folders.processing")
     if bound:
-        return Path(bound)
-    return default_dir(config.folders.inbox)
+        return Choice(Path(bound), "where this journal's files were claimed before; the journal keeps it")
+    parent = inbox.parent
+    if sibling_exists:
+        return Choice(sibling_of(inbox), SIBLING_WHY)
+    # An older run's folder in the inbox (a journal moved aside): its files are adopted from there.
+    if inside_exists:
+        return Choice(inside(inbox), "in the inbox: it exists already")
+    if parent == inbox:
+        return Choice(inside(inbox), "the inbox has no parent folder")
+    if not parent_same_fs:
+        return Choice(inside(inbox), f"{parent} is another file system than the inbox")
+    if not may_create_in_parent:
+        return Choice(inside(inbox), f"{user} may not create entries in {parent}")
+    return Choice(sibling_of(inbox), SIBLING_WHY)
+
+
+def find(config: Config, bound: str | None, may_create: Callable[[Path], bool] | None = None,
+         user: str | None = None) -> Choice:
+    """``choose`` on this machine's facts; ``may_create``: whether the service's user (named ``user``)
+    may create entries in a folder (default: this process, the daemon itself)."""
+    if user is None:
+        user = accounts.name_of(os.geteuid()) or f"uid {os.geteuid()}"
+    inbox = config.folders.inbox
+    if config.folders.processing is not None or bound:
+        return choose(inbox, configured=config.folders.processing, bound=bound)
+    parent = inbox.parent
+    try:
+        same_fs = os.stat(parent).st_dev == os.stat(inbox).st_dev
+    except OSError:  # no inbox yet: ``run`` creates it in its parent, on that file system
+        same_fs = True
+    return choose(inbox, sibling_exists=os.path.lexists(sibling_of(inbox)), inside_exists=inside(inbox).is_dir(),
+                  parent_same_fs=same_fs, may_create_in_parent=(may_create or may_create_entries)(parent), user=user)
+
+
+def may_create_entries(folder: Path) -> bool:
+    """May this process create entries in ``folder`` (write and search it)?"""
+    return os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
+def may_create_as(uid: int, gid: int, groups: Sequence[int] = ()) -> Callable[[Path], bool]:
+    """``may_create_entries`` for another user (root judging for the service's user): the kernel answers,
+    to a shell running as that user, so ACLs and read-only mounts count as they do for the daemon. (The
+    shell, not this interpreter: that user may not reach a virtualenv under /root.)"""
+
+    def may_create(folder: Path) -> bool:
+        done = subprocess.run(["sh", "-c", 'test -w "$1" && test -x "$1"', "sh", os.fsdecode(folder)], user=uid,
+                              group=gid, extra_groups=list(groups), capture_output=True, timeout=30, cwd="/")
+        return done.returncode == 0
+
+    return may_create
 
 
 def prepare(path: Path, inbox: Path, checked_as: Account | None = None, *, parents: bool = True) -> None:

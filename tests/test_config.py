@@ -34,8 +34,8 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path):
     assert config.results.callback_timeout == 600 and config.results.poll_interval == 30
     assert config.callback.path == "konfuzio-callback"
     (tmp_path / "in").mkdir()
-    assert processing.resolve(config, bound=None) == tmp_path / ".in.konfuzio-watch", "next to the inbox, not in it"
-    assert processing.resolve(config, bound="/old/place") == Path("/old/place"), "where files already wait"
+    assert processing.find(config, bound=None).path == tmp_path / ".in.konfuzio-watch", "next to the inbox, not in it"
+    assert processing.find(config, bound="/old/place").path == Path("/old/place"), "where files already wait"
 
 
 def test_example_config_documents_every_key_and_loads(tmp_path: Path):
