@@ -138,7 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def on_hangup(_signum: int, _frame: FrameType | None) -> None:
         logging.getLogger("konfuzio_watch").warning(
-            "SIGHUP: the configuration is not reloaded while running; restart the service to apply changes")
+            "SIGHUP: the API token is tried again now; the rest of the configuration is not reloaded while "
+            "running: restart the service to apply changes")
+        daemon.hangup()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -66,12 +66,14 @@ from .markers import MarkerKeeper
 from .metrics import ClusterSample, Metrics, Sample
 from .monitor import OK, STARTING, STOPPING, iso, local_url, start_monitor
 from .pipeline import Pipeline, limits_from
+from .policy import Scope
 from .reachability import POLL_ONLY, CallbackVerdict, CallbackWatch, ProbeTokens, Reachability
 from .scheduler import Duty, Scheduler
 from .sdnotify import Notifier
 from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
 from .shares import Folders
 from .summary import status_line
+from .token_file import LOOK_EVERY_S, TokenWatch
 from .tokens import hash_token
 from .tracker import CandidateTracker
 from .tunnel import Tunnel, TunnelSettings
@@ -81,6 +83,7 @@ log = logging.getLogger("konfuzio_watch")
 
 STATUS_EVERY_S = 5.0
 OLDEST_EVERY_S = 60.0
+TOKEN_HANGUP_ONLY_S = 3600.0
 TUNNEL_CHECK_EVERY_S = 30.0
 NODE_ID_WAIT_S = 5.0  # a restarted node waits this long for the database to let go of its previous run
 RESCANNER = "rescanner"  # the role of the node that does the periodic full rescans
@@ -135,6 +138,8 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.public_url: str | None = None
         self.processing_dir: Path | None = None
+        self.token_watch: TokenWatch | None = None
+        self._token_duty: Duty | None = None
         self.metrics = Metrics(self._sample, node_id=self.node_id if self.cluster else None)
         self.gates = Gates(limits_from(config), on_change=self._gate_changed)
         for gate in self.gates.by_scope.values():
@@ -216,6 +221,7 @@ class Daemon:
                                  metrics=self.metrics, callback_base=lambda: self.public_url or "",
                                  processing_dir=self.processing_dir, on_transition=self._transitioned, folders=folders)
         self.pipeline.holds_processing_dir = self.markers.holds_processing_dir
+        self.token_watch = TokenWatch(c.konfuzio.token_file, self.gates[Scope.API], self.pipeline.reload_token)
         if c.callback.enabled:
             self.pipeline.callback_watch = self.callback_watch
             self.pipeline.on_callbacks_missing = self._callbacks_missing
@@ -280,6 +286,11 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval_s
         c = self.config
         quarter = c.node.lease_seconds / 4 if self.cluster else None
+        assert self.token_watch
+        # A fixed token file is tried at once, not after the API gate's backoff. Without a token file
+        # only SIGHUP has anything for it to do, and SIGHUP makes it due at once (``hangup``).
+        self._token_duty = Duty("token", LOOK_EVERY_S if c.konfuzio.token_file else TOKEN_HANGUP_ONLY_S,
+                                self.token_watch.look)
         return [
             # WATCHDOG=1 comes from the loop thread only: a stuck loop (not a slow upload on a
             # worker) is what systemd's watchdog catches.
@@ -297,6 +308,7 @@ class Daemon:
             Duty("tunnel", TUNNEL_CHECK_EVERY_S if self.config.ngrok.enabled else None, self._check_tunnel,
                  next_at=self.clock.now() + TUNNEL_CHECK_EVERY_S),
             Duty("oldest pending", OLDEST_EVERY_S if self.alerts.enabled else None, self._tell_oldest_pending),
+            self._token_duty,
         ]
 
     # -- the journal; a node of a cluster --------------------------------------------------------
@@ -534,6 +546,16 @@ class Daemon:
         self._stopping.set()
         if self.scheduler:
             self.scheduler.report(StopRequested())
+
+    def hangup(self) -> None:
+        """SIGHUP: the API token is tried at once if Konfuzio rejected it (else the token file is read
+        again). Called from the signal handler, on the loop's thread between any two of its steps: it
+        only sets flags and reports a fact, which takes no lock the loop might hold."""
+        if self.token_watch is None or self._token_duty is None or self.scheduler is None:
+            return
+        self.token_watch.hangup()
+        self._token_duty.next_at = 0.0
+        self.scheduler.report(Wake())
 
     def request_rescan(self) -> None:
         if self.scheduler:

@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .policy import Limits, Scope, backoff_s
 
@@ -83,6 +83,18 @@ class Gate:
         if s.blocked and self.probe_fn is not None and not self._probing and now >= s.until:
             return self.probe_fn
         return None
+
+    def probe_now(self, now: float) -> bool:
+        """The cause its own probe looks at may be gone (the token file changed): that probe goes at the
+        next tick instead of after the backoff. False if there is none to hurry (the gate is open or
+        blocked for another cause, or the probe is out)."""
+        with self._lock:
+            s = self._state
+            if not s.blocked or self.probe_fn is None or self._probing:
+                return False
+            self._state = replace(s, until=min(s.until, now))
+        self._changed()
+        return True
 
     def next_probe_at(self) -> float | None:
         s = self._state

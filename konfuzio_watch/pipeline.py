@@ -285,7 +285,7 @@ class Pipeline:
         request per project - at start-up, and as the probe while the API is blocked for the token
         or a project (a file would only be failed by it). The token file is read again first, so a
         rotated credential is picked up without a restart."""
-        self._reload_token()
+        self.reload_token()
         now = self.clock.now()
         project_ids = [self.config.konfuzio.project_id, *(r.project_id for r in self.config.routes if r.project_id)]
         for project_id in dict.fromkeys(project_ids):
@@ -305,7 +305,8 @@ class Pipeline:
         self._api_ok()
         return True
 
-    def _reload_token(self) -> None:
+    def reload_token(self) -> None:
+        """Read the token file again (a probe; a SIGHUP), keep the token we have if it cannot be read."""
         if self.config.konfuzio.token_file is None:
             return
         try:
