@@ -138,6 +138,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.public_url: str | None = None
         self.processing_dir: Path | None = None
+        self.processing_choice: processing.Choice | None = None  # the folder and why it was chosen
         self.token_watch: TokenWatch | None = None
         self._token_duty: Duty | None = None
         self.metrics = Metrics(self._sample, node_id=self.node_id if self.cluster else None)
@@ -189,10 +190,9 @@ class Daemon:
             raise JournalError(f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
                                f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
                                "processing folder then go back to the inbox and through again")
-        chosen = processing.find(c, self.journal.meta("processing_dir"))
-        self.processing_dir = chosen.path
+        self.processing_choice = processing.find(c, self.journal.meta("processing_dir"))
+        self.processing_dir = self.processing_choice.path
         processing.prepare(self.processing_dir, c.folders.inbox)
-        log.info("processing folder: %s", chosen)
         if unverifiable := processing.unverifiable_privacy(self.processing_dir):
             log.warning("%s", unverifiable)
         # Before the inbox's marker is written: a daemon whose processing folder holds the files of a
@@ -276,6 +276,8 @@ class Daemon:
         callbacks = f"callbacks at {self.public_url}/{c.callback.path.strip('/')}/…" if c.callback.enabled else \
             "poll-only (callback.enabled: false)"
         node = f", node {self.node_id} of the cluster on {self.journal.location}" if self.cluster else ""
+        # Said once started, not before (a start that fails says one line: why it failed).
+        log.info("processing folder: %s", self.processing_choice)
         log.info("ready: watching %s%s, %s%s%s", c.folders.inbox, " (polling)" if self.watcher.polling else "",
                  callbacks, f", monitor at {local_url(self.monitor)}" if self.monitor else "", node)
         self.notifier.ready(self.status_line())
