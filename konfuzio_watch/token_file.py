@@ -4,9 +4,9 @@ While Konfuzio rejects the token, the API gate is blocked and its own probe (``P
 which reads ``konfuzio.token_file`` again) runs with backoff, up to ``upload.backoff_cap_seconds``
 apart. The admin's fix would wait for it. So the loop looks at the token file every
 ``LOOK_EVERY_S`` (a stat: cheap), and while the gate is blocked for the token, a file whose mtime,
-ctime, size or inode changed - written in place, or replaced by a rename as systemd's credentials
-are - has the probe run at once. A SIGHUP does the same without a change (the account was unlocked
-on the server), and with the API working it reads the token file again (a rotation ahead of time).
+ctime, size or inode changed - written in place, or replaced by a rename - has the probe run at
+once. A SIGHUP does the same without a change (the account was unlocked on the server), and with
+the API working it reads the token file again (a rotation ahead of time).
 """
 
 from __future__ import annotations

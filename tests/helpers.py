@@ -192,6 +192,20 @@ class DaemonProcess:
         return len(list((self.root / "done").rglob("*.json")))
 
 
+def write_in_place(path: Path, text: str) -> None:
+    """Rewrite a file in place (same inode), as an editor that keeps the file does."""
+    with open(path, "r+", encoding="utf-8") as f:
+        f.truncate(0)
+        f.write(text)
+
+
+def write_and_rename(path: Path, text: str) -> None:
+    """Replace a file by a rename (a new inode), as most tools and configuration management do."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text, encoding="utf-8")
+    os.replace(new, path)
+
+
 def sample_files(n: int, prefix: str) -> dict[str, bytes]:
     return {(f"{prefix}/{i:03d}.pdf" if i % 2 else f"{prefix}/{i:03d}.png"):
             (make_pdf(label=f"{prefix}{i}") if i % 2 else make_png(label=f"{prefix}{i}")) for i in range(n)}
