@@ -3,20 +3,18 @@ and named with its reason in the start-up log (issue 23, item 1)."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from konfuzio_watch import processing
-from konfuzio_watch.checks import run_checks
-from konfuzio_watch.config import load_config
 
-from .helpers import AS_NOBODY, DaemonProcess, can_drop_privileges
+from .helpers import AS_NOBODY, KONFUZIO_WATCH, DaemonProcess, can_drop_privileges
 
 INBOX = Path("/srv/scans/inbox")
 SIBLING = Path("/srv/scans/.inbox.konfuzio-watch")
@@ -79,14 +77,17 @@ def test_check_as_root_and_the_daemon_as_its_user_choose_the_same_folder(emulato
         os.chown(folder, NOBODY, NOBODY)
     daemon = DaemonProcess(root, emulator, folders={name: str(path) for name, path in folders.items()})
     inside = folders["inbox"] / ".konfuzio-watch" / "processing"
-    because = f"konfuzio-watch may not create entries in {scans}"
     try:
-        out = io.StringIO()
-        run_checks(load_config(daemon.config), out, may_create=processing.may_create_as(NOBODY, NOBODY))
-        assert processing_lines(out.getvalue()) == [f"ok    processing folder: {inside} ({because}), will be created"]
+        # root's check, for the user the service runs as (without --as: the user konfuzio-watch last ran as,
+        # else the system user konfuzio-watch)
+        check = subprocess.run([*KONFUZIO_WATCH, "check", "--as", str(NOBODY), "--config", str(daemon.config)],
+                               capture_output=True, text=True, timeout=120, cwd=root)
+        assert processing_lines(check.stdout) == [
+            f"ok    processing folder: {inside} (nobody may not create entries in {scans}), will be created"]
 
         daemon.start(prefix=AS_NOBODY)
-        assert processing_lines(daemon.log.read_text()) == [f"processing folder: {inside} ({because})"]
+        assert processing_lines(daemon.log.read_text()) == [
+            f"processing folder: {inside} (nobody may not create entries in {scans})"]
         assert inside.is_dir() and not (scans / ".inbox.konfuzio-watch").exists()
 
         assert daemon.terminate() == 0
