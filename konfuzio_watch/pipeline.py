@@ -71,6 +71,9 @@ HASH_CHUNK = 1024 * 1024
 CLOCK_SKEW_S = 600.0  # the server's clock may differ from ours: list this much further back
 SEARCHABLE_PDF = "searchable_pdf"  # a results.outputs entry
 OCR_PDF_SUFFIX = ".ocr.pdf"  # done/<name>.ocr.pdf next to done/<name> and done/<name>.json
+# An upload the application answered with an error (500): its handler has finished, so one look at the
+# document list settles whether it stored the file; no reconcile window (policy.reconcile_window_s).
+ANSWERED_STAGE = "upload answered an error: one look on the server, then uploaded again if not there"
 REVIEW_STAGE = "waiting for review in Konfuzio"  # results.require_review: done, not reviewed yet
 # Statuses in which a document waits for a person in Konfuzio (the row's stage says so).
 PERSON_STAGES = {41: "waiting for splitting confirmation in Konfuzio"}
@@ -196,8 +199,8 @@ class Pipeline:
                       "failures": row.failures + (1 if decision.charge else 0)}
             # Once per change of the error; a failing row's stored error never changes: each try is logged.
             level = logging.WARNING if failure.message != row.error or keeps_reason else logging.DEBUG
-            log.log(level, "%s: %s failed (failure %d), next try in %.1f s: %s", row.display_path, step,
-                    fields["failures"], decision.delay_s, failure.message,
+            log.log(level, "%s: %s failed (failure %d), %s: %s", row.display_path, step,
+                    fields["failures"], self._next_try(step, failure, decision, now), failure.message,
                     extra={"file": row.display_path, "state": row.state.value, "document_id": row.document_id,
                            "stage": step.value, "error": failure.message})
         if keeps_reason:
@@ -207,6 +210,20 @@ class Pipeline:
             fields.setdefault("failures", row.failures)
             return self.journal.transition(row, back_to, now, **fields)
         return self.journal.update(row, now, **fields)
+
+    def _next_try(self, step: Step, failure: Failure, decision: Retry, now: float) -> str:
+        """What the retry of a failed step really does, and when: an upload the server may hold is
+        looked for before it is uploaded again."""
+        if step != Step.UPLOAD or not failure.maybe_received:
+            return f"next try in {decision.delay_s:.1f} s"
+        window = policy.reconcile_window_s(failure, self.config.reconcile_window_s)
+        if not window:
+            return (f"one look at the server's documents in {decision.delay_s:.1f} s, "
+                    "then uploaded again at once if it is not there")
+        again_at = policy.upload_again_at(now, decision.at, window)
+        return (f"the server may still be storing it: looking for it from {decision.delay_s:.1f} s on, "
+                f"uploaded again no earlier than {_clock_time(again_at)} (in {again_at - now:.0f} s, "
+                f"upload.reconcile_window_seconds)")
 
     def _refresh_failed(self, row: Row, step: Step, failure: Failure, decision: policy.Decision, now: float) -> Row:
         """The policy's answer for a done file whose new revision could not be fetched or written:
@@ -732,7 +749,13 @@ class Pipeline:
         # If the server may hold it, the row stays ``uploading`` and is reconciled (looked up by
         # its token) before any new upload; otherwise it goes back to ``claimed``.
         if failure.maybe_received:
-            return self._handle(row, Step.UPLOAD, failure, stage="upload", ambiguous_since=self.clock.now())
+            now = self.clock.now()
+            new = self._handle(row, Step.UPLOAD, failure, stage="upload", ambiguous_since=now)
+            if new.state == State.UPLOADING:  # (a crash before this write: the window, as for a timeout)
+                answered = not policy.reconcile_window_s(failure, self.config.reconcile_window_s)
+                new = self.journal.update(new, now, stage=ANSWERED_STAGE if answered else _looking_until(
+                    policy.upload_again_at(now, new.next_at or now, self.config.reconcile_window_s)))
+            return new
         return self._handle(row, Step.UPLOAD, failure, back_to=State.CLAIMED, stage="upload")
 
     # -- uploading (after a crash or an ambiguous error): does the server have it? ---------------
@@ -783,16 +806,16 @@ class Pipeline:
             log.info("%s: the server already had it as document %d", row.display_path, first)
             self._log_transition(row, new)
             out.append(new)
-        window = self.config.reconcile_window_s
         for row in rows:
             if row.id in found:
                 continue
+            window = 0.0 if row.stage == ANSWERED_STAGE else self.config.reconcile_window_s
             # Written by whichever node's upload timed out, compared by this one's: in a cluster both
             # are the database's clock (clock.DatabaseClock), so the window is the same for every node.
             since = row.ambiguous_since if row.ambiguous_since is not None else row.updated_at
             if now < since + window:  # a slow server may still be storing it: look again, do not upload
                 again = min(since + window, now + policy.backoff_s(row.failures + 1, self.limits))
-                out.append(self.journal.update(row, now, next_at=again, stage="reconcile"))
+                out.append(self.journal.update(row, now, next_at=again, stage=_looking_until(since + window)))
                 log.debug("%s: not on the server yet; looking again in %.1f s (window ends in %.1f s)",
                           row.display_path, again - now, since + window - now)
             elif row.attempts >= self.config.upload.max_attempts:
@@ -1580,3 +1603,12 @@ def export_display(final_path: bytes, done: Path) -> str:
         return display_name(os.fsencode(Path(os.fsdecode(final_path)).relative_to(done.parent)))
     except ValueError:
         return display_name(final_path)
+
+
+def _clock_time(at: float) -> str:
+    return dt.datetime.fromtimestamp(at).astimezone().strftime("%H:%M:%S %Z")
+
+
+def _looking_until(at: float) -> str:
+    """The stage of an upload the server may still be storing, as ``status`` shows it."""
+    return f"the server may still be storing it: looking for it until {_clock_time(at)}, then uploaded again"

@@ -161,6 +161,25 @@ def decide(step: Step, failure: Failure, failures: int, now: float, limits: Limi
     return _retry(failures, now, limits, jitter, failure.retry_after_s)
 
 
+GATEWAY_STATUSES = (502, 503, 504)
+
+
+def reconcile_window_s(failure: Failure, window_s: float) -> float:
+    """How long an upload that failed with ``failure`` may still be stored by the server, so that only
+    looking for it (never uploading it again) is safe. A 5xx other than a gateway's (500, 507 ...) is
+    the application's own answer: its handler has finished, and one look at the document list settles
+    whether it stored the file (0). A timeout, a reset or a gateway's 502/503/504 may come while the
+    application is still storing it: ``window_s`` (``upload.reconcile_window_seconds``)."""
+    answered = failure.status is not None and failure.status >= 500 and failure.status not in GATEWAY_STATUSES
+    return 0.0 if answered else window_s
+
+
+def upload_again_at(now: float, look_at: float, window_s: float) -> float:
+    """The earliest new upload of a file that may be on the server: after the first look, and not
+    before its reconcile window (from ``now``, when the upload failed) has passed."""
+    return max(look_at, now + window_s)
+
+
 def _retry(failures: int, now: float, limits: Limits, jitter: float, retry_after_s: float | None = None) -> Retry:
     delay = backoff_s(failures + 1, limits, jitter)
     capped, _ = cap_retry_after(retry_after_s, limits)

@@ -148,6 +148,8 @@ def _add_document_routes(app: Flask, emu: Emulator) -> None:
             return forward.response()
         if upload is None:
             return _json(errors, 400)
+        if emu.chance(emu.knobs.upload_500_rate):  # the handler failed before it stored anything
+            return _json({"detail": "Server Error"}, 500)
         return _json(emu.accept_upload(upload, arrived_at), 201)
 
     @app.get("/api/v3/documents/", strict_slashes=False)

@@ -203,7 +203,11 @@ class Emulator:
 
     def forward_upload(self, upload: UploadForm, rule: FaultRule, arrived_at: float) -> None:
         """A gateway answered ``rule.status`` already; the app stores the upload
-        ``rule.forward_after_s`` later anyway, with the callback URL it carried."""
+        ``rule.forward_after_s`` later anyway, with the callback URL it carried. At 0 it is stored
+        before the error is answered: an app whose handler stored the file, then failed (a 500)."""
+        if not rule.forward_after_s:
+            self._store(upload, arrived_at, gateway_status=rule.status)
+            return
         self._work.begin()
 
         def store_late() -> None:
