@@ -24,7 +24,7 @@ class Knobs:
     rate_429: float = 0.0  # probability any API request answers 429 with Retry-After
     retry_after_s: int | str = 1  # int: seconds; str: sent verbatim ("999999999", an HTTP date)
     rate_5xx: float = 0.0  # probability any API request answers 502 or 503
-    upload_500_rate: float = 0.0  # probability the app's upload handler fails: 500 {"detail": "Server Error"}, nothing stored
+    upload_500_rate: float = 0.0  # probability the upload handler fails before storing: 500 {"detail": "Server Error"}
     outage: bool = False  # every API request answers 503; processing and callbacks go on
     stall_after_store_s: float = 0.0  # POST stores the document, then sleeps before answering
     callback_timeout_s: float = 5.0  # timeout of the emulator's own callback POSTs
