@@ -26,6 +26,7 @@ KNOB_HELP = {
     "rate_429": "probability any API request answers 429",
     "retry_after_s": "Retry-After of the 429s: seconds, or any string sent verbatim (an HTTP date)",
     "rate_5xx": "probability any API request answers 502/503",
+    "upload_500_rate": "probability the upload handler fails before storing: 500 {\"detail\": \"Server Error\"}",
     "outage": "every API request answers 503",
     "stall_after_store_s": "sleep after storing an upload, before answering",
     "callback_timeout_s": "timeout of the callback POSTs",
