@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,10 @@ def test_smbd_stopped_while_results_are_placed_pauses_and_loses_nothing(samba, s
                lambda: f"every result fetched while the share is away: {_states(daemon)}")
     emulator.reset_request_stats()
     samba.start()
+    back = time.monotonic()
     wait_until(lambda: len(_done(share)) + len(_failed(share)) >= len(files), 30,
                lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})")
+    print(f"all finished {time.monotonic() - back:.1f} s after smbd's return")
     wait_until(lambda: RESUMED.search(daemon.log.read_text()) or _failed(share), 15, "the end of the pause in the log")
     log = daemon.log.read_text()
     _assert_all_done_once(share, emulator, files)
@@ -139,8 +142,10 @@ def test_a_lazy_unmount_writes_nothing_into_the_bare_mountpoint_and_the_files_go
     print(f"under the bare mountpoint: {bare}")
     assert bare == [], f"written into the bare mountpoint: {bare}"
     smb_mount.mount()
+    back = time.monotonic()
     wait_until(lambda: len(_done(share)) + len(_failed(share)) >= len(files), 20,
                lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})")
+    print(f"all finished {time.monotonic() - back:.1f} s after the remount")
     _assert_all_done_once(share, emulator, files)
     rows = daemon.journal("SELECT state, final_path FROM files")
     assert {state for state, _ in rows} == {"done"} and len(rows) == len(files)
