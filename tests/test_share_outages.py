@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from .smb import Scanner
 
 pytestmark = pytest.mark.slow
 
+# How long an outage lasts at least: the tests keep it short; the README's table runs them with 30.
+OUTAGE_S = float(os.environ.get("KONFUZIO_WATCH_SHARE_OUTAGE_S", "0"))
 PAUSED = re.compile(r" ERROR .*pausing all work on the shares")
 RESUMED = re.compile(r" WARNING .*the shares answer again")
 
@@ -104,13 +108,16 @@ def test_smbd_stopped_while_results_are_placed_pauses_and_loses_nothing(samba, s
     wait_until(lambda: len(emulator.uploads) == len(files), 15, "every file uploaded")
     wait_until(lambda: len(_done(share)) >= 2, 15, "the first results in done/")
     samba.stop()
+    stopped = time.monotonic()
     wait_until(lambda: all(d["status_data"] == 2 for d in emulator.documents()), 15,
                "every document processed while the share is away")
     wait_until(lambda: _fetched_while_away(daemon, tmp_path / "state", len(files)), 15,
                lambda: f"every result fetched while the share is away: {_states(daemon)}")
+    _hold_outage(stopped)
     emulator.reset_request_stats()
     samba.start()
     back = time.monotonic()
+    print(f"smbd was stopped for {back - stopped:.1f} s")
     wait_until(lambda: len(_done(share)) + len(_failed(share)) >= len(files), 30,
                lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})")
     print(f"all finished {time.monotonic() - back:.1f} s after smbd's return")
@@ -137,12 +144,18 @@ def test_a_lazy_unmount_writes_nothing_into_the_bare_mountpoint_and_the_files_go
     files = _scan(samba, tmp_path, 12)
     share = smb_mount.share
     wait_until(lambda: len(emulator.uploads) == len(files), 15, "every file uploaded")
+    unmounted = time.monotonic()
     smb_mount.unmount(lazy=True)  # smbnetfs serves the daemon's open files for 10 s more, then is killed
-    bare = sorted(str(p.relative_to(smb_mount.mountpoint)) for p in smb_mount.mountpoint.rglob("*"))
-    print(f"under the bare mountpoint: {bare}")
-    assert bare == [], f"written into the bare mountpoint: {bare}"
+
+    def nothing_under_the_mountpoint() -> None:
+        bare = sorted(str(p.relative_to(smb_mount.mountpoint)) for p in smb_mount.mountpoint.rglob("*"))
+        assert bare == [], f"written into the bare mountpoint: {bare}"
+
+    nothing_under_the_mountpoint()
+    _hold_outage(unmounted, nothing_under_the_mountpoint)
     smb_mount.mount()
     back = time.monotonic()
+    print(f"the share was unmounted for {back - unmounted:.1f} s")
     wait_until(lambda: len(_done(share)) + len(_failed(share)) >= len(files), 20,
                lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})")
     print(f"all finished {time.monotonic() - back:.1f} s after the remount")
@@ -158,3 +171,12 @@ def test_a_lazy_unmount_writes_nothing_into_the_bare_mountpoint_and_the_files_go
     assert "had no journal row" not in restarted and " ERROR " not in restarted, restarted
     assert len(_done(share)) == len(files) and len(documents_per_sha(emulator)) == len(files)
     daemon.terminate()
+
+
+def _hold_outage(since: float, check: Callable[[], None] = lambda: None) -> None:
+    """Keep the share away until OUTAGE_S after ``since`` (a scenario's length, not a wait for
+    something), running ``check`` every second meanwhile."""
+    pause = threading.Event()
+    while (left := since + OUTAGE_S - time.monotonic()) > 0:
+        check()
+        pause.wait(min(1.0, left))
