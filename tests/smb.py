@@ -85,6 +85,16 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[n
         time.sleep(0.05)
 
 
+def _wait_or_kill(proc: subprocess.Popen) -> None:
+    """Wait 10 s for a process that was asked to end, then kill its process group."""
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 @dataclass
 class SambaServer:
     root: Path
@@ -158,12 +168,7 @@ class SambaServer:
             return
         with suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        _wait_or_kill(self.proc)
 
 
 @dataclass
@@ -208,12 +213,7 @@ class SmbMount:
     def unmount(self, *, lazy: bool = False) -> None:
         subprocess.run(["fusermount", "-u", *(["-z"] if lazy else []), str(self.mountpoint)], capture_output=True)
         if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            _wait_or_kill(self.proc)
 
 
 @dataclass
