@@ -52,6 +52,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet ruff
 	$(VENV)/bin/ruff check konfuzio_watch tests bench
+	$(VENV)/bin/ruff format --check konfuzio_watch tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

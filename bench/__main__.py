@@ -39,12 +39,29 @@ from typing import Any  # noqa: E402
 from . import profiles, report, scenarios  # noqa: E402
 from .harness import PROFILE_RATE_HZ, machine_info  # noqa: E402
 
-ALL = ("burst", "fsync", "floor", "scale16", "scale32", "backlog", "memory", "reconcile", "idle_polling",
-       "pollonly", "outputs", "venv", "tutorial")
+ALL = (
+    "burst",
+    "fsync",
+    "floor",
+    "scale16",
+    "scale32",
+    "backlog",
+    "memory",
+    "reconcile",
+    "idle_polling",
+    "pollonly",
+    "outputs",
+    "venv",
+    "tutorial",
+)
 DEFAULT_SKIP = {"tutorial"}
 QUICK_SKIP = {"tutorial", "venv"}
-AFTER_ONLY = {"pollonly": "no poll-only mode", "outputs": "no results.outputs", "tutorial": "not compared",
-              "floor": "not compared"}
+AFTER_ONLY = {
+    "pollonly": "no poll-only mode",
+    "outputs": "no results.outputs",
+    "tutorial": "not compared",
+    "floor": "not compared",
+}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -62,15 +79,36 @@ class Sizes:
     outputs: int
 
 
-FULL = Sizes(burst=100, idle_s=60, latency_files=10, scale=1000, backlog=100_000, steady_s=10, seeded=50_000,
-             idle_files=20_000, idle_window_s=60, outputs=50)
-QUICK = Sizes(burst=30, idle_s=5, latency_files=3, scale=300, backlog=10_000, steady_s=5, seeded=50_000,
-              idle_files=2_000, idle_window_s=10, outputs=20)
+FULL = Sizes(
+    burst=100,
+    idle_s=60,
+    latency_files=10,
+    scale=1000,
+    backlog=100_000,
+    steady_s=10,
+    seeded=50_000,
+    idle_files=20_000,
+    idle_window_s=60,
+    outputs=50,
+)
+QUICK = Sizes(
+    burst=30,
+    idle_s=5,
+    latency_files=3,
+    scale=300,
+    backlog=10_000,
+    steady_s=5,
+    seeded=50_000,
+    idle_files=2_000,
+    idle_window_s=10,
+    outputs=20,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, no venv build: a smoke run")
     parser.add_argument("--before", metavar="DIR", help="a checkout of the code to compare with (PYTHONPATH)")
     parser.add_argument("--before-label", default="be7dd22", help="its name in the table (default be7dd22)")
@@ -89,9 +127,17 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
     s = sizes
 
     def burst(root: Path, code: Path | None) -> dict[str, Any]:
-        return scenarios.daemon_run(root, name="burst", n=n, settle_s=2.0, concurrency=4, idle_s=s.idle_s,
-                                    latency_files=s.latency_files, profile_dir=None if code else profile_dir,
-                                    code=code)
+        return scenarios.daemon_run(
+            root,
+            name="burst",
+            n=n,
+            settle_s=2.0,
+            concurrency=4,
+            idle_s=s.idle_s,
+            latency_files=s.latency_files,
+            profile_dir=None if code else profile_dir,
+            code=code,
+        )
 
     def scale(concurrency: int) -> Callable[[Path, Path | None], Any]:
         def run(root: Path, code: Path | None) -> dict[str, Any]:
@@ -99,6 +145,7 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
                                         concurrency=concurrency, idle_s=0, latency_files=0, code=code,
                                         profile_dir=None if code else profile_dir, emulator_threads=concurrency + 16,
                                         timeout_s=300, extra={"results": {"workers": 4}})  # fmt: skip
+
         return run
 
     return {
@@ -107,25 +154,30 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
         "floor": lambda root, code: scenarios.floor_run(root, n=n),
         "scale16": scale(16),
         "scale32": scale(32),
-        "backlog": lambda root, code: scenarios.backlog_run(root, n=s.backlog, steady_s=s.steady_s, code=code,
-                                                            profile_dir=None if code else profile_dir),
+        "backlog": lambda root, code: scenarios.backlog_run(
+            root, n=s.backlog, steady_s=s.steady_s, code=code, profile_dir=None if code else profile_dir
+        ),
         "memory": lambda root, code: scenarios.memory_run(root, size_mb=100, code=code),
         "memory_small": lambda root, code: scenarios.memory_run(root, size_mb=10, code=code),
         "reconcile": lambda root, code: scenarios.reconcile_run(root, seeded=s.seeded, code=code),
-        "idle_polling": lambda root, code: scenarios.idle_polling_run(root, n=s.idle_files, window_s=s.idle_window_s,
-                                                                      code=code),
+        "idle_polling": lambda root, code: scenarios.idle_polling_run(
+            root, n=s.idle_files, window_s=s.idle_window_s, code=code
+        ),
         "pollonly_5s": lambda root, code: scenarios.pollonly_run(root, n=n, first_poll_s=5.0),
         "pollonly_2s": lambda root, code: scenarios.pollonly_run(root, n=n, first_poll_s=2.0),
-        **{f"outputs_{which}": (lambda w: lambda root, code: scenarios.outputs_run(root, n=s.outputs, which=w))(which)
-           for which in scenarios.OUTPUTS},
+        **{
+            f"outputs_{which}": (lambda w: lambda root, code: scenarios.outputs_run(root, n=s.outputs, which=w))(which)
+            for which in scenarios.OUTPUTS
+        },
         "venv": lambda root, code: scenarios.venv_run(root, checkout=code or REPO),
         "tutorial": lambda root, code: scenarios.tutorial_run(root, n=n),
     }
 
 
 def _scenario_of(key: str) -> str:
-    return "memory" if key == "memory_small" else key.split("_")[0] if key.startswith(("pollonly_", "outputs_")) \
-        else key
+    return (
+        "memory" if key == "memory_small" else key.split("_")[0] if key.startswith(("pollonly_", "outputs_")) else key
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workdir).absolute() if args.workdir else Path(tempfile.mkdtemp(prefix="konfuzio-watch-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    figures: dict[str, Any] = {"machine": machine_info(root), "errors": {}, "runs": runs, "quick": args.quick,
-                               "after": {}}
+    figures: dict[str, Any] = {
+        "machine": machine_info(root),
+        "errors": {},
+        "runs": runs,
+        "quick": args.quick,
+        "after": {},
+    }
     if before is not None:
         figures["before"] = {}
         figures["before_label"] = args.before_label
@@ -186,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 def _print(figures: dict[str, Any], profile_dir: Path | None) -> None:
     m = figures["machine"]
     runs = figures["runs"]
-    print(f"\nkonfuzio-watch benchmark{' (--quick)' if figures['quick'] else ''} — {m['nproc']} CPUs ({m['cpu']}), "
-          f"Python {m['python']}, Linux {m['kernel']}, work folder on {m['workdir_fs']}; "
-          f"{runs} run(s) of each scenario: a cell is the range over them, 'met?' judges the worst\n")
+    print(
+        f"\nkonfuzio-watch benchmark{' (--quick)' if figures['quick'] else ''} — {m['nproc']} CPUs ({m['cpu']}), "
+        f"Python {m['python']}, Linux {m['kernel']}, work folder on {m['workdir_fs']}; "
+        f"{runs} run(s) of each scenario: a cell is the range over them, 'met?' judges the worst\n"
+    )
     notes = {scenario: f"n/a ({why})" for scenario, why in AFTER_ONLY.items()}
     print(report.markdown_table(report.target_header(figures), report.target_rows(figures, notes)))
     extra = report.extra_rows(figures)
@@ -197,8 +256,10 @@ def _print(figures: dict[str, Any], profile_dir: Path | None) -> None:
         print(report.markdown_table(report.EXTRA_HEADER, extra))
     floor = [r for r in figures["after"].get("floor", []) if "segments_ms" in r]
     if floor:
-        print(f"\nThe floor's steps, thread CPU per file ({len(floor)} run(s); with --segments, which costs a "
-              "little itself):")
+        print(
+            f"\nThe floor's steps, thread CPU per file ({len(floor)} run(s); with --segments, which costs a "
+            "little itself):"
+        )
         for step in floor[0]["segments_ms"]:
             values = [r["segments_ms"].get(step) for r in floor]
             print(f"  {step}: {report.fmt_range(values, ' ms', 2)}")

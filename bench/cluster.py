@@ -46,8 +46,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _emulator() -> Emulator:
-    return Emulator(token=TOKEN, project_ids=(PROJECT_ID,), knobs=realistic_knobs(), seed=1,
-                    callback_workers=8).start(threads=48)
+    return Emulator(token=TOKEN, project_ids=(PROJECT_ID,), knobs=realistic_knobs(), seed=1, callback_workers=8).start(
+        threads=48
+    )
 
 
 def _nodes(root: Path, emu: Emulator, url: str, count: int, lease_s: float) -> list[DaemonProcess]:
@@ -56,10 +57,12 @@ def _nodes(root: Path, emu: Emulator, url: str, count: int, lease_s: float) -> l
     for i in range(count):
         name = "abc"[i] if count <= 3 else f"n{i}"
         workdir = root / f"node-{name}"
-        extra = {"folders": {**shared, "state": str(workdir / "state")}, "journal": {"url": url},
-                 "node": {"id": name, "lease_seconds": lease_s}}
-        nodes.append(DaemonProcess(DaemonConfig(workdir, emu.url, settle_s=2.0, concurrency=4, extra=extra),
-                                   name=name))
+        extra = {
+            "folders": {**shared, "state": str(workdir / "state")},
+            "journal": {"url": url},
+            "node": {"id": name, "lease_seconds": lease_s},
+        }
+        nodes.append(DaemonProcess(DaemonConfig(workdir, emu.url, settle_s=2.0, concurrency=4, extra=extra), name=name))
     return nodes
 
 
@@ -82,8 +85,11 @@ def burst(root: Path, url: str, nodes: int, files: int) -> dict[str, Any]:
         started = time.time()
         for path in staged:
             os.rename(path, root / "inbox" / path.name)
-        wait_until(lambda: _done(root) >= files or any(d.check_alive() for d in daemons), 60 + files,
-                   f"{files} results in done/")
+        wait_until(
+            lambda: _done(root) >= files or any(d.check_alive() for d in daemons),
+            60 + files,
+            f"{files} results in done/",
+        )
         wall = time.time() - started
         cpu = [d.cpu_s() - before for d, before in zip(daemons, cpu_before, strict=True)]
         uploads = emu.uploads
@@ -91,9 +97,16 @@ def burst(root: Path, url: str, nodes: int, files: int) -> dict[str, Any]:
             d.stop()
         arrived = [u.arrived_at or u.received_at for u in uploads]
         per_node = {d.name: (d.log_path.read_text(errors="replace").count(": claimed -> uploading")) for d in daemons}
-        return {"nodes": nodes, "files": files, "wall_s": wall, "uploads": len(uploads),
-                "uploads_per_s": len(uploads) / max(1e-9, max(u.received_at for u in uploads) - min(arrived)),
-                "cpu_s": cpu, "cpu_ms_per_file": [1000 * c / files for c in cpu], "uploads_by_node": per_node}
+        return {
+            "nodes": nodes,
+            "files": files,
+            "wall_s": wall,
+            "uploads": len(uploads),
+            "uploads_per_s": len(uploads) / max(1e-9, max(u.received_at for u in uploads) - min(arrived)),
+            "cpu_s": cpu,
+            "cpu_ms_per_file": [1000 * c / files for c in cpu],
+            "uploads_by_node": per_node,
+        }
     finally:
         emu.stop()
 
@@ -112,6 +125,7 @@ def failover(root: Path, url: str, lease_s: float, files: int = 200) -> dict[str
         for path in staged:
             os.rename(path, root / "inbox" / path.name)
         with psycopg.connect(url, autocommit=True) as db:
+
             def held_by_a() -> int:
                 return db.execute("SELECT COUNT(*) FROM files WHERE lease_node = 'a'").fetchone()[0]
 
@@ -123,8 +137,13 @@ def failover(root: Path, url: str, lease_s: float, files: int = 200) -> dict[str
             taken_at = db.execute("SELECT now()").fetchone()[0]
         wait_until(lambda: _done(root) >= files, 120, f"{files} results in done/")
         b.stop()
-        return {"lease_s": lease_s, "files_held": held, "failover_s": (taken_at - last_heartbeat).total_seconds(),
-                "uploads": len(emu.uploads), "distinct": len({u.sha256 for u in emu.uploads})}
+        return {
+            "lease_s": lease_s,
+            "files_held": held,
+            "failover_s": (taken_at - last_heartbeat).total_seconds(),
+            "uploads": len(emu.uploads),
+            "distinct": len({u.sha256 for u in emu.uploads}),
+        }
     finally:
         emu.stop()
 
@@ -178,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
                     drop()
                     shutil.rmtree(root, ignore_errors=True)
                 results.setdefault(f"burst{count}", []).append(found)
-                print(f"run {run + 1}: {count} node(s): {found['wall_s']:.1f} s, {found['uploads_per_s']:.1f} "
-                      f"uploads/s, CPU ms per file per node {[round(c, 1) for c in found['cpu_ms_per_file']]}, "
-                      f"uploads by node {found['uploads_by_node']}", flush=True)
+                print(
+                    f"run {run + 1}: {count} node(s): {found['wall_s']:.1f} s, {found['uploads_per_s']:.1f} "
+                    f"uploads/s, CPU ms per file per node {[round(c, 1) for c in found['cpu_ms_per_file']]}, "
+                    f"uploads by node {found['uploads_by_node']}",
+                    flush=True,
+                )
             for lease in (float(x) for x in args.leases.split(",")):
                 url, drop = _database(server, args.pg_url, f"{run}_f{int(lease)}")
                 root = work / f"failover-{lease:g}-{run}"
@@ -190,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                     drop()
                     shutil.rmtree(root, ignore_errors=True)
                 results.setdefault(f"failover{lease:g}", []).append(found)
-                print(f"run {run + 1}: failover with node.lease_seconds {lease:g}: {found['failover_s']:.1f} s "
-                      f"({found['files_held']} file(s) in hand; {found['uploads']} uploads of {found['distinct']} "
-                      "files)", flush=True)
+                print(
+                    f"run {run + 1}: failover with node.lease_seconds {lease:g}: {found['failover_s']:.1f} s "
+                    f"({found['files_held']} file(s) in hand; {found['uploads']} uploads of {found['distinct']} "
+                    "files)",
+                    flush=True,
+                )
     finally:
         if server is not None:
             server.destroy()
@@ -213,14 +238,18 @@ def table(results: dict[str, list[dict[str, Any]]], files: int) -> str:
         each = [c for r in runs for c in r["cpu_ms_per_file"]]
         total = [sum(r["cpu_ms_per_file"]) for r in runs]
         label = f"{files:,} files, {runs[0]['nodes']} node(s)"
-        lines.append(f"{label:<34}{_fmt([r['wall_s'] for r in runs], ' s', 1):>14}"
-                     f"{_fmt([r['uploads_per_s'] for r in runs], '', 1):>12}{_fmt(each, ' ms', 1):>24}"
-                     f"{_fmt(total, ' ms', 1):>14}")
+        lines.append(
+            f"{label:<34}{_fmt([r['wall_s'] for r in runs], ' s', 1):>14}"
+            f"{_fmt([r['uploads_per_s'] for r in runs], '', 1):>12}{_fmt(each, ' ms', 1):>24}"
+            f"{_fmt(total, ' ms', 1):>14}"
+        )
     for key in sorted((k for k in results if k.startswith("failover")), key=lambda k: float(k[8:])):
         runs = results[key]
         label = f"failover, node.lease_seconds {runs[0]['lease_s']:g}"
-        lines.append(f"{label:<34}{_fmt([r['failover_s'] for r in runs], ' s', 1):>14}"
-                     "   (a SIGKILLed node's last heartbeat -> its files taken over)")
+        lines.append(
+            f"{label:<34}{_fmt([r['failover_s'] for r in runs], ' s', 1):>14}"
+            "   (a SIGKILLed node's last heartbeat -> its files taken over)"
+        )
     return "\n".join(lines)
 
 

@@ -87,11 +87,21 @@ class RawClient:
         return orjson.loads(data)
 
     def upload(self, file: BinaryIO, file_name: str, form: UploadForm) -> dict[str, Any]:
-        body = MultipartEncoder(fields={"data_file": (file_name, file, "multipart/form-data"),
-                                        "project": str(form.project_id), "dataset_status": str(form.dataset_status),
-                                        "sync": "False", "callback_url": form.callback_url})
-        return self._request("POST", self.urls.get_upload_document_url(self.host), body,
-                             {"Content-Type": body.content_type, "Content-Length": str(body.len)})
+        body = MultipartEncoder(
+            fields={
+                "data_file": (file_name, file, "multipart/form-data"),
+                "project": str(form.project_id),
+                "dataset_status": str(form.dataset_status),
+                "sync": "False",
+                "callback_url": form.callback_url,
+            }
+        )
+        return self._request(
+            "POST",
+            self.urls.get_upload_document_url(self.host),
+            body,
+            {"Content-Type": body.content_type, "Content-Length": str(body.len)},
+        )
 
     def document(self, document_id: int) -> dict[str, Any]:
         return self._request("GET", self.urls.get_document_details_url(document_id=document_id, host=self.host))
@@ -125,8 +135,9 @@ class Floor:
         self.expected = 0
         self.segments: collections.Counter[str] = collections.Counter()
         self.timed = segments
-        self.server = ServerThread(create_app(self.record), "127.0.0.1", 0, name="callback-server", threads=4,
-                                   **PUBLIC_ENDPOINT_SETTINGS).start()
+        self.server = ServerThread(
+            create_app(self.record), "127.0.0.1", 0, name="callback-server", threads=4, **PUBLIC_ENDPOINT_SETTINGS
+        ).start()
 
     def _mark(self, name: str, since: float) -> float:
         now = time.thread_time()
@@ -202,11 +213,17 @@ class Floor:
         target = self.done / path.name
         self.journal.update(row, time.time(), final_path=os.fsencode(target))
         t = self._mark("journal: final path (durable)", t)
-        result = {"text": details.get("text"), "pages": details.get("pages"), "annotations": annotations,
-                  "bbox": bbox.get("bbox"), "konfuzio": details}
+        result = {
+            "text": details.get("text"),
+            "pages": details.get("pages"),
+            "annotations": annotations,
+            "bbox": bbox.get("bbox"),
+            "konfuzio": details,
+        }
         # the daemon's own writes: the JSON fsynced before its name, one fsync of done/ for both names
-        write_json_no_clobber(sidecar_for(target, RESULT_SUFFIX), result, lambda _existing: False, root=self.done,
-                              sync_dir=False)
+        write_json_no_clobber(
+            sidecar_for(target, RESULT_SUFFIX), result, lambda _existing: False, root=self.done, sync_dir=False
+        )
         t = self._mark("result JSON: encode, write, fsync", t)
         move_no_clobber(path, target, dst_root=self.done, sync_unlink=False)
         self._mark("file moved, done/ fsynced", t)
@@ -223,15 +240,20 @@ class Floor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", required=True, help="the emulator's URL")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("-n", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--segments", action="store_true", help="each step's thread CPU (costs a little itself)")
-    parser.add_argument("--http", choices=("sdk", "raw"), default="sdk",
-                        help="the SDK's session (default), or bare http.client: the floor without requests")
+    parser.add_argument(
+        "--http",
+        choices=("sdk", "raw"),
+        default="sdk",
+        help="the SDK's session (default), or bare http.client: the floor without requests",
+    )
     parser.add_argument("--timeout-s", type=float, default=300.0)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
@@ -251,9 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         floor.close()
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    out: dict[str, Any] = {"n": args.n, "wall_s": wall, "cpu_s": user + system, "cpu_user_s": user,
-                           "cpu_system_s": system, "cpu_per_file_ms": (user + system) / args.n * 1000,
-                           "wal_syncs_per_file": syncs / args.n}
+    out: dict[str, Any] = {
+        "n": args.n,
+        "wall_s": wall,
+        "cpu_s": user + system,
+        "cpu_user_s": user,
+        "cpu_system_s": system,
+        "cpu_per_file_ms": (user + system) / args.n * 1000,
+        "wal_syncs_per_file": syncs / args.n,
+    }
     if args.segments:
         steps = {name: s / args.n * 1000 for name, s in floor.segments.most_common()}
         steps["other threads (Waitress, the callback app), and the rest"] = out["cpu_per_file_ms"] - sum(steps.values())

@@ -191,8 +191,18 @@ def strace_prefix(output: Path) -> list[str]:
     strace = shutil.which("strace")
     if strace is None:
         raise BenchError("the fsync count needs strace (apt-get install strace)")
-    return [strace, "-f", "--seccomp-bpf", "-qq", "-ttt", "-y", "-e", f"trace={','.join(FSYNC_CLASS)}",
-            "-o", str(output)]
+    return [
+        strace,
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-ttt",
+        "-y",
+        "-e",
+        f"trace={','.join(FSYNC_CLASS)}",
+        "-o",
+        str(output),
+    ]
 
 
 def syscalls_between(output: Path, start: float, end: float) -> dict[str, int]:
@@ -209,8 +219,14 @@ def syscalls_between(output: Path, start: float, end: float) -> dict[str, int]:
 class DaemonProcess:
     """``konfuzio-watch run`` in its own process; its log goes to ``<workdir>/daemon.log``."""
 
-    def __init__(self, config: DaemonConfig, profile_dir: Path | None = None, name: str = "daemon",
-                 code: Path | None = None, strace_output: Path | None = None):
+    def __init__(
+        self,
+        config: DaemonConfig,
+        profile_dir: Path | None = None,
+        name: str = "daemon",
+        code: Path | None = None,
+        strace_output: Path | None = None,
+    ):
         self.config = config
         self.name = name
         self.log_path = config.workdir / f"{name}.log"
@@ -242,8 +258,14 @@ class DaemonProcess:
             command = [*strace_prefix(self.strace_output), *command]
         with open(self.log_path, "wb") as log:
             self.started_at = time.time()
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.config.workdir, env=env)
+            self.proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.config.workdir,
+                env=env,
+            )
         if self.profile_dir is not None:
             self._start_profiler()
         return self
@@ -333,6 +355,7 @@ class DaemonProcess:
 
 def _traced_child(strace_pid: int, timeout_s: float = 10.0) -> int:
     """The pid of the process strace started."""
+
     def child() -> int | None:
         try:
             found = Path(f"/proc/{strace_pid}/task/{strace_pid}/children").read_text().split()

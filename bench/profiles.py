@@ -72,8 +72,10 @@ def breakdown(stacks: list[tuple[list[str], int]], limit: int = 10) -> dict[str,
 
 
 def summary(folder: Path, limit: int = 10, rate_hz: int | None = None) -> str:
-    out = ["py-spy profiles of the daemons (--gil: samples of the thread holding the GIL; start-up imports "
-           "counted apart; % of the remaining samples):"]
+    out = [
+        "py-spy profiles of the daemons (--gil: samples of the thread holding the GIL; start-up imports "
+        "counted apart; % of the remaining samples):"
+    ]
     for path in sorted(folder.glob("*.collapsed.txt")):
         b = breakdown(load(path), limit)
         work = int(b["work_samples"])  # type: ignore[call-overload]
@@ -81,8 +83,11 @@ def summary(folder: Path, limit: int = 10, rate_hz: int | None = None) -> str:
         out.append(f"\n{path.name}: {work} samples outside imports{seconds}, {b['import_samples']} in imports")
         if not work:
             continue
-        for title, key in (("innermost konfuzio_watch function", "by_own_function"),
-                           ("library of the leaf frame", "by_library"), ("leaf function", "by_leaf")):
+        for title, key in (
+            ("innermost konfuzio_watch function", "by_own_function"),
+            ("library of the leaf frame", "by_library"),
+            ("leaf function", "by_leaf"),
+        ):
             out.append(f"  by {title}:")
             out += [f"    {100 * c / work:5.1f} %  {name}" for name, c in b[key]]  # type: ignore[attr-defined]
     return "\n".join(out)

@@ -58,6 +58,7 @@ def _kib_to_mib(get: Callable[[dict[str, Any]], float | None]) -> Callable[[dict
 
 def _kib_as_du_h(get: Callable[[dict[str, Any]], float | None]) -> Callable[[dict[str, Any]], float | None]:
     """KiB as `du -sh` shows a size from 10 MiB on: whole MiB, rounded up (`make` prints the venv's so)."""
+
     def mib(run: dict[str, Any]) -> float | None:
         value = get(run)
         return None if value is None else float(math.ceil(value / MIB))
@@ -74,44 +75,98 @@ def _per_file(get: Callable[[dict[str, Any]], float | None], n_key: str = "n", s
 
 
 TARGETS = [
-    Target("peak RSS, 4 x 100 MB files in flight, concurrency 4 (VmHWM)", "memory",
-           _kib_to_mib(_path("memory_kib", "VmHWM")), 150, unit=" MiB", digits=0),
-    Target("   peak RSS, 4 x 10 MB files (memory must not grow with file size)", "memory_small",
-           _kib_to_mib(_path("memory_kib", "VmHWM")), None, unit=" MiB", digits=0),
-    Target("reconciliation: list requests, 4 recent uploads, project of 50,000 documents", "reconcile",
-           _path("list_requests"), 3, digits=0),
+    Target(
+        "peak RSS, 4 x 100 MB files in flight, concurrency 4 (VmHWM)",
+        "memory",
+        _kib_to_mib(_path("memory_kib", "VmHWM")),
+        150,
+        unit=" MiB",
+        digits=0,
+    ),
+    Target(
+        "   peak RSS, 4 x 10 MB files (memory must not grow with file size)",
+        "memory_small",
+        _kib_to_mib(_path("memory_kib", "VmHWM")),
+        None,
+        unit=" MiB",
+        digits=0,
+    ),
+    Target(
+        "reconciliation: list requests, 4 recent uploads, project of 50,000 documents",
+        "reconcile",
+        _path("list_requests"),
+        3,
+        digits=0,
+    ),
     Target("   documents uploaded twice after the restart", "reconcile", _path("duplicate_documents"), 0, digits=0),
-    Target("daemon CPU per file, 100-file burst (utime+stime / N)", "burst", _path("burst", "cpu_per_file_ms"), 6,
-           unit=" ms", digits=1),
-    Target("   floor: the same API calls, callback and durable writes alone (bench/floor.py)", "floor",
-           _path("cpu_per_file_ms"), None, unit=" ms", digits=1),
-    Target("   floor with bare http.client instead of the SDK's session (not shippable)", "floor",
-           _path("raw_http_cpu_per_file_ms"), None, unit=" ms", digits=1),
+    Target(
+        "daemon CPU per file, 100-file burst (utime+stime / N)",
+        "burst",
+        _path("burst", "cpu_per_file_ms"),
+        6,
+        unit=" ms",
+        digits=1,
+    ),
+    Target(
+        "   floor: the same API calls, callback and durable writes alone (bench/floor.py)",
+        "floor",
+        _path("cpu_per_file_ms"),
+        None,
+        unit=" ms",
+        digits=1,
+    ),
+    Target(
+        "   floor with bare http.client instead of the SDK's session (not shippable)",
+        "floor",
+        _path("raw_http_cpu_per_file_ms"),
+        None,
+        unit=" ms",
+        digits=1,
+    ),
     Target("fsync-class calls per file in the burst (strace -f)", "fsync", _path("per_file"), 2, digits=1),
     Target("   of which fsync / fdatasync per file", "fsync", lambda r: None, None),  # filled in by _fsync_split
-    Target("   floor: WAL fdatasyncs + the JSON's fsync + done/'s fsync (bench/floor.py)", "floor",
-           lambda r: r["wal_syncs_per_file"] + 2 if "wal_syncs_per_file" in r else None, None, digits=1),
+    Target(
+        "   floor: WAL fdatasyncs + the JSON's fsync + done/'s fsync (bench/floor.py)",
+        "floor",
+        lambda r: r["wal_syncs_per_file"] + 2 if "wal_syncs_per_file" in r else None,
+        None,
+        digits=1,
+    ),
     Target("1,000 files, concurrency 16: wall / (ideal + settle)", "scale16", _ratio_to_ideal_settle, 1.10),
     Target("   wall (ideal + settle)", "scale16", _path("burst", "wall_s"), None, unit=" s", digits=1),
     Target("   daemon CPU / emulator+bench CPU during the burst", "scale16", lambda r: None, None),
     Target("1,000 files, concurrency 32: wall / (ideal + settle)", "scale32", _ratio_to_ideal_settle, 1.20),
     Target("   wall (ideal + settle)", "scale32", _path("burst", "wall_s"), None, unit=" s", digits=1),
     Target("   daemon CPU / emulator+bench CPU during the burst", "scale32", lambda r: None, None),
-    Target("backlog at start-up: all journaled (s from exec)", "backlog", _path("journaled_s"), 30, unit=" s",
-           digits=1),
+    Target(
+        "backlog at start-up: all journaled (s from exec)", "backlog", _path("journaled_s"), 30, unit=" s", digits=1
+    ),
     Target("   upload rate while journaling / steady rate after", "backlog", _path("rate_ratio"), 0.90, at_most=False),
     Target("   uploads/s while journaling / steady", "backlog", lambda r: None, None),
     Target("   first upload (s from exec) / peak RSS", "backlog", lambda r: None, None),
-    Target("polling mode, idle CPU, files waiting in processing/ and in done/", "idle_polling",
-           _path("cpu_percent"), 0.2 - 1e-9, unit=" %", digits=3),
+    Target(
+        "polling mode, idle CPU, files waiting in processing/ and in done/",
+        "idle_polling",
+        _path("cpu_percent"),
+        0.2 - 1e-9,
+        unit=" %",
+        digits=3,
+    ),
     Target("fresh `make test` venv (`du -sh`)", "venv", _kib_as_du_h(_path("size_kib")), 250, unit="M", digits=0),
     Target("100 files, concurrency 4, settle 2 s: wall / (ideal + settle)", "burst", _ratio_to_ideal_settle, 1.05),
     Target("   wall (ideal + settle)", "burst", _path("burst", "wall_s"), None, unit=" s"),
     Target("   every file done once, with its own result", "burst", lambda r: None, None),
-    Target("   idle CPU (inotify, nothing pending)", "burst", _path("idle", "cpu_percent"), 0.2 - 1e-9, unit=" %",
-           digits=3),
-    Target("   stable -> upload start beyond settle, max of the probes", "burst", _path("latency", "max_s"), None,
-           unit=" s", digits=3),
+    Target(
+        "   idle CPU (inotify, nothing pending)", "burst", _path("idle", "cpu_percent"), 0.2 - 1e-9, unit=" %", digits=3
+    ),
+    Target(
+        "   stable -> upload start beyond settle, max of the probes",
+        "burst",
+        _path("latency", "max_s"),
+        None,
+        unit=" s",
+        digits=3,
+    ),
 ]
 
 
@@ -120,8 +175,7 @@ def _fmt(values: list[float | None], unit: str, digits: int) -> str:
     if not found:
         return "—"
     low, high = min(found), max(found)
-    text = f"{low:.{digits}f}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" else \
-        f"{low:.{digits}f}-{high:.{digits}f}"
+    text = f"{low:.{digits}f}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" else f"{low:.{digits}f}-{high:.{digits}f}"
     missing = len(values) - len(found)
     return text + unit + (f" ({missing} run(s) without)" if missing else "")
 
@@ -172,8 +226,11 @@ def _special(target: Target, runs: Runs) -> str | None:
         walls = [r.get("burst", {}).get("wall_s") for r in runs]
         return f"{_fmt(walls, ' s', 2)} ({runs[0]['ideal_s'] + runs[0]['settle_s']:.2f} s)"
     if target.label.startswith("   every file done once"):
-        bits = [(r["burst"]["done"], r["burst"]["failed"], r["burst"]["duplicate_uploads"],
-                 r["burst"]["wrong_results"]) for r in runs if "burst" in r]
+        bits = [
+            (r["burst"]["done"], r["burst"]["failed"], r["burst"]["duplicate_uploads"], r["burst"]["wrong_results"])
+            for r in runs
+            if "burst" in r
+        ]
         sound = all(b[1] == 0 and b[2] == 0 and b[3] == 0 for b in bits)
         done = _fmt([b[0] for b in bits], "", 0)
         return f"{done} done, {'0 failed, 0 dup. uploads, 0 wrong' if sound else 'NOT all sound: ' + repr(bits)}"
@@ -212,7 +269,8 @@ def _scenario_label(target: Target, figures: dict[str, Any]) -> str:
         label = label.replace("backlog at start-up", f"backlog of {run['n']:,} files at start-up")
     if target.scenario == "idle_polling":
         label = label.replace("files waiting", f"{run['n']:,} files waiting").replace(
-            "in done/", f"{run.get('in_done', 0):,} in done/")
+            "in done/", f"{run.get('in_done', 0):,} in done/"
+        )
     if target.scenario == "reconcile":
         label = label.replace("50,000", f"{run['seeded']:,}")
     if target.scenario == "fsync":
@@ -231,8 +289,11 @@ def target_rows(figures: dict[str, Any], before_notes: dict[str, str]) -> list[t
         row = [_scenario_label(target, figures)]
         if has_before:
             row.append(_cell(target, before, before_notes.get(target.scenario, "")))
-        row += [_cell(target, after), _limit_text(target), _met([target.get(r) for r in after], target) if after
-                else ""]
+        row += [
+            _cell(target, after),
+            _limit_text(target),
+            _met([target.get(r) for r in after], target) if after else "",
+        ]
         rows.append(tuple(row))
     return rows
 
@@ -261,10 +322,16 @@ def extra_rows(figures: dict[str, Any]) -> list[tuple[str, ...]]:
     after = figures.get("after") or {}
     rows: list[tuple[str, ...]] = []
     modes = [("callbacks (the burst above)", after.get("burst"))]
-    modes += [(f"poll-only, first_poll_seconds {key.split('_')[-1]}", runs) for key, runs in sorted(after.items())
-              if key.startswith("pollonly_")]
-    modes += [(f"results.outputs: {key[len('outputs_'):]}", runs) for key, runs in after.items()
-              if key.startswith("outputs_")]
+    modes += [
+        (f"poll-only, first_poll_seconds {key.split('_')[-1]}", runs)
+        for key, runs in sorted(after.items())
+        if key.startswith("pollonly_")
+    ]
+    modes += [
+        (f"results.outputs: {key[len('outputs_') :]}", runs)
+        for key, runs in after.items()
+        if key.startswith("outputs_")
+    ]
     for label, runs in modes:
         if not runs:
             continue
@@ -272,21 +339,35 @@ def extra_rows(figures: dict[str, Any]) -> list[tuple[str, ...]]:
         walls = [r["burst"]["wall_s"] for r in runs]
         ratio = [_ratio_to_ideal_settle(r) for r in runs]
         cpu = [r["burst"]["cpu_per_file_ms"] for r in runs]
-        rows.append((f"{label} ({runs[0]['n']} files, settle {runs[0]['settle_s']:g} s)",
-                     f"{_fmt(walls, ' s', 2)} ({_fmt(ratio, ' x', 2)})", _fmt([p[0] for p in per], "", 1),
-                     f"{_fmt([p[1] for p in per], '', 1)} / {_fmt([p[2] for p in per], '', 1)}",
-                     _fmt(cpu, " ms", 1), per[0][3]))
+        rows.append(
+            (
+                f"{label} ({runs[0]['n']} files, settle {runs[0]['settle_s']:g} s)",
+                f"{_fmt(walls, ' s', 2)} ({_fmt(ratio, ' x', 2)})",
+                _fmt([p[0] for p in per], "", 1),
+                f"{_fmt([p[1] for p in per], '', 1)} / {_fmt([p[2] for p in per], '', 1)}",
+                _fmt(cpu, " ms", 1),
+                per[0][3],
+            )
+        )
     return rows
 
 
-EXTRA_HEADER = ("mode (after)", "wall (/ ideal+settle)", "API requests per file", "KiB in / out per file",
-                "daemon CPU per file", "requests per file by kind")
+EXTRA_HEADER = (
+    "mode (after)",
+    "wall (/ ideal+settle)",
+    "API requests per file",
+    "KiB in / out per file",
+    "daemon CPU per file",
+    "requests per file by kind",
+)
 
 
 def markdown_table(header: tuple[str, ...], table: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in table]
     return "\n".join(lines)
 

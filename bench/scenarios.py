@@ -47,17 +47,30 @@ def ideal_wall_s(n: int, knobs: Knobs, concurrency: int) -> float:
 def _emulator(knobs: Knobs, threads: int = 16) -> Emulator:
     # callback_workers: enough that the emulator's own callback pool is never the bottleneck;
     # threads: more than the uploads in flight (each sleeps upload_latency_s in its thread)
-    return Emulator(token=TOKEN, project_ids=(PROJECT_ID,), knobs=knobs, seed=1,
-                    callback_workers=8).start(threads=threads)
+    return Emulator(token=TOKEN, project_ids=(PROJECT_ID,), knobs=knobs, seed=1, callback_workers=8).start(
+        threads=threads
+    )
 
 
 # -- 1, 3, 4: one daemon: latency probes, then a burst of N files, then idle ------------------------
 
 
-def daemon_run(root: Path, *, name: str, n: int, settle_s: float, concurrency: int, idle_s: float,
-               latency_files: int, profile_dir: Path | None, timeout_s: float = 120.0, code: Path | None = None,
-               extra: dict[str, dict[str, Any]] | None = None, emulator_threads: int = 16,
-               knobs: Knobs | None = None) -> dict[str, Any]:
+def daemon_run(
+    root: Path,
+    *,
+    name: str,
+    n: int,
+    settle_s: float,
+    concurrency: int,
+    idle_s: float,
+    latency_files: int,
+    profile_dir: Path | None,
+    timeout_s: float = 120.0,
+    code: Path | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
+    emulator_threads: int = 16,
+    knobs: Knobs | None = None,
+) -> dict[str, Any]:
     """``code``: run that checkout's daemon (``--before``) instead of this one's."""
     knobs = knobs or realistic_knobs()
     out: dict[str, Any] = {"n": n, "settle_s": settle_s, "concurrency": concurrency,
@@ -66,8 +79,9 @@ def daemon_run(root: Path, *, name: str, n: int, settle_s: float, concurrency: i
                            "ideal_s": ideal_wall_s(n, knobs, concurrency)}  # fmt: skip
     emu = _emulator(knobs, threads=emulator_threads)
     try:
-        config = DaemonConfig(root / name, emu.url, settle_s=settle_s, concurrency=concurrency,
-                              extra=extra or {}, legacy=code is not None)
+        config = DaemonConfig(
+            root / name, emu.url, settle_s=settle_s, concurrency=concurrency, extra=extra or {}, legacy=code is not None
+        )
         daemon = DaemonProcess(config, profile_dir, name=name, code=code).start()
         try:
             out["ready_s"] = daemon.wait_ready()
@@ -91,8 +105,9 @@ def _requests(emu: Emulator) -> dict[str, dict[str, int]]:
     return {kind: dict(vars(stats)) for kind, stats in emu.request_stats().items()}
 
 
-def _latency_probes(daemon: DaemonProcess, emu: Emulator, count: int, timeout_s: float,
-                    spacing_s: float = 0.4) -> dict[str, Any]:
+def _latency_probes(
+    daemon: DaemonProcess, emu: Emulator, count: int, timeout_s: float, spacing_s: float = 0.4
+) -> dict[str, Any]:
     """Write files in place like a scanner (two chunks 50 ms apart), one every ``spacing_s`` so
     that no probe queues behind another; compare the last write (mtime) with the moment the
     upload request reached the emulator (``UploadRecord.arrived_at``, before its latency sleep)."""
@@ -177,6 +192,7 @@ def _burst(daemon: DaemonProcess, emu: Emulator, n: int, timeout_s: float) -> di
 
 def _idle(daemon: DaemonProcess, emu: Emulator, idle_s: float) -> dict[str, Any]:
     """Nothing to do: no files, no pending rows. CPU used over ``idle_s`` seconds."""
+
     def quiet() -> bool:
         counts = journal_counts(daemon.config.journal)
         return emu.wait_idle(0.1) and not any(counts.get(s) for s in ACTIVE_STATES)
@@ -258,11 +274,29 @@ def floor_run(root: Path, *, n: int, concurrency: int = 4, timeout_s: float = 30
         emu = _emulator(realistic_knobs())
         workdir = root / f"floor-{variant}"
         try:
-            command = [sys.executable, "-m", "bench.floor", "--host", emu.url, "--workdir", str(workdir), "-n", str(n),
-                       "--concurrency", str(concurrency), "--http", "raw" if variant == "raw" else "sdk",
-                       *(["--segments"] if variant == "segments" else [])]
-            proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
-                                  timeout=timeout_s, env={**os.environ, "LOG_TO_FILE": "False"})
+            command = [
+                sys.executable,
+                "-m",
+                "bench.floor",
+                "--host",
+                emu.url,
+                "--workdir",
+                str(workdir),
+                "-n",
+                str(n),
+                "--concurrency",
+                str(concurrency),
+                "--http",
+                "raw" if variant == "raw" else "sdk",
+                *(["--segments"] if variant == "segments" else []),
+            ]
+            proc = subprocess.run(
+                command,
+                cwd=Path(__file__).resolve().parent.parent,
+                capture_output=True,
+                timeout=timeout_s,
+                env={**os.environ, "LOG_TO_FILE": "False"},
+            )
         finally:
             emu.stop()
         if proc.returncode != 0 or not proc.stdout.strip():
@@ -281,8 +315,15 @@ def floor_run(root: Path, *, n: int, concurrency: int = 4, timeout_s: float = 30
 # -- 5: a backlog present at start-up ---------------------------------------------------------------
 
 
-def backlog_run(root: Path, *, n: int, profile_dir: Path | None, timeout_s: float = 300.0,
-                steady_s: float = 10.0, code: Path | None = None) -> dict[str, Any]:
+def backlog_run(
+    root: Path,
+    *,
+    n: int,
+    profile_dir: Path | None,
+    timeout_s: float = 300.0,
+    steady_s: float = 10.0,
+    code: Path | None = None,
+) -> dict[str, Any]:
     """N small files already in the inbox when the daemon starts; processing never finishes during
     the run, so all N stay pending. Journal progress is read from the journal (read-only). Uploads
     go on meanwhile: their rate while the backlog is being journaled (first upload -> all journaled)
@@ -343,18 +384,33 @@ def _upload_rates(arrivals: list[float], journaled_at: float, steady_s: float) -
     steady = len(after) / steady_s
     window = journaled_at - first
     if window <= 0.5:  # journaled before (or right at) the first upload: nothing to slow down
-        return {"rate_while_journaling": None, "rate_steady": steady, "rate_ratio": None,
-                "journaling_window_s": max(window, 0.0)}
+        return {
+            "rate_while_journaling": None,
+            "rate_steady": steady,
+            "rate_ratio": None,
+            "journaling_window_s": max(window, 0.0),
+        }
     rate = len(during) / window
-    return {"rate_while_journaling": rate, "rate_steady": steady,
-            "rate_ratio": rate / steady if steady else None, "journaling_window_s": window}
+    return {
+        "rate_while_journaling": rate,
+        "rate_steady": steady,
+        "rate_ratio": rate / steady if steady else None,
+        "journaling_window_s": window,
+    }
 
 
 # -- memory: big files in flight -----------------------------------------------------------------------
 
 
-def memory_run(root: Path, *, size_mb: int, files: int = 4, concurrency: int = 4, code: Path | None = None,
-               timeout_s: float = 300.0) -> dict[str, Any]:
+def memory_run(
+    root: Path,
+    *,
+    size_mb: int,
+    files: int = 4,
+    concurrency: int = 4,
+    code: Path | None = None,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
     """``files`` files of ``size_mb`` MB each dropped at once, uploaded ``concurrency`` at a time;
     the daemon's peak RSS (VmHWM) over the whole run."""
     knobs = realistic_knobs()
@@ -379,8 +435,10 @@ def memory_run(root: Path, *, size_mb: int, files: int = 4, concurrency: int = 4
                 nonlocal peak
                 daemon.check_alive()
                 peak = max(peak, daemon.memory_kib()["VmRSS"])
-                return len(_results_named(config.done, names)) + len(
-                    _results_named(config.failed, names, ".error.json")) >= files
+                return (
+                    len(_results_named(config.done, names)) + len(_results_named(config.failed, names, ".error.json"))
+                    >= files
+                )
 
             wait_until(finished, timeout_s, f"{files} big files in done/ or failed/", interval_s=0.05)
             out["done"] = len(_results_named(config.done, names))
@@ -395,8 +453,9 @@ def memory_run(root: Path, *, size_mb: int, files: int = 4, concurrency: int = 4
 
 def _max_overlap(emu: Emulator) -> int:
     """The most uploads the emulator was receiving at once (arrival -> stored)."""
-    edges = sorted([(u.arrived_at or u.received_at, 1) for u in emu.uploads] + [(u.received_at, -1)
-                                                                                 for u in emu.uploads])
+    edges = sorted(
+        [(u.arrived_at or u.received_at, 1) for u in emu.uploads] + [(u.received_at, -1) for u in emu.uploads]
+    )
     most = level = 0
     for _, step in edges:
         level += step
@@ -407,8 +466,9 @@ def _max_overlap(emu: Emulator) -> int:
 # -- reconciliation after a crash in a big project -----------------------------------------------------
 
 
-def reconcile_run(root: Path, *, seeded: int, files: int = 4, code: Path | None = None,
-                  timeout_s: float = 180.0) -> dict[str, Any]:
+def reconcile_run(
+    root: Path, *, seeded: int, files: int = 4, code: Path | None = None, timeout_s: float = 180.0
+) -> dict[str, Any]:
     """A project of ``seeded`` documents; ``files`` uploads stored by the server whose answers the
     daemon never read (killed with SIGKILL while the server held its answers back); restarted, it
     must find them by their tokens. Counts the list requests until all are in done/."""
@@ -434,8 +494,11 @@ def reconcile_run(root: Path, *, seeded: int, files: int = 4, code: Path | None 
         try:
             daemon.wait_ready()
             names = {p.name for p in paths}
-            wait_until(lambda: len(_results_named(config.done, names)) >= files, timeout_s,
-                       f"{files} reconciled files in done/")
+            wait_until(
+                lambda: len(_results_named(config.done, names)) >= files,
+                timeout_s,
+                f"{files} reconciled files in done/",
+            )
             stats = emu.request_stats()
             out["list_requests"] = stats["list"].count if "list" in stats else 0
             out["uploads_after_restart"] = stats["upload"].count if "upload" in stats else 0
@@ -450,8 +513,9 @@ def reconcile_run(root: Path, *, seeded: int, files: int = 4, code: Path | None 
 # -- fsync-class calls per file ------------------------------------------------------------------------
 
 
-def fsync_run(root: Path, *, n: int, concurrency: int = 4, code: Path | None = None,
-              timeout_s: float = 180.0) -> dict[str, Any]:
+def fsync_run(
+    root: Path, *, n: int, concurrency: int = 4, code: Path | None = None, timeout_s: float = 180.0
+) -> dict[str, Any]:
     """The daemon under ``strace -f``; the fsync-class calls made between the drop of N files and
     the last result, per file."""
     knobs = realistic_knobs()
@@ -480,8 +544,9 @@ def fsync_run(root: Path, *, n: int, concurrency: int = 4, code: Path | None = N
 # -- polling mode, idle, with many files in processing/ and done/ ----------------------------------------
 
 
-def idle_polling_run(root: Path, *, n: int, window_s: float, code: Path | None = None,
-                     timeout_s: float = 300.0) -> dict[str, Any]:
+def idle_polling_run(
+    root: Path, *, n: int, window_s: float, code: Path | None = None, timeout_s: float = 300.0
+) -> dict[str, Any]:
     """watch.polling on an inbox that holds done/ and failed/ (``n`` files in done/); ``n`` files
     claimed into the processing folder that wait there (their uploads hang at the server, so at most
     upload.concurrency are in flight and the others wait their turn). CPU over ``window_s``."""
@@ -489,9 +554,13 @@ def idle_polling_run(root: Path, *, n: int, window_s: float, code: Path | None =
     emu = _emulator(knobs)
     out: dict[str, Any] = {"n": n}
     try:
-        config = DaemonConfig(root / "idle-polling", emu.url, legacy=code is not None, results_in_inbox=True,
-                              extra={"watch": {"polling": True, "poll_interval": 5},
-                                     "konfuzio": {"timeout_seconds": 3600}})
+        config = DaemonConfig(
+            root / "idle-polling",
+            emu.url,
+            legacy=code is not None,
+            results_in_inbox=True,
+            extra={"watch": {"polling": True, "poll_interval": 5}, "konfuzio": {"timeout_seconds": 3600}},
+        )
         config.write()
         for i, path in enumerate(write_documents(config.done, n // 2, "old")):
             (path.parent / (path.name + ".json")).write_bytes(b'{"document_id": %d}\n' % i)
@@ -512,8 +581,12 @@ def idle_polling_run(root: Path, *, n: int, window_s: float, code: Path | None =
             time.sleep(window_s)  # the measurement window itself
             cpu_s = daemon.cpu_s() - cpu_before
             window = time.monotonic() - started
-            out.update(window_s=window, cpu_s=cpu_s, cpu_percent=cpu_s / window * 100,
-                       in_done=sum(1 for _ in results_in(config.done, "")))
+            out.update(
+                window_s=window,
+                cpu_s=cpu_s,
+                cpu_percent=cpu_s / window * 100,
+                in_done=sum(1 for _ in results_in(config.done, "")),
+            )
         finally:
             daemon.kill()  # its uploads hang at the server: a stop would wait for them
     finally:
@@ -527,8 +600,17 @@ def idle_polling_run(root: Path, *, n: int, window_s: float, code: Path | None =
 def pollonly_run(root: Path, *, n: int, first_poll_s: float, profile_dir: Path | None = None) -> dict[str, Any]:
     """The same burst as the daemon run, with ``callback.enabled: false``: wall and API requests per file."""
     extra = {"callback": {"enabled": False}, "results": {"first_poll_seconds": first_poll_s}}
-    return daemon_run(root, name=f"pollonly-{first_poll_s:g}s", n=n, settle_s=2.0, concurrency=4, idle_s=0,
-                      latency_files=0, profile_dir=profile_dir, extra=extra)
+    return daemon_run(
+        root,
+        name=f"pollonly-{first_poll_s:g}s",
+        n=n,
+        settle_s=2.0,
+        concurrency=4,
+        idle_s=0,
+        latency_files=0,
+        profile_dir=profile_dir,
+        extra=extra,
+    )
 
 
 # -- what each result output costs -------------------------------------------------------------------
@@ -543,8 +625,17 @@ OUTPUTS = {
 
 def outputs_run(root: Path, *, n: int, which: str) -> dict[str, Any]:
     slug = which.replace(" ", "").replace(",", "-").replace(":", "").replace("+", "-")
-    return daemon_run(root, name=f"outputs-{slug}", n=n, settle_s=0.5, concurrency=4, idle_s=0, latency_files=0,
-                      profile_dir=None, extra=OUTPUTS[which])
+    return daemon_run(
+        root,
+        name=f"outputs-{slug}",
+        n=n,
+        settle_s=0.5,
+        concurrency=4,
+        idle_s=0,
+        latency_files=0,
+        profile_dir=None,
+        extra=OUTPUTS[which],
+    )
 
 
 # -- the size of a fresh `make test` virtualenv -------------------------------------------------------
@@ -554,8 +645,12 @@ def venv_run(root: Path, *, checkout: Path) -> dict[str, Any]:
     """Build ``.venv`` as ``make test`` does, from ``checkout``'s Makefile, in a fresh folder; du -sk."""
     venv = root / f"venv-{checkout.name}"
     started = time.time()
-    proc = subprocess.run(["make", "-C", str(checkout), f"VENV={venv}", f"{venv}/.installed"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    proc = subprocess.run(
+        ["make", "-C", str(checkout), f"VENV={venv}", f"{venv}/.installed"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=900,
+    )
     if proc.returncode != 0:
         raise BenchError(f"building {venv} failed:\n{proc.stdout.decode(errors='replace')[-2000:]}")
     size_kib = int(subprocess.run(["du", "-sk", str(venv)], stdout=subprocess.PIPE, check=True).stdout.split()[0])

@@ -108,32 +108,46 @@ def service_account(state_dir: Path, requested: str | None) -> tuple[Account, st
     except OSError:
         last = None
     where = f"{DAEMON_LOCK_NAME} in {state_dir}"
-    return choose(current, lookup(requested) if requested else None, last, where,
-                  _system_user() if current.uid == 0 and not requested else None)
+    return choose(
+        current,
+        lookup(requested) if requested else None,
+        last,
+        where,
+        _system_user() if current.uid == 0 and not requested else None,
+    )
 
 
-def choose(current: Account, requested: Account | None, last: Account | None, where: str,
-           system_user: Account | None) -> tuple[Account, str]:
+def choose(
+    current: Account, requested: Account | None, last: Account | None, where: str, system_user: Account | None
+) -> tuple[Account, str]:
     """The rule of the module doc, on what was found."""
     you = f"you are {current.describe()}"
     if requested is not None:
         if requested.uid != current.uid and current.uid != 0:
-            raise AccountError(f"check --as: only root can try writing as {requested.describe()}; run check as root, "
-                               f"or as {requested.describe()} itself")
+            raise AccountError(
+                f"check --as: only root can try writing as {requested.describe()}; run check as root, "
+                f"or as {requested.describe()} itself"
+            )
         return requested, f"checked as {requested.describe()} (--as); {you}"
     if current.uid == 0:
         if last is not None:
             yourself = "" if last.uid == current.uid else f"; {you}"
-            return last, (f"checked as {last.describe()}, the user konfuzio-watch last ran as ({where}){yourself}; "
-                          "another: check --as USER")
+            return last, (
+                f"checked as {last.describe()}, the user konfuzio-watch last ran as ({where}){yourself}; "
+                "another: check --as USER"
+            )
         if system_user is not None:
-            return system_user, (f"checked as {system_user.describe()}, the system user the service runs as; {you}; "
-                                 "another: check --as USER")
+            return system_user, (
+                f"checked as {system_user.describe()}, the system user the service runs as; {you}; "
+                "another: check --as USER"
+            )
         return current, f"checked as {current.describe()}: no {SERVICE_USER} user here; another: check --as USER"
     if last is not None and last.uid != current.uid:
-        return current, (f"checked as {current.describe()}, who runs check; konfuzio-watch last ran as "
-                         f"{last.describe()} ({where}): to check as it, run: sudo konfuzio-watch check --as "
-                         f"{last.name or last.uid}")
+        return current, (
+            f"checked as {current.describe()}, who runs check; konfuzio-watch last ran as "
+            f"{last.describe()} ({where}): to check as it, run: sudo konfuzio-watch check --as "
+            f"{last.name or last.uid}"
+        )
     return current, f"checked as {current.describe()}, who runs check; another: check --as USER (as root)"
 
 
@@ -152,9 +166,17 @@ def try_writes(account: Account, targets: list[tuple[str, Path]]) -> list[tuple[
         return [_try(kind, path) for kind, path in targets]
     command = [sys.executable, "-I", "-m", "konfuzio_watch.accounts", json.dumps([[k, str(p)] for k, p in targets])]
     try:
-        done = subprocess.run(command, user=account.uid, group=account.gid, extra_groups=list(account.groups),
-                              capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd="/",
-                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+        done = subprocess.run(
+            command,
+            user=account.uid,
+            group=account.gid,
+            extra_groups=list(account.groups),
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            cwd="/",
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+        )
     except subprocess.TimeoutExpired:
         reason = f"no answer within {CHILD_TIMEOUT_S:g} s"
     except OSError as exc:
@@ -164,8 +186,10 @@ def try_writes(account: Account, targets: list[tuple[str, Path]]) -> list[tuple[
             return [(bool(ok), str(what)) for ok, what in json.loads(done.stdout)]
         except ValueError:  # it could not start: e.g. its standard library is in a folder the user may not enter
             reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    why = (f"cannot try it as {account.describe()}: it cannot run {sys.executable} ({reason}); nor can the service, "
-           "if it runs this installation")
+    why = (
+        f"cannot try it as {account.describe()}: it cannot run {sys.executable} ({reason}); nor can the service, "
+        "if it runs this installation"
+    )
     return [(False, why)] * len(targets)
 
 

@@ -140,12 +140,14 @@ class Message:
     level: str  # apprise's notify type: "failure", "warning" or "success"
 
 
-def build_message(batch: Batch, *, host: str, name: str | None, now: float, config_path: str | None = None,
-                  tz: tzinfo | None = None) -> Message:
+def build_message(
+    batch: Batch, *, host: str, name: str | None, now: float, config_path: str | None = None, tz: tzinfo | None = None
+) -> Message:
     """The message for a batch: the title says what happened, the body what and what to do.
 
     ``tz``: for the times shown (None: the machine's local time zone).
     """
+
     def at(t: float) -> str:
         return _format_time(t, tz)
 
@@ -166,11 +168,14 @@ def build_message(batch: Batch, *, host: str, name: str | None, now: float, conf
             if note.kind is NoteKind.BLOCKED:
                 lines.append(f"Stopped working at {at(note.when)}: {note.detail}")
             else:
-                lines.append(f"Working again since {at(note.when)} "
-                             f"(was stopped for {format_age(note.seconds)}: {note.detail})")
+                lines.append(
+                    f"Working again since {at(note.when)} (was stopped for {format_age(note.seconds)}: {note.detail})"
+                )
         if still_blocked:
-            lines.append("No file is lost: new files wait in the inbox, and the daemon goes on by itself "
-                         f"once the cause is fixed. What to do: fix the cause; {status_cmd} shows what waits.")
+            lines.append(
+                "No file is lost: new files wait in the inbox, and the daemon goes on by itself "
+                f"once the cause is fixed. What to do: fix the cause; {status_cmd} shows what waits."
+            )
         sections.append("\n".join(lines))
     if batch.file_count:
         n = batch.file_count
@@ -178,26 +183,33 @@ def build_message(batch: Batch, *, host: str, name: str | None, now: float, conf
         lines = [f"{n:,} file{'s' if n != 1 else ''} failed; each is in failed/ with a .error.json that says why:"]
         lines += [f"- {f.display_path} ({f.stage}, {at(f.when)}): {f.error}" for f in batch.files]
         if batch.more_files:
-            by_stage = ", ".join(f"{stage} {count:,}" for stage, count in
-                                 sorted(batch.stages.items(), key=lambda kv: (-kv[1], kv[0])))
+            by_stage = ", ".join(
+                f"{stage} {count:,}" for stage, count in sorted(batch.stages.items(), key=lambda kv: (-kv[1], kv[0]))
+            )
             lines.append(f"- and {batch.more_files:,} more (all {n:,} by stage: {by_stage})")
-        lines.append(f"What to do: {status_cmd} lists them; once the cause is fixed, "
-                     f"`konfuzio-watch retry{cfg} --all-failed` puts them through again.")
+        lines.append(
+            f"What to do: {status_cmd} lists them; once the cause is fixed, "
+            f"`konfuzio-watch retry{cfg} --all-failed` puts them through again."
+        )
         sections.append("\n".join(lines))
     if oldest:
         note = oldest[-1]
         summary.append(f"a file has waited {format_age(note.seconds)}")
-        sections.append(f"The oldest pending file has waited {format_age(note.seconds)} "
-                        f"(more than alerts.oldest_pending_seconds), at {at(note.when)}: {note.detail}\n"
-                        f"What to do: {status_cmd} shows what it waits for (uploads paused, no result yet, "
-                        "a stuck state).")
+        sections.append(
+            f"The oldest pending file has waited {format_age(note.seconds)} "
+            f"(more than alerts.oldest_pending_seconds), at {at(note.when)}: {note.detail}\n"
+            f"What to do: {status_cmd} shows what it waits for (uploads paused, no result yet, "
+            "a stuck state)."
+        )
     if callbacks:
         note = callbacks[-1]
         summary.append("callbacks do not arrive")
-        sections.append(f"Konfuzio's callbacks do not arrive at {note.detail} (noticed at {at(note.when)}). "
-                        "Results are still fetched by polling, only later.\n"
-                        "What to do: make sure Konfuzio can reach that URL (firewall, reverse proxy, "
-                        "callback.public_url, ngrok).")
+        sections.append(
+            f"Konfuzio's callbacks do not arrive at {note.detail} (noticed at {at(note.when)}). "
+            "Results are still fetched by polling, only later.\n"
+            "What to do: make sure Konfuzio can reach that URL (firewall, reverse proxy, "
+            "callback.public_url, ngrok)."
+        )
     if batch.more_notes:
         sections.append(f"({batch.more_notes:,} further changes of state are not shown.)")
 
@@ -239,13 +251,18 @@ def send_with_apprise(url: str, message: Message) -> None:
     notifier = apprise.Apprise(asset=asset)
     if not notifier.add(url):
         raise DeliveryError("apprise does not accept this URL")
-    result = notifier.notify(body=message.body, title=message.title, notify_type=apprise.NotifyType(message.level),
-                             body_format=apprise.NotifyFormat.TEXT)
+    result = notifier.notify(
+        body=message.body,
+        title=message.title,
+        notify_type=apprise.NotifyType(message.level),
+        body_format=apprise.NotifyFormat.TEXT,
+    )
     try:
         if result:
             return
-        reasons = list(dict.fromkeys(entry.message for entry in result.logs()
-                                     if entry.level in ("WARNING", "ERROR", "CRITICAL")))
+        reasons = list(
+            dict.fromkeys(entry.message for entry in result.logs() if entry.level in ("WARNING", "ERROR", "CRITICAL"))
+        )
         raise DeliveryError(_clip("; ".join(reasons)) or "apprise reported a failure without a reason")
     finally:
         result.close()
@@ -305,8 +322,11 @@ def _read_destinations(config: AlertsConfig) -> list[tuple[str, str, str]]:
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise ConfigError(f"alerts.urls_file: cannot read {config.urls_file}: {reason}") from None
-        entries = [(f"alerts.urls_file line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
-                   if line.strip() and not line.strip().startswith("#")]
+        entries = [
+            (f"alerts.urls_file line {n}", line.strip())
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.strip().startswith("#")
+        ]
         if not entries:
             raise ConfigError(f"alerts.urls_file: no URL in {config.urls_file}")
     asset = _apprise_asset()
@@ -364,10 +384,19 @@ class Alerts:
         alerts.close(timeout_s=5)                                     # at shutdown
     """
 
-    def __init__(self, config: AlertsConfig, *, clock: Callable[[], float] = time.time,
-                 sender: Sender = send_with_apprise, host: str | None = None, config_path: str | None = None,
-                 gather_s: float = GATHER_S, retry_base_s: float = RETRY_BASE_S, retry_cap_s: float = RETRY_CAP_S,
-                 tz: tzinfo | None = None):
+    def __init__(
+        self,
+        config: AlertsConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        sender: Sender = send_with_apprise,
+        host: str | None = None,
+        config_path: str | None = None,
+        gather_s: float = GATHER_S,
+        retry_base_s: float = RETRY_BASE_S,
+        retry_cap_s: float = RETRY_CAP_S,
+        tz: tzinfo | None = None,
+    ):
         self.config = config
         self.enabled = config.enabled
         self.host = host or socket.gethostname()
@@ -509,13 +538,17 @@ class Alerts:
 
     def _due(self, now: float, flush: bool = False) -> list[_Destination]:
         assert self._destinations is not None
-        return [d for d in self._destinations.values()
-                if (due := d.due_at(self._min_interval_s, self._gather_s)) is not None and (flush or due <= now)]
+        return [
+            d
+            for d in self._destinations.values()
+            if (due := d.due_at(self._min_interval_s, self._gather_s)) is not None and (flush or due <= now)
+        ]
 
     def _next_due(self) -> float | None:
         assert self._destinations is not None
-        times = [t for d in self._destinations.values()
-                 if (t := d.due_at(self._min_interval_s, self._gather_s)) is not None]
+        times = [
+            t for d in self._destinations.values() if (t := d.due_at(self._min_interval_s, self._gather_s)) is not None
+        ]
         return min(times, default=None)
 
     def _load_destinations(self, found: list[tuple[str, str, str]] | None = None) -> bool:
@@ -526,8 +559,11 @@ class Alerts:
             except ConfigError as exc:
                 if self._source_error != str(exc):
                     self._source_error = str(exc)
-                    then = ("notifications wait until it is fixed" if self._destinations is None
-                            else "the URLs read before are used")
+                    then = (
+                        "notifications wait until it is fixed"
+                        if self._destinations is None
+                        else "the URLs read before are used"
+                    )
                     log.warning("alerts: %s; %s", exc, then)
                 return False
         if self._source_error is not None:
@@ -541,16 +577,20 @@ class Alerts:
             new[key] = destination
         for destination in old.values():
             if destination.pending:
-                log.warning("alerts: %s was removed from the URLs; %s for it are dropped",
-                            destination.label, _describe(destination.pending))
+                log.warning(
+                    "alerts: %s was removed from the URLs; %s for it are dropped",
+                    destination.label,
+                    _describe(destination.pending),
+                )
         self._destinations = new
         return True
 
     def _deliver(self, destination: _Destination, now: float) -> bool:
         batch, destination.pending = destination.pending, Batch()
         try:
-            message = build_message(batch, host=self.host, name=self.config.name, now=now,
-                                    config_path=self._config_path, tz=self._tz)
+            message = build_message(
+                batch, host=self.host, name=self.config.name, now=now, config_path=self._config_path, tz=self._tz
+            )
             self._send(destination.url, message)
             error = None
         except DeliveryError as exc:
@@ -560,8 +600,11 @@ class Alerts:
         if error is None:
             destination.last_sent = now
             if destination.failures:
-                log.info("alerts: sending to %s works again (after %d failed attempts); sent what was held",
-                         destination.label, destination.failures)
+                log.info(
+                    "alerts: sending to %s works again (after %d failed attempts); sent what was held",
+                    destination.label,
+                    destination.failures,
+                )
             destination.failures, destination.retry_at = 0, 0.0
             return True
         batch.merge(destination.pending)  # what arrived meanwhile goes after what was held
@@ -571,9 +614,14 @@ class Alerts:
         destination.retry_at = now + delay
         error = _scrub(error, destination.url)
         if destination.failures == 1:
-            log.warning("alerts: cannot send to %s: %s; keeping %s and retrying (backoff up to %s); "
-                        "further failures are not logged until it works again",
-                        destination.label, error, _describe(batch), format_age(self._retry_cap_s))
+            log.warning(
+                "alerts: cannot send to %s: %s; keeping %s and retrying (backoff up to %s); "
+                "further failures are not logged until it works again",
+                destination.label,
+                error,
+                _describe(batch),
+                format_age(self._retry_cap_s),
+            )
         else:
             log.debug("alerts: %s still failing (attempt %d): %s", destination.label, destination.failures, error)
         return False

@@ -83,8 +83,12 @@ def run_checks(config: Config, out: TextIO, as_user: str | None = None) -> list[
     if config.ngrok.enabled:
         path = config.ngrok.path
         usable = path.is_file() and os.access(path, os.X_OK)
-        report(usable, "ngrok.path", str(path) if usable else f"{path} is missing or not executable",
-               "install the ngrok agent there (it is never downloaded), or set ngrok.path")
+        report(
+            usable,
+            "ngrok.path",
+            str(path) if usable else f"{path} is missing or not executable",
+            "install the ngrok agent there (it is never downloaded), or set ngrok.path",
+        )
     if config.alerts.urls or config.alerts.urls_file:
         from .alerts import check_urls
 
@@ -95,8 +99,9 @@ def run_checks(config: Config, out: TextIO, as_user: str | None = None) -> list[
     return problems
 
 
-def _check_folders(config: Config, report: Report, note: Callable[[str], None], account: Account,
-                   journal: BaseJournal | None = None) -> None:
+def _check_folders(
+    config: Config, report: Report, note: Callable[[str], None], account: Account, journal: BaseJournal | None = None
+) -> None:
     f = config.folders
     user = account.describe()
     keyed = [("folders.done", f.done), ("folders.failed", f.failed), ("folders.state", f.state)]
@@ -107,8 +112,11 @@ def _check_folders(config: Config, report: Report, note: Callable[[str], None], 
     tried = accounts.try_writes(account, [(accounts.FOLDER, folder) for _, folder in keyed])
     as_other = "" if account.uid == os.geteuid() else f" (as {user})"
     for (key, folder), (ok, detail) in zip(keyed, tried, strict=True):
-        fix = (f"the inbox must be readable and writable for {user}" if key == "folders.inbox" else
-               f"let {user} write there: chown or chmod {folder}")
+        fix = (
+            f"the inbox must be readable and writable for {user}"
+            if key == "folders.inbox"
+            else f"let {user} write there: chown or chmod {folder}"
+        )
         report(ok, key, detail if ok else detail + as_other, fix)
     _check_own_files(config, report, account)
     if not f.inbox.is_dir():
@@ -119,8 +127,11 @@ def _check_folders(config: Config, report: Report, note: Callable[[str], None], 
         bound = _shared_meta(journal, "processing_dir")
     # Where the processing folder goes depends on whether that user may create entries in the inbox's
     # parent: the kernel answers as it will answer the daemon (``processing.choose``).
-    may_create = (processing.may_create_entries if account.same_ids(accounts.me()) else
-                  processing.may_create_as(account.uid, account.gid, account.groups))
+    may_create = (
+        processing.may_create_entries
+        if account.same_ids(accounts.me())
+        else processing.may_create_as(account.uid, account.gid, account.groups)
+    )
     chosen = processing.find(config, bound, may_create, user=account.name or f"uid {account.uid}")
     folder = chosen.path
     if folder.exists():
@@ -132,9 +143,14 @@ def _check_folders(config: Config, report: Report, note: Callable[[str], None], 
     else:
         parent = accounts.existing_parent(folder)
         same_fs = os.stat(parent).st_dev == os.stat(f.inbox).st_dev
-        report(same_fs, "processing folder", f"{chosen}, will be created" if same_fs else
-               f"{folder} would be on another file system than the inbox {f.inbox}",
-               "set folders.processing to a folder next to the inbox (claims are renames)")
+        report(
+            same_fs,
+            "processing folder",
+            f"{chosen}, will be created"
+            if same_fs
+            else f"{folder} would be on another file system than the inbox {f.inbox}",
+            "set folders.processing to a folder next to the inbox (claims are renames)",
+        )
     if unverifiable := processing.unverifiable_privacy(folder):
         note(unverifiable)
 
@@ -152,10 +168,15 @@ def _check_own_files(config: Config, report: Report, account: Account) -> None:
         return
     tried = accounts.try_writes(account, [(accounts.FILE, path) for path in files])
     failed = [detail for ok, detail in tried if not ok]
-    report(not failed, "files it keeps", "; ".join(failed) + f" (as {account.describe()})" if failed else
-           f"{len(files)} (journal, locks) writable for {account.describe()}",
-           f"give them to {account.describe()}: chown {account.name or account.uid} each (another user made them, "
-           "e.g. root running konfuzio-watch run by hand)")
+    report(
+        not failed,
+        "files it keeps",
+        "; ".join(failed) + f" (as {account.describe()})"
+        if failed
+        else f"{len(files)} (journal, locks) writable for {account.describe()}",
+        f"give them to {account.describe()}: chown {account.name or account.uid} each (another user made them, "
+        "e.g. root running konfuzio-watch run by hand)",
+    )
 
 
 def _check_watcher(config: Config, report: Report, warn: Callable[[str], None]) -> None:
@@ -167,25 +188,41 @@ def _check_watcher(config: Config, report: Report, warn: Callable[[str], None]) 
     if plan.warning:
         warn(f"watcher: {text}")
     else:
-        report(True, "watcher", text + ("; `run` first checks with a probe file that its events arrive, else it "
-                                        "polls" if plan.probe else ""))
+        report(
+            True,
+            "watcher",
+            text
+            + ("; `run` first checks with a probe file that its events arrive, else it polls" if plan.probe else ""),
+        )
 
 
 def _check_journal(config: Config, report: Report) -> None:
     state = config.folders.state
     fstype = filesystem_type(state)
-    report(fstype not in NETWORK_FILESYSTEMS, "journal on a local disk", f"{state} ({fstype or 'unknown'})",
-           "put folders.state on a local disk (SQLite WAL does not work on network file systems)")
+    report(
+        fstype not in NETWORK_FILESYSTEMS,
+        "journal on a local disk",
+        f"{state} ({fstype or 'unknown'})",
+        "put folders.state on a local disk (SQLite WAL does not work on network file systems)",
+    )
     if not config.journal_path.exists():
         return
     try:
         with sqlite3.connect(f"file:{config.journal_path}?mode=ro", uri=True) as db:
             result = db.execute("PRAGMA quick_check(5)").fetchone()[0]
-        report(result == "ok", "journal", str(config.journal_path) if result == "ok" else f"damaged: {result}",
-               f"stop the service, move it aside (mv {config.journal_path} {config.journal_path}.damaged), start")
+        report(
+            result == "ok",
+            "journal",
+            str(config.journal_path) if result == "ok" else f"damaged: {result}",
+            f"stop the service, move it aside (mv {config.journal_path} {config.journal_path}.damaged), start",
+        )
     except sqlite3.Error as exc:
-        report(False, "journal", f"cannot read {config.journal_path}: {exc}",
-               "check its owner and mode, or move it aside and start again")
+        report(
+            False,
+            "journal",
+            f"cannot read {config.journal_path}: {exc}",
+            "check its owner and mode, or move it aside and start again",
+        )
 
 
 def _open_shared_journal(config: Config, report: Report) -> BaseJournal | None:
@@ -193,8 +230,13 @@ def _open_shared_journal(config: Config, report: Report) -> BaseJournal | None:
     try:
         return open_journal(config, migrate=False, wait_s=5.0)
     except (JournalError, ConfigError) as exc:
-        report(False, "journal", str(exc), "check journal.url and its password (journal.password_file, PGPASSWORD), "
-               "and that this machine reaches the server")
+        report(
+            False,
+            "journal",
+            str(exc),
+            "check journal.url and its password (journal.password_file, PGPASSWORD), "
+            "and that this machine reaches the server",
+        )
         return None
 
 
@@ -214,14 +256,17 @@ def _check_cluster(config: Config, journal: BaseJournal, report: Report, note: C
         if problem is not None and "newer konfuzio-watch" in problem:
             report(False, "journal", problem, "upgrade konfuzio-watch on this node to the version of the others")
             return
-        report(True, "journal", f"{journal.location}, schema {journal.schema_version}" if problem is None else
-               problem)
+        report(True, "journal", f"{journal.location}, schema {journal.schema_version}" if problem is None else problem)
         if problem is not None:
             return
         offset = journal.clock_offset().offset_s
-        report(not is_off(offset), "clock", f"this machine's clock is {describe_offset(offset)}",
-               f"set the clocks right (NTP) on this machine and the database server: nodes keep to the database's "
-               f"clock, but their logs are off from each other (allowed: {CLOCK_OFF_WARN_S:g} s)")
+        report(
+            not is_off(offset),
+            "clock",
+            f"this machine's clock is {describe_offset(offset)}",
+            f"set the clocks right (NTP) on this machine and the database server: nodes keep to the database's "
+            f"clock, but their logs are off from each other (allowed: {CLOCK_OFF_WARN_S:g} s)",
+        )
         nodes = journal.nodes()
     except JournalWriteError as exc:
         report(False, "journal", str(exc), "check that this machine reaches the server")
@@ -230,9 +275,12 @@ def _check_cluster(config: Config, journal: BaseJournal, report: Report, note: C
     alive = [n for n in nodes if n.silent_s <= lease_s]
     me = config.node_id
     same_id = next((n for n in alive if n.id == me and n.host != hostname()), None)
-    report(same_id is None, "node.id", f"{me}" if same_id is None else
-           f"{me} is the id of a running node on host {same_id.host} (pid {same_id.pid})",
-           "give each node its own node.id")
+    report(
+        same_id is None,
+        "node.id",
+        f"{me}" if same_id is None else f"{me} is the id of a running node on host {same_id.host} (pid {same_id.pid})",
+        "give each node its own node.id",
+    )
     others = [n for n in alive if n.id != me]
     if not others:
         note("no other node is running: whether every node sees the same inbox is checked once one is")
@@ -240,11 +288,16 @@ def _check_cluster(config: Config, journal: BaseJournal, report: Report, note: C
     inbox = config.folders.inbox
     for node in others:
         seen = node.inbox_marker is not None and read_node_marker(inbox, node.id) == node.inbox_marker
-        report(seen, "same inbox", f"node {node.id} (host {node.host}) watches {inbox} too" if seen else
-               f"node {node.id} (host {node.host}) watches another folder: its marker "
-               f"{node_marker_path(inbox, node.id).name} is not in {inbox} as this machine sees it",
-               "mount the same share under the same path on every node (inbox, done, failed and the processing "
-               "folder next to the inbox)")
+        report(
+            seen,
+            "same inbox",
+            f"node {node.id} (host {node.host}) watches {inbox} too"
+            if seen
+            else f"node {node.id} (host {node.host}) watches another folder: its marker "
+            f"{node_marker_path(inbox, node.id).name} is not in {inbox} as this machine sees it",
+            "mount the same share under the same path on every node (inbox, done, failed and the processing "
+            "folder next to the inbox)",
+        )
 
 
 def _check_inbox_lock(config: Config, journal: BaseJournal | None, report: Report) -> None:
@@ -261,8 +314,11 @@ def _check_inbox_lock(config: Config, journal: BaseJournal | None, report: Repor
         exclusive_free = lock.try_lock()
         shared_free = exclusive_free or lock.try_lock(shared=True)
     except OSError as exc:
-        report(True, "inbox lock", f"cannot be taken here ({exc.strerror or exc}): another daemon on this inbox "
-               "would not be noticed")
+        report(
+            True,
+            "inbox lock",
+            f"cannot be taken here ({exc.strerror or exc}): another daemon on this inbox would not be noticed",
+        )
         return
     finally:
         lock.close()
@@ -274,21 +330,36 @@ def _check_inbox_lock(config: Config, journal: BaseJournal | None, report: Repor
     if config.journal.url is not None:
         if not shared_free or holder.mode != MODE_CLUSTER:
             state = f", state folder {holder.state}" if holder.state else ""
-            report(False, "inbox lock", f"a konfuzio-watch with a journal of its own (SQLite) ({holder.describe()}"
-                   f"{state}) is watching {inbox}", "stop it before nodes with journal.url start on this inbox: "
-                   "one inbox is one daemon's or one cluster's")
+            report(
+                False,
+                "inbox lock",
+                f"a konfuzio-watch with a journal of its own (SQLite) ({holder.describe()}{state}) is watching {inbox}",
+                "stop it before nodes with journal.url start on this inbox: one inbox is one daemon's or one cluster's",
+            )
         elif holder.cluster_id != cluster_id:
-            report(False, "inbox lock", f"another cluster (journal {holder.journal or 'unknown'}, id "
-                   f"{holder.cluster_id}) is watching {inbox}", "use the journal.url of its nodes, or another inbox")
+            report(
+                False,
+                "inbox lock",
+                f"another cluster (journal {holder.journal or 'unknown'}, id {holder.cluster_id}) is watching {inbox}",
+                "use the journal.url of its nodes, or another inbox",
+            )
         else:
             report(True, "inbox lock", f"held by the nodes of this cluster (journal id {cluster_id})")
         return
     if holder.mode == MODE_CLUSTER and shared_free:
-        report(False, "inbox lock", f"a cluster of konfuzio-watch nodes (journal {holder.journal or 'unknown'}) is "
-               f"watching {inbox}", "set journal.url to the cluster's to join it, or give this daemon another inbox")
+        report(
+            False,
+            "inbox lock",
+            f"a cluster of konfuzio-watch nodes (journal {holder.journal or 'unknown'}) is watching {inbox}",
+            "set journal.url to the cluster's to join it, or give this daemon another inbox",
+        )
     elif holder.state is not None and holder.state != str(config.folders.state):
-        report(False, "inbox lock", f"another konfuzio-watch ({holder.describe()}, state folder {holder.state}) is "
-               f"watching {inbox}", "stop it first, or give each daemon its own inbox")
+        report(
+            False,
+            "inbox lock",
+            f"another konfuzio-watch ({holder.describe()}, state folder {holder.state}) is watching {inbox}",
+            "stop it first, or give each daemon its own inbox",
+        )
     else:
         report(True, "inbox lock", f"held by this konfuzio-watch ({holder.describe()})")
 
@@ -307,14 +378,26 @@ def _check_api(config: Config, report: Report) -> None:
     except ApiError as exc:
         cause = exc.failure.cause
         if cause == Cause.NOT_FOUND:
-            report(False, "Konfuzio API", f"project {k.project_id} not found or not visible to this token",
-                   "check konfuzio.project_id, and that the token's user is a member of the project")
+            report(
+                False,
+                "Konfuzio API",
+                f"project {k.project_id} not found or not visible to this token",
+                "check konfuzio.project_id, and that the token's user is a member of the project",
+            )
         elif cause == Cause.REJECTED:
-            report(False, "Konfuzio API", f"Konfuzio rejected the API token (HTTP {exc.status})",
-                   "put a valid token into konfuzio.token_file (Konfuzio: profile -> API token)")
+            report(
+                False,
+                "Konfuzio API",
+                f"Konfuzio rejected the API token (HTTP {exc.status})",
+                "put a valid token into konfuzio.token_file (Konfuzio: profile -> API token)",
+            )
         else:
-            report(False, "Konfuzio API", f"project {k.project_id} at {k.host}: {exc.failure.message}",
-                   "check konfuzio.host and that this machine reaches it")
+            report(
+                False,
+                "Konfuzio API",
+                f"project {k.project_id} at {k.host}: {exc.failure.message}",
+                "check konfuzio.host and that this machine reaches it",
+            )
     finally:
         client.close()
 
@@ -322,18 +405,24 @@ def _check_api(config: Config, report: Report) -> None:
 def _check_callbacks(config: Config, report: Report, note: Callable[[str], None]) -> None:
     c = config.callback
     if not c.enabled:
-        note(f"poll-only mode (callback.enabled: false): results are polled {config.results.first_poll_seconds:g} s "
-             f"after the upload, then less and less often up to every {config.results.poll_interval:g} s")
+        note(
+            f"poll-only mode (callback.enabled: false): results are polled {config.results.first_poll_seconds:g} s "
+            f"after the upload, then less and less often up to every {config.results.poll_interval:g} s"
+        )
         return
     from .callback import create_app
     from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
 
     tokens = reachability.ProbeTokens()
-    app = create_app(lambda token, _claimed: "probe" if tokens.arrived(token) else "unknown",
-                     path=c.path, max_body_bytes=c.max_body_kb * 1024)
+    app = create_app(
+        lambda token, _claimed: "probe" if tokens.arrived(token) else "unknown",
+        path=c.path,
+        max_body_bytes=c.max_body_kb * 1024,
+    )
     try:
-        server = ServerThread(app, c.host, c.port, name="check-callback-server", threads=1,
-                              **PUBLIC_ENDPOINT_SETTINGS).start()
+        server = ServerThread(
+            app, c.host, c.port, name="check-callback-server", threads=1, **PUBLIC_ENDPOINT_SETTINGS
+        ).start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             holder = _running_daemon_on(config, "callback.port", c.host, c.port)
@@ -341,11 +430,19 @@ def _check_callbacks(config: Config, report: Report, note: Callable[[str], None]
                 report(True, "callback.port", f"{c.host}:{c.port} {_served_by(holder)}")
                 _report_daemons_callbacks(holder, report, note)
             else:
-                report(False, "callback.port", f"{c.host}:{c.port} is in use",
-                       f"stop what listens there (`ss -ltnp 'sport = :{c.port}'`), or choose another callback.port")
+                report(
+                    False,
+                    "callback.port",
+                    f"{c.host}:{c.port} is in use",
+                    f"stop what listens there (`ss -ltnp 'sport = :{c.port}'`), or choose another callback.port",
+                )
         else:
-            report(False, "callback.port", f"cannot listen on {c.host}:{c.port}: {exc.strerror or exc}",
-                   "choose another callback.host/port")
+            report(
+                False,
+                "callback.port",
+                f"cannot listen on {c.host}:{c.port}: {exc.strerror or exc}",
+                "choose another callback.host/port",
+            )
         return
     try:
         report(True, "callback.port", f"{c.host}:{c.port} is free")
@@ -354,14 +451,23 @@ def _check_callbacks(config: Config, report: Report, note: Callable[[str], None]
             note("callbacks arrive through the ngrok tunnel; `run` checks that they do once the tunnel is open")
             return
         if reachability.callback_base_is_private(public) and not reachability.callback_base_is_private(
-                config.konfuzio.host):
-            report(False, "callbacks", f"Konfuzio cannot reach {public} (a loopback address)",
-                   "set callback.public_url (your reverse proxy), enable ngrok, or set callback.enabled: false "
-                   "(poll-only)")
+            config.konfuzio.host
+        ):
+            report(
+                False,
+                "callbacks",
+                f"Konfuzio cannot reach {public} (a loopback address)",
+                "set callback.public_url (your reverse proxy), enable ngrok, or set callback.enabled: false "
+                "(poll-only)",
+            )
             return
         found = reachability.probe(public, c.path, tokens)
-        report(found.ok, "callbacks", f"a probe through {public} arrived" if found.ok else found.detail,
-               f"make {public}/{c.path.strip('/')}/ reach {c.host}:{c.port}, or set callback.enabled: false")
+        report(
+            found.ok,
+            "callbacks",
+            f"a probe through {public} arrived" if found.ok else found.detail,
+            f"make {public}/{c.path.strip('/')}/ reach {c.host}:{c.port}, or set callback.enabled: false",
+        )
     finally:
         server.close(timeout_s=2)
 
@@ -380,12 +486,20 @@ def _check_monitor_port(config: Config, report: Report) -> None:
         if holder is not None:
             report(True, "monitor.port", f"{m.host}:{m.port} {_served_by(holder)}")
         elif exc.errno == errno.EADDRINUSE:
-            report(False, "monitor.port", f"{m.host}:{m.port} is in use",
-                   f"stop what listens there (`ss -ltnp 'sport = :{m.port}'`), or choose another monitor.port (0: any "
-                   "free port, which the state folder's daemon.lock names)")
+            report(
+                False,
+                "monitor.port",
+                f"{m.host}:{m.port} is in use",
+                f"stop what listens there (`ss -ltnp 'sport = :{m.port}'`), or choose another monitor.port (0: any "
+                "free port, which the state folder's daemon.lock names)",
+            )
         else:
-            report(False, "monitor.port", f"cannot listen on {m.host}:{m.port}: {exc.strerror or exc}",
-                   "choose another monitor.host/port")
+            report(
+                False,
+                "monitor.port",
+                f"cannot listen on {m.host}:{m.port}: {exc.strerror or exc}",
+                "choose another monitor.host/port",
+            )
         return
     report(True, "monitor.port", f"{m.host}:{m.port} is free")
 
@@ -412,23 +526,31 @@ def _report_daemons_callbacks(holder: Holder, report: Report, note: Callable[[st
     from .status import fetch_live_status
 
     if not holder.monitor_url:
-        note("whether callbacks reach the running konfuzio-watch is in its log (`callbacks arriving: ...`): its "
-             "monitor is off")
+        note(
+            "whether callbacks reach the running konfuzio-watch is in its log (`callbacks arriving: ...`): its "
+            "monitor is off"
+        )
         return
     try:
         said = fetch_live_status(holder.monitor_url).get("callbacks")
     except (OSError, ValueError) as exc:
-        note(f"whether callbacks reach the running konfuzio-watch is in its log: its monitor at "
-             f"{holder.monitor_url} does not answer ({exc})")
+        note(
+            f"whether callbacks reach the running konfuzio-watch is in its log: its monitor at "
+            f"{holder.monitor_url} does not answer ({exc})"
+        )
         return
     if not isinstance(said, dict) or not said.get("text"):
         note("the running konfuzio-watch does not say whether callbacks reach it (an older version)")
     elif said.get("arriving") is None:
         note(f"callbacks: {said['text']}")
     else:
-        report(said["arriving"] is True, "callbacks", str(said["text"]),
-               "make the public callback URL reach callback.host/port (callback.public_url, the reverse proxy or "
-               "the tunnel), or set callback.enabled: false")
+        report(
+            said["arriving"] is True,
+            "callbacks",
+            str(said["text"]),
+            "make the public callback URL reach callback.host/port (callback.public_url, the reverse proxy or "
+            "the tunnel), or set callback.enabled: false",
+        )
 
 
 def _journal_meta(path: Path, key: str) -> str | None:

@@ -58,8 +58,12 @@ def _silence_stdout() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="konfuzio-watch", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="konfuzio-watch",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -71,23 +75,37 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the config, the folders and the API access")
     _config_arg(check)
-    check.add_argument("--as", dest="as_user", metavar="USER",
-                       help="judge the folders for this user (a name or uid; trying writes as another user needs "
-                            "root). Default, as root: the user konfuzio-watch last ran as (its daemon.lock), else "
-                            "the system user konfuzio-watch if there is one; otherwise: you")
+    check.add_argument(
+        "--as",
+        dest="as_user",
+        metavar="USER",
+        help="judge the folders for this user (a name or uid; trying writes as another user needs "
+        "root). Default, as root: the user konfuzio-watch last ran as (its daemon.lock), else "
+        "the system user konfuzio-watch if there is one; otherwise: you",
+    )
     check.set_defaults(func=cmd_check)
 
     status = sub.add_parser("status", help="where every file is")
     _config_arg(status)
     status.add_argument("--all", action="store_true", help="list finished files too")
-    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
-                        help="refresh every SECONDS (default 2) until Ctrl-C")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
     status.set_defaults(func=cmd_status)
 
     retry = sub.add_parser("retry", help="put failed files back through the pipeline")
     _config_arg(retry)
-    retry.add_argument("paths", nargs="*", metavar="PATH",
-                       help="a file in failed/ (or its path relative to the inbox); a pending file is retried now")
+    retry.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="a file in failed/ (or its path relative to the inbox); a pending file is retried now",
+    )
     retry.add_argument("--all-failed", action="store_true", help="every file in failed/")
     retry.set_defaults(func=cmd_retry)
 
@@ -98,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
 
     install = sub.add_parser("install-files", help="install the systemd unit, its user and an example config")
     install.add_argument("--prefix", default="/", help="install under this root (default: /)")
-    install.add_argument("--force", action="store_true",
-                         help="replace a unit or sysusers.d file that differs (never the config)")
+    install.add_argument(
+        "--force", action="store_true", help="replace a unit or sysusers.d file that differs (never the config)"
+    )
     install.set_defaults(func=cmd_install_files)
     return parser
 
@@ -107,8 +126,9 @@ def _parser() -> argparse.ArgumentParser:
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     from_env = os.environ.get("KONFUZIO_WATCH_CONFIG")
     default = f"{from_env}, from $KONFUZIO_WATCH_CONFIG" if from_env else DEFAULT_CONFIG
-    parser.add_argument("--config", "-c", default=from_env or DEFAULT_CONFIG,
-                        help=f"path to config.yaml (default: {default})")
+    parser.add_argument(
+        "--config", "-c", default=from_env or DEFAULT_CONFIG, help=f"path to config.yaml (default: {default})"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_hangup(_signum: int, _frame: FrameType | None) -> None:
         logging.getLogger("konfuzio_watch").warning(
             "SIGHUP: the API token is tried again now; the rest of the configuration is not reloaded while "
-            "running: restart the service to apply changes")
+            "running: restart the service to apply changes"
+        )
         daemon.hangup()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -193,9 +193,11 @@ class Config:
         k = self.konfuzio
         for route in self.routes:
             if fnmatch.fnmatchcase(rel_path, route.match):
-                return (route.project_id or k.project_id,
-                        route.category_id if route.category_id is not None else k.category_id,
-                        route.dataset_status if route.dataset_status is not None else k.dataset_status)
+                return (
+                    route.project_id or k.project_id,
+                    route.category_id if route.category_id is not None else k.category_id,
+                    route.dataset_status if route.dataset_status is not None else k.dataset_status,
+                )
         return k.project_id, k.category_id, k.dataset_status
 
     def ngrok_authtoken(self) -> str | None:
@@ -256,12 +258,19 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Keys that hold secrets or point to them. ``status`` and ``retry`` only read the journal and
 # move files: they load the config without them (their ${VARS}, e.g. ${CREDENTIALS_DIRECTORY},
 # are set only inside the service).
-SECRET_KEYS = {("konfuzio", "token"), ("konfuzio", "token_file"), ("ngrok", "authtoken"), ("ngrok", "authtoken_file"),
-               ("alerts", "urls"), ("alerts", "urls_file")}
+SECRET_KEYS = {
+    ("konfuzio", "token"),
+    ("konfuzio", "token_file"),
+    ("ngrok", "authtoken"),
+    ("ngrok", "authtoken_file"),
+    ("alerts", "urls"),
+    ("alerts", "urls_file"),
+}
 
 
-def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] | None = None, *,
-                need_secrets: bool = True) -> Config:
+def load_config(
+    path: str | os.PathLike[str], environ: typing.Mapping[str, str] | None = None, *, need_secrets: bool = True
+) -> Config:
     """Read a YAML file and return a validated ``Config``; raise ``ConfigError`` on any problem.
     ``need_secrets=False``: leave the secret keys out (for commands that never call the API)."""
     path = Path(path)
@@ -280,8 +289,9 @@ def load_config(path: str | os.PathLike[str], environ: typing.Mapping[str, str] 
         raise ConfigError(f"{path}: not valid YAML: nested more than Python can read; flatten it") from None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return parse_config(raw if raw is not None else {}, base_dir=path.parent, environ=environ,
-                        need_secrets=need_secrets)
+    return parse_config(
+        raw if raw is not None else {}, base_dir=path.parent, environ=environ, need_secrets=need_secrets
+    )
 
 
 # Values a config may hold once its aliases are expanded. A real config has a few hundred; a few
@@ -334,8 +344,9 @@ def _check_expansion(root: yaml.Node) -> None:
                 check(value, name)
         if looped:
             raise ConfigError(f"{key or 'config'}: a YAML alias refers to the value that contains it")
-        raise ConfigError(f"{key or 'config'}: its YAML aliases expand to over {MAX_EXPANDED_NODES:,} values; "
-                          "write the value out")
+        raise ConfigError(
+            f"{key or 'config'}: its YAML aliases expand to over {MAX_EXPANDED_NODES:,} values; write the value out"
+        )
 
     check(root, "")
 
@@ -358,8 +369,11 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); merge the two",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {seen[key] + 1}); merge the two",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line  # type: ignore[index]
         return super().construct_mapping(node, deep=deep)
 
@@ -372,8 +386,14 @@ def parse_config(
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping of sections at the top level")
     if not need_secrets:
-        raw = {name: ({k: v for k, v in section.items() if (name, k) not in SECRET_KEYS}
-                      if isinstance(section, dict) else section) for name, section in raw.items()}
+        raw = {
+            name: (
+                {k: v for k, v in section.items() if (name, k) not in SECRET_KEYS}
+                if isinstance(section, dict)
+                else section
+            )
+            for name, section in raw.items()
+        }
     sections: dict[str, Any] = {"routes": _build_routes(raw.get("routes"), base_dir, env)}
     for f in dataclasses.fields(Config):
         if f.name == "routes":
@@ -415,8 +435,10 @@ def _build_section(name: str, cls: Any, raw: dict, base_dir: Path, env: typing.M
     for key in fields:
         if (name, key) in REQUIRED and raw.get(key) is None:
             raise ConfigError(f"{name}.{key}: required")
-    values = {key: _convert(f"{name}.{key}", hints[key], _expand(f"{name}.{key}", value, env), base_dir)
-              for key, value in raw.items()}
+    values = {
+        key: _convert(f"{name}.{key}", hints[key], _expand(f"{name}.{key}", value, env), base_dir)
+        for key, value in raw.items()
+    }
     return cls(**values)
 
 
@@ -489,8 +511,7 @@ def _show(value: Any) -> str:
 
 
 def _check(config: Config, need_secrets: bool = True) -> None:
-    k, f, w, c, u, r = (config.konfuzio, config.folders, config.watch, config.callback, config.upload,
-                        config.results)
+    k, f, w, c, u, r = (config.konfuzio, config.folders, config.watch, config.callback, config.upload, config.results)
     if need_secrets and not (k.token or k.token_file):
         raise ConfigError("konfuzio.token: required (or konfuzio.token_file)")
     if k.token and k.token_file:
@@ -531,9 +552,11 @@ def _check(config: Config, need_secrets: bool = True) -> None:
         raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
     # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but
     # the inbox inside one of them would feed the daemon its own output.
-    pairs = [("folders.done", f.done, "folders.failed", f.failed),
-             ("folders.inbox", f.inbox, "folders.done", f.done),
-             ("folders.inbox", f.inbox, "folders.failed", f.failed)]
+    pairs = [
+        ("folders.done", f.done, "folders.failed", f.failed),
+        ("folders.inbox", f.inbox, "folders.done", f.done),
+        ("folders.inbox", f.inbox, "folders.failed", f.failed),
+    ]
     for key_a, a, key_b, b in pairs:
         if a == b or b in a.parents or (key_a != "folders.inbox" and a in b.parents):
             raise ConfigError(f"{key_a} and {key_b} must be separate folders ({key_a} may not be inside {key_b})")
@@ -564,8 +587,12 @@ def _check_alerts(a: AlertsConfig) -> None:
     for index, url in enumerate(a.urls):
         if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://.", url):
             raise ConfigError(f"alerts.urls[{index}]: expected an apprise URL like mailtos://... or json://...")
-    _check_ranges([("alerts.min_interval_seconds", a.min_interval_seconds, 0.1, 86400),
-                   ("alerts.oldest_pending_seconds", a.oldest_pending_seconds, 0, None)])
+    _check_ranges(
+        [
+            ("alerts.min_interval_seconds", a.min_interval_seconds, 0.1, 86400),
+            ("alerts.oldest_pending_seconds", a.oldest_pending_seconds, 0, None),
+        ]
+    )
 
 
 def _check_ranges(ranges: list[tuple[str, float | None, float, float | None]]) -> None:
@@ -585,8 +612,10 @@ def _check_monitor_and_service(config: Config) -> None:
     if m.enabled and m.port and m.port == config.callback.port:
         raise ConfigError(f"monitor.port: must differ from callback.port ({m.port}): the monitor is not public")
     if not 0 < stop < STOP_TIMEOUT_LIMIT_S:
-        raise ConfigError(f"service.stop_timeout_seconds: must be more than 0 and less than {STOP_TIMEOUT_LIMIT_S:g} "
-                          f"(systemd stops the service with TimeoutStopSec=90), got {stop:g}")
+        raise ConfigError(
+            f"service.stop_timeout_seconds: must be more than 0 and less than {STOP_TIMEOUT_LIMIT_S:g} "
+            f"(systemd stops the service with TimeoutStopSec=90), got {stop:g}"
+        )
 
 
 def _check_journal(j: JournalConfig, node: NodeConfig) -> None:

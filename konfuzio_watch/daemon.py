@@ -90,10 +90,18 @@ RESCANNER = "rescanner"  # the role of the node that does the periodic full resc
 
 
 class Daemon:
-    def __init__(self, config: Config, *, client: KonfuzioClient | None = None, clock: Clock | None = None,
-                 on_transition: Callable[[Row, State], None] | None = None,
-                 notifier: Notifier | None = None, observer_factory: ObserverFactory = make_observer,
-                 executors: Mapping[str, Executor] | None = None, config_path: str | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        client: KonfuzioClient | None = None,
+        clock: Clock | None = None,
+        on_transition: Callable[[Row, State], None] | None = None,
+        notifier: Notifier | None = None,
+        observer_factory: ObserverFactory = make_observer,
+        executors: Mapping[str, Executor] | None = None,
+        config_path: str | None = None,
+    ):
         self.config = config
         self.cluster = config.journal.url is not None  # a node of a cluster on a shared PostgreSQL journal
         # A node's times are compared by the other nodes: they are the database's (``_measure_clock``).
@@ -187,9 +195,11 @@ class Daemon:
         if damage != "ok":
             if self.cluster:
                 raise JournalError(damage)
-            raise JournalError(f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
-                               f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
-                               "processing folder then go back to the inbox and through again")
+            raise JournalError(
+                f"the journal {c.journal_path} is damaged ({damage[:200]}); stop here: move it aside "
+                f"(mv {c.journal_path} {c.journal_path}.damaged) and start again: files waiting in the "
+                "processing folder then go back to the inbox and through again"
+            )
         self.processing_choice = processing.find(c, self.journal.meta("processing_dir"))
         self.processing_dir = self.processing_choice.path
         processing.prepare(self.processing_dir, c.folders.inbox)
@@ -197,9 +207,12 @@ class Daemon:
             log.warning("%s", unverifiable)
         # Before the inbox's marker is written: a daemon whose processing folder holds the files of a
         # live one (its marker removed, its inbox renamed and recreated) leaves the marker to it.
-        self.processing_lock = ProcessingLock(self.processing_dir, c.folders.state,
-                                              cluster_id=self.journal.journal_id if self.cluster else None,
-                                              journal=self.journal.location if self.cluster else None).acquire()
+        self.processing_lock = ProcessingLock(
+            self.processing_dir,
+            c.folders.state,
+            cluster_id=self.journal.journal_id if self.cluster else None,
+            journal=self.journal.location if self.cluster else None,
+        ).acquire()
         self.processing_lock.claim(self.journal.journal_id)
         if self.cluster:
             self._join_cluster()
@@ -209,17 +222,36 @@ class Daemon:
         # The folders as they are now, on the file systems they are on: a share's error, a missing folder
         # or a bare mountpoint pauses the work on them (``shares.py``); nothing makes them again.
         folders = Folders([c.folders.inbox, self.processing_dir, c.folders.done, c.folders.failed])
-        self.markers = MarkerKeeper(self.inbox_lock, self.processing_lock, inbox=c.folders.inbox,
-                                    on_lost=lambda _reason: self.request_stop(), on_new_inbox=self._watch_new_inbox,
-                                    on_inbox_away=self._pause_watching, on_inbox_back=self._watch_again,
-                                    folders=folders)
+        self.markers = MarkerKeeper(
+            self.inbox_lock,
+            self.processing_lock,
+            inbox=c.folders.inbox,
+            on_lost=lambda _reason: self.request_stop(),
+            on_new_inbox=self._watch_new_inbox,
+            on_inbox_away=self._pause_watching,
+            on_inbox_back=self._watch_again,
+            folders=folders,
+        )
         self.journal.bind_processing_dir(self.processing_dir)
         if self._client is None:
-            self._client = KonfuzioClient(c.konfuzio.host, c.api_token(), c.konfuzio.timeout_seconds,
-                                          pool_size=c.upload.concurrency + c.results.workers + 2)
-        self.pipeline = Pipeline(c, self.journal, self._client, clock=self.clock, gates=self.gates,
-                                 metrics=self.metrics, callback_base=lambda: self.public_url or "",
-                                 processing_dir=self.processing_dir, on_transition=self._transitioned, folders=folders)
+            self._client = KonfuzioClient(
+                c.konfuzio.host,
+                c.api_token(),
+                c.konfuzio.timeout_seconds,
+                pool_size=c.upload.concurrency + c.results.workers + 2,
+            )
+        self.pipeline = Pipeline(
+            c,
+            self.journal,
+            self._client,
+            clock=self.clock,
+            gates=self.gates,
+            metrics=self.metrics,
+            callback_base=lambda: self.public_url or "",
+            processing_dir=self.processing_dir,
+            on_transition=self._transitioned,
+            folders=folders,
+        )
         self.pipeline.holds_processing_dir = self.markers.holds_processing_dir
         self.token_watch = TokenWatch(c.konfuzio.token_file, self.gates[Scope.API], self.pipeline.reload_token)
         if c.callback.enabled:
@@ -230,22 +262,44 @@ class Daemon:
                 executor = ThreadPoolExecutor(size, thread_name_prefix=pool)
                 self._own_pools.append(executor)
                 self._executors[pool] = executor
-        keep = InboxFilter(c.folders.inbox, [c.folders.done, c.folders.failed, c.folders.state, self.processing_dir],
-                           c.watch.ignore)
-        self.watcher = InboxWatcher(keep, self._report_path, polling=c.watch.polling,
-                                    poll_interval_s=c.watch.poll_interval, rescan_interval_s=c.watch.rescan_interval,
-                                    observer_factory=self._observer_factory)
+        keep = InboxFilter(
+            c.folders.inbox, [c.folders.done, c.folders.failed, c.folders.state, self.processing_dir], c.watch.ignore
+        )
+        self.watcher = InboxWatcher(
+            keep,
+            self._report_path,
+            polling=c.watch.polling,
+            poll_interval_s=c.watch.poll_interval,
+            rescan_interval_s=c.watch.rescan_interval,
+            observer_factory=self._observer_factory,
+        )
         self.status_sources["watcher"] = self.watcher.describe
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.dispatcher = Dispatcher(self.journal, self.pipeline, self.gates, self._executors,
-                                     {UPLOADS: c.upload.concurrency, RESULTS: c.results.workers}, report=events.put,
-                                     lease_s=c.node.lease_seconds)
-        tracker = CandidateTracker(c.watch.settle_seconds, c.watch.incomplete_grace_seconds, self.watcher.scan,
-                                   inbox=keep.inbox)
+        self.dispatcher = Dispatcher(
+            self.journal,
+            self.pipeline,
+            self.gates,
+            self._executors,
+            {UPLOADS: c.upload.concurrency, RESULTS: c.results.workers},
+            report=events.put,
+            lease_s=c.node.lease_seconds,
+        )
+        tracker = CandidateTracker(
+            c.watch.settle_seconds, c.watch.incomplete_grace_seconds, self.watcher.scan, inbox=keep.inbox
+        )
         self.status_sources["candidates"] = lambda: [c.to_dict() for c in tracker.snapshot(self.clock.now())]
-        self.scheduler = Scheduler(clock=self.clock, journal=self.journal, gates=self.gates, pipeline=self.pipeline,
-                                   dispatcher=self.dispatcher, tracker=tracker, inbox=keep.inbox,
-                                   scan=self.watcher.scan, duties=self._duties(), events=events)
+        self.scheduler = Scheduler(
+            clock=self.clock,
+            journal=self.journal,
+            gates=self.gates,
+            pipeline=self.pipeline,
+            dispatcher=self.dispatcher,
+            tracker=tracker,
+            inbox=keep.inbox,
+            scan=self.watcher.scan,
+            duties=self._duties(),
+            events=events,
+        )
         active = self.pipeline.recover(alone=self._alone)
         if active and self.cluster:
             log.info("%d unfinished file(s) in the journal, for the nodes to go on with", active)
@@ -258,28 +312,40 @@ class Daemon:
             self.daemon_lock.set_listening("monitor.port", c.monitor.host, self.monitor.port)
             self.daemon_lock.set_monitor_url(local_url(self.monitor))
         if c.callback.enabled:
-            app = create_app(self._record_callback, path=c.callback.path,
-                             max_body_bytes=c.callback.max_body_kb * 1024)
+            app = create_app(self._record_callback, path=c.callback.path, max_body_bytes=c.callback.max_body_kb * 1024)
             settings = dict(PUBLIC_ENDPOINT_SETTINGS, max_request_body_size=c.callback.max_body_kb * 1024)
-            self.server = ServerThread(app, c.callback.host, c.callback.port, name="callback-server", threads=4,
-                                       **settings).start()
+            self.server = ServerThread(
+                app, c.callback.host, c.callback.port, name="callback-server", threads=4, **settings
+            ).start()
             self.daemon_lock.set_listening("callback.port", c.callback.host, self.server.port)
             self.public_url = c.callback.public_url or self.server.url
             if c.ngrok.enabled:
-                self.tunnel = Tunnel(TunnelSettings(c.ngrok.path, c.ngrok_authtoken(), c.ngrok.domain,
-                                                    c.ngrok.region), self.server.port, state_dir=c.folders.state)
+                self.tunnel = Tunnel(
+                    TunnelSettings(c.ngrok.path, c.ngrok_authtoken(), c.ngrok.domain, c.ngrok.region),
+                    self.server.port,
+                    state_dir=c.folders.state,
+                )
                 self.public_url = self.tunnel.open()
         self.alerts.start()
         self._start_probes()
         self.watcher.start()  # watch first, then scan (the rescan duty is due at once): nothing slips between
         self._ready.set()
-        callbacks = f"callbacks at {self.public_url}/{c.callback.path.strip('/')}/…" if c.callback.enabled else \
-            "poll-only (callback.enabled: false)"
+        callbacks = (
+            f"callbacks at {self.public_url}/{c.callback.path.strip('/')}/…"
+            if c.callback.enabled
+            else "poll-only (callback.enabled: false)"
+        )
         node = f", node {self.node_id} of the cluster on {self.journal.location}" if self.cluster else ""
         # Said once started, not before (a start that fails says one line: why it failed).
         log.info("processing folder: %s", self.processing_choice)
-        log.info("ready: watching %s%s, %s%s%s", c.folders.inbox, " (polling)" if self.watcher.polling else "",
-                 callbacks, f", monitor at {local_url(self.monitor)}" if self.monitor else "", node)
+        log.info(
+            "ready: watching %s%s, %s%s%s",
+            c.folders.inbox,
+            " (polling)" if self.watcher.polling else "",
+            callbacks,
+            f", monitor at {local_url(self.monitor)}" if self.monitor else "",
+            node,
+        )
         self.notifier.ready(self.status_line())
         return self
 
@@ -291,8 +357,9 @@ class Daemon:
         assert self.token_watch
         # A fixed token file is tried at once, not after the API gate's backoff. Without a token file
         # only SIGHUP has anything for it to do, and SIGHUP makes it due at once (``hangup``).
-        self._token_duty = Duty("token", LOOK_EVERY_S if c.konfuzio.token_file else TOKEN_HANGUP_ONLY_S,
-                                self.token_watch.look)
+        self._token_duty = Duty(
+            "token", LOOK_EVERY_S if c.konfuzio.token_file else TOKEN_HANGUP_ONLY_S, self.token_watch.look
+        )
         return [
             # WATCHDOG=1 comes from the loop thread only: a stuck loop (not a slow upload on a
             # worker) is what systemd's watchdog catches.
@@ -301,14 +368,21 @@ class Daemon:
             # theirs taken over; a quarter of a lease apart, so a lease survives three missed renewals.
             Duty("leases", quarter, self._tend_leases),
             # In a cluster one node at a time rescans; the others ask for the role this often.
-            Duty("rescan", min(c.watch.rescan_interval, c.node.lease_seconds) if self.cluster
-                 else c.watch.rescan_interval, self._rescan),
+            Duty(
+                "rescan",
+                min(c.watch.rescan_interval, c.node.lease_seconds) if self.cluster else c.watch.rescan_interval,
+                self._rescan,
+            ),
             # Anyone who may write the inbox may remove its marker; a renamed and recreated inbox has none;
             # its share may go away and come back.
             Duty("markers", self._markers_every_s, self._tend_inbox),
             Duty("status", STATUS_EVERY_S, self._publish_status),
-            Duty("tunnel", TUNNEL_CHECK_EVERY_S if self.config.ngrok.enabled else None, self._check_tunnel,
-                 next_at=self.clock.now() + TUNNEL_CHECK_EVERY_S),
+            Duty(
+                "tunnel",
+                TUNNEL_CHECK_EVERY_S if self.config.ngrok.enabled else None,
+                self._check_tunnel,
+                next_at=self.clock.now() + TUNNEL_CHECK_EVERY_S,
+            ),
             Duty("oldest pending", OLDEST_EVERY_S if self.alerts.enabled else None, self._tell_oldest_pending),
             self._token_duty,
         ]
@@ -321,8 +395,11 @@ class Daemon:
             return open_journal(c)
         # Connections for the loop, the workers, the callback and monitor threads; a call that gets
         # none within a quarter of a lease (the database cannot be reached) pauses the work.
-        return open_journal(c, pool_size=c.upload.concurrency + c.results.workers + 8,
-                            wait_s=max(1.0, min(10.0, c.node.lease_seconds / 4)))
+        return open_journal(
+            c,
+            pool_size=c.upload.concurrency + c.results.workers + 8,
+            wait_s=max(1.0, min(10.0, c.node.lease_seconds / 4)),
+        )
 
     def _join_cluster(self) -> None:
         """This node's id is its own; the inbox is the cluster's (its marker shared), and this node says
@@ -335,11 +412,14 @@ class Daemon:
             if time.monotonic() > deadline:
                 other = next((n for n in journal.nodes() if n.id == journal.node_id), None)
                 who = f" (pid {other.pid} on host {other.host}, heard {other.silent_s:.0f} s ago)" if other else ""
-                raise LockHeld(f"another konfuzio-watch node with node.id {journal.node_id}{who} uses the journal "
-                               f"{journal.location}; give each node its own node.id")
+                raise LockHeld(
+                    f"another konfuzio-watch node with node.id {journal.node_id}{who} uses the journal "
+                    f"{journal.location}; give each node its own node.id"
+                )
             time.sleep(0.1)  # its previous run just ended: the database lets go of its session in a moment
-        self.inbox_lock = InboxLock(c.folders.inbox, c.folders.state, cluster_id=journal.journal_id,
-                                    journal=journal.location).acquire()
+        self.inbox_lock = InboxLock(
+            c.folders.inbox, c.folders.state, cluster_id=journal.journal_id, journal=journal.location
+        ).acquire()
         self.inbox_lock.claim(journal.journal_id)
         self._node_marker = write_node_marker(c.folders.inbox, journal.node_id, journal.journal_id)
         alive_s = c.node.lease_seconds
@@ -348,13 +428,23 @@ class Daemon:
         self._alone = not others
         self._alive_nodes = {n.id for n in others}
         for node in foreign_inbox_nodes(c.folders.inbox, journal.node_id, others, alive_s):
-            log.error("node %s (host %s) watches another inbox: its marker %s is not in %s as this machine sees it; "
-                      "every node must see the same share under the same path (konfuzio-watch check)", node.id,
-                      node.host, node_marker_path(c.folders.inbox, node.id).name, c.folders.inbox)
+            log.error(
+                "node %s (host %s) watches another inbox: its marker %s is not in %s as this machine sees it; "
+                "every node must see the same share under the same path (konfuzio-watch check)",
+                node.id,
+                node.host,
+                node_marker_path(c.folders.inbox, node.id).name,
+                c.folders.inbox,
+            )
         self.rescanner = journal.role(RESCANNER)
-        log.info("node %s joins the cluster on %s (%s)", journal.node_id, journal.location,
-                 f"{len(others)} other node(s) alive: {', '.join(n.id for n in others)}" if others else
-                 "no other node alive")
+        log.info(
+            "node %s joins the cluster on %s (%s)",
+            journal.node_id,
+            journal.location,
+            f"{len(others)} other node(s) alive: {', '.join(n.id for n in others)}"
+            if others
+            else "no other node alive",
+        )
 
     def _tend_leases(self, now: float) -> None:
         """Heartbeat, renew the leases of the rows in hand, take over the rows whose node stopped renewing."""
@@ -372,9 +462,12 @@ class Daemon:
         self.clock.adjust(measured)
         off = is_off(measured.offset_s)
         if off and not self._clock_off:
-            log.warning("this node's clock is %s (the PostgreSQL server's): the times it writes for the other nodes "
-                        "are on the database's clock all the same, but its log lines are not; set the clocks right "
-                        "(NTP) on this machine or the database server", describe_offset(measured.offset_s))
+            log.warning(
+                "this node's clock is %s (the PostgreSQL server's): the times it writes for the other nodes "
+                "are on the database's clock all the same, but its log lines are not; set the clocks right "
+                "(NTP) on this machine or the database server",
+                describe_offset(measured.offset_s),
+            )
         elif self._clock_off and not off:
             log.info("this node's clock is %s now", describe_offset(measured.offset_s))
         self._clock_off = off
@@ -393,9 +486,13 @@ class Daemon:
             due = self.journal.make_due([State.UPLOADED], now)
             # A warning when files wait on it; with none, nothing is at risk (and a node whose
             # heartbeats flap on a loaded machine, e.g. after a database outage, would repeat it).
-            log.log(logging.WARNING if due else logging.INFO,
-                    "node(s) %s stopped or fell silent: callbacks sent to them may be lost; %d file(s) waiting "
-                    "for their results are looked at now", ", ".join(sorted(lost)), due)
+            log.log(
+                logging.WARNING if due else logging.INFO,
+                "node(s) %s stopped or fell silent: callbacks sent to them may be lost; %d file(s) waiting "
+                "for their results are looked at now",
+                ", ".join(sorted(lost)),
+                due,
+            )
 
     def _heard(self, payload: str) -> None:
         """A notification from the journal (any node's write; on the listener's thread)."""
@@ -474,8 +571,11 @@ class Daemon:
 
     def _callbacks_missing(self, url: str) -> None:
         """Results keep being found by polling, their callbacks never came: the verdict is no."""
-        log.warning("callbacks arriving: %s (check callback.public_url, the reverse proxy or the tunnel, or set "
-                    "callback.enabled: false)", self.callback_watch.verdict().text)
+        log.warning(
+            "callbacks arriving: %s (check callback.public_url, the reverse proxy or the tunnel, or set "
+            "callback.enabled: false)",
+            self.callback_watch.verdict().text,
+        )
         self._poll_soon()
         self.alerts.callbacks_not_arriving(url)
 
@@ -507,8 +607,7 @@ class Daemon:
     def _probe_callbacks(self) -> None:
         c = self.config
         public = (self.public_url or "").rstrip("/")
-        if reachability.callback_base_is_private(public) and not reachability.callback_base_is_private(
-                c.konfuzio.host):
+        if reachability.callback_base_is_private(public) and not reachability.callback_base_is_private(c.konfuzio.host):
             found = Reachability(False, public, f"{public} is a loopback address, which Konfuzio cannot reach")
         else:
             found = reachability.probe(public, c.callback.path, self.probe_tokens)
@@ -517,9 +616,13 @@ class Daemon:
             log.info("callbacks arriving: %s", verdict.text)
             return
         self._poll_soon()
-        log.warning("callbacks arriving: %s (%g s after the upload, then less and less often up to every %g s). "
-                    "Set callback.public_url, enable ngrok, or callback.enabled: false", verdict.text,
-                    c.results.first_poll_seconds, c.results.poll_interval)
+        log.warning(
+            "callbacks arriving: %s (%g s after the upload, then less and less often up to every %g s). "
+            "Set callback.public_url, enable ngrok, or callback.enabled: false",
+            verdict.text,
+            c.results.first_poll_seconds,
+            c.results.poll_interval,
+        )
         self.alerts.callbacks_not_arriving(public)
 
     def callbacks_verdict(self) -> CallbackVerdict:
@@ -529,8 +632,9 @@ class Daemon:
     def _tell_oldest_pending(self, now: float) -> None:
         assert self.journal
         row = self.journal.oldest_active()
-        self.alerts.oldest_pending(None if row is None else max(0.0, now - row.detected_at),
-                                   "" if row is None else row.display_path)
+        self.alerts.oldest_pending(
+            None if row is None else max(0.0, now - row.detected_at), "" if row is None else row.display_path
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -586,11 +690,13 @@ class Daemon:
             held, had = self.rescanner.acquire(), self._rescanner_held
             self._rescanner_held = held
             if held and not had:
-                log.info("this node rescans the inbox every %g s now (the rescanner role)",
-                         self.config.watch.rescan_interval)
+                log.info(
+                    "this node rescans the inbox every %g s now (the rescanner role)", self.config.watch.rescan_interval
+                )
             elif had and not held:
-                log.warning("this node lost the rescanner role (its database connection broke); another node "
-                            "rescans the inbox")
+                log.warning(
+                    "this node lost the rescanner role (its database connection broke); another node rescans the inbox"
+                )
             if not held or (had and now < self._next_rescan_at):
                 return
             self._next_rescan_at = now + self.config.watch.rescan_interval
@@ -609,8 +715,11 @@ class Daemon:
         self.markers.tend(now)
         if self.markers.away is None and self.markers.lost is None and not self.watcher.is_running():
             if self._watch_trouble is None:
-                log.warning("the observer of the inbox %s had stopped (its folder was missing for a moment?): "
-                            "watching it again", self.config.folders.inbox)
+                log.warning(
+                    "the observer of the inbox %s had stopped (its folder was missing for a moment?): "
+                    "watching it again",
+                    self.config.folders.inbox,
+                )
             self._watch_again(now)
 
     def _pause_watching(self, reason: str) -> None:
@@ -627,8 +736,12 @@ class Daemon:
         except OSError as exc:  # missing, or gone again in between: the next look at the markers tries again
             reason = exc.strerror or str(exc)
             if reason != self._watch_trouble:
-                log.warning("cannot watch the inbox %s: %s; trying again every %g s", self.config.folders.inbox,
-                            reason, self._markers_every_s)
+                log.warning(
+                    "cannot watch the inbox %s: %s; trying again every %g s",
+                    self.config.folders.inbox,
+                    reason,
+                    self._markers_every_s,
+                )
             self._watch_trouble = reason
             return
         if self._watch_trouble is not None:
@@ -660,8 +773,9 @@ class Daemon:
         assert self.journal
         blocked = [g.reason for g in self.gates.blocked()]
         try:
-            return status_line(self.journal.counts(), self.journal.oldest_active_detected_at(), self.clock.now(),
-                               blocked)
+            return status_line(
+                self.journal.counts(), self.journal.oldest_active_detected_at(), self.clock.now(), blocked
+            )
         except JournalWriteError as exc:  # a database that cannot be reached: say so, not a traceback
             return f"the journal cannot be read ({exc})" + "".join(f"; BLOCKED: {b}" for b in blocked)
 
@@ -669,9 +783,15 @@ class Daemon:
         """What only the running daemon knows, for the monitor's /status (and /healthz)."""
         status = OK if self._ready.is_set() else STOPPING if self._stopping.is_set() else STARTING
         now = self.clock.now()
-        blocked = [{"scope": g.scope.value, "reason": g.reason, "since": iso(g.since),
-                    "for_seconds": None if g.since is None else round(max(0.0, now - g.since), 1)}
-                   for g in self.gates.blocked()]
+        blocked = [
+            {
+                "scope": g.scope.value,
+                "reason": g.reason,
+                "since": iso(g.since),
+                "for_seconds": None if g.since is None else round(max(0.0, now - g.since), 1),
+            }
+            for g in self.gates.blocked()
+        ]
         extra: dict[str, object] = {}
         for name, source in list(self.status_sources.items()):
             try:
@@ -706,9 +826,11 @@ class Daemon:
             cluster = None
             if self.cluster:
                 cluster = ClusterSample(
-                    leased=len(self.dispatcher.inflight) if self.dispatcher else 0, rescanner=self._rescanner_held,
+                    leased=len(self.dispatcher.inflight) if self.dispatcher else 0,
+                    rescanner=self._rescanner_held,
                     heartbeat_age_s={n.id: n.silent_s for n in self.journal.nodes()},
-                    alive_within_s=self.config.node.lease_seconds)
+                    alive_within_s=self.config.node.lease_seconds,
+                )
         except JournalWriteError:  # the database cannot be reached: what the daemon knows by itself
             return Sample(ready=self._ready.is_set(), blocked=blocked, callbacks_arriving=self.callbacks_arriving())
         return Sample(
@@ -752,8 +874,9 @@ class Daemon:
             pool.shutdown(wait=False, cancel_futures=True)  # nothing new starts; queued steps are dropped
         cut_off = self._wait_for_steps(deadline)
         if cut_off:
-            log.warning("stopping: cut off after %g s: %s; start-up will reconcile them", budget,
-                        self._describe(cut_off))
+            log.warning(
+                "stopping: cut off after %g s: %s; start-up will reconcile them", budget, self._describe(cut_off)
+            )
         else:
             for pool in self._own_pools:
                 pool.shutdown(wait=True)
@@ -785,8 +908,12 @@ class Daemon:
         try:
             self.journal.leave(keep=cut_off)
         except JournalWriteError as exc:
-            log.warning("stopping: could not tell the other nodes (%s); its rows pass to them when its leases expire "
-                        "(node.lease_seconds, %g s)", exc, self.config.node.lease_seconds)
+            log.warning(
+                "stopping: could not tell the other nodes (%s); its rows pass to them when its leases expire "
+                "(node.lease_seconds, %g s)",
+                exc,
+                self.config.node.lease_seconds,
+            )
         remove_node_marker(self.config.folders.inbox, self.node_id)
 
     def _wait_for_steps(self, deadline: float) -> list[int]:

@@ -30,7 +30,7 @@ from .journal import FINISHED, Row, State
 from .logs import configure_logging
 
 DEMO_TOKEN = "demo-token-not-secret"
-SUBFOLDERS = ("", "", "2026/Rechnungen März", "scanner [3]/it's \"quoted\"")
+SUBFOLDERS = ("", "", "2026/Rechnungen März", 'scanner [3]/it\'s "quoted"')
 
 
 def run_demo(files: int = 8, workdir: str | None = None) -> int:
@@ -58,8 +58,10 @@ def run_demo(files: int = 8, workdir: str | None = None) -> int:
     _summary(config.folders.done, config.folders.failed, config.folders.inbox)
     prog = sys.argv[0] if Path(sys.argv[0]).name == "konfuzio-watch" else "konfuzio-watch"
     if workdir:
-        print(f"\nThe demo's folders are kept in {root}, with the config it ran with; its journal:\n"
-              f"  {prog} status --config {os.path.join(workdir, 'config.yaml')}")
+        print(
+            f"\nThe demo's folders are kept in {root}, with the config it ran with; its journal:\n"
+            f"  {prog} status --config {os.path.join(workdir, 'config.yaml')}"
+        )
     else:
         shutil.rmtree(root, ignore_errors=True)
         print(f"\nThe demo's folders were temporary and are gone; to keep them: {prog} demo --workdir DIR")
@@ -79,9 +81,12 @@ def _write_demo_config(path: Path, host: str) -> Config:
         "monitor": {"port": 0},
         "results": {"callback_timeout": 20, "poll_interval": 2, "outputs": ["json", "searchable_pdf"]},
     }
-    path.write_text("# written by `konfuzio-watch demo`: the emulator at konfuzio.host ended with it, and\n"
-                    "# `konfuzio-watch status --config` on this file shows the demo's journal\n"
-                    + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    path.write_text(
+        "# written by `konfuzio-watch demo`: the emulator at konfuzio.host ended with it, and\n"
+        "# `konfuzio-watch status --config` on this file shows the demo's journal\n"
+        + yaml.safe_dump(raw, sort_keys=False),
+        encoding="utf-8",
+    )
     return load_config(path)
 
 
@@ -133,8 +138,10 @@ class _Progress:
 
 
 def _summary(done: Path, failed: Path, inbox: Path) -> None:
-    print("\ndone/ (each original next to <name>.json and <name>.ocr.pdf; below it the start of its OCR text,\n"
-          "its category and two of the fields Konfuzio extracted):")
+    print(
+        "\ndone/ (each original next to <name>.json and <name>.ocr.pdf; below it the start of its OCR text,\n"
+        "its category and two of the fields Konfuzio extracted):"
+    )
     for path in sorted(done.rglob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         pages = len(data["pages"])
@@ -146,8 +153,11 @@ def _summary(done: Path, failed: Path, inbox: Path) -> None:
     print(f"failed/: {len(failures)} file(s)")
     for path in failures:
         print(f"  {path.relative_to(failed)}: {json.loads(path.read_text())['error']}")
-    left = [p for p in inbox.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                     p.relative_to(inbox).parts)]
+    left = [
+        p
+        for p in inbox.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(inbox).parts)
+    ]
     print(f"inbox: {len(left)} file(s) left")
 
 
@@ -161,7 +171,7 @@ def _extraction(result: dict) -> str:
     head = f"{category.get('name') or category['id']}" + (f" ({confidence:.0%})" if confidence is not None else "")
     shown = []
     for values in (result.get("fields") or {}).values():
-        for label, value in (values.items() if isinstance(values, dict) else ()):
+        for label, value in values.items() if isinstance(values, dict) else ():
             if isinstance(value, list):
                 value = value[0] if value else None
             if value is not None and len(shown) < 2:

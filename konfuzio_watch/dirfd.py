@@ -91,8 +91,9 @@ def _open_dir(fd: int, part: str, flags: int, where: Path) -> int:
         return os.open(part, flags, dir_fd=fd)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise FolderInTheWay(errno.EEXIST, "not a folder (a symbolic link, or a file); not followed",
-                                 str(where)) from None
+            raise FolderInTheWay(
+                errno.EEXIST, "not a folder (a symbolic link, or a file); not followed", str(where)
+            ) from None
         if exc.errno == errno.EACCES and flags == _READ:  # may be entered, not listed: it cannot be fsynced
             return _open_dir(fd, part, _SEARCH, where)
         raise

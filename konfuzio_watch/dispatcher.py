@@ -57,8 +57,16 @@ RESULT_STATES = (State.UPLOADED, State.EXPORTING, State.FAILING)
 
 
 class Dispatcher:
-    def __init__(self, journal: BaseJournal, pipeline: Pipeline, gates: Gates, executors: Mapping[str, Executor],
-                 sizes: Mapping[str, int], report: Callable[[Event], None], lease_s: float = 60.0):
+    def __init__(
+        self,
+        journal: BaseJournal,
+        pipeline: Pipeline,
+        gates: Gates,
+        executors: Mapping[str, Executor],
+        sizes: Mapping[str, int],
+        report: Callable[[Event], None],
+        lease_s: float = 60.0,
+    ):
         self.journal = journal
         self.lease_s = lease_s
         self._finished: set[int] = set()  # rows whose step ended: their leases go at the next tick
@@ -73,8 +81,11 @@ class Dispatcher:
         self.cleanup_wanted = False  # a callback revealed a second copy of a file on the server
         p = pipeline
         self._steps: dict[State, Callable[[Row], Row]] = {
-            State.CLAIMED: p.upload, State.UPLOADED: p.check_result, State.EXPORTING: p.export,
-            State.FAILING: p.finish_failed, State.DONE: p.refresh,
+            State.CLAIMED: p.upload,
+            State.UPLOADED: p.check_result,
+            State.EXPORTING: p.export,
+            State.FAILING: p.finish_failed,
+            State.DONE: p.refresh,
         }
 
     # -- admission -------------------------------------------------------------------------------
@@ -174,9 +185,12 @@ class Dispatcher:
         lost = in_hand - self.journal.renew_leases(in_hand, self.lease_s) - self._lost
         self._lost = (self._lost | lost) & in_hand
         if lost:
-            log.warning("lost the lease on %d file(s) in hand (this node could not renew it in time; another node "
-                        "took them over): their steps here stop at their next journal write (rows %s)", len(lost),
-                        ", ".join(map(str, sorted(lost)[:20])))
+            log.warning(
+                "lost the lease on %d file(s) in hand (this node could not renew it in time; another node "
+                "took them over): their steps here stop at their next journal write (rows %s)",
+                len(lost),
+                ", ".join(map(str, sorted(lost)[:20])),
+            )
 
     def next_due(self, now: float) -> float | None:
         """When the next row may be dispatched (or a gate may be probed); None: nothing waits."""
@@ -184,11 +198,20 @@ class Dispatcher:
             return None
         # A gate probed by a function of its own is probed when its time comes, whatever rows are due
         # (one that waits for a worker: a worker's end wakes the loop).
-        times = [t for s in OWN_PROBES if self.gates[s].probe_fn is not None
-                 and (t := self.gates[s].next_probe_at()) is not None and (t > now or self.free(RESULTS) > 0)]
+        times = [
+            t
+            for s in OWN_PROBES
+            if self.gates[s].probe_fn is not None
+            and (t := self.gates[s].next_probe_at()) is not None
+            and (t > now or self.free(RESULTS) > 0)
+        ]
         budgets = self._budgets(now)
-        wanted = [work for work in WORK.values() if self.free(work.pool) > 0
-                  and not (work.pool == RESULTS and work.state == State.UPLOADING and self.reconciling)]
+        wanted = [
+            work
+            for work in WORK.values()
+            if self.free(work.pool) > 0
+            and not (work.pool == RESULTS and work.state == State.UPLOADING and self.reconciling)
+        ]
         states = [work.state for work in wanted if work.state != State.DONE]
         dues = self.journal.next_due_by_state(states, self.inflight) if states else {}
         for work in wanted:
@@ -220,8 +243,9 @@ class Dispatcher:
     def _submit(self, work: Work, row: Row, budgets: dict[Scope, int | None]) -> None:
         probes = self._take(work, budgets)
         self.inflight[row.id] = work.pool
-        future: Future = self.executors[work.pool].submit(self._guard, work.step, self._steps[row.state], [row],
-                                                          single=True)
+        future: Future = self.executors[work.pool].submit(
+            self._guard, work.step, self._steps[row.state], [row], single=True
+        )
         future.add_done_callback(lambda _f: self.report(StepDone((row.id,), work.pool, probes)))
 
     def _submit_reconcile(self, rows: list[Row], budgets: dict[Scope, int | None]) -> None:
@@ -232,8 +256,9 @@ class Dispatcher:
             self.inflight[row.id] = "reconcile"
         ids = tuple(r.id for r in rows)
         self.cleanup_wanted = False
-        future: Future = self.executors[RESULTS].submit(self._guard, work.step, self.pipeline.reconcile, rows,
-                                                        single=False)
+        future: Future = self.executors[RESULTS].submit(
+            self._guard, work.step, self.pipeline.reconcile, rows, single=False
+        )
         future.add_done_callback(lambda _f: self.report(StepDone(ids, RESULTS, probes, is_reconcile=True)))
 
     def _guard(self, step: Step, fn: Callable, rows: list[Row], single: bool) -> None:

@@ -12,9 +12,16 @@ from .journal import Row
 STATUS_DONE = 2
 STATUS_FAILED = 111
 STATUS_NAMES = {
-    0: "queuing for OCR", 10: "OCR in progress", 1: "queuing for extraction", 20: "extraction in progress",
-    3: "queuing for categorization", 30: "categorization in progress", 4: "queuing for splitting",
-    40: "splitting in progress", 41: "waiting for splitting confirmation", 2: "done",
+    0: "queuing for OCR",
+    10: "OCR in progress",
+    1: "queuing for extraction",
+    20: "extraction in progress",
+    3: "queuing for categorization",
+    30: "categorization in progress",
+    4: "queuing for splitting",
+    40: "splitting in progress",
+    41: "waiting for splitting confirmation",
+    2: "done",
     111: "could not be processed",
 }
 RESULT_SUFFIX = ".json"
@@ -36,12 +43,14 @@ def build_result(row: Row, details: dict[str, Any], bbox: dict[str, Any] | None,
     pages = []
     for index, page in enumerate(details.get("pages") or []):
         number = page.get("number", index + 1)
-        pages.append({
-            "number": number,
-            "size": page.get("size"),
-            "original_size": page.get("original_size"),
-            "text": page_texts[number - 1] if 0 < number <= len(page_texts) else "",
-        })
+        pages.append(
+            {
+                "number": number,
+                "size": page.get("size"),
+                "original_size": page.get("original_size"),
+                "text": page_texts[number - 1] if 0 < number <= len(page_texts) else "",
+            }
+        )
     status = details.get("status_data")
     return {
         "document_id": int(details["id"]),

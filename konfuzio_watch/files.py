@@ -35,8 +35,23 @@ import orjson
 from .dirfd import StaleTemps, create_temp, fsync_fd, lexists_at, open_folder, temp_name, unlink_at
 
 BUILTIN_IGNORES = (
-    "*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.download", "*.swp", "~$*", ".~lock*",
-    "@eaDir", "#recycle", "#snapshot", ".DS_Store", "Thumbs.db", "desktop.ini", "._*", "*~",
+    "*.part",
+    "*.partial",
+    "*.tmp",
+    "*.temp",
+    "*.crdownload",
+    "*.download",
+    "*.swp",
+    "~$*",
+    ".~lock*",
+    "@eaDir",
+    "#recycle",
+    "#snapshot",
+    ".DS_Store",
+    "Thumbs.db",
+    "desktop.ini",
+    "._*",
+    "*~",
 )
 SAFE_NAME_MAX = 120
 NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, SMB)
@@ -44,8 +59,23 @@ PATH_MAX = 4096  # bytes in a path the kernel accepts, its terminating NUL inclu
 SHORT_NAME_MAX = 200  # shortened_name(): the name and its sidecar suffix stay below this many bytes
 MAX_VARIANTS = 10_000  # "name (2).pdf" ... before giving up on a folder
 NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
-_TRANSLITERATE = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE",
-                                "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "þ": "th", "Þ": "Th"})
+_TRANSLITERATE = str.maketrans(
+    {
+        "ß": "ss",
+        "æ": "ae",
+        "Æ": "AE",
+        "ø": "o",
+        "Ø": "O",
+        "œ": "oe",
+        "Œ": "OE",
+        "ł": "l",
+        "Ł": "L",
+        "đ": "d",
+        "Đ": "D",
+        "þ": "th",
+        "Þ": "Th",
+    }
+)
 
 
 def is_ignored(rel_parts: tuple[str, ...], patterns: tuple[str, ...]) -> bool:
@@ -62,8 +92,7 @@ def ignore_reason(rel_parts: tuple[str, ...], patterns: tuple[str, ...]) -> str 
         if builtin is not None:
             return f"a temporary or system file (built-in pattern {builtin!r})"
     rel = "/".join(rel_parts)
-    pattern = next((p for p in patterns if fnmatch.fnmatchcase(rel_parts[-1], p) or fnmatch.fnmatchcase(rel, p)),
-                   None)
+    pattern = next((p for p in patterns if fnmatch.fnmatchcase(rel_parts[-1], p) or fnmatch.fnmatchcase(rel, p)), None)
     return None if pattern is None else f"matches watch.ignore {pattern!r}"
 
 
@@ -113,9 +142,14 @@ class NotRegularFile(Exception):
 
 
 def describe_mode(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "directory"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
+    for test, name in (
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -191,8 +225,9 @@ def _split_suffix(name: str) -> tuple[str, str]:
     return stem, "." + ext
 
 
-def move_no_clobber(src: Path, dst: Path, *, src_root: Path | None = None, dst_root: Path | None = None,
-                    sync_unlink: bool = True) -> None:
+def move_no_clobber(
+    src: Path, dst: Path, *, src_root: Path | None = None, dst_root: Path | None = None, sync_unlink: bool = True
+) -> None:
     """Move ``src`` to ``dst``; raise ``FileExistsError`` rather than replace anything. ``dst`` is
     durable before ``src`` is unlinked. ``sync_unlink=False``: when the move was a hard link, the
     unlink of ``src`` is not fsynced (a caller that recognises a leftover second name of the same
@@ -308,8 +343,14 @@ def write_temp(folder: Path, fill: Callable[[BinaryIO], Any], *, root: Path | No
         os.close(fd)
 
 
-def write_file_no_clobber(path: Path, fill: Callable[[BinaryIO], Any], *, root: Path | None = None,
-                          may_replace: Callable[[int], bool] | None = None, sync_dir: bool = True) -> None:
+def write_file_no_clobber(
+    path: Path,
+    fill: Callable[[BinaryIO], Any],
+    *,
+    root: Path | None = None,
+    may_replace: Callable[[int], bool] | None = None,
+    sync_dir: bool = True,
+) -> None:
     """Write a file at ``path`` through a temporary one: its content fsynced before it gets its
     name, never replacing an existing file unless ``may_replace(folder descriptor)`` says so
     (else ``FileExistsError``). The name is durable when this returns, unless ``sync_dir=False``."""
@@ -389,6 +430,7 @@ def encode_json(data: Any) -> bytes:
     """One top-level key per line, each value compact (UTF-8). orjson encodes ~10x faster than
     json, whose encoder was a fifth of the daemon's CPU per file on the character boxes; a value
     orjson refuses (an integer beyond 64 bits, a lone surrogate) is encoded by json instead."""
+
     def dump(value: Any) -> bytes:
         try:
             return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS, default=str)
@@ -402,16 +444,22 @@ def encode_json(data: Any) -> bytes:
     return b"{\n" + lines + b"\n}\n"
 
 
-def write_json_no_clobber(path: Path, data: Any, is_ours: Callable[[dict], bool], *, root: Path | None = None,
-                          sync_dir: bool = True) -> None:
+def write_json_no_clobber(
+    path: Path, data: Any, is_ours: Callable[[dict], bool], *, root: Path | None = None, sync_dir: bool = True
+) -> None:
     """Write JSON atomically at ``path`` (below ``root``: no link followed). An existing file is
     replaced only if ``is_ours`` says it is an earlier write of the same result (a crash between
     write and move); otherwise ``FileExistsError``. Its content is fsynced before it gets its name;
     the name is durable when this returns, unless ``sync_dir=False``: then the caller fsyncs the
     folder before relying on it (e.g. once for the JSON and the file moved next to it)."""
     body = encode_json(data)
-    write_file_no_clobber(path, lambda out: out.write(body), root=root, sync_dir=sync_dir,
-                          may_replace=lambda folder: _existing_is_ours(folder, path.name, is_ours))
+    write_file_no_clobber(
+        path,
+        lambda out: out.write(body),
+        root=root,
+        sync_dir=sync_dir,
+        may_replace=lambda folder: _existing_is_ours(folder, path.name, is_ours),
+    )
 
 
 def _existing_is_ours(folder: int, name: str, is_ours: Callable[[dict], bool]) -> bool:
@@ -531,8 +579,7 @@ def _walk(path: str, last_flags: int = _WALK_FLAGS) -> int:
                 step = os.open(part, last_flags if i == len(parts) - 1 else _WALK_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_symlink(part, fd):
-                    raise OSError(errno.ELOOP, "a folder in the path is a symbolic link; not followed",
-                                  path) from None
+                    raise OSError(errno.ELOOP, "a folder in the path is a symbolic link; not followed", path) from None
                 raise
             os.close(fd)
             fd = step

@@ -40,8 +40,14 @@ class GateState:
 
 
 class Gate:
-    def __init__(self, scope: Scope, limits: Limits, *, rng: random.Random | None = None,
-                 on_change: Callable[[GateState], None] | None = None):
+    def __init__(
+        self,
+        scope: Scope,
+        limits: Limits,
+        *,
+        rng: random.Random | None = None,
+        on_change: Callable[[GateState], None] | None = None,
+    ):
         self.scope = scope
         self.limits = limits
         self._rng = rng or random.Random()
@@ -109,8 +115,14 @@ class Gate:
         with self._lock:
             self._probing = False
 
-    def block(self, now: float, reason: str, retry_after_s: float | None = None, note: str = "",
-              probe: Callable[[], None] | None = None) -> float:
+    def block(
+        self,
+        now: float,
+        reason: str,
+        retry_after_s: float | None = None,
+        note: str = "",
+        probe: Callable[[], None] | None = None,
+    ) -> float:
         """Record a failure of this scope; returns the delay until the next probe. ``probe``: how to
         find out that it is over, if not by trying the next task (a rejected token: a cheap request)."""
         with self._lock:
@@ -127,8 +139,14 @@ class Gate:
             self._episode = None
             self._probing = False
         if newly:
-            log.error("%s; pausing %s, next try in %.1f s%s", reason, _WHAT[self.scope], delay,
-                      f" ({note})" if note else "", extra={"scope": self.scope.value, "error": reason})
+            log.error(
+                "%s; pausing %s, next try in %.1f s%s",
+                reason,
+                _WHAT[self.scope],
+                delay,
+                f" ({note})" if note else "",
+                extra={"scope": self.scope.value, "error": reason},
+            )
         else:
             log.debug("%s still blocked (try %d failed): %s; next try in %.1f s", self.scope, failures, reason, delay)
         self._changed()
@@ -161,8 +179,12 @@ class Gate:
             if episode is None or now < self._opened_at + CONFIRM_S:
                 return
             self._episode = None
-        log.warning("%s again after %.0f s (%d failed tries); resumed", _RESUMED[self.scope],
-                    self._opened_at - (episode.since or self._opened_at), episode.failures)
+        log.warning(
+            "%s again after %.0f s (%d failed tries); resumed",
+            _RESUMED[self.scope],
+            self._opened_at - (episode.since or self._opened_at),
+            episode.failures,
+        )
         if self.on_recovered:
             self.on_recovered(episode)
 
@@ -187,17 +209,22 @@ _RESUMED = {
 
 # Probing local disks is cheap: after a full disk is freed, work resumes within seconds. A look at the
 # shares' folders is cheap too: work goes on within 5 s of a share's return.
-LOCAL_LIMITS = {Scope.JOURNAL: Limits(base_s=0.25, cap_s=2.0), Scope.OUTPUT: Limits(base_s=0.5, cap_s=10.0),
-                Scope.SHARES: Limits(base_s=0.5, cap_s=5.0)}
+LOCAL_LIMITS = {
+    Scope.JOURNAL: Limits(base_s=0.25, cap_s=2.0),
+    Scope.OUTPUT: Limits(base_s=0.5, cap_s=10.0),
+    Scope.SHARES: Limits(base_s=0.5, cap_s=5.0),
+}
 
 
 class Gates:
     """The gates of a daemon, by scope. ``limits`` paces the API gate's probes."""
 
-    def __init__(self, limits: Limits, *, rng: random.Random | None = None,
-                 on_change: Callable[[GateState], None] | None = None):
-        self.by_scope = {scope: Gate(scope, LOCAL_LIMITS.get(scope, limits), rng=rng, on_change=on_change)
-                         for scope in Scope}
+    def __init__(
+        self, limits: Limits, *, rng: random.Random | None = None, on_change: Callable[[GateState], None] | None = None
+    ):
+        self.by_scope = {
+            scope: Gate(scope, LOCAL_LIMITS.get(scope, limits), rng=rng, on_change=on_change) for scope in Scope
+        }
 
     def __getitem__(self, scope: Scope) -> Gate:
         return self.by_scope[scope]

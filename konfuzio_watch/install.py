@@ -34,7 +34,7 @@ CONFIG = f"{CONFIG_DIR}/config.yaml"
 
 @dataclass(frozen=True)
 class Shipped:
-    name: str    # in konfuzio_watch/data
+    name: str  # in konfuzio_watch/data
     target: str  # where it goes on the installed system
 
 
@@ -47,8 +47,9 @@ def shipped_bytes(name: str) -> bytes:
     return resources.files("konfuzio_watch").joinpath("data", name).read_bytes()
 
 
-def install_files(prefix: str | os.PathLike[str], out: TextIO, *, force: bool = False,
-                  sysusers: str | None = None) -> list[str]:
+def install_files(
+    prefix: str | os.PathLike[str], out: TextIO, *, force: bool = False, sysusers: str | None = None
+) -> list[str]:
     """Install under ``prefix``; print one line per action; return the problems left for the admin.
 
     ``sysusers`` is the systemd-sysusers executable (default: found on PATH)."""
@@ -83,22 +84,28 @@ def install_files(prefix: str | os.PathLike[str], out: TextIO, *, force: bool = 
         _give_to_service_group(config, ids[1], say, problems)
         for path, need in ((config_dir, stat.S_IXOTH), (config, stat.S_IROTH)):
             if not _allowed(path, *ids, need):
-                problems.append(f"{path}: the service user {SERVICE_USER} cannot "
-                                f"{'enter' if need == stat.S_IXOTH else 'read'} it "
-                                f"(chgrp {SERVICE_USER} {path}; chmod g+{'x' if need == stat.S_IXOTH else 'r'} {path})")
+                problems.append(
+                    f"{path}: the service user {SERVICE_USER} cannot "
+                    f"{'enter' if need == stat.S_IXOTH else 'read'} it "
+                    f"(chgrp {SERVICE_USER} {path}; chmod g+{'x' if need == stat.S_IXOTH else 'r'} {path})"
+                )
 
     here = Path(sys.prefix).resolve() / "bin" / "konfuzio-watch"
     if here != _under(root, APP_EXECUTABLE).resolve():
-        out.write(f"note      the unit runs {APP_EXECUTABLE}; this konfuzio-watch is {here}: install it there "
-                  "(README: Running as a service) or override ExecStart= in a drop-in\n")
+        out.write(
+            f"note      the unit runs {APP_EXECUTABLE}; this konfuzio-watch is {here}: install it there "
+            "(README: Running as a service) or override ExecStart= in a drop-in\n"
+        )
     return problems
 
 
 def next_steps() -> str:
-    return (f"next: edit {CONFIG} (konfuzio.token_file: \"${{CREDENTIALS_DIRECTORY}}/konfuzio-token\", project_id,\n"
-            f"      folders), put the API token into {CONFIG_DIR}/konfuzio-token (root, 0600), check with\n"
-            f"      CREDENTIALS_DIRECTORY={CONFIG_DIR} konfuzio-watch check\n"
-            "      then: systemctl daemon-reload && systemctl enable --now konfuzio-watch")
+    return (
+        f'next: edit {CONFIG} (konfuzio.token_file: "${{CREDENTIALS_DIRECTORY}}/konfuzio-token", project_id,\n'
+        f"      folders), put the API token into {CONFIG_DIR}/konfuzio-token (root, 0600), check with\n"
+        f"      CREDENTIALS_DIRECTORY={CONFIG_DIR} konfuzio-watch check\n"
+        "      then: systemctl daemon-reload && systemctl enable --now konfuzio-watch"
+    )
 
 
 def _under(root: Path, absolute: str) -> Path:
@@ -113,8 +120,10 @@ def _write_shipped(root: Path, shipped: Shipped, force: bool, say, problems: lis
         return
     if path.exists() and not force:
         say("kept", path, "differs from the shipped file; --force replaces it")
-        problems.append(f"{path} differs from the shipped {shipped.name}: put local changes in a drop-in "
-                        "(systemctl edit konfuzio-watch) or a sysusers.d file of their own, then use --force")
+        problems.append(
+            f"{path} differs from the shipped {shipped.name}: put local changes in a drop-in "
+            "(systemctl edit konfuzio-watch) or a sysusers.d file of their own, then use --force"
+        )
         return
     path.parent.mkdir(parents=True, exist_ok=True)  # Debian has no /etc/sysusers.d until something creates it
     tmp = path.with_name(f".{path.name}.tmp")
@@ -136,10 +145,16 @@ def _create_user(root: Path, sysusers: str | None, say, problems: list[str]) -> 
             return None
         ids = service_ids(root)
     if ids is None:
-        problems.append(f"no user {SERVICE_USER} in {_under(root, '/etc/passwd')}"
-                        + ("" if sysusers else ": systemd-sysusers is not installed; create it with `useradd --system "
-                           f"--user-group --home-dir /var/lib/{SERVICE_USER} --shell /usr/sbin/nologin {SERVICE_USER}`"
-                           ", then run install-files again"))
+        problems.append(
+            f"no user {SERVICE_USER} in {_under(root, '/etc/passwd')}"
+            + (
+                ""
+                if sysusers
+                else ": systemd-sysusers is not installed; create it with `useradd --system "
+                f"--user-group --home-dir /var/lib/{SERVICE_USER} --shell /usr/sbin/nologin {SERVICE_USER}`"
+                ", then run install-files again"
+            )
+        )
         return None
     say("user", _under(root, "/etc/passwd"), f"{SERVICE_USER}: uid {ids[0]}, gid {ids[1]}")
     return ids

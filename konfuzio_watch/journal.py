@@ -45,9 +45,27 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = [
-    "ACTIVE", "CHANNEL", "FINISHED", "TERMINAL", "BaseJournal", "IllegalTransition", "Journal", "JournalError",
-    "JournalUnavailable", "JournalWriteError", "Lease", "Listener", "NewClaim", "Node", "Role", "Row",
-    "SqliteJournal", "State", "display_name", "filesystem_type", "open_journal",
+    "ACTIVE",
+    "CHANNEL",
+    "FINISHED",
+    "TERMINAL",
+    "BaseJournal",
+    "IllegalTransition",
+    "Journal",
+    "JournalError",
+    "JournalUnavailable",
+    "JournalWriteError",
+    "Lease",
+    "Listener",
+    "NewClaim",
+    "Node",
+    "Role",
+    "Row",
+    "SqliteJournal",
+    "State",
+    "display_name",
+    "filesystem_type",
+    "open_journal",
 ]
 
 SCHEMA = """
@@ -111,10 +129,35 @@ MIGRATIONS: dict[int, list[str]] = {
 SCHEMA_VERSION = max(MIGRATIONS)
 
 COLUMNS = [
-    "id", "rel_path", "state", "size", "sha256", "upload_name", "token_hash", "document_id", "attempts",
-    "next_at", "callback_at", "uploaded_at", "final_path", "error", "stage", "project_id", "detected_at",
-    "updated_at", "finished_at", "failures", "claim_name", "file_dev", "file_ino", "mtime_ns", "ambiguous_since",
-    "revision", "fingerprint", "refresh_at", "ctime_ns",
+    "id",
+    "rel_path",
+    "state",
+    "size",
+    "sha256",
+    "upload_name",
+    "token_hash",
+    "document_id",
+    "attempts",
+    "next_at",
+    "callback_at",
+    "uploaded_at",
+    "final_path",
+    "error",
+    "stage",
+    "project_id",
+    "detected_at",
+    "updated_at",
+    "finished_at",
+    "failures",
+    "claim_name",
+    "file_dev",
+    "file_ino",
+    "mtime_ns",
+    "ambiguous_since",
+    "revision",
+    "fingerprint",
+    "refresh_at",
+    "ctime_ns",
 ]
 UPDATABLE = frozenset(COLUMNS) - {"id", "detected_at", "state"}
 # A done file is looked at again at most this often, however many callbacks arrive for it.
@@ -123,10 +166,25 @@ REFRESH_GAP_S = 2.0
 _COLS = ", ".join(COLUMNS)
 _F_COLS = ", ".join(f"f.{name}" for name in COLUMNS)
 
-NETWORK_FILESYSTEMS = frozenset([
-    "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse.sshfs", "fuse.rclone",
-    "fuse.s3fs", "ceph", "glusterfs",
-])
+NETWORK_FILESYSTEMS = frozenset(
+    [
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb",
+        "smb2",
+        "smb3",
+        "smbfs",
+        "ncpfs",
+        "afs",
+        "9p",
+        "fuse.sshfs",
+        "fuse.rclone",
+        "fuse.s3fs",
+        "ceph",
+        "glusterfs",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -401,16 +459,22 @@ class BaseJournal(ABC):
         if found is None:
             return f"{self.location}: no journal yet (the daemon creates it when it starts)"
         if found < self.schema_version:
-            return (f"{self.location}: journal schema {found}, this konfuzio-watch writes {self.schema_version}: "
-                    "the daemon upgrades it when it starts")
+            return (
+                f"{self.location}: journal schema {found}, this konfuzio-watch writes {self.schema_version}: "
+                "the daemon upgrades it when it starts"
+            )
         if found > self.schema_version:
-            return (f"{self.location}: written by a newer konfuzio-watch (schema {found}, this one knows "
-                    f"{self.schema_version}); upgrade konfuzio-watch")
+            return (
+                f"{self.location}: written by a newer konfuzio-watch (schema {found}, this one knows "
+                f"{self.schema_version}); upgrade konfuzio-watch"
+            )
         return None
 
     def _set_meta(self, tx: _Tx, key: str, value: str) -> None:
-        tx.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                   (key, value))
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     @property
     def _guard(self) -> tuple[object, ...]:
@@ -432,8 +496,10 @@ class BaseJournal(ABC):
                 where, waiting = _in("state", [s.value for s in ACTIVE if s != State.CLAIMING])
                 n = tx.execute(f"SELECT COUNT(*) FROM files WHERE {where}", waiting).fetchone()[0]
                 if n:
-                    raise JournalError(f"folders.processing: {n} unfinished file(s) wait in {found[0]}, but the "
-                                       f"config now says {path}; move them there or restore the setting")
+                    raise JournalError(
+                        f"folders.processing: {n} unfinished file(s) wait in {found[0]}, but the "
+                        f"config now says {path}; move them there or restore the setting"
+                    )
             self._set_meta(tx, "processing_dir", str(path))
 
     def probe(self, now: float) -> None:
@@ -459,27 +525,68 @@ class BaseJournal(ABC):
                     (c.rel_path, State.CLAIMING.value, c.detected_at or now, now, now, c.claim_name, c.dev, c.ino),
                 ).fetchone()
                 if found is not None:  # the row as inserted (every other column at its default)
-                    rows.append(Row(found[0], c.rel_path, State.CLAIMING, None, None, None, None, None, 0, now, None,
-                                    None, None, None, None, None, c.detected_at or now, now, None, 0, c.claim_name,
-                                    c.dev, c.ino))
+                    rows.append(
+                        Row(
+                            found[0],
+                            c.rel_path,
+                            State.CLAIMING,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            0,
+                            now,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            c.detected_at or now,
+                            now,
+                            None,
+                            0,
+                            c.claim_name,
+                            c.dev,
+                            c.ino,
+                        )
+                    )
             if rows:
                 self._lease_new(tx, [r.id for r in rows])
                 tx.notify(f"due:{now!r}")
         return rows
 
-    def transition(self, row: Row, state: State, now: float, *, durable: bool = True,
-                   refresh_if_called_back_since: float | None = None, **fields: object) -> Row:
+    def transition(
+        self,
+        row: Row,
+        state: State,
+        now: float,
+        *,
+        durable: bool = True,
+        refresh_if_called_back_since: float | None = None,
+        **fields: object,
+    ) -> Row:
         """Move one row to ``state`` (a legal move from the state it is in), with other columns,
         in one transaction. A successful move clears the row's failure count unless given.
         ``durable=False``: see the module's docstring. ``refresh_if_called_back_since`` (a move to
         done): if a callback came in since then (the details the export used were fetched then), a
         review may have beaten the export: the row is due for a look again at once (``refresh_at``),
         and the move is made durable."""
-        return self.transition_many([row], state, now, durable=durable,
-                                    refresh_if_called_back_since=refresh_if_called_back_since, **fields)[0]
+        return self.transition_many(
+            [row], state, now, durable=durable, refresh_if_called_back_since=refresh_if_called_back_since, **fields
+        )[0]
 
-    def transition_many(self, rows: Sequence[Row], state: State, now: float, *, durable: bool = True,
-                        refresh_if_called_back_since: float | None = None, **fields: object) -> list[Row]:
+    def transition_many(
+        self,
+        rows: Sequence[Row],
+        state: State,
+        now: float,
+        *,
+        durable: bool = True,
+        refresh_if_called_back_since: float | None = None,
+        **fields: object,
+    ) -> list[Row]:
         for row in rows:
             check_transition(row.state, state)
         fields.setdefault("failures", 0)
@@ -487,8 +594,14 @@ class BaseJournal(ABC):
             fields.setdefault("error", None)  # moving on: the last failure is history
         if state in TERMINAL:
             fields.setdefault("finished_at", now)
-        return self._set(rows, now, {**fields, "state": state.value}, moving=True, durable=durable,
-                         refresh_since=refresh_if_called_back_since)
+        return self._set(
+            rows,
+            now,
+            {**fields, "state": state.value},
+            moving=True,
+            durable=durable,
+            refresh_since=refresh_if_called_back_since,
+        )
 
     def update(self, row: Row, now: float, *, durable: bool = True, **fields: object) -> Row:
         """Change some columns of a row that stays in its state."""
@@ -497,8 +610,15 @@ class BaseJournal(ABC):
     def update_many(self, rows: Sequence[Row], now: float, **fields: object) -> list[Row]:
         return self._set(rows, now, fields)
 
-    def _set(self, rows: Sequence[Row], now: float, fields: dict[str, object], moving: bool = False,
-             durable: bool = True, refresh_since: float | None = None) -> list[Row]:
+    def _set(
+        self,
+        rows: Sequence[Row],
+        now: float,
+        fields: dict[str, object],
+        moving: bool = False,
+        durable: bool = True,
+        refresh_since: float | None = None,
+    ) -> list[Row]:
         bad = set(fields) - UPDATABLE - ({"state"} if moving else set())
         if bad:
             raise ValueError(f"not updatable: {sorted(bad)}")
@@ -511,7 +631,7 @@ class BaseJournal(ABC):
             assignments += ", refresh_at = CASE WHEN callback_at >= ? AND refresh_at IS NULL THEN ? ELSE refresh_at END"
             values += [refresh_since, now]
         found: dict[int, Row] = {}
-        with (self._writer(durable) if len(rows) > 1 else self._one_statement(durable)) as tx:
+        with self._writer(durable) if len(rows) > 1 else self._one_statement(durable) as tx:
             if self._ONE_WRITER and len(rows) > 1:  # a batch (claims): one statement per 500 rows
                 by_state: dict[State, list[int]] = {}
                 for row in rows:
@@ -519,15 +639,19 @@ class BaseJournal(ABC):
                 for was, ids in by_state.items():
                     for start in range(0, len(ids), 500):
                         chunk = ids[start : start + 500]
-                        for new in tx.execute(f"UPDATE files SET {assignments} WHERE state = ? AND id IN"
-                                              f" ({_marks(chunk)}){self._LEASE_GUARD} RETURNING {_COLS}",
-                                              (*values, was.value, *chunk, *self._guard)).fetchall():
+                        for new in tx.execute(
+                            f"UPDATE files SET {assignments} WHERE state = ? AND id IN"
+                            f" ({_marks(chunk)}){self._LEASE_GUARD} RETURNING {_COLS}",
+                            (*values, was.value, *chunk, *self._guard),
+                        ).fetchall():
                             found[new[0]] = _row(new)
             else:  # one row per statement, in one order for every writer: no deadlocks between nodes
                 for row in sorted(rows, key=lambda r: r.id):
-                    new = tx.execute(f"UPDATE files SET {assignments} WHERE id = ? AND state = ?{self._LEASE_GUARD}"
-                                     f" RETURNING {_COLS}", (*values, row.id, row.state.value, *self._guard)
-                                     ).fetchone()
+                    new = tx.execute(
+                        f"UPDATE files SET {assignments} WHERE id = ? AND state = ?{self._LEASE_GUARD}"
+                        f" RETURNING {_COLS}",
+                        (*values, row.id, row.state.value, *self._guard),
+                    ).fetchone()
                     if new is not None:
                         found[row.id] = _row(new)
             for row in rows:
@@ -535,8 +659,11 @@ class BaseJournal(ABC):
                     raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
             if fields.get("next_at") is not None:
                 tx.notify(f"due:{fields['next_at']!r}")
-        if not durable and refresh_since is not None and any(
-                found[r.id].refresh_at is not None and r.refresh_at is None for r in rows):
+        if (
+            not durable
+            and refresh_since is not None
+            and any(found[r.id].refresh_at is not None and r.refresh_at is None for r in rows)
+        ):
             self._make_durable()  # a second look armed: not to be lost
         return [found[r.id] for r in rows]
 
@@ -549,11 +676,13 @@ class BaseJournal(ABC):
             new = tx.execute(
                 f"UPDATE files SET state = ?, updated_at = ?, {assignments} WHERE id = ? AND state = ?"
                 f"{self._LEASE_GUARD} RETURNING {_COLS}",
-                (State.UPLOADING.value, now, *fields.values(), row.id, row.state.value, *self._guard)).fetchone()
+                (State.UPLOADING.value, now, *fields.values(), row.id, row.state.value, *self._guard),
+            ).fetchone()
             if new is None:
                 raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
-            tx.execute("INSERT INTO upload_tokens (token_hash, row_id, sent_at) VALUES (?, ?, ?)",
-                       (token_hash, row.id, now))
+            tx.execute(
+                "INSERT INTO upload_tokens (token_hash, row_id, sent_at) VALUES (?, ?, ?)", (token_hash, row.id, now)
+            )
         return _row(new)
 
     def tokens_of(self, row_ids: Iterable[int]) -> dict[str, int]:
@@ -563,8 +692,11 @@ class BaseJournal(ABC):
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             with self._read() as tx:
-                found.update(tx.execute(f"SELECT token_hash, row_id FROM upload_tokens WHERE row_id IN"
-                                        f" ({_marks(chunk)})", chunk).fetchall())
+                found.update(
+                    tx.execute(
+                        f"SELECT token_hash, row_id FROM upload_tokens WHERE row_id IN ({_marks(chunk)})", chunk
+                    ).fetchall()
+                )
         return found
 
     def first_sent_at(self, row_ids: Iterable[int]) -> float | None:
@@ -574,8 +706,9 @@ class BaseJournal(ABC):
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             with self._read() as tx:
-                found = tx.execute(f"SELECT MIN(sent_at) FROM upload_tokens WHERE row_id IN ({_marks(chunk)})",
-                                   chunk).fetchone()[0]
+                found = tx.execute(
+                    f"SELECT MIN(sent_at) FROM upload_tokens WHERE row_id IN ({_marks(chunk)})", chunk
+                ).fetchone()[0]
             if found is not None and (earliest is None or found < earliest):
                 earliest = found
         return earliest
@@ -589,31 +722,45 @@ class BaseJournal(ABC):
                 "SELECT t.token_hash, f.id, f.document_id FROM upload_tokens t JOIN files f ON f.id = t.row_id"
                 " WHERE t.sent_at >= ? AND f.document_id IS NOT NULL AND t.row_id IN"
                 " (SELECT row_id FROM upload_tokens WHERE sent_at >= ? GROUP BY row_id HAVING COUNT(*) > 1)",
-                (since, since)).fetchall()
+                (since, since),
+            ).fetchall()
         return {token: (row_id, document_id) for token, row_id, document_id in rows}
 
     def record_extra(self, document_id: int, row: Row, project_id: int | None, now: float) -> bool:
         """Remember a second document of one file, to delete; False if it was known."""
         with self._write() as tx:
-            return tx.execute(
-                "INSERT INTO extra_documents (document_id, row_id, project_id, found_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT DO NOTHING", (document_id, row.id, project_id, now)).rowcount == 1
+            return (
+                tx.execute(
+                    "INSERT INTO extra_documents (document_id, row_id, project_id, found_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (document_id, row.id, project_id, now),
+                ).rowcount
+                == 1
+            )
 
     def pending_extras(self, limit: int = 100) -> list[tuple[int, int, int | None]]:
         """(document id, row id, project id) of extra documents not deleted yet."""
         with self._read() as tx:
-            return [tuple(found) for found in tx.execute(
-                "SELECT document_id, row_id, project_id FROM extra_documents WHERE deleted_at IS NULL AND"
-                " error IS NULL ORDER BY found_at, document_id LIMIT ?", (limit,)).fetchall()]
+            return [
+                tuple(found)
+                for found in tx.execute(
+                    "SELECT document_id, row_id, project_id FROM extra_documents WHERE deleted_at IS NULL AND"
+                    " error IS NULL ORDER BY found_at, document_id LIMIT ?",
+                    (limit,),
+                ).fetchall()
+            ]
 
     def settle_extra(self, document_id: int, now: float, error: str | None = None) -> None:
         """An extra document was deleted (or could not be: ``error``)."""
         with self._write() as tx:
-            tx.execute("UPDATE extra_documents SET deleted_at = ?, error = ? WHERE document_id = ?",
-                       (now if error is None else None, error, document_id))
+            tx.execute(
+                "UPDATE extra_documents SET deleted_at = ?, error = ? WHERE document_id = ?",
+                (now if error is None else None, error, document_id),
+            )
 
-    def mark_uploaded(self, row: Row, document_id: int, now: float, poll_at: float, *, durable: bool = True,
-                      **fields: object) -> Row:
+    def mark_uploaded(
+        self, row: Row, document_id: int, now: float, poll_at: float, *, durable: bool = True, **fields: object
+    ) -> Row:
         """UPLOADING -> UPLOADED. If the callback already came (it can beat the upload's own
         response), the row is due at once; otherwise at ``poll_at``."""
         check_transition(row.state, State.UPLOADED)
@@ -623,8 +770,18 @@ class BaseJournal(ABC):
                 "UPDATE files SET state = ?, document_id = ?, uploaded_at = ?, error = NULL, failures = 0,"
                 f" updated_at = ?, next_at = CASE WHEN callback_at IS NOT NULL THEN ? ELSE ? END{extra}"
                 f" WHERE id = ? AND state = ?{self._LEASE_GUARD} RETURNING {_COLS}",
-                (State.UPLOADED.value, document_id, now, now, now, poll_at, *fields.values(), row.id,
-                 row.state.value, *self._guard),
+                (
+                    State.UPLOADED.value,
+                    document_id,
+                    now,
+                    now,
+                    now,
+                    poll_at,
+                    *fields.values(),
+                    row.id,
+                    row.state.value,
+                    *self._guard,
+                ),
             ).fetchone()
             if found is None:
                 raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
@@ -651,18 +808,23 @@ class BaseJournal(ABC):
     def discard(self, row: Row) -> None:
         """Forget a row whose file vanished from the inbox before we took it."""
         with self._write() as tx:
-            tx.execute(f"DELETE FROM files WHERE id = ? AND state = ?{self._LEASE_GUARD}",
-                       (row.id, State.CLAIMING.value, *self._guard))
+            tx.execute(
+                f"DELETE FROM files WHERE id = ? AND state = ?{self._LEASE_GUARD}",
+                (row.id, State.CLAIMING.value, *self._guard),
+            )
 
     def clamp_due(self, now: float, max_delay_s: float) -> int:
         """Due times further ahead than any delay could be come from a clock stepped back
         while the daemon was down: make them due now. Returns how many were clamped."""
         where, states = _in("state", [s.value for s in ACTIVE])
         with self._write() as tx:
-            n = tx.execute(f"UPDATE files SET next_at = ? WHERE {where} AND next_at > ?",
-                           (now, *states, now + max_delay_s)).rowcount
-            n += tx.execute("UPDATE files SET refresh_at = ? WHERE refresh_at > ? AND state = ?",  # a done file's
-                            (now, now + max_delay_s, State.DONE.value)).rowcount  # look at a new revision, too
+            n = tx.execute(
+                f"UPDATE files SET next_at = ? WHERE {where} AND next_at > ?", (now, *states, now + max_delay_s)
+            ).rowcount
+            n += tx.execute(
+                "UPDATE files SET refresh_at = ? WHERE refresh_at > ? AND state = ?",  # a done file's
+                (now, now + max_delay_s, State.DONE.value),
+            ).rowcount  # look at a new revision, too
             if n:
                 tx.notify(f"due:{now!r}")
         return n
@@ -688,7 +850,8 @@ class BaseJournal(ABC):
         with self._write_soon() as tx:
             found = tx.execute(
                 "SELECT t.token_hash, f.id, f.state, f.document_id, f.token_hash, f.project_id FROM upload_tokens t"
-                f" JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?{self._LOCK_ROW}", (token_hash,)
+                f" JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?{self._LOCK_ROW}",
+                (token_hash,),
             ).fetchone()
             if found is None or not hmac.compare_digest(found[0], token_hash):
                 return "unknown", None
@@ -696,24 +859,34 @@ class BaseJournal(ABC):
             if claimed_document_id is not None and document_id is not None and claimed_document_id != document_id:
                 if current_token == token_hash:
                     return "mismatch", None
-                extra = tx.execute("INSERT INTO extra_documents (document_id, row_id, project_id, found_at)"
-                                   " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                   (claimed_document_id, row_id, project_id, now)).rowcount
+                extra = tx.execute(
+                    "INSERT INTO extra_documents (document_id, row_id, project_id, found_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (claimed_document_id, row_id, project_id, now),
+                ).rowcount
                 refresh = extra == 1
             elif state == State.DONE and current_token == token_hash:
-                new = _row(tx.execute(
-                    "UPDATE files SET callback_at = ?, refresh_at = COALESCE(refresh_at, CASE WHEN updated_at + ? > ?"
-                    f" THEN updated_at + ? ELSE ? END) WHERE id = ? AND state = ? RETURNING {_COLS}",
-                    (now, REFRESH_GAP_S, now, REFRESH_GAP_S, now, row_id, State.DONE.value)).fetchone())
+                new = _row(
+                    tx.execute(
+                        "UPDATE files SET callback_at = ?, refresh_at = COALESCE(refresh_at,"
+                        " CASE WHEN updated_at + ? > ? THEN updated_at + ? ELSE ? END)"
+                        f" WHERE id = ? AND state = ? RETURNING {_COLS}",
+                        (now, REFRESH_GAP_S, now, REFRESH_GAP_S, now, row_id, State.DONE.value),
+                    ).fetchone()
+                )
                 tx.notify(f"callback:{row_id}")
                 refresh = True
             elif state in TERMINAL:
                 return "finished", None
             else:
                 next_at = now if state == State.UPLOADED else None
-                new = _row(tx.execute(
-                    "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?"
-                    f" RETURNING {_COLS}", (now, next_at, now, row_id)).fetchone())
+                new = _row(
+                    tx.execute(
+                        "UPDATE files SET callback_at = ?, next_at = COALESCE(?, next_at), updated_at = ? WHERE id = ?"
+                        f" RETURNING {_COLS}",
+                        (now, next_at, now, row_id),
+                    ).fetchone()
+                )
                 tx.notify(f"callback:{row_id}")
         if refresh:  # a second copy to delete, a done file's next revision: nothing else would find them again
             self._make_durable()
@@ -736,7 +909,7 @@ class BaseJournal(ABC):
                 "UPDATE files SET refresh_at = CASE WHEN callback_at >= ? THEN ? ELSE NULL END, failures = 0,"
                 f" error = NULL, updated_at = ?{extra} WHERE id = ? AND state = ?{self._LEASE_GUARD}"
                 f" RETURNING {_COLS}",
-                (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value, *self._guard)
+                (checked_at, now + REFRESH_GAP_S, now, *fields.values(), row.id, State.DONE.value, *self._guard),
             ).fetchone()
             if found is None:
                 raise IllegalTransition(f"{row.display_path}: no longer {State.DONE} (row {row.id})")
@@ -745,15 +918,20 @@ class BaseJournal(ABC):
     def due_refreshes(self, now: float, exclude: Iterable[int], limit: int) -> list[Row]:
         """Done rows whose ``refresh_at`` has come, earliest first, skipping ``exclude``."""
         not_excluded, exclude_ = _in("id", list(exclude), negate=True)
-        return self._select(f"SELECT {_COLS} FROM files WHERE refresh_at <= ? AND state = ? AND {not_excluded}"
-                            " ORDER BY refresh_at, id LIMIT ?", (now, State.DONE.value, *exclude_, limit))
+        return self._select(
+            f"SELECT {_COLS} FROM files WHERE refresh_at <= ? AND state = ? AND {not_excluded}"
+            " ORDER BY refresh_at, id LIMIT ?",
+            (now, State.DONE.value, *exclude_, limit),
+        )
 
     def next_refresh_at(self, exclude: Iterable[int]) -> float | None:
         not_excluded, exclude_ = _in("id", list(exclude), negate=True)
         with self._read() as tx:
-            return tx.execute(f"SELECT MIN(refresh_at) FROM files WHERE refresh_at IS NOT NULL AND state = ?"
-                              f" AND {not_excluded}{self._LEASE_GUARD}",
-                              (State.DONE.value, *exclude_, *self._guard)).fetchone()[0]
+            return tx.execute(
+                f"SELECT MIN(refresh_at) FROM files WHERE refresh_at IS NOT NULL AND state = ?"
+                f" AND {not_excluded}{self._LEASE_GUARD}",
+                (State.DONE.value, *exclude_, *self._guard),
+            ).fetchone()[0]
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -775,8 +953,10 @@ class BaseJournal(ABC):
         """Rows in ``states`` whose ``next_at`` has come, oldest first, skipping ``exclude``."""
         in_states, states_ = _in("state", [s.value for s in states])
         not_excluded, exclude_ = _in("id", list(exclude), negate=True)
-        sql = (f"SELECT {_COLS} FROM files WHERE {in_states} AND next_at <= ? AND {not_excluded}"
-               " ORDER BY next_at, id LIMIT ?")
+        sql = (
+            f"SELECT {_COLS} FROM files WHERE {in_states} AND next_at <= ? AND {not_excluded}"
+            " ORDER BY next_at, id LIMIT ?"
+        )
         return self._select(sql, (*states_, now, *exclude_, limit))
 
     def next_due_at(self, states: Iterable[State], exclude: Iterable[int]) -> float | None:
@@ -794,8 +974,10 @@ class BaseJournal(ABC):
         if not wanted:
             return {}
         not_excluded, exclude_ = _in("id", list(exclude), negate=True)
-        first = (f"(SELECT next_at FROM files WHERE state = ? AND next_at IS NOT NULL AND {not_excluded}"
-                 f"{self._NOT_OTHERS} ORDER BY next_at LIMIT 1)")
+        first = (
+            f"(SELECT next_at FROM files WHERE state = ? AND next_at IS NOT NULL AND {not_excluded}"
+            f"{self._NOT_OTHERS} ORDER BY next_at LIMIT 1)"
+        )
         params = [p for state in wanted for p in (state.value, *exclude_, *self._not_others)]
         with self._read() as tx:
             found = tx.execute("SELECT " + ", ".join([first] * len(wanted)), params).fetchone()
@@ -809,8 +991,10 @@ class BaseJournal(ABC):
         return self._select(f"SELECT {_COLS} FROM files ORDER BY id LIMIT ?", (limit,))
 
     def find_by_token_hash(self, token_hash: str) -> Row | None:
-        rows = self._select(f"SELECT {_F_COLS} FROM upload_tokens t JOIN files f ON f.id = t.row_id"
-                            " WHERE t.token_hash = ?", (token_hash,))
+        rows = self._select(
+            f"SELECT {_F_COLS} FROM upload_tokens t JOIN files f ON f.id = t.row_id WHERE t.token_hash = ?",
+            (token_hash,),
+        )
         return rows[0] if rows else None
 
     def claim_names(self, states: Iterable[State]) -> set[bytes]:
@@ -827,8 +1011,9 @@ class BaseJournal(ABC):
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             where, states = _in("state", [s.value for s in TERMINAL])
-            for row in self._select(f"SELECT {_COLS} FROM files WHERE claim_name IN ({_marks(chunk)}) AND {where}",
-                                    (*chunk, *states)):
+            for row in self._select(
+                f"SELECT {_COLS} FROM files WHERE claim_name IN ({_marks(chunk)}) AND {where}", (*chunk, *states)
+            ):
                 assert row.claim_name is not None
                 found[bytes(row.claim_name)] = row
         return found
@@ -840,10 +1025,13 @@ class BaseJournal(ABC):
 
     def find_same_content(self, sha256: str, exclude_id: int) -> Row | None:
         """The earliest other file with this content that is done or on its way there."""
-        where, states = _in("state", [State.DONE.value, State.UPLOADING.value, State.UPLOADED.value,
-                                      State.EXPORTING.value])
-        rows = self._select(f"SELECT {_COLS} FROM files WHERE sha256 = ? AND id != ? AND {where} ORDER BY id LIMIT 1",
-                            (sha256, exclude_id, *states))
+        where, states = _in(
+            "state", [State.DONE.value, State.UPLOADING.value, State.UPLOADED.value, State.EXPORTING.value]
+        )
+        rows = self._select(
+            f"SELECT {_COLS} FROM files WHERE sha256 = ? AND id != ? AND {where} ORDER BY id LIMIT 1",
+            (sha256, exclude_id, *states),
+        )
         return rows[0] if rows else None
 
     def counts(self) -> dict[State, int]:
@@ -890,8 +1078,9 @@ class BaseJournal(ABC):
         """The nodes that use this journal, as they last said. Single node: this one."""
         return [Node(self.node_id, socket.gethostname(), os.getpid(), self._started_at, _now(), 0.0)]
 
-    def take_due(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int,
-                 lease_s: float = 60.0) -> list[Row]:
+    def take_due(
+        self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int, lease_s: float = 60.0
+    ) -> list[Row]:
         """Like ``runnable``, and lease the rows to this node for ``lease_s`` seconds, skipping rows that
         another node holds (even with its lease expired: ``take_over_expired`` takes those, to be
         recovered first) or is taking right now. Single node: ``runnable``."""
@@ -910,8 +1099,9 @@ class BaseJournal(ABC):
     def release_leases(self, row_ids: Iterable[int]) -> None:  # noqa: B027 - one node: no leases
         """Give up this node's leases on these rows (the step is done). Single node: nothing to do."""
 
-    def take_over_expired(self, lease_s: float = 60.0, limit: int = 100, *, own: bool = False,
-                          exclude: Iterable[int] = ()) -> list[Row]:
+    def take_over_expired(
+        self, lease_s: float = 60.0, limit: int = 100, *, own: bool = False, exclude: Iterable[int] = ()
+    ) -> list[Row]:
         """Lease to this node the active rows whose lease expired (their node died or hung), to be
         recovered as after a crash; with ``own``, also the rows this node holds itself (a previous run
         of it, or writes lost with the connection) except those in ``exclude`` (in hand). Single node:
@@ -922,8 +1112,9 @@ class BaseJournal(ABC):
         """Make every row in ``states`` that no other node holds due at ``now``; returns how many."""
         where, values = _in("state", [s.value for s in states])
         with self._write() as tx:
-            n = tx.execute(f"UPDATE files SET next_at = ? WHERE {where}{self._NOT_OTHERS}",
-                           (now, *values, *self._not_others)).rowcount
+            n = tx.execute(
+                f"UPDATE files SET next_at = ? WHERE {where}{self._NOT_OTHERS}", (now, *values, *self._not_others)
+            ).rowcount
             if n:
                 tx.notify(f"due:{now!r}")
         return n
@@ -1018,8 +1209,9 @@ class SqliteJournal(BaseJournal):
     schema_version = SCHEMA_VERSION
     _ONE_WRITER = True
 
-    def __init__(self, path: Path, *, allow_network_fs: bool = False, mountinfo: str | None = None,
-                 node_id: str | None = None):
+    def __init__(
+        self, path: Path, *, allow_network_fs: bool = False, mountinfo: str | None = None, node_id: str | None = None
+    ):
         super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
         if not allow_network_fs:
@@ -1064,14 +1256,17 @@ class SqliteJournal(BaseJournal):
             found = tx.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(found[0]) if found else 1
             if version > SCHEMA_VERSION:
-                raise JournalError(f"{self.path}: written by a newer konfuzio-watch (schema {version}, this one "
-                                   f"knows {SCHEMA_VERSION}); upgrade konfuzio-watch")
+                raise JournalError(
+                    f"{self.path}: written by a newer konfuzio-watch (schema {version}, this one "
+                    f"knows {SCHEMA_VERSION}); upgrade konfuzio-watch"
+                )
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target]:
                     tx.execute(statement)
             self._set_meta(tx, "schema_version", str(SCHEMA_VERSION))
-            tx.execute("INSERT INTO meta (key, value) VALUES ('journal_id', ?) ON CONFLICT DO NOTHING",
-                       (secrets.token_hex(8),))
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('journal_id', ?) ON CONFLICT DO NOTHING", (secrets.token_hex(8),)
+            )
         self.journal_id: str = self._db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
 
     def close(self) -> None:
@@ -1116,8 +1311,9 @@ class SqliteJournal(BaseJournal):
         tx = _SqliteTx(self._db, single=single)
         with self._lock:
             if self._sync_failed is not None:
-                raise JournalWriteError(f"an earlier fsync of the journal failed ({self._sync_failed}); "
-                                        "restart konfuzio-watch")
+                raise JournalWriteError(
+                    f"an earlier fsync of the journal failed ({self._sync_failed}); restart konfuzio-watch"
+                )
             try:
                 changes = self._db.total_changes
                 if single:
@@ -1144,8 +1340,9 @@ class SqliteJournal(BaseJournal):
         with self._sync_done:
             while True:
                 if self._sync_failed is not None:
-                    raise JournalWriteError(f"an earlier fsync of the journal failed ({self._sync_failed}); "
-                                            "restart konfuzio-watch")
+                    raise JournalWriteError(
+                        f"an earlier fsync of the journal failed ({self._sync_failed}); restart konfuzio-watch"
+                    )
                 if self._synced >= seq:
                     return
                 if not self._syncing:

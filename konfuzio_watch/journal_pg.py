@@ -140,6 +140,7 @@ PG_SCHEMA_VERSION = max(PG_MIGRATIONS, default=1)
 # Nodes silent this long are forgotten when another node joins (their leases long taken over).
 FORGET_NODES_AFTER = "7 days"
 
+
 def lock_key(name: str) -> int:
     """The advisory lock key (a signed 64-bit integer) of a named konfuzio-watch lock."""
     return int.from_bytes(hashlib.sha256(f"konfuzio-watch:{name}".encode()).digest()[:8], "big", signed=True)
@@ -211,9 +212,19 @@ class PgJournal(BaseJournal):
     _LEASE_GUARD = " AND (lease_node IS NULL OR lease_node = ? OR lease_until < now())"
     _NOT_OTHERS = " AND (lease_node IS NULL OR lease_node = ?)"
 
-    def __init__(self, url: str, *, password: str | None = None, node_id: str | None = None, migrate: bool = True,
-                 pool_size: int = 6, wait_s: float = 10.0, connect_timeout_s: int = 5, lock_timeout_s: float = 10.0,
-                 lease_s: float = 60.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        node_id: str | None = None,
+        migrate: bool = True,
+        pool_size: int = 6,
+        wait_s: float = 10.0,
+        connect_timeout_s: int = 5,
+        lock_timeout_s: float = 10.0,
+        lease_s: float = 60.0,
+    ):
         super().__init__()
         self.url = url
         self.location = without_password(url)
@@ -226,7 +237,10 @@ class PgJournal(BaseJournal):
             "application_name": f"konfuzio-watch {self.node_id}"[:63],
             # A node cut off without a word (a dead peer, a pulled cable) is noticed in about half a
             # minute: keepalives on an idle connection, and data unacknowledged for 20 s on a busy one.
-            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
             "tcp_user_timeout": 20_000,
         }
         if password is not None:
@@ -245,11 +259,19 @@ class PgJournal(BaseJournal):
         except psycopg.Error as exc:
             raise JournalError(f"cannot open the journal {self.location}: {str(exc).strip()}") from None
         self._pool = psycopg_pool.ConnectionPool(
-            url, kwargs=self._kwargs, min_size=1, max_size=max(1, pool_size), open=False, configure=self._configure,
-            check=psycopg_pool.ConnectionPool.check_connection, timeout=wait_s, name=f"journal-{self.node_id}",
+            url,
+            kwargs=self._kwargs,
+            min_size=1,
+            max_size=max(1, pool_size),
+            open=False,
+            configure=self._configure,
+            check=psycopg_pool.ConnectionPool.check_connection,
+            timeout=wait_s,
+            name=f"journal-{self.node_id}",
             # Reconnection attempts back off (1 s, 2 s, 4 s ...) only this long; then the next call starts
             # them afresh: a server back after a long outage is used again within seconds, not minutes.
-            reconnect_timeout=max(wait_s, 2.0), num_workers=1,
+            reconnect_timeout=max(wait_s, 2.0),
+            num_workers=1,
         )
         try:
             self._pool.open(wait=True, timeout=max(wait_s, connect_timeout_s))
@@ -286,14 +308,18 @@ class PgJournal(BaseJournal):
                 found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 version = int(found[0]) if found else 1
             if version > self.schema_version:
-                raise JournalError(f"{self.location}: written by a newer konfuzio-watch (schema {version}, this one "
-                                   f"knows {self.schema_version}); upgrade konfuzio-watch")
+                raise JournalError(
+                    f"{self.location}: written by a newer konfuzio-watch (schema {version}, this one "
+                    f"knows {self.schema_version}); upgrade konfuzio-watch"
+                )
             for target in range(version + 1, self.schema_version + 1):
                 for statement in PG_MIGRATIONS[target]:
                     conn.execute(statement)
             self._set_meta(_PgTx(conn), "schema_version", str(self.schema_version))
-            conn.execute("INSERT INTO meta (key, value) VALUES ('journal_id', %s) ON CONFLICT DO NOTHING",
-                         (secrets.token_hex(8),))
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('journal_id', %s) ON CONFLICT DO NOTHING",
+                (secrets.token_hex(8),),
+            )
 
     def close(self) -> None:
         for child in [*self._listeners_pg, *self._roles.values()]:
@@ -340,8 +366,9 @@ class PgJournal(BaseJournal):
         with self._read() as tx:
             for table in ("meta", "files", "upload_tokens", "extra_documents", "nodes"):
                 tx.execute(f"SELECT COUNT(*) FROM {table}").fetchone()  # reads every page of the table
-            orphans = tx.execute("SELECT COUNT(*) FROM upload_tokens t WHERE NOT EXISTS"
-                                 " (SELECT 1 FROM files f WHERE f.id = t.row_id)").fetchone()[0]
+            orphans = tx.execute(
+                "SELECT COUNT(*) FROM upload_tokens t WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.id = t.row_id)"
+            ).fetchone()[0]
             if orphans:
                 problems.append(f"{orphans} upload token(s) of rows that are gone")
             if tx.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone():
@@ -349,7 +376,8 @@ class PgJournal(BaseJournal):
                     "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON"
                     " a.oid = c.relam WHERE a.amname = 'btree' AND i.indrelid IN ('meta'::regclass,"
                     " 'files'::regclass, 'upload_tokens'::regclass, 'extra_documents'::regclass,"
-                    " 'nodes'::regclass) ORDER BY 1").fetchall()
+                    " 'nodes'::regclass) ORDER BY 1"
+                ).fetchall()
                 for (index,) in indexes:
                     try:
                         tx.execute("SELECT bt_index_check(?::regclass, true)", (index,))
@@ -360,42 +388,56 @@ class PgJournal(BaseJournal):
     # -- the cluster ------------------------------------------------------------------------------
 
     def _lease_new(self, tx: _PgTx, row_ids: Sequence[int]) -> None:  # type: ignore[override]
-        tx.conn.execute("UPDATE files SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
-                        " WHERE id = ANY(%s::bigint[])", (self.node_id, self.lease_s, list(row_ids)))
+        tx.conn.execute(
+            "UPDATE files SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
+            " WHERE id = ANY(%s::bigint[])",
+            (self.node_id, self.lease_s, list(row_ids)),
+        )
 
     def join(self, inbox_marker: str | None = None, clock_offset_s: float | None = None) -> None:
         """This node starts: (re)register it in ``nodes`` (started now, alive now, its inbox marker, its
         clock's offset); nodes silent for ``FORGET_NODES_AFTER`` are forgotten."""
         with self._write() as tx:
-            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, inbox_marker, clock_offset_s)"
-                       " VALUES (?, ?, ?, now(), now(), ?, ?) ON CONFLICT (id) DO UPDATE SET host = excluded.host,"
-                       " pid = excluded.pid, started_at = now(), heartbeat_at = now(),"
-                       " inbox_marker = excluded.inbox_marker, clock_offset_s = excluded.clock_offset_s",
-                       (self.node_id, socket.gethostname(), os.getpid(), inbox_marker, clock_offset_s))
-            tx.conn.execute("DELETE FROM nodes n WHERE heartbeat_at < now() - %s::interval AND NOT EXISTS"
-                            " (SELECT 1 FROM files f WHERE f.lease_node = n.id)", (FORGET_NODES_AFTER,))
+            tx.execute(
+                "INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, inbox_marker, clock_offset_s)"
+                " VALUES (?, ?, ?, now(), now(), ?, ?) ON CONFLICT (id) DO UPDATE SET host = excluded.host,"
+                " pid = excluded.pid, started_at = now(), heartbeat_at = now(),"
+                " inbox_marker = excluded.inbox_marker, clock_offset_s = excluded.clock_offset_s",
+                (self.node_id, socket.gethostname(), os.getpid(), inbox_marker, clock_offset_s),
+            )
+            tx.conn.execute(
+                "DELETE FROM nodes n WHERE heartbeat_at < now() - %s::interval AND NOT EXISTS"
+                " (SELECT 1 FROM files f WHERE f.lease_node = n.id)",
+                (FORGET_NODES_AFTER,),
+            )
 
     def heartbeat(self, clock_offset_s: float | None = None) -> None:
         """This node is alive (registers it if it is not in ``nodes``); its clock's offset now, if given."""
         with self._write() as tx:
-            tx.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, clock_offset_s)"
-                       " VALUES (?, ?, ?, now(), now(), ?) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),"
-                       " clock_offset_s = COALESCE(excluded.clock_offset_s, nodes.clock_offset_s)",
-                       (self.node_id, socket.gethostname(), os.getpid(), clock_offset_s))
+            tx.execute(
+                "INSERT INTO nodes (id, host, pid, started_at, heartbeat_at, clock_offset_s)"
+                " VALUES (?, ?, ?, now(), now(), ?) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),"
+                " clock_offset_s = COALESCE(excluded.clock_offset_s, nodes.clock_offset_s)",
+                (self.node_id, socket.gethostname(), os.getpid(), clock_offset_s),
+            )
 
     def clock_offset(self, local: Callable[[], float] = time.time) -> ClockOffset:
         """How far the database's clock is ahead of ``local``: its ``clock_timestamp()`` read on one
         connection between two readings of ``local`` (the best of three)."""
         with self._read() as tx:
-            return measure_offset(local, lambda: tx.conn.execute(
-                "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()[0])
+            return measure_offset(
+                local, lambda: tx.conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()[0]
+            )
 
     def leave(self, keep: Iterable[int] = ()) -> None:
         """This node stops: its leases are released at once (no one waits for them to expire), except
         on the rows in ``keep``, and it leaves ``nodes``."""
         with self._write() as tx:
-            tx.conn.execute("UPDATE files SET lease_node = NULL, lease_until = NULL WHERE lease_node = %s"
-                            " AND NOT (id = ANY(%s::bigint[]))", (self.node_id, list(keep)))
+            tx.conn.execute(
+                "UPDATE files SET lease_node = NULL, lease_until = NULL WHERE lease_node = %s"
+                " AND NOT (id = ANY(%s::bigint[]))",
+                (self.node_id, list(keep)),
+            )
             tx.execute("DELETE FROM nodes WHERE id = ?", (self.node_id,))
             tx.notify("due:0.0")
 
@@ -404,11 +446,13 @@ class PgJournal(BaseJournal):
             found = tx.execute(
                 "SELECT id, host, pid, EXTRACT(EPOCH FROM started_at)::float8,"
                 " EXTRACT(EPOCH FROM heartbeat_at)::float8, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8,"
-                " inbox_marker, clock_offset_s FROM nodes ORDER BY id").fetchall()
+                " inbox_marker, clock_offset_s FROM nodes ORDER BY id"
+            ).fetchall()
         return [Node(*values) for values in found]
 
-    def take_due(self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int,
-                 lease_s: float = 60.0) -> list[Row]:
+    def take_due(
+        self, states: Iterable[State], now: float, exclude: Iterable[int], limit: int, lease_s: float = 60.0
+    ) -> list[Row]:
         with self._write() as tx:
             found = tx.conn.execute(
                 "WITH due AS (SELECT id FROM files WHERE state = ANY(%s::text[]) AND next_at <= %s"
@@ -440,7 +484,8 @@ class PgJournal(BaseJournal):
             found = tx.conn.execute(
                 "UPDATE files SET lease_until = now() + make_interval(secs => %s)"
                 " WHERE id = ANY(%s::bigint[]) AND lease_node = %s RETURNING id",
-                (lease_s, ids, self.node_id)).fetchall()
+                (lease_s, ids, self.node_id),
+            ).fetchall()
         return {row_id for (row_id,) in found}
 
     def release_leases(self, row_ids: Iterable[int]) -> None:
@@ -448,11 +493,15 @@ class PgJournal(BaseJournal):
         if not ids:
             return
         with self._write() as tx:
-            tx.conn.execute("UPDATE files SET lease_node = NULL, lease_until = NULL"
-                            " WHERE id = ANY(%s::bigint[]) AND lease_node = %s", (ids, self.node_id))
+            tx.conn.execute(
+                "UPDATE files SET lease_node = NULL, lease_until = NULL"
+                " WHERE id = ANY(%s::bigint[]) AND lease_node = %s",
+                (ids, self.node_id),
+            )
 
-    def take_over_expired(self, lease_s: float = 60.0, limit: int = 100, *, own: bool = False,
-                          exclude: Iterable[int] = ()) -> list[Row]:
+    def take_over_expired(
+        self, lease_s: float = 60.0, limit: int = 100, *, own: bool = False, exclude: Iterable[int] = ()
+    ) -> list[Row]:
         with self._write() as tx:
             found = tx.conn.execute(
                 "WITH expired AS (SELECT id FROM files WHERE lease_node IS NOT NULL"
@@ -460,30 +509,40 @@ class PgJournal(BaseJournal):
                 f" AND state IN ({_ACTIVE_SQL}) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
                 " UPDATE files f SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
                 f" FROM expired WHERE f.id = expired.id RETURNING {_F_COLS}",
-                (own, self.node_id, list(exclude), limit, self.node_id, lease_s)).fetchall()
+                (own, self.node_id, list(exclude), limit, self.node_id, lease_s),
+            ).fetchall()
             # Finished rows need no recovery: a lease left on one (its node died after the last move) just goes.
             tx.conn.execute(
                 "UPDATE files SET lease_node = NULL, lease_until = NULL WHERE id IN (SELECT id FROM files WHERE"
                 f" lease_node IS NOT NULL AND lease_until < now() AND state NOT IN ({_ACTIVE_SQL})"
-                " AND refresh_at IS NULL FOR UPDATE SKIP LOCKED)")
+                " AND refresh_at IS NULL FOR UPDATE SKIP LOCKED)"
+            )
         return sorted((_row(values) for values in found), key=lambda r: r.id)
 
     def lease_of(self, row_id: int) -> Lease | None:
         with self._read() as tx:
-            found = tx.execute("SELECT lease_node, EXTRACT(EPOCH FROM lease_until - now())::float8 FROM files"
-                               " WHERE id = ? AND lease_node IS NOT NULL", (row_id,)).fetchone()
+            found = tx.execute(
+                "SELECT lease_node, EXTRACT(EPOCH FROM lease_until - now())::float8 FROM files"
+                " WHERE id = ? AND lease_node IS NOT NULL",
+                (row_id,),
+            ).fetchone()
         return Lease(*found) if found else None
 
     def lease_holders(self, row_ids: Iterable[int]) -> dict[int, str]:
         with self._read() as tx:
-            found = tx.conn.execute("SELECT id, lease_node FROM files WHERE id = ANY(%s::bigint[])"
-                                    " AND lease_node IS NOT NULL", (list(row_ids),)).fetchall()
+            found = tx.conn.execute(
+                "SELECT id, lease_node FROM files WHERE id = ANY(%s::bigint[]) AND lease_node IS NOT NULL",
+                (list(row_ids),),
+            ).fetchall()
         return dict(found)
 
     def leases_by_node(self) -> dict[str, int]:
         with self._read() as tx:
-            return dict(tx.execute("SELECT lease_node, COUNT(*) FROM files WHERE lease_node IS NOT NULL"
-                                   " GROUP BY lease_node").fetchall())
+            return dict(
+                tx.execute(
+                    "SELECT lease_node, COUNT(*) FROM files WHERE lease_node IS NOT NULL GROUP BY lease_node"
+                ).fetchall()
+            )
 
     def role(self, name: str) -> _PgRole:
         """One role object per name and journal; ``close`` releases every role."""

@@ -40,12 +40,20 @@ class KeptResults:
 
     def keep(self, row: Row, result: dict[str, Any], checked_at: float | None) -> None:
         """Keep the result built for ``row`` (``checked_at``: when its details were fetched), durably."""
-        body = encode_json({"row_id": row.id, "document_id": row.document_id, "sha256": row.sha256,
-                            "checked_at": checked_at, "result": result})
+        body = encode_json(
+            {
+                "row_id": row.id,
+                "document_id": row.document_id,
+                "sha256": row.sha256,
+                "checked_at": checked_at,
+                "result": result,
+            }
+        )
         with contextlib.suppress(FileExistsError):
             self.folder.mkdir(mode=0o700)  # in the state folder, on the local disk
-        write_file_no_clobber(self._path(row.id), lambda out: out.write(body), root=self.folder,
-                              may_replace=lambda _folder: True)
+        write_file_no_clobber(
+            self._path(row.id), lambda out: out.write(body), root=self.folder, may_replace=lambda _folder: True
+        )
 
     def take(self, row: Row) -> tuple[dict[str, Any], float | None] | None:
         """The result kept for ``row`` and when its details were fetched, or None."""
@@ -57,9 +65,12 @@ class KeptResults:
         except (OSError, ValueError) as exc:
             log.warning("%s: cannot read its kept result (%s); fetching it again", row.display_path, exc)
             return None
-        if not isinstance(kept, dict) or not isinstance(kept.get("result"), dict) or \
-                (kept.get("row_id"), kept.get("document_id"), kept.get("sha256")) != (row.id, row.document_id,
-                                                                                      row.sha256):
+        if (
+            not isinstance(kept, dict)
+            or not isinstance(kept.get("result"), dict)
+            or (kept.get("row_id"), kept.get("document_id"), kept.get("sha256"))
+            != (row.id, row.document_id, row.sha256)
+        ):
             return None  # another row's (a journal replaced meanwhile): fetched again, and replaced when kept
         checked_at = kept.get("checked_at")
         return kept["result"], checked_at if isinstance(checked_at, int | float) else None

@@ -90,8 +90,9 @@ def sniff_file_type(fd: int) -> str:
     try:
         return utils.get_file_type_and_extension(f"/proc/self/fd/{fd}")[0]
     except NotImplementedError:
-        raise UnsupportedFile("unsupported file type: not a PDF, an image (PNG, JPEG, TIFF) or an office "
-                              "document") from None
+        raise UnsupportedFile(
+            "unsupported file type: not a PDF, an image (PNG, JPEG, TIFF) or an office document"
+        ) from None
     except OSError:
         raise
     except Exception as exc:  # a damaged zip/office file makes the sniffer itself fail
@@ -145,8 +146,9 @@ class KonfuzioClient:
         self._templates = {}
         return True
 
-    def _send(self, method: str, url: str, *, data: Any = None, headers: dict[str, str] | None = None,
-              stream: bool = False) -> Any:
+    def _send(
+        self, method: str, url: str, *, data: Any = None, headers: dict[str, str] | None = None, stream: bool = False
+    ) -> Any:
         """What ``session.request(method, url, ...)`` does, through the session's own ``send`` (its
         adapter, timeout, proxies, CA bundle, redirects, hooks and cookies), but with the session's
         headers merged once per method instead of at every call: requests' "prepared requests".
@@ -187,8 +189,7 @@ class KonfuzioClient:
         if form.category_id is not None:
             fields["category"] = str(form.category_id)
         body = MultipartEncoder(fields=fields)
-        return self._call(self._post_json, url, data=body, headers={"Content-Type": body.content_type},
-                          is_post=True)
+        return self._call(self._post_json, url, data=body, headers={"Content-Type": body.content_type}, is_post=True)
 
     # The reads below do what the SDK's get_document_details / get_document_bbox /
     # get_document_annotations do (the SDK's URL for our host, a GET on the SDK's session, the
@@ -240,8 +241,9 @@ class KonfuzioClient:
     def annotations(self, document_id: int) -> list[dict[str, Any]]:
         """Every annotation of the document, following ``next`` as the SDK's
         ``consume_paginated_api`` does: 1000 per page, fewer if the server caps the page size."""
-        return self._call(self._all_results, self._urls.get_document_annotations_url(document_id=document_id,
-                                                                                     host=self.host))
+        return self._call(
+            self._all_results, self._urls.get_document_annotations_url(document_id=document_id, host=self.host)
+        )
 
     def _all_results(self, url: str | None) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -267,8 +269,12 @@ class KonfuzioClient:
         """The project's ``results.ProjectCatalog`` (three requests), for ``CatalogCache.catalog_for``."""
         from .results import ProjectCatalog
 
-        return ProjectCatalog.from_api(project_id, self.project_labels(project_id),
-                                       self.project_label_sets(project_id), self.project_categories(project_id))
+        return ProjectCatalog.from_api(
+            project_id,
+            self.project_labels(project_id),
+            self.project_label_sets(project_id),
+            self.project_categories(project_id),
+        )
 
     def download_searchable_pdf(self, document_id: int, target: Path, *, replace: bool = False,
                                 chunk_size: int = 64 * 1024) -> int:  # fmt: skip
@@ -281,8 +287,11 @@ class KonfuzioClient:
         from .files import write_file_no_clobber
 
         sizes = []
-        write_file_no_clobber(target, lambda out: sizes.append(self.write_searchable_pdf(document_id, out, chunk_size)),
-                              may_replace=(lambda _folder: True) if replace else None)
+        write_file_no_clobber(
+            target,
+            lambda out: sizes.append(self.write_searchable_pdf(document_id, out, chunk_size)),
+            may_replace=(lambda _folder: True) if replace else None,
+        )
         return sizes[0]
 
     def write_searchable_pdf(self, document_id: int, out: BinaryIO, chunk_size: int = 64 * 1024) -> int:
@@ -341,21 +350,29 @@ def classify(exc: BaseException, *, is_post: bool = False) -> ApiError:
         response = exc.response if exc.response is not None else getattr(exc.__cause__, "response", None)
         status = response.status_code if response is not None else _status_from_message(str(exc))
         message = _short(f"HTTP {status}: {exc}" if status else str(exc))
-        return ApiError(Failure(_cause_of_status(status), message, status=status,
-                                retry_after_s=_retry_after(response.headers if response is not None else {}),
-                                # a gateway's 5xx (503 included) may come after it forwarded the upload
-                                maybe_received=is_post and status is not None and status >= 500))
+        return ApiError(
+            Failure(
+                _cause_of_status(status),
+                message,
+                status=status,
+                retry_after_s=_retry_after(response.headers if response is not None else {}),
+                # a gateway's 5xx (503 included) may come after it forwarded the upload
+                maybe_received=is_post and status is not None and status >= 500,
+            )
+        )
     where = _where(exc)
     if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
         return ApiError(Failure(Cause.UNAVAILABLE, f"cannot connect to {where}: {_cause_text(exc, 'timed out')}"))
     if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
         return ApiError(Failure(Cause.UNAVAILABLE, f"cannot connect to {where}: {_cause_text(exc)}"))
     if isinstance(exc, requests.exceptions.ReadTimeout):
-        return ApiError(Failure(Cause.TRANSIENT, f"no answer from {where} in time (read timeout)",
-                                maybe_received=is_post))
+        return ApiError(
+            Failure(Cause.TRANSIENT, f"no answer from {where} in time (read timeout)", maybe_received=is_post)
+        )
     if isinstance(exc, requests.RequestException):  # resets, a body cut short
-        return ApiError(Failure(Cause.TRANSIENT, f"{where}: {_cause_text(exc, type(exc).__name__)}",
-                                maybe_received=is_post))
+        return ApiError(
+            Failure(Cause.TRANSIENT, f"{where}: {_cause_text(exc, type(exc).__name__)}", maybe_received=is_post)
+        )
     if isinstance(exc, ValueError):  # a body that is not JSON
         return ApiError(Failure(Cause.TRANSIENT, _short(f"unexpected response: {exc}"), maybe_received=is_post))
     return ApiError(Failure(Cause.INTERNAL, _short(f"{type(exc).__name__}: {exc}"), maybe_received=is_post))
@@ -401,9 +418,15 @@ def _cause_text(exc: BaseException, default: str = "connection failed") -> str:
         if isinstance(errno_, int) and errno_ > 0:
             return os.strerror(errno_).lower()
         reason = getattr(seen, "reason", None)
-        seen = reason if isinstance(reason, BaseException) else (
-            seen.__cause__ or seen.__context__ or (seen.args[0] if seen.args and isinstance(seen.args[0], BaseException)
-                                                   else None))
+        seen = (
+            reason
+            if isinstance(reason, BaseException)
+            else (
+                seen.__cause__
+                or seen.__context__
+                or (seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None)
+            )
+        )
     found = re.search(r"\[Errno -?\d+\] ([^)'\"]+)", str(exc))
     if found:
         return found.group(1).strip().lower()

@@ -59,8 +59,14 @@ def validate(template: str) -> None:
     _parse(template)
 
 
-def render(template: str, *, path: bytes | str, category: str | None = None, document_id: int | None = None,
-           uploaded_at: float | dt.datetime | None = None) -> str:
+def render(
+    template: str,
+    *,
+    path: bytes | str,
+    category: str | None = None,
+    document_id: int | None = None,
+    uploaded_at: float | dt.datetime | None = None,
+) -> str:
     """The relative path in done/ for a file at ``path`` (relative to the inbox) rendered by ``template``.
 
     A missing category renders as ``uncategorized``, a missing id as ``unknown``, a missing upload
@@ -129,8 +135,10 @@ def _parse(template: str) -> tuple[str | _Field, ...]:
     if "." in skeleton or ".." in skeleton:
         raise ValueError(f"layout template {template!r}: must not contain a '.' or '..' component")
     if not names & set(DISTINCT):
-        raise ValueError(f"layout template {template!r}: needs {{path}}, {{name}}, {{stem}} or {{document_id}} "
-                         "so that files get names of their own")
+        raise ValueError(
+            f"layout template {template!r}: needs {{path}}, {{name}}, {{stem}} or {{document_id}} "
+            "so that files get names of their own"
+        )
     return tuple(parts)
 
 
@@ -143,8 +151,10 @@ def _check_spec(template: str, name: str, spec: str, shown: str) -> None:
         except ValueError as exc:
             raise ValueError(f"layout template {template!r}: placeholder {shown}: {exc}") from None
     elif spec:
-        raise ValueError(f"layout template {template!r}: placeholder {shown} takes no format; "
-                         "only {date:...} and {document_id:...} do")
+        raise ValueError(
+            f"layout template {template!r}: placeholder {shown} takes no format; "
+            "only {date:...} and {document_id:...} do"
+        )
 
 
 def _add(components: list[list[_Piece]], text: str, *, from_file: bool) -> None:

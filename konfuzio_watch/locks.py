@@ -117,12 +117,23 @@ class Holder:
             value = data.get(key)
             return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
-        return cls(pid=pick("pid", int), host=pick("host", str), started_at=pick("started_at", (int, float)),
-                   state=pick("state", str), inbox=pick("inbox", str), monitor_url=pick("monitor_url", str),
-                   journal_id=pick("journal_id", str), mode=pick("mode", str), cluster_id=pick("cluster_id", str),
-                   stopped_at=pick("stopped_at", (int, float)), journal=pick("journal", str),
-                   listening=_addresses(data.get("listening")), uid=pick("uid", int), gid=pick("gid", int),
-                   groups=_ids(data.get("groups")))
+        return cls(
+            pid=pick("pid", int),
+            host=pick("host", str),
+            started_at=pick("started_at", (int, float)),
+            state=pick("state", str),
+            inbox=pick("inbox", str),
+            monitor_url=pick("monitor_url", str),
+            journal_id=pick("journal_id", str),
+            mode=pick("mode", str),
+            cluster_id=pick("cluster_id", str),
+            stopped_at=pick("stopped_at", (int, float)),
+            journal=pick("journal", str),
+            listening=_addresses(data.get("listening")),
+            uid=pick("uid", int),
+            gid=pick("gid", int),
+            groups=_ids(data.get("groups")),
+        )
 
     def describe(self) -> str:
         """``pid 1234 on host scan01, since 14:02``."""
@@ -299,15 +310,24 @@ class DaemonLock:
     def __init__(self, state_dir: Path, inbox: Path):
         self.file = LockFile(state_dir / DAEMON_LOCK_NAME)
         self.state_dir = state_dir
-        self._info: dict[str, Any] = {"pid": os.getpid(), "host": hostname(), "started_at": time.time(),
-                                      "state": str(state_dir), "inbox": str(inbox), "monitor_url": None,
-                                      "uid": os.geteuid(), "gid": os.getegid(), "groups": os.getgroups()}
+        self._info: dict[str, Any] = {
+            "pid": os.getpid(),
+            "host": hostname(),
+            "started_at": time.time(),
+            "state": str(state_dir),
+            "inbox": str(inbox),
+            "monitor_url": None,
+            "uid": os.geteuid(),
+            "gid": os.getegid(),
+            "groups": os.getgroups(),
+        }
 
     def acquire(self) -> DaemonLock:
         if not self.file.try_lock():
             holder = Holder.from_json(self.file.read())
-            raise LockHeld(f"another konfuzio-watch ({holder.describe()}) is running on {self.state_dir}; "
-                           "stop it first")
+            raise LockHeld(
+                f"another konfuzio-watch ({holder.describe()}) is running on {self.state_dir}; stop it first"
+            )
         self.file.write(self._info)
         return self
 
@@ -368,8 +388,12 @@ class FolderLock:
             if exc.errno not in _UNSUPPORTED:
                 raise
             if not self._unguarded:
-                log.warning("cannot lock %s (%s): this file system has no flock, so another daemon on this folder "
-                            "would not be noticed", self.file.path, exc.strerror or exc)
+                log.warning(
+                    "cannot lock %s (%s): this file system has no flock, so another daemon on this folder "
+                    "would not be noticed",
+                    self.file.path,
+                    exc.strerror or exc,
+                )
             self.file.open_unlocked()
             self._unguarded = locked = True
         if not locked and self.cluster_id is not None:
@@ -404,26 +428,40 @@ class FolderLock:
         uses = self.uses()
         if holder.mode == MODE_CLUSTER:
             if self.cluster_id is not None:
-                return (f"another konfuzio-watch cluster (journal {holder.journal or 'unknown'}, id "
-                        f"{holder.cluster_id}, started by {holder.describe()}) {uses}; this node's journal is another "
-                        "one: use the same journal.url as its nodes, or give this cluster its own inbox")
-            return (f"a cluster of konfuzio-watch nodes (journal {holder.journal or 'unknown'}, started by "
-                    f"{holder.describe()}) {uses}; a daemon with a journal of its own (SQLite) cannot join it: set "
-                    "journal.url to the cluster's, or give this daemon its own inbox")
+                return (
+                    f"another konfuzio-watch cluster (journal {holder.journal or 'unknown'}, id "
+                    f"{holder.cluster_id}, started by {holder.describe()}) {uses}; this node's journal is another "
+                    "one: use the same journal.url as its nodes, or give this cluster its own inbox"
+                )
+            return (
+                f"a cluster of konfuzio-watch nodes (journal {holder.journal or 'unknown'}, started by "
+                f"{holder.describe()}) {uses}; a daemon with a journal of its own (SQLite) cannot join it: set "
+                "journal.url to the cluster's, or give this daemon its own inbox"
+            )
         state = f", state folder {holder.state}" if holder.state else ""
         if self.cluster_id is not None:
-            return (f"another konfuzio-watch ({holder.describe()}{state}) {uses} with a journal of its own (SQLite); "
-                    "stop it before nodes with a shared journal take over this inbox")
-        return (f"another konfuzio-watch ({holder.describe()}{state}) {uses}; stop it first, or give each daemon its "
-                "own inbox")
+            return (
+                f"another konfuzio-watch ({holder.describe()}{state}) {uses} with a journal of its own (SQLite); "
+                "stop it before nodes with a shared journal take over this inbox"
+            )
+        return (
+            f"another konfuzio-watch ({holder.describe()}{state}) {uses}; stop it first, or give each daemon its "
+            "own inbox"
+        )
 
     def claim(self, journal_id: str) -> None:
         """Write the marker for ``journal_id``; one WARNING (``TAKEN_OVER``) if it named another journal
         before. A node that joined a cluster here leaves the marker as the cluster's first node wrote it."""
         cluster = self.cluster_id is not None
-        self._info = {"journal_id": journal_id, "host": hostname(), "pid": os.getpid(), "state": str(self.state_dir),
-                      "mode": MODE_CLUSTER if cluster else MODE_SINGLE, "cluster_id": journal_id if cluster else None,
-                      "started_at": time.time()}
+        self._info = {
+            "journal_id": journal_id,
+            "host": hostname(),
+            "pid": os.getpid(),
+            "state": str(self.state_dir),
+            "mode": MODE_CLUSTER if cluster else MODE_SINGLE,
+            "cluster_id": journal_id if cluster else None,
+            "started_at": time.time(),
+        }
         if cluster:
             self._info["journal"] = self.journal
         if not self.first:
@@ -497,8 +535,10 @@ class InboxLock(FolderLock):
     """``<inbox>/.konfuzio-watch.lock``: this journal is the inbox's only user (see the module doc)."""
 
     NAME = INBOX_LOCK_NAME
-    TAKEN_OVER = ("the inbox %s was last watched with another journal (id %s, state folder %s, %s); taking it over: "
-                  "the files that journal left unfinished are not in this one's")
+    TAKEN_OVER = (
+        "the inbox %s was last watched with another journal (id %s, state folder %s, %s); taking it over: "
+        "the files that journal left unfinished are not in this one's"
+    )
 
     @property
     def inbox(self) -> Path:
@@ -528,8 +568,14 @@ def write_node_marker(inbox: Path, node_id: str, journal_id: str) -> str:
     value = secrets.token_hex(16)
     path = node_marker_path(inbox, node_id)
     temp = path.with_name(path.name + ".tmp")
-    data = {"node": node_id, "host": hostname(), "pid": os.getpid(), "journal_id": journal_id, "marker": value,
-            "written_at": time.time()}
+    data = {
+        "node": node_id,
+        "host": hostname(),
+        "pid": os.getpid(),
+        "journal_id": journal_id,
+        "marker": value,
+        "written_at": time.time(),
+    }
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o664)
     try:
         os.write(fd, (json.dumps(data, sort_keys=True) + "\n").encode())
@@ -563,5 +609,11 @@ def remove_node_marker(inbox: Path, node_id: str) -> None:
 def foreign_inbox_nodes(inbox: Path, me: str, nodes: list[Any], alive_s: float) -> list[Any]:
     """The other live nodes (heard from within ``alive_s``) whose marker this machine does not read
     in ``inbox``: they watch another folder."""
-    return [n for n in nodes if n.id != me and n.silent_s <= alive_s and n.inbox_marker is not None
-            and read_node_marker(inbox, n.id) != n.inbox_marker]
+    return [
+        n
+        for n in nodes
+        if n.id != me
+        and n.silent_s <= alive_s
+        and n.inbox_marker is not None
+        and read_node_marker(inbox, n.id) != n.inbox_marker
+    ]

@@ -90,12 +90,19 @@ class MarkerKeeper:
     the inbox's path names another folder now; ``on_inbox_away(reason)``: the inbox's share went away,
     pause watching; ``on_inbox_back(now)``: it is back, watch it anew and look at what it holds."""
 
-    def __init__(self, inbox_lock: FolderLock | None, processing_lock: FolderLock, *, inbox: Path,
-                 on_lost: Callable[[str], None], on_new_inbox: Callable[[float], None],
-                 on_inbox_away: Callable[[str], None] = lambda _reason: None,
-                 on_inbox_back: Callable[[float], None] = lambda _now: None,
-                 where: Callable[[Path], InboxPlace] = inbox_place,
-                 folders: Folders | None = None):
+    def __init__(
+        self,
+        inbox_lock: FolderLock | None,
+        processing_lock: FolderLock,
+        *,
+        inbox: Path,
+        on_lost: Callable[[str], None],
+        on_new_inbox: Callable[[float], None],
+        on_inbox_away: Callable[[str], None] = lambda _reason: None,
+        on_inbox_back: Callable[[float], None] = lambda _now: None,
+        where: Callable[[Path], InboxPlace] = inbox_place,
+        folders: Folders | None = None,
+    ):
         self.inbox_lock = inbox_lock
         self.folders = folders  # a marker is taken again only where the inbox answers as itself (``shares``)
         self.processing_lock = processing_lock
@@ -150,8 +157,11 @@ class MarkerKeeper:
             return False
         assert was is not None
         if not place.is_on(was):
-            self._went_away(now, f"it is on {place.describe()} now, not on {was.describe()} as at start-up (if it "
-                                 "moved there for good, restart konfuzio-watch)")
+            self._went_away(
+                now,
+                f"it is on {place.describe()} now, not on {was.describe()} as at start-up (if it "
+                "moved there for good, restart konfuzio-watch)",
+            )
             return False
         if self.away is None and place == was:
             return True
@@ -162,8 +172,11 @@ class MarkerKeeper:
         if self.away is not None:
             return
         self.away = Away(now, reason)
-        log.error("the inbox %s is away: %s; watching it is paused, and nothing is written there until it is back",
-                  self.inbox, reason)
+        log.error(
+            "the inbox %s is away: %s; watching it is paused, and nothing is written there until it is back",
+            self.inbox,
+            reason,
+        )
         for lock in (self.inbox_lock, self.processing_lock):
             if lock is not None:
                 lock.file.close()  # a descriptor held on a lazily unmounted share keeps its mount alive
@@ -185,11 +198,18 @@ class MarkerKeeper:
             except OSError as exc:  # looked after again at the next look (``_tend``)
                 log.debug("cannot take %s again yet: %s", lock.file.path, exc.strerror or exc)
         if away is not None:
-            log.warning("the inbox %s is back on %s after %.0f s away: watching it again", self.inbox,
-                        place.describe(), max(0.0, now - away.since))
+            log.warning(
+                "the inbox %s is back on %s after %.0f s away: watching it again",
+                self.inbox,
+                place.describe(),
+                max(0.0, now - away.since),
+            )
         else:
-            log.warning("the inbox %s is back on %s, mounted again since the last look: watching it again",
-                        self.inbox, place.describe())
+            log.warning(
+                "the inbox %s is back on %s, mounted again since the last look: watching it again",
+                self.inbox,
+                place.describe(),
+            )
         self.on_inbox_back(now)
 
     # -- the markers ------------------------------------------------------------------------------
@@ -226,12 +246,19 @@ class MarkerKeeper:
         self._trouble.pop(key, None)
         if lock is self.processing_lock:
             moved = self._bring_back(Path(was).parent) if os.path.isabs(was) else 0  # not "nowhere" (let go)
-            log.warning("the lock %s of the processing folder was removed or replaced while this daemon ran (the one "
-                        "it held is now %s); it holds it again%s", key, was,
-                        f", and moved the {moved} file(s) in flight back from {Path(was).parent}" if moved else "")
+            log.warning(
+                "the lock %s of the processing folder was removed or replaced while this daemon ran (the one "
+                "it held is now %s); it holds it again%s",
+                key,
+                was,
+                f", and moved the {moved} file(s) in flight back from {Path(was).parent}" if moved else "",
+            )
             return
-        log.warning("the inbox's marker %s was removed or replaced (by an inbox writer, or the inbox was renamed and "
-                    "recreated) while this daemon ran; it holds it again", key)
+        log.warning(
+            "the inbox's marker %s was removed or replaced (by an inbox writer, or the inbox was renamed and "
+            "recreated) while this daemon ran; it holds it again",
+            key,
+        )
         found = _identity(self.inbox)
         if found is not None and found != self._inbox_id:
             self._inbox_id = found
@@ -241,8 +268,13 @@ class MarkerKeeper:
         """Said on the second look: an inbox renamed and made again is missing for a moment."""
         if self._trouble.get(key) == reason:
             self._trouble[key] = f"said: {reason}"
-            log.warning("%s was removed or replaced while this daemon ran, and cannot be made again: %s; trying again "
-                        "every %g s", key, reason, MARKERS_EVERY_S)
+            log.warning(
+                "%s was removed or replaced while this daemon ran, and cannot be made again: %s; trying again "
+                "every %g s",
+                key,
+                reason,
+                MARKERS_EVERY_S,
+            )
         elif self._trouble.get(key) != f"said: {reason}":
             self._trouble[key] = reason
 
@@ -263,9 +295,13 @@ class MarkerKeeper:
         since = self._taken_at.setdefault(key, now)
         if now - since >= MARKER_TAKEN_GRACE_S and self._trouble.get(key) != "said: held":
             self._trouble[key] = "said: held"
-            log.warning("%s was removed or replaced while this daemon ran, and another process holds the new one "
-                        "without saying who it is (for %.0f s now); this daemon goes on and takes it as soon as it "
-                        "is free", key, now - since)
+            log.warning(
+                "%s was removed or replaced while this daemon ran, and another process holds the new one "
+                "without saying who it is (for %.0f s now); this daemon goes on and takes it as soon as it "
+                "is free",
+                key,
+                now - since,
+            )
 
     def _bring_back(self, moved_to: Path) -> int:
         """The processing folder was moved away and made again: its files, this daemon's (it held the lock
@@ -279,8 +315,13 @@ class MarkerKeeper:
             try:
                 move_no_clobber(moved_to / os.fsdecode(name), here / os.fsdecode(name))
             except OSError as exc:
-                log.error("%s: cannot move it back from %s into the processing folder %s: %s", display_name(name),
-                          moved_to, here, exc.strerror or exc)
+                log.error(
+                    "%s: cannot move it back from %s into the processing folder %s: %s",
+                    display_name(name),
+                    moved_to,
+                    here,
+                    exc.strerror or exc,
+                )
                 continue
             moved += 1
         return moved

@@ -61,15 +61,21 @@ class Metrics:
         r = self.registry
         self.uploads = Counter(PREFIX + "uploads", "Files uploaded to Konfuzio.", registry=r)
         self.upload_retries = Counter(PREFIX + "upload_retries", "Upload attempts that were retried.", registry=r)
-        self.fetch_retries = Counter(PREFIX + "fetch_retries", "Result fetches (details, bbox) that were retried.",
-                                     registry=r)
+        self.fetch_retries = Counter(
+            PREFIX + "fetch_retries", "Result fetches (details, bbox) that were retried.", registry=r
+        )
         self.callbacks = Counter(PREFIX + "callbacks", "Callbacks received, by outcome.", ["outcome"], registry=r)
-        self.extra_documents = Counter(PREFIX + "extra_documents_deleted",
-                                       "Second copies of a file on the server (late earlier attempts), deleted.",
-                                       registry=r)
-        self.callback_latency = Histogram(PREFIX + "callback_latency_seconds",
-                                          "Seconds from upload to Konfuzio's callback.",
-                                          buckets=LATENCY_BUCKETS_S, registry=r)
+        self.extra_documents = Counter(
+            PREFIX + "extra_documents_deleted",
+            "Second copies of a file on the server (late earlier attempts), deleted.",
+            registry=r,
+        )
+        self.callback_latency = Histogram(
+            PREFIX + "callback_latency_seconds",
+            "Seconds from upload to Konfuzio's callback.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         r.register(_SampleCollector(sample))
 
     def render(self) -> bytes:
@@ -87,8 +93,13 @@ class _NodeLabelled(Collector):
         for family in self._registry.collect():
             labelled = Metric(family.name, family.documentation, family.type, family.unit)
             for sample in family.samples:
-                labelled.add_sample(sample.name, {**sample.labels, "node": self._node_id}, sample.value,
-                                    sample.timestamp, sample.exemplar)
+                labelled.add_sample(
+                    sample.name,
+                    {**sample.labels, "node": self._node_id},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
             yield labelled
 
 
@@ -106,32 +117,49 @@ class _SampleCollector(Collector):
             files.add_metric([state], n)
         yield files
         if s.oldest_pending_age_seconds is not None:
-            yield GaugeMetricFamily(PREFIX + "oldest_pending_age_seconds",
-                                    "Age of the oldest unfinished file in seconds.", value=s.oldest_pending_age_seconds)
-        yield GaugeMetricFamily(PREFIX + "up", "1 when the daemon is ready (watching and serving callbacks).",
-                                value=1 if s.ready else 0)
-        blocked = GaugeMetricFamily(PREFIX + "blocked", "1 while a kind of work is paused (api, output, journal, "
-                                    "shares).", labels=["scope"])
+            yield GaugeMetricFamily(
+                PREFIX + "oldest_pending_age_seconds",
+                "Age of the oldest unfinished file in seconds.",
+                value=s.oldest_pending_age_seconds,
+            )
+        yield GaugeMetricFamily(
+            PREFIX + "up", "1 when the daemon is ready (watching and serving callbacks).", value=1 if s.ready else 0
+        )
+        blocked = GaugeMetricFamily(
+            PREFIX + "blocked", "1 while a kind of work is paused (api, output, journal, shares).", labels=["scope"]
+        )
         for scope in ("api", "output", "journal", "shares"):
             blocked.add_metric([scope], 1 if scope in s.blocked else 0)
         yield blocked
         if s.cluster is not None:
             c = s.cluster
-            yield GaugeMetricFamily(PREFIX + "leased_files", "Files this node works on (their rows leased to it).",
-                                    value=c.leased)
-            yield GaugeMetricFamily(PREFIX + "rescanner", "1 while this node does the periodic rescans of the inbox.",
-                                    value=1 if c.rescanner else 0)
-            ages = GaugeMetricFamily(PREFIX + "node_heartbeat_age_seconds",
-                                     "Seconds since each node of the cluster was last heard from.", labels=["peer"])
+            yield GaugeMetricFamily(
+                PREFIX + "leased_files", "Files this node works on (their rows leased to it).", value=c.leased
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "rescanner",
+                "1 while this node does the periodic rescans of the inbox.",
+                value=1 if c.rescanner else 0,
+            )
+            ages = GaugeMetricFamily(
+                PREFIX + "node_heartbeat_age_seconds",
+                "Seconds since each node of the cluster was last heard from.",
+                labels=["peer"],
+            )
             for peer, age in sorted(c.heartbeat_age_s.items()):
                 ages.add_metric([peer], age)
             yield ages
-            yield GaugeMetricFamily(PREFIX + "nodes_alive", "Nodes of the cluster heard from within their lease.",
-                                    value=sum(1 for age in c.heartbeat_age_s.values() if age <= c.alive_within_s))
+            yield GaugeMetricFamily(
+                PREFIX + "nodes_alive",
+                "Nodes of the cluster heard from within their lease.",
+                value=sum(1 for age in c.heartbeat_age_s.values() if age <= c.alive_within_s),
+            )
         if s.callbacks_arriving is not None:
-            yield GaugeMetricFamily(PREFIX + "callbacks_arriving",
-                                    "1 when Konfuzio's callbacks arrive, 0 when not (the start-up probe failed, or "
-                                    "results keep being found by polling; results are then polled): the answer "
-                                    "status and /healthz give under callbacks. Absent until it is known, and in "
-                                    "poll-only mode.",
-                                    value=1 if s.callbacks_arriving else 0)
+            yield GaugeMetricFamily(
+                PREFIX + "callbacks_arriving",
+                "1 when Konfuzio's callbacks arrive, 0 when not (the start-up probe failed, or "
+                "results keep being found by polling; results are then polled): the answer "
+                "status and /healthz give under callbacks. Absent until it is known, and in "
+                "poll-only mode.",
+                value=1 if s.callbacks_arriving else 0,
+            )

@@ -90,8 +90,9 @@ def create_app(snapshot: Snapshot, metrics: Callable[[], bytes]) -> Flask:
 def start_monitor(snapshot: Snapshot, metrics: Callable[[], bytes], host: str, port: int) -> ServerThread:
     """Bind and start the monitor. A port that is taken is an OSError naming the setting."""
     try:
-        server = ServerThread(create_app(snapshot, metrics), host, port, name="monitor-server", threads=2,
-                              **MONITOR_SETTINGS)
+        server = ServerThread(
+            create_app(snapshot, metrics), host, port, name="monitor-server", threads=2, **MONITOR_SETTINGS
+        )
     except OSError as exc:
         raise OSError(f"monitor.port: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return server.start()

@@ -17,10 +17,31 @@ MOUNTINFO = "/proc/self/mountinfo"
 # Types whose content other hosts change without an inotify event here. FUSE types are all taken as
 # remote (sshfs, smbnetfs, rclone, s3fs ...): a local FUSE file system is the rare case, and polling
 # it costs little; inotify is still used beside polling where it works.
-REMOTE_TYPES = frozenset({
-    "cifs", "smb3", "smbfs", "nfs", "nfs4", "9p", "ceph", "glusterfs", "gpfs", "lustre", "afs", "davfs",
-    "ncpfs", "coda", "ocfs2", "gfs2", "beegfs", "virtiofs", "vboxsf", "vmhgfs", "prl_fs",
-})
+REMOTE_TYPES = frozenset(
+    {
+        "cifs",
+        "smb3",
+        "smbfs",
+        "nfs",
+        "nfs4",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "gpfs",
+        "lustre",
+        "afs",
+        "davfs",
+        "ncpfs",
+        "coda",
+        "ocfs2",
+        "gfs2",
+        "beegfs",
+        "virtiofs",
+        "vboxsf",
+        "vmhgfs",
+        "prl_fs",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -49,8 +70,15 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields = line.split()
         try:
             sep = fields.index("-", 6)
-            mounts.append(Mount(int(fields[0]), fields[2], _unescape(fields[4]), _unescape(fields[sep + 1]),
-                                _unescape(fields[sep + 2]) if len(fields) > sep + 2 else ""))
+            mounts.append(
+                Mount(
+                    int(fields[0]),
+                    fields[2],
+                    _unescape(fields[4]),
+                    _unescape(fields[sep + 1]),
+                    _unescape(fields[sep + 2]) if len(fields) > sep + 2 else "",
+                )
+            )
         except (ValueError, IndexError):
             continue  # a line this parser does not understand names no mount
     return mounts
@@ -64,8 +92,8 @@ def _unescape(field: str) -> str:
     out = bytearray()
     i = 0
     while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) and all(0x30 <= c <= 0x37 for c in raw[i + 1:i + 4]):
-            out.append(int(raw[i + 1:i + 4], 8) & 0xFF)
+        if raw[i] == 0x5C and i + 3 < len(raw) and all(0x30 <= c <= 0x37 for c in raw[i + 1 : i + 4]):
+            out.append(int(raw[i + 1 : i + 4], 8) & 0xFF)
             i += 4
         else:
             out.append(raw[i])

@@ -81,15 +81,30 @@ PERSON_STAGES = {41: "waiting for splitting confirmation in Konfuzio"}
 
 def limits_from(config: Config) -> policy.Limits:
     u = config.upload
-    return policy.Limits(base_s=u.backoff_base_seconds, cap_s=u.backoff_cap_seconds, max_attempts=u.max_attempts,
-                         max_failures=config.results.max_failures)
+    return policy.Limits(
+        base_s=u.backoff_base_seconds,
+        cap_s=u.backoff_cap_seconds,
+        max_attempts=u.max_attempts,
+        max_failures=config.results.max_failures,
+    )
 
 
 class Pipeline:
-    def __init__(self, config: Config, journal: BaseJournal, client: KonfuzioClient, *, clock: Clock, gates: Gates,
-                 metrics: Metrics, callback_base: Callable[[], str], processing_dir: Path,
-                 on_transition: Callable[[Row, State], None] | None = None, rng: random.Random | None = None,
-                 folders: Folders | None = None):
+    def __init__(
+        self,
+        config: Config,
+        journal: BaseJournal,
+        client: KonfuzioClient,
+        *,
+        clock: Clock,
+        gates: Gates,
+        metrics: Metrics,
+        callback_base: Callable[[], str],
+        processing_dir: Path,
+        on_transition: Callable[[Row, State], None] | None = None,
+        rng: random.Random | None = None,
+        folders: Folders | None = None,
+    ):
         self.config = config
         self.processing_dir = processing_dir
         # On a network or FUSE mount, stat may not see another client's swap of a file: smbnetfs numbers
@@ -98,8 +113,9 @@ class Pipeline:
         self.stat_is_blind = processing.is_remote(processing_dir)
         # The folders the files live in, as they were at start-up: a share's error pauses the work on
         # them (``Scope.SHARES``), and only a folder that answers as itself proves a file gone.
-        self.folders = folders or Folders([config.folders.inbox, processing_dir, config.folders.done,
-                                           config.folders.failed])
+        self.folders = folders or Folders(
+            [config.folders.inbox, processing_dir, config.folders.done, config.folders.failed]
+        )
         self.kept = KeptResults(config.folders.state)  # results fetched while done/ did not answer
         self._waiting_claims: set[int] = set()  # claims a share's error left half done, finished when it answers
         self._waiting_lock = threading.Lock()
@@ -166,20 +182,41 @@ class Pipeline:
         if old.failures and not new.failures:
             extra += f" after {old.failures} failure{'s' if old.failures > 1 else ''}"
         level = logging.WARNING if new.state == State.FAILED else logging.INFO
-        log.log(level, "%s: %s -> %s%s", new.display_path, old.state, new.state, extra,
-                extra={"file": new.display_path, "state": new.state.value, "old_state": old.state.value,
-                       "document_id": new.document_id, "stage": new.stage,
-                       "error": new.error if new.state in (State.FAILING, State.FAILED) else None})
+        log.log(
+            level,
+            "%s: %s -> %s%s",
+            new.display_path,
+            old.state,
+            new.state,
+            extra,
+            extra={
+                "file": new.display_path,
+                "state": new.state.value,
+                "old_state": old.state.value,
+                "document_id": new.document_id,
+                "stage": new.stage,
+                "error": new.error if new.state in (State.FAILING, State.FAILED) else None,
+            },
+        )
         if self.on_transition:
             self.on_transition(new, old.state)
 
-    def _handle(self, row: Row, step: Step, failure: Failure, *, back_to: State | None = None,
-                stage: str | None = None, **extra: Any) -> Row:
+    def _handle(
+        self,
+        row: Row,
+        step: Step,
+        failure: Failure,
+        *,
+        back_to: State | None = None,
+        stage: str | None = None,
+        **extra: Any,
+    ) -> Row:
         """Apply the retry policy to one failed step. ``back_to``: the state the row returns to
         when it is to be tried again (default: it stays where it is)."""
         now = self.clock.now()
-        decision = policy.decide(step, failure, row.failures, now, self.limits, attempts=row.attempts,
-                                 jitter=self.rng.uniform(0.5, 1.0))
+        decision = policy.decide(
+            step, failure, row.failures, now, self.limits, attempts=row.attempts, jitter=self.rng.uniform(0.5, 1.0)
+        )
         if row.state == State.DONE:
             return self._refresh_failed(row, step, failure, decision, now)
         if isinstance(decision, Fail):
@@ -195,14 +232,29 @@ class Pipeline:
             log.debug("%s: %s waits for the %s gate: %s", row.display_path, step, decision.scope, failure.message)
         else:
             assert isinstance(decision, Retry)
-            fields = {"error": failure.message, "next_at": decision.at,
-                      "failures": row.failures + (1 if decision.charge else 0)}
+            fields = {
+                "error": failure.message,
+                "next_at": decision.at,
+                "failures": row.failures + (1 if decision.charge else 0),
+            }
             # Once per change of the error; a failing row's stored error never changes: each try is logged.
             level = logging.WARNING if failure.message != row.error or keeps_reason else logging.DEBUG
-            log.log(level, "%s: %s failed (failure %d), %s: %s", row.display_path, step,
-                    fields["failures"], self._next_try(step, failure, decision, now), failure.message,
-                    extra={"file": row.display_path, "state": row.state.value, "document_id": row.document_id,
-                           "stage": step.value, "error": failure.message})
+            log.log(
+                level,
+                "%s: %s failed (failure %d), %s: %s",
+                row.display_path,
+                step,
+                fields["failures"],
+                self._next_try(step, failure, decision, now),
+                failure.message,
+                extra={
+                    "file": row.display_path,
+                    "state": row.state.value,
+                    "document_id": row.document_id,
+                    "stage": step.value,
+                    "error": failure.message,
+                },
+            )
         if keeps_reason:
             del fields["error"]
         fields.update(extra)
@@ -218,28 +270,44 @@ class Pipeline:
             return f"next try in {decision.delay_s:.1f} s"
         window = policy.reconcile_window_s(failure, self.config.reconcile_window_s)
         if not window:
-            return (f"one look at the server's documents in {decision.delay_s:.1f} s, "
-                    "then uploaded again at once if it is not there")
+            return (
+                f"one look at the server's documents in {decision.delay_s:.1f} s, "
+                "then uploaded again at once if it is not there"
+            )
         again_at = policy.upload_again_at(now, decision.at, window)
-        return (f"the server may still be storing it: looking for it from {decision.delay_s:.1f} s on, "
-                f"uploaded again no earlier than {_clock_time(again_at)} (in {again_at - now:.0f} s, "
-                f"upload.reconcile_window_seconds)")
+        return (
+            f"the server may still be storing it: looking for it from {decision.delay_s:.1f} s on, "
+            f"uploaded again no earlier than {_clock_time(again_at)} (in {again_at - now:.0f} s, "
+            f"upload.reconcile_window_seconds)"
+        )
 
     def _refresh_failed(self, row: Row, step: Step, failure: Failure, decision: policy.Decision, now: float) -> Row:
         """The policy's answer for a done file whose new revision could not be fetched or written:
         the same backoff and gates, on ``refresh_at``; "fail" gives up the refresh, never the file
         (done/ keeps the revision it has)."""
         if isinstance(decision, Fail):
-            log.warning("%s: gave up fetching a new revision of document %s; done/ keeps revision %d: %s",
-                        row.display_path, row.document_id, row.revision, decision.reason)
+            log.warning(
+                "%s: gave up fetching a new revision of document %s; done/ keeps revision %d: %s",
+                row.display_path,
+                row.document_id,
+                row.revision,
+                decision.reason,
+            )
             return self.journal.update(row, now, refresh_at=None, failures=0, error=f"refresh: {decision.reason}")
         if isinstance(decision, Blocked):
             self._block(decision, now)
             return self.journal.update(row, now, error=failure.message, refresh_at=now)  # due once the gate opens
         level = logging.WARNING if failure.message != row.error else logging.DEBUG
         failures = row.failures + (1 if decision.charge else 0)
-        log.log(level, "%s: %s of a new revision failed (failure %d), next try in %.1f s: %s", row.display_path,
-                step, failures, decision.delay_s, failure.message)
+        log.log(
+            level,
+            "%s: %s of a new revision failed (failure %d), next try in %.1f s: %s",
+            row.display_path,
+            step,
+            failures,
+            decision.delay_s,
+            failure.message,
+        )
         return self.journal.update(row, now, error=failure.message, refresh_at=decision.at, failures=failures)
 
     def handle_internal_error(self, rows: list[Row], step: Step, exc: BaseException) -> None:
@@ -257,8 +325,9 @@ class Pipeline:
     def _block(self, decision: Blocked, now: float) -> None:
         """Block the decision's gate, with the probe that finds out when it is over: a project request
         for the token, a look at the folders for the shares, else the next task of the scope."""
-        probe = self.probe_account if decision.account else self.probe_shares if decision.scope == Scope.SHARES \
-            else None
+        probe = (
+            self.probe_account if decision.account else self.probe_shares if decision.scope == Scope.SHARES else None
+        )
         self.gates[decision.scope].block(now, decision.reason, decision.retry_after_s, decision.note, probe=probe)
 
     def _share_failed(self, row: Row, step: Step, exc: OSError, doing: str, **extra: Any) -> Row:
@@ -270,8 +339,9 @@ class Pipeline:
     def _shares_blocked(self, exc: OSError, doing: str) -> None:
         """A share's error that no row carries (a claim, a look): block the gate by itself."""
         now = self.clock.now()
-        decision = policy.decide(Step.CLAIM, Failure(Cause.SHARE_UNAVAILABLE, f"{doing}: {_error_text(exc, doing)}"),
-                                 0, now, self.limits)
+        decision = policy.decide(
+            Step.CLAIM, Failure(Cause.SHARE_UNAVAILABLE, f"{doing}: {_error_text(exc, doing)}"), 0, now, self.limits
+        )
         assert isinstance(decision, Blocked)
         self._block(decision, now)
 
@@ -311,8 +381,9 @@ class Pipeline:
             except ApiError as exc:
                 failure = exc.failure
                 if failure.cause == Cause.NOT_FOUND:
-                    failure = Failure(Cause.NOT_FOUND, f"project {project_id} not found or not visible to this token",
-                                      status=404)
+                    failure = Failure(
+                        Cause.NOT_FOUND, f"project {project_id} not found or not visible to this token", status=404
+                    )
                 decision = policy.decide(Step.RECONCILE, failure, 0, now, self.limits)
                 if isinstance(decision, Blocked):
                     self._block(decision, now)
@@ -362,8 +433,9 @@ class Pipeline:
         longest = max(self.limits.cap_s, r.poll_interval, r.callback_timeout) + 1.0
         clamped = self.journal.clamp_due(now, longest)
         if clamped:
-            log.warning("%d file(s) were due more than %.0f s ahead (the clock was set back?); due now",
-                        clamped, longest)
+            log.warning(
+                "%d file(s) were due more than %.0f s ahead (the clock was set back?); due now", clamped, longest
+            )
         return sum(n for state, n in self.journal.counts().items() if state in ACTIVE)
 
     def _recover_node(self, in_hand: set[int], alone: bool) -> int:
@@ -376,8 +448,11 @@ class Pipeline:
         longest = max(self.limits.cap_s, r.poll_interval, r.callback_timeout) + 1.0
         clamped = self.journal.clamp_due(now, longest)
         if clamped:
-            log.warning("%d file(s) were due more than %.0f s ahead (a node's clock is ahead, or was set back?); "
-                        "due now", clamped, longest)
+            log.warning(
+                "%d file(s) were due more than %.0f s ahead (a node's clock is ahead, or was set back?); due now",
+                clamped,
+                longest,
+            )
         return sum(n for state, n in self.journal.counts().items() if state in ACTIVE)
 
     def take_over(self, *, own: bool = False, exclude: Iterable[int] = ()) -> list[Row]:
@@ -396,14 +471,18 @@ class Pipeline:
         claims, look for uploads that were in flight before uploading again (the reconcile window starts
         now), look at waiting documents at once. Then any node may go on with them."""
         names = ", ".join(r.display_path for r in rows[:10]) + (f", and {len(rows) - 10} more" if rows[10:] else "")
-        log.warning("took over %d file(s) whose node stopped renewing its lease (it stopped, died or lost the "
-                    "journal): %s", len(rows), names)
+        log.warning(
+            "took over %d file(s) whose node stopped renewing its lease (it stopped, died or lost the journal): %s",
+            len(rows),
+            names,
+        )
         claiming = [r for r in rows if r.state == State.CLAIMING]
         if claiming:
             self.finish_claims(claiming)
         now = self.clock.now()
-        self.journal.update_many([r for r in rows if r.state == State.UPLOADING and r.ambiguous_since is None], now,
-                                 ambiguous_since=now)
+        self.journal.update_many(
+            [r for r in rows if r.state == State.UPLOADING and r.ambiguous_since is None], now, ambiguous_since=now
+        )
         self.journal.update_many([r for r in rows if r.state == State.UPLOADED], now, next_at=now)
         self.journal.release_leases(r.id for r in rows)
         return self.journal.get_many([r.id for r in rows])
@@ -418,8 +497,11 @@ class Pipeline:
         Only while this daemon holds the folder's lock: a folder that is no longer the one it locked
         (removed or moved away, made again by another daemon) may hold another live daemon's files."""
         if not self.holds_processing_dir():
-            log.warning("%s is no longer the processing folder this daemon locked: files without a journal row there "
-                        "are left alone until it holds it again", self.processing_dir)
+            log.warning(
+                "%s is no longer the processing folder this daemon locked: files without a journal row there "
+                "are left alone until it holds it again",
+                self.processing_dir,
+            )
             return []
         try:
             listed = processing.names(self.processing_dir)
@@ -428,8 +510,11 @@ class Pipeline:
         except OSError as exc:
             if not is_share_error(exc):
                 raise
-            log.warning("cannot look for files without a journal row in %s (%s); looked for at the next start",
-                        self.processing_dir, _error_text(exc))
+            log.warning(
+                "cannot look for files without a journal row in %s (%s); looked for at the next start",
+                self.processing_dir,
+                _error_text(exc),
+            )
             return []
         adopted = []
         for name in names:
@@ -440,15 +525,23 @@ class Pipeline:
             except FileNotFoundError:
                 continue  # finished (placed into done/ or failed/) since the folder was listed
             except OSError as exc:
-                log.error("%s: found in %s with no journal row, and cannot move it back into the inbox: %s",
-                          display_name(name), self.processing_dir, exc.strerror or exc)
+                log.error(
+                    "%s: found in %s with no journal row, and cannot move it back into the inbox: %s",
+                    display_name(name),
+                    self.processing_dir,
+                    exc.strerror or exc,
+                )
                 continue
             adopted.append(target)
         if adopted:
-            log.warning("%d file(s) in %s had no journal row (a lost or restored journal?); moved back into the "
-                        "inbox to go through again: %s", len(adopted), self.processing_dir,
-                        ", ".join(display_name(os.fsencode(t.relative_to(self.config.folders.inbox)))
-                                  for t in adopted[:20]) + (" ..." if len(adopted) > 20 else ""))
+            log.warning(
+                "%d file(s) in %s had no journal row (a lost or restored journal?); moved back into the "
+                "inbox to go through again: %s",
+                len(adopted),
+                self.processing_dir,
+                ", ".join(display_name(os.fsencode(t.relative_to(self.config.folders.inbox))) for t in adopted[:20])
+                + (" ..." if len(adopted) > 20 else ""),
+            )
         return adopted
 
     def _drop_leftover_names(self, names: list[bytes]) -> list[bytes]:
@@ -465,8 +558,13 @@ class Pipeline:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(source)
             removed.append(name)
-            log.info("%s: removed its leftover name %s in %s (the file is in %s)", row.display_path,
-                     display_name(name), self.processing_dir, export_display(row.final_path, self.config.folders.done))
+            log.info(
+                "%s: removed its leftover name %s in %s (the file is in %s)",
+                row.display_path,
+                display_name(name),
+                self.processing_dir,
+                export_display(row.final_path, self.config.folders.done),
+            )
         if removed:
             fsync_dir(self.processing_dir)
         gone = set(removed)
@@ -493,8 +591,9 @@ class Pipeline:
                 self._shares_blocked(share_error, f"cannot look at {display_name(rel)} in the inbox")
                 left = rel_paths[index:]
                 break
-            claims.append(NewClaim(rel, processing.new_claim_name(rel), st.st_dev, st.st_ino,
-                                   (detected_at or {}).get(rel)))
+            claims.append(
+                NewClaim(rel, processing.new_claim_name(rel), st.st_dev, st.st_ino, (detected_at or {}).get(rel))
+            )
         rows = self.journal.add_claims(claims, self.clock.now()) if claims else []
         claimed = self.finish_claims(rows)
         if left:
@@ -579,8 +678,12 @@ class Pipeline:
         except FileNotFoundError:
             found = None
         if found is not None and self._is_claimed_file(found, row) is False:
-            log.error("%s: %s holds another file than the one claimed; it is left to be adopted at start-up, "
-                      "and this file is claimed anew", row.display_path, target)
+            log.error(
+                "%s: %s holds another file than the one claimed; it is left to be adopted at start-up, "
+                "and this file is claimed anew",
+                row.display_path,
+                target,
+            )
             self._discard(row)
             return False
         if found is not None:
@@ -601,8 +704,11 @@ class Pipeline:
         except OSError as exc:  # e.g. a folder the daemon may not write to: leave it be
             if is_share_error(exc):
                 raise
-            log.error("%s: cannot take it out of the inbox (%s); it stays there and is tried again "
-                      "at the next rescan", row.display_path, exc.strerror or exc)
+            log.error(
+                "%s: cannot take it out of the inbox (%s); it stays there and is tried again at the next rescan",
+                row.display_path,
+                exc.strerror or exc,
+            )
             self._discard(row)
             return False
         folders.add(source.parent)
@@ -651,8 +757,9 @@ class Pipeline:
                 return self._share_failed(row, Step.UPLOAD, share_error, "cannot read the file", stage="validate")
             if exc.errno in ABSENT_ERRNOS:
                 return self.fail(row, "the file disappeared from the processing folder", stage="validate")
-            return self._handle(row, Step.UPLOAD, Failure(Cause.UNREADABLE, f"cannot read the file: {exc.strerror}"),
-                                stage="validate")
+            return self._handle(
+                row, Step.UPLOAD, Failure(Cause.UNREADABLE, f"cannot read the file: {exc.strerror}"), stage="validate"
+            )
         with os.fdopen(fd, "rb") as f:
             try:
                 sha256 = self._validate(f, st)
@@ -674,10 +781,20 @@ class Pipeline:
             name = safe_upload_name(os.path.basename(row.rel_path), fallback=f"document-{row.id}")
             project_id, category_id, dataset_status = self.config.route_for(row.rel_fspath)
             old = row
-            row = self.journal.start_upload(row, hash_token(token), self.clock.now(), sha256=sha256, size=st.st_size,
-                                            mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, upload_name=name,
-                                            attempts=row.attempts + 1,
-                                            stage="upload", project_id=project_id, next_at=self.clock.now())
+            row = self.journal.start_upload(
+                row,
+                hash_token(token),
+                self.clock.now(),
+                sha256=sha256,
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns,
+                upload_name=name,
+                attempts=row.attempts + 1,
+                stage="upload",
+                project_id=project_id,
+                next_at=self.clock.now(),
+            )
             self._log_transition(old, row)
             form = UploadForm(project_id, self.callback_url(token), category_id, dataset_status)
             f.seek(0)
@@ -687,20 +804,23 @@ class Pipeline:
             except ApiError as exc:
                 failure = exc.failure
                 if caused_by_share_error(exc):  # the file's share failed while it was sent (the server may hold
-                    failure = Failure(Cause.SHARE_UNAVAILABLE,  # a part of it: it is looked for before a new upload)
-                                      f"cannot read the file while sending it: {failure.message}", maybe_received=True)
+                    failure = Failure(
+                        Cause.SHARE_UNAVAILABLE,  # a part of it: it is looked for before a new upload)
+                        f"cannot read the file while sending it: {failure.message}",
+                        maybe_received=True,
+                    )
                 return self._upload_failed(row, failure)
             except (KeyError, TypeError, ValueError) as exc:
-                return self._upload_failed(row, Failure(Cause.TRANSIENT, f"unexpected upload response: {exc!r}",
-                                                        maybe_received=True))
+                return self._upload_failed(
+                    row, Failure(Cause.TRANSIENT, f"unexpected upload response: {exc!r}", maybe_received=True)
+                )
         self._api_ok()
         self.metrics.uploads.inc()
         now = self.clock.now()
         # Not durable when it returns: nothing outside acts on it before a durable write (the export's
         # final_path) covers it; lost in a power failure, the row is ``uploading`` again and is
         # reconciled by its token (already journaled) before any new upload: never uploaded twice.
-        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay(),
-                                         durable=False)
+        new = self.journal.mark_uploaded(row, document_id, now, poll_at=now + self._first_poll_delay(), durable=False)
         self._log_transition(row, new)
         if row.document_id is not None:  # uploaded again after it changed
             self._delete_superseded(new, row.document_id)
@@ -710,10 +830,12 @@ class Pipeline:
         """The document of the file's bytes before they changed goes, once the new one is stored: one
         document per file. (An UPLOADING row still names it: only a changed file's row goes back from
         exporting to be uploaded again; ``reconcile`` never takes it for the new upload's.)"""
-        if self.journal.record_extra(document_id, row, row.project_id or self.config.konfuzio.project_id,
-                                     self.clock.now()):
-            log.info("%s: deleting document %d, the result of its bytes before they changed", row.display_path,
-                     document_id)
+        if self.journal.record_extra(
+            document_id, row, row.project_id or self.config.konfuzio.project_id, self.clock.now()
+        ):
+            log.info(
+                "%s: deleting document %d, the result of its bytes before they changed", row.display_path, document_id
+            )
         self.delete_extras()
 
     def _validate(self, f: BinaryIO, st: os.stat_result) -> str:
@@ -723,12 +845,15 @@ class Pipeline:
         if st.st_size == 0:
             raise _Invalid("empty file (0 bytes)")
         if st.st_size > limit:
-            raise _Invalid(f"file is {st.st_size / 1048576:.1f} MiB, over upload.max_file_mb "
-                           f"({self.config.upload.max_file_mb:g})")
+            raise _Invalid(
+                f"file is {st.st_size / 1048576:.1f} MiB, over upload.max_file_mb ({self.config.upload.max_file_mb:g})"
+            )
         sniff_file_type(f.fileno())
         if not readiness.pdf_looks_complete(f.fileno(), st.st_size):
-            raise _Invalid(f"incomplete PDF: it does not end with %%EOF after waiting watch.incomplete_grace_seconds "
-                           f"({self.config.watch.incomplete_grace_seconds:g} s); was the scanner still writing it?")
+            raise _Invalid(
+                f"incomplete PDF: it does not end with %%EOF after waiting watch.incomplete_grace_seconds "
+                f"({self.config.watch.incomplete_grace_seconds:g} s); was the scanner still writing it?"
+            )
         digest, size = hashlib.sha256(), 0
         f.seek(0)
         for block in iter(lambda: f.read(HASH_CHUNK), b""):
@@ -753,8 +878,15 @@ class Pipeline:
             new = self._handle(row, Step.UPLOAD, failure, stage="upload", ambiguous_since=now)
             if new.state == State.UPLOADING:  # (a crash before this write: the window, as for a timeout)
                 answered = not policy.reconcile_window_s(failure, self.config.reconcile_window_s)
-                new = self.journal.update(new, now, stage=ANSWERED_STAGE if answered else _looking_until(
-                    policy.upload_again_at(now, new.next_at or now, self.config.reconcile_window_s)))
+                new = self.journal.update(
+                    new,
+                    now,
+                    stage=ANSWERED_STAGE
+                    if answered
+                    else _looking_until(
+                        policy.upload_again_at(now, new.next_at or now, self.config.reconcile_window_s)
+                    ),
+                )
             return new
         return self._handle(row, Step.UPLOAD, failure, back_to=State.CLAIMED, stage="upload")
 
@@ -792,8 +924,12 @@ class Pipeline:
                     if len(found) == len(rows) or _created_before(page, oldest_wanted):
                         break  # all found, or the list reached documents older than any of our uploads
         except ApiError as exc:
-            failure = Failure(exc.failure.cause, f"cannot list documents to reconcile: {exc.failure.message}",
-                              status=exc.failure.status, retry_after_s=exc.failure.retry_after_s)
+            failure = Failure(
+                exc.failure.cause,
+                f"cannot list documents to reconcile: {exc.failure.message}",
+                status=exc.failure.status,
+                retry_after_s=exc.failure.retry_after_s,
+            )
             return [self._handle(row, Step.RECONCILE, failure) for row in rows]
         self._api_ok()
         out = []
@@ -816,8 +952,12 @@ class Pipeline:
             if now < since + window:  # a slow server may still be storing it: look again, do not upload
                 again = min(since + window, now + policy.backoff_s(row.failures + 1, self.limits))
                 out.append(self.journal.update(row, now, next_at=again, stage=_looking_until(since + window)))
-                log.debug("%s: not on the server yet; looking again in %.1f s (window ends in %.1f s)",
-                          row.display_path, again - now, since + window - now)
+                log.debug(
+                    "%s: not on the server yet; looking again in %.1f s (window ends in %.1f s)",
+                    row.display_path,
+                    again - now,
+                    since + window - now,
+                )
             elif row.attempts >= self.config.upload.max_attempts:
                 out.append(self.fail(row, f"gave up after {row.attempts} attempts: {row.error}", stage="upload"))
             else:
@@ -825,8 +965,11 @@ class Pipeline:
         for document_id, row_id, project_id in extras:
             row = by_id.get(row_id) or self.journal.get(row_id)
             if self.journal.record_extra(document_id, row, project_id, now):
-                log.warning("%s: the server holds a second copy (document %d, from an earlier attempt); deleting it",
-                            row.display_path, document_id)
+                log.warning(
+                    "%s: the server holds a second copy (document %d, from an earlier attempt); deleting it",
+                    row.display_path,
+                    document_id,
+                )
         if extras:
             self.delete_extras()
         return out
@@ -839,8 +982,10 @@ class Pipeline:
             row = self.journal.get(row_id)
             try:
                 details = self.client.document(document_id)
-                if token_hash_of(details.get("callback_url")) not in self.journal.tokens_of([row_id]) \
-                        or document_id == row.document_id:
+                if (
+                    token_hash_of(details.get("callback_url")) not in self.journal.tokens_of([row_id])
+                    or document_id == row.document_id
+                ):
                     self.journal.settle_extra(document_id, self.clock.now(), error="not a copy of this file")
                     log.warning("%s: document %d is not a copy of it; not deleted", row.display_path, document_id)
                     continue
@@ -849,8 +994,12 @@ class Pipeline:
                 if exc.failure.cause == Cause.NOT_FOUND:
                     self.journal.settle_extra(document_id, self.clock.now())  # gone already
                     continue
-                log.warning("%s: could not delete the extra document %d: %s; will try again", row.display_path,
-                            document_id, exc.failure.message)
+                log.warning(
+                    "%s: could not delete the extra document %d: %s; will try again",
+                    row.display_path,
+                    document_id,
+                    exc.failure.message,
+                )
                 continue
             self.journal.settle_extra(document_id, self.clock.now())
             self.metrics.extra_documents.inc()
@@ -868,8 +1017,9 @@ class Pipeline:
         except ApiError as exc:
             return self._fetch_failed(row, exc.failure)
         if details.get("id") != row.document_id:
-            return self._fetch_failed(row, Failure(Cause.TRANSIENT, f"details of document {details.get('id')} "
-                                                                    f"returned for {row.document_id}"))
+            return self._fetch_failed(
+                row, Failure(Cause.TRANSIENT, f"details of document {details.get('id')} returned for {row.document_id}")
+            )
         self._api_ok()
         status = details.get("status_data")
         if status == export.STATUS_DONE:
@@ -879,8 +1029,7 @@ class Pipeline:
                 return self._wait_for_person(row, checked_at, REVIEW_STAGE)
             # Not durable: the export's first write into done/ waits for its durable final_path, which
             # covers this; lost in a power failure, the row is ``uploaded`` and is looked at again.
-            row = self.move(row, State.EXPORTING, durable=False, stage="export", next_at=self.clock.now(),
-                            failures=0)
+            row = self.move(row, State.EXPORTING, durable=False, stage="export", next_at=self.clock.now(), failures=0)
             return self.export(row, details, checked_at=checked_at)
         if status == export.STATUS_FAILED:
             return self.fail(row, "Konfuzio could not process the document (status 111)", stage="processing")
@@ -903,8 +1052,11 @@ class Pipeline:
         """A result found done by polling whose callback never came, although it had time to
         (uploaded by this run: after a restart, callbacks sent while we were down are lost)."""
         now = self.clock.now()
-        if row.uploaded_at is None or row.uploaded_at < self.started_at or \
-                now - row.uploaded_at < self.config.results.callback_timeout:
+        if (
+            row.uploaded_at is None
+            or row.uploaded_at < self.started_at
+            or now - row.uploaded_at < self.config.results.callback_timeout
+        ):
             return
         journal = self.gates[Scope.JOURNAL]
         if journal.is_blocked or journal.opened_at >= row.uploaded_at:
@@ -932,8 +1084,7 @@ class Pipeline:
     def _fetch_failed(self, row: Row, failure: Failure) -> Row:
         self.metrics.fetch_retries.inc()
         if failure.cause == Cause.NOT_FOUND:
-            failure = Failure(Cause.NOT_FOUND, f"document {row.document_id} no longer exists on the server",
-                              status=404)
+            failure = Failure(Cause.NOT_FOUND, f"document {row.document_id} no longer exists on the server", status=404)
         return self._handle(row, Step.FETCH, failure, stage="result")
 
     # -- exporting: JSON (and the searchable PDF) next to the file in done/ ----------------------
@@ -997,8 +1148,12 @@ class Pipeline:
         try:
             self.kept.keep(row, result, checked_at)
         except OSError as exc:  # the state folder's disk: the export fetches the result again then
-            log.warning("%s: cannot keep its result in %s (%s); it is fetched again once the shares answer",
-                        row.display_path, self.kept.folder, exc.strerror or exc)
+            log.warning(
+                "%s: cannot keep its result in %s (%s); it is fetched again once the shares answer",
+                row.display_path,
+                self.kept.folder,
+                exc.strerror or exc,
+            )
         return row
 
     @property
@@ -1030,8 +1185,12 @@ class Pipeline:
                 raise
             if project_id not in self._no_catalog:
                 self._no_catalog.add(project_id)
-                log.warning("project %d: cannot read its labels and categories (%s); results name what the "
-                            "answers name, categories by id", project_id, exc.failure.message)
+                log.warning(
+                    "project %d: cannot read its labels and categories (%s); results name what the "
+                    "answers name, categories by id",
+                    project_id,
+                    exc.failure.message,
+                )
             return None
 
     def _done_rel_path(self, row: Row, result: dict[str, Any]) -> str:
@@ -1043,8 +1202,9 @@ class Pipeline:
         name = None
         if category:
             name = category.get("name") or f"category {category.get('id')}"
-        return layout.render(template, path=row.rel_path, category=name, document_id=row.document_id,
-                             uploaded_at=row.uploaded_at)
+        return layout.render(
+            template, path=row.rel_path, category=name, document_id=row.document_id, uploaded_at=row.uploaded_at
+        )
 
     def _download_pdf(self, row: Row) -> Path:
         """The searchable PDF, downloaded into a new hidden file (a random name) in done/ itself: on
@@ -1097,8 +1257,14 @@ class Pipeline:
         except OSError as exc:  # a share does not answer: looked at again (and taken out) once it does
             return self._output_failed(row, Step.EXPORT, self.config.folders.done, exc)
         log.warning("%s: %s after it was uploaded; uploading it again as it is now", row.display_path, changed)
-        return self.move(row, State.CLAIMED, next_at=self.clock.now(), error=f"{changed} after it was uploaded",
-                         stage="upload", final_path=None)
+        return self.move(
+            row,
+            State.CLAIMED,
+            next_at=self.clock.now(),
+            error=f"{changed} after it was uploaded",
+            stage="upload",
+            final_path=None,
+        )
 
     def _remove_own_result(self, row: Row) -> None:
         """Take this row's result (and the searchable PDF it names) out of done/, if it is there and ours
@@ -1184,14 +1350,20 @@ class Pipeline:
         try:
             details = self.client.document(row.document_id)
             if details.get("id") != row.document_id:
-                return self._fetch_failed(row, Failure(Cause.TRANSIENT, f"details of document {details.get('id')} "
-                                                                        f"returned for {row.document_id}"))
+                return self._fetch_failed(
+                    row,
+                    Failure(Cause.TRANSIENT, f"details of document {details.get('id')} returned for {row.document_id}"),
+                )
             status = details.get("status_data")
             if status != export.STATUS_DONE:
                 return self._refresh_later(row, checked_at, status)
             if self.config.results.require_review and not details.get("is_reviewed"):
-                log.info("%s: document %d is no longer marked reviewed; done/ keeps revision %d", row.display_path,
-                         row.document_id, row.revision)
+                log.info(
+                    "%s: document %d is no longer marked reviewed; done/ keeps revision %d",
+                    row.display_path,
+                    row.document_id,
+                    row.revision,
+                )
                 return self.journal.finish_refresh(row, checked_at, self.clock.now())
             result = self._build_result(row, details, revision=row.revision + 1)
         except ApiError as exc:
@@ -1200,8 +1372,12 @@ class Pipeline:
         try:
             stored = row.fingerprint if row.fingerprint is not None else self._fingerprint_in_done(row)
             if results.fingerprint_matches(result, stored):
-                log.debug("%s: document %d unchanged; done/ keeps revision %d", row.display_path, row.document_id,
-                          row.revision)
+                log.debug(
+                    "%s: document %d unchanged; done/ keeps revision %d",
+                    row.display_path,
+                    row.document_id,
+                    row.revision,
+                )
                 return self.journal.finish_refresh(row, checked_at, self.clock.now())
             return self._replace_result(row, result, results.content_fingerprint(result), checked_at)
         except OSError as exc:  # looking at the result in done/: a share that does not answer says nothing
@@ -1218,8 +1394,13 @@ class Pipeline:
     def _refresh_later(self, row: Row, checked_at: float, status: Any) -> Row:
         now = self.clock.now()
         if status == export.STATUS_FAILED or status not in export.STATUS_NAMES:
-            log.warning("%s: document %d is %s on the server now; done/ keeps revision %d", row.display_path,
-                        row.document_id, export.STATUS_NAMES.get(status, f"in status {status}"), row.revision)
+            log.warning(
+                "%s: document %d is %s on the server now; done/ keeps revision %d",
+                row.display_path,
+                row.document_id,
+                export.STATUS_NAMES.get(status, f"in status {status}"),
+                row.revision,
+            )
             return self.journal.finish_refresh(row, checked_at, now)
         # Processed again (a re-extraction): it calls back when it is done; look again meanwhile.
         r = self.config.results
@@ -1235,12 +1416,22 @@ class Pipeline:
         json_path, pdf_path = sidecar_for(target, export.RESULT_SUFFIX), sidecar_for(target, OCR_PDF_SUFFIX)
         existing = _read_json(json_path, root)
         if existing is None and self.folders.is_absent_below(root, json_path):  # taken away: not brought back alone
-            log.info("%s: %s is no longer there; revision %d of document %d not written", row.display_path,
-                     json_path, row.revision + 1, row.document_id)
+            log.info(
+                "%s: %s is no longer there; revision %d of document %d not written",
+                row.display_path,
+                json_path,
+                row.revision + 1,
+                row.document_id,
+            )
             return self.journal.finish_refresh(row, checked_at, self.clock.now())
         if existing is None or not export.result_is_for(row, existing):
-            log.warning("%s: %s is not konfuzio-watch's result of this file; revision %d of document %d not "
-                        "written", row.display_path, json_path, row.revision + 1, row.document_id)
+            log.warning(
+                "%s: %s is not konfuzio-watch's result of this file; revision %d of document %d not written",
+                row.display_path,
+                json_path,
+                row.revision + 1,
+                row.document_id,
+            )
             return self.journal.finish_refresh(row, checked_at, self.clock.now())
         pdf_name = existing.get("searchable_pdf")
         ours = pdf_name == pdf_path.name
@@ -1257,13 +1448,26 @@ class Pipeline:
                     move_no_clobber(staging, pdf_path, src_root=root, dst_root=root)
                 pdf_name = pdf_path.name
             elif self.wants_pdf and not ours:
-                log.warning("%s: %s is not konfuzio-watch's; the searchable PDF of revision %d is not written",
-                            row.display_path, pdf_path, row.revision + 1)
-            write_json_no_clobber(json_path, _with_pdf_name(result, pdf_name if ours or staging else None),
-                                  lambda found: export.result_is_for(row, found), root=root)
+                log.warning(
+                    "%s: %s is not konfuzio-watch's; the searchable PDF of revision %d is not written",
+                    row.display_path,
+                    pdf_path,
+                    row.revision + 1,
+                )
+            write_json_no_clobber(
+                json_path,
+                _with_pdf_name(result, pdf_name if ours or staging else None),
+                lambda found: export.result_is_for(row, found),
+                root=root,
+            )
         except FileExistsError:  # someone else's file took a name between our look and our write
-            log.warning("%s: a file not written by konfuzio-watch took the place of its result; revision %d of "
-                        "document %d not written", row.display_path, row.revision + 1, row.document_id)
+            log.warning(
+                "%s: a file not written by konfuzio-watch took the place of its result; revision %d of "
+                "document %d not written",
+                row.display_path,
+                row.revision + 1,
+                row.document_id,
+            )
             return self.journal.finish_refresh(row, checked_at, self.clock.now())
         except OSError as exc:
             return self._output_failed(row, Step.EXPORT, folder, exc)
@@ -1271,22 +1475,44 @@ class Pipeline:
             if staging is not None:
                 _unlink_quietly(staging)
         self.gates[Scope.OUTPUT].open(self.clock.now())
-        new = self.journal.finish_refresh(row, checked_at, self.clock.now(), revision=row.revision + 1,
-                                          fingerprint=fingerprint)
-        log.info("%s: document %d changed on the server%s; %s is revision %d", row.display_path, row.document_id,
-                 " (reviewed)" if (result.get("konfuzio") or {}).get("is_reviewed") else "",
-                 export_display(os.fsencode(json_path), self.config.folders.done), new.revision)
+        new = self.journal.finish_refresh(
+            row, checked_at, self.clock.now(), revision=row.revision + 1, fingerprint=fingerprint
+        )
+        log.info(
+            "%s: document %d changed on the server%s; %s is revision %d",
+            row.display_path,
+            row.document_id,
+            " (reviewed)" if (result.get("konfuzio") or {}).get("is_reviewed") else "",
+            export_display(os.fsencode(json_path), self.config.folders.done),
+            new.revision,
+        )
         return new
 
     # -- failing: .error.json next to the file in failed/ -----------------------------------------
 
     def finish_failed(self, row: Row) -> Row:
         report = export.build_error(row, self.clock.now())
-        return self._place(row, self.config.folders.failed, export.ERROR_SUFFIX, report,
-                           lambda existing: export.error_is_for(row, existing), State.FAILED, Step.FAIL)
+        return self._place(
+            row,
+            self.config.folders.failed,
+            export.ERROR_SUFFIX,
+            report,
+            lambda existing: export.error_is_for(row, existing),
+            State.FAILED,
+            Step.FAIL,
+        )
 
-    def _place(self, row: Row, folder: Path, suffix: str, sidecar: dict[str, Any],
-               is_ours: Callable[[dict], bool], final_state: State, step: Step, **done: Any) -> Row:
+    def _place(
+        self,
+        row: Row,
+        folder: Path,
+        suffix: str,
+        sidecar: dict[str, Any],
+        is_ours: Callable[[dict], bool],
+        final_state: State,
+        step: Step,
+        **done: Any,
+    ) -> Row:
         """Write the sidecar JSON, then move the file next to it; both never overwrite."""
         # One lock per target folder and path (case-folded, for a share that ignores case). Failing
         # a file while placing it in done/ places its report in failed/: the only nesting, always in
@@ -1312,14 +1538,18 @@ class Pipeline:
                     row = self.journal.update(row, self.clock.now(), final_path=os.fsencode(target))
                 target = Path(os.fsdecode(row.final_path))
                 # Gone only if proven: ENOENT from folders that answer as themselves (``shares``).
-                gone = self.folders.is_absent(source, self.processing_dir) and \
-                    self.folders.is_absent_below(folder, target)
+                gone = self.folders.is_absent(source, self.processing_dir) and self.folders.is_absent_below(
+                    folder, target
+                )
             except OSError as exc:
                 return self._placing_failed(row, step, folder, exc, final_state, sidecar, checked_at)
             if gone and final_state == State.DONE:  # never report done what is not there
-                return self.fail(row, f"the file vanished from {self.processing_dir} before it was placed in "
-                                      f"{folder}; its result was not kept (document {row.document_id})",
-                                 stage="vanished")
+                return self.fail(
+                    row,
+                    f"the file vanished from {self.processing_dir} before it was placed in "
+                    f"{folder}; its result was not kept (document {row.document_id})",
+                    stage="vanished",
+                )
             placed_pdf = None
             try:
                 if pdf is not None:  # first: the JSON says where it is, and the original comes last
@@ -1335,8 +1565,13 @@ class Pipeline:
                 if placed_pdf is not None:  # ours, placed a moment ago: it goes with us to the next name
                     replace_file(placed_pdf, pdf, root=folder)  # type: ignore[arg-type]
                 if isinstance(exc, FolderInTheWay):
-                    log.warning("%s: %s is %s; the file goes elsewhere in %s", row.display_path, exc.filename,
-                                exc.strerror, folder)
+                    log.warning(
+                        "%s: %s is %s; the file goes elsewhere in %s",
+                        row.display_path,
+                        exc.filename,
+                        exc.strerror,
+                        folder,
+                    )
                 row = self.journal.update(row, self.clock.now(), final_path=None)
                 continue  # someone else's file took the name: pick another
             except OSError as exc:
@@ -1352,12 +1587,21 @@ class Pipeline:
             # after the details were fetched (``checked_at``: a review may have beaten the export)
             # makes the done row due for a second look, in the same transaction (then durable).
             armed = {"refresh_if_called_back_since": checked_at} if final_state == State.DONE else {}
-            return self.move(row, final_state, durable=final_state != State.DONE, next_at=None,
-                             **armed, **(done_fields or {}))
+            return self.move(
+                row, final_state, durable=final_state != State.DONE, next_at=None, **armed, **(done_fields or {})
+            )
         raise RuntimeError(f"{row.display_path}: no free name in {folder}")
 
-    def _placing_failed(self, row: Row, step: Step, folder: Path, exc: OSError, final_state: State,
-                        sidecar: dict[str, Any], checked_at: float | None) -> Row:
+    def _placing_failed(
+        self,
+        row: Row,
+        step: Step,
+        folder: Path,
+        exc: OSError,
+        final_state: State,
+        sidecar: dict[str, Any],
+        checked_at: float | None,
+    ) -> Row:
         """A placement that failed: a share that does not answer pauses (a result is kept until it can
         be placed); a path too long fails the file; a full disk blocks done/ and failed/; any other
         error is retried with backoff."""
@@ -1370,8 +1614,9 @@ class Pipeline:
         cause = Cause.DISK_FULL if exc.errno in DISK_FULL_ERRNOS else Cause.LOCAL_IO
         return self._handle(row, step, Failure(cause, f"cannot write into {folder}: {exc.strerror or exc}"))
 
-    def _place_pdf(self, staged: Path, target: Path, json_path: Path, is_ours: Callable[[dict], bool],
-                   root: Path) -> bool:
+    def _place_pdf(
+        self, staged: Path, target: Path, json_path: Path, is_ours: Callable[[dict], bool], root: Path
+    ) -> bool:
         """Give the downloaded PDF its name next to the file, never replacing another file; True if
         it was moved there. A PDF already there is ours if it has the same bytes, or if the JSON next
         to it is ours (an earlier try of this export got that far); else ``FileExistsError``."""
@@ -1398,8 +1643,9 @@ class Pipeline:
         target = free_target(folder, wanted, suffixes)
         self._say_if_gone_around(row, folder, Path(wanted), target)
         suffix = suffixes[0]
-        if folder == self.config.folders.failed and (row.stage == "too_long" or not fits_path_max(
-                sidecar_for(target, suffix))):
+        if folder == self.config.folders.failed and (
+            row.stage == "too_long" or not fits_path_max(sidecar_for(target, suffix))
+        ):
             target = free_target(folder, shortened_name(row.rel_path, suffix), suffixes)
         return target
 
@@ -1408,8 +1654,12 @@ class Pipeline:
         chosen = target.relative_to(folder).parts
         for index, part in enumerate(wanted.parts[:-1]):
             if chosen[index] != part:
-                log.warning("%s: %s is not a folder (a symbolic link, or a file); not followed: the file goes into "
-                            "%s", row.display_path, folder.joinpath(*wanted.parts[: index + 1]), target.parent)
+                log.warning(
+                    "%s: %s is not a folder (a symbolic link, or a file); not followed: the file goes into %s",
+                    row.display_path,
+                    folder.joinpath(*wanted.parts[: index + 1]),
+                    target.parent,
+                )
                 return
 
     def _move_into_place(self, row: Row, target: Path) -> None:
@@ -1488,10 +1738,15 @@ def _error_text(exc: OSError, doing: str = "") -> str:
 
 
 def duplicate_message(earlier: Row, done: Path) -> str:
-    where = f"its result is {export_display(earlier.final_path, done)}.json" if earlier.final_path else \
-        f"it is {earlier.state.value}"
-    return (f"duplicate: the same content (sha256 {earlier.sha256}) was already sent as {earlier.display_path} "
-            f"(document {earlier.document_id}); {where}")
+    where = (
+        f"its result is {export_display(earlier.final_path, done)}.json"
+        if earlier.final_path
+        else f"it is {earlier.state.value}"
+    )
+    return (
+        f"duplicate: the same content (sha256 {earlier.sha256}) was already sent as {earlier.display_path} "
+        f"(document {earlier.document_id}); {where}"
+    )
 
 
 def _created_before(page: list[dict[str, Any]], limit: float) -> bool:

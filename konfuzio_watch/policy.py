@@ -119,8 +119,9 @@ BLOCKING_REASONS = {
 }
 
 
-def decide(step: Step, failure: Failure, failures: int, now: float, limits: Limits,
-           attempts: int = 0, jitter: float = 1.0) -> Decision:
+def decide(
+    step: Step, failure: Failure, failures: int, now: float, limits: Limits, attempts: int = 0, jitter: float = 1.0
+) -> Decision:
     """What to do with one file after ``step`` failed with ``failure``.
 
     ``failures``: the row's consecutive failures so far (this one not counted);
@@ -128,15 +129,17 @@ def decide(step: Step, failure: Failure, failures: int, now: float, limits: Limi
     """
     cause = failure.cause
     if cause == Cause.REJECTED:
-        return Blocked(Scope.API, f"Konfuzio rejected the API token (HTTP {failure.status or 401})", None,
-                       account=True)
+        return Blocked(Scope.API, f"Konfuzio rejected the API token (HTTP {failure.status or 401})", None, account=True)
     if cause in BLOCKING_REASONS:
         capped, note = cap_retry_after(failure.retry_after_s, limits)
         return Blocked(Scope.API, f"{BLOCKING_REASONS[cause]}: {failure.message}", capped, note)
     if cause == Cause.NOT_FOUND and step in (Step.UPLOAD, Step.RECONCILE):
         # The upload URL or the project is not there: a wrong host or project, not this file.
-        reason = failure.message if failure.message.startswith("project ") else \
-            f"Konfuzio answered 404 (wrong konfuzio.host or project_id?): {failure.message}"
+        reason = (
+            failure.message
+            if failure.message.startswith("project ")
+            else f"Konfuzio answered 404 (wrong konfuzio.host or project_id?): {failure.message}"
+        )
         return Blocked(Scope.API, reason, None, account=True)
     if cause == Cause.DISK_FULL:
         return Blocked(Scope.OUTPUT, f"disk full: {failure.message}", None)

@@ -91,9 +91,17 @@ def inside(inbox: Path) -> Path:
     return inbox / ".konfuzio-watch" / "processing"
 
 
-def choose(inbox: Path, *, configured: Path | None = None, bound: str | None = None, sibling_exists: bool = False,
-           inside_exists: bool = False, parent_same_fs: bool = True, may_create_in_parent: bool = True,
-           user: str = USER) -> Choice:
+def choose(
+    inbox: Path,
+    *,
+    configured: Path | None = None,
+    bound: str | None = None,
+    sibling_exists: bool = False,
+    inside_exists: bool = False,
+    parent_same_fs: bool = True,
+    may_create_in_parent: bool = True,
+    user: str = USER,
+) -> Choice:
     """The rule (see the module's docstring), on facts gathered elsewhere (``find``): no file system here.
     ``user``: who would create the folder, as the reason names them."""
     if configured is not None:
@@ -115,8 +123,9 @@ def choose(inbox: Path, *, configured: Path | None = None, bound: str | None = N
     return Choice(sibling_of(inbox), SIBLING_WHY)
 
 
-def find(config: Config, bound: str | None, may_create: Callable[[Path], bool] | None = None,
-         user: str | None = None) -> Choice:
+def find(
+    config: Config, bound: str | None, may_create: Callable[[Path], bool] | None = None, user: str | None = None
+) -> Choice:
     """``choose`` on this machine's facts; ``may_create``: whether the service's user (named ``user``)
     may create entries in a folder (default: this process, the daemon itself)."""
     if user is None:
@@ -129,8 +138,14 @@ def find(config: Config, bound: str | None, may_create: Callable[[Path], bool] |
         same_fs = os.stat(parent).st_dev == os.stat(inbox).st_dev
     except OSError:  # no inbox yet: ``run`` creates it in its parent, on that file system
         same_fs = True
-    return choose(inbox, sibling_exists=os.path.lexists(sibling_of(inbox)), inside_exists=inside(inbox).is_dir(),
-                  parent_same_fs=same_fs, may_create_in_parent=(may_create or may_create_entries)(parent), user=user)
+    return choose(
+        inbox,
+        sibling_exists=os.path.lexists(sibling_of(inbox)),
+        inside_exists=inside(inbox).is_dir(),
+        parent_same_fs=same_fs,
+        may_create_in_parent=(may_create or may_create_entries)(parent),
+        user=user,
+    )
 
 
 def may_create_entries(folder: Path) -> bool:
@@ -144,8 +159,15 @@ def may_create_as(uid: int, gid: int, groups: Sequence[int] = ()) -> Callable[[P
     shell, not this interpreter: that user may not reach a virtualenv under /root.)"""
 
     def may_create(folder: Path) -> bool:
-        done = subprocess.run(["sh", "-c", 'test -w "$1" && test -x "$1"', "sh", os.fsdecode(folder)], user=uid,
-                              group=gid, extra_groups=list(groups), capture_output=True, timeout=30, cwd="/")
+        done = subprocess.run(
+            ["sh", "-c", 'test -w "$1" && test -x "$1"', "sh", os.fsdecode(folder)],
+            user=uid,
+            group=gid,
+            extra_groups=list(groups),
+            capture_output=True,
+            timeout=30,
+            cwd="/",
+        )
         return done.returncode == 0
 
     return may_create
@@ -165,14 +187,20 @@ def prepare(path: Path, inbox: Path, checked_as: Account | None = None, *, paren
         whom = f"not to {owner.describe()}, the user {'running konfuzio-watch' if checked_as is None else 'checked as'}"
         if owner.uid != os.geteuid():
             whom += f"; you are {accounts.me().describe()}"
-        raise ProcessingDirError(f"folders.processing: {path} belongs to {accounts.describe_uid(st.st_uid)}, {whom}; "
-                                 "anyone owning it could plant files there")
+        raise ProcessingDirError(
+            f"folders.processing: {path} belongs to {accounts.describe_uid(st.st_uid)}, {whom}; "
+            "anyone owning it could plant files there"
+        )
     if st.st_mode & 0o022:
-        raise ProcessingDirError(f"folders.processing: {path} is writable by others (mode "
-                                 f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}")
+        raise ProcessingDirError(
+            f"folders.processing: {path} is writable by others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}"
+        )
     if st.st_dev != os.stat(inbox).st_dev:
-        raise ProcessingDirError(f"folders.processing: {path} is on another file system than the inbox {inbox}; "
-                                 "claims are renames: put it next to the inbox")
+        raise ProcessingDirError(
+            f"folders.processing: {path} is on another file system than the inbox {inbox}; "
+            "claims are renames: put it next to the inbox"
+        )
 
 
 def is_remote(path: Path) -> bool:
@@ -188,11 +216,13 @@ def unverifiable_privacy(path: Path) -> str | None:
     mount = mounts.mount_of(path)
     if mount is None or not mount.is_remote:
         return None
-    return (f"the processing folder {path} is on {mount.describe()}: the owner and mode seen here are the "
-            "mount's, not the server's, so whether others (the scanners) can put files into it cannot be verified "
-            "from here. On the server, let only konfuzio-watch's account enter that folder (owned by it, mode "
-            "0700; not the scanners' group), and give the scanners a share account of their own. It stays on "
-            "the share next to the inbox (claims are renames)")
+    return (
+        f"the processing folder {path} is on {mount.describe()}: the owner and mode seen here are the "
+        "mount's, not the server's, so whether others (the scanners) can put files into it cannot be verified "
+        "from here. On the server, let only konfuzio-watch's account enter that folder (owned by it, mode "
+        "0700; not the scanners' group), and give the scanners a share account of their own. It stays on "
+        "the share next to the inbox (claims are renames)"
+    )
 
 
 def new_claim_name(rel_path: bytes) -> bytes:

@@ -118,8 +118,12 @@ def probe(public_base: str, path: str, tokens: ProbeTokens, timeout_s: float = P
     if arrived.wait(timeout=0.5 if response.ok else 0):
         return Reachability(True, public_base, "")
     tokens.arrived(token)
-    return Reachability(False, public_base, f"{public_base} answered HTTP {response.status_code} but the request "
-                                           "never reached this daemon (does the proxy forward the callback path here?)")
+    return Reachability(
+        False,
+        public_base,
+        f"{public_base} answered HTTP {response.status_code} but the request "
+        "never reached this daemon (does the proxy forward the callback path here?)",
+    )
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,11 @@ class CallbackVerdict:
 
     def to_dict(self) -> dict[str, object]:
         """For /healthz and /status (the time in UTC, ISO 8601)."""
-        since = None if self.since is None else dt.datetime.fromtimestamp(self.since, dt.UTC).isoformat(
-            timespec="seconds").replace("+00:00", "Z")
+        since = (
+            None
+            if self.since is None
+            else dt.datetime.fromtimestamp(self.since, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        )
         return {"arriving": self.arriving, "text": self.text, "since": since, "url": self.url}
 
 
@@ -182,8 +189,9 @@ class CallbackWatch:
             self._misses = 0
             was = self._verdict
             since = was.since if was.arriving else now
-            self._verdict = CallbackVerdict(True, f"yes: the last callback arrived at {clock_time(now)}", since,
-                                            self._url)
+            self._verdict = CallbackVerdict(
+                True, f"yes: the last callback arrived at {clock_time(now)}", since, self._url
+            )
         return was.arriving is not True
 
     def found_by_polling(self) -> bool:
@@ -194,8 +202,10 @@ class CallbackWatch:
             self._misses += 1
             if self._misses < MISSES_BEFORE_WARNING or self._verdict.arriving is False:
                 return False
-            text = (f"no: {self._misses} results in a row were found by polling, their callbacks never came "
-                    f"(since {clock_time(now)}){POLLED}")
+            text = (
+                f"no: {self._misses} results in a row were found by polling, their callbacks never came "
+                f"(since {clock_time(now)}){POLLED}"
+            )
             self._verdict = CallbackVerdict(False, text, now, self._url)
             return True
 

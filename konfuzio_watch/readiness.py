@@ -59,16 +59,25 @@ class Observation:
     held: Held | None = None  # someone holds it open for writing (as last looked)
 
 
-def observe(previous: Observation | None, size: int, mtime_ns: int, now: float,
-            looks_complete: bool = True) -> Observation:
+def observe(
+    previous: Observation | None, size: int, mtime_ns: int, now: float, looks_complete: bool = True
+) -> Observation:
     """Fold a fresh stat into the previous observation; the clock restarts on any change. A file
     held open for writing that changed is looked at again once it is settled."""
     if previous is None:
         return Observation(size, mtime_ns, now, now, looks_complete)
     if (previous.size, previous.mtime_ns) == (size, mtime_ns):
         return previous
-    return Observation(size, mtime_ns, now, previous.first_seen, looks_complete, previous.unreadable,
-                       previous.regular, look_again(previous.held))
+    return Observation(
+        size,
+        mtime_ns,
+        now,
+        previous.first_seen,
+        looks_complete,
+        previous.unreadable,
+        previous.regular,
+        look_again(previous.held),
+    )
 
 
 def held_by(obs: Observation, writer: str | None, now: float) -> Observation:

@@ -91,9 +91,13 @@ class ProjectCatalog:
     def from_api(cls, project_id: int, labels: Iterable[dict], label_sets: Iterable[dict],
                  categories: Iterable[dict]) -> ProjectCatalog:  # fmt: skip
         """Read the three lists as the API gives them; entries without an int ``id`` are skipped."""
-        label_map = {x["id"]: Label(x["id"], str(x.get("name") or f"label {x['id']}"),
-                                    bool(x.get("has_multiple_top_candidates")))  # fmt: skip
-                     for x in labels if _is_id(x.get("id"))}
+        label_map = {
+            x["id"]: Label(
+                x["id"], str(x.get("name") or f"label {x['id']}"), bool(x.get("has_multiple_top_candidates"))
+            )  # fmt: skip
+            for x in labels
+            if _is_id(x.get("id"))
+        }
         set_list = [x for x in label_sets if _is_id(x.get("id"))]
         category_list = [x for x in categories if _is_id(x.get("id"))]
         set_map = {x["id"]: LabelSet(x["id"], str(x.get("name") or f"label set {x['id']}"),

@@ -51,9 +51,20 @@ class Duty:
 
 
 class Scheduler:
-    def __init__(self, *, clock: Clock, journal: BaseJournal, gates: Gates, pipeline: Pipeline, dispatcher: Dispatcher,
-                 tracker: CandidateTracker, inbox: str, scan: Callable[[], Iterable[str]],
-                 duties: Iterable[Duty] = (), events: queue.SimpleQueue[Event] | None = None):
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        journal: BaseJournal,
+        gates: Gates,
+        pipeline: Pipeline,
+        dispatcher: Dispatcher,
+        tracker: CandidateTracker,
+        inbox: str,
+        scan: Callable[[], Iterable[str]],
+        duties: Iterable[Duty] = (),
+        events: queue.SimpleQueue[Event] | None = None,
+    ):
         self.clock = clock
         self.journal = journal
         self.gates = gates
@@ -217,5 +228,5 @@ def _relative(path: str, inbox: str) -> str:
     as it spells it): ``os.path.relpath`` normalises both paths again for each file of a batch."""
     prefix = inbox.rstrip(os.sep) + os.sep
     if path.startswith(prefix) and os.sep + os.curdir not in path[len(prefix) - 1 :]:
-        return path[len(prefix):]
+        return path[len(prefix) :]
     return os.path.relpath(path, inbox)

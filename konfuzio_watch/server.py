@@ -36,8 +36,9 @@ PUBLIC_ENDPOINT_SETTINGS: dict[str, Any] = {
 class ServerThread:
     """A WSGI app served by Waitress on a thread; ``port`` is the bound port (``port=0`` works)."""
 
-    def __init__(self, app: Callable, host: str, port: int, *, name: str = "waitress", threads: int = 4,
-                 **settings: Any):
+    def __init__(
+        self, app: Callable, host: str, port: int, *, name: str = "waitress", threads: int = 4, **settings: Any
+    ):
         # We bind the one listening socket ourselves (closing it if that fails; Waitress would
         # leak it, and would listen on several sockets for a name like "localhost"), and give
         # the dispatcher its threads only once bound (create_server starts them first).

@@ -36,11 +36,30 @@ from .files import lstat_any, lstat_below
 log = logging.getLogger("konfuzio_watch")
 
 # The server (or the way to it) is away, or the mount is: not a verdict on any file.
-SHARE_ERRNOS = frozenset({
-    errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.EBUSY, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN,
-    errno.ENETUNREACH, errno.ENETRESET, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
-    errno.ENODEV, errno.ENXIO, errno.ENOLINK, errno.ECOMM, errno.EREMOTEIO, errno.ENOMEDIUM, errno.ESHUTDOWN,
-})
+SHARE_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ENOTCONN,
+        errno.ESTALE,
+        errno.EBUSY,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.ENETRESET,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.ENODEV,
+        errno.ENXIO,
+        errno.ENOLINK,
+        errno.ECOMM,
+        errno.EREMOTEIO,
+        errno.ENOMEDIUM,
+        errno.ESHUTDOWN,
+    }
+)
 ABSENT_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
 
 
@@ -165,8 +184,9 @@ class Folders:
             return os.stat(folder)
         except OSError as exc:
             if exc.errno in ABSENT_ERRNOS:
-                raise ShareUnavailable(exc.errno, "the folder is not there (an unmounted share?)",
-                                       str(folder)) from None
+                raise ShareUnavailable(
+                    exc.errno, "the folder is not there (an unmounted share?)", str(folder)
+                ) from None
             raise
 
     def _verify(self, folder: Path, st: os.stat_result) -> None:
@@ -180,8 +200,11 @@ class Folders:
         mount = mounts.mount_of(folder)
         if known.mount is None or mount is None or not _same_mount(mount, known.mount):
             was = known.mount.describe() if known.mount is not None else f"device {known.device}"
-            raise ShareUnavailable(errno.ENODEV, f"the folder is not on the file system it was on ({was}); an "
-                                                 "unmounted share?", str(folder))
+            raise ShareUnavailable(
+                errno.ENODEV,
+                f"the folder is not on the file system it was on ({was}); an unmounted share?",
+                str(folder),
+            )
         with self._lock:
             self._known[folder] = _Identity(st.st_dev, known.mount)
         log.info("%s is on %s again, mounted anew", folder, known.mount.describe())

@@ -85,15 +85,19 @@ def _ignored(config: Config, processing_dir: str | None) -> str:
     """What the inbox holds that is never taken in (hidden, temporary, ``watch.ignore``), and why."""
     f = config.folders
     own = [f.done, f.failed, f.state, *([processing_dir] if processing_dir else [])]
-    found = [(path, why) for path, why in ignored_files(f.inbox, own, config.watch.ignore)
-             if not path.startswith(".konfuzio-watch")]  # the daemon's own marker
+    found = [
+        (path, why)
+        for path, why in ignored_files(f.inbox, own, config.watch.ignore)
+        if not path.startswith(".konfuzio-watch")
+    ]  # the daemon's own marker
     if not found:
         return "\nignored in the inbox: nothing\n"
     return "\nignored in the inbox (never taken in)\n" + "".join(f"  {path}  [{why}]\n" for path, why in found)
 
 
-def watch_status(config: Config, *, show_all: bool, interval_s: float, out: TextIO,
-                 iterations: int | None = None) -> None:
+def watch_status(
+    config: Config, *, show_all: bool, interval_s: float, out: TextIO, iterations: int | None = None
+) -> None:
     """Redraw the status every ``interval_s`` (a terminal's clear-screen between frames)."""
     frame = 0
     while iterations is None or frame < iterations:
@@ -211,11 +215,15 @@ def _nodes(journal: BaseJournal, lease_s: float) -> str:
     leased = journal.leases_by_node()
     width = max([4, *(len(n.id) for n in nodes), *(len(k) for k in leased)])
     host_width = max([4, *(len(n.host) for n in nodes)])
-    lines = [f"nodes sharing the journal {journal.location}",
-             f"  {'node':<{width}}  {'host':<{host_width}}  {'pid':>7}  {'heard':>6}  {'files':>5}"]
+    lines = [
+        f"nodes sharing the journal {journal.location}",
+        f"  {'node':<{width}}  {'host':<{host_width}}  {'pid':>7}  {'heard':>6}  {'files':>5}",
+    ]
     for node in nodes:
-        line = (f"  {node.id:<{width}}  {node.host:<{host_width}}  {node.pid or '-':>7}  "
-                f"{format_age(node.silent_s) + ' ago':>6}  {leased.get(node.id, 0):>5}")
+        line = (
+            f"  {node.id:<{width}}  {node.host:<{host_width}}  {node.pid or '-':>7}  "
+            f"{format_age(node.silent_s) + ' ago':>6}  {leased.get(node.id, 0):>5}"
+        )
         if node.silent_s > lease_s:
             line += "  SILENT: its files pass to the other nodes"
         if node.clock_offset_s is not None and is_off(node.clock_offset_s):
@@ -236,8 +244,7 @@ def _table(rows: list[Row], now: float, host: str | None = None, holders: dict[i
         # An uploaded file is as old as its upload (its row changes at every poll).
         since = row.uploaded_at if row.state == State.UPLOADED and row.uploaded_at else row.updated_at
         held = f"  {holders.get(row.id, '-'):<8}" if holders is not None else ""
-        line = (f"{row.id:>6}  {row.state.value:<10} {format_age(now - since):>6}  {doc:>7}{held}  "
-                f"{row.display_path}")
+        line = f"{row.id:>6}  {row.state.value:<10} {format_age(now - since):>6}  {doc:>7}{held}  {row.display_path}"
         if row.error:
             line += f"  [{row.stage}: {row.error}]"
         elif row.state == State.UPLOADED and row.stage and "waiting for" in row.stage:

@@ -18,8 +18,9 @@ def format_age(seconds: float) -> str:
     return f"{seconds // 86400}d"
 
 
-def status_line(counts: Mapping[State, int], oldest_detected_at: float | None, now: float,
-                blocked: Sequence[str] = ()) -> str:
+def status_line(
+    counts: Mapping[State, int], oldest_detected_at: float | None, now: float, blocked: Sequence[str] = ()
+) -> str:
     """``3 pending, 120 done, 1 failed; oldest pending 40s`` (+ ``; BLOCKED: reason``)."""
     pending = sum(counts.get(s, 0) for s in ACTIVE)
     line = f"{pending} pending, {counts.get(State.DONE, 0)} done, {counts.get(State.FAILED, 0)} failed"

@@ -118,9 +118,17 @@ class Candidate:
 
 
 class CandidateTracker:
-    def __init__(self, settle_s: float, grace_s: float, scan: Callable[[str], Iterable[str]], *,
-                 batch: int = CLAIM_BATCH, can_read: CanRead = probe_readable, inbox: str | None = None,
-                 find_writers: writers.FindWriters = writers.find_writers):
+    def __init__(
+        self,
+        settle_s: float,
+        grace_s: float,
+        scan: Callable[[str], Iterable[str]],
+        *,
+        batch: int = CLAIM_BATCH,
+        can_read: CanRead = probe_readable,
+        inbox: str | None = None,
+        find_writers: writers.FindWriters = writers.find_writers,
+    ):
         self.settle_s = settle_s
         self.grace_s = grace_s
         self._scan = scan
@@ -158,11 +166,13 @@ class CandidateTracker:
             if previous is not None and not previous.regular:
                 obs = previous
             else:
-                obs = readiness.Observation(st.st_size, st.st_mtime_ns, now, previous.first_seen if previous else now,
-                                            regular=False)
+                obs = readiness.Observation(
+                    st.st_size, st.st_mtime_ns, now, previous.first_seen if previous else now, regular=False
+                )
         else:
-            obs = readiness.observe(previous if previous is None or previous.regular else None,
-                                    st.st_size, st.st_mtime_ns, now)
+            obs = readiness.observe(
+                previous if previous is None or previous.regular else None, st.st_size, st.st_mtime_ns, now
+            )
             if previous is None or not previous.regular or previous.unreadable is not None:
                 obs = self._check_readable(path, obs)
             elif obs is previous and obs.held is not None and obs.held.checked is not None:
@@ -201,8 +211,12 @@ class CandidateTracker:
             while self._due and self._due[0][0] <= now and len(ready) < self.batch:
                 _, path = heapq.heappop(self._due)
                 obs = self.candidates.get(path)
-                if obs is None or path in ready or obs.unreadable is not None \
-                        or not readiness.is_ready(obs, now, self.settle_s, self.grace_s):
+                if (
+                    obs is None
+                    or path in ready
+                    or obs.unreadable is not None
+                    or not readiness.is_ready(obs, now, self.settle_s, self.grace_s)
+                ):
                     continue  # stale heap entry; a newer one is queued (or none while unreadable)
                 handed_out = self._recheck(path, obs, now)
                 if handed_out is not None:
@@ -236,8 +250,9 @@ class CandidateTracker:
             state, reason = "too long", f"its path is {len(os.fsencode(path))} bytes, over PATH_MAX ({PATH_MAX})"
         elif due <= now:
             state = "settled"
-        return Candidate(path, self._name(path), state, obs.size, obs.first_seen, obs.since, stable,
-                         self.settle_s, due_in, reason)
+        return Candidate(
+            path, self._name(path), state, obs.size, obs.first_seen, obs.since, stable, self.settle_s, due_in, reason
+        )
 
     def _ready_file(self, path: str, obs: readiness.Observation) -> ReadyFile:
         if not readiness.is_complete(obs):
@@ -258,8 +273,9 @@ class CandidateTracker:
             resolved[folder] = os.path.realpath(folder)
         return resolved[folder]
 
-    def _recheck(self, path: str, obs: readiness.Observation,
-                 now: float) -> tuple[ReadyFile, writers.FileId | None] | None:
+    def _recheck(
+        self, path: str, obs: readiness.Observation, now: float
+    ) -> tuple[ReadyFile, writers.FileId | None] | None:
         """Stat once more at claim time; the daemon must be able to read it, and a PDF must also
         end with %%EOF (or wait out the grace). With the file's (device, inode) if it is regular."""
         try:
@@ -317,8 +333,12 @@ class CandidateTracker:
             if obs.held is None:
                 log.info("%s: open for writing by %s; taken in once it is closed", self._name(path), writer)
             elif readiness.is_held_past(new, now, self.grace_s):
-                log.warning("%s: still open for writing by %s after %.0f s; it stays in the inbox until it is "
-                            "closed", self._name(path), writer, now - obs.held.since)
+                log.warning(
+                    "%s: still open for writing by %s after %.0f s; it stays in the inbox until it is closed",
+                    self._name(path),
+                    writer,
+                    now - obs.held.since,
+                )
                 new = readiness.said_loudly(new)
             self._track(path, new)
             held.append(path)
@@ -330,12 +350,17 @@ class CandidateTracker:
             return
         self._blind_said = True
         if not look.complete:
-            log.warning("the look through /proc for processes writing to files about to be taken in was cut "
-                        "short (no /proc, or more open files than it may take time for); the files it did not "
-                        "reach are taken in by watch.settle_seconds alone")
+            log.warning(
+                "the look through /proc for processes writing to files about to be taken in was cut "
+                "short (no /proc, or more open files than it may take time for); the files it did not "
+                "reach are taken in by watch.settle_seconds alone"
+            )
         else:
-            log.info("%d process(es) of other users cannot be looked into; a file they hold open for writing is "
-                     "taken in by watch.settle_seconds alone", look.hidden)
+            log.info(
+                "%d process(es) of other users cannot be looked into; a file they hold open for writing is "
+                "taken in by watch.settle_seconds alone",
+                look.hidden,
+            )
 
     def _check_readable(self, path: str, obs: readiness.Observation) -> readiness.Observation:
         """Probe whether the daemon may read the file; log a change (once), not every look."""
@@ -344,8 +369,11 @@ class CandidateTracker:
         if reason == obs.unreadable:
             return obs
         if reason is not None:
-            log.warning("%s: cannot read it (%s); it stays in the inbox until konfuzio-watch may read it",
-                        self._name(path), reason)
+            log.warning(
+                "%s: cannot read it (%s); it stays in the inbox until konfuzio-watch may read it",
+                self._name(path),
+                reason,
+            )
         else:
             log.info("%s: konfuzio-watch may read it now; it is taken in as usual", self._name(path))
         return dataclasses.replace(obs, unreadable=reason)

@@ -51,8 +51,9 @@ class TunnelSettings:
 class Tunnel:
     """One https endpoint forwarding to ``local_host:local_port``, served by one ngrok agent process."""
 
-    def __init__(self, settings: TunnelSettings, local_port: int, *, state_dir: Path | None = None,
-                 local_host: str = "127.0.0.1"):
+    def __init__(
+        self, settings: TunnelSettings, local_port: int, *, state_dir: Path | None = None, local_host: str = "127.0.0.1"
+    ):
         if settings.config_path is not None:
             self.config_path = settings.config_path
         elif state_dir is not None:
@@ -123,8 +124,10 @@ class Tunnel:
     def _check_agent_binary(self) -> None:
         path = self.settings.ngrok_path
         if not path.is_file():
-            raise TunnelError(f"ngrok agent not found at {path}; install it (https://ngrok.com/download) and "
-                              "set its path; konfuzio-watch never downloads it")
+            raise TunnelError(
+                f"ngrok agent not found at {path}; install it (https://ngrok.com/download) and "
+                "set its path; konfuzio-watch never downloads it"
+            )
         if not os.access(path, os.X_OK):
             raise TunnelError(f"ngrok agent at {path} is not executable")
 
@@ -149,10 +152,15 @@ class Tunnel:
 
     def _pyngrok_config(self) -> conf.PyngrokConfig:
         config = conf.PyngrokConfig(
-            ngrok_path=str(self.settings.ngrok_path), config_path=str(self.config_path),
-            region=self.settings.region, monitor_thread=True, log_event_callback=self._on_agent_log,
+            ngrok_path=str(self.settings.ngrok_path),
+            config_path=str(self.config_path),
+            region=self.settings.region,
+            monitor_thread=True,
+            log_event_callback=self._on_agent_log,
             startup_timeout=self.settings.startup_timeout_s,  # type: ignore[arg-type]  # a float works
-            request_timeout=REQUEST_TIMEOUT_S, start_new_session=True)
+            request_timeout=REQUEST_TIMEOUT_S,
+            start_new_session=True,
+        )
         config.auth_token = None  # else pyngrok passes $NGROK_AUTHTOKEN as --authtoken on the command line
         config.api_key = None
         return config
@@ -182,8 +190,9 @@ class Tunnel:
         self._starting = True
         guard.start()
         try:
-            return ngrok.connect(self.upstream_url, "http", name=ENDPOINT_NAME,
-                                 pyngrok_config=self._pyngrok_config(), **options)
+            return ngrok.connect(
+                self.upstream_url, "http", name=ENDPOINT_NAME, pyngrok_config=self._pyngrok_config(), **options
+            )
         finally:
             self._starting = False
             guard.cancel()

@@ -93,8 +93,14 @@ PROBE_PREFIX = ".konfuzio-watch-probe-"
 # the opens and reads of the daemon's own readiness checks, nor for deletions (the claims' moves out
 # of the inbox still arrive, as part of IN_MOVE, and are dropped by the observer).
 WANTED_EVENTS: list[type[FileSystemEvent]] = [
-    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirMovedEvent,
-    FileAttribEvent, DirAttribEvent,
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    DirAttribEvent,
 ]
 
 
@@ -128,6 +134,7 @@ def make_observer(polling: bool, poll_interval_s: float, skip: frozenset[str] = 
     """``skip``: folders a polling observer never walks (done/ or failed/ inside the inbox: with
     thousands of results in them, each poll would stat every one)."""
     if polling:  # lstat: never walk into a symlinked folder (a link to done/ or /etc)
+
         def scandir(path: str) -> list[os.DirEntry]:
             with os.scandir(path) as entries:
                 return [e for e in entries if e.path not in skip]
@@ -165,9 +172,12 @@ def plan_watching(setting: PollingSetting, mount: Mount | None, rescan_interval_
         return WatchPlan(True, " (watch.polling: true)")
     if setting is False:
         if mount is not None and mount.is_remote:
-            return WatchPlan(False, f" (watch.polling: false), although {where}, {REMOTE_WHY}: files they write are "
-                                    f"found only by the rescan every {rescan_interval_s:g} s; set watch.polling: auto",
-                             warning=True)
+            return WatchPlan(
+                False,
+                f" (watch.polling: false), although {where}, {REMOTE_WHY}: files they write are "
+                f"found only by the rescan every {rescan_interval_s:g} s; set watch.polling: auto",
+                warning=True,
+            )
         return WatchPlan(False, " (watch.polling: false)")
     if mount is None:
         return WatchPlan(False, ": its file system is not known (no /proc/self/mountinfo)", probe=True)
@@ -184,10 +194,18 @@ class InboxWatcher:
     ``is_running`` is False once the observer stopped by itself (watchdog's poller stops for good when
     its folder is missing for a moment): ``start`` again."""
 
-    def __init__(self, keep: InboxFilter, report: Report, *, polling: PollingSetting = "auto",
-                 poll_interval_s: float = 5.0, rescan_interval_s: float = 300.0,
-                 observer_factory: ObserverFactory = make_observer, probe_timeout_s: float = 2.0,
-                 find_mount: Callable[[str], Mount | None] = mount_of):
+    def __init__(
+        self,
+        keep: InboxFilter,
+        report: Report,
+        *,
+        polling: PollingSetting = "auto",
+        poll_interval_s: float = 5.0,
+        rescan_interval_s: float = 300.0,
+        observer_factory: ObserverFactory = make_observer,
+        probe_timeout_s: float = 2.0,
+        find_mount: Callable[[str], Mount | None] = mount_of,
+    ):
         self.keep = keep
         self.report = report
         self.setting = polling
@@ -216,8 +234,14 @@ class InboxWatcher:
             if exc.errno not in (errno.ENOSPC, errno.EMFILE):  # inotify's watch/instance limits
                 raise
             self._start_observer(polling=True)
-            self._settle(WatchPlan(True, f": inotify cannot watch it ({exc.strerror or exc}; raise "
-                                         "fs.inotify.max_user_watches / max_user_instances)"), loud=True)
+            self._settle(
+                WatchPlan(
+                    True,
+                    f": inotify cannot watch it ({exc.strerror or exc}; raise "
+                    "fs.inotify.max_user_watches / max_user_instances)",
+                ),
+                loud=True,
+            )
             return
         if plan.probe and not self._events_arrive():
             self.stop()
@@ -331,8 +355,14 @@ class Waiting:
     error: str | None = None  # the inbox could not be read
 
 
-def count_waiting(inbox: str | os.PathLike, own_folders: Iterable[str | os.PathLike], patterns: tuple[str, ...], *,
-                  limit: int = 10_000, budget_s: float = 2.0) -> Waiting:
+def count_waiting(
+    inbox: str | os.PathLike,
+    own_folders: Iterable[str | os.PathLike],
+    patterns: tuple[str, ...],
+    *,
+    limit: int = 10_000,
+    budget_s: float = 2.0,
+) -> Waiting:
     """The files in the inbox that would be taken in, counted by the watcher's own scan, whether or not an
     event came for them (``status``). Bounded for a big inbox on a slow share: it stops at ``limit`` files
     or after ``budget_s``, and then says "at least"."""
@@ -356,8 +386,9 @@ def count_waiting(inbox: str | os.PathLike, own_folders: Iterable[str | os.PathL
     return Waiting(files, error=errors[0] if errors else None)
 
 
-def ignored_files(inbox: str | os.PathLike, own_folders: Iterable[str | os.PathLike],
-                  patterns: tuple[str, ...]) -> list[tuple[str, str]]:
+def ignored_files(
+    inbox: str | os.PathLike, own_folders: Iterable[str | os.PathLike], patterns: tuple[str, ...]
+) -> list[tuple[str, str]]:
     """What the inbox holds that is never taken in, for ``status --all``: (path relative to the
     inbox, why). An ignored folder is listed once, with a trailing ``/``, not its content; the
     daemon's own folders are left out."""

@@ -52,8 +52,13 @@ class Look:
 FindWriters = Callable[[Collection[FileId]], Look]
 
 
-def find_writers(files: Collection[FileId], *, proc: str = PROC, budget_s: float = BUDGET_S,
-                 monotonic: Callable[[], float] = time.monotonic) -> Look:
+def find_writers(
+    files: Collection[FileId],
+    *,
+    proc: str = PROC,
+    budget_s: float = BUDGET_S,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> Look:
     """Which of these files (device, inode) a process holds open for writing, and who."""
     wanted = set(files)
     if not wanted:

@@ -26,8 +26,9 @@ TOKEN = "test-api-token-0123456789"
 FAKE_NGROK = Path(__file__).with_name("fake_ngrok.py")
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str | Callable[[], str],
-               interval_s: float = 0.02) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float, what: str | Callable[[], str], interval_s: float = 0.02
+) -> Any:
     """Poll ``predicate`` until it is truthy; fail with ``what`` (or what it returns) if it never is."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -63,8 +64,12 @@ def emulator() -> Iterator[Emulator]:
 def make_config(tmp_path: Path, emu: Emulator, **sections: dict[str, Any]) -> Config:
     raw: dict[str, dict[str, Any]] = {
         "konfuzio": {"host": emu.url, "token": TOKEN, "project_id": 1, "timeout_seconds": 10},
-        "folders": {"inbox": str(tmp_path / "inbox"), "done": str(tmp_path / "done"),
-                    "failed": str(tmp_path / "failed"), "state": str(tmp_path / "state")},
+        "folders": {
+            "inbox": str(tmp_path / "inbox"),
+            "done": str(tmp_path / "done"),
+            "failed": str(tmp_path / "failed"),
+            "state": str(tmp_path / "state"),
+        },
         "watch": {"settle_seconds": 0.3},
         "callback": {"host": "127.0.0.1", "port": 0},
         "monitor": {"port": 0},
@@ -104,8 +109,11 @@ class Running:
         return sum(counts[s] for s in FINISHED)
 
     def wait_finished(self, n: int, timeout_s: float = 30) -> None:
-        wait_until(lambda: self.finished() >= n, timeout_s,
-                   lambda: f"{n} files finished (have {({s.value: c for s, c in self.counts().items() if c})})")
+        wait_until(
+            lambda: self.finished() >= n,
+            timeout_s,
+            lambda: f"{n} files finished (have { ({s.value: c for s, c in self.counts().items() if c}) })",
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample of the daemon's /metrics registry, e.g. ``upload_retries_total`` (0 when never set)."""
@@ -121,8 +129,9 @@ class Running:
 def start_daemon(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(config: Config | None = None, daemon_kwargs: dict[str, Any] | None = None,
-              **sections: dict[str, Any]) -> Running:
+    def start(
+        config: Config | None = None, daemon_kwargs: dict[str, Any] | None = None, **sections: dict[str, Any]
+    ) -> Running:
         config = config or make_config(tmp_path, emulator, **sections)
         daemon = Daemon(config, **(daemon_kwargs or {}))
         running = Running(daemon, config, run_in_thread(daemon))
@@ -209,8 +218,10 @@ def pg_cluster() -> Iterator[Any]:
         cluster = PgCluster.start_new()
     except (PgUnavailable, ImportError) as exc:
         if required():
-            pytest.fail(f"PostgreSQL is required here (CI / KONFUZIO_WATCH_REQUIRE_POSTGRES) but cannot be "
-                        f"started: {exc}", pytrace=False)
+            pytest.fail(
+                f"PostgreSQL is required here (CI / KONFUZIO_WATCH_REQUIRE_POSTGRES) but cannot be started: {exc}",
+                pytrace=False,
+            )
         pytest.skip(f"{SKIP_REASON}: {exc}")
     yield cluster
     cluster.destroy()
@@ -228,8 +239,11 @@ def pg_url(pg_cluster: Any) -> Iterator[str]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     from .pg import SKIP_REASON
 
-    reasons = {str(report.longrepr[2]) for report in terminalreporter.stats.get("skipped", [])
-               if isinstance(report.longrepr, tuple) and SKIP_REASON in str(report.longrepr[2])}
+    reasons = {
+        str(report.longrepr[2])
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple) and SKIP_REASON in str(report.longrepr[2])
+    }
     for reason in sorted(reasons):
         terminalreporter.write_sep("!", "PostgreSQL journal tests SKIPPED", red=True, bold=True)
         terminalreporter.write_line(reason.removeprefix("Skipped: "), red=True, bold=True)

@@ -109,8 +109,13 @@ class AgentApi(BaseHTTPRequestHandler):
         forwarder = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=forwarder.serve_forever, args=(0.05,), daemon=True).start()
         endpoint = {
-            "id": f"ep_{uuid.uuid4().hex}", "name": body["name"], "uri": f"/api/endpoints/{body['name']}",
-            "url": url, "public_url": url, "proto": urlsplit(url).scheme, "upstream": {"url": upstream},
+            "id": f"ep_{uuid.uuid4().hex}",
+            "name": body["name"],
+            "uri": f"/api/endpoints/{body['name']}",
+            "url": url,
+            "public_url": url,
+            "proto": urlsplit(url).scheme,
+            "upstream": {"url": upstream},
             "test_forward_url": f"http://127.0.0.1:{forwarder.server_address[1]}",
         }
         self.endpoints[body["name"]], self.forwarders[body["name"]] = endpoint, forwarder
@@ -131,7 +136,7 @@ class AgentApi(BaseHTTPRequestHandler):
 
     def _name(self) -> str:
         prefix = "/api/endpoints/"
-        return self.path[len(prefix):] if self.path.startswith(prefix) else ""
+        return self.path[len(prefix) :] if self.path.startswith(prefix) else ""
 
     def _json(self, status: int, data: dict) -> None:
         raw = json.dumps(data).encode()
@@ -161,9 +166,14 @@ def start(argv: list[str]) -> int:
     if args.config:
         with open(args.config) as f:
             config_text, config_mode = f.read(), oct(os.fstat(f.fileno()).st_mode & 0o777)
-    AgentApi.recorder = Recorder(os.environ.get("FAKE_NGROK_RECORD_DIR"), argv=sys.argv[1:], config_path=args.config,
-                                 config_text=config_text, config_mode=config_mode,
-                                 env_authtoken=os.environ.get("NGROK_AUTHTOKEN"))
+    AgentApi.recorder = Recorder(
+        os.environ.get("FAKE_NGROK_RECORD_DIR"),
+        argv=sys.argv[1:],
+        config_path=args.config,
+        config_text=config_text,
+        config_mode=config_mode,
+        env_authtoken=os.environ.get("NGROK_AUTHTOKEN"),
+    )
     mode = os.environ.get("FAKE_NGROK_MODE", "ok")
     if mode == "silent":
         threading.Event().wait()

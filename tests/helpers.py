@@ -42,8 +42,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def readme_block(marker: str, lang: str = "sh") -> str:
     """The one fenced ``lang`` block right after ``<!-- marker ... -->`` in the README (e.g. marker
     ``cluster: database``): a block the tests run or read as written."""
-    found = re.findall(rf"<!-- {re.escape(marker)}\b[^>]*-->\n```{lang}\n(.*?)```", README.read_text(encoding="utf-8"),
-                       re.S)
+    found = re.findall(
+        rf"<!-- {re.escape(marker)}\b[^>]*-->\n```{lang}\n(.*?)```", README.read_text(encoding="utf-8"), re.S
+    )
     assert len(found) == 1, f"README.md needs one ```{lang} block right after <!-- {marker} ... -->"
     return found[0]
 
@@ -138,9 +139,14 @@ class DaemonProcess:
 
     def start(self, prefix: list[str] | None = None, wait_ready: bool = True) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([*(prefix or []), *KONFUZIO_WATCH, "run", "--config", str(self.config)],
-                                         cwd=self.root, stdout=log, stderr=log, start_new_session=True,
-                                         env={**os.environ, "LOG_TO_FILE": "False"})
+            self.proc = subprocess.Popen(
+                [*(prefix or []), *KONFUZIO_WATCH, "run", "--config", str(self.config)],
+                cwd=self.root,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env={**os.environ, "LOG_TO_FILE": "False"},
+            )
         if wait_ready:
             wait_until(self.is_ready, 30, lambda: f"daemon ready (log: {self.log.read_text()[-2000:]})")
 
@@ -207,8 +213,12 @@ def write_and_rename(path: Path, text: str) -> None:
 
 
 def sample_files(n: int, prefix: str) -> dict[str, bytes]:
-    return {(f"{prefix}/{i:03d}.pdf" if i % 2 else f"{prefix}/{i:03d}.png"):
-            (make_pdf(label=f"{prefix}{i}") if i % 2 else make_png(label=f"{prefix}{i}")) for i in range(n)}
+    return {
+        (f"{prefix}/{i:03d}.pdf" if i % 2 else f"{prefix}/{i:03d}.png"): (
+            make_pdf(label=f"{prefix}{i}") if i % 2 else make_png(label=f"{prefix}{i}")
+        )
+        for i in range(n)
+    }
 
 
 def assert_each_file_finished_exactly_once(root: Path, emulator, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
@@ -300,8 +310,9 @@ class Receiver:
             self.hold.wait(10)
         status = self.status
         self.posts.append((status, json.loads(body)))
-        start_response(f"{status} {'OK' if status == 200 else 'Internal Server Error'}",
-                       [("Content-Type", "text/plain")])
+        start_response(
+            f"{status} {'OK' if status == 200 else 'Internal Server Error'}", [("Content-Type", "text/plain")]
+        )
         return [b"ok" if status == 200 else b"down"]
 
     def accepted(self) -> list[dict]:
@@ -383,8 +394,7 @@ def can_drop_privileges() -> bool:
     """Root with setpriv, and this interpreter usable as nobody: a daemon can run as another user."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         return False
-    probe = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import konfuzio_watch"], capture_output=True,
-                           timeout=60)
+    probe = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import konfuzio_watch"], capture_output=True, timeout=60)
     return probe.returncode == 0
 
 
@@ -397,8 +407,12 @@ def cluster_node(shared: Path, node_id: str, emulator, pg_url: str, **overrides:
     root = shared / f"node-{node_id}"
     root.mkdir(exist_ok=True)
     sections: dict[str, dict] = {
-        "folders": {"inbox": str(shared / "inbox"), "done": str(shared / "done"), "failed": str(shared / "failed"),
-                    "state": str(root / "state")},
+        "folders": {
+            "inbox": str(shared / "inbox"),
+            "done": str(shared / "done"),
+            "failed": str(shared / "failed"),
+            "state": str(root / "state"),
+        },
         "journal": {"url": pg_url},
         "node": {"id": node_id, "lease_seconds": 3},
     }
@@ -421,12 +435,16 @@ class CallbackBalancer:
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         path = environ.get("PATH_INFO", "/")
         with self._lock:
-            order = self.backends[self._next:] + self.backends[: self._next]
+            order = self.backends[self._next :] + self.backends[: self._next]
             self._next = (self._next + 1) % max(1, len(self.backends))
         for backend in order:
             try:
-                answer = requests.post(backend + path, data=body, timeout=5,
-                                       headers={"Content-Type": environ.get("CONTENT_TYPE", "application/json")})
+                answer = requests.post(
+                    backend + path,
+                    data=body,
+                    timeout=5,
+                    headers={"Content-Type": environ.get("CONTENT_TYPE", "application/json")},
+                )
             except requests.RequestException:
                 continue  # that node is down: the next one
             self.forwarded[backend] += 1
@@ -477,15 +495,21 @@ def moves_not_under_own_lease(pg_url: str) -> list[tuple]:
     """State moves a node made on a row whose lease it did not hold (another node's, or nobody's).
     Leases pass from node to node only through the journal, so if every move was made by the row's
     lease holder, no two nodes ever worked on one file at the same time."""
-    return pg_rows(pg_url, "SELECT row_id, old_state, new_state, writer, lease_node FROM test_moves"
-                           " WHERE lease_node IS NULL OR writer <> 'konfuzio-watch ' || lease_node ORDER BY seq")
+    return pg_rows(
+        pg_url,
+        "SELECT row_id, old_state, new_state, writer, lease_node FROM test_moves"
+        " WHERE lease_node IS NULL OR writer <> 'konfuzio-watch ' || lease_node ORDER BY seq",
+    )
 
 
 def illegal_move_chains(pg_url: str) -> list[tuple]:
     """Moves that do not continue from the state the row's previous move left it in."""
-    return pg_rows(pg_url, "SELECT row_id, seq, old_state, prev FROM (SELECT row_id, seq, old_state, LAG(new_state)"
-                           " OVER (PARTITION BY row_id ORDER BY seq) AS prev FROM test_moves) m"
-                           " WHERE prev IS NOT NULL AND prev <> old_state")
+    return pg_rows(
+        pg_url,
+        "SELECT row_id, seq, old_state, prev FROM (SELECT row_id, seq, old_state, LAG(new_state)"
+        " OVER (PARTITION BY row_id ORDER BY seq) AS prev FROM test_moves) m"
+        " WHERE prev IS NOT NULL AND prev <> old_state",
+    )
 
 
 def net_uploads_per_sha(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]

@@ -46,8 +46,10 @@ class PgUnavailable(Exception):
 
 def required() -> bool:
     """Whether a missing PostgreSQL is a failure (CI) rather than a skip (a developer's machine)."""
-    return any(os.environ.get(name, "").lower() not in ("", "0", "false", "no")
-               for name in ("KONFUZIO_WATCH_REQUIRE_POSTGRES", "CI"))
+    return any(
+        os.environ.get(name, "").lower() not in ("", "0", "false", "no")
+        for name in ("KONFUZIO_WATCH_REQUIRE_POSTGRES", "CI")
+    )
 
 
 def find_bindir() -> Path:
@@ -56,17 +58,25 @@ def find_bindir() -> Path:
     if os.environ.get("PG_BINDIR"):
         candidates = [Path(os.environ["PG_BINDIR"])]
     else:
-        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                            key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)], reverse=True)
+        candidates = sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)],
+            reverse=True,
+        )
         if shutil.which("pg_ctl"):
             candidates.append(Path(os.path.realpath(shutil.which("pg_ctl") or "")).parent)
     for bindir in candidates:
         if all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
             return bindir
-    where = f"PG_BINDIR={os.environ['PG_BINDIR']}" if os.environ.get("PG_BINDIR") else \
-        "/usr/lib/postgresql/*/bin or on the PATH"
-    raise PgUnavailable(f"no PostgreSQL server binaries (initdb, pg_ctl, postgres) in {where}: "
-                        "apt-get install postgresql (or set PG_BINDIR)")
+    where = (
+        f"PG_BINDIR={os.environ['PG_BINDIR']}"
+        if os.environ.get("PG_BINDIR")
+        else "/usr/lib/postgresql/*/bin or on the PATH"
+    )
+    raise PgUnavailable(
+        f"no PostgreSQL server binaries (initdb, pg_ctl, postgres) in {where}: "
+        "apt-get install postgresql (or set PG_BINDIR)"
+    )
 
 
 def server_user() -> tuple[list[str], int, int]:
@@ -79,12 +89,17 @@ def server_user() -> tuple[list[str], int, int]:
         except KeyError:
             continue
         if shutil.which("setpriv"):
-            return (["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "--"],
-                    entry.pw_uid, entry.pw_gid)
+            return (
+                ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "--"],
+                entry.pw_uid,
+                entry.pw_gid,
+            )
         if shutil.which("runuser"):
             return ["runuser", "-u", name, "--"], entry.pw_uid, entry.pw_gid
-    raise PgUnavailable("running as root, and neither a postgres nor a nobody user with setpriv or runuser "
-                        "to run the server as (PostgreSQL refuses root)")
+    raise PgUnavailable(
+        "running as root, and neither a postgres nor a nobody user with setpriv or runuser "
+        "to run the server as (PostgreSQL refuses root)"
+    )
 
 
 def free_port() -> int:
@@ -135,8 +150,19 @@ class PgCluster:
         os.chown(root, uid, gid)
         cluster = cls(bindir, root, prefix)
         try:
-            cluster._run("initdb", "-D", str(cluster.data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8",
-                         "--locale=C", "--no-sync")
+            cluster._run(
+                "initdb",
+                "-D",
+                str(cluster.data),
+                "-U",
+                SUPERUSER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
             (cluster.data / "pg_hba.conf").write_text(HBA)  # rewritten in place: still the server user's
             for attempt in range(3):  # a port taken between free_port() and the server's bind: another one
                 cluster.port = free_port()
@@ -155,13 +181,21 @@ class PgCluster:
         command = [*self.prefix, str(self.bindir / tool), *args]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
         try:
-            done = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                command,
+                cwd=self.root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise PgUnavailable(f"{tool}: {exc}") from None
         if done.returncode != 0:
-            raise PgUnavailable(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}\n"
-                                f"{self.log_tail()}")
+            raise PgUnavailable(
+                f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}\n{self.log_tail()}"
+            )
         return done.stdout
 
     def log_tail(self) -> str:
@@ -171,9 +205,11 @@ class PgCluster:
             return ""
 
     def start(self) -> None:
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
-                   " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-                   " -c shared_buffers=32MB")
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+            " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            " -c shared_buffers=32MB"
+        )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-o", options, "-w", "-t", "60", "start")
 
     def stop(self) -> None:

@@ -64,8 +64,11 @@ def ensure_user(name: str) -> int:
         subprocess.run(["groupadd", GROUP], check=True, capture_output=True)
     with suppress(KeyError):
         return pwd.getpwnam(name).pw_uid
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--groups", GROUP, name],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--groups", GROUP, name],
+        check=True,
+        capture_output=True,
+    )
     return pwd.getpwnam(name).pw_uid
 
 
@@ -139,23 +142,37 @@ class SambaServer:
 """)
         for user, password in (SCANNER, DAEMON):
             ensure_user(user)
-            subprocess.run([_tool("smbpasswd"), "-c", str(self.conf), "-s", "-a", user],
-                           input=f"{password}\n{password}\n", text=True, check=True, capture_output=True)
+            subprocess.run(
+                [_tool("smbpasswd"), "-c", str(self.conf), "-s", "-a", user],
+                input=f"{password}\n{password}\n",
+                text=True,
+                check=True,
+                capture_output=True,
+            )
         return self
 
     def start(self) -> SambaServer:
         with open(self.root / "samba" / "log" / "smbd.out", "ab") as log:
-            self.proc = subprocess.Popen([_tool("smbd"), "--foreground", "--no-process-group", "-s",
-                                          str(self.conf)], stdout=log, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [_tool("smbd"), "--foreground", "--no-process-group", "-s", str(self.conf)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         _wait_for(self.answers, 15, f"smbd answering on 127.0.0.1:{self.port}")
         return self
 
     def answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise SambaUnavailable(f"smbd exited with {self.proc.returncode}: "
-                                   f"{(self.root / 'samba' / 'log' / 'smbd.out').read_text()[-1000:]}")
-        result = subprocess.run([_tool("smbclient"), "//127.0.0.1/share", "-p", str(self.port),
-                                 "-U", "%".join(SCANNER), "-c", "ls"], capture_output=True, timeout=10)
+            raise SambaUnavailable(
+                f"smbd exited with {self.proc.returncode}: "
+                f"{(self.root / 'samba' / 'log' / 'smbd.out').read_text()[-1000:]}"
+            )
+        result = subprocess.run(
+            [_tool("smbclient"), "//127.0.0.1/share", "-p", str(self.port), "-U", "%".join(SCANNER), "-c", "ls"],
+            capture_output=True,
+            timeout=10,
+        )
         return result.returncode == 0
 
     def close(self) -> None:
@@ -190,21 +207,29 @@ class SmbMount:
         smb.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         (smb / "smb.conf").write_text("[global]\n  client min protocol = SMB2\n  unix charset = utf-8\n")
-        (smb / "smbnetfs.conf").write_text('smb_query_browsers "false"\nsamba_charset "utf-8"\n'
-                                           f'local_charset "utf-8"\nauth "127.0.0.1" "{self.user[0]}" '
-                                           f'"{self.user[1]}"\n')
+        (smb / "smbnetfs.conf").write_text(
+            'smb_query_browsers "false"\nsamba_charset "utf-8"\n'
+            f'local_charset "utf-8"\nauth "127.0.0.1" "{self.user[0]}" '
+            f'"{self.user[1]}"\n'
+        )
         for name in ("smb.conf", "smbnetfs.conf"):  # else smbnetfs ignores the auth line
             (smb / name).chmod(0o600)
         with open(self.home / "smbnetfs.out", "ab") as log:
-            self.proc = subprocess.Popen([_tool("smbnetfs"), "-f", str(self.mountpoint)], stdout=log, stderr=log,
-                                         env={**os.environ, "HOME": str(self.home)}, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [_tool("smbnetfs"), "-f", str(self.mountpoint)],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "HOME": str(self.home)},
+                start_new_session=True,
+            )
         _wait_for(self._mounted, 15, f"smbnetfs mounting {self.share}")
         return self
 
     def _mounted(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise SambaUnavailable(f"smbnetfs exited with {self.proc.returncode}: "
-                                   f"{(self.home / 'smbnetfs.out').read_text()[-1000:]}")
+            raise SambaUnavailable(
+                f"smbnetfs exited with {self.proc.returncode}: {(self.home / 'smbnetfs.out').read_text()[-1000:]}"
+            )
         try:
             return self.share.is_dir()
         except OSError:
@@ -224,9 +249,21 @@ class Scanner:
     user: tuple[str, str] = SCANNER
 
     def run(self, commands: str) -> str:
-        result = subprocess.run([_tool("smbclient"), "//127.0.0.1/share", "-p", str(self.server.port),
-                                 "-U", "%".join(self.user), "-c", commands], capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(
+            [
+                _tool("smbclient"),
+                "//127.0.0.1/share",
+                "-p",
+                str(self.server.port),
+                "-U",
+                "%".join(self.user),
+                "-c",
+                commands,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if result.returncode != 0:
             raise OSError(f"smbclient {commands!r}: {result.stdout[-500:]}{result.stderr[-500:]}")
         return result.stdout

@@ -40,12 +40,13 @@ def messages(caplog, text: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
-def test_a_public_url_that_leads_nowhere_is_said_at_start_and_results_are_polled_soon(start_daemon, emulator,
-                                                                                    caplog):
+def test_a_public_url_that_leads_nowhere_is_said_at_start_and_results_are_polled_soon(start_daemon, emulator, caplog):
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
     nowhere = f"http://127.0.0.1:{closed_port()}"
-    running = start_daemon(callback={"public_url": nowhere},
-                           results={"callback_timeout": 600, "first_poll_seconds": 0.3, "poll_interval": 1})
+    running = start_daemon(
+        callback={"public_url": nowhere},
+        results={"callback_timeout": 600, "first_poll_seconds": 0.3, "poll_interval": 1},
+    )
     wait_until(lambda: messages(caplog, "callbacks arriving: no"), 20, "the probe's warning")
     (warning,) = messages(caplog, "callbacks arriving: no")
     assert f"a probe through {nowhere} failed at " in warning
@@ -63,8 +64,9 @@ def test_a_public_url_that_leads_nowhere_is_said_at_start_and_results_are_polled
 
 def test_poll_only_mode_needs_no_inbound_port_and_finishes_soon_after_processing(start_daemon, emulator):
     emulator.knobs.processing_s = 1.0
-    running = start_daemon(callback={"enabled": False},
-                           results={"callback_timeout": 600, "first_poll_seconds": 0.3, "poll_interval": 30})
+    running = start_daemon(
+        callback={"enabled": False}, results={"callback_timeout": 600, "first_poll_seconds": 0.3, "poll_interval": 30}
+    )
     assert running.daemon.server is None and running.daemon.public_url is None
     data = make_pdf(label="poll only")
     drop(running.inbox / "p.pdf", data)
@@ -95,8 +97,12 @@ def test_a_rejected_token_blocks_visibly_and_a_rotated_token_file_resumes(tmp_pa
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
     token_file = tmp_path / "konfuzio-token"
     token_file.write_text("an-old-token\n")
-    config = make_config(tmp_path, emulator, konfuzio={"token": None, "token_file": str(token_file)},
-                         upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.3})
+    config = make_config(
+        tmp_path,
+        emulator,
+        konfuzio={"token": None, "token_file": str(token_file)},
+        upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.3},
+    )
     running = start_daemon(config)
     data = make_pdf(label="waits for a token")
     drop(running.inbox / "t.pdf", data)
@@ -130,20 +136,27 @@ def test_failed_files_and_blocks_reach_the_admin_by_webhook(start_daemon, emulat
 
 def said_by_status(config) -> list[str]:  # type: ignore[no-untyped-def]
     """What ``konfuzio-watch status`` (a process of its own) says about callbacks."""
-    result = subprocess.run([*KONFUZIO_WATCH, "status", "--config", str(config)], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+    result = subprocess.run(
+        [*KONFUZIO_WATCH, "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+    )
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines() if "callback" in line]
 
 
 def callbacks_said(daemon, arriving: bool) -> dict:  # type: ignore[no-untyped-def]
     """The monitor's /healthz once it says ``arriving``; the callbacks part of it."""
+
     def said() -> dict | None:
         found = requests.get(f"{daemon.monitor_url}/healthz", timeout=5).json().get("callbacks") or {}
         return found if found.get("arriving") is arriving else None
 
-    return wait_until(said, 20, lambda: f"/healthz saying callbacks arriving: {arriving} (log: "
-                                        f"{daemon.log.read_text()[-1500:]})")
+    return wait_until(
+        said, 20, lambda: f"/healthz saying callbacks arriving: {arriving} (log: {daemon.log.read_text()[-1500:]})"
+    )
 
 
 def prometheus(daemon, name: str) -> float | None:  # type: ignore[no-untyped-def]
@@ -165,8 +178,11 @@ def test_callbacks_that_cannot_arrive_are_one_truth_in_status_healthz_metrics_an
     assert said_by_status(daemon.config) == [f"  callbacks arriving: {text}"]
     assert requests.get(f"{daemon.monitor_url}/status", timeout=5).json()["callbacks"] == said
     assert prometheus(daemon, "konfuzio_watch_callbacks_arriving") == 0
-    wait_until(lambda: f"WARNING callbacks arriving: {text}" in daemon.log.read_text(), 10,
-               lambda: f"the log saying it: {daemon.log.read_text()[-1500:]}")
+    wait_until(
+        lambda: f"WARNING callbacks arriving: {text}" in daemon.log.read_text(),
+        10,
+        lambda: f"the log saying it: {daemon.log.read_text()[-1500:]}",
+    )
 
 
 @pytest.mark.slow

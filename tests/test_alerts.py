@@ -70,8 +70,9 @@ class FakeSender:
 def make(clock: FakeClock, sender: FakeSender, urls: tuple[str, ...] = (HOOK,), **settings: Any) -> Alerts:
     sender.clock = clock
     config = AlertsConfig(urls=urls, **settings)
-    return Alerts(config, clock=clock, sender=sender, host="scan01", tz=UTC,
-                  gather_s=5, retry_base_s=10, retry_cap_s=60)
+    return Alerts(
+        config, clock=clock, sender=sender, host="scan01", tz=UTC, gather_s=5, retry_base_s=10, retry_cap_s=60
+    )
 
 
 def run_until(alerts: Alerts, clock: FakeClock, until: float, step: float = 1.0) -> None:
@@ -130,7 +131,8 @@ def test_blocked_is_told_once_when_it_starts_and_once_when_it_ends():
     alerts.blocked("again")
     run_until(alerts, clock, T0 + 2000)
     assert [m.title for m in sender.to(HOOK)] == [
-        "stopped working: Konfuzio rejected the API token (HTTP 401) — konfuzio-watch on scan01"]
+        "stopped working: Konfuzio rejected the API token (HTTP 401) — konfuzio-watch on scan01"
+    ]
     assert sender.sent[0][1].level == "failure"
     alerts.unblocked()
     alerts.unblocked()
@@ -266,16 +268,19 @@ def test_urls_file_is_read_when_sending_so_a_new_password_applies(tmp_path: Path
     urls_file = tmp_path / "alert-urls"
     urls_file.write_text("# admin mail\nmailtos://user:old@smtp.example.com?to=a@example.com\n\n")
     clock, sender = FakeClock(), FakeSender()
-    alerts = Alerts(AlertsConfig(urls_file=urls_file, min_interval_seconds=1), clock=clock, sender=sender,
-                    host="scan01", gather_s=0)
+    alerts = Alerts(
+        AlertsConfig(urls_file=urls_file, min_interval_seconds=1), clock=clock, sender=sender, host="scan01", gather_s=0
+    )
     alerts.file_failed("a.pdf", "upload", "boom")
     alerts.pump(clock.t)
     urls_file.write_text("mailtos://user:new@smtp.example.com?to=a@example.com\n")
     clock.t += 10
     alerts.file_failed("b.pdf", "upload", "boom")
     alerts.pump(clock.t)
-    assert [u for u, _ in sender.sent] == ["mailtos://user:old@smtp.example.com?to=a@example.com",
-                                           "mailtos://user:new@smtp.example.com?to=a@example.com"]
+    assert [u for u, _ in sender.sent] == [
+        "mailtos://user:old@smtp.example.com?to=a@example.com",
+        "mailtos://user:new@smtp.example.com?to=a@example.com",
+    ]
 
 
 # -- the message (pure) ---------------------------------------------------------------------------
@@ -294,36 +299,71 @@ def batch_of(*facts: FailedFile | Note) -> Batch:
 @pytest.mark.parametrize(
     ("facts", "name", "title", "level", "in_body"),
     [
-        ([FailedFile("in/a.pdf", "upload", "HTTP 413 Payload Too Large", T0)], None,
-         "1 file failed — konfuzio-watch on scan01", "failure",
-         ["1 file failed; each is in failed/ with a .error.json that says why:",
-          "- in/a.pdf (upload, 2023-11-14 22:13:20 UTC): HTTP 413 Payload Too Large",
-          "What to do: `konfuzio-watch status -c /etc/kw.yaml` lists them; once the cause is fixed, "
-          "`konfuzio-watch retry -c /etc/kw.yaml --all-failed` puts them through again."]),
-        ([FailedFile("a.pdf", "upload", "x", T0), FailedFile("b.pdf", "results", "y", T0 + 1)], "Accounting",
-         "2 files failed — konfuzio-watch on scan01 (Accounting)", "failure",
-         ["- b.pdf (results, 2023-11-14 22:13:21 UTC): y", "-- konfuzio-watch on scan01 (Accounting), "]),
-        ([Note(NoteKind.BLOCKED, T0, "Konfuzio rejected the API token (HTTP 401)")], None,
-         "stopped working: Konfuzio rejected the API token (HTTP 401) — konfuzio-watch on scan01", "failure",
-         ["No file is lost: new files wait in the inbox", "`konfuzio-watch status -c /etc/kw.yaml` shows what waits"]),
-        ([Note(NoteKind.UNBLOCKED, T0, "disk full on /srv", 5400)], None,
-         "working again — konfuzio-watch on scan01", "success",
-         ["Working again since 2023-11-14 22:13:20 UTC (was stopped for 90m: disk full on /srv)"]),
-        ([Note(NoteKind.OLDEST, T0, "scans/x.pdf", 7300)], None,
-         "a file has waited 2h — konfuzio-watch on scan01", "warning",
-         ["The oldest pending file has waited 2h (more than alerts.oldest_pending_seconds)", "scans/x.pdf"]),
-        ([Note(NoteKind.CALLBACKS, T0, "https://scans.example.com/cb")], None,
-         "callbacks do not arrive — konfuzio-watch on scan01", "warning",
-         ["Konfuzio's callbacks do not arrive at https://scans.example.com/cb", "callback.public_url"]),
-        ([Note(NoteKind.CALLBACKS, T0, "https://x/cb"), FailedFile("a.pdf", "upload", "x", T0),
-          Note(NoteKind.BLOCKED, T0, "disk full")], None,
-         "stopped working: disk full; 1 file failed; callbacks do not arrive — konfuzio-watch on scan01", "failure",
-         ["Stopped working at", "a.pdf", "https://x/cb"]),
+        (
+            [FailedFile("in/a.pdf", "upload", "HTTP 413 Payload Too Large", T0)],
+            None,
+            "1 file failed — konfuzio-watch on scan01",
+            "failure",
+            [
+                "1 file failed; each is in failed/ with a .error.json that says why:",
+                "- in/a.pdf (upload, 2023-11-14 22:13:20 UTC): HTTP 413 Payload Too Large",
+                "What to do: `konfuzio-watch status -c /etc/kw.yaml` lists them; once the cause is fixed, "
+                "`konfuzio-watch retry -c /etc/kw.yaml --all-failed` puts them through again.",
+            ],
+        ),
+        (
+            [FailedFile("a.pdf", "upload", "x", T0), FailedFile("b.pdf", "results", "y", T0 + 1)],
+            "Accounting",
+            "2 files failed — konfuzio-watch on scan01 (Accounting)",
+            "failure",
+            ["- b.pdf (results, 2023-11-14 22:13:21 UTC): y", "-- konfuzio-watch on scan01 (Accounting), "],
+        ),
+        (
+            [Note(NoteKind.BLOCKED, T0, "Konfuzio rejected the API token (HTTP 401)")],
+            None,
+            "stopped working: Konfuzio rejected the API token (HTTP 401) — konfuzio-watch on scan01",
+            "failure",
+            [
+                "No file is lost: new files wait in the inbox",
+                "`konfuzio-watch status -c /etc/kw.yaml` shows what waits",
+            ],
+        ),
+        (
+            [Note(NoteKind.UNBLOCKED, T0, "disk full on /srv", 5400)],
+            None,
+            "working again — konfuzio-watch on scan01",
+            "success",
+            ["Working again since 2023-11-14 22:13:20 UTC (was stopped for 90m: disk full on /srv)"],
+        ),
+        (
+            [Note(NoteKind.OLDEST, T0, "scans/x.pdf", 7300)],
+            None,
+            "a file has waited 2h — konfuzio-watch on scan01",
+            "warning",
+            ["The oldest pending file has waited 2h (more than alerts.oldest_pending_seconds)", "scans/x.pdf"],
+        ),
+        (
+            [Note(NoteKind.CALLBACKS, T0, "https://scans.example.com/cb")],
+            None,
+            "callbacks do not arrive — konfuzio-watch on scan01",
+            "warning",
+            ["Konfuzio's callbacks do not arrive at https://scans.example.com/cb", "callback.public_url"],
+        ),
+        (
+            [
+                Note(NoteKind.CALLBACKS, T0, "https://x/cb"),
+                FailedFile("a.pdf", "upload", "x", T0),
+                Note(NoteKind.BLOCKED, T0, "disk full"),
+            ],
+            None,
+            "stopped working: disk full; 1 file failed; callbacks do not arrive — konfuzio-watch on scan01",
+            "failure",
+            ["Stopped working at", "a.pdf", "https://x/cb"],
+        ),
     ],
 )
 def test_message_text(facts, name, title, level, in_body):
-    message = build_message(batch_of(*facts), host="scan01", name=name, now=T0 + 60, config_path="/etc/kw.yaml",
-                            tz=UTC)
+    message = build_message(batch_of(*facts), host="scan01", name=name, now=T0 + 60, config_path="/etc/kw.yaml", tz=UTC)
     assert message.title == title
     assert message.level == level
     for text in in_body:
@@ -349,8 +389,15 @@ BASE = {
 def test_alerts_config_defaults_and_env_expansion(tmp_path: Path):
     assert parse_config(BASE, base_dir=tmp_path).alerts == AlertsConfig()
     assert not AlertsConfig().enabled
-    raw = {**BASE, "alerts": {"urls": ["json://hooks.example.com/kw", "mailtos://u:${SMTP_PW}@smtp.example.com"],
-                              "name": "Accounting", "min_interval_seconds": 30, "oldest_pending_seconds": 0}}
+    raw = {
+        **BASE,
+        "alerts": {
+            "urls": ["json://hooks.example.com/kw", "mailtos://u:${SMTP_PW}@smtp.example.com"],
+            "name": "Accounting",
+            "min_interval_seconds": 30,
+            "oldest_pending_seconds": 0,
+        },
+    }
     alerts = parse_config(raw, base_dir=tmp_path, environ={"SMTP_PW": "pw"}).alerts
     assert alerts.urls == ("json://hooks.example.com/kw", "mailtos://u:pw@smtp.example.com")
     assert alerts.min_interval_seconds == 30.0 and alerts.oldest_pending_seconds == 0 and alerts.enabled
@@ -363,14 +410,18 @@ def test_alerts_config_defaults_and_env_expansion(tmp_path: Path):
     [
         ({"urls": "json://a/b", "urls_file": "f"}, "alerts.urls and alerts.urls_file may not both be set"),
         ({"urls": [1]}, "alerts.urls: expected a list of strings, got [1]"),
-        ({"urls": ["smtp.example.com:s3cret"]},
-         "alerts.urls[0]: expected an apprise URL like mailtos://... or json://..."),
+        (
+            {"urls": ["smtp.example.com:s3cret"]},
+            "alerts.urls[0]: expected an apprise URL like mailtos://... or json://...",
+        ),
         ({"min_interval_seconds": 0}, "alerts.min_interval_seconds: must be between 0.1 and 86400, got 0"),
         ({"min_interval_seconds": "1m"}, "alerts.min_interval_seconds: expected a number, got '1m'"),
         ({"oldest_pending_seconds": -1}, "alerts.oldest_pending_seconds: must be at least 0, got -1"),
         ({"name": ""}, "alerts.name: expected a non-empty string, got ''"),
-        ({"url": "json://a/b"}, "alerts.url: unknown key (known: min_interval_seconds, name, "
-                                "oldest_pending_seconds, urls, urls_file)"),
+        (
+            {"url": "json://a/b"},
+            "alerts.url: unknown key (known: min_interval_seconds, name, oldest_pending_seconds, urls, urls_file)",
+        ),
     ],
 )
 def test_alerts_config_errors_are_one_line_naming_the_key(alerts, message):
@@ -393,7 +444,9 @@ def test_urls_apprise_cannot_use_are_refused_naming_the_entry_never_the_secret(t
     with pytest.raises(ConfigError, match=r"^alerts.urls_file line 3: not a URL apprise can send to"):
         Alerts(AlertsConfig(urls_file=urls_file)).start()
     assert check_urls(AlertsConfig(urls=(HOOK, MAIL))) == [
-        "json://hooks.example.com/kw", "mailtos://user:****@smtp.example.com/admin%40example.com"]
+        "json://hooks.example.com/kw",
+        "mailtos://user:****@smtp.example.com/admin%40example.com",
+    ]
 
 
 # -- end to end: apprise to a real SMTP server and a real HTTP receiver -----------------------------
@@ -428,8 +481,11 @@ def started() -> Iterator[Callable[..., Alerts]]:
 
     def start(*urls: str, **kwargs: Any) -> Alerts:
         settings = {"min_interval_seconds": 0.3, **kwargs.pop("settings", {})}
-        alerts = Alerts(AlertsConfig(urls=urls, name="Accounting", **settings), host="scan01",
-                        **{"gather_s": 0.2, "retry_base_s": 0.1, "retry_cap_s": 0.4, **kwargs})
+        alerts = Alerts(
+            AlertsConfig(urls=urls, name="Accounting", **settings),
+            host="scan01",
+            **{"gather_s": 0.2, "retry_base_s": 0.1, "retry_cap_s": 0.4, **kwargs},
+        )
         running.append(alerts.start())
         return alerts
 
@@ -487,8 +543,9 @@ def test_a_webhook_that_fails_for_a_while_gets_everything_once_it_recovers(recei
     rec.status = 200
     wait_until(lambda: len(rec.accepted()) >= 2, 10, "the held message after recovery")
     held = rec.accepted()[1]
-    assert held["title"] == ("stopped working: disk full on /var/lib/konfuzio-watch; 1 file failed"
-                             " — konfuzio-watch on scan01 (Accounting)")
+    assert held["title"] == (
+        "stopped working: disk full on /var/lib/konfuzio-watch; 1 file failed — konfuzio-watch on scan01 (Accounting)"
+    )
     assert "- late.pdf (export, " in held["message"]
     assert alerts.close(5)
     assert len(rec.accepted()) == 2  # nothing sent twice
@@ -520,7 +577,8 @@ def test_callers_never_wait_for_a_hanging_destination_and_close_is_bounded(recei
     assert alerts.close(10) is True  # given time, the last flush sends what was held meanwhile
     assert [p["title"].split(" — ")[0] for p in rec.accepted()] == [
         "stopped working: Konfuzio rejected the API token (HTTP 401)",
-        "10,000 files failed; a file has waited 60m"]
+        "10,000 files failed; a file has waited 60m",
+    ]
 
 
 def test_close_says_what_could_not_be_sent(caplog: pytest.LogCaptureFixture):
@@ -530,16 +588,19 @@ def test_close_says_what_could_not_be_sent(caplog: pytest.LogCaptureFixture):
     alerts.blocked("disk full")
     assert alerts.close(5) is True
     assert len(sender.attempts) == 1  # one last try at once, without waiting for the interval
-    assert ("alerts: stopped with notifications not sent (json://hooks.example.com/kw: "
-            "1 failed file and 1 change of state)") in caplog.text
+    assert (
+        "alerts: stopped with notifications not sent (json://hooks.example.com/kw: 1 failed file and 1 change of state)"
+    ) in caplog.text
 
 
 @pytest.mark.slow
 def test_the_mails_what_to_do_names_the_config_the_daemon_was_started_with(daemon_process, receiver, tmp_path):
     """`run -c config.yaml` in the config's folder: the mail is read elsewhere, so it names the whole path."""
     rec, server = receiver
-    daemon = daemon_process(alerts={"urls": [f"json://127.0.0.1:{server.port}/kw"], "min_interval_seconds": 0.5},
-                            upload={"max_file_mb": 0.001})
+    daemon = daemon_process(
+        alerts={"urls": [f"json://127.0.0.1:{server.port}/kw"], "min_interval_seconds": 0.5},
+        upload={"max_file_mb": 0.001},
+    )
     daemon.config = Path("config.yaml")  # as the admin typed it, in tmp_path (the daemon's working folder)
     daemon.start()
     drop(tmp_path / "inbox" / "big.pdf", make_pdf(4, label="over 1 kB"))  # refused before any upload: failed/
@@ -549,6 +610,8 @@ def test_the_mails_what_to_do_names_the_config_the_daemon_was_started_with(daemo
     (message,) = rec.accepted()
     assert "- big.pdf (" in message["message"]
     config = tmp_path / "config.yaml"
-    assert (f"What to do: `konfuzio-watch status -c {config}` lists them; once the cause is fixed, "
-            f"`konfuzio-watch retry -c {config} --all-failed` puts them through again.") in message["message"]
+    assert (
+        f"What to do: `konfuzio-watch status -c {config}` lists them; once the cause is fixed, "
+        f"`konfuzio-watch retry -c {config} --all-failed` puts them through again."
+    ) in message["message"]
     assert daemon.terminate() == 0

@@ -28,8 +28,10 @@ def test_a_failed_probe_is_no_with_its_reason_and_time(clock: FakeClock) -> None
     watch = CallbackWatch(clock.now)
     verdict = watch.probed(Reachability(False, URL, "cannot connect to scans.example.com:443: connection refused"))
     assert verdict == watch.verdict() and verdict.arriving is False and watch.missing
-    assert verdict.text == (f"no: a probe through {URL} failed at {clock_time(clock.t)}: cannot connect to "
-                            "scans.example.com:443: connection refused; results are polled")
+    assert verdict.text == (
+        f"no: a probe through {URL} failed at {clock_time(clock.t)}: cannot connect to "
+        "scans.example.com:443: connection refused; results are polled"
+    )
     assert verdict.since == clock.t and verdict.to_dict()["url"] == URL
 
 
@@ -60,14 +62,18 @@ def test_results_found_by_polling_in_a_row_turn_it_to_no_once(clock: FakeClock) 
     said = [watch.found_by_polling() for _ in range(MISSES_BEFORE_WARNING + 2)]
     assert said == [False] * (MISSES_BEFORE_WARNING - 1) + [True, False, False]
     assert watch.verdict().arriving is False
-    assert watch.verdict().text == (f"no: {MISSES_BEFORE_WARNING} results in a row were found by polling, their "
-                                    f"callbacks never came (since {clock_time(clock.t)}); results are polled")
+    assert watch.verdict().text == (
+        f"no: {MISSES_BEFORE_WARNING} results in a row were found by polling, their "
+        f"callbacks never came (since {clock_time(clock.t)}); results are polled"
+    )
     assert watch.callback_arrived() is True and watch.verdict().arriving is True
-    assert [watch.found_by_polling() for _ in range(MISSES_BEFORE_WARNING - 1)] == [False, False], \
+    assert [watch.found_by_polling() for _ in range(MISSES_BEFORE_WARNING - 1)] == [False, False], (
         "a callback starts the count again"
+    )
 
 
 def test_an_earlier_day_is_written_with_its_date() -> None:
     assert clock_time(time.time()).count(":") == 2 and "-" not in clock_time(time.time())
-    assert clock_time(time.time() - 3 * 86400).startswith(time.strftime("%Y-%m-%d", time.localtime(
-        time.time() - 3 * 86400)))
+    assert clock_time(time.time() - 3 * 86400).startswith(
+        time.strftime("%Y-%m-%d", time.localtime(time.time() - 3 * 86400))
+    )

@@ -118,8 +118,9 @@ def test_a_file_rewritten_while_it_is_uploaded_is_uploaded_again(start_daemon, e
     assert running.counts()[State.DONE] == 1 and documents_left(emulator) == 1
 
 
-def test_a_rewritten_file_whose_second_upload_is_ambiguous_gets_the_new_documents_result(start_daemon, emulator,
-                                                                                        tmp_path):
+def test_a_rewritten_file_whose_second_upload_is_ambiguous_gets_the_new_documents_result(
+    start_daemon, emulator, tmp_path
+):
     emulator.knobs.processing_s = 1.0
     running = start_daemon(upload={"reconcile_window_seconds": 3})
     old, new = make_pdf(label="old, then an ambiguous upload"), make_pdf(label="new, then an ambiguous upload")
@@ -139,8 +140,9 @@ def test_a_rewritten_file_whose_second_upload_is_ambiguous_gets_the_new_document
     assert json.loads((running.done / "scan.pdf.json").read_text())["document_id"] == second.doc_id
 
 
-def test_a_file_copied_into_a_done_folder_on_another_file_system_is_checked_by_content(start_daemon, emulator,
-                                                                                      tmp_path):
+def test_a_file_copied_into_a_done_folder_on_another_file_system_is_checked_by_content(
+    start_daemon, emulator, tmp_path
+):
     if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("needs /dev/shm on another file system than the tests' folders")
     done = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="konfuzio-watch-test-"))
@@ -179,8 +181,9 @@ def test_a_writer_that_pauses_with_its_file_open_is_waited_for(start_daemon, emu
     source = tmp_path / "source.png"
     source.write_bytes(data)
     path = running.inbox / "scan.png"
-    with subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(source)], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE) as writer:
+    with subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(source)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as writer:
         assert writer.stdout is not None and writer.stdin is not None
         assert writer.stdout.readline() == b"half\n"
         half_written = time.monotonic()
@@ -212,11 +215,30 @@ def uploaded_as(path: Path, **fields: object) -> Row:
     """A row that uploaded the file at ``path`` as it is now."""
     st = os.lstat(path)
     base: dict[str, object] = dict(
-        id=1, rel_path=b"a.pdf", state=State.UPLOADED, size=st.st_size, sha256=hashlib.sha256(path.read_bytes())
-        .hexdigest(), upload_name="a.pdf", token_hash="t", document_id=7, attempts=1, next_at=None,
-        callback_at=None, uploaded_at=1.0, final_path=None, error=None, stage=None, project_id=1, detected_at=1.0,
-        updated_at=1.0, finished_at=None, file_dev=st.st_dev, file_ino=st.st_ino, mtime_ns=st.st_mtime_ns,
-        ctime_ns=st.st_ctime_ns)
+        id=1,
+        rel_path=b"a.pdf",
+        state=State.UPLOADED,
+        size=st.st_size,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        upload_name="a.pdf",
+        token_hash="t",
+        document_id=7,
+        attempts=1,
+        next_at=None,
+        callback_at=None,
+        uploaded_at=1.0,
+        final_path=None,
+        error=None,
+        stage=None,
+        project_id=1,
+        detected_at=1.0,
+        updated_at=1.0,
+        finished_at=None,
+        file_dev=st.st_dev,
+        file_ino=st.st_ino,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+    )
     base.update(fields)
     return Row(**base)  # type: ignore[arg-type]
 
@@ -226,8 +248,11 @@ def after_a_ctime_tick(row: Row, folder: Path) -> None:
     gets a later one."""
     scratch = folder / ".tick"
     scratch.touch()
-    wait_until(lambda: os.chmod(scratch, 0o644) or os.lstat(scratch).st_ctime_ns > (row.ctime_ns or 0), 2,
-               "the file system's clock to tick")
+    wait_until(
+        lambda: os.chmod(scratch, 0o644) or os.lstat(scratch).st_ctime_ns > (row.ctime_ns or 0),
+        2,
+        "the file system's clock to tick",
+    )
 
 
 def file_with(tmp_path: Path, data: bytes, name: str = "a.pdf") -> Path:
@@ -237,18 +262,22 @@ def file_with(tmp_path: Path, data: bytes, name: str = "a.pdf") -> Path:
     return path
 
 
-@pytest.mark.parametrize(("touch", "stat_says", "ctime_moved", "content_differs"), [
-    ("nothing", None, False, False),
-    ("append", "it grew from 10 to 14 bytes", True, True),
-    ("truncate", "it shrank from 10 to 4 bytes", True, True),
-    ("touch", "it was modified", True, False),
-    ("chmod", None, True, False),
-    ("a hard link", None, True, False),  # the daemon's own link into done/, a crash before the unlink
-    ("rewrite, mtime put back", None, True, True),
-    ("rewrite the same bytes, mtime put back", None, True, False),
-])
-def test_a_change_is_named_by_stat_and_a_moved_ctime_is_settled_by_the_content(tmp_path, touch, stat_says,
-                                                                                ctime_moved, content_differs):
+@pytest.mark.parametrize(
+    ("touch", "stat_says", "ctime_moved", "content_differs"),
+    [
+        ("nothing", None, False, False),
+        ("append", "it grew from 10 to 14 bytes", True, True),
+        ("truncate", "it shrank from 10 to 4 bytes", True, True),
+        ("touch", "it was modified", True, False),
+        ("chmod", None, True, False),
+        ("a hard link", None, True, False),  # the daemon's own link into done/, a crash before the unlink
+        ("rewrite, mtime put back", None, True, True),
+        ("rewrite the same bytes, mtime put back", None, True, False),
+    ],
+)
+def test_a_change_is_named_by_stat_and_a_moved_ctime_is_settled_by_the_content(
+    tmp_path, touch, stat_says, ctime_moved, content_differs
+):
     path = file_with(tmp_path, b"0123456789")
     row = uploaded_as(path)
     after_a_ctime_tick(row, tmp_path)
@@ -339,8 +368,16 @@ def steps(tmp_path, emulator) -> Iterator[Steps]:
     client = KonfuzioClient(emulator.url, TOKEN, timeout_s=10)
     processing_dir = tmp_path / "processing"
     processing_dir.mkdir(mode=0o700)
-    pipeline = Pipeline(config, journal, client, clock=FakeClock(time.time()), gates=Gates(limits_from(config)),
-                        metrics=Metrics(), callback_base=lambda: "http://127.0.0.1:9", processing_dir=processing_dir)
+    pipeline = Pipeline(
+        config,
+        journal,
+        client,
+        clock=FakeClock(time.time()),
+        gates=Gates(limits_from(config)),
+        metrics=Metrics(),
+        callback_base=lambda: "http://127.0.0.1:9",
+        processing_dir=processing_dir,
+    )
     yield Steps(pipeline, journal, emulator, config.folders.inbox, config.folders.done)
     client.close()
     journal.close()

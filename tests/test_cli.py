@@ -45,8 +45,10 @@ def test_check_passes_against_the_emulator(tmp_path, emulator, capsys):
     assert main(["check", "--config", str(write_config(tmp_path, emulator))]) == 0
     out = capsys.readouterr().out
     assert "ok    Konfuzio API: project 1" in out
-    assert "ok    watcher: by inotify: it is on " in out and ", a local file system; `run` first checks with a probe " \
-        "file that its events arrive, else it polls" in out
+    assert (
+        "ok    watcher: by inotify: it is on " in out
+        and ", a local file system; `run` first checks with a probe file that its events arrive, else it polls" in out
+    )
     assert "FAIL" not in out
 
 
@@ -76,8 +78,12 @@ def test_check_catches_what_run_would_reject(tmp_path, emulator, capsys):
     busy.listen()
     port = busy.getsockname()[1]
     try:
-        config = write_config(tmp_path, emulator, callback={"port": port},
-                              ngrok={"enabled": True, "authtoken": "x", "path": str(tmp_path / "no-ngrok")})
+        config = write_config(
+            tmp_path,
+            emulator,
+            callback={"port": port},
+            ngrok={"enabled": True, "authtoken": "x", "path": str(tmp_path / "no-ngrok")},
+        )
         assert main(["check", "--config", str(config)]) == 1
     finally:
         busy.close()
@@ -124,9 +130,13 @@ def test_json_log_format_is_one_object_per_line(tmp_path, emulator):
     import json
 
     config = write_config(tmp_path, emulator)
-    proc = subprocess.Popen([sys.executable, "-m", "konfuzio_watch", "run", "--config", str(config),
-                             "--log-format", "json"], cwd=tmp_path, env={**os.environ, "LOG_TO_FILE": "False"},
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "konfuzio_watch", "run", "--config", str(config), "--log-format", "json"],
+        cwd=tmp_path,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         drop(tmp_path / "inbox" / "new\nline.pdf", make_pdf(label="j"))
         wait_until(lambda: (tmp_path / "done" / "new\nline.pdf").exists(), 30, "exported")
@@ -147,8 +157,13 @@ def test_json_log_format_is_one_object_per_line(tmp_path, emulator):
 def test_run_as_a_process_processes_files_and_stops_cleanly_on_sigterm(tmp_path, emulator):
     config = write_config(tmp_path, emulator)
     env = {**os.environ, "LOG_TO_FILE": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "konfuzio_watch", "run", "--config", str(config)],
-                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "konfuzio_watch", "run", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         data = make_pdf(label="as a process")
         drop(tmp_path / "inbox" / "one.pdf", data)
@@ -173,20 +188,35 @@ def test_status_and_retry_need_no_secrets(tmp_path, emulator):
     env = {k: v for k, v in os.environ.items() if k not in ("CREDENTIALS_DIRECTORY", "KONFUZIO_TOKEN")}
     env["LOG_TO_FILE"] = "False"
     for command in (["status"], ["retry", "--all-failed"]):
-        done = subprocess.run([sys.executable, "-m", "konfuzio_watch", *command, "--config", str(config)],
-                              capture_output=True, text=True, timeout=60, env=env)
+        done = subprocess.run(
+            [sys.executable, "-m", "konfuzio_watch", *command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert done.returncode == 0, (command, done.stderr)
         assert "Traceback" not in done.stderr
-    run = subprocess.run([sys.executable, "-m", "konfuzio_watch", "check", "--config", str(config)],
-                         capture_output=True, text=True, timeout=60, env=env)
+    run = subprocess.run(
+        [sys.executable, "-m", "konfuzio_watch", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert "CREDENTIALS_DIRECTORY is not set" in run.stderr, "commands that call the API still need the token"
 
 
 def test_retry_all_failed_with_nothing_failed_says_so(tmp_path, emulator):
     config = write_config(tmp_path, emulator)
 
-    done = subprocess.run([sys.executable, "-m", "konfuzio_watch", "retry", "--all-failed", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+    done = subprocess.run(
+        [sys.executable, "-m", "konfuzio_watch", "retry", "--all-failed", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+    )
 
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout == f"nothing to retry: the journal holds no failed file (failed/: {tmp_path / 'failed'})\n"
@@ -198,8 +228,14 @@ def test_demo_workdir_leaves_a_config_that_status_reads_as_the_readme_says(tmp_p
     env = {**os.environ, "LOG_TO_FILE": "False"}
 
     def konfuzio_watch(line: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "konfuzio_watch", *line.split()], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120, env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "konfuzio_watch", *line.split()],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
 
     demo = konfuzio_watch("demo --workdir demo-run --files 2")
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
@@ -220,14 +256,21 @@ def test_check_recognises_its_own_running_daemon_on_the_callback_and_monitor_por
     daemon.start()
     assert daemon.proc
     pid = daemon.proc.pid
-    result = subprocess.run([*KONFUZIO_WATCH, "check", "--config", str(daemon.config)], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+    result = subprocess.run(
+        [*KONFUZIO_WATCH, "check", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+    )
     out = result.stdout
-    assert (f"ok    callback.port: 127.0.0.1:{daemon.port} is served by the running konfuzio-watch (pid {pid})"
-            in out), out
+    assert f"ok    callback.port: 127.0.0.1:{daemon.port} is served by the running konfuzio-watch (pid {pid})" in out, (
+        out
+    )
     monitor_port = yaml.safe_load(daemon.config.read_text())["monitor"]["port"]
-    assert (f"ok    monitor.port: 127.0.0.1:{monitor_port} is served by the running konfuzio-watch (pid {pid})"
-            in out), out
+    assert f"ok    monitor.port: 127.0.0.1:{monitor_port} is served by the running konfuzio-watch (pid {pid})" in out, (
+        out
+    )
     assert f"ok    callbacks: yes: a probe through http://127.0.0.1:{daemon.port} arrived at " in out, out
     assert "FAIL" not in out and result.returncode == 0, out + result.stderr
 

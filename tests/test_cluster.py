@@ -68,15 +68,17 @@ class Cluster:
         return self.shared / "inbox"
 
     def finished(self) -> int:
-        return sum(1 for p in (self.shared / "done").rglob("*.json")) + \
-            sum(1 for p in (self.shared / "failed").rglob("*") if p.is_file() and not p.name.endswith(".json"))
+        return sum(1 for p in (self.shared / "done").rglob("*.json")) + sum(
+            1 for p in (self.shared / "failed").rglob("*") if p.is_file() and not p.name.endswith(".json")
+        )
 
     def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
         return pg_rows(self.pg_url, sql, params)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name} ---\n{n.log.read_text()[-3000:]}" for name, n in self.nodes.items()
-                         if n.log.exists())
+        return "\n".join(
+            f"--- {name} ---\n{n.log.read_text()[-3000:]}" for name, n in self.nodes.items() if n.log.exists()
+        )
 
 
 @pytest.fixture
@@ -125,8 +127,11 @@ def test_three_nodes_share_a_burst_and_each_file_is_handled_once(cluster: Cluste
     files = sample_files(30, "burst")
     for rel, data in files.items():
         drop(cluster.inbox / rel, data)
-    wait_until(lambda: cluster.finished() >= len(files), 60,
-               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    wait_until(
+        lambda: cluster.finished() >= len(files),
+        60,
+        lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}",
+    )
     for node in nodes:
         assert node.terminate() == 0
     assert_every_file_once(cluster, files)
@@ -176,8 +181,11 @@ def test_failover_sigkill_and_restarts_leave_every_file_done_once(cluster: Clust
             wait_until(lambda t=b_back_at: uploads() >= t, 60, f"{b_back_at} uploads while b is stopped")
             cluster.start(nodes["b"])
             b_back_at = None
-        wait_until(lambda t=at: uploads() >= t, 60,
-                   lambda t=at, w=what: f"{t} uploads before '{w}' (have {uploads()})\n{cluster.logs()}")
+        wait_until(
+            lambda t=at: uploads() >= t,
+            60,
+            lambda t=at, w=what: f"{t} uploads before '{w}' (have {uploads()})\n{cluster.logs()}",
+        )
         if what.startswith("wave"):
             drop_upto(int(what.split()[1]))
         elif what == "kill a":
@@ -189,8 +197,11 @@ def test_failover_sigkill_and_restarts_leave_every_file_done_once(cluster: Clust
     if b_back_at is not None:
         wait_until(lambda: uploads() >= b_back_at, 60, "uploads while b is stopped")
         cluster.start(nodes["b"])
-    wait_until(lambda: cluster.finished() >= len(files), 90,
-               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    wait_until(
+        lambda: cluster.finished() >= len(files),
+        90,
+        lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}",
+    )
     for node in nodes.values():
         assert node.terminate() == 0
     assert_every_file_once(cluster, files)
@@ -221,8 +232,11 @@ def test_a_database_outage_pauses_every_node_and_nothing_doubles_after_it(cluste
         for rel, data in later.items():  # arrive while the journal cannot be written: claimed afterwards
             drop(cluster.inbox / rel, data)
         paused = "the journal cannot be written"
-        wait_until(lambda: all(paused in n.log.read_text() for n in nodes.values()), 30,
-                   lambda: f"both nodes pause\n{cluster.logs()}")
+        wait_until(
+            lambda: all(paused in n.log.read_text() for n in nodes.values()),
+            30,
+            lambda: f"both nodes pause\n{cluster.logs()}",
+        )
         refused = lambda: [c for c in emu.callbacks if c.sent_at > stopped_wall and c.status_code != 200]  # noqa: E731
         wait_until(refused, 30, "a callback refused while the journal is down (the sender tries again later)")
         # The outage outlasts several leases (3 s): every lease expires while the database is away.
@@ -231,8 +245,11 @@ def test_a_database_outage_pauses_every_node_and_nothing_doubles_after_it(cluste
         assert late == [], "a node uploaded while the journal could not be written"
     finally:
         pg_cluster.start()
-    wait_until(lambda: cluster.finished() >= len(files), 90,
-               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    wait_until(
+        lambda: cluster.finished() >= len(files),
+        90,
+        lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}",
+    )
     resumed = "the journal is writable again"
     wait_until(lambda: all(resumed in n.log.read_text() for n in nodes.values()), 30, "both nodes say they resumed")
     for node in nodes.values():
@@ -264,8 +281,11 @@ def test_cut_database_connections_of_one_node_cost_it_nothing_but_time(cluster: 
         wait_until(lambda: cluster.rows("SELECT pid" + of_a), 30, "node a connected again")
         cut = cluster.rows("SELECT pg_terminate_backend(pid)" + of_a)
         assert cut and all(ok for (ok,) in cut)
-    wait_until(lambda: cluster.finished() >= len(files), 90,
-               lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}")
+    wait_until(
+        lambda: cluster.finished() >= len(files),
+        90,
+        lambda: f"all {len(files)} finished (have {cluster.finished()})\n{cluster.logs()}",
+    )
     for node in nodes.values():
         assert node.terminate() == 0
     assert_every_file_once(cluster, files)
@@ -273,8 +293,9 @@ def test_cut_database_connections_of_one_node_cost_it_nothing_but_time(cluster: 
 
 
 def konfuzio_watch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*KONFUZIO_WATCH, *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "LOG_TO_FILE": "False"})
+    return subprocess.run(
+        [*KONFUZIO_WATCH, *args], capture_output=True, text=True, timeout=60, env={**os.environ, "LOG_TO_FILE": "False"}
+    )
 
 
 class ToTheOtherNode(CallbackBalancer):
@@ -290,8 +311,12 @@ class ToTheOtherNode(CallbackBalancer):
         from konfuzio_watch.tokens import hash_token
 
         token = environ.get("PATH_INFO", "").rstrip("/").rsplit("/", 1)[-1]
-        found = pg_rows(self.pg_url, "SELECT m.writer FROM test_moves m JOIN files f ON f.id = m.row_id"
-                                     " WHERE f.token_hash = %s AND m.new_state = 'uploading'", (hash_token(token),))
+        found = pg_rows(
+            self.pg_url,
+            "SELECT m.writer FROM test_moves m JOIN files f ON f.id = m.row_id"
+            " WHERE f.token_hash = %s AND m.new_state = 'uploading'",
+            (hash_token(token),),
+        )
         uploader = found[0][0].removeprefix("konfuzio-watch ") if found else ""
         others = [n for n in sorted(self.ports) if n != uploader]
         self.backends = [f"http://127.0.0.1:{self.ports[n]}" for n in others]
@@ -301,8 +326,7 @@ class ToTheOtherNode(CallbackBalancer):
         return super().app(environ, start_response)
 
 
-def test_a_callback_that_reaches_another_node_finishes_the_file_at_once(tmp_path: Path, emulator: Any,
-                                                                         pg_url: str):
+def test_a_callback_that_reaches_another_node_finishes_the_file_at_once(tmp_path: Path, emulator: Any, pg_url: str):
     """Polling is a minute away: only the callbacks, recorded by the node that did not upload the file,
     make the files finish within seconds; the uploader hears of them (LISTEN/NOTIFY) and goes on too."""
     install_move_audit(pg_url)
@@ -322,9 +346,11 @@ def test_a_callback_that_reaches_another_node_finishes_the_file_at_once(tmp_path
         files = sample_files(16, "woken")
         for rel, data in files.items():
             drop(shared / "inbox" / rel, data)
-        wait_until(lambda: cluster.finished() >= len(files), 30,
-                   lambda: f"all {len(files)} finished by their callbacks (have {cluster.finished()})\n"
-                           f"{cluster.logs()}")
+        wait_until(
+            lambda: cluster.finished() >= len(files),
+            30,
+            lambda: f"all {len(files)} finished by their callbacks (have {cluster.finished()})\n{cluster.logs()}",
+        )
         for node in nodes.values():
             assert node.terminate() == 0
     finally:
@@ -334,8 +360,12 @@ def test_a_callback_that_reaches_another_node_finishes_the_file_at_once(tmp_path
     assert_every_file_once(cluster, files)
     assert len(balancer.routed) >= len(files) and all(up != to for up, to in balancer.routed)
     # who went on after each callback: the node that recorded it, or the one woken by the journal
-    fetched_by = collections.Counter(w for (w,) in cluster.rows(
-        "SELECT writer FROM test_moves WHERE old_state = 'uploaded' AND new_state = 'exporting'"))
+    fetched_by = collections.Counter(
+        w
+        for (w,) in cluster.rows(
+            "SELECT writer FROM test_moves WHERE old_state = 'uploaded' AND new_state = 'exporting'"
+        )
+    )
     assert len(fetched_by) == 2, f"one node did all the fetching: {fetched_by}"
 
 
@@ -367,16 +397,27 @@ def test_one_node_rescans_and_the_role_passes_on_when_it_dies(cluster: Cluster):
     for name in nodes:
         assert f"  {name} " in listed, listed
     dead = next(line for line in listed.splitlines() if line.startswith(f"  {first[0]} "))
-    wait_until(lambda: "SILENT" in next(line for line in konfuzio_watch("status", "--config", str(
-        nodes[second[0]].config)).stdout.splitlines() if line.startswith(f"  {first[0]} ")), 30,
-        f"the dead node shown silent (was: {dead})")
+    wait_until(
+        lambda: (
+            "SILENT"
+            in next(
+                line
+                for line in konfuzio_watch("status", "--config", str(nodes[second[0]].config)).stdout.splitlines()
+                if line.startswith(f"  {first[0]} ")
+            )
+        ),
+        30,
+        f"the dead node shown silent (was: {dead})",
+    )
 
 
-def test_check_refuses_a_journal_url_while_a_single_daemon_holds_the_inbox(tmp_path: Path, emulator: Any,
-                                                                          pg_url: str):
+def test_check_refuses_a_journal_url_while_a_single_daemon_holds_the_inbox(tmp_path: Path, emulator: Any, pg_url: str):
     (tmp_path / "single").mkdir()
-    single = DaemonProcess(tmp_path / "single", emulator,
-                           folders={"inbox": str(tmp_path / "inbox"), "state": str(tmp_path / "single" / "state")})
+    single = DaemonProcess(
+        tmp_path / "single",
+        emulator,
+        folders={"inbox": str(tmp_path / "inbox"), "state": str(tmp_path / "single" / "state")},
+    )
     node = cluster_node(tmp_path, "a", emulator, pg_url)
     try:
         single.start()
@@ -410,12 +451,21 @@ def test_files_a_dead_node_uploaded_are_looked_at_when_it_falls_silent(tmp_path:
         files = sample_files(8, "orphaned")
         for rel, data in files.items():
             drop(shared / "inbox" / rel, data)
-        wait_until(lambda: cluster.rows("SELECT COUNT(*) FROM files WHERE state = 'uploaded'"
-                                        " AND lease_node IS NULL")[0][0] == len(files), 30, "a's uploads done")
+        wait_until(
+            lambda: (
+                cluster.rows("SELECT COUNT(*) FROM files WHERE state = 'uploaded' AND lease_node IS NULL")[0][0]
+                == len(files)
+            ),
+            30,
+            "a's uploads done",
+        )
         a.kill9()
         b.start()
-        wait_until(lambda: cluster.finished() >= len(files), 20,
-                   lambda: f"all {len(files)} finished by b (have {cluster.finished()})\n{cluster.logs()}")
+        wait_until(
+            lambda: cluster.finished() >= len(files),
+            20,
+            lambda: f"all {len(files)} finished by b (have {cluster.finished()})\n{cluster.logs()}",
+        )
         assert b.terminate() == 0
     finally:
         a.cleanup()

@@ -44,8 +44,15 @@ pytestmark = [pytest.mark.postgres, pytest.mark.skipif(shutil.which("bash") is N
 
 
 def bash(script: str, *, prefix: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, "bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*prefix, "bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def with_root(block: str, root: Path) -> str:
@@ -58,6 +65,7 @@ def with_root(block: str, root: Path) -> str:
 @pytest.fixture
 def server(pg_cluster: Any) -> Iterator[Any]:
     """The session's server without the README's role and database, before and after the test."""
+
     def drop_them() -> None:
         pg_cluster.admin(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
         pg_cluster.admin(f"DROP ROLE IF EXISTS {ROLE}")
@@ -69,8 +77,15 @@ def server(pg_cluster: Any) -> Iterator[Any]:
 
 def run_database_block(pg: Any, admin_dir: Path) -> None:
     """As the server's superuser on the server's machine (Debian: the user postgres, through the socket)."""
-    env = {"PATH": f"{pg.bindir}:{os.environ['PATH']}", "LANG": "C.UTF-8", "HOME": str(admin_dir),
-           "PGHOST": str(pg.root), "PGPORT": str(pg.port), "PGUSER": SUPERUSER, "PGDATABASE": "postgres"}
+    env = {
+        "PATH": f"{pg.bindir}:{os.environ['PATH']}",
+        "LANG": "C.UTF-8",
+        "HOME": str(admin_dir),
+        "PGHOST": str(pg.root),
+        "PGPORT": str(pg.port),
+        "PGUSER": SUPERUSER,
+        "PGDATABASE": "postgres",
+    }
     result = bash(readme_block("cluster: database"), prefix=pg.prefix, cwd=admin_dir, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr == "", result.stderr
@@ -80,8 +95,12 @@ def credentials_from_drop_ins(root: Path, into: Path) -> None:
     """What systemd does with LoadCredential= of the unit's drop-ins: a private copy of each file."""
     into.mkdir(mode=0o700)
     drop_ins = sorted((root / "etc/systemd/system/konfuzio-watch.service.d").glob("*.conf"))
-    loads = [line.split("=", 1)[1] for path in drop_ins for line in path.read_text().splitlines()
-             if line.startswith("LoadCredential=")]
+    loads = [
+        line.split("=", 1)[1]
+        for path in drop_ins
+        for line in path.read_text().splitlines()
+        if line.startswith("LoadCredential=")
+    ]
     assert loads, "no drop-in hands the journal's password to the service (LoadCredential=)"
     for value in loads:
         name, source = value.split(":", 1)
@@ -111,7 +130,8 @@ def admin_dir(server: Any) -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_the_readmes_cluster_setup_gives_two_nodes_a_journal_behind_a_password(
-        server: Any, admin_dir: Path, tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: Any, admin_dir: Path, tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import psycopg
 
     run_database_block(server, admin_dir)
@@ -120,8 +140,12 @@ def test_the_readmes_cluster_setup_gives_two_nodes_a_journal_behind_a_password(
 
     root = tmp_path / "root"
     (root / "etc/konfuzio-watch").mkdir(parents=True)  # what install-files made
-    result = bash(with_root(readme_block("cluster: node"), root), prefix=[], cwd=admin_dir,
-                  env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8"})
+    result = bash(
+        with_root(readme_block("cluster: node"), root),
+        prefix=[],
+        cwd=admin_dir,
+        env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     kept = root / "etc/konfuzio-watch/journal-password"
     assert kept.read_text().strip() == password and kept.stat().st_mode & 0o077 == 0, "root's alone"
@@ -150,16 +174,25 @@ def test_the_readmes_cluster_setup_gives_two_nodes_a_journal_behind_a_password(
         files = sample_files(6, "setup")
         for rel, data in files.items():
             drop(shared / "inbox" / rel, data)
-        wait_until(lambda: len(list((shared / "done").rglob("*.json"))) >= len(files), 60,
-                   lambda: "all files in done/\n" + "\n".join(n.log.read_text()[-1500:] for n in nodes))
+        wait_until(
+            lambda: len(list((shared / "done").rglob("*.json"))) >= len(files),
+            60,
+            lambda: "all files in done/\n" + "\n".join(n.log.read_text()[-1500:] for n in nodes),
+        )
 
         # status as root outside the service: the README's CREDENTIALS_DIRECTORY=/etc/konfuzio-watch
         env = {**os.environ, "CREDENTIALS_DIRECTORY": str(root / "etc/konfuzio-watch"), "LOG_TO_FILE": "False"}
-        status = subprocess.run([*KONFUZIO_WATCH, "status", "--config", str(nodes[0].config)], env=env,
-                                capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [*KONFUZIO_WATCH, "status", "--config", str(nodes[0].config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 0, status.stdout + status.stderr
-        assert re.search(r"^\s+scan01\s", status.stdout, re.M) and re.search(r"^\s+scan02\s", status.stdout, re.M), \
+        assert re.search(r"^\s+scan01\s", status.stdout, re.M) and re.search(r"^\s+scan02\s", status.stdout, re.M), (
             status.stdout
+        )
         for node in nodes:
             assert node.terminate() == 0, node.log.read_text()[-2000:]
     finally:

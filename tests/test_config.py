@@ -84,20 +84,28 @@ def test_mistakes_are_one_line_naming_the_key(raw: dict, message: str, tmp_path:
 
 
 def test_routes_pick_project_and_category_by_subfolder(tmp_path: Path):
-    raw = {**BASE, "routes": [{"match": "accounting/*", "project_id": 2, "category_id": 7},
-                              {"match": "*.png", "dataset_status": 3}]}
+    raw = {
+        **BASE,
+        "routes": [
+            {"match": "accounting/*", "project_id": 2, "category_id": 7},
+            {"match": "*.png", "dataset_status": 3},
+        ],
+    }
     config = parse_config(raw, base_dir=tmp_path)
     assert config.route_for("accounting/2026/x.pdf") == (2, 7, 0)
     assert config.route_for("photos/a.png") == (1, None, 3)
     assert config.route_for("other.pdf") == (1, None, 0)
 
 
-@pytest.mark.parametrize(("routes", "message"), [
-    ({"match": "a/*"}, "routes[0]: set project_id, category_id or dataset_status"),
-    ({"project_id": 2}, "routes[0].match: required"),
-    ({"match": "a/*", "project": 2}, "routes[0].project: unknown key"),
-    ("a/*", "routes: expected a list"),
-])
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ({"match": "a/*"}, "routes[0]: set project_id, category_id or dataset_status"),
+        ({"project_id": 2}, "routes[0].match: required"),
+        ({"match": "a/*", "project": 2}, "routes[0].project: unknown key"),
+        ("a/*", "routes: expected a list"),
+    ],
+)
 def test_route_mistakes_name_the_rule(routes: object, message: str, tmp_path: Path):
     raw = {**BASE, "routes": routes if isinstance(routes, str) else [routes]}
     with pytest.raises(ConfigError) as info:
@@ -113,8 +121,13 @@ def test_done_and_failed_may_live_inside_the_inbox(tmp_path: Path):
 def test_cli_reports_a_config_error_in_one_line_without_traceback(tmp_path: Path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(with_("upload", concurrency="four")))
-    result = subprocess.run([sys.executable, "-m", "konfuzio_watch", "check", "--config", str(path)],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "konfuzio_watch", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr == "konfuzio-watch: upload.concurrency: expected an integer, got 'four'\n"
 
@@ -126,12 +139,20 @@ def test_invalid_yaml_is_one_line(tmp_path: Path):
         load_config(path)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("konfuzio: {project_id: 1\n", "not valid YAML (line 2, column 1): expected ',' or '}', but got '<stream end>'"),
-    ("callback: {port: 1}\nfolders: {}\ncallback: {port: 2}\n",
-     "not valid YAML (line 3, column 1): duplicate key 'callback' (first on line 1); merge the two"),
-    ("a:\n\tb: 1\n", "not valid YAML (line 2, column 1): found character '\\t' that cannot start any token"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "konfuzio: {project_id: 1\n",
+            "not valid YAML (line 2, column 1): expected ',' or '}', but got '<stream end>'",
+        ),
+        (
+            "callback: {port: 1}\nfolders: {}\ncallback: {port: 2}\n",
+            "not valid YAML (line 3, column 1): duplicate key 'callback' (first on line 1); merge the two",
+        ),
+        ("a:\n\tb: 1\n", "not valid YAML (line 2, column 1): found character '\\t' that cannot start any token"),
+    ],
+)
 def test_yaml_mistakes_say_where_and_why(tmp_path: Path, text: str, message: str):
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -157,17 +178,25 @@ def _write(tmp_path: Path, watch_lines: str) -> Path:
 def test_an_alias_bomb_is_refused_at_once_naming_the_key(tmp_path: Path):
     path = _write(tmp_path, _alias_bomb())
     assert path.stat().st_size < 1024
-    result = subprocess.run([sys.executable, "-m", "konfuzio_watch", "check", "--config", str(path)],
-                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "konfuzio_watch", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-500:]
     assert result.stderr.startswith(f"konfuzio-watch: {path}: watch.ignore: its YAML aliases expand to over ")
     assert result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize(("lines", "message"), [
-    ("  ignore: &a ['*.x', *a]\n", "watch.ignore: a YAML alias refers to the value that contains it"),
-    ("  ignore: " + "[" * 2000 + "]" * 2000 + "\n", "nested more than"),
-])
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("  ignore: &a ['*.x', *a]\n", "watch.ignore: a YAML alias refers to the value that contains it"),
+        ("  ignore: " + "[" * 2000 + "]" * 2000 + "\n", "nested more than"),
+    ],
+)
 def test_self_reference_and_deep_nesting_are_one_line(tmp_path: Path, lines: str, message: str):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(_write(tmp_path, lines))
@@ -179,8 +208,9 @@ def test_aliases_that_stay_small_still_work(tmp_path: Path):
 
 
 def test_a_bomb_of_mappings_names_its_key(tmp_path: Path):
-    lines = ["  x-a: &m0 {a: 1, b: 2}"] + [f"  x-{n}: &m{n} {{a: *m{n - 1}, b: *m{n - 1}, c: *m{n - 1}}}"
-                                            for n in range(1, 14)]
+    lines = ["  x-a: &m0 {a: 1, b: 2}"] + [
+        f"  x-{n}: &m{n} {{a: *m{n - 1}, b: *m{n - 1}, c: *m{n - 1}}}" for n in range(1, 14)
+    ]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(BASE) + "anchors:\n" + "\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=r"anchors\.x-9: its YAML aliases expand to over 100,000 values"):

@@ -97,8 +97,19 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     # The JSON is written under a random temporary name, then linked to its own: a full disk is
     # refused at the link (a folder out of blocks for one more name); strace sees the name relative
     # to the folder's descriptor.
-    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=link,linkat", "-e",
-              "inject=link,linkat:error=ENOSPC", "-P", target_json.name]
+    strace = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=link,linkat",
+        "-e",
+        "inject=link,linkat:error=ENOSPC",
+        "-P",
+        target_json.name,
+    ]
     daemon.start(prefix=strace)
     drop(tmp_path / "inbox" / "full.pdf", data)
 
@@ -107,8 +118,13 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     assert [p.read_bytes() for p in waiting_in(processing)] == [data], "the source must stay safe"
     assert not (tmp_path / "done" / "full.pdf").exists()
     assert not list((tmp_path / "done").glob(".konfuzio-watch-*.tmp")), "a half-written temp file was left"
-    status = subprocess.run([*KONFUZIO_WATCH, "status", "--config", str(daemon.config)], capture_output=True,
-                            text=True, timeout=30, env={**os.environ, "LOG_TO_FILE": "False"})
+    status = subprocess.run(
+        [*KONFUZIO_WATCH, "status", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+    )
     assert "exporting" in status.stdout and "No space left on device" in status.stdout
     daemon.kill9()
 
@@ -118,8 +134,6 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     assert (tmp_path / "done" / "full.pdf").read_bytes() == data
     assert daemon.terminate() == 0
     assert len(emulator.uploads) == 1
-
-
 
 
 @pytest.mark.skipif(not can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")

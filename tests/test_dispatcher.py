@@ -56,9 +56,12 @@ class Parts:
 
 @pytest.fixture
 def parts(tmp_path, emulator) -> Iterator[Parts]:
-    config = make_config(tmp_path, emulator, upload={"concurrency": 2, "backoff_base_seconds": 2,
-                                                     "backoff_cap_seconds": 8},
-                         results={"workers": 2, "callback_timeout": 30, "poll_interval": 5})
+    config = make_config(
+        tmp_path,
+        emulator,
+        upload={"concurrency": 2, "backoff_base_seconds": 2, "backoff_cap_seconds": 8},
+        results={"workers": 2, "callback_timeout": 30, "poll_interval": 5},
+    )
     for folder in (config.folders.inbox, config.folders.done, config.folders.failed, config.folders.state):
         folder.mkdir(parents=True)
     clock = FakeClock(time.time())
@@ -67,9 +70,16 @@ def parts(tmp_path, emulator) -> Iterator[Parts]:
     gates = Gates(limits_from(config))
     processing_dir = tmp_path / "processing"
     processing_dir.mkdir(mode=0o700)
-    pipeline = Pipeline(config, journal, client, clock=clock, gates=gates, metrics=Metrics(),
-                        callback_base=lambda: "http://127.0.0.1:9",  # callbacks never arrive: we poll
-                        processing_dir=processing_dir)
+    pipeline = Pipeline(
+        config,
+        journal,
+        client,
+        clock=clock,
+        gates=gates,
+        metrics=Metrics(),
+        callback_base=lambda: "http://127.0.0.1:9",  # callbacks never arrive: we poll
+        processing_dir=processing_dir,
+    )
     executors = {UPLOADS: HeldExecutor(), RESULTS: HeldExecutor()}
     events: list[Event] = []
     dispatcher = Dispatcher(journal, pipeline, gates, executors, {UPLOADS: 2, RESULTS: 2}, report=events.append)
@@ -118,8 +128,9 @@ def test_throttling_blocks_all_uploads_and_one_probe_at_a_time_finds_it_over(par
     gate = parts.gates[Scope.API]
     assert gate.is_blocked
     rows = parts.journal.rows()
-    assert {r.state for r in rows} == {State.CLAIMED} and all(r.attempts == 0 for r in rows), \
+    assert {r.state for r in rows} == {State.CLAIMED} and all(r.attempts == 0 for r in rows), (
         "an outage costs no attempt"
+    )
 
     parts.dispatcher.tick(parts.clock.now())
     assert parts.executors[UPLOADS].pending == [], "nothing goes while the gate is shut"
@@ -179,8 +190,16 @@ def test_a_tick_starts_due_steps_before_it_claims_the_next_batch(parts):
         return sorted(str(p) for p in Path(folder).rglob("*.pdf"))
 
     tracker = CandidateTracker(0.5, 30.0, scan)
-    scheduler = Scheduler(clock=parts.clock, journal=parts.journal, gates=parts.gates, pipeline=parts.pipeline,
-                          dispatcher=parts.dispatcher, tracker=tracker, inbox=str(parts.inbox), scan=lambda: [])
+    scheduler = Scheduler(
+        clock=parts.clock,
+        journal=parts.journal,
+        gates=parts.gates,
+        pipeline=parts.pipeline,
+        dispatcher=parts.dispatcher,
+        tracker=tracker,
+        inbox=str(parts.inbox),
+        scan=lambda: [],
+    )
     for path in scan(str(waiting)):
         tracker.seen(path, parts.clock.now())
     parts.clock.advance(1.0)  # settled: the three are ready to be claimed
@@ -220,8 +239,9 @@ def test_a_processing_folder_that_goes_away_pauses_the_files_and_one_look_at_a_t
     assert parts.executors[UPLOADS].pending == [] and len(parts.executors[RESULTS].pending) == 1, "one look"
     tries, since = gate.state.failures, gate.state.since
     parts.run(RESULTS)
-    assert gate.is_blocked and (gate.state.failures, gate.state.since) == (tries + 1, since), \
+    assert gate.is_blocked and (gate.state.failures, gate.state.since) == (tries + 1, since), (
         "still away: the same episode, a longer wait"
+    )
 
     away.rename(processing)
     parts.dispatcher.tick(parts.clock.advance(gate.state.until - parts.clock.now()))

@@ -237,7 +237,10 @@ def test_project_schema_through_the_sdk(emu, session):
     """Categories (with their nested schema), label sets and labels, per project, as the SDK reads them."""
     categories = get_project_categories(1, session=session)
     assert [(c["id"], c["name"], c["project"]) for c in categories] == [
-        (101, "Invoice", 1), (102, "Receipt", 1), (103, "Letter", 1)]
+        (101, "Invoice", 1),
+        (102, "Receipt", 1),
+        (103, "Letter", 1),
+    ]
     invoice_schema = {s["name"]: [x["name"] for x in s["labels"]] for s in categories[0]["schema"]}
     assert invoice_schema == {
         "Invoice": ["Invoice Number", "Date", "Total", "IBAN"], "Line Item": ["Description", "Amount"]}  # fmt: skip
@@ -250,7 +253,11 @@ def test_project_schema_through_the_sdk(emu, session):
 
     every = get_project_label_sets(1, include_categories=True, session=session)
     assert [(s["name"], s["is_category"], s["has_multiple_annotation_sets"]) for s in every] == [
-        ("Invoice", True, False), ("Receipt", True, False), ("Letter", True, False), ("Line Item", False, True)]
+        ("Invoice", True, False),
+        ("Receipt", True, False),
+        ("Letter", True, False),
+        ("Line Item", False, True),
+    ]
     assert [s["name"] for s in get_project_label_sets(1, session=session)] == ["Line Item"]  # SDK default
     assert {c["id"] for c in get_project_categories(2, session=session)} == {201, 202, 203}
     page = api(emu, "GET", "/api/v3/labels/?project=2&limit=3").json()

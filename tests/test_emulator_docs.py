@@ -34,8 +34,12 @@ def control_routes() -> list[tuple[str, str]]:
     """(method, rule) of every route the emulator serves under /emulator/, e.g.
     ("POST", "/emulator/documents/<int:doc_id>/review")."""
     app = create_app(Emulator(token=TOKEN))
-    return sorted((method, rule.rule) for rule in app.url_map.iter_rules() if rule.rule.startswith("/emulator/")
-                  for method in rule.methods - {"HEAD", "OPTIONS"})  # type: ignore[operator]
+    return sorted(
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith("/emulator/")
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    )  # type: ignore[operator]
 
 
 def documented(rule: str) -> re.Pattern[str]:
@@ -57,18 +61,26 @@ def is_documented(method: str, rule: str, text: str) -> bool:
 def emulator_section() -> str:
     text = README.read_text(encoding="utf-8")
     start = text.index("\n## The Konfuzio API emulator\n")
-    return text[start:text.index("\n## ", start + 1)]
+    return text[start : text.index("\n## ", start + 1)]
 
 
 def test_every_control_route_is_in_the_help_and_the_readme_with_an_example() -> None:
     routes = control_routes()
     assert {rule.rsplit("/", 1)[1] for _, rule in routes} >= {"review", "reextract", "confirm-split"}
-    help_text = subprocess.run([sys.executable, "-m", "konfuzio_watch.emulator", "--help"], capture_output=True,
-                               text=True, timeout=60, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "konfuzio_watch.emulator", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     section = emulator_section()
-    missing = [f"{method} {rule}: {where}" for method, rule in routes
-               for where, text in (("--help", help_text), ("README", section))
-               if not is_documented(method, rule, text)]
+    missing = [
+        f"{method} {rule}: {where}"
+        for method, rule in routes
+        for where, text in (("--help", help_text), ("README", section))
+        if not is_documented(method, rule, text)
+    ]
     assert not missing, "undocumented, or without a curl example:\n" + "\n".join(missing)
 
 
@@ -86,20 +98,28 @@ def test_the_readmes_people_actions_work_as_written(emu: Emulator) -> None:
         form = {"project": 1, "sync": False, "callback_url": ""}
         files = {"data_file": ("scan.pdf", data, "multipart/form-data")}
         session.post(get_upload_document_url(emu.url), files=files, data=form).raise_for_status()
-    wait_until(lambda: [get_document_details(i, session=session)["status_data"] for i in (1, 2)] == [2, 41], 10,
-               "document 1 done, document 2 waiting for its split")
+    wait_until(
+        lambda: [get_document_details(i, session=session)["status_data"] for i in (1, 2)] == [2, 41],
+        10,
+        "document 1 done, document 2 waiting for its split",
+    )
     block = readme_block("emulator: people")
     assert README_URL in block
 
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block.replace(README_URL, emu.url)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.replace(README_URL, emu.url)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert emu.wait_idle(10)
     first, second = (get_document_details(i, session=session) for i in (1, 2))
     assert first["is_reviewed"] is True and first["status_data"] == 2
-    assert "INV-CORRECTED" in [a["offset_string"] for s in first["annotation_sets"] for label in s["labels"]
-                               for a in label["annotations"]]
+    assert "INV-CORRECTED" in [
+        a["offset_string"] for s in first["annotation_sets"] for label in s["labels"] for a in label["annotations"]
+    ]
     assert second["status_data"] == 2 and second["split_is_revised"] is True
     *answers, stats = [json.loads(line) for line in result.stdout.splitlines()]
     assert {"first_id": 3, "last_id": 50_002, "count": 50_000} in answers  # the seed

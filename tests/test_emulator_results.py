@@ -239,7 +239,8 @@ def test_reextract_renews_results_and_calls_back(emu, session, receiver):
     after = get_document_annotations(doc_id, session=session)
     assert second["status_data"] == 2 and second["updated_at"] > receiver.calls[0]["body"]["updated_at"]
     assert [(a["label"]["name"], a["offset_string"]) for a in after] == [
-        (a["label"]["name"], a["offset_string"]) for a in before]  # same text, same values...
+        (a["label"]["name"], a["offset_string"]) for a in before
+    ]  # same text, same values...
     assert not {a["id"] for a in before} & {a["id"] for a in after}  # ...found again: new annotations
     assert [a["confidence"] for a in after] != [a["confidence"] for a in before]
 

@@ -28,8 +28,21 @@ def test_a_busy_failed_folder_once_leaves_the_incomplete_pdf_its_reason(daemon_p
     target = tmp_path / "failed" / "truncated.pdf"
     # The move is linkat(<processing/>, <claim name>, <failed/>, "truncated.pdf"): strace's -P matches
     # that relative name as it is (and the whole path, should the move ever name it so).
-    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=link,linkat",
-              "-e", "inject=link,linkat:error=EBUSY:when=1", "-P", target.name, "-P", str(target)]
+    strace = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=link,linkat",
+        "-e",
+        "inject=link,linkat:error=EBUSY:when=1",
+        "-P",
+        target.name,
+        "-P",
+        str(target),
+    ]
     daemon.start(prefix=strace)
     drop(tmp_path / "inbox" / "truncated.pdf", make_pdf(label="cut short")[:-200])
 
@@ -54,14 +67,33 @@ def test_check_takes_a_busy_removal_of_its_probe_for_what_it_is(emulator, tmp_pa
     for name in ("inbox", "done", "failed"):
         (tmp_path / name).mkdir()
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
-                                      "folders": {name: str(tmp_path / name) for name in
-                                                  ("inbox", "done", "failed", "state")},
-                                      "callback": {"enabled": False}}))
-    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=unlink,unlinkat",
-              "-e", "inject=unlink,unlinkat:error=EBUSY:when=1..3"]
-    checked = subprocess.run([*strace, *KONFUZIO_WATCH, "check", "--config", str(config)], capture_output=True,
-                             text=True, timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
+                "folders": {name: str(tmp_path / name) for name in ("inbox", "done", "failed", "state")},
+                "callback": {"enabled": False},
+            }
+        )
+    )
+    strace = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=unlink,unlinkat",
+        "-e",
+        "inject=unlink,unlinkat:error=EBUSY:when=1..3",
+    ]
+    checked = subprocess.run(
+        [*strace, *KONFUZIO_WATCH, "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+    )
     assert f"ok    folders.inbox: {tmp_path / 'inbox'}" in checked.stdout, checked.stdout
     assert "FAIL" not in checked.stdout and checked.returncode == 0, checked.stdout
     assert list((tmp_path / "inbox").iterdir()) == [], "check left its probe behind"

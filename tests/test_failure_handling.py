@@ -36,8 +36,9 @@ def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str = "32m") -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     try:
@@ -71,22 +72,30 @@ def test_a_full_journal_disk_pauses_everything_quietly_and_resumes_at_once(tmp_p
             log_before = daemon.log.read_text()
             for rel, data in files.items():
                 drop(tmp_path / "inbox" / rel, data)
-            wait_until(lambda: "the journal cannot be written" in daemon.log.read_text(), 30,
-                       lambda: f"the full journal reported (log: {daemon.log.read_text()[-1500:]})")
+            wait_until(
+                lambda: "the journal cannot be written" in daemon.log.read_text(),
+                30,
+                lambda: f"the full journal reported (log: {daemon.log.read_text()[-1500:]})",
+            )
             time.sleep(3.0)  # a measurement window, not a wait: the disk stays full for 3 s
-            during = daemon.log.read_text()[len(log_before):]
+            during = daemon.log.read_text()[len(log_before) :]
 
             filler.unlink()
             freed = time.monotonic()
-            wait_until(lambda: daemon.done_count() == len(files), 30,
-                       lambda: f"all {len(files)} files done after space came back (have {daemon.done_count()})")
+            wait_until(
+                lambda: daemon.done_count() == len(files),
+                30,
+                lambda: f"all {len(files)} files done after space came back (have {daemon.done_count()})",
+            )
             resumed_in = time.monotonic() - freed
             assert daemon.terminate() == 0
         finally:
             daemon.cleanup()
     lines = during.splitlines()
-    print(f"\ndisk full: {len(lines)} log lines in the full window; last file done {resumed_in:.2f} s after "
-          f"space came back")  # figures for the record (pytest -s)
+    print(
+        f"\ndisk full: {len(lines)} log lines in the full window; last file done {resumed_in:.2f} s after "
+        f"space came back"
+    )  # figures for the record (pytest -s)
     assert "Traceback" not in during, f"a traceback per failed write: {during[:2000]}"
     assert len(lines) < 40, f"{len(lines)} log lines while the disk was full: {lines[:40]}"
     # 100 files at concurrency 4 take ~2 s here; the rescan that would otherwise find them is 300 s away
@@ -97,10 +106,6 @@ def test_a_full_journal_disk_pauses_everything_quietly_and_resumes_at_once(tmp_p
 
 
 # -- 2. a file the daemon cannot read ----------------------------------------------------------
-
-
-
-
 
 
 @pytest.mark.skipif(not can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
@@ -122,10 +127,14 @@ def test_a_file_the_daemon_cannot_read_stays_in_the_inbox_until_it_may(emulator)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.rename(staged, secret)
-        warning = "other-user.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch " \
-                  "may read it"
-        wait_until(lambda: warning in daemon.log.read_text(), 30,
-                   lambda: f"the warning (log: {daemon.log.read_text()[-1500:]})")
+        warning = (
+            "other-user.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch may read it"
+        )
+        wait_until(
+            lambda: warning in daemon.log.read_text(),
+            30,
+            lambda: f"the warning (log: {daemon.log.read_text()[-1500:]})",
+        )
         other = make_pdf(label="readable")
         drop(root / "inbox" / "readable.pdf", other)  # dropped later, finished first
         wait_until(lambda: (root / "done" / "readable.pdf.json").exists(), 60, "the readable file done")
@@ -137,8 +146,11 @@ def test_a_file_the_daemon_cannot_read_stays_in_the_inbox_until_it_may(emulator)
 
         os.chmod(secret, 0o644)  # its owner lets the daemon read it: a chmod event
         # the JSON is placed before the file itself: wait for both
-        wait_until(lambda: (root / "done" / "other-user.pdf").exists() and (root / "done" / "other-user.pdf.json")
-                   .exists(), 60, "the file done once readable")
+        wait_until(
+            lambda: (root / "done" / "other-user.pdf").exists() and (root / "done" / "other-user.pdf.json").exists(),
+            60,
+            "the file done once readable",
+        )
         assert (root / "done" / "other-user.pdf").read_bytes() == data
         assert daemon.log.read_text().count("may read it now; it is taken in as usual") == 1
         assert list((root / "failed").iterdir()) == []
@@ -152,8 +164,7 @@ def test_a_file_the_daemon_cannot_read_stays_in_the_inbox_until_it_may(emulator)
 
 
 @pytest.mark.parametrize("retry_after", ["999999999", "Thu, 31 Dec 2099 23:59:59 GMT"])
-def test_a_far_future_retry_after_pauses_uploads_for_the_backoff_cap_only(start_daemon, emulator, caplog,
-                                                                         retry_after):
+def test_a_far_future_retry_after_pauses_uploads_for_the_backoff_cap_only(start_daemon, emulator, caplog, retry_after):
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
     emulator.knobs.retry_after_s = retry_after
     emulator.knobs.rate_429 = 1.0
@@ -189,8 +200,7 @@ def test_a_restart_clears_a_pause_from_a_far_future_retry_after(start_daemon, em
 # -- 4. the wall clock is set back -------------------------------------------------------------
 
 
-def test_a_wall_clock_stepped_back_an_hour_does_not_stall_polling(daemon_process, emulator, tmp_path,
-                                                                  monkeypatch):
+def test_a_wall_clock_stepped_back_an_hour_does_not_stall_polling(daemon_process, emulator, tmp_path, monkeypatch):
     emulator.knobs.callback_loss = 1.0  # results come by polling only
     offset = tmp_path / "wall-offset"
     offset.write_text("0")
@@ -201,8 +211,11 @@ def test_a_wall_clock_stepped_back_an_hour_does_not_stall_polling(daemon_process
     files = {f"c{i}.png": make_png(label=f"clock {i}") for i in range(3)}
     for name, data in files.items():
         drop(tmp_path / "inbox" / name, data)
-    wait_until(lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'")[0][0] == 3, 30,
-               "all three uploaded and waiting for a poll")
+    wait_until(
+        lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'")[0][0] == 3,
+        30,
+        "all three uploaded and waiting for a poll",
+    )
 
     offset.write_text("-3600")  # the wall clock jumps back one hour
 
@@ -249,8 +262,9 @@ def test_a_rejected_details_request_is_not_retried_forever(start_daemon, emulato
 
 
 def test_a_details_request_answered_400_fails_the_file_with_the_reason(start_daemon, emulator):
-    emulator.knobs.fault_rules = [FaultRule("GET", r"^/api/v3/documents/\d+/?$", 400,
-                                            body={"detail": "Malformed document."})]
+    emulator.knobs.fault_rules = [
+        FaultRule("GET", r"^/api/v3/documents/\d+/?$", 400, body={"detail": "Malformed document."})
+    ]
     running = start_daemon()
     drop(running.inbox / "bad-request.pdf", make_pdf(label="400"))
     running.wait_finished(1, timeout_s=20)
@@ -260,8 +274,9 @@ def test_a_details_request_answered_400_fails_the_file_with_the_reason(start_dae
 
 def test_a_files_failure_count_survives_a_restart(start_daemon, emulator):
     emulator.knobs.fault_rules = [FaultRule("GET", r"^/api/v3/documents/\d+/?$", 500)]
-    running = start_daemon(upload={"backoff_base_seconds": 0.05, "backoff_cap_seconds": 0.2},
-                           results={"max_failures": 6})
+    running = start_daemon(
+        upload={"backoff_base_seconds": 0.05, "backoff_cap_seconds": 0.2}, results={"max_failures": 6}
+    )
     drop(running.inbox / "flaky.pdf", make_pdf(label="500s"))
     wait_until(lambda: [r for r in running.daemon.journal.rows() if r.failures >= 3], 20, "three failed fetches")
     running.stop()

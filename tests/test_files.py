@@ -33,18 +33,21 @@ from konfuzio_watch.files import (
 from konfuzio_watch.journal import Row, State
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    (b"invoice.pdf", "invoice.pdf"),
-    ("Straße März.pdf".encode(), "Strasse Marz.pdf"),
-    (b"scan\xff\n.pdf", "scan__.pdf"),
-    (b"-rf --help.pdf", "rf --help.pdf"),
-    (b"...hidden.png", "hidden.png"),
-    (b"$(reboot).pdf", "_(reboot).pdf"),
-    (b".pdf", "pdf"),
-    (b"\xff\xfe", "__"),
-    (b"", "document-7"),
-    ("日本語.pdf".encode(), "___.pdf"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"invoice.pdf", "invoice.pdf"),
+        ("Straße März.pdf".encode(), "Strasse Marz.pdf"),
+        (b"scan\xff\n.pdf", "scan__.pdf"),
+        (b"-rf --help.pdf", "rf --help.pdf"),
+        (b"...hidden.png", "hidden.png"),
+        (b"$(reboot).pdf", "_(reboot).pdf"),
+        (b".pdf", "pdf"),
+        (b"\xff\xfe", "__"),
+        (b"", "document-7"),
+        ("日本語.pdf".encode(), "___.pdf"),
+    ],
+)
 def test_safe_upload_names(raw, expected):
     name = safe_upload_name(raw, fallback="document-7")
     assert name == expected
@@ -118,23 +121,49 @@ def test_json_is_written_atomically_and_only_replaces_an_earlier_write_of_the_sa
 
 def row(**fields: object) -> Row:
     base: dict[str, object] = dict(
-        id=3, rel_path=b"sub/scan\xff.pdf", state=State.EXPORTING, size=10, sha256="ab" * 32, upload_name="scan_.pdf",
-        token_hash="t", document_id=42, attempts=1, next_at=None, callback_at=None, uploaded_at=1_700_000_000.0,
-        final_path=None, error=None, stage="export", project_id=1, detected_at=1_699_999_990.0,
-        updated_at=1_700_000_000.0, finished_at=None)
+        id=3,
+        rel_path=b"sub/scan\xff.pdf",
+        state=State.EXPORTING,
+        size=10,
+        sha256="ab" * 32,
+        upload_name="scan_.pdf",
+        token_hash="t",
+        document_id=42,
+        attempts=1,
+        next_at=None,
+        callback_at=None,
+        uploaded_at=1_700_000_000.0,
+        final_path=None,
+        error=None,
+        stage="export",
+        project_id=1,
+        detected_at=1_699_999_990.0,
+        updated_at=1_700_000_000.0,
+        finished_at=None,
+    )
     base.update(fields)
     return Row(**base)  # type: ignore[arg-type]
 
 
 def test_the_result_splits_the_text_into_its_pages_and_names_its_source():
-    details = {"id": 42, "status_data": 2, "text": "page one\fpage two",
-               "pages": [{"number": 1, "size": [595, 842], "original_size": [595, 842]},
-                         {"number": 2, "size": [595, 842], "original_size": [595, 842]}]}
+    details = {
+        "id": 42,
+        "status_data": 2,
+        "text": "page one\fpage two",
+        "pages": [
+            {"number": 1, "size": [595, 842], "original_size": [595, 842]},
+            {"number": 2, "size": [595, 842], "original_size": [595, 842]},
+        ],
+    }
     result = export.build_result(row(), details, {"0": {"x0": 1}}, now=1_700_000_010.0)
     assert [p["text"] for p in result["pages"]] == ["page one", "page two"]
     assert result["status"] == "done" and result["document_id"] == 42
-    assert result["source"] == {"path": "sub/scan\\xff.pdf", "sha256": "ab" * 32, "size": 10,
-                                "uploaded_as": "scan_.pdf"}
+    assert result["source"] == {
+        "path": "sub/scan\\xff.pdf",
+        "sha256": "ab" * 32,
+        "size": 10,
+        "uploaded_as": "scan_.pdf",
+    }
     assert result["exported_at"] == "2023-11-14T22:13:30+00:00"
     assert export.result_is_for(row(), result)
     assert not export.result_is_for(row(document_id=43), result)
@@ -183,16 +212,19 @@ def test_a_shortened_name_keeps_undecodable_bytes():
     assert os.fsencode(name).startswith(b"scan\xff\xfe~") and name.endswith(".tiff")
 
 
-@pytest.mark.parametrize(("rel", "reason"), [
-    ("invoice.pdf", None),
-    ("2026/März/invoice.pdf", None),
-    (".hidden.pdf", "hidden (its name starts with '.')"),
-    (".sync/invoice.pdf", "hidden (its name starts with '.')"),
-    ("scan.pdf.part", "a temporary or system file (built-in pattern '*.part')"),
-    ("@eaDir/scan.pdf", "a temporary or system file (built-in pattern '@eaDir')"),
-    ("old/scan.bak", "matches watch.ignore '*.bak'"),
-    ("archive/2020/scan.pdf", "matches watch.ignore 'archive/*'"),
-])
+@pytest.mark.parametrize(
+    ("rel", "reason"),
+    [
+        ("invoice.pdf", None),
+        ("2026/März/invoice.pdf", None),
+        (".hidden.pdf", "hidden (its name starts with '.')"),
+        (".sync/invoice.pdf", "hidden (its name starts with '.')"),
+        ("scan.pdf.part", "a temporary or system file (built-in pattern '*.part')"),
+        ("@eaDir/scan.pdf", "a temporary or system file (built-in pattern '@eaDir')"),
+        ("old/scan.bak", "matches watch.ignore '*.bak'"),
+        ("archive/2020/scan.pdf", "matches watch.ignore 'archive/*'"),
+    ],
+)
 def test_why_a_path_is_ignored(rel, reason):
     parts = tuple(rel.split("/"))
     assert ignore_reason(parts, ("*.bak", "archive/*")) == reason

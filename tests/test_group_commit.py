@@ -102,8 +102,7 @@ def test_each_durable_write_is_covered_by_a_sync_that_began_after_its_commit(jou
     assert journal.syncs <= 81
 
 
-def test_writes_that_need_not_be_durable_wait_for_no_fsync_and_the_next_durable_one_covers_them(
-        journal: SqliteJournal):
+def test_writes_that_need_not_be_durable_wait_for_no_fsync_and_the_next_durable_one_covers_them(journal: SqliteJournal):
     rows = [claim(journal, f"f{i}.pdf") for i in range(3)]
     before = journal.syncs
     now = 5.0
@@ -181,8 +180,9 @@ def test_a_done_move_that_arms_a_second_look_is_made_durable_and_one_that_does_n
     assert journal.syncs == before + 1 and journal._synced == journal._committed
 
 
-def test_a_one_statement_write_commits_on_its_own_and_refuses_a_second_statement(journal: SqliteJournal,
-                                                                                    tmp_path: Path):
+def test_a_one_statement_write_commits_on_its_own_and_refuses_a_second_statement(
+    journal: SqliteJournal, tmp_path: Path
+):
     import sqlite3
 
     row = claim(journal, "a.pdf")

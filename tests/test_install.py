@@ -61,11 +61,17 @@ def run_block(name: str, root: Path) -> subprocess.CompletedProcess[str]:
     if re.fullmatch(r"ROOT=\s*(#.*)?", lines[0]):
         lines = lines[1:]
     code = "\n".join(line.split(" #")[0] for line in lines if not line.lstrip().startswith("#"))
-    outside = re.findall(r'(?<!\$ROOT)(?<![\w.-])/(?:etc|srv|opt|var|usr|run|lib|home)\b\S*', code)
+    outside = re.findall(r"(?<!\$ROOT)(?<![\w.-])/(?:etc|srv|opt|var|usr|run|lib|home)\b\S*", code)
     assert not outside, f"README block {name!r} names paths without $ROOT in front: {outside}"
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "KONFUZIO_TOKEN": TOKEN}
-    return subprocess.run(["bash", "-euo", "pipefail", "-c", f"ROOT={shlex.quote(str(root))}\n" + "\n".join(lines)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", f"ROOT={shlex.quote(str(root))}\n" + "\n".join(lines)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def db(root: Path, name: str) -> list[list[str]]:
@@ -142,36 +148,75 @@ class Service:
             (credentials / name).chmod(0o400)
         os.chown(credentials, uid, gid)
         credentials.chmod(0o500)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(state),
-               "CREDENTIALS_DIRECTORY": str(credentials)}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": str(state),
+            "CREDENTIALS_DIRECTORY": str(credentials),
+        }
         env.update(value.split("=", 1) for value in unit.get("Environment", []))  # type: ignore[misc]
         cwd = root / unit["WorkingDirectory"][0].lstrip("/")
         return cls(root, uid, gid, sorted(groups), unit["UMask"][0], cwd, env)
 
-    def command(self, args: Sequence[str], uid: int | None = None, gid: int | None = None,
-                groups: Sequence[int] | None = None) -> list[str]:
+    def command(
+        self, args: Sequence[str], uid: int | None = None, gid: int | None = None, groups: Sequence[int] | None = None
+    ) -> list[str]:
         """``args`` as the service user (or another uid), in a mount namespace where the Python running
         this test is reachable: on this machine it lives under /root, which is 0700."""
         uid, gid = (self.uid, self.gid) if uid is None else (uid, gid if gid is not None else uid)
         groups = self.groups if groups is None else groups
-        ids = [f"--reuid={uid}", f"--regid={gid}", f"--groups={','.join(map(str, groups))}" if groups
-               else "--clear-groups"]
-        script = reachable([Path(sys.executable), Path(sys.base_prefix), Path(sys.prefix), REPO, self.root],
-                           self.root / ".mnt") + 'exec setpriv "$@"'
-        return ["unshare", "--mount", "--propagation=private", "sh", "-c", script, "sh", *ids, "--no-new-privs",
-                "--inh-caps=-all", "--", "sh", "-c", 'umask "$0" && exec "$@"', self.umask, *args]
+        ids = [
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+        ]
+        script = (
+            reachable(
+                [Path(sys.executable), Path(sys.base_prefix), Path(sys.prefix), REPO, self.root], self.root / ".mnt"
+            )
+            + 'exec setpriv "$@"'
+        )
+        return [
+            "unshare",
+            "--mount",
+            "--propagation=private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            *ids,
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--",
+            "sh",
+            "-c",
+            'umask "$0" && exec "$@"',
+            self.umask,
+            *args,
+        ]
 
     def run(self, args: Sequence[str], **ids) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-        return subprocess.run(self.command(args, **ids), cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=60)
+        return subprocess.run(
+            self.command(args, **ids), cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=60
+        )
 
     def run_as_root(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
         """``args`` as root with the service's environment, where the service user reaches this Python too
         (``check`` tries writes as that user in a child process)."""
-        script = reachable([Path(sys.executable), Path(sys.base_prefix), Path(sys.prefix), REPO, self.root],
-                           self.root / ".mnt") + 'exec "$@"'
-        return subprocess.run(["unshare", "--mount", "--propagation=private", "sh", "-c", script, "sh", *args],
-                              cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=60)
+        script = (
+            reachable(
+                [Path(sys.executable), Path(sys.base_prefix), Path(sys.prefix), REPO, self.root], self.root / ".mnt"
+            )
+            + 'exec "$@"'
+        )
+        return subprocess.run(
+            ["unshare", "--mount", "--propagation=private", "sh", "-c", script, "sh", *args],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 def reachable(paths: Sequence[Path], stash: Path) -> str:
@@ -202,8 +247,12 @@ def configure(root: Path, emulator, inbox_parent: Path) -> Path:  # type: ignore
     raw = yaml.safe_load(path.read_text())
     del raw["konfuzio"]["token"]
     raw["konfuzio"].update(host=emulator.url, token_file="${CREDENTIALS_DIRECTORY}/konfuzio-token", project_id=1)
-    raw["folders"].update(inbox=str(inbox_parent / "inbox"), done=str(inbox_parent / "done"),
-                          failed=str(inbox_parent / "failed"), state=str(root / "var/lib/konfuzio-watch"))
+    raw["folders"].update(
+        inbox=str(inbox_parent / "inbox"),
+        done=str(inbox_parent / "done"),
+        failed=str(inbox_parent / "failed"),
+        state=str(root / "var/lib/konfuzio-watch"),
+    )
     raw["watch"]["settle_seconds"] = 0.3
     raw["callback"]["port"] = 0
     raw["monitor"]["port"] = 0
@@ -223,8 +272,11 @@ def test_the_install_block_writes_the_files_the_user_and_a_config_only_the_servi
     for rel in ("etc/konfuzio-watch", "etc/konfuzio-watch/config.yaml", "etc/konfuzio-watch/konfuzio-token"):
         st = (root / rel).stat()
         modes[rel] = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-    assert modes == {"etc/konfuzio-watch": (0o750, 0, gid), "etc/konfuzio-watch/config.yaml": (0o640, 0, gid),
-                     "etc/konfuzio-watch/konfuzio-token": (0o600, 0, 0)}
+    assert modes == {
+        "etc/konfuzio-watch": (0o750, 0, gid),
+        "etc/konfuzio-watch/config.yaml": (0o640, 0, gid),
+        "etc/konfuzio-watch/konfuzio-token": (0o600, 0, 0),
+    }
     assert (root / "etc/konfuzio-watch/config.yaml").read_bytes() == shipped_bytes("config.example.yaml")
     assert (root / "etc/konfuzio-watch/konfuzio-token").read_text() == TOKEN + "\n"
 
@@ -276,8 +328,13 @@ def test_the_scanner_group_block_lets_the_group_read_and_delete_results(installe
     service = Service.from_unit(root)
     assert scanner in service.groups
     log = (root / "daemon.log").open("w")
-    daemon = subprocess.Popen(service.command([str(root / APP.lstrip("/")), "run", "--config", str(config)]),
-                              cwd=service.cwd, env=service.env, stdout=log, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        service.command([str(root / APP.lstrip("/")), "run", "--config", str(config)]),
+        cwd=service.cwd,
+        env=service.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         person = 4242  # someone in the scanner group, not konfuzio-watch, writing with umask 0007 (README)
         folder = share / "inbox/2026"
@@ -290,8 +347,11 @@ def test_the_scanner_group_block_lets_the_group_read_and_delete_results(installe
         part.chmod(0o660)
         os.replace(part, folder / "scan.pdf")
         done = share / "done/2026"
-        wait_until(lambda: (done / "scan.pdf").exists() and (done / "scan.pdf.json").exists(), 30,
-                   lambda: "the scan in done/: " + (root / "daemon.log").read_text()[-2000:])
+        wait_until(
+            lambda: (done / "scan.pdf").exists() and (done / "scan.pdf.json").exists(),
+            30,
+            lambda: "the scan in done/: " + (root / "daemon.log").read_text()[-2000:],
+        )
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0, (root / "daemon.log").read_text()[-2000:]
@@ -302,8 +362,12 @@ def test_the_scanner_group_block_lets_the_group_read_and_delete_results(installe
         assert (oct(stat.S_IMODE(st.st_mode)), st.st_gid) == (oct(mode), scanner), path
     stranger = service.run(["cat", str(done / "scan.pdf.json")], uid=4343, groups=[])
     assert stranger.returncode != 0 and "Permission denied" in stranger.stderr
-    member = service.run(["sh", "-c", 'rm -- "$1"/scan.pdf.json "$1"/scan.pdf && rmdir -- "$1"', "sh", str(done)],
-                         uid=person, gid=scanner, groups=[])
+    member = service.run(
+        ["sh", "-c", 'rm -- "$1"/scan.pdf.json "$1"/scan.pdf && rmdir -- "$1"', "sh", str(done)],
+        uid=person,
+        gid=scanner,
+        groups=[],
+    )
     assert member.returncode == 0, member.stderr
     assert not done.exists()
 
@@ -316,12 +380,27 @@ def check_unit_with_drop_ins(root: Path) -> None:
     unit = verify_dir / "konfuzio-watch.service"
     unit.write_text(unit.read_text().replace(f"ExecStart={APP} ", f"ExecStart={root}{APP} "))
     env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{verify_dir}:")
-    verify = subprocess.run(["systemd-analyze", "verify", "--recursive-errors=yes", "konfuzio-watch.service"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--recursive-errors=yes", "konfuzio-watch.service"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
-    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", f"--root={root}",
-                               f"--threshold={round(MAX_EXPOSURE * 10)}", "konfuzio-watch.service"],
-                              capture_output=True, text=True, timeout=60)
+    security = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=yes",
+            f"--root={root}",
+            f"--threshold={round(MAX_EXPOSURE * 10)}",
+            "konfuzio-watch.service",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "SupplementaryGroups=" in security.stdout and "runs with supplementary groups" in security.stdout
     assert security.returncode == 0, security.stdout[-1500:]
 
@@ -341,12 +420,20 @@ def test_check_as_root_judges_the_folders_for_the_user_the_service_ran_as(instal
     service = Service.from_unit(root)
     app = str(root / APP.lstrip("/"))
     with (root / "daemon.log").open("w") as log:
-        daemon = subprocess.Popen(service.command([app, "run", "--config", str(config)]), cwd=service.cwd,
-                                  env=service.env, stdout=log, stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen(
+            service.command([app, "run", "--config", str(config)]),
+            cwd=service.cwd,
+            env=service.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             (share / "inbox/scan.pdf").write_bytes(make_pdf(label="the service ran"))
-            wait_until(lambda: (share / "done/scan.pdf.json").exists(), 30,
-                       lambda: "scan.pdf done: " + (root / "daemon.log").read_text()[-2000:])
+            wait_until(
+                lambda: (share / "done/scan.pdf.json").exists(),
+                30,
+                lambda: "scan.pdf done: " + (root / "daemon.log").read_text()[-2000:],
+            )
         finally:
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(30) == 0, (root / "daemon.log").read_text()[-2000:]
@@ -356,8 +443,10 @@ def test_check_as_root_judges_the_folders_for_the_user_the_service_ran_as(instal
 
     out = checked.stdout
     assert checked.returncode == 0, out + checked.stderr
-    assert out.startswith(f"note  checked as {service_user}, the user konfuzio-watch last ran as (daemon.lock in "
-                          f"{root}/var/lib/konfuzio-watch); you are root (uid 0); another: check --as USER\n"), out
+    assert out.startswith(
+        f"note  checked as {service_user}, the user konfuzio-watch last ran as (daemon.lock in "
+        f"{root}/var/lib/konfuzio-watch); you are root (uid 0); another: check --as USER\n"
+    ), out
     assert "ok    processing folder: " in out and "FAIL" not in out, out
     assert f"ok    files it keeps: 3 (journal, locks) writable for {service_user}" in out, out
 
@@ -368,10 +457,14 @@ def test_check_as_root_judges_the_folders_for_the_user_the_service_ran_as(instal
     checked = service.run_as_root([app, "check", "--config", str(config)])
     out = checked.stdout
     assert checked.returncode == 1, out
-    assert (f"FAIL  folders.done: cannot write into {share / 'done'}: Permission denied (as {service_user}) -> "
-            f"let {service_user} write there") in out, out
-    assert (f"FAIL  files it keeps: cannot write {journal}: Permission denied (as {service_user}) -> give them to "
-            f"{service_user}") in out, out
+    assert (
+        f"FAIL  folders.done: cannot write into {share / 'done'}: Permission denied (as {service_user}) -> "
+        f"let {service_user} write there"
+    ) in out, out
+    assert (
+        f"FAIL  files it keeps: cannot write {journal}: Permission denied (as {service_user}) -> give them to "
+        f"{service_user}"
+    ) in out, out
 
     as_root = service.run_as_root([app, "check", "--as", "root", "--config", str(config)])
     out = as_root.stdout

@@ -92,8 +92,11 @@ def test_a_lost_journal_adopts_the_waiting_files_under_their_own_names(daemon_pr
     files = {f"lost/{i}.pdf": make_pdf(label=f"lost {i}") for i in range(5)}
     for rel, data in files.items():
         drop(tmp_path / "inbox" / rel, data)
-    wait_until(lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'")[0][0] == 5, 30,
-               "five files uploaded and waiting")
+    wait_until(
+        lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'")[0][0] == 5,
+        30,
+        "five files uploaded and waiting",
+    )
     daemon.kill9()
     for suffix in ("", "-wal", "-shm"):
         (tmp_path / "state" / f"journal.sqlite3{suffix}").unlink(missing_ok=True)
@@ -119,8 +122,11 @@ def test_a_deleted_wal_orphans_nothing(daemon_process, emulator, tmp_path):
     files = {f"wal/{i:02d}.png": make_png(label=f"wal {i}") for i in range(12)}
     for rel, data in files.items():
         drop(tmp_path / "inbox" / rel, data)
-    wait_until(lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'")[0][0] == 12, 30,
-               "twelve files uploaded")
+    wait_until(
+        lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'")[0][0] == 12,
+        30,
+        "twelve files uploaded",
+    )
     daemon.kill9()
     (tmp_path / "state" / "journal.sqlite3-wal").unlink()  # the rows since the last checkpoint are gone
     (tmp_path / "state" / "journal.sqlite3-shm").unlink(missing_ok=True)
@@ -151,8 +157,13 @@ def test_a_damaged_or_unreadable_journal_stops_the_start_with_one_line(tmp_path,
         journal.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
     else:
         journal.mkdir()
-    done = subprocess.run([*KONFUZIO_WATCH, "run", "--config", str(daemon.config)], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "LOG_TO_FILE": "False"})
+    done = subprocess.run(
+        [*KONFUZIO_WATCH, "run", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -169,8 +180,9 @@ def test_a_crash_while_the_server_is_still_storing_uploads_nothing_twice(daemon_
     files = {f"slow/{i}.pdf": make_pdf(label=f"slow store {i}") for i in range(6)}
     for rel, data in files.items():
         drop(tmp_path / "inbox" / rel, data)
-    wait_until(lambda: getattr(emulator.request_stats().get("upload"), "count", 0) >= 4, 30,
-               "uploads reaching the server")
+    wait_until(
+        lambda: getattr(emulator.request_stats().get("upload"), "count", 0) >= 4, 30, "uploads reaching the server"
+    )
     daemon.kill9()  # while the server is still storing them
     emulator.knobs.upload_latency_s = 0.0
 
@@ -213,8 +225,9 @@ def test_a_copy_that_appears_after_the_window_is_recognised_and_deleted(start_da
     data = make_pdf(label="stored late")
     drop(running.inbox / "late.pdf", data)
     running.wait_finished(1, timeout_s=30)
-    wait_until(lambda: len(emulator.uploads) == 2 and emulator.deletions, 30,
-               "the late first copy appeared and was deleted")
+    wait_until(
+        lambda: len(emulator.uploads) == 2 and emulator.deletions, 30, "the late first copy appeared and was deleted"
+    )
     result = assert_own_result(running.done, "late.pdf", data)
     (deleted,) = emulator.deletions
     assert deleted.doc_id != result["document_id"], "the copy in done/ is the one kept"
@@ -282,8 +295,7 @@ def test_a_file_whose_bytes_are_gone_is_never_reported_done(start_daemon, emulat
     assert not (again.done / "moveme.pdf.json").exists(), "a result without its file"
 
 
-def test_a_path_that_fits_the_inbox_but_not_done_goes_to_failed_with_the_whole_path(tmp_path, emulator,
-                                                                                  start_daemon):
+def test_a_path_that_fits_the_inbox_but_not_done_goes_to_failed_with_the_whole_path(tmp_path, emulator, start_daemon):
     long_done = tmp_path / ("d" * 200) / ("e" * 200) / "done"
     config = make_config(tmp_path, emulator, folders={"done": str(long_done)})
     running = start_daemon(config)

@@ -89,8 +89,14 @@ def journal(backend: Backend) -> BaseJournal:
     return backend()
 
 
-def uploaded(journal: BaseJournal, path: bytes = b"a.pdf", token: str = "t1", document_id: int = 7,
-             now: float = 1.0, callback_first: bool = False) -> Row:
+def uploaded(
+    journal: BaseJournal,
+    path: bytes = b"a.pdf",
+    token: str = "t1",
+    document_id: int = 7,
+    now: float = 1.0,
+    callback_first: bool = False,
+) -> Row:
     """A row that went claiming -> claimed -> uploading -> uploaded."""
     (row,) = journal.add_claims([path], now)
     row = journal.transition(row, State.CLAIMED, now, next_at=now)
@@ -136,8 +142,12 @@ def test_claims_are_rows_with_byte_names_identity_and_first_sighting(journal: Ba
     assert first.rel_path == b"a\xff\n.pdf" and first.display_path == "a\\xff\\n.pdf"
     assert first.state == State.CLAIMING and first.next_at == 3.0 and first.detected_at == 3.0
     assert len(first.claim_name or b"") == 16 and first.file_dev is None and first.file_ino is None
-    assert (second.rel_path, second.claim_name, second.file_dev, second.file_ino) == (b"sub/b.pdf", b"name-b", 2049,
-                                                                                      2**40)
+    assert (second.rel_path, second.claim_name, second.file_dev, second.file_ino) == (
+        b"sub/b.pdf",
+        b"name-b",
+        2049,
+        2**40,
+    )
     assert second.detected_at == 0.5 and second.updated_at == 3.0
     assert journal.get(second.id) == second and journal.add_claims([], 4.0) == []
 
@@ -344,7 +354,9 @@ def test_due_rows_come_oldest_first_within_states_exclusions_and_limits(journal:
     assert journal.next_due_at([State.UPLOADING], []) is None and journal.next_due_at([], []) is None
     failing = journal.transition(d, State.FAILING, 1.0, next_at=7.0)
     assert journal.next_due_by_state([State.CLAIMED, State.FAILING, State.UPLOADING], [a.id]) == {
-        State.CLAIMED: 5.0, State.FAILING: 7.0}
+        State.CLAIMED: 5.0,
+        State.FAILING: 7.0,
+    }
     assert journal.next_due_by_state([State.FAILING], [failing.id]) == {} == journal.next_due_by_state([], [])
 
 
@@ -388,12 +400,24 @@ def test_many_rows_in_one_call(journal: BaseJournal):
 def test_times_and_large_numbers_come_back_exactly(journal: BaseJournal):
     now = 1795621922.123456789
     (row,) = journal.add_claims([NewClaim(b"a.pdf", b"n", dev=2**63 - 1, ino=2**62 + 1, detected_at=now)], now)
-    row = journal.update(row, now + 1e-6, size=2**40, mtime_ns=1795621922123456789, next_at=now / 3,
-                         final_path=b"/done/\xff", fingerprint="f" * 64, revision=3)
+    row = journal.update(
+        row,
+        now + 1e-6,
+        size=2**40,
+        mtime_ns=1795621922123456789,
+        next_at=now / 3,
+        final_path=b"/done/\xff",
+        fingerprint="f" * 64,
+        revision=3,
+    )
     again = journal.get(row.id)
     assert again == row and again.detected_at == now and again.updated_at == now + 1e-6 and again.next_at == now / 3
-    assert (again.file_dev, again.file_ino, again.size, again.mtime_ns) == (2**63 - 1, 2**62 + 1, 2**40,
-                                                                            1795621922123456789)
+    assert (again.file_dev, again.file_ino, again.size, again.mtime_ns) == (
+        2**63 - 1,
+        2**62 + 1,
+        2**40,
+        1795621922123456789,
+    )
     assert again.final_path == b"/done/\xff" and isinstance(again.final_path, bytes)
 
 
@@ -509,8 +533,10 @@ def test_the_journal_section_takes_a_url_without_a_password(tmp_path: Path):
 
     config = parse_config(_raw(tmp_path))
     assert config.journal.url is None and config.node_id == socket.gethostname()
-    config = parse_config(_raw(tmp_path, journal={"url": "postgresql://kw@db:5432/kw", "password_file": "pw"},
-                               node={"id": "scanner-1"}), base_dir=tmp_path)
+    config = parse_config(
+        _raw(tmp_path, journal={"url": "postgresql://kw@db:5432/kw", "password_file": "pw"}, node={"id": "scanner-1"}),
+        base_dir=tmp_path,
+    )
     assert config.journal.password_file == tmp_path / "pw" and config.node_id == "scanner-1"
     with pytest.raises(ConfigError, match="journal.password_file: cannot read"):
         config.journal_password()
@@ -684,8 +710,10 @@ def test_a_role_is_held_by_one_node_and_passes_on_when_its_node_is_gone(nodes: C
     ra.release()
     assert rb.acquire() and not ra.acquire()
     with psycopg.connect(pg_url, autocommit=True) as admin:  # b's connection dies (a crash, a cut cable)
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                      " AND pid <> pg_backend_pid()")
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND pid <> pg_backend_pid()"
+        )
     wait_until(lambda: not rb.held(), 5, "b to notice that it lost the role")
     assert ra.acquire() and not rb.acquire()
 
@@ -705,8 +733,9 @@ def test_notifications_reach_every_node(nodes: Callable[..., Any]):
 
 
 @postgres
-def test_a_server_restart_fails_calls_while_it_is_down_and_costs_nothing_after(nodes: Callable[..., Any],
-                                                                               pg_cluster: Any):
+def test_a_server_restart_fails_calls_while_it_is_down_and_costs_nothing_after(
+    nodes: Callable[..., Any], pg_cluster: Any
+):
     journal = nodes("a", wait_s=1.0)
     heard: list[str] = []
     listener = journal.listen(heard.append)
@@ -752,8 +781,10 @@ def test_a_database_that_refuses_writes_raises_journal_write_error(nodes: Callab
     database = pg_url.rsplit("/", 1)[1]
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute(f"ALTER DATABASE {database} SET default_transaction_read_only = on")
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
-                      " AND pid <> pg_backend_pid()")
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
     with pytest.raises(JournalWriteError, match="read-only") as raised:
         journal.transition(row, State.CLAIMED, 2.0)
     assert not isinstance(raised.value, JournalUnavailable)  # the server answered: it refuses
@@ -761,8 +792,10 @@ def test_a_database_that_refuses_writes_raises_journal_write_error(nodes: Callab
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute("SET default_transaction_read_only = off")
         admin.execute(f"ALTER DATABASE {database} RESET default_transaction_read_only")
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
-                      " AND pid <> pg_backend_pid()")
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
     journal.probe(3.0)
     assert journal.transition(row, State.CLAIMED, 3.0).state == State.CLAIMED
 
@@ -791,8 +824,9 @@ def test_the_schema_is_created_once_by_nodes_starting_together(pg_url: str):
 
 
 @postgres
-def test_the_schema_is_checked_without_touching_it_and_upgraded_by_the_daemon(pg_url: str,
-                                                                              monkeypatch: pytest.MonkeyPatch):
+def test_the_schema_is_checked_without_touching_it_and_upgraded_by_the_daemon(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+):
     from konfuzio_watch import journal_pg
     from konfuzio_watch.journal_pg import PgJournal
 
@@ -803,20 +837,26 @@ def test_the_schema_is_checked_without_touching_it_and_upgraded_by_the_daemon(pg
         assert daemon.check() is None
         (row,) = daemon.add_claims([b"a.pdf"], 1.0)
     now = PgJournal.schema_version
-    monkeypatch.setattr(journal_pg, "PG_MIGRATIONS",
-                        {**journal_pg.PG_MIGRATIONS, now + 1: ["ALTER TABLE files ADD COLUMN shiny INTEGER"]})
+    monkeypatch.setattr(
+        journal_pg,
+        "PG_MIGRATIONS",
+        {**journal_pg.PG_MIGRATIONS, now + 1: ["ALTER TABLE files ADD COLUMN shiny INTEGER"]},
+    )
     monkeypatch.setattr(PgJournal, "schema_version", now + 1)
     with PgJournal(pg_url, migrate=False) as looking:
-        assert looking.check() == (f"{looking.location}: journal schema {now}, this konfuzio-watch writes {now + 1}: "
-                                   "the daemon upgrades it when it starts")
+        assert looking.check() == (
+            f"{looking.location}: journal schema {now}, this konfuzio-watch writes {now + 1}: "
+            "the daemon upgrades it when it starts"
+        )
     with PgJournal(pg_url) as daemon:
         assert daemon.check() is None and daemon.get(row.id) == row and daemon.meta("schema_version") == str(now + 1)
         assert daemon.quick_check() == "ok"
 
 
 @postgres
-def test_the_integrity_check_reads_everything_and_checks_indexes_with_amcheck(nodes: Callable[..., Any],
-                                                                               pg_url: str, tmp_path: Path):
+def test_the_integrity_check_reads_everything_and_checks_indexes_with_amcheck(
+    nodes: Callable[..., Any], pg_url: str, tmp_path: Path
+):
     journal = nodes("a")
     row = uploaded(journal)
     assert journal.integrity_check() == "ok"
@@ -837,8 +877,9 @@ def test_the_password_comes_from_the_password_file(pg_cluster: Any, pg_url: str,
     pg_cluster.admin(f"GRANT ALL ON SCHEMA public TO {PASSWORD_USER}", database=database)
     url = pg_cluster.url(database, user=PASSWORD_USER)
     (tmp_path / "pw").write_text("wrong\n")
-    config = parse_config(_raw(tmp_path, journal={"url": url, "password_file": str(tmp_path / "pw")},
-                               node={"id": "node-1"}))
+    config = parse_config(
+        _raw(tmp_path, journal={"url": url, "password_file": str(tmp_path / "pw")}, node={"id": "node-1"})
+    )
     with pytest.raises(JournalError, match="cannot open the journal .*password authentication failed") as raised:
         open_journal(config)
     assert "wrong" not in str(raised.value)
@@ -873,8 +914,23 @@ def test_without_postgresql_its_tests_skip_loudly_or_fail_in_ci(tmp_path: Path, 
     if ci:
         env["CI"] = "true"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-k", "test_row_ids_are_never_reused",
-         str(Path(__file__))], cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-k",
+            "test_row_ids_are_never_reused",
+            str(Path(__file__)),
+        ],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     last = done.stdout.strip().splitlines()[-1]
     if ci:
         assert done.returncode == 1, done.stdout
@@ -895,8 +951,9 @@ def test_becoming_done_arms_a_second_look_in_the_same_transaction_if_a_callback_
         row = journal.mark_uploaded(row, 10 + row.id, 1.5, poll_at=100.0)
         row = journal.update(row, 1.5, callback_at=called_back_at)
         exporting.append(journal.transition(row, State.EXPORTING, 3.0))
-    reviewed, plain = (journal.transition(r, State.DONE, 6.0, durable=False, refresh_if_called_back_since=4.0)
-                       for r in exporting)
+    reviewed, plain = (
+        journal.transition(r, State.DONE, 6.0, durable=False, refresh_if_called_back_since=4.0) for r in exporting
+    )
     assert (reviewed.state, reviewed.refresh_at) == (State.DONE, 6.0)
     assert (plain.state, plain.refresh_at) == (State.DONE, None)
     assert journal.due_refreshes(6.0, [], 10) == [reviewed]

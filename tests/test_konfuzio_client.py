@@ -9,8 +9,11 @@ from konfuzio_watch.policy import Cause
 
 
 def test_a_body_cut_short_after_a_post_may_hide_a_stored_upload():
-    for exc in (requests.exceptions.ChunkedEncodingError("IncompleteRead"),
-                requests.exceptions.ContentDecodingError("bad gzip"), requests.exceptions.ReadTimeout("slow")):
+    for exc in (
+        requests.exceptions.ChunkedEncodingError("IncompleteRead"),
+        requests.exceptions.ContentDecodingError("bad gzip"),
+        requests.exceptions.ReadTimeout("slow"),
+    ):
         error = classify(exc, is_post=True)
         assert error.failure.cause == Cause.TRANSIENT and error.failure.maybe_received, type(exc).__name__
 

@@ -35,8 +35,15 @@ def test_every_placeholder(template, expected):
 
 def test_the_default_is_todays_layout_byte_for_byte():
     """The README promises names kept byte for byte in done/: newlines, undecodable bytes, dashes."""
-    for raw in (b"scan.pdf", b"a/b/c.pdf", b"-rf.pdf", b"scan\xff\n.pdf", b"sub/\xe4\x00x".replace(b"\x00", b""),
-                b"x" * 251 + b".pdf", "Straße März.pdf".encode()):
+    for raw in (
+        b"scan.pdf",
+        b"a/b/c.pdf",
+        b"-rf.pdf",
+        b"scan\xff\n.pdf",
+        b"sub/\xe4\x00x".replace(b"\x00", b""),
+        b"x" * 251 + b".pdf",
+        "Straße März.pdf".encode(),
+    ):
         rendered = render(DEFAULT_TEMPLATE, path=raw)
         assert os.fsencode(rendered) == raw and rendered == os.fsdecode(raw)
 

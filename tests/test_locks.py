@@ -70,8 +70,10 @@ def test_a_second_daemon_on_the_same_state_folder_exits_at_once_naming_the_first
 
     log = refusal(second_daemon(tmp_path, emulator, first))
 
-    expected = (rf"konfuzio-watch: another konfuzio-watch \(pid {first.proc.pid} on host {re.escape(HOST)}, {SINCE}\) "
-                rf"is running on {re.escape(str(tmp_path / 'state'))}; stop it first\n")
+    expected = (
+        rf"konfuzio-watch: another konfuzio-watch \(pid {first.proc.pid} on host {re.escape(HOST)}, {SINCE}\) "
+        rf"is running on {re.escape(str(tmp_path / 'state'))}; stop it first\n"
+    )
     assert re.fullmatch(expected, log), log  # one line: no recovery, no traceback, nothing else
     holder = json.loads((tmp_path / "state" / DAEMON_LOCK_NAME).read_text())
     assert holder["pid"] == first.proc.pid, "the second daemon wrote the first one's lock file"
@@ -92,9 +94,11 @@ def test_a_second_daemon_with_its_own_state_folder_refuses_the_inbox(tmp_path, e
 
     log = refusal(second_daemon(tmp_path, emulator, first, state=str(other_state)))
 
-    expected = (rf"konfuzio-watch: another konfuzio-watch \(pid {first.proc.pid} on host {re.escape(HOST)}, {SINCE}, "
-                rf"state folder {re.escape(str(tmp_path / 'state'))}\) is watching the inbox "
-                rf"{re.escape(str(tmp_path / 'inbox'))}; stop it first, or give each daemon its own inbox\n")
+    expected = (
+        rf"konfuzio-watch: another konfuzio-watch \(pid {first.proc.pid} on host {re.escape(HOST)}, {SINCE}, "
+        rf"state folder {re.escape(str(tmp_path / 'state'))}\) is watching the inbox "
+        rf"{re.escape(str(tmp_path / 'inbox'))}; stop it first, or give each daemon its own inbox\n"
+    )
     assert re.fullmatch(expected, log), log
     assert not (other_state / "journal.sqlite3").exists(), "refused only after opening its journal"
     assert json.loads((other_state / DAEMON_LOCK_NAME).read_text())["stopped_at"], "it kept its own lock"
@@ -118,7 +122,8 @@ def test_two_daemons_in_one_process_on_one_state_folder(start_daemon, tmp_path, 
 
 
 def test_an_inbox_last_watched_with_another_journal_is_taken_over_with_one_warning(
-        start_daemon, tmp_path, emulator, caplog):
+    start_daemon, tmp_path, emulator, caplog
+):
     caplog.set_level(logging.WARNING, logger="konfuzio_watch")
     first = start_daemon()
     first_id = first.daemon.journal.journal_id
@@ -131,14 +136,21 @@ def test_an_inbox_last_watched_with_another_journal_is_taken_over_with_one_warni
     second = start_daemon(config)
     (warning,) = [r for r in caplog.records if "another journal" in r.getMessage()]
     assert warning.levelno == logging.WARNING
-    assert re.fullmatch(rf"the inbox {re.escape(str(first.inbox))} was last watched with another journal \(id "
-                        rf"{first_id}, state folder {re.escape(str(tmp_path / 'state'))}, pid {os.getpid()} on host "
-                        rf"{re.escape(HOST)}, {SINCE}\); taking it over: the files that journal left unfinished are "
-                        r"not in this one's", warning.getMessage()), warning.getMessage()
+    assert re.fullmatch(
+        rf"the inbox {re.escape(str(first.inbox))} was last watched with another journal \(id "
+        rf"{first_id}, state folder {re.escape(str(tmp_path / 'state'))}, pid {os.getpid()} on host "
+        rf"{re.escape(HOST)}, {SINCE}\); taking it over: the files that journal left unfinished are "
+        r"not in this one's",
+        warning.getMessage(),
+    ), warning.getMessage()
     mark = json.loads(marker.read_text())
     assert mark["journal_id"] == second.daemon.journal.journal_id != first_id
-    assert (mark["state"], mark["pid"], mark["host"], mark["mode"]) == (str(tmp_path / "state-2"), os.getpid(), HOST,
-                                                                        "single")
+    assert (mark["state"], mark["pid"], mark["host"], mark["mode"]) == (
+        str(tmp_path / "state-2"),
+        os.getpid(),
+        HOST,
+        "single",
+    )
     drop(second.inbox / "taken.pdf", make_pdf(label="taken over"))
     second.wait_finished(1)
     second.stop()
@@ -161,8 +173,13 @@ def test_status_and_retry_work_while_a_daemon_runs(tmp_path, emulator):
     wait_until(lambda: (tmp_path / "failed" / "notes.txt").exists(), 30, "notes.txt failed")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*KONFUZIO_WATCH, *args, "--config", str(daemon.config)], capture_output=True,
-                              text=True, timeout=30, env={**os.environ, "LOG_TO_FILE": "False"})
+        return subprocess.run(
+            [*KONFUZIO_WATCH, *args, "--config", str(daemon.config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "LOG_TO_FILE": "False"},
+        )
 
     status = cli("status")
     assert status.returncode == 0 and status.stderr == "", status.stderr
@@ -174,9 +191,15 @@ def test_status_and_retry_work_while_a_daemon_runs(tmp_path, emulator):
     retry = cli("retry", "--all-failed")
     assert retry.returncode == 0, retry.stderr
     assert "notes.txt: back in the inbox as notes.txt" in retry.stdout
-    wait_until(lambda: dict(daemon.journal("SELECT state, COUNT(*) FROM files GROUP BY state")) == {
-        State.RETRIED.value: 1, State.FAILED.value: 1} and (tmp_path / "failed" / "notes.txt").exists(), 30,
-        "the retried file back in failed/ (it is text)")
+    wait_until(
+        lambda: (
+            dict(daemon.journal("SELECT state, COUNT(*) FROM files GROUP BY state"))
+            == {State.RETRIED.value: 1, State.FAILED.value: 1}
+            and (tmp_path / "failed" / "notes.txt").exists()
+        ),
+        30,
+        "the retried file back in failed/ (it is text)",
+    )
 
     assert daemon.terminate() == 0
     after = cli("status")
@@ -239,14 +262,17 @@ def test_a_new_marker_another_process_holds_is_left_to_it(tmp_path, inbox):
     lock.release()
 
 
-@pytest.mark.parametrize(("holder", "another"), [
-    (Holder(pid=os.getpid(), host=HOST), False),  # this process: a marker copied from its own
-    (Holder(pid=os.getppid(), host=HOST), True),
-    (Holder(pid=os.getppid(), host=HOST, stopped_at=5.0), False),
-    (Holder(pid=2**22 + 1, host=HOST), False),  # above pid_max: no such process
-    (Holder(pid=os.getpid(), host="elsewhere"), True),  # cannot look: taken as running
-    (Holder(), False),  # an empty marker: a daemon that has not written its name yet
-])
+@pytest.mark.parametrize(
+    ("holder", "another"),
+    [
+        (Holder(pid=os.getpid(), host=HOST), False),  # this process: a marker copied from its own
+        (Holder(pid=os.getppid(), host=HOST), True),
+        (Holder(pid=os.getppid(), host=HOST, stopped_at=5.0), False),
+        (Holder(pid=2**22 + 1, host=HOST), False),  # above pid_max: no such process
+        (Holder(pid=os.getpid(), host="elsewhere"), True),  # cannot look: taken as running
+        (Holder(), False),  # an empty marker: a daemon that has not written its name yet
+    ],
+)
 def test_a_marker_names_another_running_process(holder, another):
     assert holder.is_another_process() is another
 
@@ -273,8 +299,9 @@ def node_on(lock: InboxLock | ProcessingLock) -> InboxLock | ProcessingLock:
 
 
 def test_the_nodes_of_a_cluster_take_a_removed_marker_again_together(tmp_path, inbox):
-    nodes = [node_on(InboxLock(inbox, tmp_path / f"node-{n}", cluster_id="cluster-1", journal="pg://db"))
-             for n in (1, 2)]
+    nodes = [
+        node_on(InboxLock(inbox, tmp_path / f"node-{n}", cluster_id="cluster-1", journal="pg://db")) for n in (1, 2)
+    ]
     assert [n.first for n in nodes] == [True, False]
     (inbox / INBOX_LOCK_NAME).unlink()
 
@@ -316,10 +343,12 @@ def test_the_processing_folder_lock_keeps_out_another_journal_but_not_the_nodes_
     single.claim("journal-1")
     with pytest.raises(LockHeld) as refused:
         ProcessingLock(folder, tmp_path / "state-2").acquire()
-    assert re.fullmatch(rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state folder "
-                        rf"{re.escape(str(tmp_path / 'state'))}\) has files in flight in the processing folder "
-                        rf"{re.escape(str(folder))}; stop it first, or give each daemon its own inbox",
-                        str(refused.value)), refused.value
+    assert re.fullmatch(
+        rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state folder "
+        rf"{re.escape(str(tmp_path / 'state'))}\) has files in flight in the processing folder "
+        rf"{re.escape(str(folder))}; stop it first, or give each daemon its own inbox",
+        str(refused.value),
+    ), refused.value
     with pytest.raises(LockHeld, match="with a journal of its own"):
         ProcessingLock(folder, tmp_path / "node-1", cluster_id="cluster-1").acquire()
     single.release()
@@ -345,7 +374,8 @@ def test_the_processing_folders_lock_is_never_taken_for_a_claimed_file(tmp_path)
 
 
 def test_a_new_marker_a_starting_daemon_holds_is_waited_out_and_one_a_running_daemon_holds_stops_this_one(
-        tmp_path, inbox, caplog):
+    tmp_path, inbox, caplog
+):
     caplog.set_level(logging.WARNING, logger="konfuzio_watch")
     clock = FakeClock()
     folder = tmp_path / ".inbox.konfuzio-watch"
@@ -365,8 +395,12 @@ def test_a_new_marker_a_starting_daemon_holds_is_waited_out_and_one_a_running_da
     keeper.tend(clock.advance(1))
     keeper.tend(clock.advance(markers.MARKERS_EVERY_S))
     (waited,) = caplog.records
-    assert waited.levelno == logging.WARNING and "another process holds the new one without saying who it is (for " \
-        f"{markers.MARKER_TAKEN_GRACE_S:.0f} s now); this daemon goes on" in waited.getMessage()
+    assert (
+        waited.levelno == logging.WARNING
+        and "another process holds the new one without saying who it is (for "
+        f"{markers.MARKER_TAKEN_GRACE_S:.0f} s now); this daemon goes on"
+        in waited.getMessage()
+    )
     assert taken[0].file.held and not lost
 
     other.write({"journal_id": "journal-2", "pid": os.getppid(), "host": HOST, "mode": "single"})  # it runs now
@@ -377,7 +411,6 @@ def test_a_new_marker_a_starting_daemon_holds_is_waited_out_and_one_a_running_da
     other.close()
     for lock in taken:
         lock.release()
-
 
 
 @pytest.mark.parametrize("how", ["removed", "inbox renamed and recreated"])
@@ -397,7 +430,8 @@ def test_a_running_daemon_takes_its_inbox_marker_again_within_seconds(start_daem
     assert time.monotonic() - taken_at < markers.MARKERS_EVERY_S + 1
     assert warning.levelno == logging.WARNING and warning.getMessage() == (
         f"the inbox's marker {running.inbox / INBOX_LOCK_NAME} was removed or replaced (by an inbox writer, or the "
-        "inbox was renamed and recreated) while this daemon ran; it holds it again")
+        "inbox was renamed and recreated) while this daemon ran; it holds it again"
+    )
     assert marker_of(running.inbox) == written
     with pytest.raises(LockHeld, match=r"\) is watching the inbox "):
         Daemon(make_config(tmp_path, emulator, folders={"state": str(tmp_path / "state-2")})).start()
@@ -406,8 +440,7 @@ def test_a_running_daemon_takes_its_inbox_marker_again_within_seconds(start_daem
     running.wait_finished(1)
 
 
-def test_a_second_daemon_refuses_a_processing_folder_a_live_daemon_uses(start_daemon, tmp_path, emulator,
-                                                                        monkeypatch):
+def test_a_second_daemon_refuses_a_processing_folder_a_live_daemon_uses(start_daemon, tmp_path, emulator, monkeypatch):
     monkeypatch.setattr(markers, "MARKERS_EVERY_S", 3600.0)  # the first daemon does not look meanwhile
     emulator.knobs.processing_s = 60  # the file waits in the processing folder
     running = start_daemon()
@@ -418,10 +451,13 @@ def test_a_second_daemon_refuses_a_processing_folder_a_live_daemon_uses(start_da
 
     with pytest.raises(LockHeld) as refused:
         Daemon(make_config(tmp_path, emulator, folders={"state": str(second_state)})).start()
-    assert re.fullmatch(rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state folder "
-                        rf"{re.escape(str(tmp_path / 'state'))}\) has files in flight in the processing folder "
-                        rf"{re.escape(str(running.daemon.processing_dir))}; stop it first, or give each daemon its "
-                        "own inbox", str(refused.value)), refused.value
+    assert re.fullmatch(
+        rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state folder "
+        rf"{re.escape(str(tmp_path / 'state'))}\) has files in flight in the processing folder "
+        rf"{re.escape(str(running.daemon.processing_dir))}; stop it first, or give each daemon its "
+        "own inbox",
+        str(refused.value),
+    ), refused.value
     assert running.daemon.processing_dir
     assert len(waiting_in(running.daemon.processing_dir)) == 1, "taken out of the first daemon's hands"
     assert (running.inbox / INBOX_LOCK_NAME).read_text() == "", "the second daemon wrote its name into the marker"
@@ -447,8 +483,10 @@ def test_a_running_daemon_takes_its_processing_folders_lock_again(start_daemon, 
     (warning,) = wait_until(lambda: [r for r in caplog.records if r.name == "konfuzio_watch"], 10, "the lock back")
     assert json.loads(lock.read_text()) == written
     assert folder.stat().st_mode & 0o777 == 0o700
-    assert warning.getMessage().startswith(f"the lock {lock} of the processing folder was removed or replaced while "
-                                           f"this daemon ran (the one it held is now {now}); it holds it again")
+    assert warning.getMessage().startswith(
+        f"the lock {lock} of the processing folder was removed or replaced while "
+        f"this daemon ran (the one it held is now {now}); it holds it again"
+    )
     assert running.daemon.pipeline and running.daemon.pipeline.holds_processing_dir()
 
 
@@ -469,8 +507,9 @@ def test_files_without_a_row_are_left_alone_in_a_processing_folder_not_locked(st
 
 
 @pytest.mark.slow
-def test_a_daemon_whose_inbox_marker_another_running_daemon_took_stops_and_refuses_to_start(tmp_path, emulator,
-                                                                                            daemon_process):
+def test_a_daemon_whose_inbox_marker_another_running_daemon_took_stops_and_refuses_to_start(
+    tmp_path, emulator, daemon_process
+):
     first = daemon_process()
     first.start()
     assert first.proc
@@ -478,14 +517,25 @@ def test_a_daemon_whose_inbox_marker_another_running_daemon_took_stops_and_refus
     marker.unlink()
     taker = LockFile(marker)  # this test process, as another daemon that took the marker and runs
     assert taker.try_lock()
-    taker.write({"journal_id": "journal-2", "pid": os.getpid(), "host": HOST, "state": "/elsewhere",
-                 "mode": "single", "started_at": time.time()})
+    taker.write(
+        {
+            "journal_id": "journal-2",
+            "pid": os.getpid(),
+            "host": HOST,
+            "state": "/elsewhere",
+            "mode": "single",
+            "started_at": time.time(),
+        }
+    )
     try:
         assert first.proc.wait(10) == 1
         log = first.log.read_text()
-        assert re.search(rf"ERROR +{re.escape(str(marker))} was removed or replaced while this daemon ran, and now "
-                         rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state "
-                         r"folder /elsewhere\) is watching the inbox .*: stopping\n", log), log
+        assert re.search(
+            rf"ERROR +{re.escape(str(marker))} was removed or replaced while this daemon ran, and now "
+            rf"another konfuzio-watch \(pid {os.getpid()} on host {re.escape(HOST)}, {SINCE}, state "
+            r"folder /elsewhere\) is watching the inbox .*: stopping\n",
+            log,
+        ), log
         assert json.loads(marker.read_text())["journal_id"] == "journal-2", "it left the other one's marker alone"
 
         first.start(wait_ready=False)  # systemd restarts it
@@ -497,8 +547,9 @@ def test_a_daemon_whose_inbox_marker_another_running_daemon_took_stops_and_refus
     assert first.terminate() == 0
 
 
-def test_an_inbox_renamed_away_with_the_processing_folder_in_it_loses_no_file(start_daemon, tmp_path, emulator,
-                                                                              caplog, monkeypatch):
+def test_an_inbox_renamed_away_with_the_processing_folder_in_it_loses_no_file(
+    start_daemon, tmp_path, emulator, caplog, monkeypatch
+):
     """The processing folder inside the inbox (``<inbox>/.konfuzio-watch/processing``, the fallback when
     the inbox's parent is not writable, or configured so) goes with it when the inbox is renamed away."""
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
@@ -526,8 +577,9 @@ def test_an_inbox_renamed_away_with_the_processing_folder_in_it_loses_no_file(st
     assert not waiting_in(tmp_path / "inbox-old" / ".konfuzio-watch" / "processing")
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 2, said
-    assert said[1].endswith(f", and moved the 4 file(s) in flight back from "
-                            f"{tmp_path / 'inbox-old' / '.konfuzio-watch' / 'processing'}"), said
+    assert said[1].endswith(
+        f", and moved the 4 file(s) in flight back from {tmp_path / 'inbox-old' / '.konfuzio-watch' / 'processing'}"
+    ), said
 
 
 # -- the marker removed while a daemon runs: a second daemon must not take the files in flight ----------
@@ -538,8 +590,11 @@ def files_in_flight(tmp_path, emulator, first: DaemonProcess, n: int) -> dict[st
     files = {f"flight-{i:02d}.pdf": make_pdf(label=f"in flight {i}") for i in range(n)}
     for name, data in files.items():
         drop(tmp_path / "inbox" / name, data)
-    wait_until(lambda: first.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'") == [(n,)], 30,
-               "every file uploaded, waiting for its result")
+    wait_until(
+        lambda: first.journal("SELECT COUNT(*) FROM files WHERE state = 'uploaded'") == [(n,)],
+        30,
+        "every file uploaded, waiting for its result",
+    )
     return files
 
 
@@ -548,22 +603,27 @@ def outcome(tmp_path, emulator, files: dict[str, bytes]) -> dict[str, int]:  # t
     per_sha = documents_per_sha(emulator)
     shas = {hashlib.sha256(data).hexdigest() for data in files.values()}
     done = [p for p in (tmp_path / "done").rglob("*") if p.is_file() and not p.name.endswith(".json")]
-    return {"files": len(files), "done": sum(hashlib.sha256(p.read_bytes()).hexdigest() in shas for p in done),
-            "duplicate documents": sum(per_sha[sha] - 1 for sha in shas if per_sha[sha] > 1),
-            "error reports in failed/": len(list((tmp_path / "failed").rglob("*.error.json")))}
+    return {
+        "files": len(files),
+        "done": sum(hashlib.sha256(p.read_bytes()).hexdigest() in shas for p in done),
+        "duplicate documents": sum(per_sha[sha] - 1 for sha in shas if per_sha[sha] > 1),
+        "error reports in failed/": len(list((tmp_path / "failed").rglob("*.error.json"))),
+    }
 
 
 def settled(*daemons: DaemonProcess) -> bool:
     """Every daemon still running has nothing unfinished in its journal."""
-    return all(d.proc is None or d.proc.poll() is not None or
-               not d.journal("SELECT 1 FROM files WHERE state NOT IN ('done', 'failed', 'retried') LIMIT 1")
-               for d in daemons)
+    return all(
+        d.proc is None
+        or d.proc.poll() is not None
+        or not d.journal("SELECT 1 FROM files WHERE state NOT IN ('done', 'failed', 'retried') LIMIT 1")
+        for d in daemons
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", ["marker removed", "inbox renamed and recreated"])
-def test_a_second_daemon_never_takes_the_files_in_flight_of_a_running_one(tmp_path, emulator, daemon_process,
-                                                                          attack):
+def test_a_second_daemon_never_takes_the_files_in_flight_of_a_running_one(tmp_path, emulator, daemon_process, attack):
     emulator.knobs.processing_s = 6.0  # the files wait in the processing folder meanwhile
     first = daemon_process()
     first.start()
@@ -580,14 +640,20 @@ def test_a_second_daemon_never_takes_the_files_in_flight_of_a_running_one(tmp_pa
     assert second.proc
     try:
         wait_until(lambda: second.proc.poll() is not None or second.is_ready(), 30, "the second daemon decided")
-        wait_until(lambda: first.done_count() >= len(files) and settled(first, second), 60,
-                   lambda: f"every file finished ({outcome(tmp_path, emulator, files)})")
+        wait_until(
+            lambda: first.done_count() >= len(files) and settled(first, second),
+            60,
+            lambda: f"every file finished ({outcome(tmp_path, emulator, files)})",
+        )
         figures = outcome(tmp_path, emulator, files)
         assert figures == {"files": 12, "done": 12, "duplicate documents": 0, "error reports in failed/": 0}, figures
         assert second.proc.wait(10) == 1, second.log.read_text()
         assert f"(pid {first.proc.pid} on host {HOST}" in second.log.read_text()
-        marker = wait_until(lambda: json.loads((inbox / INBOX_LOCK_NAME).read_text() or "{}"), 10,
-                            "the first daemon's marker back in the inbox")
+        marker = wait_until(
+            lambda: json.loads((inbox / INBOX_LOCK_NAME).read_text() or "{}"),
+            10,
+            "the first daemon's marker back in the inbox",
+        )
         assert (marker["pid"], marker["state"]) == (first.proc.pid, str(tmp_path / "state")), marker
         warnings = [line for line in first.log.read_text().splitlines() if " WARNING " in line or " ERROR " in line]
         assert len(warnings) == 1 and "it holds it again" in warnings[0], warnings
@@ -598,16 +664,22 @@ def test_a_second_daemon_never_takes_the_files_in_flight_of_a_running_one(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_cluster_nodes_take_their_removed_marker_again_and_a_dead_nodes_files_still_pass_on(tmp_path, emulator,
-                                                                                           pg_url):
+def test_cluster_nodes_take_their_removed_marker_again_and_a_dead_nodes_files_still_pass_on(tmp_path, emulator, pg_url):
     emulator.knobs.processing_s = 4.0  # the files wait in the shared processing folder
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     nodes = [cluster_node(tmp_path, n, emulator, pg_url) for n in ("a", "b")]
     (tmp_path / "single").mkdir()
-    single = DaemonProcess(tmp_path / "single", emulator, folders={  # a daemon with a journal of its own
-        "inbox": str(inbox), "done": str(tmp_path / "done"), "failed": str(tmp_path / "failed"),
-        "state": str(tmp_path / "single" / "state")})
+    single = DaemonProcess(
+        tmp_path / "single",
+        emulator,
+        folders={  # a daemon with a journal of its own
+            "inbox": str(inbox),
+            "done": str(tmp_path / "done"),
+            "failed": str(tmp_path / "failed"),
+            "state": str(tmp_path / "single" / "state"),
+        },
+    )
     try:
         for node in nodes:
             node.start()
@@ -624,10 +696,17 @@ def test_cluster_nodes_take_their_removed_marker_again_and_a_dead_nodes_files_st
         single.start(wait_ready=False)
         assert single.proc and single.proc.wait(20) == 1
         assert "a cluster of konfuzio-watch nodes" in single.log.read_text(), single.log.read_text()
-        wait_until(lambda: len(list((tmp_path / "done").glob("*.json"))) >= len(files), 60,
-                   lambda: f"every file done ({outcome(tmp_path, emulator, files)})\n{nodes[0].log.read_text()}")
-        assert outcome(tmp_path, emulator, files) == {"files": 10, "done": 10, "duplicate documents": 0,
-                                                      "error reports in failed/": 0}
+        wait_until(
+            lambda: len(list((tmp_path / "done").glob("*.json"))) >= len(files),
+            60,
+            lambda: f"every file done ({outcome(tmp_path, emulator, files)})\n{nodes[0].log.read_text()}",
+        )
+        assert outcome(tmp_path, emulator, files) == {
+            "files": 10,
+            "done": 10,
+            "duplicate documents": 0,
+            "error reports in failed/": 0,
+        }
         assert nodes[0].terminate() == 0
         assert marker_of(inbox)["stopped_at"]
     finally:

@@ -24,8 +24,9 @@ SETTLE, GRACE = 2.0, 30.0
 DIRFD = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def deep_tree(base: Path, files: dict[str, bytes], *, longer_than: int = PATH_MAX,
-              last_is_link_to: Path | None = None) -> str:
+def deep_tree(
+    base: Path, files: dict[str, bytes], *, longer_than: int = PATH_MAX, last_is_link_to: Path | None = None
+) -> str:
     """Nest folders of 250-byte names below ``base`` until their path is longer than ``longer_than``
     bytes; put ``files`` into the deepest one (by descriptor: the kernel refuses the path). With
     ``last_is_link_to``, the deepest "folder" is a symbolic link to that folder instead."""
@@ -92,8 +93,12 @@ def test_a_symlinked_folder_on_a_long_path_is_never_followed(tmp_path):
     path = os.path.join(folder, "secret.pdf")
     assert_too_long_for_the_kernel(path)
 
-    for call in (lambda: lstat_any(path), lambda: open_any(path, os.O_RDONLY), lambda: list_dir(folder),
-                 lambda: rename_any(path, tmp_path / "stolen.pdf")):
+    for call in (
+        lambda: lstat_any(path),
+        lambda: open_any(path, os.O_RDONLY),
+        lambda: list_dir(folder),
+        lambda: rename_any(path, tmp_path / "stolen.pdf"),
+    ):
         with pytest.raises(OSError) as caught:
             call()
         assert caught.value.errno == errno.ELOOP

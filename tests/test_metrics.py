@@ -20,9 +20,14 @@ def values(family: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 
 
 def full_metrics() -> Metrics:
-    metrics = Metrics(lambda: Sample(
-        files_by_state={"claimed": 1, "uploaded": 3, "done": 10, "failed": 1, "exporting": 0},
-        oldest_pending_age_seconds=42.5, ready=True, blocked={"api": "Konfuzio is unavailable"}))
+    metrics = Metrics(
+        lambda: Sample(
+            files_by_state={"claimed": 1, "uploaded": 3, "done": 10, "failed": 1, "exporting": 0},
+            oldest_pending_age_seconds=42.5,
+            ready=True,
+            blocked={"api": "Konfuzio is unavailable"},
+        )
+    )
     metrics.uploads.inc(14)
     metrics.upload_retries.inc(2)
     metrics.fetch_retries.inc(5)
@@ -60,7 +65,8 @@ def test_every_family_has_help_type_and_its_values() -> None:
     assert callbacks[("konfuzio_watch_callbacks_total", (("outcome", "invalid"),))] == 2
     assert len(callbacks) == 5
     assert values(families["konfuzio_watch_oldest_pending_age_seconds"]) == {
-        ("konfuzio_watch_oldest_pending_age_seconds", ()): 42.5}
+        ("konfuzio_watch_oldest_pending_age_seconds", ()): 42.5
+    }
     assert values(families["konfuzio_watch_up"]) == {("konfuzio_watch_up", ()): 1}
     blocked = values(families["konfuzio_watch_blocked"])
     assert blocked[("konfuzio_watch_blocked", (("scope", "api"),))] == 1

@@ -128,8 +128,11 @@ def test_healthz_is_503_while_starting_and_stopping_and_200_while_blocked(tmp_pa
         wait_until(lambda: daemon.journal.counts()[State.DONE] == 1, 30, "waits.pdf done once Konfuzio is back")
         emulator.knobs.upload_latency_s = 5.0  # a step in hand while stopping
         drop(daemon.config.folders.inbox / "in-hand.pdf", make_pdf(label="in hand"))
-        wait_until(lambda: daemon.journal.counts()[State.UPLOADING] == 1 and daemon.dispatcher.inflight, 30,
-                   "in-hand.pdf uploading")
+        wait_until(
+            lambda: daemon.journal.counts()[State.UPLOADING] == 1 and daemon.dispatcher.inflight,
+            30,
+            "in-hand.pdf uploading",
+        )
         daemon.request_stop()
 
         def unhealthy() -> dict | None:
@@ -154,8 +157,10 @@ def test_status_json_carries_the_gates_and_the_extra_facts(start_daemon, emulato
     assert status["state_folder"] == str(running.config.folders.state)
     assert status["extra"]["watcher"].startswith("by inotify: it is on ")
     extra = {k: v for k, v in status["extra"].items() if k not in ("callbacks", "watcher")}
-    assert extra == {"candidates": {"settling": ["a.pdf", "b.pdf"], "unreadable": []},
-                               "broken": {"error": "ZeroDivisionError: division by zero"}}
+    assert extra == {
+        "candidates": {"settling": ["a.pdf", "b.pdf"], "unreadable": []},
+        "broken": {"error": "ZeroDivisionError: division by zero"},
+    }
     lock = json.loads((running.config.folders.state / DAEMON_LOCK_NAME).read_text())
     assert lock["monitor_url"] == running.daemon.monitor.url and lock["pid"] == os.getpid()
 
@@ -176,23 +181,33 @@ def test_without_a_monitor_status_says_so(start_daemon):
     assert running.daemon.monitor is None
     out = io.StringIO()
     print_status(running.config, show_all=False, now=time.time(), out=out)
-    assert out.getvalue().splitlines()[1] == ("  its monitor is off (monitor.enabled: false) or not yet up: "
-                                              "no live state to show")
+    assert out.getvalue().splitlines()[1] == (
+        "  its monitor is off (monitor.enabled: false) or not yet up: no live state to show"
+    )
 
 
 def status_process(config: Path, **kwargs) -> subprocess.Popen:  # type: ignore[no-untyped-def]
-    return subprocess.Popen([*KONFUZIO_WATCH, "status", "--config", str(config)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "LOG_TO_FILE": "False"}, **kwargs)
+    return subprocess.Popen(
+        [*KONFUZIO_WATCH, "status", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+        **kwargs,
+    )
 
 
 def write_config(tmp_path: Path, emulator, **sections: dict) -> Path:  # type: ignore[no-untyped-def]
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
-        "folders": {name: str(tmp_path / name) for name in ("inbox", "done", "failed", "state")},
-        "callback": {"host": "127.0.0.1", "port": 0},
-        **sections,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
+                "folders": {name: str(tmp_path / name) for name in ("inbox", "done", "failed", "state")},
+                "callback": {"host": "127.0.0.1", "port": 0},
+                **sections,
+            }
+        )
+    )
     return path
 
 
@@ -236,9 +251,16 @@ def test_a_taken_monitor_port_is_one_line(tmp_path, emulator):
         busy.listen()
         port = busy.getsockname()[1]
         config = write_config(tmp_path, emulator, monitor={"port": port})
-        proc = subprocess.Popen([*KONFUZIO_WATCH, "run", "--config", str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "LOG_TO_FILE": "False"})
+        proc = subprocess.Popen(
+            [*KONFUZIO_WATCH, "run", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "LOG_TO_FILE": "False"},
+        )
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert err == f"konfuzio-watch: cannot start: monitor.port: cannot listen on 127.0.0.1:{port}: " \
-                  "Address already in use\n"
+    assert (
+        err == f"konfuzio-watch: cannot start: monitor.port: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use\n"
+    )

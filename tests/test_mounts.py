@@ -20,16 +20,19 @@ garbage line
 """
 
 
-@pytest.mark.parametrize(("path", "point", "fs_type", "remote"), [
-    ("/home/user/inbox", "/", "ext4", False),
-    ("/srv/other", "/srv", "xfs", False),
-    ("/srv/scans/inbox", "/srv/scans", "cifs", True),
-    ("/srv/scans", "/srv/scans", "cifs", True),
-    ("/srv/scansX", "/srv", "xfs", False),
-    ("/mnt/my docs/in", "/mnt/my docs", "nfs4", True),
-    ("/mnt/smb/127.0.0.1:1445/share", "/mnt/smb", "tmpfs", False),  # the later mount hides the earlier
-    ("/data/inbox", "/data", "fuse.sshfs", True),
-])
+@pytest.mark.parametrize(
+    ("path", "point", "fs_type", "remote"),
+    [
+        ("/home/user/inbox", "/", "ext4", False),
+        ("/srv/other", "/srv", "xfs", False),
+        ("/srv/scans/inbox", "/srv/scans", "cifs", True),
+        ("/srv/scans", "/srv/scans", "cifs", True),
+        ("/srv/scansX", "/srv", "xfs", False),
+        ("/mnt/my docs/in", "/mnt/my docs", "nfs4", True),
+        ("/mnt/smb/127.0.0.1:1445/share", "/mnt/smb", "tmpfs", False),  # the later mount hides the earlier
+        ("/data/inbox", "/data", "fuse.sshfs", True),
+    ],
+)
 def test_the_mount_of_a_path_is_the_longest_latest_point(path: str, point: str, fs_type: str, remote: bool):
     mount = find_mount(path, parse_mountinfo(MOUNTINFO))
     assert mount is not None

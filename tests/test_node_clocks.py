@@ -47,8 +47,12 @@ def clockshift(tmp_path: Path) -> Path:
     if gcc is None:
         pytest.skip("gcc is not installed: the clock-shift shim tests/clockshift.c cannot be built")
     library = tmp_path / "clockshift.so"
-    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", str(library), str(SHIM_SOURCE), "-ldl"], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O2", "-o", str(library), str(SHIM_SOURCE), "-ldl"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return library
 
 
@@ -58,15 +62,25 @@ def shifted(library: Path, seconds: float) -> list[str]:
 
 
 def konfuzio_watch(*args: str, prefix: list[str] | tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, *KONFUZIO_WATCH, *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "LOG_TO_FILE": "False"})
+    return subprocess.run(
+        [*prefix, *KONFUZIO_WATCH, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOG_TO_FILE": "False"},
+    )
 
 
 def test_the_shim_moves_the_wall_clock_only(clockshift: Path):
     probe = "import time; print(time.time(), time.monotonic(), flush=True); time.sleep(0.2); print(time.monotonic())"
     wall0, mono0 = time.time(), time.monotonic()
-    out = subprocess.run([*shifted(clockshift, AHEAD_S), sys.executable, "-c", probe], capture_output=True,
-                         text=True, timeout=30, check=True).stdout.split()
+    out = subprocess.run(
+        [*shifted(clockshift, AHEAD_S), sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
     wall, mono, mono_after = (float(x) for x in out)
     assert AHEAD_S - 5 < wall - wall0 < AHEAD_S + 5, "the wall clock is not moved"
     assert 0 <= mono - mono0 < 5, "the monotonic clock is moved too"
@@ -151,12 +165,14 @@ class Nodes:
         node.start(prefix)
 
     def finished(self) -> int:
-        return sum(1 for _ in (self.shared / "done").rglob("*.json")) + \
-            sum(1 for p in (self.shared / "failed").rglob("*") if p.is_file() and not p.name.endswith(".json"))
+        return sum(1 for _ in (self.shared / "done").rglob("*.json")) + sum(
+            1 for p in (self.shared / "failed").rglob("*") if p.is_file() and not p.name.endswith(".json")
+        )
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name} ---\n{n.log.read_text()[-3000:]}" for name, n in self.made.items()
-                         if n.log.exists())
+        return "\n".join(
+            f"--- {name} ---\n{n.log.read_text()[-3000:]}" for name, n in self.made.items() if n.log.exists()
+        )
 
 
 @pytest.fixture
@@ -195,19 +211,28 @@ def test_a_node_ten_minutes_ahead_uploads_no_file_twice(nodes: Nodes, clockshift
     files = sample_files(60, "skew")
     for rel, data in files.items():
         drop(nodes.shared / "inbox" / rel, data)
-    wait_until(lambda: nodes.finished() >= len(files), 60,
-               lambda: f"all {len(files)} finished (have {nodes.finished()})\n{nodes.logs()}")
+    wait_until(
+        lambda: nodes.finished() >= len(files),
+        60,
+        lambda: f"all {len(files)} finished (have {nodes.finished()})\n{nodes.logs()}",
+    )
     status_lines = konfuzio_watch("status", "--config", str(right.config)).stdout.splitlines()
     assert ahead.terminate() == 0 and right.terminate() == 0
-    uploaders = collections.Counter(w for (w,) in pg_rows(
-        nodes.pg_url, "SELECT writer FROM test_moves WHERE new_state = 'uploading'"))
+    uploaders = collections.Counter(
+        w for (w,) in pg_rows(nodes.pg_url, "SELECT writer FROM test_moves WHERE new_state = 'uploading'")
+    )
     # Every upload POST is stored in the end, the last ones after the files finished: count them all.
-    wait_until(lambda: len(nodes.emulator.uploads) >= uploaders.total(), 10,
-               lambda: f"{uploaders.total()} uploads stored (have {len(nodes.emulator.uploads)})")
+    wait_until(
+        lambda: len(nodes.emulator.uploads) >= uploaders.total(),
+        10,
+        lambda: f"{uploaders.total()} uploads stored (have {len(nodes.emulator.uploads)})",
+    )
     per_sha = documents_per_sha(nodes.emulator)
     twice = sum(1 for n in per_sha.values() if n > 1)
-    print(f"\n{len(files)} files, {nodes.finished()} finished, {sum(per_sha.values())} documents, {twice} files "
-          f"uploaded more than once; uploads by node: {dict(uploaders)}")
+    print(
+        f"\n{len(files)} files, {nodes.finished()} finished, {sum(per_sha.values())} documents, {twice} files "
+        f"uploaded more than once; uploads by node: {dict(uploaders)}"
+    )
     assert len(uploaders) == 2, f"one node did every upload: {uploaders}"
     assert len(per_sha) == len(files)
     assert twice == 0, f"{twice} of {len(files)} files uploaded more than once"
@@ -237,15 +262,23 @@ def test_the_files_of_a_dead_node_whose_clock_is_ahead_are_taken_over_at_once(no
     # Each of them tried in turn, as the probe of the paused uploads: ``uploading`` (a 503 on a POST may hide
     # a stored upload: it is looked for before the next try), the others ``claimed``.
     claimed = "SELECT COUNT(*) FROM files WHERE state IN ('claimed', 'uploading')"
-    wait_until(lambda: pg_rows(nodes.pg_url, claimed)[0][0] == len(files), 30,
-               lambda: f"the node ahead claimed all {len(files)}\n{nodes.logs()}")
+    wait_until(
+        lambda: pg_rows(nodes.pg_url, claimed)[0][0] == len(files),
+        30,
+        lambda: f"the node ahead claimed all {len(files)}\n{nodes.logs()}",
+    )
     ahead.kill9()
     nodes.emulator.knobs.outage = False
     killed_at = time.monotonic()
-    wait_until(lambda: nodes.finished() >= len(files), 20,
-               lambda: f"all {len(files)} finished by the other node (have {nodes.finished()})\n{nodes.logs()}")
-    print(f"\nthe other node finished the dead node's {len(files)} files {time.monotonic() - killed_at:.1f} s "
-          "after it died")
+    wait_until(
+        lambda: nodes.finished() >= len(files),
+        20,
+        lambda: f"all {len(files)} finished by the other node (have {nodes.finished()})\n{nodes.logs()}",
+    )
+    print(
+        f"\nthe other node finished the dead node's {len(files)} files {time.monotonic() - killed_at:.1f} s "
+        "after it died"
+    )
     assert right.terminate() == 0
     assert all(n == 1 for n in documents_per_sha(nodes.emulator).values())
 
@@ -258,16 +291,21 @@ def test_check_says_that_this_machine_clock_is_off(tmp_path: Path, emulator: Any
     PgJournal(pg_url, node_id="a", wait_s=5.0).close()  # the journal's schema, as the first node creates it
     node = cluster_node(tmp_path, "a", emulator, pg_url)
     (tmp_path / "inbox").mkdir()
-    for prefix, expected in ((shifted(clockshift, AHEAD_S), "FAIL  clock: this machine's clock is 600.0 s ahead of "
-                                                            "the database's -> set the clocks right (NTP)"),
-                             ([], "ok    clock: this machine's clock is 0.0 s")):
+    for prefix, expected in (
+        (
+            shifted(clockshift, AHEAD_S),
+            "FAIL  clock: this machine's clock is 600.0 s ahead of the database's -> set the clocks right (NTP)",
+        ),
+        ([], "ok    clock: this machine's clock is 0.0 s"),
+    ):
         checked = konfuzio_watch("check", "--config", str(node.config), prefix=prefix)
         assert any(line.startswith(expected) for line in checked.stdout.splitlines()), checked.stdout
 
 
 @pytest.mark.postgres
 def test_retry_on_a_machine_whose_clock_is_ahead_makes_a_file_due_by_the_database_clock(
-        tmp_path: Path, emulator: Any, pg_url: str, clockshift: Path):
+    tmp_path: Path, emulator: Any, pg_url: str, clockshift: Path
+):
     from konfuzio_watch.journal import State
     from konfuzio_watch.journal_pg import PgJournal
 

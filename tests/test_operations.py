@@ -26,10 +26,13 @@ from .helpers import DaemonProcess, assert_each_file_finished_exactly_once, asse
 
 
 def test_routes_send_subfolders_to_their_project_and_category(start_daemon, emulator, tmp_path):
-    config = dataclasses.replace(make_config(tmp_path, emulator), routes=(
-        Route(match="accounting/*", project_id=2, category_id=7),
-        Route(match="*.png", dataset_status=3),
-    ))
+    config = dataclasses.replace(
+        make_config(tmp_path, emulator),
+        routes=(
+            Route(match="accounting/*", project_id=2, category_id=7),
+            Route(match="*.png", dataset_status=3),
+        ),
+    )
     running = start_daemon(config)
     drop(running.inbox / "accounting/2026/invoice.pdf", make_pdf(label="acc"))
     drop(running.inbox / "hr/contract.pdf", make_pdf(label="hr"))
@@ -133,8 +136,11 @@ def test_sigterm_with_files_in_flight_drains_and_loses_nothing(emulator, tmp_pat
         assert "READY=1" in _messages_until(sock, "READY=1")[-1]
         for rel, data in files.items():
             drop(tmp_path / "inbox" / rel, data)
-        wait_until(lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploading'")[0][0] >= 1, 30,
-                   "uploads in flight")
+        wait_until(
+            lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'uploading'")[0][0] >= 1,
+            30,
+            "uploads in flight",
+        )
         started = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(60) == 0
@@ -165,18 +171,22 @@ def test_metrics_are_prometheus_text(start_daemon, emulator):
     assert files["done"] == 3 and files["failed"] == 1
     assert families["konfuzio_watch_uploads"].samples[0].value == 3
     assert families["konfuzio_watch_up"].samples[0].value == 1
-    latency = {s.name: s.value for s in families["konfuzio_watch_callback_latency_seconds"].samples
-               if not s.labels.get("le")}
+    latency = {
+        s.name: s.value for s in families["konfuzio_watch_callback_latency_seconds"].samples if not s.labels.get("le")
+    }
     recorded = running.metric("callbacks_total", outcome="recorded")
     assert latency["konfuzio_watch_callback_latency_seconds_count"] == recorded
     assert running.counts()[State.DONE] == 3
 
 
 def test_tunnel_url_is_used_for_callbacks_reopened_when_the_agent_dies_and_closed_on_exit(
-        start_daemon, emulator, agent_path, records):
+    start_daemon, emulator, agent_path, records
+):
     emulator.knobs.callback_loss = 1.0  # the made-up public URL leads nowhere: results come by polling
-    running = start_daemon(ngrok={"enabled": True, "path": str(agent_path), "authtoken": "ngrok-secret"},
-                           results={"callback_timeout": 0.3, "poll_interval": 0.2})
+    running = start_daemon(
+        ngrok={"enabled": True, "path": str(agent_path), "authtoken": "ngrok-secret"},
+        results={"callback_timeout": 0.3, "poll_interval": 0.2},
+    )
     first_url = running.daemon.public_url
     assert first_url.startswith("https://") and first_url != running.daemon.server.url
     drop(running.inbox / "one.pdf", make_pdf(label="one"))

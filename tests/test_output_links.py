@@ -86,13 +86,21 @@ class Attack:
         self.daemon.start()
         if then is not None:
             then()
-        wait_until(lambda: self.finished_or_broken(), 60, lambda: f"all {len(self.expected)} files finished "
-                                                                   f"(log: {self.daemon.log.read_text()[-1500:]})")
+        wait_until(
+            lambda: self.finished_or_broken(),
+            60,
+            lambda: f"all {len(self.expected)} files finished (log: {self.daemon.log.read_text()[-1500:]})",
+        )
         self.daemon.terminate()
         journal = self.root / "state" / "journal.sqlite3"
-        outcome = Outcome(files=len(self.expected), done=self.placed_once(), duplicates=self.duplicates(),
-                          written_outside=changed(before, snapshot(self.outside)) + (not journal_intact(journal)),
-                          stale_results=self.stale_results(), links_untouched=self.links_untouched())
+        outcome = Outcome(
+            files=len(self.expected),
+            done=self.placed_once(),
+            duplicates=self.duplicates(),
+            written_outside=changed(before, snapshot(self.outside)) + (not journal_intact(journal)),
+            stale_results=self.stale_results(),
+            links_untouched=self.links_untouched(),
+        )
         print(outcome)  # the figures for the issue's table (shown with a failure, or with -s)
         return outcome
 
@@ -115,7 +123,7 @@ class Attack:
         if self.daemon.proc.poll() is not None:
             return True
         try:
-            (n,), = self.daemon.journal("SELECT COUNT(*) FROM files WHERE state IN ('done', 'failed')")
+            ((n,),) = self.daemon.journal("SELECT COUNT(*) FROM files WHERE state IN ('done', 'failed')")
         except sqlite3.DatabaseError:
             return True  # the journal was destroyed: nothing will finish
         return n >= len(self.expected)
@@ -144,8 +152,9 @@ class Attack:
         for folder in (self.done, self.failed):
             for path in walk(folder):
                 if path.name.endswith(".json"):
-                    stale += not own_sidecar(path.with_name(path.name.removesuffix(".error.json")
-                                                            .removesuffix(".json")), path)
+                    stale += not own_sidecar(
+                        path.with_name(path.name.removesuffix(".error.json").removesuffix(".json")), path
+                    )
         return stale
 
     def links_untouched(self) -> bool:
@@ -156,8 +165,11 @@ def walk(folder: Path) -> list[Path]:
     """Every entry below ``folder``, symbolic links listed but never followed; hidden ones left out."""
     found = []
     for parent, dirs, files in os.walk(folder):
-        found += [Path(parent) / name for name in files + [d for d in dirs if os.path.islink(Path(parent) / d)]
-                  if not name.startswith(".")]
+        found += [
+            Path(parent) / name
+            for name in files + [d for d in dirs if os.path.islink(Path(parent) / d)]
+            if not name.startswith(".")
+        ]
     return found
 
 
@@ -175,8 +187,13 @@ def own_sidecar(file: Path, sidecar: Path) -> bool:
 def snapshot(folder: Path) -> dict[str, str]:
     state = {}
     for path in folder.rglob("*"):
-        state[str(path)] = "link:" + os.readlink(path) if path.is_symlink() else \
-            "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        state[str(path)] = (
+            "link:" + os.readlink(path)
+            if path.is_symlink()
+            else "dir"
+            if path.is_dir()
+            else hashlib.sha256(path.read_bytes()).hexdigest()
+        )
     return state
 
 
@@ -282,8 +299,7 @@ def test_a_link_at_a_copys_temporary_name_is_never_written_through(tmp_path, emu
         shutil.rmtree(other_fs, ignore_errors=True)
 
 
-def test_a_review_never_writes_its_revision_through_a_link_put_in_place_of_the_result(start_daemon, emulator,
-                                                                                      tmp_path):
+def test_a_review_never_writes_its_revision_through_a_link_put_in_place_of_the_result(start_daemon, emulator, tmp_path):
     """After the export someone puts links where the results are: the searchable PDF's own name
     (a link to a victim) and the folder of another file's result (a link to where that folder was
     moved). The reviews that follow replace the one link by the new PDF and write nothing through
@@ -295,8 +311,9 @@ def test_a_review_never_writes_its_revision_through_a_link_put_in_place_of_the_r
     drop(running.inbox / "moved" / "b.pdf", file_of("invoice", tag="review through a link b"))
     running.wait_finished(2)
     assert emulator.wait_idle(10)
-    wait_until(lambda: all(r.refresh_at is None for r in running.daemon.journal.rows([State.DONE])), 10,
-               "no refresh pending")
+    wait_until(
+        lambda: all(r.refresh_at is None for r in running.daemon.journal.rows([State.DONE])), 10, "no refresh pending"
+    )
     docs = {r.rel_path: r.document_id for r in running.daemon.journal.rows([State.DONE])}
     victim = outside / "victim.pdf"
     victim.write_bytes(b"victim: must never change\n")
@@ -310,8 +327,14 @@ def test_a_review_never_writes_its_revision_through_a_link_put_in_place_of_the_r
     reviewed = emulator.request_stats()["details"].count + len(docs)
     for doc_id in docs.values():
         emulator.review(doc_id, changes={"Total": "999,00"})
-    wait_until(lambda: emulator.request_stats()["details"].count >= reviewed and all(
-        r.refresh_at is None for r in running.daemon.journal.rows([State.DONE])), 15, "both reviews looked at")
+    wait_until(
+        lambda: (
+            emulator.request_stats()["details"].count >= reviewed
+            and all(r.refresh_at is None for r in running.daemon.journal.rows([State.DONE]))
+        ),
+        15,
+        "both reviews looked at",
+    )
     revisions = {r.rel_path: r.revision for r in running.daemon.journal.rows([State.DONE])}
     print(f"written outside: {changed(before, snapshot(outside))}, revisions: {revisions}")
     assert changed(before, snapshot(outside)) == 0, "written outside done/"

@@ -64,8 +64,11 @@ def test_lean_requirements_are_pyprojects_own_plus_a_pinned_part_of_the_sdks() -
     assert spec(requirements(REPO / "requirements" / "test.txt")) == spec(test_extra)
 
     assert importlib.metadata.version(SDK) in SDK_PIN.specifier, "the installed konfuzio-sdk is not pyproject's pin"
-    declared = {name(r): r for r in map(Requirement, importlib.metadata.requires(SDK) or [])
-                if not r.marker or r.marker.evaluate({"extra": ""})}
+    declared = {
+        name(r): r
+        for r in map(Requirement, importlib.metadata.requires(SDK) or [])
+        if not r.marker or r.marker.evaluate({"extra": ""})
+    }
     for req in SDK_SUBSET:
         (pinned,) = [s.version for s in req.specifier if s.operator == "=="]
         assert name(req) in declared, f"{req}: not a dependency of {SDK_PIN}"
@@ -97,9 +100,11 @@ def test_the_readmes_app_install_is_the_lean_one_with_pyprojects_pin() -> None:
     """The README's pip lines are not run here (they need the package index); they must name the same things."""
     (block,) = re.findall(r"<!-- install: app\b[^>]*-->\n```sh\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     venv_pip = "/opt/konfuzio-watch/.venv/bin/pip install"
-    assert block.splitlines() == ["python3 -m venv /opt/konfuzio-watch/.venv",
-                                  f"{venv_pip} -r requirements/lean.txt",
-                                  f"{venv_pip} --no-deps {SDK_PIN} ."]
+    assert block.splitlines() == [
+        "python3 -m venv /opt/konfuzio-watch/.venv",
+        f"{venv_pip} -r requirements/lean.txt",
+        f"{venv_pip} --no-deps {SDK_PIN} .",
+    ]
 
 
 def closure(names: set[str]) -> set[str]:
@@ -131,8 +136,9 @@ def test_help_shows_the_commands_and_the_exit_codes(capsys: pytest.CaptureFixtur
     assert "KONFUZIO_WATCH_CONFIG" in text and "Maps errors" not in text
 
 
-def test_config_defaults_to_the_environment_then_etc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_defaults_to_the_environment_then_etc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("KONFUZIO_WATCH_CONFIG", str(tmp_path / "from-env.yaml"))
     assert cli.main(["status"]) == cli.EXIT_USAGE
     missing = "No such file or directory"
@@ -155,8 +161,13 @@ def fake_python(tmp_path: Path, version: str) -> Path:
 
 def make(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "MFLAGS"}
-    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), f"VENV={tmp_path / 'venv'}", *args],
-                          capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), f"VENV={tmp_path / 'venv'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
@@ -195,8 +206,12 @@ def test_make_rebuilds_a_venv_left_by_an_old_python(tmp_path: Path) -> None:
 
 def copy_checkout(dst: Path) -> Path:
     """The files git would commit (tracked, and new ones not ignored), symlinks kept."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, timeout=30)
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        timeout=30,
+    )
     if listing.returncode != 0:
         shutil.copytree(REPO, dst, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".git", "dist", "build"))
         return dst
@@ -217,15 +232,35 @@ def build(src: Path, out: Path, tmp_path: Path) -> tuple[Path, Path]:
     """sdist from ``src``, then the wheel from the unpacked sdist, as ``python -m build`` does."""
     backend_env = tmp_path / "build-env"
     requires = PYPROJECT["build-system"]["requires"]
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                              "--target", str(backend_env), *requires], capture_output=True, text=True, timeout=120)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+            str(backend_env),
+            *requires,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert install.returncode == 0, install.stderr
     backend = PYPROJECT["build-system"]["build-backend"]
 
     def hook(name: str, cwd: Path) -> Path:
         code = f"import sys, {backend} as b; print(b.{name}(sys.argv[1]))"
-        result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=cwd, capture_output=True, text=True,
-                                timeout=120, env=dict(os.environ, PYTHONPATH=str(backend_env)))
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(out)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, PYTHONPATH=str(backend_env)),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return out / result.stdout.splitlines()[-1]
 
@@ -258,28 +293,63 @@ def test_the_wheel_installs_outside_the_checkout_and_carries_what_an_admin_deplo
     venv = tmp_path / "venv"  # outside the checkout
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = venv / "bin" / "python"
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-index",
-                              "--no-deps", str(wheel)], capture_output=True, text=True, timeout=120)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-deps",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert install.returncode == 0, install.stderr
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
     (Path(site) / "dependencies-from-the-test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = dict(os.environ, LOG_TO_FILE="False")
     env.pop("KONFUZIO_WATCH_CONFIG", None)
 
-    where = subprocess.run([python, "-c", "import konfuzio_watch; print(konfuzio_watch.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=30, env=env)
+    where = subprocess.run(
+        [python, "-c", "import konfuzio_watch; print(konfuzio_watch.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert where.stdout.startswith(site), where.stdout + where.stderr
-    helped = subprocess.run([venv / "bin" / "konfuzio-watch", "--help"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=30, env=env)
+    helped = subprocess.run(
+        [venv / "bin" / "konfuzio-watch", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=30, env=env
+    )
     assert helped.returncode == 0 and "install-files" in helped.stdout and "exit codes:" in helped.stdout
 
     prefix = tmp_path / "root"
-    installed = subprocess.run([venv / "bin" / "konfuzio-watch", "install-files", "--prefix", str(prefix)],
-                               cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
-    for target, data_file in (("etc/systemd/system/konfuzio-watch.service", "konfuzio-watch.service"),
-                              ("etc/sysusers.d/konfuzio-watch.conf", "konfuzio-watch.sysusers"),
-                              ("etc/konfuzio-watch/config.yaml", "config.example.yaml")):
+    installed = subprocess.run(
+        [venv / "bin" / "konfuzio-watch", "install-files", "--prefix", str(prefix)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    for target, data_file in (
+        ("etc/systemd/system/konfuzio-watch.service", "konfuzio-watch.service"),
+        ("etc/sysusers.d/konfuzio-watch.conf", "konfuzio-watch.sysusers"),
+        ("etc/konfuzio-watch/config.yaml", "config.example.yaml"),
+    ):
         assert (prefix / target).read_bytes() == (REPO / "konfuzio_watch/data" / data_file).read_bytes(), target
         assert f"wrote     {prefix / target}" in installed.stdout
     assert stat.S_IMODE((prefix / "etc/konfuzio-watch/config.yaml").stat().st_mode) == 0o640
@@ -287,8 +357,14 @@ def test_the_wheel_installs_outside_the_checkout_and_carries_what_an_admin_deplo
         assert installed.returncode == 0, installed.stdout + installed.stderr
         assert "konfuzio-watch:" in (prefix / "etc/passwd").read_text()
 
-    demo = subprocess.run([venv / "bin" / "konfuzio-watch", "demo", "--files", "2"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=110, env=env)
+    demo = subprocess.run(
+        [venv / "bin" / "konfuzio-watch", "demo", "--files", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+    )
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert re.search(r"^ {6}'scan_0001\.pdf page 1 of 1 sha256 [0-9a-f]{20,}\.\.\.'$", demo.stdout, re.M), demo.stdout
     assert demo.stdout.rstrip().endswith(f"to keep them: {venv}/bin/konfuzio-watch demo --workdir DIR")
@@ -305,9 +381,10 @@ def test_the_readme_gives_one_install_size_the_one_make_prints() -> None:
     (row,) = re.findall(r"^\| fresh `make test` venv \(`du -sh`\) \| (\d+)M \| (\d+)M \|", readme, re.M)
     full = row[0]
     assert row[1] == lean, "the Performance table measures the same virtualenv"
-    why = readme[readme.index("### Why the install is lean"):readme.index("## Scanner shares")]
+    why = readme[readme.index("### Why the install is lean") : readme.index("## Scanner shares")]
     assert re.findall(r"(\d+)M in a virtualenv", why) == [full] and re.findall(r"a (\d+)M virtualenv", why) == [lean]
     sizes = re.findall(r"\b(\d+)M\b", (REPO / "requirements" / "lean.txt").read_text())
     assert sizes == [full, lean]
-    assert not re.search(r"\d+ (MB|MiB)\b[^|\n]*\b(venv|virtualenv)|\b(venv|virtualenv)\b[^|.\n]*\d+ (MB|MiB)\b",
-                         readme), "a virtualenv sized in another unit than du's"
+    assert not re.search(
+        r"\d+ (MB|MiB)\b[^|\n]*\b(venv|virtualenv)|\b(venv|virtualenv)\b[^|.\n]*\d+ (MB|MiB)\b", readme
+    ), "a virtualenv sized in another unit than du's"

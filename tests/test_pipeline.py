@@ -62,8 +62,11 @@ def test_pdf_without_eof_marker_waits_until_the_scanner_finishes(start_daemon, e
     path = running.inbox / "paused.pdf"
     path.write_bytes(data[:cut])  # the scanner pauses longer than settle_seconds mid-file
     tracker = running.daemon.scheduler.tracker
-    wait_until(lambda: str(path) in tracker.candidates and not tracker.candidates[str(path)].looks_complete, 10,
-               "the settled file found incomplete (no %%EOF) and kept waiting")
+    wait_until(
+        lambda: str(path) in tracker.candidates and not tracker.candidates[str(path)].looks_complete,
+        10,
+        "the settled file found incomplete (no %%EOF) and kept waiting",
+    )
     assert emulator.uploads == []
     with open(path, "ab") as f:
         f.write(data[cut:])
@@ -118,7 +121,7 @@ def test_nested_folders_and_awkward_names_keep_their_relative_paths(start_daemon
     running = start_daemon()
     names = [
         "2026/Q1/invoice 2026-01.pdf",
-        "scanner [3]/it's \"quoted\".pdf",
+        'scanner [3]/it\'s "quoted".pdf',
         "Überweisung März/Straße ñ 東京.png",
         "-leading dash.pdf",
         "a (1)/b {c}/d & e; f.pdf",
@@ -135,8 +138,9 @@ def test_nested_folders_and_awkward_names_keep_their_relative_paths(start_daemon
         assert_own_result(running.done, name, data)
     uploaded = sorted(u.data_file_name for u in emulator.uploads)
     # Only the base name travels, and under a safe name; the original path lives in the journal.
-    assert uploaded == sorted(["invoice 2026-01.pdf", "it's _quoted_.pdf", "Strasse n __.png",
-                               "leading dash.pdf", "d & e_ f.pdf"])
+    assert uploaded == sorted(
+        ["invoice 2026-01.pdf", "it's _quoted_.pdf", "Strasse n __.png", "leading dash.pdf", "d & e_ f.pdf"]
+    )
     assert inbox_files(running) == []
 
 
@@ -168,8 +172,20 @@ def test_files_present_at_start_up_are_picked_up(tmp_path, emulator, start_daemo
 
 def test_hidden_temporary_and_nas_junk_files_are_ignored(start_daemon, emulator):
     running = start_daemon(watch={"ignore": ["*.bak", "drafts/*"]})
-    junk = [".hidden.pdf", "x.pdf.part", "y.tmp", "~$lock.docx", ".~lock.a.odt#", "z.crdownload",
-            "@eaDir/thumb.png", ".DS_Store", "Thumbs.db", "._resource.pdf", "old.bak", "drafts/wip.pdf"]
+    junk = [
+        ".hidden.pdf",
+        "x.pdf.part",
+        "y.tmp",
+        "~$lock.docx",
+        ".~lock.a.odt#",
+        "z.crdownload",
+        "@eaDir/thumb.png",
+        ".DS_Store",
+        "Thumbs.db",
+        "._resource.pdf",
+        "old.bak",
+        "drafts/wip.pdf",
+    ]
     for name in junk:
         drop(running.inbox / name, make_pdf(label=name))
     drop(running.inbox / "real.pdf", make_pdf(label="real"))

@@ -29,43 +29,46 @@ def failure(cause: Cause, **kw: object) -> Failure:
     return Failure(cause, f"{cause} happened", **kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("step", "cause", "failures", "attempts", "expected"), [
-    # the service as a whole: a gate, whatever the step, charging nobody
-    (Step.UPLOAD, Cause.UNAVAILABLE, 0, 1, Blocked),
-    (Step.FETCH, Cause.UNAVAILABLE, 5, 0, Blocked),
-    (Step.UPLOAD, Cause.THROTTLED, 0, 1, Blocked),
-    (Step.FETCH, Cause.THROTTLED, 0, 0, Blocked),
-    (Step.UPLOAD, Cause.REJECTED, 0, 1, Blocked),
-    (Step.FETCH, Cause.REJECTED, 0, 0, Blocked),  # a GET answered 401/403: not retried forever
-    (Step.EXPORT, Cause.REJECTED, 0, 0, Blocked),  # the bbox request: never exported without boxes
-    (Step.UPLOAD, Cause.NOT_FOUND, 0, 1, Blocked),  # the upload URL is not there: the host is wrong
-    (Step.RECONCILE, Cause.NOT_FOUND, 0, 0, Blocked),
-    (Step.EXPORT, Cause.DISK_FULL, 0, 0, Blocked),
-    (Step.FAIL, Cause.DISK_FULL, 0, 0, Blocked),
-    # a share that does not answer (EIO, ENOTCONN ... on the inbox, processing/, done/, failed/): never the
-    # file's fault, in any step, however many failures or attempts it had
-    (Step.CLAIM, Cause.SHARE_UNAVAILABLE, 0, 0, Blocked),
-    (Step.UPLOAD, Cause.SHARE_UNAVAILABLE, 7, 8, Blocked),
-    (Step.EXPORT, Cause.SHARE_UNAVAILABLE, 29, 0, Blocked),
-    (Step.FAIL, Cause.SHARE_UNAVAILABLE, 1000, 0, Blocked),
-    # the file's own trouble
-    (Step.UPLOAD, Cause.INVALID, 0, 1, Fail),
-    (Step.FETCH, Cause.INVALID, 0, 0, Fail),  # a GET answered 400: not retried forever
-    (Step.FETCH, Cause.NOT_FOUND, 0, 0, Fail),
-    (Step.UPLOAD, Cause.TRANSIENT, 0, 1, Retry),
-    (Step.UPLOAD, Cause.TRANSIENT, 7, 8, Fail),  # max_attempts used up
-    (Step.UPLOAD, Cause.UNREADABLE, 0, 0, Retry),
-    (Step.UPLOAD, Cause.UNREADABLE, 7, 0, Fail),  # an unreadable file ends, it does not spin
-    (Step.FETCH, Cause.TRANSIENT, 0, 0, Retry),
-    (Step.FETCH, Cause.TRANSIENT, 29, 0, Fail),  # max_failures used up
-    (Step.EXPORT, Cause.LOCAL_IO, 3, 0, Retry),
-    (Step.EXPORT, Cause.LOCAL_IO, 29, 0, Fail),
-    (Step.FETCH, Cause.INTERNAL, 0, 0, Retry),  # a bug backs off like anything else
-    (Step.FETCH, Cause.INTERNAL, 29, 0, Fail),
-    # failed/ itself: nowhere further to go, so it backs off to the cap forever
-    (Step.FAIL, Cause.LOCAL_IO, 1000, 0, Retry),
-    (Step.FAIL, Cause.INTERNAL, 1000, 0, Retry),
-])
+@pytest.mark.parametrize(
+    ("step", "cause", "failures", "attempts", "expected"),
+    [
+        # the service as a whole: a gate, whatever the step, charging nobody
+        (Step.UPLOAD, Cause.UNAVAILABLE, 0, 1, Blocked),
+        (Step.FETCH, Cause.UNAVAILABLE, 5, 0, Blocked),
+        (Step.UPLOAD, Cause.THROTTLED, 0, 1, Blocked),
+        (Step.FETCH, Cause.THROTTLED, 0, 0, Blocked),
+        (Step.UPLOAD, Cause.REJECTED, 0, 1, Blocked),
+        (Step.FETCH, Cause.REJECTED, 0, 0, Blocked),  # a GET answered 401/403: not retried forever
+        (Step.EXPORT, Cause.REJECTED, 0, 0, Blocked),  # the bbox request: never exported without boxes
+        (Step.UPLOAD, Cause.NOT_FOUND, 0, 1, Blocked),  # the upload URL is not there: the host is wrong
+        (Step.RECONCILE, Cause.NOT_FOUND, 0, 0, Blocked),
+        (Step.EXPORT, Cause.DISK_FULL, 0, 0, Blocked),
+        (Step.FAIL, Cause.DISK_FULL, 0, 0, Blocked),
+        # a share that does not answer (EIO, ENOTCONN ... on the inbox, processing/, done/, failed/): never the
+        # file's fault, in any step, however many failures or attempts it had
+        (Step.CLAIM, Cause.SHARE_UNAVAILABLE, 0, 0, Blocked),
+        (Step.UPLOAD, Cause.SHARE_UNAVAILABLE, 7, 8, Blocked),
+        (Step.EXPORT, Cause.SHARE_UNAVAILABLE, 29, 0, Blocked),
+        (Step.FAIL, Cause.SHARE_UNAVAILABLE, 1000, 0, Blocked),
+        # the file's own trouble
+        (Step.UPLOAD, Cause.INVALID, 0, 1, Fail),
+        (Step.FETCH, Cause.INVALID, 0, 0, Fail),  # a GET answered 400: not retried forever
+        (Step.FETCH, Cause.NOT_FOUND, 0, 0, Fail),
+        (Step.UPLOAD, Cause.TRANSIENT, 0, 1, Retry),
+        (Step.UPLOAD, Cause.TRANSIENT, 7, 8, Fail),  # max_attempts used up
+        (Step.UPLOAD, Cause.UNREADABLE, 0, 0, Retry),
+        (Step.UPLOAD, Cause.UNREADABLE, 7, 0, Fail),  # an unreadable file ends, it does not spin
+        (Step.FETCH, Cause.TRANSIENT, 0, 0, Retry),
+        (Step.FETCH, Cause.TRANSIENT, 29, 0, Fail),  # max_failures used up
+        (Step.EXPORT, Cause.LOCAL_IO, 3, 0, Retry),
+        (Step.EXPORT, Cause.LOCAL_IO, 29, 0, Fail),
+        (Step.FETCH, Cause.INTERNAL, 0, 0, Retry),  # a bug backs off like anything else
+        (Step.FETCH, Cause.INTERNAL, 29, 0, Fail),
+        # failed/ itself: nowhere further to go, so it backs off to the cap forever
+        (Step.FAIL, Cause.LOCAL_IO, 1000, 0, Retry),
+        (Step.FAIL, Cause.INTERNAL, 1000, 0, Retry),
+    ],
+)
 def test_what_the_policy_decides(step, cause, failures, attempts, expected):
     decision = decide(step, failure(cause), failures, NOW, LIMITS, attempts=attempts)
     assert type(decision) is expected, decision
@@ -97,10 +100,16 @@ def test_jitter_spreads_below_the_ceiling():
     assert backoff_s(3, LIMITS, jitter=1.0) == 8.0
 
 
-@pytest.mark.parametrize(("retry_after", "expected", "noted"), [
-    (None, None, False), (0.0, 0.0, False), (30.0, 30.0, False), (300.0, 300.0, False),
-    (999_999_999.0, 300.0, True),  # a far-future Retry-After is cut to the cap, and it says so
-])
+@pytest.mark.parametrize(
+    ("retry_after", "expected", "noted"),
+    [
+        (None, None, False),
+        (0.0, 0.0, False),
+        (30.0, 30.0, False),
+        (300.0, 300.0, False),
+        (999_999_999.0, 300.0, True),  # a far-future Retry-After is cut to the cap, and it says so
+    ],
+)
 def test_retry_after_is_capped_and_noted(retry_after, expected, noted):
     capped, note = cap_retry_after(retry_after, LIMITS)
     assert capped == expected and bool(note) == noted
@@ -154,8 +163,15 @@ def test_every_state_has_a_row_and_finished_states_lead_nowhere_but_retry():
         assert states.TRANSITIONS[state], f"{state} is a dead end"
 
 
-@pytest.mark.parametrize(("old", "new"), [(State.CLAIMED, State.DONE), (State.DONE, State.FAILING),
-                                          (State.UPLOADED, State.CLAIMED), (State.FAILED, State.DONE)])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (State.CLAIMED, State.DONE),
+        (State.DONE, State.FAILING),
+        (State.UPLOADED, State.CLAIMED),
+        (State.FAILED, State.DONE),
+    ],
+)
 def test_illegal_moves_are_refused(old, new):
     with pytest.raises(states.IllegalTransition):
         states.check_transition(old, new)

@@ -30,16 +30,28 @@ NOBODY = 65534
         ({"may_create_in_parent": False, "user": "scan-bot"}, INSIDE, "scan-bot may not create entries in /srv/scans"),
         ({"parent_same_fs": False}, INSIDE, "/srv/scans is another file system than the inbox"),
         # made by the admin for the service's user, where it may not create entries itself
-        ({"may_create_in_parent": False, "sibling_exists": True}, SIBLING,
-         "a hidden sibling of the inbox, on the same file system"),
+        (
+            {"may_create_in_parent": False, "sibling_exists": True},
+            SIBLING,
+            "a hidden sibling of the inbox, on the same file system",
+        ),
         # an older run's folder with files a journal moved aside no longer names: kept, so they are adopted
         ({"inside_exists": True}, INSIDE, "in the inbox: it exists already"),
-        ({"inside_exists": True, "sibling_exists": True}, SIBLING,
-         "a hidden sibling of the inbox, on the same file system"),
-        ({"bound": "/srv/scans/inbox/.konfuzio-watch/processing", "sibling_exists": True}, INSIDE,
-         "where this journal's files were claimed before; the journal keeps it"),
-        ({"configured": Path("/srv/claims"), "bound": "/elsewhere", "may_create_in_parent": False}, Path("/srv/claims"),
-         "set in folders.processing"),
+        (
+            {"inside_exists": True, "sibling_exists": True},
+            SIBLING,
+            "a hidden sibling of the inbox, on the same file system",
+        ),
+        (
+            {"bound": "/srv/scans/inbox/.konfuzio-watch/processing", "sibling_exists": True},
+            INSIDE,
+            "where this journal's files were claimed before; the journal keeps it",
+        ),
+        (
+            {"configured": Path("/srv/claims"), "bound": "/elsewhere", "may_create_in_parent": False},
+            Path("/srv/claims"),
+            "set in folders.processing",
+        ),
     ],
 )
 def test_the_rule(facts: dict, path: Path, why: str):
@@ -47,8 +59,9 @@ def test_the_rule(facts: dict, path: Path, why: str):
 
 
 def test_an_inbox_at_the_root_has_its_folder_inside():
-    assert processing.choose(Path("/")) == processing.Choice(Path("/.konfuzio-watch/processing"),
-                                                             "the inbox has no parent folder")
+    assert processing.choose(Path("/")) == processing.Choice(
+        Path("/.konfuzio-watch/processing"), "the inbox has no parent folder"
+    )
 
 
 def test_the_daemon_names_its_folder_and_why_at_start(start_daemon, tmp_path, caplog):
@@ -56,7 +69,8 @@ def test_the_daemon_names_its_folder_and_why_at_start(start_daemon, tmp_path, ca
     start_daemon()
     sibling = tmp_path / ".inbox.konfuzio-watch"
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("processing folder:")] == [
-        f"processing folder: {sibling} (a hidden sibling of the inbox, on the same file system)"]
+        f"processing folder: {sibling} (a hidden sibling of the inbox, on the same file system)"
+    ]
     assert sibling.is_dir()
 
 
@@ -80,14 +94,21 @@ def test_check_as_root_and_the_daemon_as_its_user_choose_the_same_folder(emulato
     try:
         # root's check, for the user the service runs as (without --as: the user konfuzio-watch last ran as,
         # else the system user konfuzio-watch)
-        check = subprocess.run([*KONFUZIO_WATCH, "check", "--as", str(NOBODY), "--config", str(daemon.config)],
-                               capture_output=True, text=True, timeout=120, cwd=root)
+        check = subprocess.run(
+            [*KONFUZIO_WATCH, "check", "--as", str(NOBODY), "--config", str(daemon.config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=root,
+        )
         assert processing_lines(check.stdout) == [
-            f"ok    processing folder: {inside} (nobody may not create entries in {scans}), will be created"]
+            f"ok    processing folder: {inside} (nobody may not create entries in {scans}), will be created"
+        ]
 
         daemon.start(prefix=AS_NOBODY)
         assert processing_lines(daemon.log.read_text()) == [
-            f"processing folder: {inside} (nobody may not create entries in {scans})"]
+            f"processing folder: {inside} (nobody may not create entries in {scans})"
+        ]
         assert inside.is_dir() and not (scans / ".inbox.konfuzio-watch").exists()
 
         assert daemon.terminate() == 0
@@ -114,8 +135,11 @@ def test_may_create_as_asks_the_kernel_as_that_user():
 
 def processing_lines(text: str) -> list[str]:
     """The check's lines on the processing folder, or the log's (without the time and level)."""
-    return [line if line.startswith(("ok", "FAIL")) else line[line.index("processing folder:"):]
-            for line in text.splitlines() if "processing folder:" in line]
+    return [
+        line if line.startswith(("ok", "FAIL")) else line[line.index("processing folder:") :]
+        for line in text.splitlines()
+        if "processing folder:" in line
+    ]
 
 
 def test_the_readme_and_the_example_config_state_the_rule_the_code_follows():
@@ -126,6 +150,7 @@ def test_the_readme_and_the_example_config_state_the_rule_the_code_follows():
     assert f"(`processing folder: {service_layout}`)" in readme
     assert f"(`{processing.sibling_of(INBOX)}` for `{INBOX}`)" in readme
     assert f"processing: {processing.sibling_of(INBOX)}" in example
-    order = ("an existing `<parent>/.<inbox name>.konfuzio-watch` or `<inbox>/.konfuzio-watch/processing` "
-             "(in that order)")
+    order = (
+        "an existing `<parent>/.<inbox name>.konfuzio-watch` or `<inbox>/.konfuzio-watch/processing` (in that order)"
+    )
     assert order in readme and order.replace("`", "") in example

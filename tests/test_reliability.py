@@ -124,8 +124,10 @@ def test_slow_clients_do_not_starve_the_callback_server(start_daemon, emulator):
             slow.append(s)
         huge = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         slow.append(huge)
-        huge.sendall(b"POST /konfuzio-callback/" + b"a" * 43 + b" HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 2147483648\r\n\r\n")
+        huge.sendall(
+            b"POST /konfuzio-callback/" + b"a" * 43 + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2147483648\r\n\r\n"
+        )
         assert huge.recv(100).startswith(b"HTTP/1.1 413"), "a 2 GB body must be refused up front"
         assert requests.get(f"{running.daemon.monitor.url}/healthz", timeout=5).status_code == 200
         data = make_pdf(label="still served")
@@ -188,8 +190,9 @@ def test_read_timeout_after_the_server_stored_the_upload_is_reconciled_not_reupl
 
 def upload_refused(count: int | None = None) -> FaultRule:
     """The server refuses the file itself (a fresh rule each time: a rule counts its hits)."""
-    return FaultRule("POST", r"^/api/v3/documents/?$", 400, body={"data_file": ["The submitted data was not a file."]},
-                     count=count)
+    return FaultRule(
+        "POST", r"^/api/v3/documents/?$", 400, body={"data_file": ["The submitted data was not a file."]}, count=count
+    )
 
 
 def test_a_file_rejected_by_the_server_fails_with_the_reason(start_daemon, emulator):
@@ -203,8 +206,7 @@ def test_a_file_rejected_by_the_server_fails_with_the_reason(start_daemon, emula
 
 def test_an_unknown_project_blocks_visibly_and_files_wait_at_no_cost(start_daemon, emulator, caplog):
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
-    running = start_daemon(konfuzio={"project_id": 3}, upload={"backoff_base_seconds": 0.1,
-                                                               "backoff_cap_seconds": 0.3})
+    running = start_daemon(konfuzio={"project_id": 3}, upload={"backoff_base_seconds": 0.1, "backoff_cap_seconds": 0.3})
     data = make_pdf(label="for project 3")
     drop(running.inbox / "p3.pdf", data)
     wait_until(lambda: running.daemon.gates.blocked(), 20, "the API blocked")
@@ -244,8 +246,15 @@ def test_symlinks_fifos_and_directories_are_never_read(start_daemon, emulator, t
     assert (running.inbox / "folder.pdf").is_dir()
 
 
-HOSTILE_NAMES = [b"new\nline.pdf", b"scan\xff\xfe.pdf", b"x" * 240 + b".pdf", b"-rf --help.pdf",
-                 b"up..\\..\\evil.pdf", b"tab\there.pdf", b"$(reboot).pdf"]
+HOSTILE_NAMES = [
+    b"new\nline.pdf",
+    b"scan\xff\xfe.pdf",
+    b"x" * 240 + b".pdf",
+    b"-rf --help.pdf",
+    b"up..\\..\\evil.pdf",
+    b"tab\there.pdf",
+    b"$(reboot).pdf",
+]
 
 
 def test_hostile_names_are_uploaded_safely_and_keep_their_names(start_daemon, emulator, caplog):
@@ -326,11 +335,16 @@ def test_retry_puts_failed_files_back_through_the_pipeline(start_daemon, emulato
     running.stop()
 
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
-        "folders": {k: str(getattr(running.config.folders, k)) for k in ("inbox", "done", "failed", "state")},
-        "watch": {"settle_seconds": 0.3}, "callback": {"host": "127.0.0.1", "port": 0},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
+                "folders": {k: str(getattr(running.config.folders, k)) for k in ("inbox", "done", "failed", "state")},
+                "watch": {"settle_seconds": 0.3},
+                "callback": {"host": "127.0.0.1", "port": 0},
+            }
+        )
+    )
     assert main(["retry", "--config", str(config), "nothing/like/this.pdf"]) == 1
     assert main(["retry", "--config", str(config), "--all-failed"]) == 0
     assert "sub/retry me.pdf: back in the inbox" in capsys.readouterr().out

@@ -233,8 +233,12 @@ def test_the_shape_of_fields_follows_the_schema_not_the_document():
 
 
 def test_several_values_where_the_schema_allows_one_are_all_kept():
-    twice = [ann(1, TOTAL, INVOICE, "1,00", normalized=1.0), ann(2, TOTAL, INVOICE, "2,00", normalized=2.0),
-             ann(3, DATE, INVOICE, "x", annotation_set=900), ann(4, DATE, INVOICE, "y", annotation_set=907)]
+    twice = [
+        ann(1, TOTAL, INVOICE, "1,00", normalized=1.0),
+        ann(2, TOTAL, INVOICE, "2,00", normalized=2.0),
+        ann(3, DATE, INVOICE, "x", annotation_set=900),
+        ann(4, DATE, INVOICE, "y", annotation_set=907),
+    ]
     _, _, fields = build_extractions(DETAILS, twice, None)
     assert fields == {"Invoice": [{"Total": [1.0, 2.0], "Date": "x"}, {"Total": None, "Date": "y"}]}  # a list
 
@@ -252,8 +256,12 @@ def test_old_answers_with_bare_ids_take_names_from_the_catalog():
            "section": 900, "bboxes": [{"start_offset": 3, "end_offset": 7, "page_index": 1,
                                       "x0": 1, "x1": 2, "y0": 3, "y1": 4}]}  # fmt: skip
     (entry,) = build_extractions(DETAILS, [raw], CATALOG).annotations
-    assert (entry["label"], entry["label_set"], entry["annotation_set_id"], entry["page"]) == ("Total", "Invoice",
-                                                                                               900, 2)
+    assert (entry["label"], entry["label_set"], entry["annotation_set_id"], entry["page"]) == (
+        "Total",
+        "Invoice",
+        900,
+        2,
+    )
     (entry,) = build_extractions(DETAILS, [raw], None).annotations
     assert (entry["label"], entry["label_set"]) == ("label 113", "label set 101")
     renamed = ann(1, (113, "Gesamt"), INVOICE, "1,00")  # the answer's own name is the fresher one
@@ -354,6 +362,7 @@ def test_build_result_extends_todays_result_and_carries_no_token():
 def test_a_fingerprint_stored_by_an_earlier_version_still_recognises_its_content():
     """Rows exported before the fingerprint's encoding changed keep their digest: a callback sent
     again for their unchanged document must not make a new revision (nor a changed one be missed)."""
+
     def legacy(result: dict) -> str:  # how 0.1.0 computed it: json, sorted keys, ASCII, no spaces
         details = result["konfuzio"]
         content = {k: result[k] for k in CONTENT_KEYS if k in result}
@@ -619,8 +628,9 @@ def test_results_of_every_kind_of_document_match_the_schema(emulator, client):
         "nothing.pdf": make_pdf(1, label="schema") + NO_CATEGORY_MARKER,
         "split.pdf": make_pdf(2, label="schema split") + SPLIT_MARKER,
     }
-    docs = {name: client.upload(io.BytesIO(data), name, UploadForm(1, CALLBACK))["id"]
-            for name, data in samples.items()}
+    docs = {
+        name: client.upload(io.BytesIO(data), name, UploadForm(1, CALLBACK))["id"] for name, data in samples.items()
+    }
     assert emulator.wait_idle(10)
     wait_until(lambda: client.document(docs["split.pdf"])["status_data"] == 41, 10, "status 41")
     emulator.confirm_split(docs["split.pdf"])
@@ -647,7 +657,7 @@ def test_results_of_every_kind_of_document_match_the_schema(emulator, client):
                                                                       invoice["fields"]["Line Item"]))  # fmt: skip
     for a in invoice["annotations"]:
         (span,) = a["spans"]
-        assert invoice["text"][span["start_offset"]:span["end_offset"]] == a["value"]
+        assert invoice["text"][span["start_offset"] : span["end_offset"]] == a["value"]
         assert invoice["text"][: span["start_offset"]].count("\f") + 1 == a["page"]
     assert results["receipt.pdf"]["category"]["name"] == "Receipt"
     assert set(results["letter.png"]["fields"]) == {"Letter"}

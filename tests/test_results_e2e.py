@@ -112,7 +112,7 @@ def test_each_file_of_a_batch_gets_its_own_category_and_extractions(start_daemon
         assert result["bbox"], "character boxes by default"
         for a in result["annotations"]:  # each value where the text says, on its page
             (span,) = a["spans"]
-            assert result["text"][span["start_offset"]:span["end_offset"]] == a["value"], name
+            assert result["text"][span["start_offset"] : span["end_offset"]] == a["value"], name
             assert a["page"] == result["text"][: span["start_offset"]].count("\f") + 1
             assert a["bbox"] and (a["revised"], a["correct"]) == (False, False)
         if kind == "unknown":
@@ -203,14 +203,18 @@ def test_a_review_writes_the_next_revision_once_and_never_touches_the_original(s
     first = result_of(running.done, "invoice.pdf")
     doc_id = first["document_id"]
     assert emulator.wait_idle(10)
-    exported = wait_until(lambda: (r := done_row(running, "invoice.pdf")).refresh_at is None and r, 10,
-                          "no refresh pending")
+    exported = wait_until(
+        lambda: (r := done_row(running, "invoice.pdf")).refresh_at is None and r, 10, "no refresh pending"
+    )
     fetched, pdfs = requests_of(emulator, "details"), requests_of(emulator, "pdf")
 
     emulator.review(doc_id, changes={"Total": "999,00"})  # Konfuzio calls back after the review
 
-    row = wait_until(lambda: (r := done_row(running, "invoice.pdf")).revision == 2 and r.refresh_at is None and r,
-                     15, "revision 2 recorded")
+    row = wait_until(
+        lambda: (r := done_row(running, "invoice.pdf")).revision == 2 and r.refresh_at is None and r,
+        15,
+        "revision 2 recorded",
+    )
     second = result_of(running.done, "invoice.pdf")
     assert second["revision"] == 2 and second["konfuzio"]["is_reviewed"] is True
     assert second["fields"]["Invoice"]["Total"] == 999.0 and first["fields"]["Invoice"]["Total"] != 999.0
@@ -233,8 +237,11 @@ def test_a_review_writes_the_next_revision_once_and_never_touches_the_original(s
 
     # The same callback again (Konfuzio retries, a proxy replays it): one look, no third revision.
     assert requests.post(callback_url_of(emulator, "invoice.pdf"), json={"id": doc_id}, timeout=5).ok
-    wait_until(lambda: requests_of(emulator, "details") - fetched == 2
-               and done_row(running, "invoice.pdf").refresh_at is None, 15, "the re-sent callback looked at")
+    wait_until(
+        lambda: requests_of(emulator, "details") - fetched == 2 and done_row(running, "invoice.pdf").refresh_at is None,
+        15,
+        "the re-sent callback looked at",
+    )
     assert result_of(running.done, "invoice.pdf") == second
     assert done_row(running, "invoice.pdf").revision == 2
 
@@ -253,13 +260,22 @@ def test_a_forged_callback_for_a_done_file_costs_one_fetch_and_changes_nothing(s
     forged = {"id": doc_id, "status_data": 2, "is_reviewed": True, "text": "forged", "category": 103}
     response = requests.post(url, json=forged, timeout=5)
     assert response.status_code == 200 and response.json() == {"status": "finished"}
-    wait_until(lambda: requests_of(emulator, "details") > stats["details"].count
-               and done_row(running, "done.pdf").refresh_at is None, 15, "the look the callback asked for")
+    wait_until(
+        lambda: (
+            requests_of(emulator, "details") > stats["details"].count
+            and done_row(running, "done.pdf").refresh_at is None
+        ),
+        15,
+        "the look the callback asked for",
+    )
 
     now = emulator.request_stats()
     assert now["details"].count - stats["details"].count == 1
     assert {k: now[k].count - stats[k].count for k in now if now[k].count != stats[k].count} == {
-        "details": 1, "annotations": 1, "bbox": 1}, "one fetch of the result, no download, no write"
+        "details": 1,
+        "annotations": 1,
+        "bbox": 1,
+    }, "one fetch of the result, no download, no write"
     assert json_path.read_bytes() == before, "nothing changed on the server: the result is not written again"
     row = done_row(running, "done.pdf")
     assert (row.revision, row.error) == (1, None)
@@ -279,8 +295,11 @@ def test_a_result_taken_out_of_done_is_not_brought_back_by_a_review(start_daemon
     fetched = requests_of(emulator, "details")
 
     emulator.review(result["document_id"], changes={"Invoice Number": "INV-CHANGED"})
-    wait_until(lambda: requests_of(emulator, "details") > fetched
-               and done_row(running, "taken.pdf").refresh_at is None, 15, "the review looked at")
+    wait_until(
+        lambda: requests_of(emulator, "details") > fetched and done_row(running, "taken.pdf").refresh_at is None,
+        15,
+        "the review looked at",
+    )
 
     assert list(running.done.iterdir()) == [], "no lone JSON of a later revision"
     assert done_row(running, "taken.pdf").revision == 1
@@ -310,8 +329,11 @@ def test_require_review_exports_only_what_a_person_reviewed(start_daemon, emulat
     drop(running.inbox / "split.pdf", make_pdf(2, label="needs a split") + SPLIT_MARKER)
 
     wait_until(lambda: stage_of(running, "invoice.pdf") == REVIEW_STAGE, 15, "the invoice waiting for review")
-    wait_until(lambda: stage_of(running, "split.pdf") == "waiting for splitting confirmation in Konfuzio", 15,
-               "the split waiting for its confirmation")
+    wait_until(
+        lambda: stage_of(running, "split.pdf") == "waiting for splitting confirmation in Konfuzio",
+        15,
+        "the split waiting for its confirmation",
+    )
     row, split = row_named(running, "invoice.pdf"), row_named(running, "split.pdf")
     assert row and split
     doc_id = row.document_id
@@ -342,7 +364,7 @@ def test_require_review_exports_only_what_a_person_reviewed(start_daemon, emulat
 
 def test_a_layout_by_category_and_date_with_collisions_and_unsafe_names(start_daemon, emulator):
     categories = schema_for(1).categories_json()
-    categories[0]["name"] = '../Rechnungen: 2026/März*?'  # what an admin may call a category
+    categories[0]["name"] = "../Rechnungen: 2026/März*?"  # what an admin may call a category
     emulator.knobs.fault_rules.append(FaultRule("GET", r"^/api/v3/categories/?$", 200, body={
         "count": len(categories), "next": None, "previous": None, "results": categories}))  # fmt: skip
     running = start_daemon(results={"layout": "{category}/{date:%Y/%m}/{name}"})

@@ -98,11 +98,14 @@ def test_watchdog_interval_is_half_the_period() -> None:
     assert mine.watchdog_interval_s == 5.0
 
 
-@pytest.mark.parametrize("env", [
-    {"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"},  # meant for another process
-    {"WATCHDOG_USEC": "0"},
-    {"WATCHDOG_USEC": "soon"},
-    {},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"},  # meant for another process
+        {"WATCHDOG_USEC": "0"},
+        {"WATCHDOG_USEC": "soon"},
+        {},
+    ],
+)
 def test_no_watchdog_interval_when_not_meant_for_us(env: dict[str, str]) -> None:
     assert Notifier.from_env(env).watchdog_interval_s is None

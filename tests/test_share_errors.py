@@ -25,15 +25,33 @@ from .helpers import drop_batch
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs Debian's strace for fault injection")
 
 
-@pytest.mark.parametrize(("error", "is_share"), [
-    (errno.EIO, True), (errno.ENOTCONN, True), (errno.ESTALE, True), (errno.EBUSY, True),
-    (errno.EHOSTDOWN, True), (errno.EHOSTUNREACH, True), (errno.ENETDOWN, True), (errno.ENETUNREACH, True),
-    (errno.ETIMEDOUT, True), (errno.ECONNRESET, True), (errno.ECONNABORTED, True), (errno.ENODEV, True),
-    (errno.ENXIO, True),
-    # answers about the file or the folder itself: not a share away
-    (errno.ENOENT, False), (errno.ENOTDIR, False), (errno.EACCES, False), (errno.EPERM, False),
-    (errno.ENOSPC, False), (errno.EEXIST, False), (errno.ENAMETOOLONG, False), (errno.ELOOP, False),
-])
+@pytest.mark.parametrize(
+    ("error", "is_share"),
+    [
+        (errno.EIO, True),
+        (errno.ENOTCONN, True),
+        (errno.ESTALE, True),
+        (errno.EBUSY, True),
+        (errno.EHOSTDOWN, True),
+        (errno.EHOSTUNREACH, True),
+        (errno.ENETDOWN, True),
+        (errno.ENETUNREACH, True),
+        (errno.ETIMEDOUT, True),
+        (errno.ECONNRESET, True),
+        (errno.ECONNABORTED, True),
+        (errno.ENODEV, True),
+        (errno.ENXIO, True),
+        # answers about the file or the folder itself: not a share away
+        (errno.ENOENT, False),
+        (errno.ENOTDIR, False),
+        (errno.EACCES, False),
+        (errno.EPERM, False),
+        (errno.ENOSPC, False),
+        (errno.EEXIST, False),
+        (errno.ENAMETOOLONG, False),
+        (errno.ELOOP, False),
+    ],
+)
 def test_which_errors_are_a_share_that_does_not_answer(error, is_share):
     assert is_share_error(OSError(error, os.strerror(error))) is is_share
 
@@ -129,8 +147,9 @@ def test_eio_is_never_taken_for_absent(tmp_path: Path):
     assert _with_eio_on(tmp_path / "elsewhere", folder, folder / "gone.pdf") == "absent"
 
 
-def test_done_taken_away_pauses_the_exports_keeps_the_results_and_is_never_made_again(start_daemon, emulator,
-                                                                                      tmp_path: Path):
+def test_done_taken_away_pauses_the_exports_keeps_the_results_and_is_never_made_again(
+    start_daemon, emulator, tmp_path: Path
+):
     """done/ missing (a share unmounted under it) is no reason to fail a file, nor to make it again; the
     results fetched meanwhile are kept in the state folder and placed without asking Konfuzio again."""
     running = start_daemon()
@@ -138,8 +157,11 @@ def test_done_taken_away_pauses_the_exports_keeps_the_results_and_is_never_made_
     running.done.rename(away)
     files = drop_batch(running, 4)
     kept = running.config.folders.state / "kept-results"
-    wait_until(lambda: kept.is_dir() and len(list(kept.glob("*.json"))) == len(files), 15,
-               lambda: f"every result fetched and kept: {running.counts()}")
+    wait_until(
+        lambda: kept.is_dir() and len(list(kept.glob("*.json"))) == len(files),
+        15,
+        lambda: f"every result fetched and kept: {running.counts()}",
+    )
     assert running.counts()[State.EXPORTING] == len(files)
     assert not running.done.exists(), "done/ made again at run time"
     assert running.daemon.gates[Scope.SHARES].is_blocked and running.counts()[State.FAILED] == 0

@@ -47,9 +47,15 @@ def _on_the_mount(daemon_process, smb_mount, tmp_path: Path):  # type: ignore[no
     share = smb_mount.share
     for name in ("inbox", "done", "failed"):
         (share / name).mkdir()
-    return daemon_process(folders={"inbox": str(share / "inbox"), "done": str(share / "done"),
-                                   "failed": str(share / "failed"), "state": str(tmp_path / "state")},
-                          watch={"polling": True, "poll_interval": 0.5, "settle_seconds": 0.3})
+    return daemon_process(
+        folders={
+            "inbox": str(share / "inbox"),
+            "done": str(share / "done"),
+            "failed": str(share / "failed"),
+            "state": str(tmp_path / "state"),
+        },
+        watch={"polling": True, "poll_interval": 0.5, "settle_seconds": 0.3},
+    )
 
 
 def _done(share: Path) -> list[Path]:
@@ -85,8 +91,10 @@ def _fetched_while_away(daemon, state: Path, n: int) -> bool:  # type: ignore[no
 def _assert_all_done_once(share: Path, emulator, files: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
     done = share / "done"
     per_sha = documents_per_sha(emulator)
-    print(f"{len(files)} files: {len(_done(share))} done, {len(_failed(share))} failed, "
-          f"{sum(per_sha.values()) - len(per_sha)} duplicate documents")
+    print(
+        f"{len(files)} files: {len(_done(share))} done, {len(_failed(share))} failed, "
+        f"{sum(per_sha.values()) - len(per_sha)} duplicate documents"
+    )
     for name, data in files.items():
         assert (done / name).read_bytes() == data, f"{name} missing or changed in done/"
         assert (done / f"{name}.json").exists()
@@ -95,8 +103,9 @@ def _assert_all_done_once(share: Path, emulator, files: dict[str, bytes]) -> Non
     assert len(per_sha) == len(files) and max(per_sha.values()) == 1, f"uploaded twice: {per_sha}"
 
 
-def test_smbd_stopped_while_results_are_placed_pauses_and_loses_nothing(samba, smb_mount, daemon_process, emulator,
-                                                                        tmp_path: Path):
+def test_smbd_stopped_while_results_are_placed_pauses_and_loses_nothing(
+    samba, smb_mount, daemon_process, emulator, tmp_path: Path
+):
     """On main: files failed as vanished ("the file vanished from .../.inbox.konfuzio-watch before it
     was placed"), then "cannot write into .../failed: Input/output error"."""
     emulator.knobs.processing_s = 2.0
@@ -109,17 +118,26 @@ def test_smbd_stopped_while_results_are_placed_pauses_and_loses_nothing(samba, s
     wait_until(lambda: len(_done(share)) >= 2, 15, "the first results in done/")
     samba.stop()
     stopped = time.monotonic()
-    wait_until(lambda: all(d["status_data"] == 2 for d in emulator.documents()), 15,
-               "every document processed while the share is away")
-    wait_until(lambda: _fetched_while_away(daemon, tmp_path / "state", len(files)), 15,
-               lambda: f"every result fetched while the share is away: {_states(daemon)}")
+    wait_until(
+        lambda: all(d["status_data"] == 2 for d in emulator.documents()),
+        15,
+        "every document processed while the share is away",
+    )
+    wait_until(
+        lambda: _fetched_while_away(daemon, tmp_path / "state", len(files)),
+        15,
+        lambda: f"every result fetched while the share is away: {_states(daemon)}",
+    )
     _hold_outage(stopped)
     emulator.reset_request_stats()
     samba.start()
     back = time.monotonic()
     print(f"smbd was stopped for {back - stopped:.1f} s")
-    wait_until(lambda: len(_done(share)) + len(_failed(share)) >= len(files), 30,
-               lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})")
+    wait_until(
+        lambda: len(_done(share)) + len(_failed(share)) >= len(files),
+        30,
+        lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})",
+    )
     print(f"all finished {time.monotonic() - back:.1f} s after smbd's return")
     wait_until(lambda: RESUMED.search(daemon.log.read_text()) or _failed(share), 15, "the end of the pause in the log")
     log = daemon.log.read_text()
@@ -134,8 +152,9 @@ def test_smbd_stopped_while_results_are_placed_pauses_and_loses_nothing(samba, s
     daemon.terminate()
 
 
-def test_a_lazy_unmount_writes_nothing_into_the_bare_mountpoint_and_the_files_go_on(samba, smb_mount, daemon_process,
-                                                                                 emulator, tmp_path: Path):
+def test_a_lazy_unmount_writes_nothing_into_the_bare_mountpoint_and_the_files_go_on(
+    samba, smb_mount, daemon_process, emulator, tmp_path: Path
+):
     """The share drops away under the daemon (``fusermount -u -z``) with files in flight, and is mounted
     again. On main: all 12 files failed ("the file disappeared from the processing folder"), and their
     12 reports and the processing folder were written under the bare mountpoint (hidden by the remount
@@ -159,8 +178,11 @@ def test_a_lazy_unmount_writes_nothing_into_the_bare_mountpoint_and_the_files_go
     smb_mount.mount()
     back = time.monotonic()
     print(f"the share was unmounted for {back - unmounted:.1f} s")
-    wait_until(lambda: len(_done(share)) + len(_failed(share)) >= len(files), 20,
-               lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})")
+    wait_until(
+        lambda: len(_done(share)) + len(_failed(share)) >= len(files),
+        20,
+        lambda: f"all {len(files)} files done ({len(_done(share))}) or failed ({len(_failed(share))})",
+    )
     print(f"all finished {time.monotonic() - back:.1f} s after the remount")
     _assert_all_done_once(share, emulator, files)
     rows = daemon.journal("SELECT state, final_path FROM files")

@@ -34,8 +34,12 @@ def share_folders(share: Path, tmp_path: Path) -> dict:
     state folder on the local disk."""
     for name in ("inbox", "done", "failed"):
         (share / name).mkdir(exist_ok=True)
-    return {"inbox": str(share / "inbox"), "done": str(share / "done"), "failed": str(share / "failed"),
-            "state": str(tmp_path / "state")}
+    return {
+        "inbox": str(share / "inbox"),
+        "done": str(share / "done"),
+        "failed": str(share / "failed"),
+        "state": str(tmp_path / "state"),
+    }
 
 
 def put_files(scanner: Scanner, tmp_path: Path, files: dict[str, bytes], folder: str = "inbox") -> None:
@@ -59,7 +63,8 @@ def stale_results(done: Path) -> list[str]:
 
 
 def test_check_says_the_processing_folders_privacy_cannot_be_verified_on_a_client_mount(
-        samba, smb_mount, emulator, tmp_path, capsys):
+    samba, smb_mount, emulator, tmp_path, capsys
+):
     """Through smbnetfs the folder passes the local check (0755 root:root, as the mount shows it)
     while on the server the scanners' group may write into it: check says so, and what to set; what
     it asks for keeps the scanner out."""
@@ -67,8 +72,15 @@ def test_check_says_the_processing_folders_privacy_cannot_be_verified_on_a_clien
     processing = smb_mount.share / PROCESSING
     processing.mkdir(mode=0o700)  # as the daemon makes it
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
-                                      "folders": folders, "callback": {"enabled": False}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
+                "folders": folders,
+                "callback": {"enabled": False},
+            }
+        )
+    )
     main(["check", "--config", str(config)])
     out = capsys.readouterr().out
     assert f"ok    processing folder: {processing}" in out  # the mount's view passes
@@ -87,7 +99,8 @@ def test_check_says_the_processing_folders_privacy_cannot_be_verified_on_a_clien
 
 
 def test_a_file_planted_over_smb_into_the_processing_folder_is_never_another_files_result(
-        samba, smb_mount, start_daemon, emulator, tmp_path, caplog):
+    samba, smb_mount, start_daemon, emulator, tmp_path, caplog
+):
     """A scanner swaps a file in flight for one of its own bytes, the same size and modification
     time (a Windows client sets it to 100 ns; here on the server's disk), under its claim name (listed
     over SMB); and puts one more file in under a name of its own. Through smbnetfs the swapped file
@@ -95,8 +108,10 @@ def test_a_file_planted_over_smb_into_the_processing_folder_is_never_another_fil
     content tells. It is uploaded again as itself; the other is left alone, and adopted back into
     the inbox at the next start (as ``recovered-<name>``: no claim made that name)."""
     emulator.knobs.processing_s = 2.0  # a window between the upload and the export
-    config = {"folders": share_folders(smb_mount.share, tmp_path),
-              "watch": {"polling": True, "poll_interval": 0.3, "settle_seconds": 0.3}}
+    config = {
+        "folders": share_folders(smb_mount.share, tmp_path),
+        "watch": {"polling": True, "poll_interval": 0.3, "settle_seconds": 0.3},
+    }
     running = start_daemon(**config)
     scanner = Scanner(samba)
     files = {f"scan_{i}.pdf": make_pdf(label=f"planted test {i}") for i in range(3)}
@@ -125,8 +140,12 @@ def test_a_file_planted_over_smb_into_the_processing_folder_is_never_another_fil
     running = start_daemon(**config)  # the next start adopts it: back into the inbox, through as itself
     running.wait_finished(4, timeout_s=20)
     assert stale_results(running.done) == []
-    assert sorted(p.name for p in running.done.iterdir() if p.suffix != ".json") == \
-        ["recovered-planted.png", "scan_0.pdf", "scan_1.pdf", "scan_2.pdf"]  # not a claim name: marked so
+    assert sorted(p.name for p in running.done.iterdir() if p.suffix != ".json") == [
+        "recovered-planted.png",
+        "scan_0.pdf",
+        "scan_1.pdf",
+        "scan_2.pdf",
+    ]  # not a claim name: marked so
     assert list(running.failed.iterdir()) == []
     left = net_uploads_per_sha(emulator)
     assert sorted(left.values()) == [0, 1, 1, 1, 1], left  # scan_0's first document was deleted

@@ -97,19 +97,33 @@ def test_a_scanner_pausing_past_the_settle_time_leaves_one_document_per_file(sam
     share = samba.share
     for folder in (share / "done", share / "failed", server_root / "state"):
         own_folder(folder, account)
-    daemon = DaemonProcess(server_root, emulator, watch={"settle_seconds": SETTLE_S},
-                           folders={"inbox": str(share / "inbox"), "done": str(share / "done"),
-                                    "failed": str(share / "failed"), "state": str(server_root / "state")})
+    daemon = DaemonProcess(
+        server_root,
+        emulator,
+        watch={"settle_seconds": SETTLE_S},
+        folders={
+            "inbox": str(share / "inbox"),
+            "done": str(share / "done"),
+            "failed": str(share / "failed"),
+            "state": str(server_root / "state"),
+        },
+    )
     mount = SmbMount(samba, server_root / "scanner-home", server_root / "scanner-mnt", user=SCANNER)
     try:
         daemon.start(prefix=AS_SERVICE_ACCOUNT if account != "root" else None)
         mount.mount()
         slow = {f"slow_{i}.jpg": make_jpeg(f"slow {i}") for i in range(SLOW)}
-        quick = {f"scan_{i:02d}.{'pdf' if i % 2 else 'png'}": make_pdf(label=f"quick {i}") if i % 2 else
-                 make_png(label=f"quick {i}") for i in range(QUICK)}
+        quick = {
+            f"scan_{i:02d}.{'pdf' if i % 2 else 'png'}": make_pdf(label=f"quick {i}")
+            if i % 2
+            else make_png(label=f"quick {i}")
+            for i in range(QUICK)
+        }
         last_writes: list[float] = []
-        writers = [threading.Thread(target=write_slowly, args=(mount.share / "inbox" / name, data, last_writes))
-                   for name, data in slow.items()]
+        writers = [
+            threading.Thread(target=write_slowly, args=(mount.share / "inbox" / name, data, last_writes))
+            for name, data in slow.items()
+        ]
         for writer in writers:
             writer.start()
         put_all(scanner, server_root / "scans", quick)
@@ -117,8 +131,11 @@ def test_a_scanner_pausing_past_the_settle_time_leaves_one_document_per_file(sam
             writer.join(30)
         files = {**quick, **slow}
         results = lambda: len(list((share / "done").glob("*.json")))  # noqa: E731
-        wait_until(lambda: results() >= len(files), 20,
-                   lambda: f"{len(files)} files done (have {results()}; log: {daemon.log.read_text()[-1500:]})")
+        wait_until(
+            lambda: results() >= len(files),
+            20,
+            lambda: f"{len(files)} files done (have {results()}; log: {daemon.log.read_text()[-1500:]})",
+        )
         after_s = time.monotonic() - max(last_writes)
 
         for name, data in files.items():
@@ -136,9 +153,11 @@ def test_a_scanner_pausing_past_the_settle_time_leaves_one_document_per_file(sam
             assert log.count("open for writing by smbd") >= 1
         else:
             assert uploaded_again >= 1, "no half file was uploaded: the test shows nothing"
-        print(f"\nserver side, {account}: {len(files)} files | done once {len(files)} | failed 0 | "
-              f"documents {len(emulator.documents())} (uploads {len(emulator.uploads)}, deleted {deleted}) | "
-              f"last write to done {after_s:.1f} s")
+        print(
+            f"\nserver side, {account}: {len(files)} files | done once {len(files)} | failed 0 | "
+            f"documents {len(emulator.documents())} (uploads {len(emulator.uploads)}, deleted {deleted}) | "
+            f"last write to done {after_s:.1f} s"
+        )
     finally:
         daemon.cleanup()
         if mount.proc is not None:

@@ -38,19 +38,40 @@ CIFS = Mount(41, "0:50", "/srv/scans", "cifs", "//nas/scans")
 # -- which watcher, and why ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("setting", "mount", "polling", "said", "warning"), [
-    ("auto", SMBNETFS, True, "by polling every 5 s: it is on fuse.smbnetfs at /mnt/smb (smbnetfs), where other "
-                             "hosts' writes make no inotify event", False),
-    ("auto", CIFS, True, "by polling every 5 s: it is on cifs at /srv/scans (//nas/scans), where other hosts' "
-                         "writes make no inotify event", False),
-    ("auto", EXT4, False, "by inotify: it is on ext4 at / (/dev/sda1), a local file system", False),
-    ("auto", None, False, "by inotify: its file system is not known (no /proc/self/mountinfo)", False),
-    (True, EXT4, True, "by polling every 5 s (watch.polling: true)", False),
-    (False, EXT4, False, "by inotify (watch.polling: false)", False),
-    (False, CIFS, False, "by inotify (watch.polling: false), although it is on cifs at /srv/scans (//nas/scans), "
-                         "where other hosts' writes make no inotify event: files they write are found only by the "
-                         "rescan every 300 s; set watch.polling: auto", True),
-])
+@pytest.mark.parametrize(
+    ("setting", "mount", "polling", "said", "warning"),
+    [
+        (
+            "auto",
+            SMBNETFS,
+            True,
+            "by polling every 5 s: it is on fuse.smbnetfs at /mnt/smb (smbnetfs), where other "
+            "hosts' writes make no inotify event",
+            False,
+        ),
+        (
+            "auto",
+            CIFS,
+            True,
+            "by polling every 5 s: it is on cifs at /srv/scans (//nas/scans), where other hosts' "
+            "writes make no inotify event",
+            False,
+        ),
+        ("auto", EXT4, False, "by inotify: it is on ext4 at / (/dev/sda1), a local file system", False),
+        ("auto", None, False, "by inotify: its file system is not known (no /proc/self/mountinfo)", False),
+        (True, EXT4, True, "by polling every 5 s (watch.polling: true)", False),
+        (False, EXT4, False, "by inotify (watch.polling: false)", False),
+        (
+            False,
+            CIFS,
+            False,
+            "by inotify (watch.polling: false), although it is on cifs at /srv/scans (//nas/scans), "
+            "where other hosts' writes make no inotify event: files they write are found only by the "
+            "rescan every 300 s; set watch.polling: auto",
+            True,
+        ),
+    ],
+)
 def test_the_watcher_follows_the_setting_and_the_inboxs_file_system(setting, mount, polling, said, warning):
     plan = plan_watching(setting, mount, rescan_interval_s=300)
     assert (plan.polling, plan.describe(5), plan.warning) == (polling, said, warning)
@@ -69,8 +90,7 @@ def _blind(polling: bool, interval_s: float, skip: frozenset[str]) -> BaseObserv
 
 
 def test_status_counts_the_files_waiting_in_the_inbox_that_no_event_announced(start_daemon):
-    running = start_daemon(watch={"polling": False, "rescan_interval": 300},
-                           daemon_kwargs={"observer_factory": _blind})
+    running = start_daemon(watch={"polling": False, "rescan_interval": 300}, daemon_kwargs={"observer_factory": _blind})
     rescan = next(duty for duty in running.daemon.scheduler.duties if duty.name == "rescan")
     wait_until(lambda: rescan.runs, 10, "the start-up scan done (the files come after it)")
     for name in ("a.pdf", "b.pdf", "sub/c.pdf"):
@@ -118,7 +138,8 @@ def test_a_poller_that_stopped_by_itself_is_started_again(start_daemon, caplog):
     running.wait_finished(1, timeout_s=10)
     assert [r.getMessage() for r in caplog.records if r.name == "konfuzio_watch"] == [
         f"the observer of the inbox {running.inbox} had stopped (its folder was missing for a moment?): watching it "
-        "again"]
+        "again"
+    ]
 
 
 class FakeMounts:
@@ -155,15 +176,22 @@ def keeper_on(tmp_path: Path, calls: list[str]) -> tuple[MarkerKeeper, FakeMount
     processing_lock = ProcessingLock(processing, state).acquire()
     processing_lock.claim("journal-1")
     mounts = FakeMounts(point)
-    keeper = MarkerKeeper(inbox_lock, processing_lock, inbox=inbox, on_lost=lambda r: calls.append(f"lost {r}"),
-                          on_new_inbox=lambda now: calls.append("new inbox"),
-                          on_inbox_away=lambda reason: calls.append(f"away: {reason}"),
-                          on_inbox_back=lambda now: calls.append("back"), where=mounts.where)
+    keeper = MarkerKeeper(
+        inbox_lock,
+        processing_lock,
+        inbox=inbox,
+        on_lost=lambda r: calls.append(f"lost {r}"),
+        on_new_inbox=lambda now: calls.append("new inbox"),
+        on_inbox_away=lambda reason: calls.append(f"away: {reason}"),
+        on_inbox_back=lambda now: calls.append("back"),
+        where=mounts.where,
+    )
     return keeper, mounts, inbox
 
 
 def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_and_is_taken_again_when_back(
-        tmp_path, caplog):
+    tmp_path, caplog
+):
     caplog.set_level(logging.DEBUG, logger="konfuzio_watch")
     calls: list[str] = []
     keeper, mounts, inbox = keeper_on(tmp_path, calls)
@@ -180,8 +208,9 @@ def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_a
         for now in (2.0, 4.0, 6.0):
             keeper.tend(now)
         assert list(point.iterdir()) == [], "written under the bare mountpoint"
-        assert calls == [f"away: fuse.smbnetfs at {point} (smbnetfs) is not mounted any more (No such file or "
-                         "directory)"]
+        assert calls == [
+            f"away: fuse.smbnetfs at {point} (smbnetfs) is not mounted any more (No such file or directory)"
+        ]
         assert keeper.away is not None and keeper.away.since == 2.0
         assert not inbox_lock.file.held and not processing_lock.file.held, "let go: they keep a dead mount alive"
 
@@ -198,22 +227,35 @@ def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_a
         assert calls[2:] == ["back"]
         mounts.fs_type = "tmpfs"  # something else mounted there
         keeper.tend(12.0)
-        assert calls[3:] == ["away: it is on tmpfs at " + str(point) + " (smbnetfs) now, not on fuse.smbnetfs at "
-                             f"{point} (smbnetfs) as at start-up (if it moved there for good, restart konfuzio-watch)"]
+        assert calls[3:] == [
+            "away: it is on tmpfs at " + str(point) + " (smbnetfs) now, not on fuse.smbnetfs at "
+            f"{point} (smbnetfs) as at start-up (if it moved there for good, restart konfuzio-watch)"
+        ]
     finally:
         inbox_lock.release()
         processing_lock.release()
     said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
     assert said == [
-        ("ERROR", f"the inbox {inbox} is away: fuse.smbnetfs at {point} (smbnetfs) is not mounted any more (No "
-                  "such file or directory); watching it is paused, and nothing is written there until it is back"),
-        ("WARNING", f"the inbox {inbox} is back on fuse.smbnetfs at {point} (smbnetfs) after 6 s away: watching it "
-                    "again"),
-        ("WARNING", f"the inbox {inbox} is back on fuse.smbnetfs at {point} (smbnetfs), mounted again since the last "
-                    "look: watching it again"),
-        ("ERROR", f"the inbox {inbox} is away: it is on tmpfs at {point} (smbnetfs) now, not on fuse.smbnetfs at "
-                  f"{point} (smbnetfs) as at start-up (if it moved there for good, restart konfuzio-watch); watching "
-                  "it is paused, and nothing is written there until it is back"),
+        (
+            "ERROR",
+            f"the inbox {inbox} is away: fuse.smbnetfs at {point} (smbnetfs) is not mounted any more (No "
+            "such file or directory); watching it is paused, and nothing is written there until it is back",
+        ),
+        (
+            "WARNING",
+            f"the inbox {inbox} is back on fuse.smbnetfs at {point} (smbnetfs) after 6 s away: watching it again",
+        ),
+        (
+            "WARNING",
+            f"the inbox {inbox} is back on fuse.smbnetfs at {point} (smbnetfs), mounted again since the last "
+            "look: watching it again",
+        ),
+        (
+            "ERROR",
+            f"the inbox {inbox} is away: it is on tmpfs at {point} (smbnetfs) now, not on fuse.smbnetfs at "
+            f"{point} (smbnetfs) as at start-up (if it moved there for good, restart konfuzio-watch); watching "
+            "it is paused, and nothing is written there until it is back",
+        ),
     ]
 
 
@@ -233,7 +275,8 @@ def test_a_paused_watcher_says_why_and_starts_again(tmp_path):
 
 
 def test_a_share_that_does_not_answer_pauses_watching_and_one_merely_missing_inbox_is_left_to_the_markers(
-        tmp_path, caplog):
+    tmp_path, caplog
+):
     caplog.set_level(logging.WARNING, logger="konfuzio_watch")
     calls: list[str] = []
     keeper, mounts, inbox = keeper_on(tmp_path, calls)
@@ -268,9 +311,10 @@ def test_a_share_that_does_not_answer_pauses_watching_and_one_merely_missing_inb
 def on_the_share(daemon_process, smb_mount, **watch: object) -> DaemonProcess:  # type: ignore[no-untyped-def]
     """A daemon with its inbox, done/ and failed/ on the client mount (its journal on the local disk)."""
     share = smb_mount.share
-    return daemon_process(folders={"inbox": str(share / "inbox"), "done": str(share / "done"),
-                                   "failed": str(share / "failed")},
-                          watch={"settle_seconds": SETTLE, **watch})
+    return daemon_process(
+        folders={"inbox": str(share / "inbox"), "done": str(share / "done"), "failed": str(share / "failed")},
+        watch={"settle_seconds": SETTLE, **watch},
+    )
 
 
 def put_all(samba, tmp_path: Path, names: list[str]) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
@@ -289,24 +333,26 @@ def all_done(daemon: DaemonProcess, samba, names: list[str], total: int) -> bool
     """The files are in done/ with their results, as the file server's own disk shows it (the mount caches
     attributes for a moment), and ``total`` rows are done in the journal."""
     done = samba.share / "done"
-    return all((done / name).exists() and (done / f"{name}.json").exists() for name in names) and \
-        daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'done'") == [(total,)]
+    return all((done / name).exists() and (done / f"{name}.json").exists() for name in names) and daemon.journal(
+        "SELECT COUNT(*) FROM files WHERE state = 'done'"
+    ) == [(total,)]
 
 
 def log_lines(daemon: DaemonProcess, level: str, pattern: str) -> list[str]:
-    return [line for line in daemon.log.read_text().splitlines()
-            if f" {level} " in line and re.search(pattern, line)]
+    return [line for line in daemon.log.read_text().splitlines() if f" {level} " in line and re.search(pattern, line)]
 
 
 def konfuzio_watch(daemon: DaemonProcess, command: str) -> str:
-    result = subprocess.run([*KONFUZIO_WATCH, command, "--config", str(daemon.config)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [*KONFUZIO_WATCH, command, "--config", str(daemon.config)], capture_output=True, text=True, timeout=60
+    )
     return result.stdout + result.stderr
 
 
 @pytest.mark.slow
 def test_a_client_mount_is_polled_by_default_and_another_hosts_file_is_done_within_a_poll(
-        samba, smb_mount, daemon_process, tmp_path):
+    samba, smb_mount, daemon_process, tmp_path
+):
     poll = 1.0
     daemon = on_the_share(daemon_process, smb_mount, poll_interval=poll)
     daemon.start()
@@ -314,12 +360,16 @@ def test_a_client_mount_is_polled_by_default_and_another_hosts_file_is_done_with
     watching = log_lines(daemon, "INFO", "watching .* by polling")
     assert watching == [watching[0]] and watching[0].endswith(
         f"watching {inbox} by polling every 1 s: it is on fuse.smbnetfs at {smb_mount.mountpoint} (smbnetfs), "
-        "where other hosts' writes make no inotify event"), daemon.log.read_text()[-3000:]
+        "where other hosts' writes make no inotify event"
+    ), daemon.log.read_text()[-3000:]
 
     put_all(samba, tmp_path, ["scan.pdf"])
     written = time.monotonic()
-    wait_until(lambda: all_done(daemon, samba, ["scan.pdf"], 1), 20,
-               lambda: f"scan.pdf done (log: {daemon.log.read_text()[-2000:]})")
+    wait_until(
+        lambda: all_done(daemon, samba, ["scan.pdf"], 1),
+        20,
+        lambda: f"scan.pdf done (log: {daemon.log.read_text()[-2000:]})",
+    )
     took = time.monotonic() - written
     print(f"client mount, default config: done {took:.1f} s after the scanner's last write")
     assert took < poll + SETTLE + 4, "poll_interval + settle + processing"
@@ -329,19 +379,26 @@ def test_a_client_mount_is_polled_by_default_and_another_hosts_file_is_done_with
 
 @pytest.mark.slow
 def test_polling_false_on_a_client_mount_is_honoured_loudly_and_status_counts_the_files_it_cannot_see(
-        samba, smb_mount, daemon_process, tmp_path):
+    samba, smb_mount, daemon_process, tmp_path
+):
     daemon = on_the_share(daemon_process, smb_mount, polling=False)
     inbox = smb_mount.share / "inbox"
     inbox.mkdir()
     checked = konfuzio_watch(daemon, "check")
-    because = (f"it is on fuse.smbnetfs at {smb_mount.mountpoint} (smbnetfs), where other hosts' writes make no "
-               "inotify event: files they write are found only by the rescan every 300 s; set watch.polling: auto")
+    because = (
+        f"it is on fuse.smbnetfs at {smb_mount.mountpoint} (smbnetfs), where other hosts' writes make no "
+        "inotify event: files they write are found only by the rescan every 300 s; set watch.polling: auto"
+    )
     assert f"warn  watcher: by inotify (watch.polling: false), although {because}" in checked, checked
 
     daemon.start()
     assert log_lines(daemon, "WARNING", "by inotify") == [
-        *log_lines(daemon, "WARNING", f"watching {re.escape(str(inbox))} by inotify \\(watch.polling: false\\), "
-                                      f"although {re.escape(because)}$")], daemon.log.read_text()[-3000:]
+        *log_lines(
+            daemon,
+            "WARNING",
+            f"watching {re.escape(str(inbox))} by inotify \\(watch.polling: false\\), although {re.escape(because)}$",
+        )
+    ], daemon.log.read_text()[-3000:]
     put_all(samba, tmp_path, ["a.pdf", "b.pdf"])
     status = konfuzio_watch(daemon, "status")
     assert "  watcher: by inotify (watch.polling: false), although it is on fuse.smbnetfs" in status, status
@@ -351,7 +408,8 @@ def test_polling_false_on_a_client_mount_is_honoured_loudly_and_status_counts_th
 
 @pytest.mark.slow
 def test_a_share_unmounted_and_mounted_again_is_watched_again_within_a_poll_and_nothing_lands_under_the_mountpoint(
-        samba, smb_mount, daemon_process, tmp_path):
+    samba, smb_mount, daemon_process, tmp_path
+):
     poll = 2.0
     daemon = on_the_share(daemon_process, smb_mount, poll_interval=poll)
     daemon.start()
@@ -361,8 +419,11 @@ def test_a_share_unmounted_and_mounted_again_is_watched_again_within_a_poll_and_
     unmounted = time.monotonic()
     smb_mount.unmount(lazy=True)  # returns once smbnetfs is gone: the daemon let go of the share (or 10 s)
     print(f"smbnetfs gone {time.monotonic() - unmounted:.1f} s after the lazy unmount")
-    wait_until(lambda: log_lines(daemon, "ERROR", "inbox"), 10,
-               lambda: f"the ERROR on the share going away (log: {daemon.log.read_text()[-2000:]})")
+    wait_until(
+        lambda: log_lines(daemon, "ERROR", "inbox"),
+        10,
+        lambda: f"the ERROR on the share going away (log: {daemon.log.read_text()[-2000:]})",
+    )
     live = requests.get(f"{daemon.monitor_url}/status", timeout=5).json()
     assert live["extra"]["watcher"].startswith("paused: the inbox's share is away since "), live["extra"]
     outage_end = time.monotonic() + 3
@@ -374,15 +435,19 @@ def test_a_share_unmounted_and_mounted_again_is_watched_again_within_a_poll_and_
     back = time.monotonic()
     names = [f"after-{i}.pdf" for i in range(5)]
     put_all(samba, tmp_path, names)
-    wait_until(lambda: all_done(daemon, samba, names, 6), 30,
-               lambda: f"the 5 files put after the return done (log: {daemon.log.read_text()[-3000:]})")
+    wait_until(
+        lambda: all_done(daemon, samba, names, 6),
+        30,
+        lambda: f"the 5 files put after the return done (log: {daemon.log.read_text()[-3000:]})",
+    )
     took = time.monotonic() - back
     print(f"lazy unmount and remount: the 5 files done {took:.1f} s after the return")
     assert took <= 2 * poll, "2 x poll_interval of the share's return"
     # One of each for the share (the start-up WARNING on the processing folder's privacy is another matter)
     said = log_lines(daemon, "ERROR", "") + log_lines(daemon, "WARNING", r"the inbox .* is (away|back)")
-    assert len(said) == 2 and " is away: fuse.smbnetfs at " in said[0] and " is back on fuse.smbnetfs at " in said[1], \
+    assert len(said) == 2 and " is away: fuse.smbnetfs at " in said[0] and " is back on fuse.smbnetfs at " in said[1], (
         daemon.log.read_text()[-3000:]
+    )
     assert daemon.journal("SELECT state, COUNT(*) FROM files GROUP BY state") == [("done", 6)]
     assert not list((samba.share / "failed").rglob("*"))
     assert daemon.terminate() == 0

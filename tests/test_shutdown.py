@@ -19,8 +19,9 @@ STOP_TIMEOUT_S = 2
 
 def test_sigterm_with_the_api_hanging_exits_within_the_stop_timeout(tmp_path, emulator):
     emulator.knobs.upload_latency_s = 30  # the upload POST hangs far longer than the stop timeout
-    daemon = DaemonProcess(tmp_path, emulator, service={"stop_timeout_seconds": STOP_TIMEOUT_S},
-                           konfuzio={"timeout_seconds": 60})
+    daemon = DaemonProcess(
+        tmp_path, emulator, service={"stop_timeout_seconds": STOP_TIMEOUT_S}, konfuzio={"timeout_seconds": 60}
+    )
     daemon.start()
     assert daemon.proc
     drop(tmp_path / "inbox" / "stuck.pdf", make_pdf(label="stuck"))
@@ -34,8 +35,9 @@ def test_sigterm_with_the_api_hanging_exits_within_the_stop_timeout(tmp_path, em
     log = daemon.log.read_text()
     assert code == 0, log[-2000:]
     assert STOP_TIMEOUT_S - 0.5 <= took < STOP_TIMEOUT_S + 4, f"stopped after {took:.1f} s"
-    assert (f"stopping: cut off after {STOP_TIMEOUT_S} s: 1 upload(s) in flight (stuck.pdf); start-up will "
-            "reconcile them") in log
+    assert (
+        f"stopping: cut off after {STOP_TIMEOUT_S} s: 1 upload(s) in flight (stuck.pdf); start-up will reconcile them"
+    ) in log
     assert "Traceback" not in log
     assert daemon.journal("SELECT state FROM files") == [("uploading",)], "the journal row is what start-up reconciles"
     assert emulator.uploads == [], "the upload was still in flight when the daemon exited"
@@ -57,12 +59,18 @@ def test_a_drain_within_the_stop_timeout_is_clean(tmp_path, emulator):
 @pytest.mark.parametrize("value", [0, -1, 85, 90])
 def test_stop_timeout_out_of_range_is_one_line(tmp_path, emulator, capsys, value):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
-        "folders": {name: str(tmp_path / name) for name in ("inbox", "done", "failed", "state")},
-        "service": {"stop_timeout_seconds": value},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "konfuzio": {"host": emulator.url, "token": TOKEN, "project_id": 1},
+                "folders": {name: str(tmp_path / name) for name in ("inbox", "done", "failed", "state")},
+                "service": {"stop_timeout_seconds": value},
+            }
+        )
+    )
     assert main(["run", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert err == ("konfuzio-watch: service.stop_timeout_seconds: must be more than 0 and less than 85 (systemd "
-                   f"stops the service with TimeoutStopSec=90), got {value}\n")
+    assert err == (
+        "konfuzio-watch: service.stop_timeout_seconds: must be more than 0 and less than 85 (systemd "
+        f"stops the service with TimeoutStopSec=90), got {value}\n"
+    )

@@ -24,8 +24,9 @@ SYSUSERS = DATA / "konfuzio-watch.sysusers"
 INSTALLED_EXEC = "/opt/konfuzio-watch/.venv/bin/konfuzio-watch"
 MAX_EXPOSURE = 1.4  # systemd-analyze security's score when the unit was first hardened; it must not grow
 
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze not installed (Debian: apt-get install systemd)")
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian: apt-get install systemd)"
+)
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -78,10 +79,13 @@ def test_verify_accepts_the_unit(tmp_path: Path) -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize(("good", "bad", "complaint"), [
-    ("ProtectSystem=strict", "ProtectSytem=strict", "Unknown key 'ProtectSytem'"),
-    ("RestrictRealtime=yes", "RestrictRealtime=sometimes", "Failed to parse"),
-])
+@pytest.mark.parametrize(
+    ("good", "bad", "complaint"),
+    [
+        ("ProtectSystem=strict", "ProtectSytem=strict", "Unknown key 'ProtectSytem'"),
+        ("RestrictRealtime=yes", "RestrictRealtime=sometimes", "Failed to parse"),
+    ],
+)
 def test_verify_fails_on_a_misspelt_key_or_a_bad_value(tmp_path: Path, good: str, bad: str, complaint: str) -> None:
     text = UNIT.read_text()
     assert f"\n{good}\n" in text
@@ -117,8 +121,9 @@ def test_the_security_threshold_rejects_an_unhardened_unit(tmp_path: Path) -> No
 def test_sysusers_creates_the_system_user(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
 
-    result = subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)], capture_output=True, text=True, timeout=60
+    )
 
     assert result.returncode == 0, result.stderr
     passwd = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
@@ -133,8 +138,9 @@ def mdwe_supported() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not mdwe_supported(),
-                    reason="needs Linux >= 6.3 for PR_SET_MDWE")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not mdwe_supported(), reason="needs Linux >= 6.3 for PR_SET_MDWE"
+)
 def test_the_demo_runs_without_writable_executable_memory(tmp_path: Path) -> None:
     """MemoryDenyWriteExecute=yes, approximated with prctl(PR_SET_MDWE): the real pipeline still works."""
     code = textwrap.dedent("""
@@ -152,8 +158,9 @@ def test_the_demo_runs_without_writable_executable_memory(tmp_path: Path) -> Non
         sys.exit(main(["demo", "--files", "3", "--workdir", sys.argv[1]]))
     """)
     env = dict(os.environ, LOG_TO_FILE="False")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "demo")], capture_output=True, text=True,
-                            timeout=110, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "demo")], capture_output=True, text=True, timeout=110, env=env
+    )
 
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     done = tmp_path / "demo" / "done"
@@ -170,12 +177,16 @@ def exposure(result: subprocess.CompletedProcess[str]) -> str:
 def test_the_readmes_exposure_figures_are_what_systemd_analyze_says(tmp_path: Path) -> None:
     """The shipped unit alone, and with the drop-in of the README's scanner group block."""
     readme = (DATA.parent.parent / "README.md").read_text(encoding="utf-8")
-    claimed = re.findall(r"`systemd-analyze security` exposure (\d+\.\d), or (\d+\.\d) with the \[scanner group\]",
-                         readme)
+    claimed = re.findall(
+        r"`systemd-analyze security` exposure (\d+\.\d), or (\d+\.\d) with the \[scanner group\]", readme
+    )
     assert len(claimed) == 1, "the README gives the exposure of the unit, and with the scanner group's drop-in"
     (scanner_block,) = re.findall(r"<!-- install: scanner\b[^>]*-->\n```sh\n(.*?)```", readme, re.S)
-    (drop_in, name), = re.findall(r"printf '(\[Service\][^']*)' > \"\$ROOT/etc/systemd/system/konfuzio-watch\.service"
-                                  r"\.d/([^\"]+)\"", scanner_block)
+    ((drop_in, name),) = re.findall(
+        r"printf '(\[Service\][^']*)' > \"\$ROOT/etc/systemd/system/konfuzio-watch\.service"
+        r"\.d/([^\"]+)\"",
+        scanner_block,
+    )
     units = tmp_path / "etc/systemd/system"
     (units / "konfuzio-watch.service.d").mkdir(parents=True)
     shutil.copy(UNIT, units)

@@ -32,8 +32,11 @@ def blocked_with_files_waiting(daemon: DaemonProcess, emulator) -> dict[str, byt
     files = sample_files(FILES, "tok")
     for rel, data in files.items():
         drop(daemon.root / "inbox" / rel, data)
-    wait_until(lambda: "Konfuzio rejected the API token" in daemon.log.read_text(), 20,
-               lambda: f"the API gate blocked (log: {daemon.log.read_text()[-1500:]})")
+    wait_until(
+        lambda: "Konfuzio rejected the API token" in daemon.log.read_text(),
+        20,
+        lambda: f"the API gate blocked (log: {daemon.log.read_text()[-1500:]})",
+    )
     wait_until(lambda: daemon.journal("SELECT COUNT(*) FROM files")[0][0] == FILES, 20, f"{FILES} files claimed")
     assert emulator.uploads == []
     return files
@@ -42,9 +45,12 @@ def blocked_with_files_waiting(daemon: DaemonProcess, emulator) -> dict[str, byt
 def finished_within_bound(daemon: DaemonProcess) -> float:
     """Seconds until every file is done, from now; fails after ``BOUND_S``."""
     fixed_at = time.monotonic()
-    wait_until(lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'done'")[0][0] == FILES, BOUND_S,
-               lambda: f"{FILES} files done within {BOUND_S:g} s of the fix (log: {daemon.log.read_text()[-1500:]})",
-               interval_s=0.05)
+    wait_until(
+        lambda: daemon.journal("SELECT COUNT(*) FROM files WHERE state = 'done'")[0][0] == FILES,
+        BOUND_S,
+        lambda: f"{FILES} files done within {BOUND_S:g} s of the fix (log: {daemon.log.read_text()[-1500:]})",
+        interval_s=0.05,
+    )
     took = time.monotonic() - fixed_at
     print(f"token fixed -> {FILES} files done: {took:.1f} s")
     return took

@@ -40,19 +40,21 @@ def stay_open(_gate: Gate, _now: float) -> None:
     pass
 
 
-@pytest.mark.parametrize(("state", "change", "hangup", "probed_now", "reloads"), [
-    (block_for_token, no_change, False, False, 0),  # the backoff as before
-    (block_for_token, lambda p: write_and_rename(p, TOKEN), False, True, 0),
-    (block_for_token, lambda p: write_in_place(p, TOKEN + "-longer"), False, True, 0),
-    (block_for_token, touch_same_size, False, True, 0),  # same size and inode: mtime and ctime moved
-    (block_for_token, lambda p: p.unlink(), False, True, 0),  # the probe says the file cannot be read
-    (block_for_token, no_change, True, True, 0),  # SIGHUP: the account unlocked on the server
-    (block_for_outage, lambda p: write_and_rename(p, TOKEN), True, False, 1),  # not the token's fault
-    (stay_open, lambda p: write_and_rename(p, TOKEN), False, False, 0),  # nothing waits for a token
-    (stay_open, no_change, True, False, 1),  # SIGHUP with the token accepted: the file is read again
-])
-def test_a_changed_token_file_or_sighup_has_the_token_probed_now(tmp_path, state, change, hangup, probed_now,
-                                                                   reloads):
+@pytest.mark.parametrize(
+    ("state", "change", "hangup", "probed_now", "reloads"),
+    [
+        (block_for_token, no_change, False, False, 0),  # the backoff as before
+        (block_for_token, lambda p: write_and_rename(p, TOKEN), False, True, 0),
+        (block_for_token, lambda p: write_in_place(p, TOKEN + "-longer"), False, True, 0),
+        (block_for_token, touch_same_size, False, True, 0),  # same size and inode: mtime and ctime moved
+        (block_for_token, lambda p: p.unlink(), False, True, 0),  # the probe says the file cannot be read
+        (block_for_token, no_change, True, True, 0),  # SIGHUP: the account unlocked on the server
+        (block_for_outage, lambda p: write_and_rename(p, TOKEN), True, False, 1),  # not the token's fault
+        (stay_open, lambda p: write_and_rename(p, TOKEN), False, False, 0),  # nothing waits for a token
+        (stay_open, no_change, True, False, 1),  # SIGHUP with the token accepted: the file is read again
+    ],
+)
+def test_a_changed_token_file_or_sighup_has_the_token_probed_now(tmp_path, state, change, hangup, probed_now, reloads):
     clock = FakeClock()
     token_file = tmp_path / "token"
     token_file.write_text("a-wrong-token", encoding="utf-8")

@@ -114,8 +114,9 @@ def test_special_files_are_handed_out_at_once_unread(tmp_path, clock, tracker):
     fifo = tmp_path / "pipe.pdf"
     os.mkfifo(fifo)
     tracker.seen(str(fifo), clock.now())
-    assert tracker.step(clock.now()) == [ReadyFile(str(fifo), clock.now())], \
+    assert tracker.step(clock.now()) == [ReadyFile(str(fifo), clock.now())], (
         "handed out complete: it is never read, validation reports it"
+    )
 
 
 def test_a_folder_moved_in_brings_its_files(tmp_path, clock, tracker):
@@ -194,12 +195,15 @@ def second_revision(pdf: bytes, padding: int = 0) -> bytes:
     return pdf + bytes(update)
 
 
-@pytest.mark.parametrize(("what", "data"), [
-    ("2 KiB of padding after %%EOF", make_pdf(label="p") + b"\0" * 2048),
-    ("60 KiB of padding after %%EOF", make_pdf(label="p") + b"\r\n" * 30_000),
-    ("an incremental update: a second %%EOF", second_revision(make_pdf(label="rev"))),
-    ("an incremental update bigger than the tail", second_revision(make_pdf(label="rev"), padding=200_000)),
-])
+@pytest.mark.parametrize(
+    ("what", "data"),
+    [
+        ("2 KiB of padding after %%EOF", make_pdf(label="p") + b"\0" * 2048),
+        ("60 KiB of padding after %%EOF", make_pdf(label="p") + b"\r\n" * 30_000),
+        ("an incremental update: a second %%EOF", second_revision(make_pdf(label="rev"))),
+        ("an incremental update bigger than the tail", second_revision(make_pdf(label="rev"), padding=200_000)),
+    ],
+)
 def test_valid_pdfs_are_complete(tmp_path, clock, tracker, what, data):
     path = tmp_path / "valid.pdf"
     path.write_bytes(data)
@@ -208,11 +212,14 @@ def test_valid_pdfs_are_complete(tmp_path, clock, tracker, what, data):
     assert readiness.pdf_looks_complete(str(path), len(data))
 
 
-@pytest.mark.parametrize(("what", "data"), [
-    ("cut before its %%EOF", make_pdf(label="c")[: make_pdf(label="c").rindex(b"%%EOF")]),
-    ("an incremental update cut before its %%EOF", second_revision(make_pdf(label="r"))[:-8]),
-    ("an incremental update cut in its objects", second_revision(make_pdf(label="r"), padding=300)[:-200]),
-])
+@pytest.mark.parametrize(
+    ("what", "data"),
+    [
+        ("cut before its %%EOF", make_pdf(label="c")[: make_pdf(label="c").rindex(b"%%EOF")]),
+        ("an incremental update cut before its %%EOF", second_revision(make_pdf(label="r"))[:-8]),
+        ("an incremental update cut in its objects", second_revision(make_pdf(label="r"), padding=300)[:-200]),
+    ],
+)
 def test_half_written_pdfs_wait_and_are_handed_out_incomplete_after_the_grace(tmp_path, clock, tracker, what, data):
     path = tmp_path / "half.pdf"
     path.write_bytes(data)
@@ -269,8 +276,8 @@ def test_an_unreadable_file_stays_in_the_inbox_logged_once_until_it_may_be_read(
         tracker.seen(str(path), clock.now())
         assert tracker.step(clock.advance(GRACE)) == []
     assert messages(caplog, logging.WARNING) == [
-        "private\\nscan.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch may "
-        "read it"], "logged once, with the name escaped, not at every look"
+        "private\\nscan.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch may read it"
+    ], "logged once, with the name escaped, not at every look"
     [seen] = tracker.snapshot(clock.now())
     assert (seen.state, seen.reason, seen.due_in_s) == ("unreadable", "cannot read it: Permission denied", None)
     assert tracker.next_due() is None, "nothing to wake up for until it changes"
@@ -278,7 +285,8 @@ def test_an_unreadable_file_stays_in_the_inbox_logged_once_until_it_may_be_read(
     perms.denied.clear()  # its owner ran chmod: an attrib event, or the next rescan
     tracker.seen(str(path), clock.now())
     assert messages(caplog, logging.INFO) == [
-        "private\\nscan.pdf: konfuzio-watch may read it now; it is taken in as usual"]
+        "private\\nscan.pdf: konfuzio-watch may read it now; it is taken in as usual"
+    ]
     assert paths(tracker.step(clock.now())) == [str(path)], "stable all along: handed out at once"
     assert len(messages(caplog, logging.WARNING)) == 1
 
@@ -335,19 +343,25 @@ def test_a_file_the_daemon_may_not_read_for_real_stays_where_it_is():
     try:
         root.chmod(0o755)
         package = Path(konfuzio_watch.__file__).parent
-        shutil.copytree(package, root / "lib" / "konfuzio_watch", symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            package, root / "lib" / "konfuzio_watch", symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
         inbox = root / "inbox"
         inbox.mkdir(mode=0o755)
         path = inbox / "scan.pdf"
         path.write_bytes(make_pdf(label="private"))
         path.chmod(0o600 if as_root else 0o000)
         prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_root else []
-        with subprocess.Popen([*prefix, sys.executable, "-I", "-B", "-c", CHILD, str(root / "lib"), str(inbox),
-                               str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) as proc:
+        with subprocess.Popen(
+            [*prefix, sys.executable, "-I", "-B", "-c", CHILD, str(root / "lib"), str(inbox), str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
             assert proc.stdin and proc.stdout and proc.stderr
             try:
+
                 def look(advance_s: float) -> dict:
                     proc.stdin.write(f"{advance_s}\n")
                     proc.stdin.flush()
@@ -359,7 +373,8 @@ def test_a_file_the_daemon_may_not_read_for_real_stays_where_it_is():
                 assert first["uid"] != 0
                 assert first["ready"] == []
                 assert [(c["path"], c["state"], c["reason"]) for c in first["states"]] == [
-                    ("scan.pdf", "unreadable", "cannot read it: Permission denied")]
+                    ("scan.pdf", "unreadable", "cannot read it: Permission denied")
+                ]
                 assert look(SETTLE + 3)["ready"] == [], "settled, still unreadable: not handed out"
                 assert look(1)["ready"] == []
                 path.chmod(0o644)
@@ -381,6 +396,7 @@ def test_a_file_the_daemon_may_not_read_for_real_stays_where_it_is():
 
 
 # -- the status of candidates ---------------------------------------------------------------------
+
 
 def test_the_snapshot_says_where_each_candidate_stands(tmp_path, clock):
     perms = Permissions()
@@ -416,22 +432,33 @@ def test_the_snapshot_says_where_each_candidate_stands(tmp_path, clock):
     assert [c.name for c in tracker.snapshot(clock.now())][0] == "half.pdf", "oldest first"
     as_json = json.loads(json.dumps([c.to_dict() for c in tracker.snapshot(clock.now())]))
     assert as_json[-1] == {
-        "path": "sub/new\\x1b.png", "state": "settling", "size": 8, "detected_at": clock.now() - 1.25,
-        "changed_at": clock.now() - 1.25, "stable_s": 1.25, "settle_s": SETTLE, "due_in_s": 0.75, "reason": None,
-        "text": "settling (stable for 1.2 of 2 s)"}
+        "path": "sub/new\\x1b.png",
+        "state": "settling",
+        "size": 8,
+        "detected_at": clock.now() - 1.25,
+        "changed_at": clock.now() - 1.25,
+        "stable_s": 1.25,
+        "settle_s": SETTLE,
+        "due_in_s": 0.75,
+        "reason": None,
+        "text": "settling (stable for 1.2 of 2 s)",
+    }
     tracker.claimed([str(ready)])
     assert "ready.png" not in {c.name for c in tracker.snapshot(clock.now())}
 
 
-@pytest.mark.parametrize(("head", "tail", "complete"), [
-    (b"%PDF-1.7", b"...\n%%EOF\n", True),
-    (b"%PDF-1.7", b"...\n%%EOF", True),
-    (b"%PDF-1.7", b"...\nstartxref\n123\n", False),
-    (b"%PDF-1.7", b"...\n%%EOF\n" + b"\0" * 4096, True),  # padding after the marker
-    (b"%PDF-1.7", b"%%EOF\n5 0 obj\n<< /Linearized 1 >>", False),  # a linearized file's early %%EOF
-    (b"\x89PNG\r\n", b"anything", True),  # only PDFs carry an end marker
-    (b"", b"", True),
-])
+@pytest.mark.parametrize(
+    ("head", "tail", "complete"),
+    [
+        (b"%PDF-1.7", b"...\n%%EOF\n", True),
+        (b"%PDF-1.7", b"...\n%%EOF", True),
+        (b"%PDF-1.7", b"...\nstartxref\n123\n", False),
+        (b"%PDF-1.7", b"...\n%%EOF\n" + b"\0" * 4096, True),  # padding after the marker
+        (b"%PDF-1.7", b"%%EOF\n5 0 obj\n<< /Linearized 1 >>", False),  # a linearized file's early %%EOF
+        (b"\x89PNG\r\n", b"anything", True),  # only PDFs carry an end marker
+        (b"", b"", True),
+    ],
+)
 def test_content_looks_complete(head, tail, complete):
     assert readiness.content_looks_complete(head, tail) is complete
 

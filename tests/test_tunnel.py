@@ -37,8 +37,9 @@ def callbacks() -> Iterator[tuple[ServerThread, list[str]]]:
 
 
 @pytest.fixture
-def make_tunnel(tmp_path: Path, agent_path: Path, records: Path,
-                callbacks: tuple[ServerThread, list[str]]) -> Iterator[Callable[..., Tunnel]]:
+def make_tunnel(
+    tmp_path: Path, agent_path: Path, records: Path, callbacks: tuple[ServerThread, list[str]]
+) -> Iterator[Callable[..., Tunnel]]:
     tunnels: list[Tunnel] = []
 
     def make(**settings: object) -> Tunnel:
@@ -57,8 +58,12 @@ def agent_record(records: Path, pid: int | None) -> dict:
 
 
 def post_through_tunnel(forward_url: str) -> int:
-    request = urllib.request.Request(f"{forward_url}/konfuzio-callback/{TOKEN}", data=b'{"id": 7}', method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{forward_url}/konfuzio-callback/{TOKEN}",
+        data=b'{"id": 7}',
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.status
 
@@ -76,8 +81,8 @@ def is_running(pid: int) -> bool:
 
 
 def test_open_gives_an_https_url_that_leads_to_the_callback_server(
-        make_tunnel: Callable[..., Tunnel], records: Path, tmp_path: Path,
-        callbacks: tuple[ServerThread, list[str]]) -> None:
+    make_tunnel: Callable[..., Tunnel], records: Path, tmp_path: Path, callbacks: tuple[ServerThread, list[str]]
+) -> None:
     server, received = callbacks
     tunnel = make_tunnel()
 
@@ -96,7 +101,8 @@ def test_open_gives_an_https_url_that_leads_to_the_callback_server(
 
 
 def test_authtoken_goes_into_a_private_config_file_never_on_the_command_line(
-        make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NGROK_AUTHTOKEN", "token-from-env")  # pyngrok would put this on argv too
     tunnel = make_tunnel(authtoken="s3cret-authtoken", domain="scans.example.com", region="eu")
 
@@ -113,7 +119,8 @@ def test_authtoken_goes_into_a_private_config_file_never_on_the_command_line(
 
 
 def test_an_existing_config_is_kept_and_the_authtoken_merged_in(
-        make_tunnel: Callable[..., Tunnel], records: Path, tmp_path: Path) -> None:
+    make_tunnel: Callable[..., Tunnel], records: Path, tmp_path: Path
+) -> None:
     config = tmp_path / "ngrok.yml"
     config.write_text('version: "3"\nagent:\n  console_ui: false\n')
     config.chmod(0o644)
@@ -122,7 +129,9 @@ def test_an_existing_config_is_kept_and_the_authtoken_merged_in(
     tunnel.open()
 
     assert yaml.safe_load(config.read_text()) == {
-        "version": "3", "agent": {"console_ui": False, "authtoken": "s3cret-authtoken"}}
+        "version": "3",
+        "agent": {"console_ui": False, "authtoken": "s3cret-authtoken"},
+    }
     assert config.stat().st_mode & 0o777 == 0o600
     assert agent_record(records, tunnel.agent_pid)["argv"][-2:] == ["--config", str(config)]
 
@@ -144,7 +153,8 @@ def test_close_removes_the_endpoint_and_stops_the_agent(make_tunnel: Callable[..
 
 
 def test_a_killed_agent_is_noticed_and_replaced_with_a_working_tunnel(
-        make_tunnel: Callable[..., Tunnel], records: Path, callbacks: tuple[ServerThread, list[str]]) -> None:
+    make_tunnel: Callable[..., Tunnel], records: Path, callbacks: tuple[ServerThread, list[str]]
+) -> None:
     _, received = callbacks
     tunnel = make_tunnel()
     fds_before = open_fds()
@@ -167,8 +177,7 @@ def test_a_killed_agent_is_noticed_and_replaced_with_a_working_tunnel(
     assert open_fds() == fds_before, "both agents' pipes must be closed"
 
 
-def test_a_missing_agent_is_refused_and_nothing_is_downloaded(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_agent_is_refused_and_nothing_is_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     downloads: list[str] = []
     monkeypatch.setattr(installer, "_download_file", lambda url, *a, **k: downloads.append(url) or "")
     bin_dir = tmp_path / "bin"
@@ -193,7 +202,8 @@ def test_an_agent_that_is_not_executable_is_refused(make_tunnel: Callable[..., T
 
 
 def test_an_agent_start_error_becomes_a_tunnel_error(
-        make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_NGROK_MODE", "error")
     tunnel = make_tunnel()
 
@@ -206,7 +216,8 @@ def test_an_agent_start_error_becomes_a_tunnel_error(
 
 
 def test_a_silent_agent_is_killed_after_the_startup_timeout(
-        make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_NGROK_MODE", "silent")
     tunnel = make_tunnel(startup_timeout_s=0.5)
 
@@ -218,7 +229,8 @@ def test_a_silent_agent_is_killed_after_the_startup_timeout(
 
 
 def test_an_agent_that_cannot_be_executed_becomes_a_tunnel_error(
-        make_tunnel: Callable[..., Tunnel], agent_path: Path) -> None:
+    make_tunnel: Callable[..., Tunnel], agent_path: Path
+) -> None:
     agent_path.write_bytes(b"\x7fELF not really")
 
     with pytest.raises(TunnelError, match="did not open a tunnel: .*Exec format error"):

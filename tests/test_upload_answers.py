@@ -67,8 +67,9 @@ def test_a_throttled_burst_with_500s_is_done_without_waiting_the_reconcile_windo
     files = drop_batch(running, 30, prefix="burst")
     running.wait_finished(30, timeout_s=WINDOW_S + 30)
     took_s = time.monotonic() - started
-    failed_500 = [r.getMessage() for r in caplog.records if "upload failed" in r.getMessage() and "HTTP 500" in
-                  r.getMessage()]
+    failed_500 = [
+        r.getMessage() for r in caplog.records if "upload failed" in r.getMessage() and "HTTP 500" in r.getMessage()
+    ]
     print(f"burst of 30: all done in {took_s:.1f} s, {len(failed_500)} uploads answered 500; {failed_500[:1]}")
     assert failed_500, "the emulator answered no upload 500: the test shows nothing"
     for name, data in files.items():

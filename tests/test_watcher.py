@@ -62,14 +62,21 @@ def test_a_file_made_readable_is_looked_at_again_on_its_chmod_event(tmp_path, ca
         assert tracker.snapshot(clock.now())[0].state == "unreadable"
 
         path.chmod(0o644)
-        wait_until(lambda: drain() and tracker.candidates[str(path)].unreadable is None, 10,
-                   "the chmod reported and the file looked at again")
+        wait_until(
+            lambda: drain() and tracker.candidates[str(path)].unreadable is None,
+            10,
+            "the chmod reported and the file looked at again",
+        )
         assert [r.path for r in tracker.step(clock.now())] == [str(path)]
     finally:
         watcher.stop()
-    assert log_lines(caplog).count(
-        "WARNING private.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch may "
-        "read it") == 1
+    assert (
+        log_lines(caplog).count(
+            "WARNING private.pdf: cannot read it (Permission denied); it stays in the inbox until konfuzio-watch may "
+            "read it"
+        )
+        == 1
+    )
     assert "INFO private.pdf: konfuzio-watch may read it now; it is taken in as usual" in log_lines(caplog)
 
 
@@ -84,7 +91,8 @@ def test_a_folder_that_cannot_be_scanned_is_logged_once_not_at_every_rescan(tmp_
     for _ in range(3):
         assert list(watcher.scan(str(batch))) == []
     assert [line for line in log_lines(caplog) if line.startswith("WARNING")] == [
-        f"WARNING cannot scan {batch}: Not a directory"]
+        f"WARNING cannot scan {batch}: Not a directory"
+    ]
     batch.unlink()
     batch.mkdir()
     (batch / "a.pdf").write_bytes(b"%PDF")
@@ -114,8 +122,18 @@ def test_ignored_files_lists_what_is_never_taken_in_and_why(tmp_path):
     done = inbox / "done"
     done.mkdir()
     (done / "old.pdf").write_bytes(b"%PDF")
-    for rel in ("scan.pdf", ".scan.pdf.swp", "2026/.Rechnung März.pdf", "2026/ok.pdf", "2026/x.bak",
-                ".sync/a.pdf", ".sync/b.pdf", "Thumbs.db", "archive/2020/old.pdf", "sub/new\nline.pdf.tmp"):
+    for rel in (
+        "scan.pdf",
+        ".scan.pdf.swp",
+        "2026/.Rechnung März.pdf",
+        "2026/ok.pdf",
+        "2026/x.bak",
+        ".sync/a.pdf",
+        ".sync/b.pdf",
+        "Thumbs.db",
+        "archive/2020/old.pdf",
+        "sub/new\nline.pdf.tmp",
+    ):
         (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
         (inbox / rel).write_bytes(b"%PDF")
     (inbox / "elsewhere").symlink_to(tmp_path, target_is_directory=True)  # a candidate (failed unread)
@@ -143,8 +161,9 @@ def test_a_file_written_right_after_a_claim_moved_another_out_is_reported_at_onc
     inbox.mkdir()
     processing.mkdir()
     reported: queue.SimpleQueue[tuple[float, str]] = queue.SimpleQueue()
-    watcher = InboxWatcher(InboxFilter(inbox, [], ()), lambda kind, path: reported.put((time.monotonic(), path)),
-                           probe_timeout_s=5)
+    watcher = InboxWatcher(
+        InboxFilter(inbox, [], ()), lambda kind, path: reported.put((time.monotonic(), path)), probe_timeout_s=5
+    )
     watcher.start()
     try:
         (inbox / "claimed.pdf").write_bytes(make_pdf(label="claimed"))

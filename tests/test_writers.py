@@ -49,8 +49,16 @@ def test_a_reader_is_no_writer_and_a_writer_through_another_name_is_one(tmp_path
 
 def test_a_writer_in_another_process_is_found(tmp_path):
     path = tmp_path / "scan.png"
-    child = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'wb'); print(flush=True); "
-                              "sys.stdin.read()", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; f = open(sys.argv[1], 'wb'); print(flush=True); sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert child.stdout is not None and child.stdout.readline() == b"\n"
         look = writers.find_writers([file_id(path), file_id(tmp_path)])
@@ -81,8 +89,15 @@ def test_processes_of_other_users_are_counted_not_looked_into(tmp_path):
     if os.geteuid() == 0 and not can_drop_privileges():
         pytest.skip("needs setpriv and an interpreter nobody may run")
     prefix = AS_NOBODY if os.geteuid() == 0 else []
-    code = ("from konfuzio_watch import writers; look = writers.find_writers([(0, 0)]); "
-            "print(look.hidden, look.complete)")
-    out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).parents[1], check=True).stdout.split()
+    code = (
+        "from konfuzio_watch import writers; look = writers.find_writers([(0, 0)]); print(look.hidden, look.complete)"
+    )
+    out = subprocess.run(
+        [*prefix, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[1],
+        check=True,
+    ).stdout.split()
     assert int(out[0]) >= 1 and out[1] == "True"

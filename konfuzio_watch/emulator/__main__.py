@@ -26,20 +26,24 @@ KNOB_HELP = {
     "rate_429": "probability any API request answers 429",
     "retry_after_s": "Retry-After of the 429s: seconds, or any string sent verbatim (an HTTP date)",
     "rate_5xx": "probability any API request answers 502/503",
-    "upload_500_rate": "probability the upload handler fails before storing: 500 {\"detail\": \"Server Error\"}",
+    "upload_500_rate": 'probability the upload handler fails before storing: 500 {"detail": "Server Error"}',
     "outage": "every API request answers 503",
     "stall_after_store_s": "sleep after storing an upload, before answering",
     "callback_timeout_s": "timeout of the callback POSTs",
     "split_rate": "probability a document waits in status 41 for POST /emulator/documents/<id>/confirm-split",
     "uncategorized_share": "share of files (chosen by sha256) that get no category",
     "fault_rules": "repeatable JSON FaultRule, e.g. "
-                   '\'{"method": "GET", "path": "/bbox/?$", "status": 401, "count": 3}\'',
+    '\'{"method": "GET", "path": "/bbox/?$", "status": 401, "count": 3}\'',
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m konfuzio_watch.emulator", description=__doc__,
-                                     epilog=endpoints_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m konfuzio_watch.emulator",
+        description=__doc__,
+        epilog=endpoints_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--token", default="secret-token", help="the API token clients must send")

@@ -354,8 +354,13 @@ def bbox_for(text: str, sizes: list[tuple[int, int]]) -> dict[str, dict]:
             for column, char in enumerate(line):
                 if not char.isspace():
                     x0 = page.x(column)
-                    boxes[str(index + column)] = {"x0": round(x0, 3), "x1": round(x0 + page.char_w, 3), **row,
-                                                  "text": char, **font}
+                    boxes[str(index + column)] = {
+                        "x0": round(x0, 3),
+                        "x1": round(x0 + page.char_w, 3),
+                        **row,
+                        "text": char,
+                        **font,
+                    }
             index += len(line) + 1  # the newline
     return boxes
 

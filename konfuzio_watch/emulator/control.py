@@ -24,35 +24,44 @@ EXAMPLE_URL = "http://127.0.0.1:8000"  # the emulator's address in the examples 
 _JSON = "-H 'Content-Type: application/json' -d"
 # (method and route, what it does, a curl line)
 ENDPOINTS = (
-    ("POST /emulator/documents/<id>/review",
-     "a person reviews a done document: every annotation accepted, \"changes\" corrected (label name or id\n"
-     "-> value), optionally another \"category\" (extracted again for it), \"reviewer\"; the callback is sent\n"
-     "again. 200 with the details",
-     f"curl -X POST {EXAMPLE_URL}/emulator/documents/1/review {_JSON} "
-     """'{"changes": {"Invoice Number": "INV-CORRECTED"}, "reviewer": "anna@example.com"}'"""),
-    ("POST /emulator/documents/<id>/reextract",
-     "extraction runs again on a done document (status 1, 20, then 2 with new annotations; reviewed ones\n"
-     "are kept) for \"duration_s\" (default: half of --processing-s), then the callback again. 202",
-     f"curl -X POST {EXAMPLE_URL}/emulator/documents/1/reextract {_JSON} '{{\"duration_s\": 2}}'"),
-    ("POST /emulator/documents/<id>/confirm-split",
-     "a person confirms the proposed split of a document waiting in status 41 (--split-rate): it is\n"
-     "extracted, ends done, and the callback is sent. 202",
-     f"curl -X POST {EXAMPLE_URL}/emulator/documents/2/confirm-split"),
-    ("POST /emulator/projects/<id>/seed",
-     "\"count\" done documents added to a project at once (50,000 in milliseconds), for listing and\n"
-     "reconciliation at scale; \"callback_url\" and \"name\" may hold {id}. 201 with first_id, last_id, count",
-     f"curl -X POST {EXAMPLE_URL}/emulator/projects/1/seed {_JSON} '{{\"count\": 50000}}'"),
-    ("GET /emulator/stats",
-     "the API requests served so far, by kind",
-     f"curl {EXAMPLE_URL}/emulator/stats"),
+    (
+        "POST /emulator/documents/<id>/review",
+        'a person reviews a done document: every annotation accepted, "changes" corrected (label name or id\n'
+        '-> value), optionally another "category" (extracted again for it), "reviewer"; the callback is sent\n'
+        "again. 200 with the details",
+        f"curl -X POST {EXAMPLE_URL}/emulator/documents/1/review {_JSON} "
+        """'{"changes": {"Invoice Number": "INV-CORRECTED"}, "reviewer": "anna@example.com"}'""",
+    ),
+    (
+        "POST /emulator/documents/<id>/reextract",
+        "extraction runs again on a done document (status 1, 20, then 2 with new annotations; reviewed ones\n"
+        'are kept) for "duration_s" (default: half of --processing-s), then the callback again. 202',
+        f"curl -X POST {EXAMPLE_URL}/emulator/documents/1/reextract {_JSON} '{{\"duration_s\": 2}}'",
+    ),
+    (
+        "POST /emulator/documents/<id>/confirm-split",
+        "a person confirms the proposed split of a document waiting in status 41 (--split-rate): it is\n"
+        "extracted, ends done, and the callback is sent. 202",
+        f"curl -X POST {EXAMPLE_URL}/emulator/documents/2/confirm-split",
+    ),
+    (
+        "POST /emulator/projects/<id>/seed",
+        '"count" done documents added to a project at once (50,000 in milliseconds), for listing and\n'
+        'reconciliation at scale; "callback_url" and "name" may hold {id}. 201 with first_id, last_id, count',
+        f"curl -X POST {EXAMPLE_URL}/emulator/projects/1/seed {_JSON} '{{\"count\": 50000}}'",
+    ),
+    ("GET /emulator/stats", "the API requests served so far, by kind", f"curl {EXAMPLE_URL}/emulator/stats"),
 )
 
 
 def endpoints_help() -> str:
     """The control endpoints for ``--help``: each with what it does and an example."""
-    lines = ["control endpoints (no token; never faulted or counted): what people do in Konfuzio's web app,",
-             "and set-up for benchmarks. An unknown id answers 404, a document in another state 409, a bad body",
-             "400.", ""]
+    lines = [
+        "control endpoints (no token; never faulted or counted): what people do in Konfuzio's web app,",
+        "and set-up for benchmarks. An unknown id answers 404, a document in another state 409, a bad body",
+        "400.",
+        "",
+    ]
     for route, what, example in ENDPOINTS:
         lines += [f"  {route}", *(f"      {line}" for line in what.splitlines()), f"      {example}", ""]
     return "\n".join(lines)

@@ -382,8 +382,9 @@ class Emulator:
         try:
             with requests.Session() as session:
                 session.trust_env = False  # never route loopback callbacks through a proxy
-                response = session.post(url, data=body, headers={"Content-Type": "application/json"},
-                                        timeout=self.knobs.callback_timeout_s)
+                response = session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}, timeout=self.knobs.callback_timeout_s
+                )
             status_code = response.status_code
             self.store.record_callback_status(doc_id, status_code)
         except Exception as exc:  # unreachable, timeout, bad URL: record it, carry on

@@ -130,8 +130,7 @@ class DocumentStore:
             self._by_project.setdefault(new.project, []).append(doc_id)
             return doc_id, copy.deepcopy(details)
 
-    def advance(self, doc_id: int, status: int, uncategorized_share: float = 0.0, *,
-                deep: bool = True) -> dict | None:
+    def advance(self, doc_id: int, status: int, uncategorized_share: float = 0.0, *, deep: bool = True) -> dict | None:
         """Move a document to ``status`` (filling text, pages, timings, results); return a copy of
         its details (``deep=False``: of their top level only, for a caller that reads no more than
         that), or None if it is gone."""

@@ -113,12 +113,14 @@ def flat_annotations(sets: list[dict]) -> list[dict]:
         for label in annotation_set["labels"]:
             ref = {k: v for k, v in label.items() if k != "annotations"}
             for annotation in label["annotations"]:
-                out.append({
-                    **copy.deepcopy(annotation),
-                    "annotation_set": annotation_set["id"],
-                    "label": dict(ref),
-                    "label_set": dict(annotation_set["label_set"]),
-                })
+                out.append(
+                    {
+                        **copy.deepcopy(annotation),
+                        "annotation_set": annotation_set["id"],
+                        "label": dict(ref),
+                        "label_set": dict(annotation_set["label_set"]),
+                    }
+                )
     return out
 
 

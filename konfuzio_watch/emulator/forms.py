@@ -129,8 +129,9 @@ def _dataset_status(raw: str | None, errors: dict) -> int:
     return 0
 
 
-def _optional_int(form: Mapping[str, str], key: str, errors: dict,
-                  message: str = "A valid integer is required.") -> int | None:
+def _optional_int(
+    form: Mapping[str, str], key: str, errors: dict, message: str = "A valid integer is required."
+) -> int | None:
     raw = form.get(key)
     if raw is None or raw == "":
         return None

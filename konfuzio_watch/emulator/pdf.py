@@ -34,9 +34,11 @@ def searchable_pdf(text: str, sizes: list[tuple[int, int]], title: str = "") -> 
         content_id = len(objects) + 1
         objects[content_id] = pdf_stream(_page_content(page, fonts))
         page_id = len(objects) + 1
-        objects[page_id] = (
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Resources %s /Contents %d 0 R >>"
-            % (page.width, page.height, resources, content_id)
+        objects[page_id] = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Resources %s /Contents %d 0 R >>" % (
+            page.width,
+            page.height,
+            resources,
+            content_id,
         )
         page_ids.append(page_id)
     objects[1] = b"<< /Type /Catalog /Pages 2 0 R >>"
@@ -145,5 +147,3 @@ def _glyph_name(char: str) -> str:
 
 def _utf16_hex(text: str, bom: bool = True) -> bytes:
     return ((b"\xfe\xff" if bom else b"") + text.encode("utf-16-be")).hex().upper().encode()
-
-

@@ -92,9 +92,7 @@ class Schema:
                 "name": c.name,
                 "api_name": api_name(c.name),
                 "description": "",
-                "schema": [
-                    {**label_set_ref(s), "labels": [label_ref(x) for x in s.labels]} for s in c.label_sets
-                ],
+                "schema": [{**label_set_ref(s), "labels": [label_ref(x) for x in s.labels]} for s in c.label_sets],
             }
             for c in self.categories
         ]
