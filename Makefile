@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Both create .venv at the repository root and install what they need into it: konfuzio-watch
 # (editable) and a lean konfuzio-sdk, without the dependencies the daemon never imports
-# (requirements/lean.txt; README: "Why the install is lean").
+# (requirements/lean.txt; docs/service.md: "Why the install is lean").
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
@@ -41,7 +41,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest --numprocesses=3 --dist=worksteal
 
-# `make bench` compares this checkout with the code before the scaling work (README: Performance):
+# `make bench` compares this checkout with the code before the scaling work (docs/performance.md):
 # a detached worktree of BEFORE_REV, made on first use. BENCH_ARGS: e.g. --quick, --runs 3, --only burst.
 BEFORE_REV ?= be7dd22
 BEFORE     ?= .bench-before

@@ -37,15 +37,16 @@ from .pg import free_port
 
 KONFUZIO_WATCH = [sys.executable, "-m", "konfuzio_watch"]
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = README.parent / "docs"  # the README's pages
 
 
 def readme_block(marker: str, lang: str = "sh") -> str:
-    """The one fenced ``lang`` block right after ``<!-- marker ... -->`` in the README (e.g. marker
-    ``cluster: database``): a block the tests run or read as written."""
-    found = re.findall(
-        rf"<!-- {re.escape(marker)}\b[^>]*-->\n```{lang}\n(.*?)```", README.read_text(encoding="utf-8"), re.S
-    )
-    assert len(found) == 1, f"README.md needs one ```{lang} block right after <!-- {marker} ... -->"
+    """The one fenced ``lang`` block right after ``<!-- marker ... -->`` in the README or a page of
+    docs/ (e.g. marker ``cluster: database``, in docs/cluster.md): a block the tests run or read as written."""
+    pattern = rf"<!-- {re.escape(marker)}\b[^>]*-->\n```{lang}\n(.*?)```"
+    pages = (README, *sorted(DOCS.glob("*.md")))
+    found = [block for page in pages for block in re.findall(pattern, page.read_text(encoding="utf-8"), re.S)]
+    assert len(found) == 1, f"README.md and docs/ need one ```{lang} block right after <!-- {marker} ... -->"
     return found[0]
 
 

@@ -1,5 +1,5 @@
 """The emulator's control endpoints (what people do in the web app) are documented where people look:
-``python -m konfuzio_watch.emulator --help`` and the README, each with an example, and the README's
+``python -m konfuzio_watch.emulator --help`` and docs/emulator.md, each with an example, and the page's
 examples work as written against a real emulator."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from konfuzio_watch.emulator.app import create_app  # noqa: E402
 from konfuzio_watch.samples import make_pdf  # noqa: E402
 
 from .conftest import TOKEN, wait_until  # noqa: E402
-from .helpers import README, file_of, readme_block  # noqa: E402
+from .helpers import DOCS, file_of, readme_block  # noqa: E402
 
 README_URL = "http://127.0.0.1:8000"  # the emulator's address in the README's examples (its --port 8000)
 
@@ -59,9 +59,7 @@ def is_documented(method: str, rule: str, text: str) -> bool:
 
 
 def emulator_section() -> str:
-    text = README.read_text(encoding="utf-8")
-    start = text.index("\n## The Konfuzio API emulator\n")
-    return text[start : text.index("\n## ", start + 1)]
+    return (DOCS / "emulator.md").read_text(encoding="utf-8")
 
 
 def test_every_control_route_is_in_the_help_and_the_readme_with_an_example() -> None:

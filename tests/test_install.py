@@ -1,4 +1,4 @@
-"""The README's service install, run as written against a temporary root, then the daemon as its user.
+"""The service install of docs/service.md, run as written against a temporary root, then the daemon as its user.
 
 The README's ``sh`` blocks after ``<!-- install: system ... -->`` and ``<!-- install: scanner ... -->``
 run in bash with ROOT set to a temporary folder: their one knob, which the README shows empty, so
@@ -37,7 +37,7 @@ from .conftest import TOKEN, wait_until
 from .test_systemd_unit import MAX_EXPOSURE, settings
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+README = REPO / "docs" / "service.md"  # the service install's blocks
 USER = "konfuzio-watch"
 APP = "/opt/konfuzio-watch/.venv/bin/konfuzio-watch"
 TOOLS = ("bash", "systemd-sysusers", "systemd-analyze", "setpriv", "unshare", "mount", "install")
@@ -51,7 +51,7 @@ pytestmark = [
 
 def readme_block(name: str) -> str:
     found = re.findall(rf"<!-- install: {name}\b[^>]*-->\n```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert len(found) == 1, f"README.md needs one ```sh block right after <!-- install: {name} ... -->"
+    assert len(found) == 1, f"docs/service.md needs one ```sh block right after <!-- install: {name} ... -->"
     return found[0]
 
 
@@ -296,7 +296,7 @@ def test_check_passes_as_the_service_user_and_nobody_else_can_read_the_config(in
     share = root / "srv/scans"
     config = configure(root, emulator, share)
     uid, gid = user_ids(root)
-    for name in ("inbox", "done", "failed"):  # folders of its own (README: install -d -o konfuzio-watch ...)
+    for name in ("inbox", "done", "failed"):  # folders of its own (docs/service.md: install -d -o konfuzio-watch ...)
         (share / name).mkdir(parents=True)
         os.chown(share / name, uid, gid)
         (share / name).chmod(0o750)

@@ -97,8 +97,10 @@ def test_lean_requirements_name_every_distribution_the_sdk_modules_import() -> N
 
 
 def test_the_readmes_app_install_is_the_lean_one_with_pyprojects_pin() -> None:
-    """The README's pip lines are not run here (they need the package index); they must name the same things."""
-    (block,) = re.findall(r"<!-- install: app\b[^>]*-->\n```sh\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    """docs/service.md's pip lines are not run here (they need the package index); they must name the same things."""
+    (block,) = re.findall(
+        r"<!-- install: app\b[^>]*-->\n```sh\n(.*?)```", (REPO / "docs" / "service.md").read_text(), re.S
+    )
     venv_pip = "/opt/konfuzio-watch/.venv/bin/pip install"
     assert block.splitlines() == [
         "python3 -m venv /opt/konfuzio-watch/.venv",
@@ -372,19 +374,23 @@ def test_the_wheel_installs_outside_the_checkout_and_carries_what_an_admin_deplo
 
 def test_the_readme_gives_one_install_size_the_one_make_prints() -> None:
     """`make` ends with `du -sh` of the new virtualenv; the README quotes that line, and every other place
-    that sizes the lean virtualenv (or the full one it replaces) says the same, in du's notation."""
+    that sizes the lean virtualenv (or the full one it replaces) says the same, in du's notation: the
+    Performance table in docs/performance.md, "Why the install is lean" in docs/service.md."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
+    docs = {page.name: page.read_text(encoding="utf-8") for page in sorted((REPO / "docs").glob("*.md"))}
     assert 'echo "==> $(VENV) ready: $$(du -sh $(VENV) | cut -f1)' in (REPO / "Makefile").read_text()
     quoted = re.findall(r"`==> \.venv ready: (\d+)M, \d+ packages`", readme)
     assert len(quoted) == 1, "the README quotes the line `make` ends with, once"
     lean = quoted[0]
-    (row,) = re.findall(r"^\| fresh `make test` venv \(`du -sh`\) \| (\d+)M \| (\d+)M \|", readme, re.M)
+    (row,) = re.findall(r"^\| fresh `make test` venv \(`du -sh`\) \| (\d+)M \| (\d+)M \|", docs["performance.md"], re.M)
     full = row[0]
     assert row[1] == lean, "the Performance table measures the same virtualenv"
-    why = readme[readme.index("### Why the install is lean") : readme.index("## Scanner shares")]
+    service = docs["service.md"]
+    why = service[service.index("## Why the install is lean") : service.index("## Where the processing folder is")]
     assert re.findall(r"(\d+)M in a virtualenv", why) == [full] and re.findall(r"a (\d+)M virtualenv", why) == [lean]
     sizes = re.findall(r"\b(\d+)M\b", (REPO / "requirements" / "lean.txt").read_text())
     assert sizes == [full, lean]
     assert not re.search(
-        r"\d+ (MB|MiB)\b[^|\n]*\b(venv|virtualenv)|\b(venv|virtualenv)\b[^|.\n]*\d+ (MB|MiB)\b", readme
+        r"\d+ (MB|MiB)\b[^|\n]*\b(venv|virtualenv)|\b(venv|virtualenv)\b[^|.\n]*\d+ (MB|MiB)\b",
+        "\n".join([readme, *docs.values()]),
     ), "a virtualenv sized in another unit than du's"

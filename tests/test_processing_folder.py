@@ -144,7 +144,7 @@ def processing_lines(text: str) -> list[str]:
 
 def test_the_readme_and_the_example_config_state_the_rule_the_code_follows():
     repo = Path(__file__).resolve().parent.parent
-    readme = " ".join((repo / "README.md").read_text(encoding="utf-8").split())
+    readme = " ".join((repo / "docs" / "service.md").read_text(encoding="utf-8").split())
     example = " ".join((repo / "config.example.yaml").read_text(encoding="utf-8").replace("#", " ").split())
     service_layout = processing.choose(INBOX, may_create_in_parent=False)
     assert f"(`processing folder: {service_layout}`)" in readme

@@ -67,7 +67,9 @@ def test_the_unit_says_what_the_daemon_relies_on() -> None:
     assert unit["KillMode"] == ["mixed"]  # the daemon stops its ngrok agent itself
     umask = int(unit["UMask"][0], 8)
     assert umask & 0o007 == 0o007, "files the daemon creates must give others nothing"
-    assert umask & 0o070 == 0, "a scanner group must be able to read and delete results (README: Scanner group)"
+    assert umask & 0o070 == 0, (
+        "a scanner group must be able to read and delete results (docs/service.md: Scanner group)"
+    )
 
 
 @needs_analyze
@@ -175,12 +177,12 @@ def exposure(result: subprocess.CompletedProcess[str]) -> str:
 
 @needs_analyze
 def test_the_readmes_exposure_figures_are_what_systemd_analyze_says(tmp_path: Path) -> None:
-    """The shipped unit alone, and with the drop-in of the README's scanner group block."""
-    readme = (DATA.parent.parent / "README.md").read_text(encoding="utf-8")
+    """The shipped unit alone, and with the drop-in of docs/service.md's scanner group block."""
+    readme = (DATA.parent.parent / "docs" / "service.md").read_text(encoding="utf-8")
     claimed = re.findall(
         r"`systemd-analyze security` exposure (\d+\.\d), or (\d+\.\d) with the \[scanner group\]", readme
     )
-    assert len(claimed) == 1, "the README gives the exposure of the unit, and with the scanner group's drop-in"
+    assert len(claimed) == 1, "docs/service.md gives the exposure of the unit, and with the scanner group's drop-in"
     (scanner_block,) = re.findall(r"<!-- install: scanner\b[^>]*-->\n```sh\n(.*?)```", readme, re.S)
     ((drop_in, name),) = re.findall(
         r"printf '(\[Service\][^']*)' > \"\$ROOT/etc/systemd/system/konfuzio-watch\.service"
