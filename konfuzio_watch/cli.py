@@ -142,8 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     # The worker threads mostly wait on sockets and disks and need the interpreter only briefly after
-    # each wait; while the loop thread claims a large backlog they would queue for it up to 5 ms (the
-    # default) each time, which halved the upload rate. 1 ms keeps them going at a small cost.
+    # each wait; while the loop thread claims a large backlog they would queue for it up to the
+    # default switch interval each time, which slowed the uploads down (docs/performance.md). A short
+    # interval keeps them going at a small cost.
     sys.setswitchinterval(0.001)
     daemon = Daemon(config, notifier=Notifier.from_env(), config_path=str(args.config))
     stops = 0

@@ -94,7 +94,7 @@ def install_files(
     if here != _under(root, APP_EXECUTABLE).resolve():
         out.write(
             f"note      the unit runs {APP_EXECUTABLE}; this konfuzio-watch is {here}: install it there "
-            "(README: Running as a service) or override ExecStart= in a drop-in\n"
+            "(docs/service.md) or override ExecStart= in a drop-in\n"
         )
     return problems
 

@@ -153,8 +153,8 @@ class KonfuzioClient:
         adapter, timeout, proxies, CA bundle, redirects, hooks and cookies), but with the session's
         headers merged once per method instead of at every call: requests' "prepared requests".
         ``Session.request`` merges every setting of the session into each request (headers, cookies,
-        hooks, auth, the environment's), 0.13-0.16 ms of CPU per call on this machine, with four calls
-        per file (README: Performance). The headers change only with the token (``set_token``)."""
+        hooks, auth, the environment's), a measurable part of each call's CPU, with four calls per file
+        (docs/performance.md). The headers change only with the token (``set_token``)."""
         template = self._templates.get(method)
         if template is None:
             import requests
@@ -194,8 +194,8 @@ class KonfuzioClient:
     # The reads below do what the SDK's get_document_details / get_document_bbox /
     # get_document_annotations do (the SDK's URL for our host, a GET on the SDK's session, the
     # body as JSON, ``next`` followed), but decode the body with orjson: the character boxes are
-    # most of every result's bytes, and json's decoder cost ~1 ms of CPU per file (README:
-    # Performance). Same requests, same answers, same errors.
+    # most of every result's bytes, and json's decoder was a large part of the CPU per file
+    # (docs/performance.md). Same requests, same answers, same errors.
 
     def document(self, document_id: int) -> dict[str, Any]:
         return self._get_json(self._urls.get_document_details_url(document_id=document_id, host=self.host))

@@ -6,7 +6,7 @@ Placeholders: ``{path}`` (the file's path relative to the inbox: the default, to
 ``{document_id}`` (it takes an int format, ``{document_id:08d}``) and ``{date:<strftime>}`` (the upload
 date in UTC; ``{date}`` alone is ``%Y-%m-%d``).
 
-The file's own name is kept byte for byte (the README promises it, and it was a valid name in the
+The file's own name is kept byte for byte (docs/results.md promises it, and it was a valid name in the
 inbox). What the template adds is made safe for a path component, also on an SMB share: a category
 or a date cannot add ``/``, NUL, control characters or ``\\ : * ? " < > |``, cannot start a
 component with a dot or dash, and cannot make it ``..``. A ``/`` only comes from the template itself,

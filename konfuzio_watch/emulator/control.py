@@ -2,8 +2,8 @@
 what a person does in the web app, and what a benchmark wants to set up or read, for processes
 that drive an emulator they did not start (``python -m konfuzio_watch.emulator``).
 
-``ENDPOINTS`` says what each does, with an example: ``--help`` shows it, and the README's emulator
-section lists the same (tests/test_emulator_docs.py checks both against the routes served here).
+``ENDPOINTS`` says what each does, with an example: ``--help`` shows it, and docs/emulator.md
+lists the same (tests/test_emulator_docs.py checks both against the routes served here).
 """
 
 from __future__ import annotations
