@@ -32,7 +32,7 @@ from pathlib import Path
 
 SUPERUSER = "kw_test"
 PASSWORD_USER = "kw_password"  # a role that must give a password (scram-sha-256 over TCP)
-README_ROLE = "konfuzio_watch"  # the README's clustered setup creates it: it must give its password too
+README_ROLE = "konfuzio_watch"  # docs/cluster.md's setup creates it: it must give its password too
 HBA = f"""local all all trust
 host all {PASSWORD_USER},{README_ROLE} 127.0.0.1/32 scram-sha-256
 host all all 127.0.0.1/32 trust

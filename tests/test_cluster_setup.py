@@ -1,10 +1,10 @@
-"""The README's clustered-mode setup, run as written: the database, each node, two nodes at work.
+"""docs/cluster.md's clustered-mode setup, run as written: the database, each node, two nodes at work.
 
-The README's ``sh`` block after ``<!-- cluster: database ... -->`` runs as the throwaway server's
-superuser (tests/pg.py; its pg_hba.conf asks the README's role for its password over TCP with
+The ``sh`` block of docs/cluster.md after ``<!-- cluster: database ... -->`` runs as the throwaway server's
+superuser (tests/pg.py; its pg_hba.conf asks docs/cluster.md's role for its password over TCP with
 scram-sha-256, as a server the nodes reach over the network would); the block after
 ``<!-- cluster: node ... -->`` runs with ROOT set to a temporary folder, as tests/test_install.py
-runs the service install. Then two nodes start on one machine with the README's ``cluster: config``
+runs the service install. Then two nodes start on one machine with docs/cluster.md's ``cluster: config``
 (only what names this machine is changed: the database's address, each node's id, port and own
 callback URL) and the password handed over as systemd would from the drop-in's LoadCredential=.
 """
@@ -38,7 +38,7 @@ from .helpers import (
 from .pg import README_ROLE, SUPERUSER, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-ROLE = DATABASE = README_ROLE  # what the README's blocks create; tests/pg.py asks this role for a password
+ROLE = DATABASE = README_ROLE  # what docs/cluster.md's blocks create; tests/pg.py asks this role for a password
 
 pytestmark = [pytest.mark.postgres, pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")]
 
@@ -64,7 +64,7 @@ def with_root(block: str, root: Path) -> str:
 
 @pytest.fixture
 def server(pg_cluster: Any) -> Iterator[Any]:
-    """The session's server without the README's role and database, before and after the test."""
+    """The session's server without docs/cluster.md's role and database, before and after the test."""
 
     def drop_them() -> None:
         pg_cluster.admin(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
@@ -108,10 +108,10 @@ def credentials_from_drop_ins(root: Path, into: Path) -> None:
 
 
 def node_config(pg: Any, node_id: str, port: int) -> dict[str, dict]:
-    """The README's config for one node, with this machine's database address and the node's own port and URL."""
+    """docs/cluster.md's config for one node, with this machine's database address and the node's own port and URL."""
     raw = yaml.safe_load(readme_block("cluster: config", "yaml"))
     url = urlsplit(raw["journal"]["url"])
-    assert (url.username, url.path) == (ROLE, f"/{DATABASE}"), "the config names the README's role and database"
+    assert (url.username, url.path) == (ROLE, f"/{DATABASE}"), "the config names docs/cluster.md's role and database"
     raw["journal"]["url"] = url._replace(netloc=f"{url.username}@127.0.0.1:{pg.port}").geturl()
     raw["node"]["id"] = node_id
     raw["callback"].update(host="127.0.0.1", port=port, public_url=f"http://127.0.0.1:{port}")
@@ -180,7 +180,7 @@ def test_the_readmes_cluster_setup_gives_two_nodes_a_journal_behind_a_password(
             lambda: "all files in done/\n" + "\n".join(n.log.read_text()[-1500:] for n in nodes),
         )
 
-        # status as root outside the service: the README's CREDENTIALS_DIRECTORY=/etc/konfuzio-watch
+        # status as root outside the service: docs/cluster.md's CREDENTIALS_DIRECTORY=/etc/konfuzio-watch
         env = {**os.environ, "CREDENTIALS_DIRECTORY": str(root / "etc/konfuzio-watch"), "LOG_TO_FILE": "False"}
         status = subprocess.run(
             [*KONFUZIO_WATCH, "status", "--config", str(nodes[0].config)],

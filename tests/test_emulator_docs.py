@@ -27,7 +27,7 @@ from konfuzio_watch.samples import make_pdf  # noqa: E402
 from .conftest import TOKEN, wait_until  # noqa: E402
 from .helpers import DOCS, file_of, readme_block  # noqa: E402
 
-README_URL = "http://127.0.0.1:8000"  # the emulator's address in the README's examples (its --port 8000)
+README_URL = "http://127.0.0.1:8000"  # the emulator's address in docs/emulator.md's examples (its --port 8000)
 
 
 def control_routes() -> list[tuple[str, str]]:
@@ -90,7 +90,7 @@ def emu() -> Iterator[Emulator]:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_the_readmes_people_actions_work_as_written(emu: Emulator) -> None:
-    """Document 1 a done invoice, document 2 waiting in status 41 for its split (the README's premise)."""
+    """Document 1 a done invoice, document 2 waiting in status 41 for its split (docs/emulator.md's premise)."""
     session = konfuzio_session(TOKEN, host=emu.url, num_retries=0)
     for data in (file_of("invoice", tag="readme"), make_pdf(2, label=SPLIT_MARKER.decode())):
         form = {"project": 1, "sync": False, "callback_url": ""}

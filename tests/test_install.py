@@ -1,7 +1,7 @@
 """The service install of docs/service.md, run as written against a temporary root, then the daemon as its user.
 
-The README's ``sh`` blocks after ``<!-- install: system ... -->`` and ``<!-- install: scanner ... -->``
-run in bash with ROOT set to a temporary folder: their one knob, which the README shows empty, so
+The ``sh`` blocks of docs/service.md after ``<!-- install: system ... -->`` and ``<!-- install: scanner ... -->``
+run in bash with ROOT set to a temporary folder: their one knob, which the page shows empty, so
 it shows the real paths. The project's own konfuzio-watch stands in for /opt/konfuzio-watch/.venv
 (installing a wheel is tested in test_packaging.py). systemd-sysusers creates the user in that
 root's /etc/passwd, which this host's NSS does not read, so commands run as the user through
@@ -56,13 +56,13 @@ def readme_block(name: str) -> str:
 
 
 def run_block(name: str, root: Path) -> subprocess.CompletedProcess[str]:
-    """The README block as a bash script, with ROOT set to ``root`` instead of empty."""
+    """The page's block as a bash script, with ROOT set to ``root`` instead of empty."""
     lines = readme_block(name).splitlines()
     if re.fullmatch(r"ROOT=\s*(#.*)?", lines[0]):
         lines = lines[1:]
     code = "\n".join(line.split(" #")[0] for line in lines if not line.lstrip().startswith("#"))
     outside = re.findall(r"(?<!\$ROOT)(?<![\w.-])/(?:etc|srv|opt|var|usr|run|lib|home)\b\S*", code)
-    assert not outside, f"README block {name!r} names paths without $ROOT in front: {outside}"
+    assert not outside, f"docs/service.md block {name!r} names paths without $ROOT in front: {outside}"
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "KONFUZIO_TOKEN": TOKEN}
     return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", f"ROOT={shlex.quote(str(root))}\n" + "\n".join(lines)],
@@ -336,7 +336,7 @@ def test_the_scanner_group_block_lets_the_group_read_and_delete_results(installe
         stderr=subprocess.STDOUT,
     )
     try:
-        person = 4242  # someone in the scanner group, not konfuzio-watch, writing with umask 0007 (README)
+        person = 4242  # someone in the scanner group, not konfuzio-watch, writing with umask 0007 (docs/service.md)
         folder = share / "inbox/2026"
         folder.mkdir()
         os.chown(folder, person, scanner)

@@ -34,7 +34,7 @@ def test_every_placeholder(template, expected):
 
 
 def test_the_default_is_todays_layout_byte_for_byte():
-    """The README promises names kept byte for byte in done/: newlines, undecodable bytes, dashes."""
+    """docs/results.md promises names kept byte for byte in done/: newlines, undecodable bytes, dashes."""
     for raw in (
         b"scan.pdf",
         b"a/b/c.pdf",

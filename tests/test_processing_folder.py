@@ -77,7 +77,7 @@ def test_the_daemon_names_its_folder_and_why_at_start(start_daemon, tmp_path, ca
 @pytest.mark.slow
 @pytest.mark.skipif(not can_drop_privileges(), reason="needs root and setpriv to run the daemon as nobody")
 def test_check_as_root_and_the_daemon_as_its_user_choose_the_same_folder(emulator):
-    """The README's service layout: /srv/scans belongs to root, the inbox in it to the service's user,
+    """docs/service.md's service layout: /srv/scans belongs to root, the inbox in it to the service's user,
     who may not create entries in /srv/scans. Root's ``check`` used to announce the hidden sibling
     (``/srv/scans/.inbox.konfuzio-watch (will be created)``), and the daemon then silently used a folder
     in the inbox."""

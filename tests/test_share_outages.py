@@ -22,7 +22,7 @@ from .smb import Scanner
 
 pytestmark = pytest.mark.slow
 
-# How long an outage lasts at least: the tests keep it short; the README's table runs them with 30.
+# How long an outage lasts at least: the tests keep it short; docs/performance.md's table runs them with 30.
 OUTAGE_S = float(os.environ.get("KONFUZIO_WATCH_SHARE_OUTAGE_S", "0"))
 PAUSED = re.compile(r" ERROR .*pausing all work on the shares")
 RESUMED = re.compile(r" WARNING .*the shares answer again")
