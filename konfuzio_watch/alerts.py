@@ -20,330 +20,51 @@ reaches mail, Teams, Slack or a webhook. Why it is built this way:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
-import shlex
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
-from enum import Enum
-from typing import Any
-from urllib.parse import urlsplit
+from datetime import tzinfo
 
+from .alert_messages import (
+    MAX_LISTED,
+    MAX_NOTES,
+    Batch,
+    FailedFile,
+    Message,
+    Note,
+    NoteKind,
+    build_message,
+    clip,
+    describe,
+)
+from .alert_sending import DeliveryError, Sender, check_urls, read_destinations, scrub_secrets, send_with_apprise
+from .clock import Clock, WallClock
 from .config import AlertsConfig, ConfigError
+from .policy import Limits, backoff_s
 from .status import format_age
+
+__all__ = [
+    "MAX_LISTED",
+    "MAX_NOTES",
+    "Alerts",
+    "Batch",
+    "DeliveryError",
+    "FailedFile",
+    "Message",
+    "Note",
+    "NoteKind",
+    "build_message",
+    "check_urls",
+    "send_with_apprise",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_LISTED = 20  # failed files named in one message; the rest are counted
-MAX_NOTES = 20  # state changes (blocked, unblocked, ...) kept per batch; the rest are counted
-MAX_STAGES = 12  # distinct stages counted per batch; further ones count as "other"
-MAX_TEXT = 300  # characters kept of a path, an error or a reason
 GATHER_S = 5.0  # a first fact waits this long for the rest of its burst
-RETRY_BASE_S = 10.0  # a failed send is retried after this, doubling ...
-RETRY_CAP_S = 600.0  # ... up to this
-
-
-class NoteKind(Enum):
-    BLOCKED = "blocked"
-    UNBLOCKED = "unblocked"
-    CALLBACKS = "callbacks"
-    OLDEST = "oldest"
-
-
-@dataclass(frozen=True)
-class FailedFile:
-    display_path: str
-    stage: str
-    error: str
-    when: float
-
-
-@dataclass(frozen=True)
-class Note:
-    """A change of state. ``detail``: the reason (BLOCKED, UNBLOCKED), the callback URL
-    (CALLBACKS) or the file (OLDEST); ``seconds``: how long it was blocked (UNBLOCKED) or the
-    file's age (OLDEST)."""
-
-    kind: NoteKind
-    when: float
-    detail: str
-    seconds: float = 0.0
-
-
-@dataclass
-class Batch:
-    """Facts a destination has not heard yet, bounded whatever arrives."""
-
-    files: list[FailedFile] = field(default_factory=list)
-    more_files: int = 0  # failed files past MAX_LISTED: counted, not named
-    stages: dict[str, int] = field(default_factory=dict)  # every failed file, by stage
-    notes: list[Note] = field(default_factory=list)
-    more_notes: int = 0  # notes past MAX_NOTES: counted only
-    first_at: float | None = None  # when the oldest fact in it arrived
-
-    def __bool__(self) -> bool:
-        return self.first_at is not None
-
-    @property
-    def file_count(self) -> int:
-        return len(self.files) + self.more_files
-
-    def add_file(self, failed: FailedFile, now: float) -> None:
-        if len(self.files) < MAX_LISTED:
-            self.files.append(failed)
-        else:
-            self.more_files += 1
-        self._count_stage(failed.stage, 1)
-        self._arrived(now)
-
-    def add_note(self, note: Note, now: float) -> None:
-        if len(self.notes) < MAX_NOTES:
-            self.notes.append(note)
-        else:
-            self.more_notes += 1
-        self._arrived(now)
-
-    def merge(self, newer: Batch) -> None:
-        """Append what ``newer`` holds, within the same bounds."""
-        if not newer:
-            return
-        room = MAX_LISTED - len(self.files)
-        self.files.extend(newer.files[:room])
-        self.more_files += newer.more_files + len(newer.files[room:])
-        for stage, count in newer.stages.items():
-            self._count_stage(stage, count)
-        room = MAX_NOTES - len(self.notes)
-        self.notes.extend(newer.notes[:room])
-        self.more_notes += newer.more_notes + len(newer.notes[room:])
-        assert newer.first_at is not None
-        self._arrived(newer.first_at)
-
-    def _count_stage(self, stage: str, count: int) -> None:
-        if stage not in self.stages and len(self.stages) >= MAX_STAGES:
-            stage = "other"
-        self.stages[stage] = self.stages.get(stage, 0) + count
-
-    def _arrived(self, now: float) -> None:
-        self.first_at = now if self.first_at is None else min(self.first_at, now)
-
-
-@dataclass(frozen=True)
-class Message:
-    title: str
-    body: str
-    level: str  # apprise's notify type: "failure", "warning" or "success"
-
-
-def build_message(
-    batch: Batch, *, host: str, name: str | None, now: float, config_path: str | None = None, tz: tzinfo | None = None
-) -> Message:
-    """The message for a batch: the title says what happened, the body what and what to do.
-
-    ``tz``: for the times shown (None: the machine's local time zone).
-    """
-
-    def at(t: float) -> str:
-        return _format_time(t, tz)
-
-    cfg = f" -c {shlex.quote(config_path)}" if config_path else ""
-    status_cmd = f"`konfuzio-watch status{cfg}`"
-    block_notes = [n for n in batch.notes if n.kind in (NoteKind.BLOCKED, NoteKind.UNBLOCKED)]
-    still_blocked = bool(block_notes) and block_notes[-1].kind is NoteKind.BLOCKED
-    oldest = [n for n in batch.notes if n.kind is NoteKind.OLDEST]
-    callbacks = [n for n in batch.notes if n.kind is NoteKind.CALLBACKS]
-
-    summary: list[str] = []
-    sections: list[str] = []
-    if block_notes:
-        last = block_notes[-1]
-        summary.append(f"stopped working: {last.detail}" if still_blocked else "working again")
-        lines = []
-        for note in block_notes:
-            if note.kind is NoteKind.BLOCKED:
-                lines.append(f"Stopped working at {at(note.when)}: {note.detail}")
-            else:
-                lines.append(
-                    f"Working again since {at(note.when)} (was stopped for {format_age(note.seconds)}: {note.detail})"
-                )
-        if still_blocked:
-            lines.append(
-                "No file is lost: new files wait in the inbox, and the daemon goes on by itself "
-                f"once the cause is fixed. What to do: fix the cause; {status_cmd} shows what waits."
-            )
-        sections.append("\n".join(lines))
-    if batch.file_count:
-        n = batch.file_count
-        summary.append(f"{n:,} file{'s' if n != 1 else ''} failed")
-        lines = [f"{n:,} file{'s' if n != 1 else ''} failed; each is in failed/ with a .error.json that says why:"]
-        lines += [f"- {f.display_path} ({f.stage}, {at(f.when)}): {f.error}" for f in batch.files]
-        if batch.more_files:
-            by_stage = ", ".join(
-                f"{stage} {count:,}" for stage, count in sorted(batch.stages.items(), key=lambda kv: (-kv[1], kv[0]))
-            )
-            lines.append(f"- and {batch.more_files:,} more (all {n:,} by stage: {by_stage})")
-        lines.append(
-            f"What to do: {status_cmd} lists them; once the cause is fixed, "
-            f"`konfuzio-watch retry{cfg} --all-failed` puts them through again."
-        )
-        sections.append("\n".join(lines))
-    if oldest:
-        note = oldest[-1]
-        summary.append(f"a file has waited {format_age(note.seconds)}")
-        sections.append(
-            f"The oldest pending file has waited {format_age(note.seconds)} "
-            f"(more than alerts.oldest_pending_seconds), at {at(note.when)}: {note.detail}\n"
-            f"What to do: {status_cmd} shows what it waits for (uploads paused, no result yet, "
-            "a stuck state)."
-        )
-    if callbacks:
-        note = callbacks[-1]
-        summary.append("callbacks do not arrive")
-        sections.append(
-            f"Konfuzio's callbacks do not arrive at {note.detail} (noticed at {at(note.when)}). "
-            "Results are still fetched by polling, only later.\n"
-            "What to do: make sure Konfuzio can reach that URL (firewall, reverse proxy, "
-            "callback.public_url, ngrok)."
-        )
-    if batch.more_notes:
-        sections.append(f"({batch.more_notes:,} further changes of state are not shown.)")
-
-    where = f"konfuzio-watch on {host}" + (f" ({name})" if name else "")
-    title = _clip("; ".join(summary) or "nothing to report", 150) + f" — {where}"
-    sections.append(f"-- {where}, {at(now)}")
-    if still_blocked or batch.file_count:
-        level = "failure"
-    elif oldest or callbacks:
-        level = "warning"
-    else:
-        level = "success"
-    return Message(title=title, body="\n\n".join(sections), level=level)
-
-
-def _format_time(t: float, tz: tzinfo | None) -> str:
-    moment = datetime.fromtimestamp(t, tz) if tz is not None else datetime.fromtimestamp(t).astimezone()
-    return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
-def _clip(text: str, limit: int = MAX_TEXT) -> str:
-    """One line of at most ``limit`` characters (an error may be a traceback or a page of HTML)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-class DeliveryError(Exception):
-    """A message could not be sent; the message is the reason, without secrets."""
-
-
-Sender = Callable[[str, Message], None]
-
-
-def send_with_apprise(url: str, message: Message) -> None:
-    """Send one message to one apprise URL; raise ``DeliveryError`` with apprise's reason."""
-    apprise = _import_apprise()
-
-    asset = _apprise_asset()
-    notifier = apprise.Apprise(asset=asset)
-    if not notifier.add(url):
-        raise DeliveryError("apprise does not accept this URL")
-    result = notifier.notify(
-        body=message.body,
-        title=message.title,
-        notify_type=apprise.NotifyType(message.level),
-        body_format=apprise.NotifyFormat.TEXT,
-    )
-    try:
-        if result:
-            return
-        reasons = list(
-            dict.fromkeys(entry.message for entry in result.logs() if entry.level in ("WARNING", "ERROR", "CRITICAL"))
-        )
-        raise DeliveryError(_clip("; ".join(reasons)) or "apprise reported a failure without a reason")
-    finally:
-        result.close()
-
-
-_apprise: Any = None
-_apprise_lock = threading.Lock()
-
-
-def _import_apprise() -> Any:
-    """apprise, imported on first use (it loads ~200 plugins: only a daemon with alerts pays).
-
-    Its mail plugin imports the deprecated ``imghdr`` (for PGPy) when the plugins load, which on
-    Python < 3.13 warns; we import it first with that warning silenced: not ours to show.
-    apprise also logs a warning for every failed attempt, which would repeat on every retry: its
-    logger is kept out of the daemon's log, and we log once per change of state instead, with
-    the reason apprise captured for the call.
-    """
-    global _apprise
-    with _apprise_lock:
-        if _apprise is None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="'imghdr' is deprecated", category=DeprecationWarning)
-                with contextlib.suppress(ImportError):  # Python >= 3.13: apprise has a stand-in of its own
-                    import imghdr  # noqa: F401
-                import apprise
-            logger = logging.getLogger("apprise")
-            logger.propagate = False
-            logger.addHandler(logging.NullHandler())
-            _apprise = apprise
-        return _apprise
-
-
-def _apprise_asset() -> Any:
-    # service_timeout=0: apprise would otherwise run each send on its own process-wide thread
-    # pool (threads that outlive us); the sockets' own timeouts still bound a send. Memory
-    # only: apprise writes nothing to disk for us.
-    return _import_apprise().AppriseAsset(service_timeout=0, storage_mode="memory", result_log_disk_size=0)
-
-
-def check_urls(config: AlertsConfig) -> list[str]:
-    """The destinations, in apprise's privacy form (safe to print); ``ConfigError`` naming the
-    entry if the URLs cannot be read or apprise does not accept one."""
-    return [label for _, _, label in _read_destinations(config)]
-
-
-def _read_destinations(config: AlertsConfig) -> list[tuple[str, str, str]]:
-    """(url, key, label) per destination. ``key`` is apprise's privacy URL, stable when only a
-    password changes; ``label`` is the key without its query, for the log."""
-    apprise = _import_apprise()
-
-    if config.urls_file is None:
-        entries = [(f"alerts.urls[{i}]", url) for i, url in enumerate(config.urls)]
-    else:
-        try:
-            text = config.urls_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or exc
-            raise ConfigError(f"alerts.urls_file: cannot read {config.urls_file}: {reason}") from None
-        entries = [
-            (f"alerts.urls_file line {n}", line.strip())
-            for n, line in enumerate(text.splitlines(), 1)
-            if line.strip() and not line.strip().startswith("#")
-        ]
-        if not entries:
-            raise ConfigError(f"alerts.urls_file: no URL in {config.urls_file}")
-    asset = _apprise_asset()
-    found: list[tuple[str, str, str]] = []
-    seen: set[str] = set()
-    for where, url in entries:
-        service = apprise.Apprise.instantiate(url, asset=asset)
-        if service is None:
-            scheme = url.split("://", 1)[0] if "://" in url else ""
-            shown = f" ({scheme}://...)" if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,20}", scheme) else ""
-            raise ConfigError(f"{where}: not a URL apprise can send to{shown}")
-        key = service.url(privacy=True)
-        while key in seen:  # two URLs that differ only in a secret are still two destinations
-            key += "#"
-        seen.add(key)
-        found.append((url, key, key.split("?", 1)[0]))
-    return found
+RETRY = Limits(base_s=10.0, cap_s=600.0)  # a failed send is retried after base_s, doubling up to cap_s
 
 
 @dataclass
@@ -388,25 +109,23 @@ class Alerts:
         self,
         config: AlertsConfig,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
         sender: Sender = send_with_apprise,
         host: str | None = None,
         config_path: str | None = None,
         gather_s: float = GATHER_S,
-        retry_base_s: float = RETRY_BASE_S,
-        retry_cap_s: float = RETRY_CAP_S,
+        retry: Limits = RETRY,
         tz: tzinfo | None = None,
     ):
         self.config = config
         self.enabled = config.enabled
         self.host = host or socket.gethostname()
-        self._clock = clock
+        self._clock = clock or WallClock()
         self._send = sender
         self._config_path = config_path
         self._min_interval_s = config.min_interval_seconds
         self._gather_s = min(gather_s, config.min_interval_seconds)
-        self._retry_base_s = retry_base_s
-        self._retry_cap_s = retry_cap_s
+        self._retry = retry
         self._tz = tz
         # Shared with the callers, under _cond (held only for a few field updates).
         self._cond = threading.Condition()
@@ -428,8 +147,8 @@ class Alerts:
         """A file ended in failed/. Batched: listed in the next message of each destination."""
         if not self.enabled:
             return
-        now = self._clock()
-        failed = FailedFile(_clip(display_path), _clip(stage, 40), _clip(error), now if when is None else when)
+        now = self._clock.now()
+        failed = FailedFile(clip(display_path), clip(stage, 40), clip(error), now if when is None else when)
         with self._cond:
             self._add(lambda batch: batch.add_file(failed, now))
 
@@ -438,11 +157,11 @@ class Alerts:
         lasts are ignored until ``unblocked()``."""
         if not self.enabled:
             return
-        now = self._clock()
+        now = self._clock.now()
         with self._cond:
             if self._blocked is not None:
                 return
-            self._blocked = (_clip(reason), now)
+            self._blocked = (clip(reason), now)
             note = Note(NoteKind.BLOCKED, now, self._blocked[0])
             self._add(lambda batch: batch.add_note(note, now))
 
@@ -450,7 +169,7 @@ class Alerts:
         """The daemon works again after ``blocked()``; a no-op if it was not blocked."""
         if not self.enabled:
             return
-        now = self._clock()
+        now = self._clock.now()
         with self._cond:
             if self._blocked is None:
                 return
@@ -462,12 +181,12 @@ class Alerts:
         """Konfuzio's callbacks do not reach ``url``. Told once per URL until ``callbacks_arriving()``."""
         if not self.enabled:
             return
-        now = self._clock()
+        now = self._clock.now()
         with self._cond:
             if self._callbacks_reported == url:
                 return
             self._callbacks_reported = url
-            note = Note(NoteKind.CALLBACKS, now, _clip(url))
+            note = Note(NoteKind.CALLBACKS, now, clip(url))
             self._add(lambda batch: batch.add_note(note, now))
 
     def callbacks_arriving(self) -> None:
@@ -485,14 +204,14 @@ class Alerts:
         over = age_s is not None and age_s >= limit
         if over == self._oldest_over:  # the common case, without the lock
             return
-        now = self._clock()
+        now = self._clock.now()
         with self._cond:
             if over == self._oldest_over:
                 return
             self._oldest_over = over
             if over:
                 assert age_s is not None
-                note = Note(NoteKind.OLDEST, now, _clip(display_path or "?"), age_s)
+                note = Note(NoteKind.OLDEST, now, clip(display_path or "?"), age_s)
                 self._add(lambda batch: batch.add_note(note, now))
 
     def _add(self, add: Callable[[Batch], None]) -> None:
@@ -512,12 +231,12 @@ class Alerts:
         ``flush_until`` (a ``time.monotonic()`` deadline): send everything pending now, whatever
         the interval and backoff, as long as the deadline has not passed (for ``close``).
         """
-        now = self._clock() if now is None else now
+        now = self._clock.now() if now is None else now
         with self._cond:
             incoming, self._incoming = self._incoming, Batch()
         self._unrouted.merge(incoming)
         if self._destinations is None and not self._load_destinations():
-            return now + self._retry_base_s if self._unrouted else None
+            return now + self._retry.base_s if self._unrouted else None
         assert self._destinations is not None
         if self._unrouted:
             for destination in self._destinations.values():
@@ -526,7 +245,7 @@ class Alerts:
         for destination in self._destinations.values():  # the clock went back: do not wait for it
             if destination.last_sent is not None:
                 destination.last_sent = min(destination.last_sent, now)
-            destination.retry_at = min(destination.retry_at, now + self._retry_cap_s)
+            destination.retry_at = min(destination.retry_at, now + self._retry.cap_s)
         flush = flush_until is not None
         if self._due(now, flush) and self.config.urls_file is not None:
             self._load_destinations()  # read on demand: a changed password or list applies now
@@ -555,7 +274,7 @@ class Alerts:
         """(Re)read the URLs; keep each destination's state across a re-read. False if unreadable."""
         if found is None:
             try:
-                found = _read_destinations(self.config)
+                found = read_destinations(self.config)
             except ConfigError as exc:
                 if self._source_error != str(exc):
                     self._source_error = str(exc)
@@ -580,7 +299,7 @@ class Alerts:
                 log.warning(
                     "alerts: %s was removed from the URLs; %s for it are dropped",
                     destination.label,
-                    _describe(destination.pending),
+                    describe(destination.pending),
                 )
         self._destinations = new
         return True
@@ -610,17 +329,17 @@ class Alerts:
         batch.merge(destination.pending)  # what arrived meanwhile goes after what was held
         destination.pending = batch
         destination.failures += 1
-        delay = min(self._retry_cap_s, self._retry_base_s * 2 ** min(destination.failures - 1, 30))
+        delay = backoff_s(destination.failures, self._retry)
         destination.retry_at = now + delay
-        error = _scrub(error, destination.url)
+        error = scrub_secrets(error, destination.url)
         if destination.failures == 1:
             log.warning(
                 "alerts: cannot send to %s: %s; keeping %s and retrying (backoff up to %s); "
                 "further failures are not logged until it works again",
                 destination.label,
                 error,
-                _describe(batch),
-                format_age(self._retry_cap_s),
+                describe(batch),
+                format_age(self._retry.cap_s),
             )
         else:
             log.debug("alerts: %s still failing (attempt %d): %s", destination.label, destination.failures, error)
@@ -632,7 +351,7 @@ class Alerts:
         """Read and check the URLs (``ConfigError``), then start the worker thread."""
         if not self.enabled or self._thread is not None:
             return self
-        found = _read_destinations(self.config)  # fail at start, not months later
+        found = read_destinations(self.config)  # fail at start, not months later
         self._load_destinations(found)
         log.info("alerts: notifications go to %s", ", ".join(label for _, _, label in found))
         self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
@@ -665,47 +384,24 @@ class Alerts:
         while True:
             with self._cond:
                 if not self._stopping and not self._incoming:
-                    self._cond.wait(None if next_due is None else max(0.0, next_due - self._clock()))
+                    self._cond.wait(None if next_due is None else max(0.0, next_due - self._clock.now()))
                 if self._stopping:
                     break
             try:
-                next_due = self.pump(self._clock())
+                next_due = self.pump(self._clock.now())
             except Exception:  # never die: the daemon runs for months
                 log.exception("alerts: unexpected error; notifications go on")
-                next_due = self._clock() + self._retry_base_s
+                next_due = self._clock.now() + self._retry.base_s
         self._flush()
 
     def _flush(self) -> None:
         """At close: one last attempt for every destination with something pending."""
         try:
-            self.pump(self._clock(), flush_until=self._flush_deadline)
+            self.pump(self._clock.now(), flush_until=self._flush_deadline)
         except Exception:
             log.exception("alerts: unexpected error while flushing")
-        lost = [f"{d.label}: {_describe(d.pending)}" for d in (self._destinations or {}).values() if d.pending]
+        lost = [f"{d.label}: {describe(d.pending)}" for d in (self._destinations or {}).values() if d.pending]
         if self._unrouted:
-            lost.append(f"every destination: {_describe(self._unrouted)}")
+            lost.append(f"every destination: {describe(self._unrouted)}")
         if lost:
             log.warning("alerts: stopped with notifications not sent (%s)", "; ".join(lost))
-
-
-def _describe(batch: Batch) -> str:
-    parts = []
-    if batch.file_count:
-        parts.append(f"{batch.file_count:,} failed file{'s' if batch.file_count != 1 else ''}")
-    notes = len(batch.notes) + batch.more_notes
-    if notes:
-        parts.append(f"{notes:,} change{'s' if notes != 1 else ''} of state")
-    return " and ".join(parts) or "nothing"
-
-
-def _scrub(text: str, url: str) -> str:
-    """Take out of a reason anything secret-looking from the URL (its password, long tokens)."""
-    try:
-        parts = urlsplit(url)
-        secrets = {parts.password or ""}
-    except ValueError:
-        return text
-    secrets |= {s for s in re.split(r"[/?&=:@]", parts.path + "?" + parts.query) if len(s) >= 16}
-    for secret in sorted(secrets - {""}, key=len, reverse=True):
-        text = text.replace(secret, "****")
-    return text

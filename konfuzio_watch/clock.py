@@ -39,6 +39,13 @@ class SteadyClock:
         return self._wall0 + (time.monotonic() - self._mono0)
 
 
+class WallClock:
+    """The machine's wall clock as it is, stepped or not (the times an admin reads in a message)."""
+
+    def now(self) -> float:
+        return time.time()
+
+
 @dataclass(frozen=True)
 class ClockOffset:
     """How far another clock is ahead of ours (negative: behind), give or take ``error_s``."""

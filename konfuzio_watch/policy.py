@@ -98,7 +98,8 @@ Decision = Retry | Fail | Blocked
 def backoff_s(failures: int, limits: Limits, jitter: float = 1.0) -> float:
     """Capped exponential backoff: 1 failure -> base, doubling, never above the cap.
     ``jitter`` in [0.5, 1] spreads retries of many files; 1.0 gives the ceiling."""
-    ceiling = min(limits.cap_s, limits.base_s * 2 ** max(0, failures - 1))
+    # The exponent is bounded: past it the cap rules anyway, and a float overflows after 2 ** 1023.
+    ceiling = min(limits.cap_s, limits.base_s * 2 ** min(max(0, failures - 1), 64))
     return ceiling * jitter
 
 

@@ -31,21 +31,15 @@ from konfuzio_watch.alerts import (
     check_urls,
 )
 from konfuzio_watch.config import AlertsConfig, ConfigError, parse_config
+from konfuzio_watch.policy import Limits
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import drop, wait_until
+from .helpers import FakeClock
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 HOOK = "json://hooks.example.com/kw"
 MAIL = "mailtos://user:s3cret-pass@smtp.example.com?to=admin@example.com"
-
-
-class FakeClock:
-    def __init__(self, t: float = T0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass
@@ -58,7 +52,7 @@ class FakeSender:
     clock: FakeClock | None = None
 
     def __call__(self, url: str, message: Message) -> None:
-        self.attempts.append((url, self.clock() if self.clock else 0.0))
+        self.attempts.append((url, self.clock.now() if self.clock else 0.0))
         if url in self.down:
             raise DeliveryError(self.down[url])
         self.sent.append((url, message))
@@ -71,7 +65,7 @@ def make(clock: FakeClock, sender: FakeSender, urls: tuple[str, ...] = (HOOK,), 
     sender.clock = clock
     config = AlertsConfig(urls=urls, **settings)
     return Alerts(
-        config, clock=clock, sender=sender, host="scan01", tz=UTC, gather_s=5, retry_base_s=10, retry_cap_s=60
+        config, clock=clock, sender=sender, host="scan01", tz=UTC, gather_s=5, retry=Limits(base_s=10, cap_s=60)
     )
 
 
@@ -86,7 +80,7 @@ def run_until(alerts: Alerts, clock: FakeClock, until: float, step: float = 1.0)
 
 
 def test_a_burst_of_10000_failures_is_one_message_naming_some_and_counting_the_rest():
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender)
     for i in range(10_000):
         alerts.file_failed(f"in/{i:05}.pdf", "upload", "HTTP 413 Payload Too Large", T0)
@@ -103,7 +97,7 @@ def test_a_burst_of_10000_failures_is_one_message_naming_some_and_counting_the_r
 
 
 def test_at_most_one_message_per_interval_and_what_comes_between_is_batched():
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender, min_interval_seconds=60)
     alerts.file_failed("a.pdf", "upload", "boom", T0)
     run_until(alerts, clock, T0 + 5)
@@ -122,7 +116,7 @@ def test_at_most_one_message_per_interval_and_what_comes_between_is_batched():
 
 
 def test_blocked_is_told_once_when_it_starts_and_once_when_it_ends():
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender)
     alerts.blocked("Konfuzio rejected the API token (HTTP 401)")
     alerts.blocked("Konfuzio rejected the API token (HTTP 401)")
@@ -145,7 +139,7 @@ def test_blocked_is_told_once_when_it_starts_and_once_when_it_ends():
 
 
 def test_a_short_outage_within_one_batch_is_one_message_saying_both():
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender)
     alerts.blocked("disk full on /srv")
     clock.t += 2
@@ -168,7 +162,7 @@ def test_a_short_outage_within_one_batch_is_one_message_saying_both():
     ],
 )
 def test_oldest_pending_alerts_when_crossing_and_again_only_after_dropping_below(limit, ages, alerted_at):
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender, min_interval_seconds=1, oldest_pending_seconds=limit)
     for age in ages:
         alerts.oldest_pending(age, "scans/stuck.pdf")
@@ -181,7 +175,7 @@ def test_oldest_pending_alerts_when_crossing_and_again_only_after_dropping_below
 
 
 def test_callbacks_not_arriving_is_told_once_per_condition():
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender, min_interval_seconds=1)
     for _ in range(3):
         alerts.callbacks_not_arriving("https://scans.example.com/konfuzio-callback")
@@ -198,7 +192,7 @@ def test_callbacks_not_arriving_is_told_once_per_condition():
 
 def test_a_failing_destination_backs_off_logs_once_and_loses_nothing(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.DEBUG, logger="konfuzio_watch.alerts")
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender, urls=(HOOK, MAIL), min_interval_seconds=30)
     sender.down[MAIL] = "Connection refused by smtp.example.com (password s3cret-pass)"
     alerts.file_failed("a.pdf", "upload", "boom", T0)
@@ -225,7 +219,7 @@ def test_a_failing_destination_backs_off_logs_once_and_loses_nothing(caplog: pyt
 
 
 def test_what_a_down_destination_holds_stays_bounded_and_says_what_it_dropped():
-    clock, sender = FakeClock(), FakeSender(down={HOOK: "HTTP 500"})
+    clock, sender = FakeClock(T0), FakeSender(down={HOOK: "HTTP 500"})
     alerts = make(clock, sender, min_interval_seconds=1)
     for i in range(500):
         alerts.file_failed(f"f{i}.pdf", "upload" if i % 2 else "results", "boom", clock.t)
@@ -242,7 +236,7 @@ def test_what_a_down_destination_holds_stays_bounded_and_says_what_it_dropped():
 
 
 def test_the_clock_going_back_does_not_hold_messages_back():
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = make(clock, sender, min_interval_seconds=600)
     alerts.file_failed("a.pdf", "upload", "boom")
     run_until(alerts, clock, T0 + 10)
@@ -267,7 +261,7 @@ def test_without_urls_nothing_is_kept_and_no_thread_starts():
 def test_urls_file_is_read_when_sending_so_a_new_password_applies(tmp_path: Path):
     urls_file = tmp_path / "alert-urls"
     urls_file.write_text("# admin mail\nmailtos://user:old@smtp.example.com?to=a@example.com\n\n")
-    clock, sender = FakeClock(), FakeSender()
+    clock, sender = FakeClock(T0), FakeSender()
     alerts = Alerts(
         AlertsConfig(urls_file=urls_file, min_interval_seconds=1), clock=clock, sender=sender, host="scan01", gather_s=0
     )
@@ -372,7 +366,7 @@ def test_message_text(facts, name, title, level, in_body):
 
 
 def test_long_and_multiline_errors_become_one_short_line():
-    alerts = make(FakeClock(), FakeSender())
+    alerts = make(FakeClock(T0), FakeSender())
     alerts.file_failed("a.pdf", "upload", "Traceback:\n  line 1\n" + "x" * 1000)
     (failed,) = alerts._incoming.files
     assert "\n" not in failed.error and len(failed.error) == 300 and failed.error.endswith("…")
@@ -484,7 +478,7 @@ def started() -> Iterator[Callable[..., Alerts]]:
         alerts = Alerts(
             AlertsConfig(urls=urls, name="Accounting", **settings),
             host="scan01",
-            **{"gather_s": 0.2, "retry_base_s": 0.1, "retry_cap_s": 0.4, **kwargs},
+            **{"gather_s": 0.2, "retry": Limits(base_s=0.1, cap_s=0.4), **kwargs},
         )
         running.append(alerts.start())
         return alerts
