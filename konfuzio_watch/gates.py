@@ -21,12 +21,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .policy import Limits, Scope, backoff_s
+from .policy import Limits, Scope, draw_jitter, gate_backoff
 
 log = logging.getLogger("konfuzio_watch")
 
 CONFIRM_S = 5.0  # open this long without a new failure before the recovery is announced
-SUCCESSES_TO_RESET = 3  # successes between two failures that start the backoff over
 
 
 @dataclass(frozen=True)
@@ -130,10 +129,14 @@ class Gate:
             current = self._state
             s = current if current.blocked else (self._episode or current)  # unconfirmed recovery: same episode
             newly = not s.blocked
-            # Work went on between the two failures (a service throttling now and then): the backoff
-            # starts over; right after a probe passed (a disk with a few bytes free) it keeps growing.
-            failures = 1 if not current.blocked and self._successes >= SUCCESSES_TO_RESET else s.failures + 1
-            delay = max(backoff_s(failures, self.limits, self._rng.uniform(0.5, 1.0)), retry_after_s or 0.0)
+            failures, delay = gate_backoff(
+                s.failures,
+                was_blocked=current.blocked,
+                successes=self._successes,
+                limits=self.limits,
+                jitter=draw_jitter(self._rng),
+                retry_after_s=retry_after_s,
+            )
             until = max(current.until if current.blocked else 0.0, now + delay)
             self._state = GateState(self.scope, True, reason, now if newly else s.since, until, failures)
             self._episode = None

@@ -19,6 +19,7 @@ the cap. ``Retry-After`` is honoured up to the backoff cap and noted when it was
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass
 
 
@@ -189,3 +190,26 @@ def _retry(failures: int, now: float, limits: Limits, jitter: float, retry_after
     capped, _ = cap_retry_after(retry_after_s, limits)
     delay = max(delay, capped or 0.0)
     return Retry(now + delay, delay)
+
+
+# -- a blocked gate's probes (``gates.py``): the gate keeps its state, the policy decides the pace --
+
+SUCCESSES_TO_RESET = 3  # successes between two failures of a gate that start its backoff over
+
+
+def draw_jitter(rng: random.Random) -> float:
+    """A ``jitter`` for ``backoff_s``: retries of many files (or probes of a gate) spread below the ceiling."""
+    return rng.uniform(0.5, 1.0)
+
+
+def gate_backoff(
+    failures: int, *, was_blocked: bool, successes: int, limits: Limits, jitter: float, retry_after_s: float | None
+) -> tuple[int, float]:
+    """A gate's failure count with this failure and the delay to its next probe.
+
+    ``failures``: the episode's failures so far; ``successes``: tasks that succeeded since the gate
+    last opened. Work went on between two failures (a service throttling now and then): the count
+    starts over; right after a probe passed (a disk with a few bytes free) it keeps growing. A
+    ``Retry-After`` (already capped) is waited at least."""
+    counted = 1 if not was_blocked and successes >= SUCCESSES_TO_RESET else failures + 1
+    return counted, max(backoff_s(counted, limits, jitter), retry_after_s or 0.0)
