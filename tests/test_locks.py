@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from konfuzio_watch import locks, markers, processing
+from konfuzio_watch import lock_file, markers, processing
 from konfuzio_watch.daemon import Daemon
 from konfuzio_watch.journal import State
 from konfuzio_watch.locks import (
@@ -324,7 +324,7 @@ def test_a_file_system_without_flock_gets_its_marker_back_too(tmp_path, inbox, m
     def no_flock(_fd: int, _op: int) -> None:  # what some SMB mounts answer; no such file system here
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
+    monkeypatch.setattr(lock_file.fcntl, "flock", no_flock)
     lock = InboxLock(inbox, tmp_path / "state").acquire()
     lock.claim("journal-1")
     (inbox / INBOX_LOCK_NAME).unlink()
