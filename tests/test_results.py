@@ -43,6 +43,7 @@ from konfuzio_watch.results import (
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import TOKEN, wait_until
+from .helpers import FakeClock
 from .test_emulator_results import file_of
 
 SECRET = "s3cr3t-callback-token_0123456789abcdefghijklmno"
@@ -139,14 +140,6 @@ def test_references_are_the_ids_a_document_needs_named():
     assert references({"category": None}, []) == References()
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_cache_fetches_once_and_again_only_for_an_unknown_id_after_a_while():
     clock = FakeClock()
     cache = CatalogCache(min_refresh_s=60, clock=clock)
@@ -155,9 +148,9 @@ def test_cache_fetches_once_and_again_only_for_an_unknown_id_after_a_while():
     cache.put(CATALOG)
     assert not cache.needs_refresh(1, known) and cache.get(1) is CATALOG
     assert cache.needs_refresh(2, known)  # keyed by project
-    clock.now += 59
+    clock.t += 59
     assert not cache.needs_refresh(1, unknown)  # a label nobody lists must not cost 3 requests per document
-    clock.now += 1
+    clock.t += 1
     assert cache.needs_refresh(1, unknown) and not cache.needs_refresh(1, known)
 
 
