@@ -9,6 +9,9 @@ a share unmounted leaves a bare mountpoint, which nothing may be written into); 
 is an ``*at`` call on that descriptor. A symbolic link or a file where a folder should be raises ``FolderInTheWay`` (a
 ``FileExistsError``: a placement then picks another name); nothing is written through it.
 
+``descend`` is the one walk down through folders by descriptor: ``open_folder`` starts it at an
+output root, ``long_paths`` at ``/`` (or ``.``) for a path longer than PATH_MAX.
+
 Temporary files get a new random name each (``O_CREAT | O_EXCL | O_NOFOLLOW``): nothing can be
 planted at a name nobody knows beforehand, and an existing entry is never opened. A crash may
 leave one behind; ``StaleTemps`` removes those of the daemon's own user, an hour after they were
@@ -24,11 +27,12 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # search permission suffices to walk through a folder
-_SEARCH = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # the last folder: it is fsynced
+O_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # search permission suffices to walk through a folder
+SEARCH = O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a folder to list or fsync
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 TEMP_PREFIX, TEMP_SUFFIX = ".konfuzio-watch-", ".tmp"
 STALE_TEMP_S = 3600.0  # a temporary file not written for this long is a crash's leftover
@@ -56,9 +60,38 @@ def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:
     parts = relative_parts(root, folder)
     fd = _open_readable(root)  # the configured folder, followed as the admin gave it (a link to a share is theirs)
     try:
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            step = _enter(fd, part, last, create, root.joinpath(*parts[: index + 1]))
+        return descend(fd, parts, last_flags=READ, or_else=SEARCH, create=create)
+    except NotAFolder as exc:
+        where = root.joinpath(*parts[: exc.depth + 1])
+        raise FolderInTheWay(
+            errno.EEXIST, "not a folder (a symbolic link, or a file); not followed", str(where)
+        ) from None
+
+
+class NotAFolder(OSError):
+    """``descend`` met a symbolic link or a file where a folder should be, and did not follow it.
+    ``depth``: its index in the parts; ``is_link``: a symbolic link; ``original``: the kernel's
+    error (ELOOP or ENOTDIR). Callers turn it into their own error."""
+
+    def __init__(self, original: OSError, depth: int, is_link: bool):
+        super().__init__(original.errno, original.strerror, original.filename)
+        self.original, self.depth, self.is_link = original, depth, is_link
+
+
+def descend(
+    fd: int, parts: Sequence[str], *, last_flags: int = SEARCH, or_else: int | None = None, create: bool = False
+) -> int:
+    """The one walk down through folders by descriptor: open ``parts`` one below the other from the
+    folder ``fd``, each relative to the one before with ``O_NOFOLLOW | O_DIRECTORY``. ``fd`` is
+    handed over: closed on the way (or on an error), returned itself for no parts.
+
+    ``last_flags`` open the last component (``or_else``: the flags to fall back to where those are
+    refused, e.g. a folder that may be entered but not listed); with ``create``, a missing folder
+    is made (``mkdirat``). A symbolic link or a file on the way raises ``NotAFolder``."""
+    try:
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            step = _enter(fd, part, depth, last_flags if last else SEARCH, or_else if last else None, create)
             os.close(fd)
             fd = step
     except BaseException:
@@ -71,32 +104,36 @@ def _open_readable(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except PermissionError:  # may be entered, not listed: it cannot be fsynced
-        return os.open(path, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(path, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _enter(fd: int, part: str, last: bool, create: bool, where: Path) -> int:
-    flags = _READ if last else _SEARCH
+def _enter(fd: int, part: str, depth: int, flags: int, or_else: int | None, create: bool) -> int:
     try:
-        return _open_dir(fd, part, flags, where)
+        return _open_dir(fd, part, depth, flags, or_else)
     except FileNotFoundError:
         if not create:
             raise
     with contextlib.suppress(FileExistsError):  # made meanwhile, or a dangling link: opened below, never followed
         os.mkdir(part, 0o777, dir_fd=fd)
-    return _open_dir(fd, part, flags, where)
+    return _open_dir(fd, part, depth, flags, or_else)
 
 
-def _open_dir(fd: int, part: str, flags: int, where: Path) -> int:
+def _open_dir(fd: int, part: str, depth: int, flags: int, or_else: int | None) -> int:
     try:
         return os.open(part, flags, dir_fd=fd)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise FolderInTheWay(
-                errno.EEXIST, "not a folder (a symbolic link, or a file); not followed", str(where)
-            ) from None
-        if exc.errno == errno.EACCES and flags == _READ:  # may be entered, not listed: it cannot be fsynced
-            return _open_dir(fd, part, _SEARCH, where)
+            raise NotAFolder(exc, depth, _is_symlink(part, fd)) from None
+        if exc.errno == errno.EACCES and or_else is not None:
+            return _open_dir(fd, part, depth, or_else, None)
         raise
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def lexists_at(dir_fd: int, name: str) -> bool:

@@ -9,108 +9,73 @@ and temporary files get random names (``dirfd``). A planted link or a file where
 be is left as it is: ``free_target`` picks a path around it, a write or move raises
 ``FolderInTheWay`` (a ``FileExistsError``, so the placement picks another name).
 
-Paths longer than PATH_MAX (4096 bytes) cannot be passed to the kernel at all: ``lstat_any``,
-``open_any``, ``rename_any`` and ``list_dir`` try the normal call and, only when it fails with
-ENAMETOOLONG, walk the path one folder at a time through directory descriptors, never
-following a symbolic link on the way.
+Paths longer than PATH_MAX: ``long_paths``; which names are candidates and the names files are
+uploaded under: ``file_names``.
 """
 
 from __future__ import annotations
 
 import errno
-import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
-import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
-from .dirfd import StaleTemps, create_temp, fsync_fd, lexists_at, open_folder, temp_name, unlink_at
-
-BUILTIN_IGNORES = (
-    "*.part",
-    "*.partial",
-    "*.tmp",
-    "*.temp",
-    "*.crdownload",
-    "*.download",
-    "*.swp",
-    "~$*",
-    ".~lock*",
-    "@eaDir",
-    "#recycle",
-    "#snapshot",
-    ".DS_Store",
-    "Thumbs.db",
-    "desktop.ini",
-    "._*",
-    "*~",
+from .dirfd import SEARCH, StaleTemps, create_temp, fsync_fd, lexists_at, open_folder, temp_name, unlink_at
+from .file_names import BUILTIN_IGNORES, SAFE_NAME_MAX, ignore_reason, is_ignored, safe_upload_name
+from .long_paths import (
+    PATH_MAX,
+    SHORT_NAME_MAX,
+    fits_path_max,
+    list_dir,
+    lstat_any,
+    open_any,
+    rename_any,
+    shortened_name,
 )
-SAFE_NAME_MAX = 120
+
+__all__ = [
+    "BUILTIN_IGNORES",
+    "MAX_VARIANTS",
+    "NAME_MAX",
+    "NO_HARD_LINKS",
+    "PATH_MAX",
+    "SAFE_NAME_MAX",
+    "SHORT_NAME_MAX",
+    "NotRegularFile",
+    "describe_mode",
+    "encode_json",
+    "fits_path_max",
+    "free_target",
+    "fsync_dir",
+    "ignore_reason",
+    "is_ignored",
+    "list_dir",
+    "lstat_any",
+    "lstat_below",
+    "move_no_clobber",
+    "open_any",
+    "open_regular_file",
+    "rename_any",
+    "replace_file",
+    "safe_upload_name",
+    "shortened_name",
+    "sidecar_for",
+    "unlink_below",
+    "write_file_no_clobber",
+    "write_json_no_clobber",
+    "write_temp",
+]
+
 NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, SMB)
-PATH_MAX = 4096  # bytes in a path the kernel accepts, its terminating NUL included (Linux)
-SHORT_NAME_MAX = 200  # shortened_name(): the name and its sidecar suffix stay below this many bytes
 MAX_VARIANTS = 10_000  # "name (2).pdf" ... before giving up on a folder
 NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
-_TRANSLITERATE = str.maketrans(
-    {
-        "ß": "ss",
-        "æ": "ae",
-        "Æ": "AE",
-        "ø": "o",
-        "Ø": "O",
-        "œ": "oe",
-        "Œ": "OE",
-        "ł": "l",
-        "Ł": "L",
-        "đ": "d",
-        "Đ": "D",
-        "þ": "th",
-        "Þ": "Th",
-    }
-)
-
-
-def is_ignored(rel_parts: tuple[str, ...], patterns: tuple[str, ...]) -> bool:
-    """Hidden files, partial/temporary names, NAS junk and the user's globs (on any component)."""
-    return ignore_reason(rel_parts, patterns) is not None
-
-
-def ignore_reason(rel_parts: tuple[str, ...], patterns: tuple[str, ...]) -> str | None:
-    """Why a path (its components relative to the inbox) is not a candidate, or None if it is."""
-    for part in rel_parts:
-        if part.startswith("."):
-            return "hidden (its name starts with '.')"
-        builtin = next((p for p in BUILTIN_IGNORES if fnmatch.fnmatchcase(part, p)), None)
-        if builtin is not None:
-            return f"a temporary or system file (built-in pattern {builtin!r})"
-    rel = "/".join(rel_parts)
-    pattern = next((p for p in patterns if fnmatch.fnmatchcase(rel_parts[-1], p) or fnmatch.fnmatchcase(rel, p)), None)
-    return None if pattern is None else f"matches watch.ignore {pattern!r}"
-
-
-def safe_upload_name(raw_name: bytes, fallback: str) -> str:
-    """A name any HTTP stack can carry: ASCII, no controls, no leading dash/dot, bounded length.
-
-    ``Straße März.pdf`` -> ``Strasse Marz.pdf``; ``b'scan\\xff\\n.pdf'`` -> ``scan__.pdf``.
-    """
-    text = raw_name.decode("utf-8", errors="replace")
-    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
-    text = re.sub(r"[^A-Za-z0-9._()\[\] +,=@&'-]", "_", text.translate(_TRANSLITERATE))
-    text = text.lstrip("-. ").strip()
-    stem, dot, ext = text.rpartition(".")
-    if not dot or not stem:
-        stem, ext = text, ""
-    ext = ext[:16]
-    stem = stem[: SAFE_NAME_MAX - len(ext) - 1] or fallback
-    return f"{stem}.{ext}" if ext else stem
 
 
 def open_regular_file(path: Path, *, root: Path | None = None) -> tuple[int, os.stat_result]:
@@ -192,7 +157,7 @@ def _enter_free_folder(fd: int | None, part: str) -> tuple[str, int | None]:
         for n in range(1, MAX_VARIANTS):
             candidate = part if n == 1 else _fit(part, f" ({n})")
             try:
-                return candidate, os.open(candidate, _WALK_FLAGS, dir_fd=fd)
+                return candidate, os.open(candidate, SEARCH, dir_fd=fd)
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     return candidate, None  # missing (or not to be entered: the write says why)
@@ -484,147 +449,3 @@ def fsync_dir(path: Path, *, root: Path | None = None) -> None:
         fsync_fd(fd)
     finally:
         os.close(fd)
-
-
-# -- paths longer than PATH_MAX --------------------------------------------------------------------
-
-_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # a descriptor to walk through: search permission suffices
-_WALK_FLAGS = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def fits_path_max(path: str | bytes | os.PathLike) -> bool:
-    """Can ``path`` be handed to the kernel as it is?"""
-    return len(os.fsencode(path)) < PATH_MAX
-
-
-def lstat_any(path: str | os.PathLike) -> os.stat_result:
-    """``os.lstat`` for a path of any length."""
-    try:
-        return os.lstat(path)
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
-            raise
-    parent, name = _open_parent(path)
-    try:
-        return os.stat(name, dir_fd=parent, follow_symlinks=False)
-    finally:
-        os.close(parent)
-
-
-def open_any(path: str | os.PathLike, flags: int, mode: int = 0o777) -> int:
-    """``os.open`` for a path of any length (the folders on a long path are never symlinks)."""
-    try:
-        return os.open(path, flags, mode)
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
-            raise
-    parent, name = _open_parent(path)
-    try:
-        return os.open(name, flags, mode, dir_fd=parent)
-    finally:
-        os.close(parent)
-
-
-def rename_any(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """``os.rename`` where either path may be longer than PATH_MAX."""
-    try:
-        os.rename(src, dst)
-        return
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
-            raise
-    src_parent, src_name = _open_parent(src)
-    try:
-        dst_parent, dst_name = _open_parent(dst)
-        try:
-            os.rename(src_name, dst_name, src_dir_fd=src_parent, dst_dir_fd=dst_parent)
-        finally:
-            os.close(dst_parent)
-    finally:
-        os.close(src_parent)
-
-
-def list_dir(path: str) -> list[tuple[str, bool]]:
-    """The entries of a folder of any path length: (name, is a folder); symlinks are not followed."""
-    try:
-        with os.scandir(path) as it:
-            return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
-            raise
-    fd = _walk(path, last_flags=os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        with os.scandir(fd) as it:  # scans a duplicate of fd, so the entries' stat calls still work here
-            return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
-    finally:
-        os.close(fd)
-
-
-def _open_parent(path: str | os.PathLike) -> tuple[int, str]:
-    """A descriptor of the folder holding ``path``, reached without following a symlink, and the name in it."""
-    path = os.fsdecode(path)
-    head, name = os.path.split(path.rstrip(os.sep) or os.sep)
-    if not name:
-        raise OSError(errno.EINVAL, "no file name in the path", path)
-    return _walk(head or os.curdir), name
-
-
-def _walk(path: str, last_flags: int = _WALK_FLAGS) -> int:
-    """Open the folder ``path`` one component at a time, each relative to the one before."""
-    parts = [part for part in path.split(os.sep) if part and part != os.curdir]
-    fd = os.open(os.sep if path.startswith(os.sep) else os.curdir, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for i, part in enumerate(parts):
-            try:
-                step = os.open(part, last_flags if i == len(parts) - 1 else _WALK_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_symlink(part, fd):
-                    raise OSError(errno.ELOOP, "a folder in the path is a symbolic link; not followed", path) from None
-                raise
-            os.close(fd)
-            fd = step
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _is_symlink(name: str, dir_fd: int) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def shortened_name(rel_path: bytes, suffix: str = "") -> str:
-    """A short, unique name for a file whose own path is too long to be kept (failed/ for a file
-    whose path does not fit PATH_MAX): the start of its base name, a hash of its whole relative
-    path, and its extension. Name and ``suffix`` (its sidecar's, e.g. ``.error.json``) together
-    stay below SHORT_NAME_MAX bytes. ``b'a/.../Rechnung Mai.pdf'`` -> ``Rechnung Mai~1f0c2e9d4b7a6c35.pdf``.
-    """
-    base = rel_path.rstrip(b"/").rpartition(b"/")[2] or b"file"
-    stem, dot, ext = base.rpartition(b".")
-    if not dot or not stem or len(ext) > 16:
-        stem, ext = base, b""
-    ext = b"." + ext if ext else b""
-    digest = hashlib.sha256(rel_path).hexdigest()[:16].encode()
-    room = SHORT_NAME_MAX - 1 - len(os.fsencode(suffix)) - len(ext) - len(digest) - 1
-    head = _utf8_prefix(stem, max(room, 0))
-    return os.fsdecode(head + b"~" + digest + ext)
-
-
-def _utf8_prefix(raw: bytes, limit: int) -> bytes:
-    """At most ``limit`` bytes of ``raw``, not ending inside a UTF-8 character."""
-    if len(raw) <= limit:
-        return raw
-    cut = raw[:limit]
-    for back in range(1, min(4, len(cut)) + 1):  # a lead byte whose character does not fit: drop it
-        byte = cut[-back]
-        if byte < 0x80:
-            break
-        if byte >= 0xC0:
-            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
-            if back < need:
-                cut = cut[:-back]
-            break
-    return cut
