@@ -53,7 +53,7 @@ _apprise_lock = threading.Lock()
 
 
 def _import_apprise() -> Any:
-    """apprise, imported on first use (it loads ~200 plugins: only a daemon with alerts pays).
+    """apprise, imported on first use (it loads all of its plugins: only a daemon with alerts pays).
 
     Its mail plugin imports the deprecated ``imghdr`` (for PGPy) when the plugins load, which on
     Python < 3.13 warns; we import it first with that warning silenced: not ours to show.

@@ -392,8 +392,8 @@ def _check_fits(path: Path) -> None:
 
 
 def encode_json(data: Any) -> bytes:
-    """One top-level key per line, each value compact (UTF-8). orjson encodes ~10x faster than
-    json, whose encoder was a fifth of the daemon's CPU per file on the character boxes; a value
+    """One top-level key per line, each value compact (UTF-8). orjson, because json's encoder was a
+    large share of the daemon's CPU per file on the character boxes (docs/performance.md); a value
     orjson refuses (an integer beyond 64 bits, a lone surrogate) is encoded by json instead."""
 
     def dump(value: Any) -> bytes:
