@@ -478,7 +478,7 @@ def install_move_audit(pg_url: str) -> None:
     """Create the journal's schema (as a node would) and the audit of state moves on it."""
     import psycopg
 
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal.pg import PgJournal
 
     PgJournal(pg_url, node_id="schema", wait_s=5.0).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:

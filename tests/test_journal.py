@@ -57,7 +57,7 @@ class Backend:
         if self.url is None:
             journal: BaseJournal = SqliteJournal(self.tmp_path / "journal.sqlite3", **kwargs)
         else:
-            from konfuzio_watch.journal_pg import PgJournal
+            from konfuzio_watch.journal.pg import PgJournal
 
             journal = PgJournal(self.url, **{"wait_s": 5.0, **kwargs})
         self.opened.append(journal)
@@ -561,7 +561,7 @@ def test_the_journal_section_takes_a_url_without_a_password(tmp_path: Path):
 @pytest.fixture
 def nodes(pg_url: str) -> Iterator[Callable[..., Any]]:
     """Journals of several nodes on one database: ``nodes("a")``."""
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal.pg import PgJournal
 
     opened: list[PgJournal] = []
 
@@ -802,7 +802,7 @@ def test_a_database_that_refuses_writes_raises_journal_write_error(nodes: Callab
 
 @postgres
 def test_the_schema_is_created_once_by_nodes_starting_together(pg_url: str):
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal.pg import PgJournal
 
     opened: list[PgJournal] = []
     barrier = threading.Barrier(4)
@@ -827,8 +827,8 @@ def test_the_schema_is_created_once_by_nodes_starting_together(pg_url: str):
 def test_the_schema_is_checked_without_touching_it_and_upgraded_by_the_daemon(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ):
-    from konfuzio_watch import journal_pg
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal import pg as journal_pg
+    from konfuzio_watch.journal.pg import PgJournal
 
     with PgJournal(pg_url, migrate=False) as looking:
         assert looking.check() == f"{looking.location}: no journal yet (the daemon creates it when it starts)"
@@ -894,7 +894,7 @@ def test_the_password_comes_from_the_password_file(pg_cluster: Any, pg_url: str,
 
 @postgres
 def test_a_server_that_is_not_there_is_one_clear_error(pg_cluster: Any):
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal.pg import PgJournal
 
     from .pg import free_port
 

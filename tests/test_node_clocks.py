@@ -128,7 +128,7 @@ def test_a_clock_more_than_five_seconds_off_is_said_to_be_off():
 
 @pytest.mark.postgres
 def test_the_journal_measures_the_database_clock_and_keeps_each_node_offset(pg_url: str):
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal.pg import PgJournal
 
     with PgJournal(pg_url, node_id="a", wait_s=5.0) as journal:
         same = journal.clock_offset()  # the server runs on this machine: one clock
@@ -286,7 +286,7 @@ def test_the_files_of_a_dead_node_whose_clock_is_ahead_are_taken_over_at_once(no
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_check_says_that_this_machine_clock_is_off(tmp_path: Path, emulator: Any, pg_url: str, clockshift: Path):
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal.pg import PgJournal
 
     PgJournal(pg_url, node_id="a", wait_s=5.0).close()  # the journal's schema, as the first node creates it
     node = cluster_node(tmp_path, "a", emulator, pg_url)
@@ -307,7 +307,7 @@ def test_retry_on_a_machine_whose_clock_is_ahead_makes_a_file_due_by_the_databas
     tmp_path: Path, emulator: Any, pg_url: str, clockshift: Path
 ):
     from konfuzio_watch.journal import State
-    from konfuzio_watch.journal_pg import PgJournal
+    from konfuzio_watch.journal.pg import PgJournal
 
     node = cluster_node(tmp_path, "a", emulator, pg_url)
     with PgJournal(pg_url, node_id="a", wait_s=5.0) as journal:
