@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import ClockOffset
 from ..states import State
@@ -85,6 +85,11 @@ class Coordination(ABC):
     shared: bool
     #: This daemon's name among the nodes that share the journal.
     node_id: str
+
+    @abstractmethod
+    def _lease_new(self, tx: Any, row_ids: Sequence[int]) -> None:
+        """Lease rows that the write transaction ``tx`` created to this node (a claim is the claimer's
+        until it is done)."""
 
     @abstractmethod
     def join(self, inbox_marker: str | None = None, clock_offset_s: float | None = None) -> None:
@@ -181,6 +186,9 @@ class LocalCoordination(Coordination):
     # what the rows part of the journal provides
     runnable: Callable[..., list[Row]]
     due_refreshes: Callable[..., list[Row]]
+
+    def _lease_new(self, tx: Any, row_ids: Sequence[int]) -> None:
+        pass
 
     def join(self, inbox_marker: str | None = None, clock_offset_s: float | None = None) -> None:
         pass

@@ -144,9 +144,6 @@ class Engine(Coordination):
     def _not_others(self) -> tuple[object, ...]:
         return (self.node_id,) if self._NOT_OTHERS else ()
 
-    def _lease_new(self, tx: _Tx, row_ids: Sequence[int]) -> None:  # noqa: B027 - a hook: one node needs no leases
-        """Lease rows this transaction created to this node (a claim is the claimer's until it is done)."""
-
     def bind_processing_dir(self, path: Path) -> None:
         """Remember where claimed files wait; refuse a config that moved it while files wait there."""
         with self._write() as tx:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -231,10 +231,3 @@ class PgJournal(PgCoordination, BaseJournal):
                     except psycopg.errors.DataCorrupted as exc:
                         problems.append(f"index {index}: {str(exc).strip()}")
         return "; ".join(problems) or "ok"
-
-    def _lease_new(self, tx: PgTx, row_ids: Sequence[int]) -> None:  # type: ignore[override]
-        tx.conn.execute(
-            "UPDATE files SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
-            " WHERE id = ANY(%s::bigint[])",
-            (self.node_id, self.lease_s, list(row_ids)),
-        )

@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, suppress
 from typing import Any
 
@@ -48,6 +48,7 @@ class PgCoordination(Coordination):
 
     # what the engine provides
     location: str
+    lease_s: float
     wait_s: float
     _write: Callable[[], AbstractContextManager[PgTx]]
     _read: Callable[[], AbstractContextManager[PgTx]]
@@ -61,6 +62,13 @@ class PgCoordination(Coordination):
     def _close_coordination(self) -> None:
         for child in [*self._listeners_pg, *self._roles.values()]:
             child.close()
+
+    def _lease_new(self, tx: PgTx, row_ids: Sequence[int]) -> None:
+        tx.conn.execute(
+            "UPDATE files SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
+            " WHERE id = ANY(%s::bigint[])",
+            (self.node_id, self.lease_s, list(row_ids)),
+        )
 
     def join(self, inbox_marker: str | None = None, clock_offset_s: float | None = None) -> None:
         """This node starts: (re)register it in ``nodes`` (started now, alive now, its inbox marker, its

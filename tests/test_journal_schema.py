@@ -1,0 +1,73 @@
+"""The schema description renders each dialect's history as it was written before it was one
+description: every version's statements, and SQLite's version 1 (a journal of any version opens and
+migrates as it always did)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from konfuzio_watch.journal import SqliteJournal
+from konfuzio_watch.journal.schema import POSTGRES, SQLITE, created, migrations
+
+SQLITE_HISTORY = {
+    2: ["ALTER TABLE files ADD COLUMN failures INTEGER NOT NULL DEFAULT 0"],
+    3: [
+        "ALTER TABLE files ADD COLUMN claim_name BLOB",
+        "ALTER TABLE files ADD COLUMN file_dev INTEGER",
+        "ALTER TABLE files ADD COLUMN file_ino INTEGER",
+        "ALTER TABLE files ADD COLUMN mtime_ns INTEGER",
+        "ALTER TABLE files ADD COLUMN ambiguous_since REAL",
+        "CREATE TABLE upload_tokens (token_hash TEXT PRIMARY KEY, row_id INTEGER NOT NULL, sent_at REAL NOT NULL)",
+        "CREATE TABLE extra_documents (document_id INTEGER PRIMARY KEY, row_id INTEGER NOT NULL, project_id INTEGER,"
+        " found_at REAL NOT NULL, deleted_at REAL, error TEXT)",
+        "CREATE INDEX upload_tokens_row ON upload_tokens (row_id)",
+        "INSERT INTO upload_tokens SELECT token_hash, id, updated_at FROM files WHERE token_hash IS NOT NULL",
+    ],
+    4: [
+        "ALTER TABLE files ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE files ADD COLUMN fingerprint TEXT",
+        "ALTER TABLE files ADD COLUMN refresh_at REAL",
+        "CREATE INDEX files_refresh ON files (refresh_at) WHERE refresh_at IS NOT NULL",
+    ],
+    5: ["ALTER TABLE files ADD COLUMN ctime_ns INTEGER"],
+}
+POSTGRES_HISTORY = {
+    2: ["ALTER TABLE nodes ADD COLUMN inbox_marker TEXT"],
+    3: ["ALTER TABLE files ADD COLUMN ctime_ns BIGINT"],
+    4: ["ALTER TABLE nodes ADD COLUMN clock_offset_s DOUBLE PRECISION"],
+}
+
+
+def test_each_dialect_keeps_its_own_versions_and_statements():
+    assert migrations(SQLITE) == SQLITE_HISTORY
+    assert migrations(POSTGRES) == POSTGRES_HISTORY
+
+
+def test_postgresql_version_1_has_what_sqlite_4_has_and_what_a_cluster_needs():
+    statements = " ".join(created(POSTGRES))
+    assert "nodes (id TEXT PRIMARY KEY" in statements and "lease_until TIMESTAMPTZ" in statements
+    assert "CREATE UNIQUE INDEX IF NOT EXISTS files_active_claim" in statements
+    assert "refresh_at DOUBLE PRECISION" in statements and "ctime_ns" not in statements
+    assert "CHECK (state IN (" in statements and "CHECK" not in " ".join(created(SQLITE))
+
+
+def test_a_journal_of_version_1_comes_up_to_the_same_tables_as_a_new_one(tmp_path: Path):
+    old = sqlite3.connect(tmp_path / "old.sqlite3", isolation_level=None)
+    for statement in created(SQLITE):
+        old.execute(statement)
+    old.execute(
+        "INSERT INTO files (rel_path, state, detected_at, updated_at, token_hash) VALUES (?, 'uploaded', 1, 1, 't')",
+        (b"a.pdf",),
+    )
+    old.close()
+    with SqliteJournal(tmp_path / "old.sqlite3") as migrated, SqliteJournal(tmp_path / "new.sqlite3") as new:
+        assert migrated.meta("schema_version") == new.meta("schema_version") == "5"
+        assert migrated.tokens_of([1]) == {"t": 1} and migrated.get(1).ctime_ns is None
+
+    def tables(name: str) -> dict[str, list[str]]:
+        with sqlite3.connect(tmp_path / name) as db:
+            names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")]
+            return {n: sorted(c[1] for c in db.execute(f"PRAGMA table_info({n})")) for n in names}
+
+    assert tables("old.sqlite3") == tables("new.sqlite3")
