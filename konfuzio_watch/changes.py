@@ -19,6 +19,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from .files import NotRegularFile, open_regular_file
 from .journal import Row
@@ -75,8 +76,15 @@ def content_differs(path: Path, sha256: str | None, *, root: Path | None = None)
         if is_share_error(exc):
             raise
         return False
-    digest = hashlib.sha256()
     with os.fdopen(fd, "rb") as f:
-        for block in iter(lambda: f.read(HASH_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest() != sha256
+        return sha256_of(f)[0] != sha256
+
+
+def sha256_of(f: BinaryIO) -> tuple[str, int]:
+    """The sha256 of what is left to read of ``f``, and how many bytes that was; read in chunks, so
+    memory does not grow with the file's size."""
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: f.read(HASH_CHUNK), b""):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size

@@ -55,6 +55,18 @@ class KeptResults:
             self._path(row.id), lambda out: out.write(body), root=self.folder, may_replace=lambda _folder: True
         )
 
+    def keep_if_possible(self, row: Row, result: dict[str, Any], checked_at: float | None) -> None:
+        """``keep``, or say why not: the export then fetches the result again once the shares answer."""
+        try:
+            self.keep(row, result, checked_at)
+        except OSError as exc:  # the state folder's disk
+            log.warning(
+                "%s: cannot keep its result in %s (%s); it is fetched again once the shares answer",
+                row.display_path,
+                self.folder,
+                exc.strerror or exc,
+            )
+
     def take(self, row: Row) -> tuple[dict[str, Any], float | None] | None:
         """The result kept for ``row`` and when its details were fetched, or None."""
         try:

@@ -185,6 +185,27 @@ def upload_again_at(now: float, look_at: float, window_s: float) -> float:
     return max(look_at, now + window_s)
 
 
+def attempts_used_up(attempts: int, limits: Limits) -> bool:
+    """Has a file had all its upload attempts (``upload.max_attempts``)?"""
+    return attempts >= limits.max_attempts
+
+
+def after_reconcile(
+    now: float, since: float, window_s: float, failures: int, attempts: int, limits: Limits
+) -> Retry | Fail | None:
+    """An upload the server's document list does not show, ambiguous since ``since``: while its
+    reconcile window lasts the server may still be storing it, so look again (``Retry``, backing off,
+    never past the window's end; no failure charged); after it, ``Fail`` once the attempts are used
+    up, else None: it is uploaded again now."""
+    end = since + window_s
+    if now < end:
+        at = min(end, now + backoff_s(failures + 1, limits))
+        return Retry(at, at - now, charge=False)
+    if attempts_used_up(attempts, limits):
+        return Fail(f"gave up after {attempts} attempts")
+    return None
+
+
 def _retry(failures: int, now: float, limits: Limits, jitter: float, retry_after_s: float | None = None) -> Retry:
     delay = backoff_s(failures + 1, limits, jitter)
     capped, _ = cap_retry_after(retry_after_s, limits)
