@@ -42,9 +42,9 @@ from .markers import MarkerKeeper
 from .membership import membership_for
 from .metrics import Metrics
 from .monitor import local_url, start_monitor
-from .pipeline import Pipeline, limits_from
 from .policy import Scope
 from .reachability import CallbackVerdict
+from .runner import Pipeline, limits_from
 from .sampling import StatusSampler
 from .scheduler import Scheduler
 from .sdnotify import Notifier

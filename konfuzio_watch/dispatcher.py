@@ -16,42 +16,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
 
 from .events import Event, JournalFailed, StepDone
 from .gates import Gates
 from .journal import BaseJournal, IllegalTransition, JournalWriteError, Row, State
-from .pipeline import Pipeline
+from .pipeline import RESULTS, TABLE, UPLOADS, Work
 from .policy import Scope, Step
+from .runner import Pipeline
 
 log = logging.getLogger("konfuzio_watch")
 
-UPLOADS, RESULTS = "upload", "results"
 RECONCILE_BATCH = 200
-
-
-@dataclass(frozen=True)
-class Work:
-    """One kind of work: rows in ``state`` run ``step`` on ``pool``, needing ``scopes`` open."""
-
-    state: State
-    step: Step
-    pool: str
-    scopes: tuple[Scope, ...]
-
-
-WORK = {
-    # Reading the file from the processing folder needs the shares; asking the server about an
-    # upload does not, nor does fetching a result (one fetched while the shares are away is kept).
-    State.CLAIMED: Work(State.CLAIMED, Step.UPLOAD, UPLOADS, (Scope.API, Scope.SHARES)),
-    State.UPLOADING: Work(State.UPLOADING, Step.RECONCILE, RESULTS, (Scope.API,)),
-    State.UPLOADED: Work(State.UPLOADED, Step.FETCH, RESULTS, (Scope.API,)),
-    State.EXPORTING: Work(State.EXPORTING, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT, Scope.SHARES)),
-    State.FAILING: Work(State.FAILING, Step.FAIL, RESULTS, (Scope.OUTPUT, Scope.SHARES)),
-    # A done file whose document Konfuzio reported again (a review, a re-extraction): due at
-    # ``refresh_at``, not ``next_at``; the new revision is fetched and written like an export.
-    State.DONE: Work(State.DONE, Step.EXPORT, RESULTS, (Scope.API, Scope.OUTPUT, Scope.SHARES)),
-}
 OWN_PROBES = (Scope.API, Scope.SHARES)  # gates that may be probed by a function of their own
 RESULT_STATES = (State.UPLOADED, State.EXPORTING, State.FAILING)
 
@@ -79,14 +54,6 @@ class Dispatcher:
         self.inflight: dict[int, str] = {}  # row id -> pool
         self.reconciling = False
         self.cleanup_wanted = False  # a callback revealed a second copy of a file on the server
-        p = pipeline
-        self._steps: dict[State, Callable[[Row], Row]] = {
-            State.CLAIMED: p.upload,
-            State.UPLOADED: p.check_result,
-            State.EXPORTING: p.export,
-            State.FAILING: p.finish_failed,
-            State.DONE: p.refresh,
-        }
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -121,30 +88,30 @@ class Dispatcher:
             self._start_own_probe(scope, now)
         budgets = self._budgets(now)
         free = self.free(UPLOADS)
-        upload = WORK[State.CLAIMED]
+        upload = TABLE[State.CLAIMED]
         unused: list[int] = []  # taken (leased) but not started: given back at once
         if free > 0 and self._fits(upload, budgets):
             limit = free if budgets[Scope.API] is None else min(free, budgets[Scope.API] or 0)
             for row in self.journal.take_due([State.CLAIMED], now, self.inflight, limit, self.lease_s):
                 self._submit(upload, row, budgets)
         free = self.free(RESULTS)
-        reconcile = WORK[State.UPLOADING]
+        reconcile = TABLE[State.UPLOADING]
         if free > 0 and not self.reconciling and self._fits(reconcile, budgets):
             due = self.journal.take_due([State.UPLOADING], now, self.inflight, RECONCILE_BATCH, self.lease_s)
             if due or self.cleanup_wanted:
                 self._submit_reconcile(due, budgets)
                 free -= 1
         if free > 0:
-            states = [s for s in RESULT_STATES if self._fits(WORK[s], budgets)]
+            states = [s for s in RESULT_STATES if self._fits(TABLE[s], budgets)]
             if states:
                 for row in self.journal.take_due(states, now, self.inflight, free, self.lease_s):
-                    work = WORK[row.state]
+                    work = TABLE[row.state]
                     if self._fits(work, budgets):
                         self._submit(work, row, budgets)
                     else:
                         unused.append(row.id)
         free = self.free(RESULTS)  # new revisions of done files last: files still on their way come first
-        refresh = WORK[State.DONE]
+        refresh = TABLE[State.DONE]
         if free > 0 and self._fits(refresh, budgets):
             for row in self.journal.take_due_refreshes(now, self.inflight, free, self.lease_s):
                 if self._fits(refresh, budgets):
@@ -208,7 +175,7 @@ class Dispatcher:
         budgets = self._budgets(now)
         wanted = [
             work
-            for work in WORK.values()
+            for work in TABLE.values()
             if self.free(work.pool) > 0
             and not (work.pool == RESULTS and work.state == State.UPLOADING and self.reconciling)
         ]
@@ -244,12 +211,12 @@ class Dispatcher:
         probes = self._take(work, budgets)
         self.inflight[row.id] = work.pool
         future: Future = self.executors[work.pool].submit(
-            self._guard, work.step, self._steps[row.state], [row], single=True
+            self._guard, work.step, self.pipeline.work, [row], single=True
         )
         future.add_done_callback(lambda _f: self.report(StepDone((row.id,), work.pool, probes)))
 
     def _submit_reconcile(self, rows: list[Row], budgets: dict[Scope, int | None]) -> None:
-        work = WORK[State.UPLOADING]
+        work = TABLE[State.UPLOADING]
         probes = self._take(work, budgets)
         self.reconciling = True
         for row in rows:

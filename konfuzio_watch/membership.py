@@ -39,7 +39,7 @@ from .tokens import hash_token
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher
-    from .pipeline import Pipeline
+    from .runner import Pipeline
     from .scheduler import Scheduler
 
 log = logging.getLogger("konfuzio_watch")

@@ -29,8 +29,8 @@ from .dispatcher import Dispatcher
 from .events import CleanupWanted, Event, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone
 from .gates import Gates
 from .journal import BaseJournal, JournalWriteError
-from .pipeline import ClaimsPaused, Pipeline
 from .policy import Limits, Scope, backoff_s
+from .runner import ClaimsPaused, Pipeline
 from .tracker import CandidateTracker
 
 log = logging.getLogger("konfuzio_watch")

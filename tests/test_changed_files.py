@@ -22,15 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from konfuzio_watch import changes
+from konfuzio_watch import changes, placing
 from konfuzio_watch.emulator import Emulator
 from konfuzio_watch.emulator.faults import FaultRule
 from konfuzio_watch.gates import Gates
 from konfuzio_watch.journal import Journal, Row, State
 from konfuzio_watch.konfuzio import KonfuzioClient
 from konfuzio_watch.metrics import Metrics
-from konfuzio_watch.pipeline import Pipeline, limits_from
+from konfuzio_watch.runner import Pipeline, limits_from
 from konfuzio_watch.samples import make_pdf, make_png
+from konfuzio_watch.steps import documents
+from konfuzio_watch.steps.context import Context
 
 from .conftest import TOKEN, make_config, wait_until
 from .helpers import FakeClock, inbox_files
@@ -407,7 +409,7 @@ def test_the_daemons_own_link_or_a_chmod_alone_is_no_change(steps, tmp_path, tou
 def test_a_rewrite_while_the_result_is_fetched_takes_the_result_back_out_of_done(steps, tmp_path, monkeypatch):
     old, new = make_pdf(label="old, rewritten during the export"), make_pdf(label="new, rewritten during the export")
     row, link = steps.uploaded("scan.pdf", old, tmp_path / "elsewhere")
-    build_result = steps.pipeline._build_result
+    build_result = documents.build_result
 
     def build_then_rewrite(*args, **kwargs):  # type: ignore[no-untyped-def]
         result = build_result(*args, **kwargs)
@@ -416,7 +418,7 @@ def test_a_rewrite_while_the_result_is_fetched_takes_the_result_back_out_of_done
             rewrite_in_place(link, new)
         return result
 
-    monkeypatch.setattr(steps.pipeline, "_build_result", build_then_rewrite)
+    monkeypatch.setattr(documents, "build_result", build_then_rewrite)
     row = steps.finish(row)
 
     (steps.done / "rewritten").unlink()
@@ -430,17 +432,17 @@ def test_a_rewrite_while_the_result_is_fetched_takes_the_result_back_out_of_done
 def test_an_append_right_after_the_move_takes_the_file_back_and_uploads_it_again(steps, tmp_path, monkeypatch):
     data = make_png(label="appended to right after it was placed")
     row, link = steps.uploaded("scan.png", data, tmp_path / "elsewhere")
-    move_into_place = steps.pipeline._move_into_place
+    move_into_place = placing.move_into_place
     appended: list[bool] = []
 
-    def move_then_append(row: Row, target: Path) -> None:  # the writer's append lands just after the move
-        move_into_place(row, target)
+    def move_then_append(ctx: Context, row: Row, target: Path) -> None:  # the writer's append lands just after the move
+        move_into_place(ctx, row, target)
         if not appended:
             appended.append(True)
             with open(link, "ab") as f:
                 f.write(b"appended")
 
-    monkeypatch.setattr(steps.pipeline, "_move_into_place", move_then_append)
+    monkeypatch.setattr(placing, "move_into_place", move_then_append)
     row = steps.finish(row)
 
     assert appended and row.state == State.DONE and stale_results(steps.done) == []

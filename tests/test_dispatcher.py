@@ -3,6 +3,7 @@ SDK and emulator."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from konfuzio_watch.gates import Gates
 from konfuzio_watch.journal import Journal, State
 from konfuzio_watch.konfuzio import KonfuzioClient
 from konfuzio_watch.metrics import Metrics
-from konfuzio_watch.pipeline import Pipeline, limits_from
+from konfuzio_watch.pipeline import TABLE
 from konfuzio_watch.policy import Scope
+from konfuzio_watch.runner import Pipeline, limits_from
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import TOKEN, make_config
@@ -160,10 +162,10 @@ def test_nothing_is_dispatched_while_the_journal_cannot_be_written(parts):
 def test_a_bug_in_a_step_backs_off_through_the_policy_instead_of_spinning(parts, monkeypatch):
     parts.claim(1)
 
-    def broken(row):  # type: ignore[no-untyped-def]
+    def broken(ctx, row):  # type: ignore[no-untyped-def]
         raise RuntimeError("a bug")
 
-    monkeypatch.setitem(parts.dispatcher._steps, State.CLAIMED, broken)
+    monkeypatch.setitem(TABLE, State.CLAIMED, dataclasses.replace(TABLE[State.CLAIMED], run=broken))
     now = parts.clock.now()
     parts.dispatcher.tick(now)
     parts.run(UPLOADS)

@@ -216,7 +216,7 @@ def test_scanner_that_closes_and_reopens_the_file_between_pages(start_daemon, em
 def test_placing_locks_keep_one_path_at_a_time_and_let_other_paths_through():
     """Two files with the same path are placed one after the other (choosing a free name and taking
     it is one step); files with other paths do not wait for them."""
-    from konfuzio_watch.pipeline import KeyedLocks
+    from konfuzio_watch.placing import KeyedLocks
 
     locks = KeyedLocks()
     key = ("/done", "scan.pdf")

@@ -23,13 +23,15 @@ from konfuzio_watch.emulator import FAIL_MARKER, NO_CATEGORY_MARKER, SPLIT_MARKE
 from konfuzio_watch.emulator.content import facts_of, layout_for
 from konfuzio_watch.emulator.schema import schema_for
 from konfuzio_watch.journal import Row, State
-from konfuzio_watch.pipeline import REVIEW_STAGE
 from konfuzio_watch.results import content_fingerprint
 from konfuzio_watch.samples import make_pdf, make_png
+from konfuzio_watch.states import Stage
 from konfuzio_watch.status import print_status
 
 from .conftest import drop, wait_until
 from .helpers import callback_url_of, file_of, pdf_page_texts, pdftotext_pages
+
+REVIEW_STAGE = Stage.REVIEW
 
 SCHEMA = json.loads(resources.files("konfuzio_watch").joinpath("data", "result.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
