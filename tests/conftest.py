@@ -61,6 +61,32 @@ def emulator() -> Iterator[Emulator]:
     emu.stop()
 
 
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    """The emulator with a fixed seed, for the tests that drive it through the SDK (test_emulator*.py)."""
+    with Emulator(token=TOKEN, project_ids=(1, 2), knobs=Knobs(processing_s=0.2), seed=0).start() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def session(emu: Emulator) -> Any:
+    """A konfuzio-sdk session with ``emu``; no retries: a test sees every answer."""
+    from konfuzio_sdk.api import konfuzio_session
+
+    return konfuzio_session(TOKEN, host=emu.url, num_retries=0)
+
+
+@pytest.fixture
+def callback_receiver() -> Iterator[Any]:
+    """Where ``emu`` posts its callbacks (helpers.CallbackReceiver), served by Waitress on port 0."""
+    from .helpers import CallbackReceiver
+
+    rec = CallbackReceiver()
+    rec.server.start()
+    yield rec
+    rec.server.close()
+
+
 def make_config(tmp_path: Path, emu: Emulator, **sections: dict[str, Any]) -> Config:
     raw: dict[str, dict[str, Any]] = {
         "konfuzio": {"host": emu.url, "token": TOKEN, "project_id": 1, "timeout_seconds": 10},

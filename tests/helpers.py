@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -26,11 +27,14 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from flask import Flask, request
+from konfuzio_sdk.urls import get_upload_document_url
 
 from konfuzio_watch.emulator.content import facts_of, layout_for
 from konfuzio_watch.journal import State
 from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, NODE_MARKER_PREFIX, PROCESSING_LOCK_NAME
 from konfuzio_watch.samples import make_pdf, make_png
+from konfuzio_watch.server import ServerThread
 
 from .conftest import TOKEN, drop, wait_until
 from .pg import free_port
@@ -50,6 +54,20 @@ def readme_block(marker: str, lang: str = "sh") -> str:
     return found[0]
 
 
+# systemd-analyze security's score of the unit when it was first hardened; it must not grow
+MAX_EXPOSURE = 1.4
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """A systemd unit's ``key=value`` lines: each key with its values in order (comments left out)."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", ";")):
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
 class FakeClock:
     """A clock the test moves by hand (``Clock`` protocol)."""
 
@@ -61,6 +79,11 @@ class FakeClock:
 
     def advance(self, seconds: float) -> float:
         self.t += seconds
+        return self.t
+
+    def advance_to(self, t: float) -> float:
+        """On to ``t``, or nowhere if that is past."""
+        self.t = max(self.t, t)
         return self.t
 
 
@@ -318,6 +341,57 @@ class Receiver:
 
     def accepted(self) -> list[dict]:
         return [payload for status, payload in self.posts if status == 200]
+
+
+# -- the emulator, driven through the SDK's own requests (test_emulator*.py) -----------------------
+
+
+class CallbackReceiver:
+    """A real Flask app under Waitress that records callbacks posted to /cb/<token>."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.answer_status = 200
+        self._cond = threading.Condition()
+        app = Flask("receiver")
+        app.add_url_rule("/cb/<token>", view_func=self._receive, methods=["POST"])
+        self.server = ServerThread(app, "127.0.0.1", 0, name="test-receiver", threads=4)
+
+    def _receive(self, token: str):  # type: ignore[no-untyped-def]
+        with self._cond:
+            self.calls.append({"token": token, "body": request.get_json(), "at": time.monotonic()})
+            self._cond.notify_all()
+        return "", self.answer_status
+
+    def url(self, token: str) -> str:
+        return f"{self.server.url}/cb/{token}"
+
+    def wait_for(self, count: int, timeout_s: float = 5.0) -> list[dict]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.calls) >= count, timeout_s):
+                raise AssertionError(f"within {timeout_s} s, {count} callbacks never arrived: {self.calls}")
+            return list(self.calls)
+
+
+def upload(session, host: str, data: bytes, name: str = "scan.pdf", **fields):  # type: ignore[no-untyped-def]
+    """POST exactly the form upload_file_konfuzio_api builds, to the URL it would use."""
+    form = {
+        "project": 1,
+        "dataset_status": 0,
+        "category": None,
+        "sync": False,
+        "callback_url": "",
+        "callback_status_code": None,
+    }
+    form.update(fields)
+    files = {"data_file": (name, data, "multipart/form-data")}
+    return session.post(get_upload_document_url(host), files=files, data=form)
+
+
+def api(emu, method: str, path: str, token: str | None = TOKEN, headers=None, **kwargs) -> requests.Response:  # type: ignore[no-untyped-def]
+    """A request to the emulator with the token (``None``: without an Authorization header)."""
+    headers = {**({"Authorization": f"Token {token}"} if token else {}), **(headers or {})}
+    return requests.request(method, emu.url + path, headers=headers, timeout=5, **kwargs)
 
 
 # -- documents of a kind, and what a searchable PDF says --------------------------------------------

@@ -1,24 +1,20 @@
 """The emulator, driven over loopback HTTP by the real, unmodified konfuzio-sdk."""
 
+import contextlib
+import hashlib
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("LOG_TO_FILE", "False")  # before konfuzio_sdk is imported anywhere
-
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-
-import pytest  # noqa: E402
-import requests  # noqa: E402
-from flask import Flask, request  # noqa: E402
-from konfuzio_sdk.api import (  # noqa: E402
+import pytest
+import requests
+from konfuzio_sdk.api import (
     get_document_bbox,
     get_document_details,
     get_meta_of_files,
@@ -28,15 +24,16 @@ from konfuzio_sdk.api import (  # noqa: E402
     get_project_labels,
     konfuzio_session,
 )
-from konfuzio_sdk.urls import get_upload_document_url  # noqa: E402
 
-from konfuzio_watch.emulator import FAIL_MARKER, Emulator, Knobs, ocr_text_for  # noqa: E402
-from konfuzio_watch.emulator.app import INVALID_CHOICE  # noqa: E402
-from konfuzio_watch.emulator.forms import is_valid_url  # noqa: E402
-from konfuzio_watch.samples import make_pdf, make_png  # noqa: E402
-from konfuzio_watch.server import ServerThread  # noqa: E402
+from konfuzio_watch.emulator import FAIL_MARKER, Emulator, Knobs, ocr_text_for
+from konfuzio_watch.emulator.app import INVALID_CHOICE
+from konfuzio_watch.samples import make_pdf, make_png
 
-TOKEN = "secret-token"
+from .conftest import TOKEN, wait_until
+from .helpers import api, upload
+
+pytestmark = pytest.mark.slow  # every test starts the emulator under Waitress
+
 DETAIL_KEYS = {  # "Document details" in shared/KONFUZIO_API.md
     "id", "project", "document_set", "number_of_pages", "data_file_name", "data_file_producer",
     "file_url", "thumbnail_url", "ocr_time", "categorization_time", "extraction_time", "processing_time",
@@ -45,74 +42,6 @@ DETAIL_KEYS = {  # "Document details" in shared/KONFUZIO_API.md
     "annotation_sets", "assignee", "created_by", "created_at", "updated_at", "proposed_split",
     "split_is_revised", "enable_translated_strings", "original_file_url",
 }  # fmt: skip
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"within {timeout_s} s, never: {what}")
-        time.sleep(0.01)
-
-
-class Receiver:
-    """A real Flask app under Waitress that records callbacks posted to /cb/<token>."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-        self.answer_status = 200
-        self._cond = threading.Condition()
-        app = Flask("receiver")
-        app.add_url_rule("/cb/<token>", view_func=self._receive, methods=["POST"])
-        self.server = ServerThread(app, "127.0.0.1", 0, name="test-receiver", threads=4)
-
-    def _receive(self, token: str):
-        with self._cond:
-            self.calls.append({"token": token, "body": request.get_json(), "at": time.monotonic()})
-            self._cond.notify_all()
-        return "", self.answer_status
-
-    def url(self, token: str) -> str:
-        return f"{self.server.url}/cb/{token}"
-
-    def wait_for(self, count: int, timeout_s: float = 5.0) -> list[dict]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self.calls) >= count, timeout_s):
-                raise AssertionError(f"within {timeout_s} s, {count} callbacks never arrived: {self.calls}")
-            return list(self.calls)
-
-
-@pytest.fixture
-def emu():
-    with Emulator(token=TOKEN, project_ids=(1, 2), knobs=Knobs(processing_s=0.2), seed=0).start() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def session(emu):
-    return konfuzio_session(TOKEN, host=emu.url, num_retries=0)
-
-
-@pytest.fixture
-def receiver():
-    rec = Receiver()
-    rec.server.start()
-    yield rec
-    rec.server.close()
-
-
-def upload(session, host: str, data: bytes, name: str = "scan.pdf", **fields):
-    """POST exactly the form upload_file_konfuzio_api builds, to the URL it would use."""
-    form = {"project": 1, "dataset_status": 0, "category": None, "sync": False, "callback_url": "",
-            "callback_status_code": None}  # fmt: skip
-    form.update(fields)
-    files = {"data_file": (name, data, "multipart/form-data")}
-    return session.post(get_upload_document_url(host), files=files, data=form)
-
-
-def api(emu, method: str, path: str, token: str | None = TOKEN, headers=None, **kwargs) -> requests.Response:
-    headers = {**({"Authorization": f"Token {token}"} if token else {}), **(headers or {})}
-    return requests.request(method, emu.url + path, headers=headers, timeout=5, **kwargs)
 
 
 # -- the happy path, with the SDK's own functions -----------------------------------------------
@@ -205,7 +134,7 @@ def test_sync_upload_answers_finished_document(emu, session):
     assert body["status_data"] == 2 and "sha256" in body["text"]
 
 
-def test_sdk_upload_function_in_a_subprocess(emu, receiver, tmp_path):
+def test_sdk_upload_function_in_a_subprocess(emu, callback_receiver, tmp_path):
     """upload_file_konfuzio_api only knows the import-time KONFUZIO_HOST: set it in the environment."""
     path = tmp_path / "from sdk.pdf"
     path.write_bytes(make_pdf(2, label="sdk"))
@@ -220,14 +149,14 @@ def test_sdk_upload_function_in_a_subprocess(emu, receiver, tmp_path):
     )
     env = {**os.environ, "KONFUZIO_HOST": emu.url, "KONFUZIO_TOKEN": TOKEN, "LOG_TO_FILE": "False"}
     result = subprocess.run(
-        [sys.executable, "-c", script, str(path), receiver.url("sub")],
+        [sys.executable, "-c", script, str(path), callback_receiver.url("sub")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
     status, body, sync_status, deleted = json.loads(result.stdout.splitlines()[-1])
     assert (status, body["status_data"], body["data_file_name"], sync_status) == (201, 0, "from sdk.pdf", 2)
-    (call,) = receiver.wait_for(1)
+    (call,) = callback_receiver.wait_for(1)
     assert call["body"]["id"] == body["id"] and call["body"]["status_data"] == 2
     assert deleted and [d.doc_id for d in emu.deletions] == [body["id"] + 1]
     assert [d["id"] for d in emu.documents()] == [body["id"]]
@@ -268,7 +197,7 @@ def test_project_schema_through_the_sdk(emu, session):
     assert get_project_details(1, session=session)["categories"] == [101, 102, 103]
 
 
-def test_sdk_project_from_file_and_update_in_a_subprocess(emu, receiver, tmp_path):
+def test_sdk_project_from_file_and_update_in_a_subprocess(emu, callback_receiver, tmp_path):
     """The tutorial's object-level flow: Project(id_), Document.from_file(sync=False), update()."""
     (tmp_path / "tutorial.pdf").write_bytes(make_pdf(2, label="tutorial"))
     script = (
@@ -286,7 +215,7 @@ def test_sdk_project_from_file_and_update_in_a_subprocess(emu, receiver, tmp_pat
     )
     env = {**os.environ, "KONFUZIO_HOST": emu.url, "KONFUZIO_TOKEN": TOKEN, "LOG_TO_FILE": "False"}
     result = subprocess.run(
-        [sys.executable, "-c", script, receiver.url("tutorial")],
+        [sys.executable, "-c", script, callback_receiver.url("tutorial")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -299,7 +228,7 @@ def test_sdk_project_from_file_and_update_in_a_subprocess(emu, receiver, tmp_pat
                 for a in label["annotations"]]  # fmt: skip
     assert len(annotations) >= 2 and sorted(annotations) == sorted(expected)
     assert (tmp_path / "data_1" / "documents" / str(doc_id) / "document.txt").read_text() == text
-    (call,) = receiver.wait_for(1)
+    (call,) = callback_receiver.wait_for(1)
     assert call["body"]["id"] == doc_id
 
 
@@ -315,11 +244,11 @@ def test_upload_record_says_when_the_request_arrived(emu, session):
 # -- callbacks ---------------------------------------------------------------------------------
 
 
-def test_callback_reaches_a_real_receiver(emu, session, receiver):
+def test_callback_reaches_a_real_receiver(emu, session, callback_receiver):
     data = make_pdf(label="called back")
-    doc_id = upload(session, emu.url, data, callback_url=receiver.url("tok-1")).json()["id"]
+    doc_id = upload(session, emu.url, data, callback_url=callback_receiver.url("tok-1")).json()["id"]
 
-    (call,) = receiver.wait_for(1)
+    (call,) = callback_receiver.wait_for(1)
 
     assert call["token"] == "tok-1"
     assert call["body"]["id"] == doc_id and call["body"]["status_data"] == 2
@@ -329,33 +258,33 @@ def test_callback_reaches_a_real_receiver(emu, session, receiver):
     assert get_document_details(doc_id, session=session)["callback_status_code"] == 200
 
 
-def test_early_callback_arrives_before_the_upload_returns(emu, session, receiver):
+def test_early_callback_arrives_before_the_upload_returns(emu, session, callback_receiver):
     emu.knobs.early_callback = True
-    response = upload(session, emu.url, make_pdf(label="early"), callback_url=receiver.url("early"))
+    response = upload(session, emu.url, make_pdf(label="early"), callback_url=callback_receiver.url("early"))
     returned_at = time.monotonic()
 
     assert response.json()["status_data"] == 0
-    assert len(receiver.calls) == 1  # already there, without waiting
-    assert receiver.calls[0]["at"] < returned_at and receiver.calls[0]["body"]["status_data"] == 2
+    assert len(callback_receiver.calls) == 1  # already there, without waiting
+    assert callback_receiver.calls[0]["at"] < returned_at and callback_receiver.calls[0]["body"]["status_data"] == 2
 
 
-def test_callback_loss_and_duplicate(emu, session, receiver):
+def test_callback_loss_and_duplicate(emu, session, callback_receiver):
     emu.knobs.callback_loss = 1.0
-    lost = upload(session, emu.url, make_pdf(label="lost"), callback_url=receiver.url("lost")).json()["id"]
+    lost = upload(session, emu.url, make_pdf(label="lost"), callback_url=callback_receiver.url("lost")).json()["id"]
     assert emu.wait_idle(5)
-    assert emu.dropped_callbacks == [lost] and emu.callbacks == [] and receiver.calls == []
+    assert emu.dropped_callbacks == [lost] and emu.callbacks == [] and callback_receiver.calls == []
     assert get_document_details(lost, session=session)["status_data"] == 2
 
     emu.knobs.callback_loss, emu.knobs.callback_duplicate = 0.0, 1.0
-    twice = upload(session, emu.url, make_pdf(label="twice"), callback_url=receiver.url("twice")).json()["id"]
-    calls = receiver.wait_for(2)
+    twice = upload(session, emu.url, make_pdf(label="twice"), callback_url=callback_receiver.url("twice")).json()["id"]
+    calls = callback_receiver.wait_for(2)
     assert [c["body"]["id"] for c in calls] == [twice, twice]
 
 
-def test_failing_receiver_gets_one_attempt_and_its_code_is_kept(emu, session, receiver):
-    receiver.answer_status = 500
-    doc_id = upload(session, emu.url, make_pdf(label="500"), callback_url=receiver.url("t")).json()["id"]
-    receiver.wait_for(1)
+def test_failing_receiver_gets_one_attempt_and_its_code_is_kept(emu, session, callback_receiver):
+    callback_receiver.answer_status = 500
+    doc_id = upload(session, emu.url, make_pdf(label="500"), callback_url=callback_receiver.url("t")).json()["id"]
+    callback_receiver.wait_for(1)
     assert emu.wait_idle(5)
 
     assert [(c.doc_id, c.status_code) for c in emu.callbacks] == [(doc_id, 500)]  # no retries
@@ -382,8 +311,10 @@ def closed_port():
 # -- fault knobs -------------------------------------------------------------------------------
 
 
-def test_fail_marker_and_fail_rate_end_in_111(emu, session, receiver):
-    marked = upload(session, emu.url, make_pdf(label=FAIL_MARKER.decode()), callback_url=receiver.url("f")).json()
+def test_fail_marker_and_fail_rate_end_in_111(emu, session, callback_receiver):
+    marked = upload(
+        session, emu.url, make_pdf(label=FAIL_MARKER.decode()), callback_url=callback_receiver.url("f")
+    ).json()
     emu.knobs.fail_rate = 1.0
     unlucky = upload(session, emu.url, make_pdf(label="unlucky")).json()
     assert emu.wait_idle(5)
@@ -391,7 +322,7 @@ def test_fail_marker_and_fail_rate_end_in_111(emu, session, receiver):
     for body in (marked, unlucky):
         details = get_document_details(body["id"], session=session)
         assert (details["status_data"], details["text"]) == (111, None)
-    assert receiver.wait_for(1)[0]["body"]["status_data"] == 111
+    assert callback_receiver.wait_for(1)[0]["body"]["status_data"] == 111
 
 
 def test_429_carries_retry_after_and_stores_nothing(emu, session):
@@ -466,21 +397,6 @@ def test_upload_validation_errors(emu, files, form, errors):
     assert (response.status_code, response.json()) == (400, errors)
 
 
-def test_callback_url_validation_follows_django():
-    assert is_valid_url("http://127.0.0.1:8080/cb/abc")
-    assert is_valid_url("http://localhost:5000/cb")
-    assert is_valid_url("https://abcd-1-2-3-4.ngrok-free.app/callback/t0k3n?x=1")
-    assert is_valid_url("http://[::1]:8080/cb")
-    for bad in (
-        "not a url",
-        "ftp://example.com/x",
-        "http://receiver:8080/cb",
-        "http:///cb",
-        "http://a b.com/",
-    ):
-        assert not is_valid_url(bad), bad
-
-
 def test_not_found_and_bad_requests_never_500(emu, session):
     with pytest.raises(requests.HTTPError, match="404 Not Found: Not found. via"):
         get_document_details(999, session=session)
@@ -502,13 +418,13 @@ def test_not_found_and_bad_requests_never_500(emu, session):
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
-def test_stop_joins_every_thread(receiver):
+def test_stop_joins_every_thread(callback_receiver):
     before = threading.active_count()
     emu = Emulator(token=TOKEN, knobs=Knobs(processing_s=0.05)).start()
     session = konfuzio_session(TOKEN, host=emu.url)
     for i in range(3):
-        upload(session, emu.url, make_pdf(label=str(i)), callback_url=receiver.url(str(i)))
-    receiver.wait_for(3)
+        upload(session, emu.url, make_pdf(label=str(i)), callback_url=callback_receiver.url(str(i)))
+    callback_receiver.wait_for(3)
     emu.knobs.processing_s = 30  # still pending at stop: must be dropped, not waited for
     upload(session, emu.url, make_pdf(label="never"))
 

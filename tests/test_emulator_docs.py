@@ -27,6 +27,8 @@ from konfuzio_watch.samples import make_pdf  # noqa: E402
 from .conftest import TOKEN, wait_until  # noqa: E402
 from .helpers import DOCS, file_of, readme_block  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test runs the emulator, as a command or in this process
+
 README_URL = "http://127.0.0.1:8000"  # the emulator's address in docs/emulator.md's examples (its --port 8000)
 
 

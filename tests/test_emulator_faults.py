@@ -4,17 +4,13 @@ uploads stored after the client timed out, DELETE, request accounting, large str
 
 from __future__ import annotations
 
-import os
+import hashlib
+import time
+import tracemalloc
 
-os.environ.setdefault("LOG_TO_FILE", "False")  # before konfuzio_sdk is imported anywhere
-
-import hashlib  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-
-import pytest  # noqa: E402
-import requests  # noqa: E402
-from konfuzio_sdk.api import (  # noqa: E402
+import pytest
+import requests
+from konfuzio_sdk.api import (
     download_file_konfuzio_api,
     get_document_annotations,
     get_document_bbox,
@@ -23,16 +19,15 @@ from konfuzio_sdk.api import (  # noqa: E402
     get_project_labels,
     konfuzio_session,
 )
-from konfuzio_sdk.urls import get_document_url, get_upload_document_url  # noqa: E402
+from konfuzio_sdk.urls import get_document_url, get_upload_document_url
 
-from konfuzio_watch.emulator import FaultRule  # noqa: E402
-from konfuzio_watch.samples import make_pdf, make_png  # noqa: E402
+from konfuzio_watch.emulator import FaultRule
+from konfuzio_watch.samples import make_pdf, make_png
 
-from . import test_emulator as shared  # noqa: E402
-from .conftest import wait_until  # noqa: E402
-from .test_emulator import TOKEN, api, upload  # noqa: E402
+from .conftest import TOKEN, wait_until
+from .helpers import api, upload
 
-emu, session, receiver = shared.emu, shared.session, shared.receiver  # the same fixtures
+pytestmark = pytest.mark.slow  # every test starts the emulator under Waitress
 
 HTTP_DATE_2099 = "Thu, 01 Jan 2099 00:00:00 GMT"
 
@@ -110,18 +105,18 @@ def test_rule_beats_auth_and_never_touches_control_endpoints(emu):
     assert requests.get(f"{emu.url}/emulator/stats", timeout=5).status_code == 200
 
 
-def test_gateway_answers_504_at_once_and_the_upload_is_stored_later(emu, session, receiver):
+def test_gateway_answers_504_at_once_and_the_upload_is_stored_later(emu, session, callback_receiver):
     rule = FaultRule.gateway(504, store_after_s=0.3)
     emu.knobs.fault_rules = [rule]
 
     with pytest.raises(requests.HTTPError) as caught:
-        upload(session, emu.url, make_pdf(label="gave up"), name="late.pdf", callback_url=receiver.url("late"))
+        upload(session, emu.url, make_pdf(label="gave up"), name="late.pdf", callback_url=callback_receiver.url("late"))
     assert cause(caught).status_code == 504 and emu.uploads == []  # answered before anything was stored
 
     (record,) = wait_until(lambda: list(emu.uploads), 5, "the late store")
     assert (record.data_file_name, record.gateway_status) == ("late.pdf", 504)
-    assert record.callback_url == receiver.url("late")
-    (call,) = receiver.wait_for(1)
+    assert record.callback_url == callback_receiver.url("late")
+    (call,) = callback_receiver.wait_for(1)
     assert call["token"] == "late" and call["body"]["id"] == record.doc_id
     assert upload(session, emu.url, make_pdf(label="next")).status_code == 201  # count=1: once only
     assert rule.hits == 1
@@ -135,29 +130,33 @@ def test_gateway_error_for_a_refused_upload_stores_nothing(emu):
     assert emu.wait_idle(5) and emu.uploads == []
 
 
-def test_upload_is_stored_after_the_client_timed_out(emu, receiver):
+def test_upload_is_stored_after_the_client_timed_out(emu, callback_receiver):
     """The handler goes on after its client disconnected during upload_latency_s."""
     emu.knobs.upload_latency_s = 0.6
     impatient = konfuzio_session(TOKEN, host=emu.url, timeout=0.2, num_retries=0)
 
     with pytest.raises(requests.exceptions.ReadTimeout):
-        upload(impatient, emu.url, make_pdf(label="timed out"), name="gone.pdf", callback_url=receiver.url("gone"))
+        upload(
+            impatient, emu.url, make_pdf(label="timed out"), name="gone.pdf", callback_url=callback_receiver.url("gone")
+        )
     assert emu.uploads == []
 
     (record,) = wait_until(lambda: list(emu.uploads), 5, "the upload stored after the timeout")
     assert (record.data_file_name, record.gateway_status) == ("gone.pdf", None)
-    assert record.callback_url == receiver.url("gone")
-    assert receiver.wait_for(1)[0]["body"]["id"] == record.doc_id
+    assert record.callback_url == callback_receiver.url("gone")
+    assert callback_receiver.wait_for(1)[0]["body"]["id"] == record.doc_id
 
 
 # -- DELETE ----------------------------------------------------------------------------------
 
 
-def test_delete_removes_a_document_and_records_it(emu, session, receiver):
+def test_delete_removes_a_document_and_records_it(emu, session, callback_receiver):
     """``delete_file_konfuzio_api`` sends exactly this (with the import-time host; see the subprocess test)."""
     kept = upload(session, emu.url, make_pdf(label="kept")).json()["id"]
     emu.knobs.processing_s = 0.5
-    doomed = upload(session, emu.url, make_pdf(label="doomed"), callback_url=receiver.url("doomed")).json()["id"]
+    doomed = upload(session, emu.url, make_pdf(label="doomed"), callback_url=callback_receiver.url("doomed")).json()[
+        "id"
+    ]
 
     response = session.delete(url=get_document_url(doomed, host=emu.url))
 
@@ -169,7 +168,7 @@ def test_delete_removes_a_document_and_records_it(emu, session, receiver):
     assert [r["id"] for r in api(emu, "GET", "/api/v3/documents/?project=1").json()["results"]] == [kept]
     (record,) = emu.deletions
     assert (record.doc_id, record.project) == (doomed, 1)
-    assert emu.wait_idle(5) and receiver.calls == []  # its processing ended without a callback
+    assert emu.wait_idle(5) and callback_receiver.calls == []  # its processing ended without a callback
     seeded = emu.seed_documents(1, 3)
     assert emu.delete_document(seeded[1]) and not emu.delete_document(seeded[1])
     assert api(emu, "GET", f"/api/v3/documents/{seeded[1]}/").status_code == 404

@@ -3,17 +3,13 @@ searchable PDF, review, re-extraction, status 41, and a project of 50,000 seeded
 
 from __future__ import annotations
 
-import os
+import hashlib
+import time
+import tracemalloc
 
-os.environ.setdefault("LOG_TO_FILE", "False")  # before konfuzio_sdk is imported anywhere
-
-import hashlib  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-
-import pytest  # noqa: E402
-import requests  # noqa: E402
-from konfuzio_sdk.api import (  # noqa: E402
+import pytest
+import requests
+from konfuzio_sdk.api import (
     download_file_konfuzio_api,
     get_document_annotations,
     get_document_bbox,
@@ -22,16 +18,14 @@ from konfuzio_sdk.api import (  # noqa: E402
     get_project_categories,
 )
 
-from konfuzio_watch.emulator import NO_CATEGORY_MARKER, SPLIT_MARKER, NotAllowed, ocr_text_for  # noqa: E402
-from konfuzio_watch.emulator.content import facts_of, layout_for  # noqa: E402
-from konfuzio_watch.samples import make_pdf, make_png  # noqa: E402
+from konfuzio_watch.emulator import NO_CATEGORY_MARKER, SPLIT_MARKER, NotAllowed, ocr_text_for
+from konfuzio_watch.emulator.content import facts_of, layout_for
+from konfuzio_watch.samples import make_pdf, make_png
 
-from . import test_emulator as shared  # noqa: E402
-from .conftest import wait_until  # noqa: E402
-from .helpers import file_of, pdf_page_texts, pdftotext_pages  # noqa: E402,F401 (file_of: test_results imports it from here)
-from .test_emulator import api, upload  # noqa: E402
+from .conftest import wait_until
+from .helpers import api, file_of, pdf_page_texts, pdftotext_pages, upload
 
-emu, session, receiver = shared.emu, shared.session, shared.receiver  # the same fixtures
+pytestmark = pytest.mark.slow  # every test starts the emulator under Waitress
 
 CATEGORY_OF_KIND = {"invoice": "Invoice", "receipt": "Receipt", "letter": "Letter"}
 
@@ -195,15 +189,17 @@ def test_searchable_pdf_holds_the_ocr_text_and_the_original_comes_back(emu, sess
 # -- people at work: review, re-extraction, split confirmation ---------------------------------
 
 
-def test_review_marks_reviewed_corrects_a_value_and_calls_back_again(emu, session, receiver):
-    doc_id = upload(session, emu.url, file_of("invoice", tag="review"), callback_url=receiver.url("rv")).json()["id"]
-    (first,) = receiver.wait_for(1)
+def test_review_marks_reviewed_corrects_a_value_and_calls_back_again(emu, session, callback_receiver):
+    doc_id = upload(
+        session, emu.url, file_of("invoice", tag="review"), callback_url=callback_receiver.url("rv")
+    ).json()["id"]
+    (first,) = callback_receiver.wait_for(1)
     assert first["body"]["is_reviewed"] is False
 
     reviewed = emu.review(doc_id, {"Invoice Number": "INV-CORRECTED", "Total": "1.000,00"})
 
     assert reviewed["is_reviewed"] is True and reviewed["updated_at"] > first["body"]["updated_at"]
-    second = receiver.wait_for(2)[1]["body"]
+    second = callback_receiver.wait_for(2)[1]["body"]
     now = get_document_details(doc_id, session=session)
     assert second["is_reviewed"] is True and second["annotation_sets"] == now["annotation_sets"]
     assert second["updated_at"] == now["updated_at"] == reviewed["updated_at"]
@@ -219,25 +215,27 @@ def test_review_marks_reviewed_corrects_a_value_and_calls_back_again(emu, sessio
     assert via_http.status_code == 200 and via_http.json()["category"] == 103
     assert via_http.json()["category_is_revised"] is True
     assert set(values_by_label(via_http.json())) == {"Sender", "Date"}  # re-extracted for Letter
-    assert receiver.wait_for(3)[2]["body"]["category"] == 103
+    assert callback_receiver.wait_for(3)[2]["body"]["category"] == 103
     assert requests.post(f"{emu.url}/emulator/documents/999/review", timeout=5).status_code == 404
     bad = requests.post(f"{emu.url}/emulator/documents/{doc_id}/review", json={"changes": {"Nope": "x"}}, timeout=5)
     assert bad.status_code == 400
 
 
-def test_reextract_renews_results_and_calls_back(emu, session, receiver):
-    doc_id = upload(session, emu.url, file_of("invoice", tag="again"), callback_url=receiver.url("re")).json()["id"]
-    receiver.wait_for(1)
+def test_reextract_renews_results_and_calls_back(emu, session, callback_receiver):
+    doc_id = upload(session, emu.url, file_of("invoice", tag="again"), callback_url=callback_receiver.url("re")).json()[
+        "id"
+    ]
+    callback_receiver.wait_for(1)
     before = get_document_annotations(doc_id, session=session)
 
     assert emu.reextract(doc_id, duration_s=1.0)["status_data"] == 1
     assert get_document_details(doc_id, session=session)["status_data"] in (1, 20)
     with pytest.raises(NotAllowed, match="not done"):
         emu.reextract(doc_id)  # already in extraction
-    second = receiver.wait_for(2)[1]["body"]
+    second = callback_receiver.wait_for(2)[1]["body"]
 
     after = get_document_annotations(doc_id, session=session)
-    assert second["status_data"] == 2 and second["updated_at"] > receiver.calls[0]["body"]["updated_at"]
+    assert second["status_data"] == 2 and second["updated_at"] > callback_receiver.calls[0]["body"]["updated_at"]
     assert [(a["label"]["name"], a["offset_string"]) for a in after] == [
         (a["label"]["name"], a["offset_string"]) for a in before
     ]  # same text, same values...
@@ -263,20 +261,20 @@ def test_reextract_keeps_what_a_person_revised(emu, session):
     assert requests.post(f"{emu.url}/emulator/documents/999/reextract", timeout=5).status_code == 404
 
 
-def test_status_41_waits_for_the_split_confirmation(emu, session, receiver):
+def test_status_41_waits_for_the_split_confirmation(emu, session, callback_receiver):
     data = make_pdf(4, label=SPLIT_MARKER.decode())
-    doc_id = upload(session, emu.url, data, callback_url=receiver.url("split")).json()["id"]
+    doc_id = upload(session, emu.url, data, callback_url=callback_receiver.url("split")).json()["id"]
 
     wait_until(lambda: get_document_details(doc_id, session=session)["status_data"] == 41, 5, "status 41")
     assert emu.wait_idle(5)  # a document waiting for a person is not pending work...
-    assert receiver.calls == [] and emu.callbacks == []  # ...and no callback was sent
+    assert callback_receiver.calls == [] and emu.callbacks == []  # ...and no callback was sent
     waiting = get_document_details(doc_id, session=session)
     assert waiting["proposed_split"] == [{"pages": [1, 2]}, {"pages": [3, 4]}] and waiting["split_is_revised"] is False
     assert waiting["text"] == ocr_text_for(data, "scan.pdf")  # OCR is done
 
     response = requests.post(f"{emu.url}/emulator/documents/{doc_id}/confirm-split", timeout=5)
     assert response.status_code == 202
-    (call,) = receiver.wait_for(1)
+    (call,) = callback_receiver.wait_for(1)
     assert call["body"]["status_data"] == 2 and call["body"]["split_is_revised"] is True
     assert requests.post(f"{emu.url}/emulator/documents/{doc_id}/confirm-split", timeout=5).status_code == 409
 

@@ -34,30 +34,24 @@ from konfuzio_watch.install import shipped_bytes
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import TOKEN, wait_until
-from .test_systemd_unit import MAX_EXPOSURE, settings
+from .helpers import MAX_EXPOSURE, readme_block, unit_settings
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "docs" / "service.md"  # the service install's blocks
 USER = "konfuzio-watch"
 APP = "/opt/konfuzio-watch/.venv/bin/konfuzio-watch"
 TOOLS = ("bash", "systemd-sysusers", "systemd-analyze", "setpriv", "unshare", "mount", "install")
 MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
 
 pytestmark = [
+    pytest.mark.slow,  # every test runs docs/service.md's install block as root (the fixture ``installed``)
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown, setpriv, a mount namespace"),
     pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} (Debian: systemd, util-linux, coreutils)"),
 ]
 
 
-def readme_block(name: str) -> str:
-    found = re.findall(rf"<!-- install: {name}\b[^>]*-->\n```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert len(found) == 1, f"docs/service.md needs one ```sh block right after <!-- install: {name} ... -->"
-    return found[0]
-
-
 def run_block(name: str, root: Path) -> subprocess.CompletedProcess[str]:
-    """The page's block as a bash script, with ROOT set to ``root`` instead of empty."""
-    lines = readme_block(name).splitlines()
+    """The docs/service.md block as a bash script, with ROOT set to ``root`` instead of empty."""
+    lines = readme_block(f"install: {name}").splitlines()
     if re.fullmatch(r"ROOT=\s*(#.*)?", lines[0]):
         lines = lines[1:]
     code = "\n".join(line.split(" #")[0] for line in lines if not line.lstrip().startswith("#"))
@@ -129,7 +123,7 @@ class Service:
         text = (unit_dir / "konfuzio-watch.service").read_text()
         for drop_in in sorted((unit_dir / "konfuzio-watch.service.d").glob("*.conf")):
             text += "\n" + drop_in.read_text()
-        unit = settings(text)
+        unit = unit_settings(text)
         (user,) = unit["User"]
         uid, gid = user_ids(root, user)
         # like systemd: the user's memberships (getgrouplist) plus SupplementaryGroups=
@@ -290,7 +284,6 @@ def test_the_install_block_writes_the_files_the_user_and_a_config_only_the_servi
     assert user_ids(root) == (uid, gid)
 
 
-@pytest.mark.slow
 def test_check_passes_as_the_service_user_and_nobody_else_can_read_the_config(installed: Path, emulator) -> None:  # type: ignore[no-untyped-def]
     root = installed
     share = root / "srv/scans"
@@ -311,7 +304,6 @@ def test_check_passes_as_the_service_user_and_nobody_else_can_read_the_config(in
     assert nobody.stderr == f"konfuzio-watch: cannot read config {config}: Permission denied\n"
 
 
-@pytest.mark.slow
 def test_the_scanner_group_block_lets_the_group_read_and_delete_results(installed: Path, emulator) -> None:  # type: ignore[no-untyped-def]
     root = installed
     result = run_block("scanner", root)
@@ -405,7 +397,6 @@ def check_unit_with_drop_ins(root: Path) -> None:
     assert security.returncode == 0, security.stdout[-1500:]
 
 
-@pytest.mark.slow
 def test_check_as_root_judges_the_folders_for_the_user_the_service_ran_as(installed: Path, emulator) -> None:  # type: ignore[no-untyped-def]
     """After the service ran, root's check judged the folders as root: it failed the service's own processing
     folder and passed a done/ the service cannot write."""

@@ -43,8 +43,7 @@ from konfuzio_watch.results import (
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import TOKEN, wait_until
-from .helpers import FakeClock
-from .test_emulator_results import file_of
+from .helpers import FakeClock, file_of
 
 SECRET = "s3cr3t-callback-token_0123456789abcdefghijklmno"
 CALLBACK = f"http://127.0.0.1:9/konfuzio-callback/{SECRET}"  # port 9: refused at once
@@ -492,6 +491,7 @@ def done_document(emulator, client: KonfuzioClient, data: bytes, name: str = "sc
     return client.document(doc_id)
 
 
+@pytest.mark.slow
 def test_every_request_carries_the_session_settings_and_a_rotated_token(emulator, client):
     """The client sends through the session with its settings prepared once (``_send``): the same
     headers as ``session.get``, cookies the server set, and a rotated token from the next request on."""
@@ -510,6 +510,7 @@ def test_every_request_carries_the_session_settings_and_a_rotated_token(emulator
     assert caught.value.failure.status == 401, "the new token, not the one the first request was prepared with"
 
 
+@pytest.mark.slow
 def test_project_lists_through_the_sdk(emulator, client):
     labels, label_sets = client.project_labels(1), client.project_label_sets(1)
     categories = client.project_categories(1)
@@ -524,6 +525,7 @@ def test_project_lists_through_the_sdk(emulator, client):
     assert raised.value.failure.cause == Cause.INVALID
 
 
+@pytest.mark.slow
 def test_annotations_of_a_document_come_in_pages_and_all_of_them(emulator, client, monkeypatch):
     details = done_document(emulator, client, file_of("invoice", pages=2, tag="pages", ibans=2))
     whole = client.annotations(details["id"])
@@ -540,6 +542,7 @@ def test_annotations_of_a_document_come_in_pages_and_all_of_them(emulator, clien
         assert raised.value.failure.cause == cause
 
 
+@pytest.mark.slow
 def test_searchable_pdf_is_streamed_to_a_file(emulator, client, tmp_path):
     details = done_document(emulator, client, make_pdf(3, label="streamed"))
     target = tmp_path / "out" / "scan.pdf"
@@ -558,6 +561,7 @@ def test_searchable_pdf_is_streamed_to_a_file(emulator, client, tmp_path):
     assert target.read_bytes() == data
 
 
+@pytest.mark.slow
 def test_searchable_pdf_errors_are_classified_and_leave_no_file(emulator, client, tmp_path):
     emulator.knobs.processing_s = 60  # still queuing for OCR
     waiting = client.upload(io.BytesIO(make_pdf(1, label="not yet")), "w.pdf", UploadForm(1, CALLBACK))["id"]
@@ -597,6 +601,7 @@ print(size, streamed, whole, tracemalloc.get_traced_memory()[1])
 """
 
 
+@pytest.mark.slow
 def test_searchable_pdf_download_memory_does_not_grow_with_the_file(emulator, client, tmp_path):
     """Measured in a process of its own: the emulator in this one holds each PDF it serves."""
     details = done_document(emulator, client, make_pdf(2500, label="a long scan"))
@@ -610,6 +615,7 @@ def test_searchable_pdf_download_memory_does_not_grow_with_the_file(emulator, cl
         (tmp_path / "warm-up.pdf").read_bytes()).digest()  # fmt: skip
 
 
+@pytest.mark.slow
 def test_results_of_every_kind_of_document_match_the_schema(emulator, client):
     """Invoice with two IBANs and line items, receipt, letter (PNG), no category, reviewed with a
     correction, confirmed split, seeded: each result valid, and what it says is the document's own."""

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import MAX_EXPOSURE, unit_settings
+
 DATA = Path(__file__).resolve().parent.parent / "konfuzio_watch" / "data"
 UNIT = DATA / "konfuzio-watch.service"
 SYSUSERS = DATA / "konfuzio-watch.sysusers"
 INSTALLED_EXEC = "/opt/konfuzio-watch/.venv/bin/konfuzio-watch"
-MAX_EXPOSURE = 1.4  # systemd-analyze security's score when the unit was first hardened; it must not grow
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian: apt-get install systemd)"
@@ -44,17 +45,8 @@ def local_copy(tmp_path: Path, text: str | None = None) -> Path:
     return path
 
 
-def settings(text: str) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not line.startswith(("#", ";")):
-            found.setdefault(key.strip(), []).append(value.strip())
-    return found
-
-
 def test_the_unit_says_what_the_daemon_relies_on() -> None:
-    unit = settings(UNIT.read_text())
+    unit = unit_settings(UNIT.read_text())
 
     assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["main"]
     assert unit["ExecStart"] == [f"{INSTALLED_EXEC} run --config /etc/konfuzio-watch/config.yaml"]
@@ -72,6 +64,7 @@ def test_the_unit_says_what_the_daemon_relies_on() -> None:
     )
 
 
+@pytest.mark.slow
 @needs_analyze
 def test_verify_accepts_the_unit(tmp_path: Path) -> None:
     result = analyze("verify", "--recursive-errors=yes", str(local_copy(tmp_path)))
@@ -80,6 +73,7 @@ def test_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
+@pytest.mark.slow
 @needs_analyze
 @pytest.mark.parametrize(
     ("good", "bad", "complaint"),
@@ -98,6 +92,7 @@ def test_verify_fails_on_a_misspelt_key_or_a_bad_value(tmp_path: Path, good: str
     assert complaint in result.stderr
 
 
+@pytest.mark.slow
 @needs_analyze
 def test_the_sandbox_exposure_is_at_most_1_4() -> None:
     result = analyze("security", "--offline=yes", f"--threshold={round(MAX_EXPOSURE * 10)}", str(UNIT))
@@ -109,6 +104,7 @@ def test_the_sandbox_exposure_is_at_most_1_4() -> None:
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.slow
 @needs_analyze
 def test_the_security_threshold_rejects_an_unhardened_unit(tmp_path: Path) -> None:
     bare = tmp_path / "bare.service"
@@ -119,6 +115,7 @@ def test_the_security_threshold_rejects_an_unhardened_unit(tmp_path: Path) -> No
     assert result.returncode != 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not installed")
 def test_sysusers_creates_the_system_user(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
@@ -175,6 +172,7 @@ def exposure(result: subprocess.CompletedProcess[str]) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 @needs_analyze
 def test_the_readmes_exposure_figures_are_what_systemd_analyze_says(tmp_path: Path) -> None:
     """The shipped unit alone, and with the drop-in of docs/service.md's scanner group block."""
