@@ -149,6 +149,7 @@ def test_writes_are_tried_for_real(tmp_path) -> None:  # type: ignore[no-untyped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal", "ro"], "a probe was left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="trying writes as another user needs root")
 def test_root_tries_the_writes_as_the_other_user(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """In a child process with nobody's ids: root's own folder (0700) is closed to it. Where nobody cannot

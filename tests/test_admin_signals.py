@@ -20,6 +20,8 @@ from konfuzio_watch.samples import make_pdf
 from .conftest import TOKEN, drop, make_config, wait_until
 from .helpers import KONFUZIO_WATCH, assert_own_result
 
+pytestmark = pytest.mark.slow  # every test starts the real daemon against the emulator
+
 
 def closed_port() -> int:
     with socket.socket() as s:
@@ -164,7 +166,6 @@ def prometheus(daemon, name: str) -> float | None:  # type: ignore[no-untyped-de
     return next((s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name), None)
 
 
-@pytest.mark.slow
 def test_callbacks_that_cannot_arrive_are_one_truth_in_status_healthz_metrics_and_the_log(daemon_process):
     nowhere = f"http://127.0.0.1:{closed_port()}"
     daemon = daemon_process(callback={"public_url": nowhere})
@@ -185,7 +186,6 @@ def test_callbacks_that_cannot_arrive_are_one_truth_in_status_healthz_metrics_an
     )
 
 
-@pytest.mark.slow
 def test_callbacks_that_arrive_are_yes_in_status_healthz_metrics_and_the_log(daemon_process, emulator):
     daemon = daemon_process()
     daemon.start()

@@ -488,6 +488,7 @@ def started() -> Iterator[Callable[..., Alerts]]:
         assert alerts.close(10)
 
 
+@pytest.mark.slow
 def test_a_mail_arrives_listing_the_failed_files(smtp_server, started):
     controller, received = smtp_server
     alerts = started(f"mailto://127.0.0.1:{controller.port}?from=kw@example.com&to=admin@example.com")
@@ -520,6 +521,7 @@ def daemon_log() -> Iterator[list[logging.LogRecord]]:
     root.setLevel(level)
 
 
+@pytest.mark.slow
 def test_a_webhook_that_fails_for_a_while_gets_everything_once_it_recovers(receiver, started, daemon_log):
     rec, server = receiver
     url = f"json://hook-user:s3cret@127.0.0.1:{server.port}/kw"
@@ -552,6 +554,7 @@ def test_a_webhook_that_fails_for_a_while_gets_everything_once_it_recovers(recei
     assert not [r for r in daemon_log if "s3cret" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_callers_never_wait_for_a_hanging_destination_and_close_is_bounded(receiver, started, caplog):
     rec, server = receiver
     rec.hold = threading.Event()

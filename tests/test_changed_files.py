@@ -79,6 +79,7 @@ def documents_left(emulator) -> int:  # type: ignore[no-untyped-def]
 # -- part 4: rewritten in place, same size, mtime put back -------------------------------------------
 
 
+@pytest.mark.slow
 def test_files_rewritten_through_a_hard_link_after_the_upload_are_uploaded_again(start_daemon, emulator, tmp_path):
     emulator.knobs.processing_s = 1.5  # the results come after the rewrite
     running = start_daemon()
@@ -103,6 +104,7 @@ def test_files_rewritten_through_a_hard_link_after_the_upload_are_uploaded_again
     assert len(emulator.uploads) == 10 and documents_left(emulator) == 5
 
 
+@pytest.mark.slow
 def test_a_file_rewritten_while_it_is_uploaded_is_uploaded_again(start_daemon, emulator, tmp_path):
     emulator.knobs.upload_latency_s = 1.0  # the POST is in flight while the file is rewritten
     running = start_daemon()
@@ -120,6 +122,7 @@ def test_a_file_rewritten_while_it_is_uploaded_is_uploaded_again(start_daemon, e
     assert running.counts()[State.DONE] == 1 and documents_left(emulator) == 1
 
 
+@pytest.mark.slow
 def test_a_rewritten_file_whose_second_upload_is_ambiguous_gets_the_new_documents_result(
     start_daemon, emulator, tmp_path
 ):
@@ -142,6 +145,7 @@ def test_a_rewritten_file_whose_second_upload_is_ambiguous_gets_the_new_document
     assert json.loads((running.done / "scan.pdf.json").read_text())["document_id"] == second.doc_id
 
 
+@pytest.mark.slow
 def test_a_file_copied_into_a_done_folder_on_another_file_system_is_checked_by_content(
     start_daemon, emulator, tmp_path
 ):
@@ -385,6 +389,7 @@ def steps(tmp_path, emulator) -> Iterator[Steps]:
     journal.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("touch", ["a link into done/ (a crash before the unlink)", "a chmod"])
 def test_the_daemons_own_link_or_a_chmod_alone_is_no_change(steps, tmp_path, touch):
     data = make_pdf(label="linked by a crashed export")
@@ -406,6 +411,7 @@ def test_the_daemons_own_link_or_a_chmod_alone_is_no_change(steps, tmp_path, tou
     assert not source.exists()
 
 
+@pytest.mark.slow
 def test_a_rewrite_while_the_result_is_fetched_takes_the_result_back_out_of_done(steps, tmp_path, monkeypatch):
     old, new = make_pdf(label="old, rewritten during the export"), make_pdf(label="new, rewritten during the export")
     row, link = steps.uploaded("scan.pdf", old, tmp_path / "elsewhere")
@@ -429,6 +435,7 @@ def test_a_rewrite_while_the_result_is_fetched_takes_the_result_back_out_of_done
     assert documents_left(steps.emulator) == 1, "the old bytes' document deleted"
 
 
+@pytest.mark.slow
 def test_an_append_right_after_the_move_takes_the_file_back_and_uploads_it_again(steps, tmp_path, monkeypatch):
     data = make_png(label="appended to right after it was placed")
     row, link = steps.uploaded("scan.png", data, tmp_path / "elsewhere")

@@ -24,6 +24,8 @@ from .conftest import TOKEN, drop, wait_until
 from .helpers import KONFUZIO_WATCH
 from .pg import free_port
 
+pytestmark = pytest.mark.slow  # every test starts the emulator, and the daemon in a thread or as a process
+
 
 def write_config(tmp_path: Path, emulator, **overrides) -> Path:  # type: ignore[no-untyped-def]
     raw = {
@@ -222,7 +224,6 @@ def test_retry_all_failed_with_nothing_failed_says_so(tmp_path, emulator):
     assert done.stdout == f"nothing to retry: the journal holds no failed file (failed/: {tmp_path / 'failed'})\n"
 
 
-@pytest.mark.slow
 def test_demo_workdir_leaves_a_config_that_status_reads_as_the_readme_says(tmp_path):
     """From a fresh folder: the demo kept in demo-run/, then status on what it left there."""
     env = {**os.environ, "LOG_TO_FILE": "False"}
@@ -249,7 +250,6 @@ def test_demo_workdir_leaves_a_config_that_status_reads_as_the_readme_says(tmp_p
     assert "`.venv/bin/konfuzio-watch status --config demo-run/config.yaml`" in readme
 
 
-@pytest.mark.slow
 def test_check_recognises_its_own_running_daemon_on_the_callback_and_monitor_ports(daemon_process):
     """On the machine where the daemon runs, its ports are in use by it: that is no problem to report."""
     daemon = daemon_process(monitor={"port": free_port()})

@@ -40,6 +40,8 @@ from .helpers import (
     waiting_in,
 )
 
+pytestmark = pytest.mark.slow  # every test starts daemon processes on one PostgreSQL server
+
 
 @dataclass
 class Cluster:

@@ -118,6 +118,7 @@ def test_done_and_failed_may_live_inside_the_inbox(tmp_path: Path):
     assert config.folders.done == tmp_path / "in" / "done"
 
 
+@pytest.mark.slow
 def test_cli_reports_a_config_error_in_one_line_without_traceback(tmp_path: Path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(with_("upload", concurrency="four")))
@@ -175,6 +176,7 @@ def _write(tmp_path: Path, watch_lines: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_an_alias_bomb_is_refused_at_once_naming_the_key(tmp_path: Path):
     path = _write(tmp_path, _alias_bomb())
     assert path.stat().st_size < 1024

@@ -32,6 +32,8 @@ from .helpers import (
     waiting_in,
 )
 
+pytestmark = pytest.mark.slow  # every test starts the daemon as a process
+
 
 def test_sigkill_at_many_points_every_file_finishes_exactly_once(daemon_process, emulator, tmp_path):
     emulator.knobs.upload_latency_s = 0.05

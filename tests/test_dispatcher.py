@@ -25,6 +25,8 @@ from konfuzio_watch.samples import make_pdf
 from .conftest import TOKEN, make_config
 from .helpers import FakeClock, HeldExecutor
 
+pytestmark = pytest.mark.slow  # every test starts the real pipeline against the emulator
+
 
 @dataclass
 class Parts:

@@ -23,6 +23,8 @@ from konfuzio_watch.samples import make_pdf, make_png
 from .conftest import TOKEN, drop, wait_until
 from .helpers import AS_NOBODY, DaemonProcess, assert_own_result, can_drop_privileges
 
+pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
+
 FAKE_WALL = Path(__file__).with_name("fakewall")
 
 

@@ -418,6 +418,7 @@ except FileExistsError:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs Debian's strace for fault injection")
 def test_without_hard_links_a_write_or_move_checks_then_renames(tmp_path):
     """A file system without hard links (vfat, exFAT, some SMB): every link(2) fails with EPERM."""

@@ -23,6 +23,8 @@ from konfuzio_watch.samples import make_pdf, make_png
 from .conftest import drop, make_config, wait_until
 from .helpers import assert_own_result, callback_url_of, inbox_files, waiting_in
 
+pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
+
 
 def uploads_per_sha(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]
     return collections.Counter(u.sha256 for u in emulator.uploads)

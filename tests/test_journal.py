@@ -36,7 +36,10 @@ from konfuzio_watch.journal import (
 
 from .conftest import wait_until
 
-postgres = pytest.mark.postgres
+
+def postgres(test: Callable[..., Any]) -> Callable[..., Any]:
+    """A test on the session's throwaway PostgreSQL server: slow, like every test that starts a server."""
+    return pytest.mark.slow(pytest.mark.postgres(test))
 
 
 def mountinfo_with(mount_point: Path, fstype: str) -> str:
@@ -75,7 +78,7 @@ class Backend:
             return cursor.fetchall() if cursor.description else []
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=postgres)])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
     made = Backend(request.param, tmp_path, url)
@@ -904,6 +907,7 @@ def test_a_server_that_is_not_there_is_one_clear_error(pg_cluster: Any):
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ci", [False, True])
 def test_without_postgresql_its_tests_skip_loudly_or_fail_in_ci(tmp_path: Path, ci: bool):
     import subprocess

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import drop, make_config, wait_until
 from .helpers import waiting_in
+
+pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
 
 
 def test_a_leftover_name_of_a_done_file_is_removed_not_adopted(start_daemon, emulator, tmp_path):

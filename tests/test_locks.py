@@ -63,6 +63,7 @@ def refusal(daemon: DaemonProcess) -> str:
     return daemon.log.read_text()
 
 
+@pytest.mark.slow
 def test_a_second_daemon_on_the_same_state_folder_exits_at_once_naming_the_first(tmp_path, emulator):
     first = DaemonProcess(tmp_path, emulator)
     first.start()
@@ -86,6 +87,7 @@ def test_a_second_daemon_on_the_same_state_folder_exits_at_once_naming_the_first
     assert first.terminate() == 0
 
 
+@pytest.mark.slow
 def test_a_second_daemon_with_its_own_state_folder_refuses_the_inbox(tmp_path, emulator):
     first = DaemonProcess(tmp_path, emulator)
     first.start()
@@ -111,6 +113,7 @@ def test_a_second_daemon_with_its_own_state_folder_refuses_the_inbox(tmp_path, e
     assert first.terminate() == 0
 
 
+@pytest.mark.slow
 def test_two_daemons_in_one_process_on_one_state_folder(start_daemon, tmp_path, emulator):
     running = start_daemon()
     with pytest.raises(LockHeld) as refused:
@@ -121,6 +124,7 @@ def test_two_daemons_in_one_process_on_one_state_folder(start_daemon, tmp_path, 
     # the thread-leak check proves the refused daemon started nothing
 
 
+@pytest.mark.slow
 def test_an_inbox_last_watched_with_another_journal_is_taken_over_with_one_warning(
     start_daemon, tmp_path, emulator, caplog
 ):
@@ -165,6 +169,7 @@ def test_an_inbox_last_watched_with_another_journal_is_taken_over_with_one_warni
     assert [r for r in caplog.records if "another journal" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_status_and_retry_work_while_a_daemon_runs(tmp_path, emulator):
     daemon = DaemonProcess(tmp_path, emulator)
     daemon.start()
@@ -413,6 +418,7 @@ def test_a_new_marker_a_starting_daemon_holds_is_waited_out_and_one_a_running_da
         lock.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["removed", "inbox renamed and recreated"])
 def test_a_running_daemon_takes_its_inbox_marker_again_within_seconds(start_daemon, tmp_path, emulator, caplog, how):
     caplog.set_level(logging.WARNING, logger="konfuzio_watch")
@@ -440,6 +446,7 @@ def test_a_running_daemon_takes_its_inbox_marker_again_within_seconds(start_daem
     running.wait_finished(1)
 
 
+@pytest.mark.slow
 def test_a_second_daemon_refuses_a_processing_folder_a_live_daemon_uses(start_daemon, tmp_path, emulator, monkeypatch):
     monkeypatch.setattr(markers, "MARKERS_EVERY_S", 3600.0)  # the first daemon does not look meanwhile
     emulator.knobs.processing_s = 60  # the file waits in the processing folder
@@ -465,6 +472,7 @@ def test_a_second_daemon_refuses_a_processing_folder_a_live_daemon_uses(start_da
     assert len(emulator.uploads) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["lock removed", "folder moved away"])
 def test_a_running_daemon_takes_its_processing_folders_lock_again(start_daemon, tmp_path, caplog, how):
     caplog.set_level(logging.WARNING, logger="konfuzio_watch")
@@ -490,6 +498,7 @@ def test_a_running_daemon_takes_its_processing_folders_lock_again(start_daemon, 
     assert running.daemon.pipeline and running.daemon.pipeline.holds_processing_dir()
 
 
+@pytest.mark.slow
 def test_files_without_a_row_are_left_alone_in_a_processing_folder_not_locked(start_daemon, tmp_path, monkeypatch):
     monkeypatch.setattr(markers, "MARKERS_EVERY_S", 3600.0)
     running = start_daemon()
@@ -547,6 +556,7 @@ def test_a_daemon_whose_inbox_marker_another_running_daemon_took_stops_and_refus
     assert first.terminate() == 0
 
 
+@pytest.mark.slow
 def test_an_inbox_renamed_away_with_the_processing_folder_in_it_loses_no_file(
     start_daemon, tmp_path, emulator, caplog, monkeypatch
 ):

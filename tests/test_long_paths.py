@@ -160,6 +160,7 @@ def test_ignored_files_are_listed_below_path_max_too(tmp_path):
     assert "'*.part'" in reason
 
 
+@pytest.mark.slow
 def test_the_observer_survives_a_tree_too_deep_to_watch(tmp_path):
     """inotify cannot watch a folder whose path is too long; the observer goes on, and the
     rescan finds what lies there. A file whose own path is too long in a folder it can watch

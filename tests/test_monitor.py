@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +25,8 @@ from konfuzio_watch.watcher import make_observer
 
 from .conftest import TOKEN, drop, make_config, wait_until
 from .helpers import KONFUZIO_WATCH, assert_own_result
+
+pytestmark = pytest.mark.slow  # every test starts the daemon's servers
 
 SLOW_CLIENTS = 150  # more than Waitress' connection_limit (100) on the public port
 

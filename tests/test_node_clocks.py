@@ -71,6 +71,7 @@ def konfuzio_watch(*args: str, prefix: list[str] | tuple[str, ...] = ()) -> subp
     )
 
 
+@pytest.mark.slow
 def test_the_shim_moves_the_wall_clock_only(clockshift: Path):
     probe = "import time; print(time.time(), time.monotonic(), flush=True); time.sleep(0.2); print(time.monotonic())"
     wall0, mono0 = time.time(), time.monotonic()
@@ -126,6 +127,7 @@ def test_a_clock_more_than_five_seconds_off_is_said_to_be_off():
     assert describe_offset(7.25) == "7.2 s behind the database's"
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_the_journal_measures_the_database_clock_and_keeps_each_node_offset(pg_url: str):
     from konfuzio_watch.journal.pg import PgJournal
@@ -302,6 +304,7 @@ def test_check_says_that_this_machine_clock_is_off(tmp_path: Path, emulator: Any
         assert any(line.startswith(expected) for line in checked.stdout.splitlines()), checked.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_retry_on_a_machine_whose_clock_is_ahead_makes_a_file_due_by_the_database_clock(
     tmp_path: Path, emulator: Any, pg_url: str, clockshift: Path

@@ -24,6 +24,8 @@ from konfuzio_watch.watcher import make_observer
 from .conftest import drop, make_config, wait_until
 from .helpers import DaemonProcess, assert_each_file_finished_exactly_once, assert_own_result, sample_files
 
+pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
+
 
 def test_routes_send_subfolders_to_their_project_and_category(start_daemon, emulator, tmp_path):
     config = dataclasses.replace(

@@ -76,6 +76,7 @@ def test_lean_requirements_are_pyprojects_own_plus_a_pinned_part_of_the_sdks() -
         assert sdk_range.specifier.contains(pinned, prereleases=True), f"{req} is outside {sdk_range}"
 
 
+@pytest.mark.slow
 def test_lean_requirements_name_every_distribution_the_sdk_modules_import() -> None:
     """Nothing the SDK loads is there by accident (say, as pytest's dependency), and nothing pinned is unused."""
     code = (
@@ -175,6 +176,7 @@ def make(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 
 
+@pytest.mark.slow
 @needs_make
 @pytest.mark.parametrize("python", ["3.9.18", "missing"])
 def test_make_refuses_an_old_python_in_one_line(tmp_path: Path, python: str) -> None:
@@ -189,6 +191,7 @@ def test_make_refuses_an_old_python_in_one_line(tmp_path: Path, python: str) -> 
     assert not (tmp_path / "venv").exists()
 
 
+@pytest.mark.slow
 @needs_make
 def test_make_rebuilds_a_venv_left_by_an_old_python(tmp_path: Path) -> None:
     old = fake_python(tmp_path, "3.9.18")

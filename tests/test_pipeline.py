@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import pytest
 import requests
 
 from konfuzio_watch.emulator import FAIL_MARKER
@@ -18,6 +19,7 @@ from .conftest import drop, wait_until
 from .helpers import assert_own_result, inbox_files
 
 
+@pytest.mark.slow
 def test_batch_of_mixed_documents_all_reach_done_with_their_own_text(start_daemon, emulator):
     running = start_daemon()
     files = {}
@@ -38,6 +40,7 @@ def test_batch_of_mixed_documents_all_reach_done_with_their_own_text(start_daemo
     assert list(running.failed.rglob("*")) == []
 
 
+@pytest.mark.slow
 def test_file_written_slowly_in_chunks_is_uploaded_once_and_complete(start_daemon, emulator):
     running = start_daemon(watch={"settle_seconds": 0.5})
     data = make_pdf(pages=3, label="slow scanner")
@@ -55,6 +58,7 @@ def test_file_written_slowly_in_chunks_is_uploaded_once_and_complete(start_daemo
     assert_own_result(running.done, "slow.pdf", data)
 
 
+@pytest.mark.slow
 def test_pdf_without_eof_marker_waits_until_the_scanner_finishes(start_daemon, emulator):
     running = start_daemon(watch={"settle_seconds": 0.2, "incomplete_grace_seconds": 30})
     data = make_pdf(pages=2, label="paused scanner")
@@ -75,6 +79,7 @@ def test_pdf_without_eof_marker_waits_until_the_scanner_finishes(start_daemon, e
     assert_own_result(running.done, "paused.pdf", data)
 
 
+@pytest.mark.slow
 def test_bad_files_fail_with_a_reason_and_good_ones_are_unaffected(start_daemon, emulator):
     running = start_daemon(watch={"settle_seconds": 0.2, "incomplete_grace_seconds": 0.5})
     good = make_pdf(label="good")
@@ -102,6 +107,7 @@ def test_bad_files_fail_with_a_reason_and_good_ones_are_unaffected(start_daemon,
     assert health.status_code == 200
 
 
+@pytest.mark.slow
 def test_callback_arriving_before_the_upload_response_still_matches(start_daemon, emulator):
     emulator.knobs.early_callback = True
     running = start_daemon(results={"callback_timeout": 60, "poll_interval": 60})
@@ -117,6 +123,7 @@ def test_callback_arriving_before_the_upload_response_still_matches(start_daemon
     assert all(c.status_code in (200, 202) for c in emulator.callbacks)
 
 
+@pytest.mark.slow
 def test_nested_folders_and_awkward_names_keep_their_relative_paths(start_daemon, emulator):
     running = start_daemon()
     names = [
@@ -144,6 +151,7 @@ def test_nested_folders_and_awkward_names_keep_their_relative_paths(start_daemon
     assert inbox_files(running) == []
 
 
+@pytest.mark.slow
 def test_never_overwrites_an_existing_file_in_done(start_daemon, emulator):
     running = start_daemon()
     running.done.mkdir(parents=True, exist_ok=True)
@@ -157,6 +165,7 @@ def test_never_overwrites_an_existing_file_in_done(start_daemon, emulator):
     assert_own_result(running.done, "report (2).pdf", data)
 
 
+@pytest.mark.slow
 def test_files_present_at_start_up_are_picked_up(tmp_path, emulator, start_daemon):
     inbox = tmp_path / "inbox"
     files = {f"old_{i}.pdf": make_pdf(label=f"old {i}") for i in range(5)}
@@ -170,6 +179,7 @@ def test_files_present_at_start_up_are_picked_up(tmp_path, emulator, start_daemo
         assert_own_result(running.done, name, data)
 
 
+@pytest.mark.slow
 def test_hidden_temporary_and_nas_junk_files_are_ignored(start_daemon, emulator):
     running = start_daemon(watch={"ignore": ["*.bak", "drafts/*"]})
     junk = [
@@ -197,6 +207,7 @@ def test_hidden_temporary_and_nas_junk_files_are_ignored(start_daemon, emulator)
         assert (running.inbox / name).exists(), f"{name} was taken"
 
 
+@pytest.mark.slow
 def test_scanner_that_closes_and_reopens_the_file_between_pages(start_daemon, emulator):
     running = start_daemon(watch={"settle_seconds": 0.6})
     data = make_pdf(pages=3, label="reopening scanner")

@@ -64,6 +64,7 @@ def test_an_inbox_at_the_root_has_its_folder_inside():
     )
 
 
+@pytest.mark.slow
 def test_the_daemon_names_its_folder_and_why_at_start(start_daemon, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="konfuzio_watch")
     start_daemon()
@@ -117,6 +118,7 @@ def test_check_as_root_and_the_daemon_as_its_user_choose_the_same_folder(emulato
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_drop_privileges(), reason="needs root and setpriv to act as nobody")
 def test_may_create_as_asks_the_kernel_as_that_user():
     shared = Path(tempfile.mkdtemp(prefix="kw-may-create-", dir="/tmp"))

@@ -10,6 +10,7 @@ import os
 import socket
 import time
 
+import pytest
 import requests
 
 from konfuzio_watch.cli import main
@@ -24,6 +25,8 @@ from .helpers import (
     callback_url_of,
     drop_batch,
 )
+
+pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
 
 # -- callbacks -------------------------------------------------------------------------------
 

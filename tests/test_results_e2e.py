@@ -31,6 +31,8 @@ from konfuzio_watch.status import print_status
 from .conftest import drop, wait_until
 from .helpers import callback_url_of, file_of, pdf_page_texts, pdftotext_pages
 
+pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
+
 REVIEW_STAGE = Stage.REVIEW
 
 SCHEMA = json.loads(resources.files("konfuzio_watch").joinpath("data", "result.schema.json").read_text())

@@ -135,6 +135,7 @@ def _with_eio_on(path: Path, folder: Path, asked: Path) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.slow
 @needs_strace
 def test_eio_is_never_taken_for_absent(tmp_path: Path):
     """``os.path.lexists`` answers False on EIO; the proof raises it instead."""
@@ -147,6 +148,7 @@ def test_eio_is_never_taken_for_absent(tmp_path: Path):
     assert _with_eio_on(tmp_path / "elsewhere", folder, folder / "gone.pdf") == "absent"
 
 
+@pytest.mark.slow
 def test_done_taken_away_pauses_the_exports_keeps_the_results_and_is_never_made_again(
     start_daemon, emulator, tmp_path: Path
 ):

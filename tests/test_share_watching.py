@@ -89,6 +89,7 @@ def _blind(polling: bool, interval_s: float, skip: frozenset[str]) -> BaseObserv
     return BaseObserver(emitter_class=_DeadEmitter)
 
 
+@pytest.mark.slow
 def test_status_counts_the_files_waiting_in_the_inbox_that_no_event_announced(start_daemon):
     running = start_daemon(watch={"polling": False, "rescan_interval": 300}, daemon_kwargs={"observer_factory": _blind})
     rescan = next(duty for duty in running.daemon.scheduler.duties if duty.name == "rescan")
@@ -123,6 +124,7 @@ def test_the_count_of_a_big_inbox_stops_at_its_limit(tmp_path):
 # -- an observer that stopped, a share that went away ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_poller_that_stopped_by_itself_is_started_again(start_daemon, caplog):
     """watchdog's poller stops for good when its folder is missing for a moment (a share remounted)."""
     caplog.set_level(logging.WARNING, logger="konfuzio_watch")
@@ -259,6 +261,7 @@ def test_a_share_away_pauses_watching_writes_nothing_under_the_bare_mountpoint_a
     ]
 
 
+@pytest.mark.slow
 def test_a_paused_watcher_says_why_and_starts_again(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()

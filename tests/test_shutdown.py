@@ -14,6 +14,8 @@ from konfuzio_watch.samples import make_pdf
 from .conftest import TOKEN, drop, wait_until
 from .helpers import DaemonProcess
 
+pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
+
 STOP_TIMEOUT_S = 2
 
 

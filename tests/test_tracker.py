@@ -334,6 +334,7 @@ for line in sys.stdin:
 """
 
 
+@pytest.mark.slow
 def test_a_file_the_daemon_may_not_read_for_real_stays_where_it_is():
     """As root (CI): the tracker runs as nobody on a root-owned 0600 file; otherwise on a 0000 file of ours."""
     as_root = os.geteuid() == 0

@@ -80,6 +80,7 @@ def is_running(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_open_gives_an_https_url_that_leads_to_the_callback_server(
     make_tunnel: Callable[..., Tunnel], records: Path, tmp_path: Path, callbacks: tuple[ServerThread, list[str]]
 ) -> None:
@@ -100,6 +101,7 @@ def test_open_gives_an_https_url_that_leads_to_the_callback_server(
     assert received == [TOKEN]
 
 
+@pytest.mark.slow
 def test_authtoken_goes_into_a_private_config_file_never_on_the_command_line(
     make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -118,6 +120,7 @@ def test_authtoken_goes_into_a_private_config_file_never_on_the_command_line(
     assert url == "https://scans.example.com"
 
 
+@pytest.mark.slow
 def test_an_existing_config_is_kept_and_the_authtoken_merged_in(
     make_tunnel: Callable[..., Tunnel], records: Path, tmp_path: Path
 ) -> None:
@@ -136,6 +139,7 @@ def test_an_existing_config_is_kept_and_the_authtoken_merged_in(
     assert agent_record(records, tunnel.agent_pid)["argv"][-2:] == ["--config", str(config)]
 
 
+@pytest.mark.slow
 def test_close_removes_the_endpoint_and_stops_the_agent(make_tunnel: Callable[..., Tunnel], records: Path) -> None:
     tunnel = make_tunnel()
     fds_before = open_fds()
@@ -152,6 +156,7 @@ def test_close_removes_the_endpoint_and_stops_the_agent(make_tunnel: Callable[..
     tunnel.close()  # idempotent
 
 
+@pytest.mark.slow
 def test_a_killed_agent_is_noticed_and_replaced_with_a_working_tunnel(
     make_tunnel: Callable[..., Tunnel], records: Path, callbacks: tuple[ServerThread, list[str]]
 ) -> None:
@@ -194,6 +199,7 @@ def test_a_missing_agent_is_refused_and_nothing_is_downloaded(tmp_path: Path, mo
     tunnel.close()
 
 
+@pytest.mark.slow
 def test_an_agent_that_is_not_executable_is_refused(make_tunnel: Callable[..., Tunnel], agent_path: Path) -> None:
     agent_path.chmod(0o644)
 
@@ -201,6 +207,7 @@ def test_an_agent_that_is_not_executable_is_refused(make_tunnel: Callable[..., T
         make_tunnel().open()
 
 
+@pytest.mark.slow
 def test_an_agent_start_error_becomes_a_tunnel_error(
     make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,6 +222,7 @@ def test_an_agent_start_error_becomes_a_tunnel_error(
     assert tunnel.agent_pid is None and tunnel.public_url is None
 
 
+@pytest.mark.slow
 def test_a_silent_agent_is_killed_after_the_startup_timeout(
     make_tunnel: Callable[..., Tunnel], records: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -228,6 +236,7 @@ def test_a_silent_agent_is_killed_after_the_startup_timeout(
     assert not is_running(record["pid"])
 
 
+@pytest.mark.slow
 def test_an_agent_that_cannot_be_executed_becomes_a_tunnel_error(
     make_tunnel: Callable[..., Tunnel], agent_path: Path
 ) -> None:

@@ -43,6 +43,7 @@ def test_only_answers_that_may_come_while_the_server_stores_wait_the_window(fail
         assert policy.upload_again_at(clock.now(), decision.at, window) == clock.now() + max(2.0, window)
 
 
+@pytest.mark.slow
 def test_a_500_after_the_handler_stored_the_file_is_found_by_the_one_look(start_daemon, emulator):
     emulator.knobs.fault_rules = [FaultRule("POST", UPLOAD_PATH, 500, forward_after_s=0, count=1)]
     running = start_daemon(upload={"reconcile_window_seconds": WINDOW_S})

@@ -10,6 +10,8 @@ import stat
 import time
 from pathlib import Path
 
+import pytest
+
 from konfuzio_watch.samples import make_pdf
 from konfuzio_watch.tracker import CandidateTracker
 from konfuzio_watch.watcher import InboxFilter, InboxWatcher, ignored_files
@@ -24,6 +26,7 @@ def log_lines(caplog) -> list[str]:
     return [f"{r.levelname} {r.getMessage()}" for r in caplog.records if r.name.startswith("konfuzio_watch")]
 
 
+@pytest.mark.slow
 def test_a_file_made_readable_is_looked_at_again_on_its_chmod_event(tmp_path, caplog):
     """The daemon's readability, played by the file's mode (the tests run as root, who may read
     anything): "others" may not read it. Its owner's chmod is an attrib event, which the
@@ -152,6 +155,7 @@ def test_ignored_files_lists_what_is_never_taken_in_and_why(tmp_path):
     assert not any(Path(rel).parts[0] in ("done", ".konfuzio-watch") for rel, _ in found)
 
 
+@pytest.mark.slow
 def test_a_file_written_right_after_a_claim_moved_another_out_is_reported_at_once(tmp_path):
     """A claim renames a file out of the inbox: inotify says IN_MOVED_FROM with no IN_MOVED_TO in the
     watched tree. watchdog holds such an event back to pair it with its IN_MOVED_TO, and every later

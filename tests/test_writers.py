@@ -47,6 +47,7 @@ def test_a_reader_is_no_writer_and_a_writer_through_another_name_is_one(tmp_path
         assert list(writers.find_writers([file_id(path)]).writers) == [file_id(path)]
 
 
+@pytest.mark.slow
 def test_a_writer_in_another_process_is_found(tmp_path):
     path = tmp_path / "scan.png"
     child = subprocess.Popen(
