@@ -69,7 +69,9 @@ def unit_settings(text: str) -> dict[str, list[str]]:
 
 
 class FakeClock:
-    """A clock the test moves by hand (``Clock`` protocol)."""
+    """The tests' one fake clock: a ``konfuzio_watch.clock.Clock`` (``now()``) that moves only when the
+    test moves it (``advance``, ``advance_to``, or ``t`` set to step it, as a wall clock set back).
+    Code that takes a function for the time gets ``clock.now``."""
 
     def __init__(self, start: float = 1_000_000.0):
         self.t = start
