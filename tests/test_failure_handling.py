@@ -79,6 +79,7 @@ def test_a_full_journal_disk_pauses_everything_quietly_and_resumes_at_once(tmp_p
                 30,
                 lambda: f"the full journal reported (log: {daemon.log.read_text()[-1500:]})",
             )
+            # (the same 3 s on a fake clock, the loop alone: test_scheduler.py, a full journal)
             time.sleep(3.0)  # a measurement window, not a wait: the disk stays full for 3 s
             during = daemon.log.read_text()[len(log_before) :]
 

@@ -165,6 +165,7 @@ def test_outage_longer_than_the_backoff_cap_delays_files_and_loses_none(start_da
     wait_until(lambda: running.metric("upload_retries_total") >= 3, 20, "uploads failing during the outage")
     cpu_before, wall_before = time.process_time(), time.monotonic()
     retries_before = running.metric("upload_retries_total")
+    # (the same 3 s on a fake clock, without the daemon: test_api_outage.py)
     time.sleep(3.0)  # a measurement window, not a wait: the outage goes on for 6x the backoff cap
     cpu = time.process_time() - cpu_before
     attempts = running.metric("upload_retries_total") - retries_before
