@@ -439,8 +439,11 @@ def pdf_page_texts(data: bytes) -> list[str]:
         fonts = {}
         for font_name, font_id in re.findall(rb"/(F\d+) (\d+) 0 R", page):
             cmap = stream(ref(objects[int(font_id)], b"ToUnicode"))
-            pairs = [pair for block in re.findall(rb"beginbfchar(.*?)endbfchar", cmap, re.S)
-                     for pair in re.findall(rb"<([0-9A-F]{2})> <([0-9A-F]+)>", block)]  # fmt: skip
+            pairs = [
+                pair
+                for block in re.findall(rb"beginbfchar(.*?)endbfchar", cmap, re.S)
+                for pair in re.findall(rb"<([0-9A-F]{2})> <([0-9A-F]+)>", block)
+            ]
             fonts[font_name] = {int(code, 16): bytes.fromhex(uni.decode()).decode("utf-16-be") for code, uni in pairs}
         lines: list[str] = []
         font = None
@@ -459,8 +462,9 @@ def pdftotext_pages(path: Path) -> list[str] | None:
     """The text of each page as poppler's ``pdftotext`` reads it; None when it is not installed."""
     if shutil.which("pdftotext") is None:
         return None
-    out = subprocess.run(["pdftotext", "-enc", "UTF-8", str(path), "-"], capture_output=True, text=True,
-                         check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["pdftotext", "-enc", "UTF-8", str(path), "-"], capture_output=True, text=True, check=True
+    ).stdout
     return [page.strip("\n") for page in out.split("\f")[:-1]]
 
 

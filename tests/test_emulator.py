@@ -34,14 +34,41 @@ from .helpers import api, upload
 
 pytestmark = pytest.mark.slow  # every test starts the emulator under Waitress
 
-DETAIL_KEYS = {  # "Document details" in shared/KONFUZIO_API.md
-    "id", "project", "document_set", "number_of_pages", "data_file_name", "data_file_producer",
-    "file_url", "thumbnail_url", "ocr_time", "categorization_time", "extraction_time", "processing_time",
-    "extraction_url", "callback_url", "callback_status_code", "category_confidence", "category_is_revised",
-    "status_data", "labeling_available", "is_reviewed", "text", "category", "dataset_status", "pages",
-    "annotation_sets", "assignee", "created_by", "created_at", "updated_at", "proposed_split",
-    "split_is_revised", "enable_translated_strings", "original_file_url",
-}  # fmt: skip
+DETAIL_KEYS = {  # the keys of the API's "Document details" answer
+    "id",
+    "project",
+    "document_set",
+    "number_of_pages",
+    "data_file_name",
+    "data_file_producer",
+    "file_url",
+    "thumbnail_url",
+    "ocr_time",
+    "categorization_time",
+    "extraction_time",
+    "processing_time",
+    "extraction_url",
+    "callback_url",
+    "callback_status_code",
+    "category_confidence",
+    "category_is_revised",
+    "status_data",
+    "labeling_available",
+    "is_reviewed",
+    "text",
+    "category",
+    "dataset_status",
+    "pages",
+    "annotation_sets",
+    "assignee",
+    "created_by",
+    "created_at",
+    "updated_at",
+    "proposed_split",
+    "split_is_revised",
+    "enable_translated_strings",
+    "original_file_url",
+}
 
 
 # -- the happy path, with the SDK's own functions -----------------------------------------------
@@ -150,8 +177,12 @@ def test_sdk_upload_function_in_a_subprocess(emu, callback_receiver, tmp_path):
     env = {**os.environ, "KONFUZIO_HOST": emu.url, "KONFUZIO_TOKEN": TOKEN, "LOG_TO_FILE": "False"}
     result = subprocess.run(
         [sys.executable, "-c", script, str(path), callback_receiver.url("sub")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
     assert result.returncode == 0, result.stderr
     status, body, sync_status, deleted = json.loads(result.stdout.splitlines()[-1])
@@ -172,7 +203,9 @@ def test_project_schema_through_the_sdk(emu, session):
     ]
     invoice_schema = {s["name"]: [x["name"] for x in s["labels"]] for s in categories[0]["schema"]}
     assert invoice_schema == {
-        "Invoice": ["Invoice Number", "Date", "Total", "IBAN"], "Line Item": ["Description", "Amount"]}  # fmt: skip
+        "Invoice": ["Invoice Number", "Date", "Total", "IBAN"],
+        "Line Item": ["Description", "Amount"],
+    }
     assert categories[0]["schema"][0]["id"] == categories[0]["id"]  # a category's own label set shares its id
 
     labels = {x["name"]: x for x in get_project_labels(1, session=session)}
@@ -191,7 +224,10 @@ def test_project_schema_through_the_sdk(emu, session):
     assert {c["id"] for c in get_project_categories(2, session=session)} == {201, 202, 203}
     page = api(emu, "GET", "/api/v3/labels/?project=2&limit=3").json()
     assert (page["count"], len(page["results"]), page["next"]) == (
-        7, 3, f"{emu.url}/api/v3/labels/?project=2&limit=3&offset=3")  # fmt: skip
+        7,
+        3,
+        f"{emu.url}/api/v3/labels/?project=2&limit=3&offset=3",
+    )
     unknown = api(emu, "GET", "/api/v3/categories/?project=99")
     assert (unknown.status_code, unknown.json()) == (400, {"project": [INVALID_CHOICE]})
     assert get_project_details(1, session=session)["categories"] == [101, 102, 103]
@@ -216,16 +252,24 @@ def test_sdk_project_from_file_and_update_in_a_subprocess(emu, callback_receiver
     env = {**os.environ, "KONFUZIO_HOST": emu.url, "KONFUZIO_TOKEN": TOKEN, "LOG_TO_FILE": "False"}
     result = subprocess.run(
         [sys.executable, "-c", script, callback_receiver.url("tutorial")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert result.returncode == 0, result.stderr
     doc_id, is_ready, text, category, annotations = json.loads(result.stdout.splitlines()[-1])
     assert is_ready and text == ocr_text_for((tmp_path / "tutorial.pdf").read_bytes(), "tutorial.pdf")
     details = emu.store.details(doc_id)
     assert category == {101: "Invoice", 102: "Receipt", 103: "Letter"}[details["category"]]
-    expected = [[label["name"], a["offset_string"]] for s in details["annotation_sets"] for label in s["labels"]
-                for a in label["annotations"]]  # fmt: skip
+    expected = [
+        [label["name"], a["offset_string"]]
+        for s in details["annotation_sets"]
+        for label in s["labels"]
+        for a in label["annotations"]
+    ]
     assert len(annotations) >= 2 and sorted(annotations) == sorted(expected)
     assert (tmp_path / "data_1" / "documents" / str(doc_id) / "document.txt").read_text() == text
     (call,) = callback_receiver.wait_for(1)
@@ -383,15 +427,23 @@ def test_auth_errors(emu):
     ("files", "form", "errors"),
     [
         (None, {"project": "1"}, {"data_file": ["No file was submitted."]}),
-        ({"data_file": ("e.pdf", b"", "multipart/form-data")}, {"project": "1"},
-         {"data_file": ["The submitted file is empty."]}),
-        ({"data_file": ("a.pdf", b"%PDF", "multipart/form-data")}, {"project": "99"},
-         {"project": ['Invalid pk "99" - object does not exist.']}),
-        ({"data_file": ("a.pdf", b"%PDF", "multipart/form-data")},
-         {"project": "1", "callback_url": "http://receiver:8080/cb"},
-         {"callback_url": ["Enter a valid URL."]}),
+        (
+            {"data_file": ("e.pdf", b"", "multipart/form-data")},
+            {"project": "1"},
+            {"data_file": ["The submitted file is empty."]},
+        ),
+        (
+            {"data_file": ("a.pdf", b"%PDF", "multipart/form-data")},
+            {"project": "99"},
+            {"project": ['Invalid pk "99" - object does not exist.']},
+        ),
+        (
+            {"data_file": ("a.pdf", b"%PDF", "multipart/form-data")},
+            {"project": "1", "callback_url": "http://receiver:8080/cb"},
+            {"callback_url": ["Enter a valid URL."]},
+        ),
     ],
-)  # fmt: skip
+)
 def test_upload_validation_errors(emu, files, form, errors):
     response = api(emu, "POST", "/api/v3/documents/", files=files, data=form)
     assert (response.status_code, response.json()) == (400, errors)
@@ -408,8 +460,13 @@ def test_not_found_and_bad_requests_never_500(emu, session):
     ):
         response = api(emu, "GET", path)
         assert (response.status_code, response.json()) == (404, {"detail": "Not found."}), path
-    garbage = api(emu, "POST", "/api/v3/documents/", data=b"--xx\r\ngarbage",
-                  headers={"Content-Type": "multipart/form-data; boundary=xx"})  # fmt: skip
+    garbage = api(
+        emu,
+        "POST",
+        "/api/v3/documents/",
+        data=b"--xx\r\ngarbage",
+        headers={"Content-Type": "multipart/form-data; boundary=xx"},
+    )
     assert garbage.status_code == 400
     assert api(emu, "GET", "/api/v3/documents/?project=abc").status_code == 400
     assert api(emu, "GET", "/api/v3/annotations/?document=1&limit=10").json()["results"] == []
@@ -435,7 +492,8 @@ def test_stop_joins_every_thread(callback_receiver):
 def test_command_line_serves_until_sigterm(tmp_path):
     command = [sys.executable, "-m", "konfuzio_watch.emulator", "--port", "0", "--token", "T"]
     rule = '{"method": "GET", "path": "^/api/v3/projects/2/$", "status": 404}'
-    knobs = ["--rate-429", "1", "--retry-after-s", "Fri, 01 Jan 2099 00:00:00 GMT", "--fault-rule", rule]
+    far_future = "Fri, 01 Jan 2099 00:00:00 GMT"
+    knobs = ["--rate-429", "1", "--retry-after-s", far_future, "--fault-rule", rule]
     with subprocess.Popen(
         command + knobs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
     ) as process:
@@ -444,8 +502,7 @@ def test_command_line_serves_until_sigterm(tmp_path):
             assert url.startswith("http://127.0.0.1:")
             headers = {"Authorization": "Token T"}
             throttled = requests.get(f"{url}/api/v3/projects/1/", headers=headers, timeout=5)
-            assert (throttled.status_code, throttled.headers["Retry-After"]) == (
-                429, "Fri, 01 Jan 2099 00:00:00 GMT")  # token ok, knobs set  # fmt: skip
+            assert (throttled.status_code, throttled.headers["Retry-After"]) == (429, far_future)  # token ok, knobs set
             assert requests.get(f"{url}/api/v3/projects/2/", headers=headers, timeout=5).status_code == 404
             process.send_signal(signal.SIGTERM)
             _, stderr = process.communicate(timeout=10)

@@ -40,11 +40,14 @@ def cause(error: pytest.ExceptionInfo) -> requests.Response:
 # -- Retry-After -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("retry_after", "detail"), [
-    ("999999999", "Request was throttled. Expected available in 999999999 seconds."),
-    (HTTP_DATE_2099, "Request was throttled."),
-    (0, "Request was throttled. Expected available in 0 seconds."),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("retry_after", "detail"),
+    [
+        ("999999999", "Request was throttled. Expected available in 999999999 seconds."),
+        (HTTP_DATE_2099, "Request was throttled."),
+        (0, "Request was throttled. Expected available in 0 seconds."),
+    ],
+)
 def test_retry_after_is_any_header_string(emu, session, retry_after, detail):
     emu.knobs.rate_429, emu.knobs.retry_after_s = 1.0, retry_after
 
@@ -78,16 +81,20 @@ def test_rules_for_details_and_project_with_body_headers_and_an_end(emu, session
     doc_id = upload(session, emu.url, make_png(label="rules")).json()["id"]
     assert emu.wait_idle(5)
     emu.knobs.fault_rules = [
-        FaultRule("GET", rf"^/api/v3/documents/{doc_id}/?$", 400, body={"detail": "Nope."}, headers={"X-Why": "test"},
-                  count=1),
+        FaultRule(
+            "GET", rf"^/api/v3/documents/{doc_id}/?$", 400, body={"detail": "Nope."}, headers={"X-Why": "test"}, count=1
+        ),
         FaultRule("*", r"^/api/v3/projects/1/$", 404, until=time.time() + 0.5),
         FaultRule("GET", r"/annotations/", 429, headers={"Retry-After": HTTP_DATE_2099}),
-    ]  # fmt: skip
+    ]
 
     with pytest.raises(requests.HTTPError) as caught:
         get_document_details(doc_id, session=session)
     assert (cause(caught).status_code, cause(caught).json(), cause(caught).headers["X-Why"]) == (
-        400, {"detail": "Nope."}, "test")  # fmt: skip
+        400,
+        {"detail": "Nope."},
+        "test",
+    )
     with pytest.raises(requests.HTTPError, match="404 Not Found: Not found. via"):
         get_project_details(1, session=session)
     with pytest.raises(requests.HTTPError) as caught:
@@ -198,8 +205,16 @@ def test_requests_are_counted_by_kind_with_bytes(emu, session):
     stats = emu.request_stats()
 
     assert {kind: s.count for kind, s in stats.items()} == {
-        "upload": 2, "details": 2, "bbox": 2, "annotations": 1, "labels": 1, "pdf": 1, "original": 1, "list": 1,
-        "other": 1}  # fmt: skip
+        "upload": 2,
+        "details": 2,
+        "bbox": 2,
+        "annotations": 1,
+        "labels": 1,
+        "pdf": 1,
+        "original": 1,
+        "list": 1,
+        "other": 1,
+    }
     assert (stats["bbox"].errors, stats["other"].errors, stats["details"].errors) == (1, 1, 0)
     assert stats["upload"].bytes_received > 2 * len(data) and stats["upload"].bytes_sent > 0
     assert (stats["pdf"].bytes_sent, stats["original"].bytes_sent) == (len(pdf), len(data)) and original == data
@@ -214,9 +229,11 @@ def test_requests_are_counted_by_kind_with_bytes(emu, session):
 
 def multipart(data_chunks, name: str = "big.pdf", boundary: str = "emulator-test-boundary"):
     """A multipart body as a streaming uploader sends it, the file part labelled like the SDK does."""
-    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"project\"\r\n\r\n1\r\n"
-           f"--{boundary}\r\nContent-Disposition: form-data; name=\"data_file\"; filename=\"{name}\"\r\n"
-           "Content-Type: multipart/form-data\r\n\r\n").encode()  # fmt: skip
+    yield (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="project"\r\n\r\n1\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="data_file"; filename="{name}"\r\n'
+        "Content-Type: multipart/form-data\r\n\r\n"
+    ).encode()
     yield from data_chunks
     yield f"\r\n--{boundary}--\r\n".encode()
 
@@ -233,8 +250,10 @@ def test_a_100_mb_upload_streams_through_without_a_copy_in_memory(emu):
             sha.update(chunk)
             yield chunk
 
-    headers = {"Authorization": f"Token {TOKEN}",
-               "Content-Type": "multipart/form-data; boundary=emulator-test-boundary"}  # fmt: skip
+    headers = {
+        "Authorization": f"Token {TOKEN}",
+        "Content-Type": "multipart/form-data; boundary=emulator-test-boundary",
+    }
     tracemalloc.start()
     try:
         response = requests.post(f"{emu.url}/api/v3/documents/", data=multipart(chunks()), headers=headers, timeout=60)

@@ -69,13 +69,17 @@ def test_each_document_gets_its_own_category_and_annotations(emu, session):
         assert 0.5 < details["category_confidence"] <= 1 and details["is_reviewed"] is False
         text, bbox = details["text"], get_document_bbox(details["id"], session=session)["bbox"]
         flat = get_document_annotations(details["id"], session=session)
-        nested = [(s, label, a) for s in details["annotation_sets"]
-                  for label in s["labels"] for a in label["annotations"]]  # fmt: skip
+        nested = [
+            (s, label, a) for s in details["annotation_sets"] for label in s["labels"] for a in label["annotations"]
+        ]
         assert [a["id"] for a in flat] == [a["id"] for _, _, a in nested] and len(flat) >= 2, name
         label_sets = {s["id"] for s in category["schema"]}
         for a, (annotation_set, label, _) in zip(flat, nested, strict=True):
             assert (a["annotation_set"], a["label"]["id"], a["label_set"]["id"]) == (
-                annotation_set["id"], label["id"], annotation_set["label_set"]["id"])  # fmt: skip
+                annotation_set["id"],
+                label["id"],
+                annotation_set["label_set"]["id"],
+            )
             assert a["label_set"]["id"] in label_sets and a["document"] == details["id"]
             assert (a["is_correct"], a["revised"], a["custom_offset_string"]) == (False, False, False)
             (span,) = a["span"]
@@ -93,8 +97,13 @@ def test_each_document_gets_its_own_category_and_annotations(emu, session):
             assert len(values["IBAN"]) == 2 and all(iban_is_valid(i) for i in values["IBAN"])  # one label, twice
             items = [s for s in details["annotation_sets"] if s["label_set"]["name"] == "Line Item"]
             assert items and items[0]["label_set"]["has_multiple_annotation_sets"]
-            amounts = [a["normalized"] for s in items for lb in s["labels"] if lb["name"] == "Amount"
-                       for a in lb["annotations"]]  # fmt: skip
+            amounts = [
+                a["normalized"]
+                for s in items
+                for lb in s["labels"]
+                if lb["name"] == "Amount"
+                for a in lb["annotations"]
+            ]
             (total,) = [a for a in flat if a["label"]["name"] == "Total"]
             assert total["normalized"] == pytest.approx(sum(amounts))
             assert {a["span"][0]["page_index"] for a in flat} == {0, 2}  # header on page 1, items on the last
@@ -110,8 +119,10 @@ def test_annotations_are_deterministic_per_file(emu, session):
     first, second = done(emu, session, data, name="a.pdf"), done(emu, session, data, name="a.pdf")
 
     def essence(details: dict) -> list:
-        return [(a["label"]["name"], a["offset_string"], a["span"][0]["start_offset"], a["confidence"])
-                for a in get_document_annotations(details["id"], session=session)]  # fmt: skip
+        return [
+            (a["label"]["name"], a["offset_string"], a["span"][0]["start_offset"], a["confidence"])
+            for a in get_document_annotations(details["id"], session=session)
+        ]
 
     assert first["id"] != second["id"] and essence(first) == essence(second)
     assert (first["category"], first["category_confidence"]) == (second["category"], second["category_confidence"])
@@ -206,7 +217,10 @@ def test_review_marks_reviewed_corrects_a_value_and_calls_back_again(emu, sessio
     annotations = {a["label"]["name"]: a for a in get_document_annotations(doc_id, session=session)}
     corrected = annotations["Invoice Number"]
     assert (corrected["offset_string"], corrected["custom_offset_string"], corrected["revised"]) == (
-        "INV-CORRECTED", True, True)  # fmt: skip
+        "INV-CORRECTED",
+        True,
+        True,
+    )
     assert corrected["offset_string_original"] != "INV-CORRECTED"  # the span still points at the OCR text
     assert annotations["Total"]["normalized"] == 1000.0
     assert all(a["revised"] and a["is_correct"] for a in annotations.values())
@@ -313,8 +327,10 @@ def test_50000_seeded_documents_list_newest_first(emu, session):
     seeded = get_document_details(ids[123], session=session)
     assert seeded["status_data"] == 2 and seeded["text"] and seeded["data_file_name"] == f"seeded_{ids[123]:07d}.pdf"
     annotations = get_document_annotations(ids[123], session=session)
-    assert annotations and all(seeded["text"][a["span"][0]["start_offset"]:a["span"][0]["end_offset"]] ==
-                               a["offset_string"] for a in annotations)  # fmt: skip
+    assert annotations and all(
+        seeded["text"][a["span"][0]["start_offset"] : a["span"][0]["end_offset"]] == a["offset_string"]
+        for a in annotations
+    )
     assert get_document_bbox(ids[123], session=session)["bbox"]
     assert pdf_page_texts(download_file_konfuzio_api(ids[123], session=session)) == seeded["text"].split("\f")
     assert emu.documents()[-1]["id"] == newest  # seeded ones stay virtual

@@ -424,9 +424,10 @@ def test_without_hard_links_a_write_or_move_checks_then_renames(tmp_path):
     """A file system without hard links (vfat, exFAT, some SMB): every link(2) fails with EPERM."""
     (tmp_path / "a.pdf").write_bytes(b"a")
     (tmp_path / "b.pdf").write_bytes(b"b")
-    out = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=link,linkat", "-e",
-                          "inject=link,linkat:error=EPERM", sys.executable, "-c", NO_LINKS, str(tmp_path)],
-                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    links_fail = ["-e", "trace=link,linkat", "-e", "inject=link,linkat:error=EPERM"]
+    strace = ["strace", "-f", "-qq", "-o", "/dev/null", *links_fail]
+    command = [*strace, sys.executable, "-c", NO_LINKS, str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split("\n")[:2] == ["json kept", "file kept"]
     assert entries(tmp_path / "done" / "sub") == {"a.pdf": "a", "r.json": '{\n  "document_id": 1,\n  "v": 2\n}\n'}
     assert (tmp_path / "b.pdf").read_bytes() == b"b" and not (tmp_path / "a.pdf").exists()

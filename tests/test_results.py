@@ -59,32 +59,78 @@ def catalog_of(project: int = 1) -> ProjectCatalog:
 CATALOG = catalog_of(1)
 
 
-def ann(id_: int, label: tuple, label_set: tuple, value: str | None, *, annotation_set: int = 900,
-        normalized: Any = None, spans: list[dict] | None = None, start: int | None = None, page: int = 0,
-        is_correct: bool = False, revised: bool = False, confidence: float | None = 0.9) -> dict:  # fmt: skip
+def ann(
+    id_: int,
+    label: tuple,
+    label_set: tuple,
+    value: str | None,
+    *,
+    annotation_set: int = 900,
+    normalized: Any = None,
+    spans: list[dict] | None = None,
+    start: int | None = None,
+    page: int = 0,
+    is_correct: bool = False,
+    revised: bool = False,
+    confidence: float | None = 0.9,
+) -> dict:
     """An annotation as ``GET /api/v3/annotations/?document=`` lists it. ``label``: (id, name[,
     has_multiple_top_candidates]); ``label_set``: (id, name[, has_multiple_annotation_sets])."""
     start = id_ * 10 if start is None else start
     if spans is None:
-        spans = [{"start_offset": start, "end_offset": start + len(value or ""), "offset_string": value,
-                  "page_index": page, "x0": 10.0, "x1": 50.0, "y0": 700.0, "y1": 712.0}]  # fmt: skip
+        spans = [
+            {
+                "start_offset": start,
+                "end_offset": start + len(value or ""),
+                "offset_string": value,
+                "page_index": page,
+                "x0": 10.0,
+                "x1": 50.0,
+                "y0": 700.0,
+                "y1": 712.0,
+            }
+        ]
     label_ref = {"id": label[0], "name": label[1], "has_multiple_top_candidates": bool(label[2:] and label[2])}
-    set_ref = {"id": label_set[0], "name": label_set[1],
-               "has_multiple_annotation_sets": bool(label_set[2:] and label_set[2])}  # fmt: skip
-    return {"id": id_, "document": 1, "offset_string": value, "normalized": normalized, "confidence": confidence,
-            "is_correct": is_correct, "revised": revised, "span": spans, "annotation_set": annotation_set,
-            "label": label_ref, "label_set": set_ref}  # fmt: skip
+    set_ref = {
+        "id": label_set[0],
+        "name": label_set[1],
+        "has_multiple_annotation_sets": bool(label_set[2:] and label_set[2]),
+    }
+    return {
+        "id": id_,
+        "document": 1,
+        "offset_string": value,
+        "normalized": normalized,
+        "confidence": confidence,
+        "is_correct": is_correct,
+        "revised": revised,
+        "span": spans,
+        "annotation_set": annotation_set,
+        "label": label_ref,
+        "label_set": set_ref,
+    }
 
 
 INVOICE, LINE_ITEM = (101, "Invoice"), (104, "Line Item", True)
 NUMBER, DATE, TOTAL, IBAN = (111, "Invoice Number"), (112, "Date"), (113, "Total"), (114, "IBAN", True)
 DESCRIPTION, AMOUNT = (116, "Description"), (117, "Amount")
-DETAILS = {"id": 1, "project": 1, "category": 101, "category_confidence": 0.87, "status_data": 2,
-           "updated_at": "2026-03-05T10:00:00.000000+00:00", "is_reviewed": False, "callback_url": CALLBACK,
-           "callback_status_code": None, "text": "page one\fpage two",
-           "pages": [{"number": 1, "size": [595, 842], "original_size": [595, 842]},
-                     {"number": 2, "size": [595, 842], "original_size": [595, 842]}],
-           "annotation_sets": []}  # fmt: skip
+DETAILS = {
+    "id": 1,
+    "project": 1,
+    "category": 101,
+    "category_confidence": 0.87,
+    "status_data": 2,
+    "updated_at": "2026-03-05T10:00:00.000000+00:00",
+    "is_reviewed": False,
+    "callback_url": CALLBACK,
+    "callback_status_code": None,
+    "text": "page one\fpage two",
+    "pages": [
+        {"number": 1, "size": [595, 842], "original_size": [595, 842]},
+        {"number": 2, "size": [595, 842], "original_size": [595, 842]},
+    ],
+    "annotation_sets": [],
+}
 
 
 def invoice_annotations() -> list[dict]:
@@ -101,11 +147,27 @@ def invoice_annotations() -> list[dict]:
 
 
 def row_for(details: dict, sha256: str = "ab" * 32) -> Row:
-    return Row(id=1, rel_path=b"in/scan\xff.pdf", state=State.EXPORTING, size=1234, sha256=sha256,
-               upload_name="scan_.pdf", token_hash=None, document_id=details["id"], attempts=1, next_at=None,
-               callback_at=None, uploaded_at=1_772_700_000.0, final_path=None, error=None, stage="export",
-               project_id=details.get("project"), detected_at=1_772_699_990.0, updated_at=1_772_700_000.0,
-               finished_at=None)  # fmt: skip
+    return Row(
+        id=1,
+        rel_path=b"in/scan\xff.pdf",
+        state=State.EXPORTING,
+        size=1234,
+        sha256=sha256,
+        upload_name="scan_.pdf",
+        token_hash=None,
+        document_id=details["id"],
+        attempts=1,
+        next_at=None,
+        callback_at=None,
+        uploaded_at=1_772_700_000.0,
+        final_path=None,
+        error=None,
+        stage="export",
+        project_id=details.get("project"),
+        detected_at=1_772_699_990.0,
+        updated_at=1_772_700_000.0,
+        finished_at=None,
+    )
 
 
 # -- the catalog and its cache ------------------------------------------------------------------------
@@ -131,9 +193,16 @@ def test_catalog_without_a_category_schema_reads_membership_from_the_label_sets(
 
 
 def test_references_are_the_ids_a_document_needs_named():
-    details = {**DETAILS, "annotation_sets": [{"id": 900, "label_set": {"id": 101, "name": "Invoice"},
-                                               "labels": [{"id": 113, "name": "Total", "annotations": [
-                                                   {"id": 5, "offset_string": "1", "span": []}]}]}]}  # fmt: skip
+    details = {
+        **DETAILS,
+        "annotation_sets": [
+            {
+                "id": 900,
+                "label_set": {"id": 101, "name": "Invoice"},
+                "labels": [{"id": 113, "name": "Total", "annotations": [{"id": 5, "offset_string": "1", "span": []}]}],
+            }
+        ],
+    }
     assert references(details) == References(frozenset({113}), frozenset({101}), frozenset({101}))
     assert references(details, invoice_annotations()).label_ids == {112, 113, 114, 116, 117}
     assert references({"category": None}, []) == References()
@@ -206,17 +275,36 @@ def test_fields_repeated_labels_line_items_and_missing_labels():
     }
     assert [a["id"] for a in annotations] == [1, 2, 3, 10, 11, 12, 13, 5]  # document order
     total = annotations[-1]
-    assert total == {"label_set": "Invoice", "label": "Total", "value": "1.234,50", "normalized": 1234.5,
-                     "confidence": 0.9, "page": 1, "bbox": {"x0": 10.0, "y0": 700.0, "x1": 50.0, "y1": 712.0},
-                     "spans": [{"page": 1, "bbox": {"x0": 10.0, "y0": 700.0, "x1": 50.0, "y1": 712.0},
-                                "start_offset": 500, "end_offset": 508}],
-                     "revised": False, "correct": False, "id": 5, "label_id": 113, "label_set_id": 101,
-                     "annotation_set_id": 900}  # fmt: skip
+    assert total == {
+        "label_set": "Invoice",
+        "label": "Total",
+        "value": "1.234,50",
+        "normalized": 1234.5,
+        "confidence": 0.9,
+        "page": 1,
+        "bbox": {"x0": 10.0, "y0": 700.0, "x1": 50.0, "y1": 712.0},
+        "spans": [
+            {
+                "page": 1,
+                "bbox": {"x0": 10.0, "y0": 700.0, "x1": 50.0, "y1": 712.0},
+                "start_offset": 500,
+                "end_offset": 508,
+            }
+        ],
+        "revised": False,
+        "correct": False,
+        "id": 5,
+        "label_id": 113,
+        "label_set_id": 101,
+        "annotation_set_id": 900,
+    }
 
 
 def test_the_shape_of_fields_follows_the_schema_not_the_document():
-    one_iban = [ann(2, IBAN, INVOICE, "DE02120300000000202051"),
-                ann(10, DESCRIPTION, LINE_ITEM, "consulting", annotation_set=901)]  # fmt: skip
+    one_iban = [
+        ann(2, IBAN, INVOICE, "DE02120300000000202051"),
+        ann(10, DESCRIPTION, LINE_ITEM, "consulting", annotation_set=901),
+    ]
     _, _, fields = build_extractions(DETAILS, one_iban, CATALOG)
     assert fields["Invoice"]["IBAN"] == ["DE02120300000000202051"]
     assert fields["Line Item"] == [{"Description": "consulting", "Amount": None}]
@@ -244,9 +332,15 @@ def test_without_a_category_or_catalog():
 
 
 def test_old_answers_with_bare_ids_take_names_from_the_catalog():
-    raw = {"id": 7, "offset_string": "1,00", "normalized": None, "label": 113, "section_label_id": 101,
-           "section": 900, "bboxes": [{"start_offset": 3, "end_offset": 7, "page_index": 1,
-                                      "x0": 1, "x1": 2, "y0": 3, "y1": 4}]}  # fmt: skip
+    raw = {
+        "id": 7,
+        "offset_string": "1,00",
+        "normalized": None,
+        "label": 113,
+        "section_label_id": 101,
+        "section": 900,
+        "bboxes": [{"start_offset": 3, "end_offset": 7, "page_index": 1, "x0": 1, "x1": 2, "y0": 3, "y1": 4}],
+    }
     (entry,) = build_extractions(DETAILS, [raw], CATALOG).annotations
     assert (entry["label"], entry["label_set"], entry["annotation_set_id"], entry["page"]) == (
         "Total",
@@ -262,13 +356,37 @@ def test_old_answers_with_bare_ids_take_names_from_the_catalog():
 
 def test_a_value_of_several_spans_has_the_box_around_them_on_its_first_page():
     spans = [
-        {"start_offset": 40, "end_offset": 52, "offset_string": "Acme Widgets", "page_index": 0,
-         "x0": 100.0, "x1": 172.0, "y0": 500.0, "y1": 511.2},
-        {"start_offset": 53, "end_offset": 65, "offset_string": "Hauptstr. 1", "page_index": 0,
-         "x0": 100.0, "x1": 166.0, "y0": 486.0, "y1": 497.2},
-        {"start_offset": 66, "end_offset": 77, "offset_string": "10115 Berlin", "page_index": 1,
-         "x0": 90.0, "x1": 162.0, "y0": 800.0, "y1": 811.2},
-    ]  # fmt: skip
+        {
+            "start_offset": 40,
+            "end_offset": 52,
+            "offset_string": "Acme Widgets",
+            "page_index": 0,
+            "x0": 100.0,
+            "x1": 172.0,
+            "y0": 500.0,
+            "y1": 511.2,
+        },
+        {
+            "start_offset": 53,
+            "end_offset": 65,
+            "offset_string": "Hauptstr. 1",
+            "page_index": 0,
+            "x0": 100.0,
+            "x1": 166.0,
+            "y0": 486.0,
+            "y1": 497.2,
+        },
+        {
+            "start_offset": 66,
+            "end_offset": 77,
+            "offset_string": "10115 Berlin",
+            "page_index": 1,
+            "x0": 90.0,
+            "x1": 162.0,
+            "y0": 800.0,
+            "y1": 811.2,
+        },
+    ]
     address = ann(1, (118, "Address"), INVOICE, None, spans=spans)
     (entry,) = build_extractions(DETAILS, [address], None).annotations
     assert entry["page"] == 1 and entry["bbox"] == {"x0": 100.0, "y0": 486.0, "x1": 172.0, "y1": 511.2}
@@ -276,53 +394,74 @@ def test_a_value_of_several_spans_has_the_box_around_them_on_its_first_page():
     assert entry["value"] == "Acme Widgets Hauptstr. 1 10115 Berlin"  # no offset_string: the spans' own
     legacy = {**address, "offset_string": ["Acme Widgets", "Hauptstr. 1"]}
     assert build_extractions(DETAILS, [legacy], None).annotations[0]["value"] == "Acme Widgets Hauptstr. 1"
-    drawn = {**ann(2, TOTAL, INVOICE, "9"), "span": [{"start_offset": 1, "end_offset": 2}],
-             "selection_bbox": {"page_index": 1, "x0": 1, "x1": 2, "y0": 3, "y1": 4}}  # fmt: skip
+    drawn = {
+        **ann(2, TOTAL, INVOICE, "9"),
+        "span": [{"start_offset": 1, "end_offset": 2}],
+        "selection_bbox": {"page_index": 1, "x0": 1, "x1": 2, "y0": 3, "y1": 4},
+    }
     (entry,) = build_extractions(DETAILS, [drawn], None).annotations
     assert entry["page"] == 2 and entry["bbox"] == {"x0": 1, "y0": 3, "x1": 2, "y1": 4}
     assert entry["spans"] == [{"page": None, "bbox": None, "start_offset": 1, "end_offset": 2}]
 
 
 def test_a_value_a_person_rejected_is_no_result():
-    values = [ann(1, TOTAL, INVOICE, "1,00", revised=True, is_correct=False),
-              ann(2, TOTAL, INVOICE, "2,00", revised=True, is_correct=True)]  # fmt: skip
+    values = [
+        ann(1, TOTAL, INVOICE, "1,00", revised=True, is_correct=False),
+        ann(2, TOTAL, INVOICE, "2,00", revised=True, is_correct=True),
+    ]
     _, annotations, fields = build_extractions(DETAILS, values, CATALOG)
     assert [a["id"] for a in annotations] == [2] and annotations[0]["correct"] and annotations[0]["revised"]
     assert fields["Invoice"]["Total"] == "2,00"
 
 
 def test_the_annotations_endpoint_wins_over_the_details_never_mixed():
-    nested = {**DETAILS, "annotation_sets": [
-        {"id": 900, "label_set": {"id": 101, "name": "Invoice", "has_multiple_annotation_sets": False},
-         "labels": [{"id": 113, "name": "Total", "annotations": [ann(5, TOTAL, INVOICE, "old")]}]}]}  # fmt: skip
+    nested = {
+        **DETAILS,
+        "annotation_sets": [
+            {
+                "id": 900,
+                "label_set": {"id": 101, "name": "Invoice", "has_multiple_annotation_sets": False},
+                "labels": [{"id": 113, "name": "Total", "annotations": [ann(5, TOTAL, INVOICE, "old")]}],
+            }
+        ],
+    }
     assert build_extractions(nested, None, CATALOG).fields["Invoice"]["Total"] == "old"
     assert build_extractions(nested, [ann(5, TOTAL, INVOICE, "new")], CATALOG).fields["Invoice"]["Total"] == "new"
     assert build_extractions(nested, [], CATALOG).fields["Invoice"]["Total"] is None  # fetched, and empty
 
 
 def test_same_names_are_told_apart_by_id():
-    values = [ann(1, TOTAL, INVOICE, "1"), ann(2, (199, "Total"), INVOICE, "2"),
-              ann(3, TOTAL, (105, "Invoice"), "3", annotation_set=950)]  # fmt: skip
-    assert build_extractions(DETAILS, values, None).fields == {"Invoice": {"Total": "1", "Total (199)": "2"},
-                                                                "Invoice (105)": {"Total": "3"}}  # fmt: skip
+    values = [
+        ann(1, TOTAL, INVOICE, "1"),
+        ann(2, (199, "Total"), INVOICE, "2"),
+        ann(3, TOTAL, (105, "Invoice"), "3", annotation_set=950),
+    ]
+    assert build_extractions(DETAILS, values, None).fields == {
+        "Invoice": {"Total": "1", "Total (199)": "2"},
+        "Invoice (105)": {"Total": "3"},
+    }
 
 
 # -- redaction, link, the result, revisions -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url, redacted", [
-    (CALLBACK, "http://127.0.0.1:9/konfuzio-callback/<redacted>"),
-    (f"https://abc.ngrok.app/konfuzio-callback/{SECRET}/", "https://abc.ngrok.app/konfuzio-callback/<redacted>/"),
-    (f"https://user:pw@host/x/{SECRET}?t={SECRET}#{SECRET}", "https://host/x/<redacted>"),
-    (None, None),
-    ("", ""),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "url, redacted",
+    [
+        (CALLBACK, "http://127.0.0.1:9/konfuzio-callback/<redacted>"),
+        (f"https://abc.ngrok.app/konfuzio-callback/{SECRET}/", "https://abc.ngrok.app/konfuzio-callback/<redacted>/"),
+        (f"https://user:pw@host/x/{SECRET}?t={SECRET}#{SECRET}", "https://host/x/<redacted>"),
+        (None, None),
+        ("", ""),
+    ],
+)
 def test_callback_token_is_redacted(url, redacted):
     details = {**DETAILS, "callback_url": url}
     out = redact_callback_url(details)
     assert out["callback_url"] == redacted and details["callback_url"] == url  # a copy
-    assert {k: v for k, v in out.items() if k != "callback_url"} == {k: v for k, v in details.items()
-                                                                      if k != "callback_url"}  # fmt: skip
+    assert {k: v for k, v in out.items() if k != "callback_url"} == {
+        k: v for k, v in details.items() if k != "callback_url"
+    }
 
 
 def test_web_url_is_the_documents_page_in_the_web_app():
@@ -333,15 +472,27 @@ def test_web_url_is_the_documents_page_in_the_web_app():
 def test_build_result_extends_todays_result_and_carries_no_token():
     details, now = copy.deepcopy(DETAILS), 1_772_700_100.0
     bbox = {"0": {"x0": 1, "x1": 2, "y0": 3, "y1": 4, "page_number": 1}}
-    result = build_result(row_for(details), details, bbox, now, annotations=invoice_annotations(), catalog=CATALOG,
-                          host="https://app.konfuzio.com", revision=3)  # fmt: skip
+    result = build_result(
+        row_for(details),
+        details,
+        bbox,
+        now,
+        annotations=invoice_annotations(),
+        catalog=CATALOG,
+        host="https://app.konfuzio.com",
+        revision=3,
+    )
     today = export.build_result(row_for(details), details, bbox, now)
     assert set(today) < set(result) and {k: result[k] for k in today if k != "konfuzio"} == {
-        k: v for k, v in today.items() if k != "konfuzio"}  # fmt: skip
+        k: v for k, v in today.items() if k != "konfuzio"
+    }
     assert result["konfuzio"] == redact_callback_url(details) and details == DETAILS  # input untouched
     assert SECRET not in json.dumps(result)
     assert (result["revision"], result["updated_at"], result["web_url"]) == (
-        3, DETAILS["updated_at"], "https://app.konfuzio.com/d/1/")  # fmt: skip
+        3,
+        DETAILS["updated_at"],
+        "https://app.konfuzio.com/d/1/",
+    )
     assert result["fields"]["Invoice"]["Total"] == 1234.5 and result["category"]["name"] == "Invoice"
     assert export.result_is_for(row_for(details), result)
     lean = build_result(row_for(details), details, bbox, now, include_bbox=False)
@@ -363,8 +514,9 @@ def test_a_fingerprint_stored_by_an_earlier_version_still_recognises_its_content
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     first = build_result(row_for(DETAILS), DETAILS, None, 1.0, annotations=invoice_annotations(), catalog=CATALOG)
-    changed = build_result(row_for(DETAILS), {**DETAILS, "text": "other"}, None, 1.0,
-                           annotations=invoice_annotations(), catalog=CATALOG)  # fmt: skip
+    changed = build_result(
+        row_for(DETAILS), {**DETAILS, "text": "other"}, None, 1.0, annotations=invoice_annotations(), catalog=CATALOG
+    )
     assert fingerprint_matches(first, legacy(first))
     assert not fingerprint_matches(changed, legacy(first))
     assert fingerprint_matches(first, content_fingerprint(first))
@@ -374,12 +526,24 @@ def test_a_fingerprint_stored_by_an_earlier_version_still_recognises_its_content
 
 def test_fingerprint_ignores_when_and_how_often_and_sees_what_changed():
     def result(details: dict, annotations: list[dict], now: float = 1_772_700_100.0, revision: int = 1) -> dict:
-        return build_result(row_for(details), details, None, now, annotations=annotations, catalog=CATALOG,
-                            host="https://h", revision=revision)  # fmt: skip
+        return build_result(
+            row_for(details),
+            details,
+            None,
+            now,
+            annotations=annotations,
+            catalog=CATALOG,
+            host="https://h",
+            revision=revision,
+        )
 
     first = result(DETAILS, invoice_annotations())
-    again = result({**DETAILS, "callback_status_code": 202, "updated_at": "2026-03-06T00:00:00+00:00"},
-                   invoice_annotations(), now=1_772_800_000.0, revision=2)  # fmt: skip
+    again = result(
+        {**DETAILS, "callback_status_code": 202, "updated_at": "2026-03-06T00:00:00+00:00"},
+        invoice_annotations(),
+        now=1_772_800_000.0,
+        revision=2,
+    )
     assert content_fingerprint(first) == content_fingerprint(again)
     read_back = json.loads(encode_json(first))  # what the daemon finds in done/
     assert content_fingerprint(read_back) == content_fingerprint(first)
@@ -390,9 +554,10 @@ def test_fingerprint_ignores_when_and_how_often_and_sees_what_changed():
         result({**DETAILS, "category": 102}, invoice_annotations()),
         result({**DETAILS, "is_reviewed": True}, invoice_annotations()),
         result({**DETAILS, "text": "other"}, invoice_annotations()),
-        build_result(row_for(DETAILS), DETAILS, None, 1.0, annotations=invoice_annotations(), catalog=CATALOG,
-                     include_bbox=False),
-    ]  # fmt: skip
+        build_result(
+            row_for(DETAILS), DETAILS, None, 1.0, annotations=invoice_annotations(), catalog=CATALOG, include_bbox=False
+        ),
+    ]
     prints = {content_fingerprint(first), *map(content_fingerprint, changes)}
     assert len(prints) == 1 + len(changes)
 
@@ -418,10 +583,19 @@ def check_schema(instance: Any, schema: dict, root: dict = SCHEMA, where: str = 
         assert matches == 1, f"{where}: {matches} of oneOf match {instance!r:.200}"
     types = schema.get("type")
     if types is not None:
-        kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
-                 "integer": int, "number": (int, float)}  # fmt: skip
-        ok = any(isinstance(instance, kinds[t]) and not (t in ("integer", "number") and isinstance(instance, bool))
-                 for t in ([types] if isinstance(types, str) else types))  # fmt: skip
+        kinds = {
+            "object": dict,
+            "array": list,
+            "string": str,
+            "boolean": bool,
+            "null": type(None),
+            "integer": int,
+            "number": (int, float),
+        }
+        ok = any(
+            isinstance(instance, kinds[t]) and not (t in ("integer", "number") and isinstance(instance, bool))
+            for t in ([types] if isinstance(types, str) else types)
+        )
         assert ok, f"{where}: {instance!r:.200} is not {types}"
     if isinstance(instance, dict):
         for key in schema.get("required", ()):
@@ -568,12 +742,20 @@ def test_searchable_pdf_errors_are_classified_and_leave_no_file(emulator, client
     cases = [
         (waiting, [], Cause.NOT_FOUND, "not available yet"),
         (99_999, [], Cause.NOT_FOUND, "Not found"),
-        (waiting, [FaultRule("GET", r"^/doc/show/", 200, body="<html><form>Login</form></html>")], Cause.TRANSIENT,
-         "not a PDF"),
-        (waiting, [FaultRule("GET", r"^/doc/show/", 200, body="%PDF-1.4 cut",
-                             headers={"Content-Length": "100000"})], Cause.TRANSIENT, ""),
+        (
+            waiting,
+            [FaultRule("GET", r"^/doc/show/", 200, body="<html><form>Login</form></html>")],
+            Cause.TRANSIENT,
+            "not a PDF",
+        ),
+        (
+            waiting,
+            [FaultRule("GET", r"^/doc/show/", 200, body="%PDF-1.4 cut", headers={"Content-Length": "100000"})],
+            Cause.TRANSIENT,
+            "",
+        ),
         (waiting, [FaultRule("GET", r"^/doc/show/", 503)], Cause.UNAVAILABLE, "503"),
-    ]  # fmt: skip
+    ]
     for doc_id, rules, cause, message in cases:
         emulator.knobs.fault_rules = rules
         with pytest.raises(ApiError) as raised:
@@ -605,14 +787,21 @@ print(size, streamed, whole, tracemalloc.get_traced_memory()[1])
 def test_searchable_pdf_download_memory_does_not_grow_with_the_file(emulator, client, tmp_path):
     """Measured in a process of its own: the emulator in this one holds each PDF it serves."""
     details = done_document(emulator, client, make_pdf(2500, label="a long scan"))
-    out = subprocess.run([sys.executable, "-c", DOWNLOAD, emulator.url, TOKEN, str(details["id"]), str(tmp_path)],
-                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", DOWNLOAD, emulator.url, TOKEN, str(details["id"]), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     size, streamed_peak, whole, sdk_peak = map(int, out.stdout.split())
     assert size == whole > 2_000_000
     assert sdk_peak > size  # the check can see a whole file in memory ...
     assert streamed_peak < size / 5, (streamed_peak, size)  # ... and streaming holds a chunk or so
-    assert hashlib.sha256((tmp_path / "streamed.pdf").read_bytes()).digest() == hashlib.sha256(
-        (tmp_path / "warm-up.pdf").read_bytes()).digest()  # fmt: skip
+    assert (
+        hashlib.sha256((tmp_path / "streamed.pdf").read_bytes()).digest()
+        == hashlib.sha256((tmp_path / "warm-up.pdf").read_bytes()).digest()
+    )
 
 
 @pytest.mark.slow
@@ -641,8 +830,17 @@ def test_results_of_every_kind_of_document_match_the_schema(emulator, client):
         details, annotations = client.document(doc_id), client.annotations(doc_id)
         catalog = cache.catalog_for(1, references(details, annotations), client.project_catalog)
         bbox = client.bbox(doc_id)["bbox"]
-        result = build_result(row_for(details), details, bbox, 1_772_700_100.0, annotations=annotations,
-                              catalog=catalog, host=emulator.url, revision=revision, **kwargs)  # fmt: skip
+        result = build_result(
+            row_for(details),
+            details,
+            bbox,
+            1_772_700_100.0,
+            annotations=annotations,
+            catalog=catalog,
+            host=emulator.url,
+            revision=revision,
+            **kwargs,
+        )
         validate_result(result)
         validate_result(json.loads(encode_json(result)))
         assert SECRET not in encode_json(result).decode()
@@ -652,8 +850,9 @@ def test_results_of_every_kind_of_document_match_the_schema(emulator, client):
     invoice = results["invoice.pdf"]
     assert invoice["category"]["name"] == "Invoice" and len(invoice["fields"]["Invoice"]["IBAN"]) == 2
     assert invoice["fields"]["Invoice"]["Invoice Number"] in invoice["text"]
-    assert invoice["fields"]["Invoice"]["Total"] == pytest.approx(sum(i["Amount"] for i in
-                                                                      invoice["fields"]["Line Item"]))  # fmt: skip
+    assert invoice["fields"]["Invoice"]["Total"] == pytest.approx(
+        sum(i["Amount"] for i in invoice["fields"]["Line Item"])
+    )
     for a in invoice["annotations"]:
         (span,) = a["spans"]
         assert invoice["text"][span["start_offset"] : span["end_offset"]] == a["value"]

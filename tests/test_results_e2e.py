@@ -235,8 +235,7 @@ def test_a_review_writes_the_next_revision_once_and_never_touches_the_original(s
     after = os.stat(original)
     assert original.read_bytes() == data
     assert (after.st_ino, after.st_mtime_ns, after.st_nlink) == (before.st_ino, before.st_mtime_ns, before.st_nlink)
-    assert sorted(p.name for p in running.done.iterdir()) == ["invoice.pdf", "invoice.pdf.json",
-                                                               "invoice.pdf.ocr.pdf"]  # fmt: skip
+    assert sorted(p.name for p in running.done.iterdir()) == ["invoice.pdf", "invoice.pdf.json", "invoice.pdf.ocr.pdf"]
     assert running.counts()[State.DONE] == 1 and len(emulator.uploads) == 1
 
     # The same callback again (Konfuzio retries, a proxy replays it): one look, no third revision.
@@ -369,8 +368,14 @@ def test_require_review_exports_only_what_a_person_reviewed(start_daemon, emulat
 def test_a_layout_by_category_and_date_with_collisions_and_unsafe_names(start_daemon, emulator):
     categories = schema_for(1).categories_json()
     categories[0]["name"] = "../Rechnungen: 2026/März*?"  # what an admin may call a category
-    emulator.knobs.fault_rules.append(FaultRule("GET", r"^/api/v3/categories/?$", 200, body={
-        "count": len(categories), "next": None, "previous": None, "results": categories}))  # fmt: skip
+    emulator.knobs.fault_rules.append(
+        FaultRule(
+            "GET",
+            r"^/api/v3/categories/?$",
+            200,
+            body={"count": len(categories), "next": None, "previous": None, "results": categories},
+        )
+    )
     running = start_daemon(results={"layout": "{category}/{date:%Y/%m}/{name}"})
     invoice_a, invoice_b = file_of("invoice", tag="layout a"), file_of("invoice", tag="layout b")
     files = {
@@ -393,8 +398,9 @@ def test_a_layout_by_category_and_date_with_collisions_and_unsafe_names(start_da
     assert sorted(p.name for p in running.done.iterdir()) == sorted({invoices, "Receipt", "uncategorized"})
     scans = sorted(p for p in (running.done / invoices / month("a/scan.pdf")).iterdir())
     assert [p.name for p in scans] == ["scan (2).pdf", "scan (2).pdf.json", "scan.pdf", "scan.pdf.json"]
-    by_content = {(running.done / invoices / month("a/scan.pdf") / n).read_bytes(): n
-                  for n in ("scan.pdf", "scan (2).pdf")}  # fmt: skip
+    by_content = {
+        (running.done / invoices / month("a/scan.pdf") / n).read_bytes(): n for n in ("scan.pdf", "scan (2).pdf")
+    }
     assert set(by_content) == {invoice_a, invoice_b}, "each file once, neither overwritten"
     for data, name in by_content.items():
         result = result_of(running.done / invoices / month("a/scan.pdf"), name)

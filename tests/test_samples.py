@@ -78,9 +78,13 @@ def test_write_samples_mixes_pdfs_and_pngs(tmp_path):
     paths = write_samples(tmp_path / "inbox", 6)
 
     assert [p.name for p in paths] == [
-        "scan_0001.pdf", "photo_0002.png", "scan_0003.pdf",
-        "photo_0004.png", "scan_0005.pdf", "photo_0006.png",
-    ]  # fmt: skip
+        "scan_0001.pdf",
+        "photo_0002.png",
+        "scan_0003.pdf",
+        "photo_0004.png",
+        "scan_0005.pdf",
+        "photo_0006.png",
+    ]
     page_counts = {count_pages(p.read_bytes()) for p in paths if p.suffix == ".pdf"}
     assert page_counts == {1, 2, 3}
     for path in paths:

@@ -129,9 +129,9 @@ except OSError as exc:
 def _with_eio_on(path: Path, folder: Path, asked: Path) -> str:
     """What ``is_absent(asked)`` says when every call on ``path`` fails with EIO (as on a share whose
     server is away), in a process of its own under strace."""
-    out = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(path), "-e", "inject=all:error=EIO",
-                          sys.executable, "-c", EIO_PROBE, str(folder), str(asked)],
-                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(path), "-e", "inject=all:error=EIO"]
+    command = [*strace, sys.executable, "-c", EIO_PROBE, str(folder), str(asked)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
     return out.stdout.strip()
 
 
