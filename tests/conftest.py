@@ -40,6 +40,40 @@ def wait_until(
         time.sleep(interval_s)
 
 
+# Fixtures that start a server or a process: a test that takes one is marked slow, so that
+# ``pytest -m "not slow"`` stays a quick loop of the unit tests. (A test that starts one by itself,
+# a subprocess or an observer, is marked by hand; so is a test that asks for pg_url at run time.)
+SLOW_FIXTURES = frozenset(
+    {
+        "emulator",
+        "emu",
+        "session",
+        "callback_receiver",
+        "start_daemon",
+        "daemon_process",
+        "receiver",
+        "agent_path",
+        "pg_cluster",
+        "pg_url",
+        "samba",
+        "smb_mount",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("slow") is None and SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests start a server or a process (a fixture of conftest.SLOW_FIXTURES) but are not marked slow: "
+            + ", ".join(unmarked)
+        )
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leaks() -> Iterator[None]:
     before = {t.ident for t in threading.enumerate()}
