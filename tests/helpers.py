@@ -238,6 +238,12 @@ def write_and_rename(path: Path, text: str) -> None:
     os.replace(new, path)
 
 
+def predictable_temp(path: Path) -> Path:
+    """The hidden name under which konfuzio-watch up to 2026-12 wrote ``path`` before linking it: a hash
+    of the name alone, so anyone could compute it and plant something there beforehand."""
+    return path.with_name(f".konfuzio-watch-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}.tmp")
+
+
 def sample_files(n: int, prefix: str) -> dict[str, bytes]:
     return {
         (f"{prefix}/{i:03d}.pdf" if i % 2 else f"{prefix}/{i:03d}.png"): (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -31,6 +30,8 @@ from konfuzio_watch.files import (
     write_temp,
 )
 from konfuzio_watch.journal import Row, State
+
+from .helpers import predictable_temp
 
 
 @pytest.mark.parametrize(
@@ -232,11 +233,6 @@ def test_why_a_path_is_ignored(rel, reason):
 
 
 # -- links someone put into the output folders (done/, failed/) ---------------------------------------
-
-
-def predictable_temp(path: Path) -> Path:
-    """The hidden name konfuzio-watch up to 2026-12 wrote ``path`` under first: anyone could compute it."""
-    return path.with_name(f".konfuzio-watch-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}.tmp")
 
 
 @pytest.fixture

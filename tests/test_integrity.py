@@ -21,13 +21,9 @@ from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop, make_config, wait_until
-from .helpers import assert_own_result, callback_url_of, inbox_files, waiting_in
+from .helpers import assert_own_result, callback_url_of, documents_per_sha, inbox_files, waiting_in
 
 pytestmark = pytest.mark.slow  # every test starts the daemon against the emulator
-
-
-def uploads_per_sha(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]
-    return collections.Counter(u.sha256 for u in emulator.uploads)
 
 
 def stored_copies(emulator) -> collections.Counter:  # type: ignore[no-untyped-def]
@@ -114,7 +110,7 @@ def test_a_lost_journal_adopts_the_waiting_files_under_their_own_names(daemon_pr
         assert result["source"]["sha256"] == hashlib.sha256(data).hexdigest(), "another file's result"
         assert (tmp_path / "done" / Path(rel).name).read_bytes() == data
     # Without the journal the earlier uploads cannot be recognised: each file was uploaded once more.
-    assert all(n == 2 for n in uploads_per_sha(emulator).values())
+    assert all(n == 2 for n in documents_per_sha(emulator).values())
 
 
 def test_a_deleted_wal_orphans_nothing(daemon_process, emulator, tmp_path):
@@ -336,7 +332,7 @@ def test_claims_run_while_other_threads_write_the_journal(start_daemon, emulator
     running.wait_finished(60, timeout_s=60)
     for name, data in files.items():
         assert_own_result(running.done, name, data)
-    assert all(n == 1 for n in uploads_per_sha(emulator).values())
+    assert all(n == 1 for n in documents_per_sha(emulator).values())
 
 
 def test_reconciliation_reads_only_the_newest_page_of_a_large_project(daemon_process, emulator, tmp_path):

@@ -26,15 +26,9 @@ from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf, make_png
 
 from .conftest import drop, wait_until
-from .helpers import DaemonProcess, file_of
+from .helpers import DaemonProcess, file_of, predictable_temp
 
 pytestmark = pytest.mark.slow
-
-
-def predictable_temp(path: Path) -> Path:
-    """The hidden name under which konfuzio-watch up to 2026-12 wrote ``path`` before linking it:
-    a hash of the name alone, so anyone could plant something there beforehand."""
-    return path.with_name(f".konfuzio-watch-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}.tmp")
 
 
 @dataclass(frozen=True)
