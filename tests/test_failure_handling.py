@@ -101,7 +101,7 @@ def test_a_full_journal_disk_pauses_everything_quietly_and_resumes_at_once(tmp_p
     )  # figures for the record (pytest -s)
     assert "Traceback" not in during, f"a traceback per failed write: {during[:2000]}"
     assert len(lines) < 40, f"{len(lines)} log lines while the disk was full: {lines[:40]}"
-    # 100 files at concurrency 4 take ~2 s here; the rescan that would otherwise find them is 300 s away
+    # far more than the 100 files need; the rescan that would otherwise find them is 300 s away
     assert resumed_in < 20, f"{resumed_in:.1f} s from free space to the last file done"
     for rel, data in files.items():
         assert (tmp_path / "done" / rel).read_bytes() == data

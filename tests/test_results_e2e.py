@@ -225,8 +225,8 @@ def test_a_review_writes_the_next_revision_once_and_never_touches_the_original(s
     assert all(a["revised"] and a["correct"] for a in second["annotations"])
     assert second["updated_at"] != first["updated_at"] and second["exported_at"] >= first["exported_at"]
     assert second["document_id"] == doc_id and second["text"] == first["text"]
-    # The export leaves the fingerprint to the first look (it was 1-5 % of the daemon's CPU at 32 uploads
-    # in flight): that look read it from revision 1 in done/, and revision 2's is stored with it.
+    # The export leaves the fingerprint to the first look (computing it at export cost the daemon CPU with
+    # many uploads in flight): that look read it from revision 1 in done/, and revision 2's is stored with it.
     assert (exported.revision, exported.fingerprint) == (1, None)
     assert row.fingerprint == content_fingerprint(second)
     assert (requests_of(emulator, "details") - fetched, requests_of(emulator, "pdf") - pdfs) == (1, 1)
