@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 from flask import Flask, Response, request
 
+from .states import CallbackOutcome
+
 log = logging.getLogger(__name__)
 
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{20,100}")
@@ -28,8 +30,8 @@ class TryLater(Exception):
     """``record`` cannot store the fact now for a reason the daemon already handles: answer 503."""
 
 
-# record(token, document id named by the body or None) -> "recorded" | "finished" | "unknown" | "mismatch"
-RecordCallback = Callable[[str, "int | None"], str]
+# record(token, document id named by the body or None) -> what the callback came to
+RecordCallback = Callable[[str, "int | None"], CallbackOutcome]
 
 
 def create_app(record: RecordCallback, *, path: str = "konfuzio-callback", max_body_bytes: int = 64 * 1024) -> Flask:
@@ -61,12 +63,12 @@ def create_app(record: RecordCallback, *, path: str = "konfuzio-callback", max_b
         except Exception:  # our own trouble: ask the sender to come back, say nothing more
             log.exception("could not record a callback")
             return _json({"detail": "Try again later."}, 503)
-        if outcome == "unknown":
+        if outcome == CallbackOutcome.UNKNOWN:
             return _json({"detail": "Not found."}, 404)
-        if outcome == "mismatch":
+        if outcome == CallbackOutcome.MISMATCH:
             log.warning("refused a callback naming document %s on another document's token", claimed_id)
             return _json({"detail": "This token was not issued for that document."}, 403)
-        return _json({"status": outcome}, 202 if outcome == "recorded" else 200)
+        return _json({"status": outcome}, 202 if outcome == CallbackOutcome.RECORDED else 200)
 
     @app.errorhandler(404)
     @app.errorhandler(405)

@@ -17,6 +17,7 @@ from .callback import TryLater
 from .events import CleanupWanted, JournalFailed, Wake
 from .journal import JournalWriteError
 from .reachability import POLL_ONLY, CallbackVerdict, CallbackWatch, ProbeTokens, Reachability
+from .states import CallbackOutcome
 from .tokens import hash_token
 
 if TYPE_CHECKING:
@@ -35,14 +36,14 @@ class CallbackIntake:
         # (its times are this machine's, as the log's).
         self.watch = CallbackWatch()
 
-    def record(self, token: str, claimed_id: int | None) -> str:
+    def record(self, token: str, claimed_id: int | None) -> CallbackOutcome:
         """A callback arrived (on a server thread): record it, wake the loop; returns the outcome."""
         d = self.daemon
         assert d.journal and d.scheduler
         if self.probe_tokens.arrived(token):
-            return "probe"
+            return CallbackOutcome.PROBE
         if d.membership.forward_probe(token):
-            return "probe"
+            return CallbackOutcome.PROBE
         now = d.clock.now()
         try:
             outcome, row = d.journal.record_callback(hash_token(token), claimed_id, now)
@@ -50,15 +51,15 @@ class CallbackIntake:
             d.scheduler.report(JournalFailed(str(exc)))
             raise TryLater from exc
         d.metrics.callbacks.labels(outcome).inc()
-        if outcome == "recorded":
+        if outcome is CallbackOutcome.RECORDED:
             if row is not None and row.uploaded_at is not None:
                 d.metrics.callback_latency.observe(max(0.0, now - row.uploaded_at))
             d.scheduler.report(Wake())
             if self.watch.callback_arrived():
                 self._arriving()
-        elif outcome == "finished" and row is not None:  # a done file's callback again: a refresh is due
+        elif outcome is CallbackOutcome.FINISHED and row is not None:  # a done file's callback again: a refresh is due
             d.scheduler.report(Wake())
-        elif outcome == "extra":  # a late copy from an earlier attempt: check it and delete it
+        elif outcome is CallbackOutcome.EXTRA:  # a late copy from an earlier attempt: check it and delete it
             d.scheduler.report(CleanupWanted())
         return outcome
 

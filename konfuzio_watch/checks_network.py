@@ -11,6 +11,7 @@ from .config import Config, ConfigError
 from .konfuzio import ApiError, KonfuzioClient
 from .locks import Holder, hostname, read_daemon_lock
 from .policy import Cause
+from .states import CallbackOutcome
 
 Report = Callable[..., None]
 
@@ -66,7 +67,7 @@ def check_callbacks(config: Config, report: Report, note: Callable[[str], None])
 
     tokens = reachability.ProbeTokens()
     app = create_app(
-        lambda token, _claimed: "probe" if tokens.arrived(token) else "unknown",
+        lambda token, _claimed: CallbackOutcome.PROBE if tokens.arrived(token) else CallbackOutcome.UNKNOWN,
         path=c.path,
         max_body_bytes=c.max_body_kb * 1024,
     )

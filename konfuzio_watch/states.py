@@ -117,6 +117,8 @@ class Stage(enum.StrEnum):
 
 # Statuses in which a document waits for a person in Konfuzio (the row's stage says so).
 PERSON_STAGES = {41: Stage.SPLITTING}
+# The stages of an uploaded file that waits for a person in Konfuzio, not for the machine.
+WAITING_FOR_A_PERSON = frozenset({Stage.REVIEW, Stage.SPLITTING})
 
 
 class CallbackOutcome(enum.StrEnum):

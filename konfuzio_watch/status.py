@@ -25,6 +25,7 @@ from .config import Config
 from .journal import ACTIVE, BaseJournal, JournalError, JournalWriteError, Row, State, open_journal
 from .locks import read_daemon_lock
 from .results import web_url
+from .states import WAITING_FOR_A_PERSON, Stage
 from .summary import format_age
 from .watcher import Waiting, count_waiting, ignored_files
 
@@ -247,7 +248,7 @@ def _table(rows: list[Row], now: float, host: str | None = None, holders: dict[i
         line = f"{row.id:>6}  {row.state.value:<10} {format_age(now - since):>6}  {doc:>7}{held}  {row.display_path}"
         if row.error:
             line += f"  [{row.stage}: {row.error}]"
-        elif row.state == State.UPLOADED and row.stage and "waiting for" in row.stage:
+        elif row.state == State.UPLOADED and Stage.of(row.stage) in WAITING_FOR_A_PERSON:
             link = f": {web_url(host, row.document_id)}" if host and row.document_id else ""
             line += f"  [{row.stage}{link}]"
         lines.append(line)

@@ -21,7 +21,7 @@ import hmac
 import secrets
 from collections.abc import Iterable, Sequence
 
-from ..states import ACTIVE, TERMINAL, IllegalTransition, State, check_transition
+from ..states import ACTIVE, TERMINAL, CallbackOutcome, IllegalTransition, State, check_transition
 from .reads import JournalReads
 from .rows import COLS, COLUMNS, REFRESH_GAP_S, UPDATABLE, NewClaim, Row, in_list, marks, to_row
 
@@ -300,7 +300,9 @@ class BaseJournal(JournalReads):
                 tx.notify(f"due:{now!r}")
         return n
 
-    def record_callback(self, token_hash: str, claimed_document_id: int | None, now: float) -> tuple[str, Row | None]:
+    def record_callback(
+        self, token_hash: str, claimed_document_id: int | None, now: float
+    ) -> tuple[CallbackOutcome, Row | None]:
         """Record that a callback arrived for a token; returns what happened and the row.
 
         ``unknown``: no such token. ``mismatch``: the body names another document than the one
@@ -325,11 +327,11 @@ class BaseJournal(JournalReads):
                 (token_hash,),
             ).fetchone()
             if found is None or not hmac.compare_digest(found[0], token_hash):
-                return "unknown", None
+                return CallbackOutcome.UNKNOWN, None
             _, row_id, state, document_id, current_token, project_id = found
             if claimed_document_id is not None and document_id is not None and claimed_document_id != document_id:
                 if current_token == token_hash:
-                    return "mismatch", None
+                    return CallbackOutcome.MISMATCH, None
                 extra = tx.execute(
                     "INSERT INTO extra_documents (document_id, row_id, project_id, found_at)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -348,7 +350,7 @@ class BaseJournal(JournalReads):
                 tx.notify(f"callback:{row_id}")
                 refresh = True
             elif state in TERMINAL:
-                return "finished", None
+                return CallbackOutcome.FINISHED, None
             else:
                 next_at = now if state == State.UPLOADED else None
                 new = to_row(
@@ -362,8 +364,8 @@ class BaseJournal(JournalReads):
         if refresh:  # a second copy to delete, a done file's next revision: nothing else would find them again
             self._make_durable()
         if new is None:
-            return "extra", None
-        return ("finished" if new.state == State.DONE else "recorded"), new
+            return CallbackOutcome.EXTRA, None
+        return (CallbackOutcome.FINISHED if new.state == State.DONE else CallbackOutcome.RECORDED), new
 
     # -- done results that may have changed on the server ------------------------------------
 
