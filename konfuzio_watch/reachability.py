@@ -29,11 +29,10 @@ import datetime as dt
 import ipaddress
 import logging
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from .clock import Clock, WallClock
 from .tokens import hash_token, new_token
 
 log = logging.getLogger("konfuzio_watch")
@@ -153,8 +152,8 @@ class CallbackWatch:
     """What the daemon saw of its callbacks, as one ``CallbackVerdict`` (thread-safe: the probe thread,
     the callback handlers and the workers report; the monitor reads)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time):
-        self._clock = clock
+    def __init__(self, clock: Clock | None = None):
+        self._clock = clock or WallClock()  # its times are shown to the admin: the wall clock's
         self._lock = threading.Lock()
         self._misses = 0
         self._url: str | None = None
@@ -170,7 +169,7 @@ class CallbackWatch:
 
     def probed(self, found: Reachability) -> CallbackVerdict:
         """The start-up probe's outcome becomes the verdict (unless a callback came first)."""
-        now = self._clock()
+        now = self._clock.now()
         with self._lock:
             self._url = found.url
             if self._verdict.arriving is not None:
@@ -184,7 +183,7 @@ class CallbackWatch:
 
     def callback_arrived(self) -> bool:
         """A real callback arrived. Returns True if this ends a "no" (or an unknown) answer."""
-        now = self._clock()
+        now = self._clock.now()
         with self._lock:
             self._misses = 0
             was = self._verdict
@@ -197,7 +196,7 @@ class CallbackWatch:
     def found_by_polling(self) -> bool:
         """A result was found done by polling and its callback never came. Returns True exactly
         once when that has happened often enough in a row to say so (the verdict is then no)."""
-        now = self._clock()
+        now = self._clock.now()
         with self._lock:
             self._misses += 1
             if self._misses < MISSES_BEFORE_WARNING or self._verdict.arriving is False:

@@ -19,13 +19,13 @@ def clock() -> FakeClock:
 
 
 def test_until_the_probe_answers_it_is_not_known(clock: FakeClock) -> None:
-    watch = CallbackWatch(clock.now)
+    watch = CallbackWatch(clock)
     assert watch.verdict().arriving is None and not watch.missing
     assert watch.verdict().text == "not known yet: the start-up probe has not answered"
 
 
 def test_a_failed_probe_is_no_with_its_reason_and_time(clock: FakeClock) -> None:
-    watch = CallbackWatch(clock.now)
+    watch = CallbackWatch(clock)
     verdict = watch.probed(Reachability(False, URL, "cannot connect to scans.example.com:443: connection refused"))
     assert verdict == watch.verdict() and verdict.arriving is False and watch.missing
     assert verdict.text == (
@@ -36,7 +36,7 @@ def test_a_failed_probe_is_no_with_its_reason_and_time(clock: FakeClock) -> None
 
 
 def test_a_callback_after_a_failed_probe_is_yes_and_says_when_the_last_one_came(clock: FakeClock) -> None:
-    watch = CallbackWatch(clock.now)
+    watch = CallbackWatch(clock)
     watch.probed(Reachability(False, URL, "HTTP 502"))
     clock.advance(60)
     assert watch.callback_arrived() is True  # the answer changed: the daemon says so
@@ -49,14 +49,14 @@ def test_a_callback_after_a_failed_probe_is_yes_and_says_when_the_last_one_came(
 
 
 def test_a_callback_before_the_probe_answered_is_not_overruled_by_it(clock: FakeClock) -> None:
-    watch = CallbackWatch(clock.now)
+    watch = CallbackWatch(clock)
     watch.callback_arrived()
     verdict = watch.probed(Reachability(False, URL, "timed out"))
     assert verdict.arriving is True and verdict.text.startswith("yes: the last callback arrived at ")
 
 
 def test_results_found_by_polling_in_a_row_turn_it_to_no_once(clock: FakeClock) -> None:
-    watch = CallbackWatch(clock.now)
+    watch = CallbackWatch(clock)
     watch.probed(Reachability(True, URL, ""))
     assert watch.verdict().text == f"yes: a probe through {URL} arrived at {clock_time(clock.t)}"
     said = [watch.found_by_polling() for _ in range(MISSES_BEFORE_WARNING + 2)]

@@ -208,7 +208,7 @@ class Context:
         """The retry policy's answer for ``failure`` in ``step``: the one place it is asked. ``spread``:
         a file's retry is jittered (a verdict on a gate or the account is not)."""
         now = self.clock.now() if now is None else now
-        jitter = self.rng.uniform(0.5, 1.0) if spread else 1.0
+        jitter = policy.draw_jitter(self.rng) if spread else 1.0
         return policy.decide(step, failure, failures, now, self.limits, attempts=attempts, jitter=jitter)
 
     def handle(
