@@ -21,8 +21,8 @@ from konfuzio_watch import writers
 from konfuzio_watch.events import CleanupWanted, FileSeen, FolderSeen, JournalFailed, RescanRequested, StepDone
 from konfuzio_watch.gates import CONFIRM_S, LOCAL_LIMITS, Gates
 from konfuzio_watch.journal import JournalWriteError
-from konfuzio_watch.runner import ClaimsPaused
 from konfuzio_watch.policy import Limits, Scope
+from konfuzio_watch.runner import ClaimsPaused
 from konfuzio_watch.scheduler import MAX_SLEEP_S, Duty, Scheduler
 from konfuzio_watch.tracker import CandidateTracker
 
