@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from .config import ConfigError
 
 if TYPE_CHECKING:
-    from .locks import Holder
+    from .lock_file import Holder
 
 SERVICE_USER = "konfuzio-watch"  # the unit's User= (install.SERVICE_USER)
 PROBE_REMOVAL_DELAYS_S = (0.05, 0.1, 0.2, 0.4)  # a busy share, then the last try

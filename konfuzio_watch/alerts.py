@@ -28,38 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import tzinfo
 
-from .alert_messages import (
-    MAX_LISTED,
-    MAX_NOTES,
-    Batch,
-    FailedFile,
-    Message,
-    Note,
-    NoteKind,
-    build_message,
-    clip,
-    describe,
-)
-from .alert_sending import DeliveryError, Sender, check_urls, read_destinations, scrub_secrets, send_with_apprise
+from .alert_messages import Batch, FailedFile, Note, NoteKind, build_message, clip, describe
+from .alert_sending import DeliveryError, Sender, read_destinations, scrub_secrets, send_with_apprise
 from .clock import Clock, WallClock
 from .config import AlertsConfig, ConfigError
 from .policy import Limits, backoff_s
 from .status import format_age
-
-__all__ = [
-    "MAX_LISTED",
-    "MAX_NOTES",
-    "Alerts",
-    "Batch",
-    "DeliveryError",
-    "FailedFile",
-    "Message",
-    "Note",
-    "NoteKind",
-    "build_message",
-    "check_urls",
-    "send_with_apprise",
-]
 
 log = logging.getLogger(__name__)
 

@@ -83,7 +83,7 @@ def run_checks(config: Config, out: TextIO, as_user: str | None = None) -> list[
             "install the ngrok agent there (it is never downloaded), or set ngrok.path",
         )
     if config.alerts.urls or config.alerts.urls_file:
-        from .alerts import check_urls
+        from .alert_sending import check_urls
 
         try:
             report(True, "alerts", ", ".join(check_urls(config.alerts)))

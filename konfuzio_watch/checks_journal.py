@@ -11,7 +11,9 @@ from pathlib import Path
 from .clock import CLOCK_OFF_WARN_S, describe_offset, is_off
 from .config import Config, ConfigError
 from .journal import NETWORK_FILESYSTEMS, BaseJournal, JournalError, JournalWriteError, filesystem_type, open_journal
-from .locks import INBOX_LOCK_NAME, MODE_CLUSTER, Holder, LockFile, hostname, node_marker_path, read_node_marker
+from .lock_file import Holder, LockFile, hostname
+from .locks import INBOX_LOCK_NAME, MODE_CLUSTER
+from .node_markers import node_marker_path, read_node_marker
 
 Report = Callable[..., None]
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from . import reachability
 from .config import Config, ConfigError
 from .konfuzio import ApiError, KonfuzioClient
-from .locks import Holder, hostname, read_daemon_lock
+from .lock_file import Holder, hostname
+from .locks import read_daemon_lock
 from .policy import Cause
 from .states import CallbackOutcome
 

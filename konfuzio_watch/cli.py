@@ -134,7 +134,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .journal import JournalWriteError
-    from .locks import LockHeld
+    from .lock_file import LockHeld
     from .logs import configure_logging
     from .sdnotify import Notifier
     from .tunnel import TunnelError

@@ -37,7 +37,8 @@ from .events import Event, FileSeen, FolderSeen, RescanRequested, StepDone, Stop
 from .gates import Gates, GateState
 from .journal import BaseJournal, Row, State
 from .konfuzio import KonfuzioClient
-from .locks import DaemonLock, InboxLock, LockHeld, ProcessingLock
+from .lock_file import LockHeld
+from .locks import DaemonLock, InboxLock, ProcessingLock
 from .markers import MarkerKeeper
 from .membership import membership_for
 from .metrics import Metrics

@@ -28,50 +28,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from .dirfd import SEARCH, StaleTemps, create_temp, fsync_fd, lexists_at, open_folder, temp_name, unlink_at
-from .file_names import BUILTIN_IGNORES, SAFE_NAME_MAX, ignore_reason, is_ignored, safe_upload_name
-from .long_paths import (
-    PATH_MAX,
-    SHORT_NAME_MAX,
-    fits_path_max,
-    list_dir,
-    lstat_any,
-    open_any,
-    rename_any,
-    shortened_name,
-)
-
-__all__ = [
-    "BUILTIN_IGNORES",
-    "MAX_VARIANTS",
-    "NAME_MAX",
-    "NO_HARD_LINKS",
-    "PATH_MAX",
-    "SAFE_NAME_MAX",
-    "SHORT_NAME_MAX",
-    "NotRegularFile",
-    "describe_mode",
-    "encode_json",
-    "fits_path_max",
-    "free_target",
-    "fsync_dir",
-    "ignore_reason",
-    "is_ignored",
-    "list_dir",
-    "lstat_any",
-    "lstat_below",
-    "move_no_clobber",
-    "open_any",
-    "open_regular_file",
-    "rename_any",
-    "replace_file",
-    "safe_upload_name",
-    "shortened_name",
-    "sidecar_for",
-    "unlink_below",
-    "write_file_no_clobber",
-    "write_json_no_clobber",
-    "write_temp",
-]
+from .long_paths import fits_path_max, open_any
 
 NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, SMB)
 MAX_VARIANTS = 10_000  # "name (2).pdf" ... before giving up on a folder

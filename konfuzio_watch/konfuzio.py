@@ -25,7 +25,7 @@ import orjson
 from .policy import Cause, Failure
 
 if TYPE_CHECKING:
-    from .results import ProjectCatalog
+    from .project_catalog import ProjectCatalog
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,8 @@ class KonfuzioClient:
         return self._call(self._api.get_project_categories, project_id, session=self.session)
 
     def project_catalog(self, project_id: int) -> ProjectCatalog:
-        """The project's ``results.ProjectCatalog`` (three requests), for ``CatalogCache.catalog_for``."""
-        from .results import ProjectCatalog
+        """The project's ``project_catalog.ProjectCatalog`` (three requests), for ``CatalogCache.catalog_for``."""
+        from .project_catalog import ProjectCatalog
 
         return ProjectCatalog.from_api(
             project_id,

@@ -64,39 +64,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .lock_file import Holder, LockFile, LockHeld, format_since, hostname
-from .node_markers import (
-    NODE_MARKER_PREFIX,
-    foreign_inbox_nodes,
-    node_marker_path,
-    read_node_marker,
-    remove_node_marker,
-    write_node_marker,
-)
-
-__all__ = [
-    "DAEMON_LOCK_NAME",
-    "INBOX_LOCK_NAME",
-    "MODE_CLUSTER",
-    "MODE_SINGLE",
-    "NODE_MARKER_PREFIX",
-    "PROCESSING_LOCK_NAME",
-    "DaemonLock",
-    "FolderLock",
-    "Holder",
-    "InboxLock",
-    "LockFile",
-    "LockHeld",
-    "ProcessingLock",
-    "foreign_inbox_nodes",
-    "format_since",
-    "hostname",
-    "node_marker_path",
-    "read_daemon_lock",
-    "read_node_marker",
-    "remove_node_marker",
-    "write_node_marker",
-]
+from .lock_file import Holder, LockFile, LockHeld, hostname
 
 log = logging.getLogger("konfuzio_watch")
 

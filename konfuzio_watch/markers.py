@@ -37,7 +37,8 @@ from pathlib import Path
 from . import processing
 from .files import move_no_clobber
 from .journal import display_name
-from .locks import FolderLock, LockHeld
+from .lock_file import LockHeld
+from .locks import FolderLock
 from .mounts import Mount, mount_of
 from .shares import Folders, is_share_error
 

@@ -23,16 +23,10 @@ from .clock import Clock, DatabaseClock, SteadyClock, describe_offset, is_off
 from .config import Config
 from .events import Wake
 from .journal import BaseJournal, JournalError, JournalWriteError, Role, State, open_journal
-from .locks import (
-    InboxLock,
-    LockHeld,
-    ProcessingLock,
-    foreign_inbox_nodes,
-    node_marker_path,
-    remove_node_marker,
-    write_node_marker,
-)
+from .lock_file import LockHeld
+from .locks import InboxLock, ProcessingLock
 from .metrics import ClusterSample
+from .node_markers import foreign_inbox_nodes, node_marker_path, remove_node_marker, write_node_marker
 from .reachability import ProbeTokens
 from .scheduler import Duty
 from .tokens import hash_token

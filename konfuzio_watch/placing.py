@@ -22,19 +22,18 @@ from . import changes, export
 from .dirfd import FolderInTheWay
 from .files import (
     NotRegularFile,
-    fits_path_max,
     free_target,
     fsync_dir,
     lstat_below,
     move_no_clobber,
     open_regular_file,
     replace_file,
-    shortened_name,
     sidecar_for,
     unlink_below,
     write_json_no_clobber,
 )
 from .journal import Row, State
+from .long_paths import fits_path_max, shortened_name
 from .policy import Scope, Step
 from .shares import is_share_error
 from .states import Stage

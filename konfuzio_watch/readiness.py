@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .files import open_any
+from .long_paths import open_any
 
 PDF_MAGIC = b"%PDF"
 PDF_EOF = b"%%EOF"

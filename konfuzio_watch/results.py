@@ -14,29 +14,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from . import export
-from .extractions import Extractions, build_extractions, references
-from .fingerprint import CONTENT_DETAIL_KEYS, CONTENT_KEYS, content_fingerprint, fingerprint_matches
+from .extractions import build_extractions
 from .journal import Row
-from .project_catalog import CatalogCache, Category, Label, LabelSet, ProjectCatalog, References
-
-__all__ = [
-    "CONTENT_DETAIL_KEYS",
-    "CONTENT_KEYS",
-    "CatalogCache",
-    "Category",
-    "Extractions",
-    "Label",
-    "LabelSet",
-    "ProjectCatalog",
-    "References",
-    "build_extractions",
-    "build_result",
-    "content_fingerprint",
-    "fingerprint_matches",
-    "redact_callback_url",
-    "references",
-    "web_url",
-]
+from .project_catalog import ProjectCatalog
 
 REDACTED = "<redacted>"
 

@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .journal import ACTIVE, JournalWriteError, Row, State
-from .locks import hostname
+from .lock_file import hostname
 from .metrics import Sample
 from .monitor import OK, STARTING, STOPPING, iso
 from .summary import status_line

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from . import mounts
 from .dirfd import FolderInTheWay
-from .files import lstat_any, lstat_below
+from .files import lstat_below
+from .long_paths import lstat_any
 
 log = logging.getLogger("konfuzio_watch")
 

@@ -19,7 +19,7 @@ look cannot see (other users' processes, other machines on a share) leave the se
 A file the daemon may not read (open fails with EACCES/EPERM) is never handed out: claiming it
 would hide it from its owner in the processing folder. It stays in the inbox under its name,
 logged once, is looked at again at each event and rescan, and is handed out once readable.
-Paths longer than PATH_MAX are handled like any other (``files.lstat_any`` and friends). A share
+Paths longer than PATH_MAX are handled like any other (``long_paths.lstat_any`` and friends). A share
 that does not answer (EIO and its kind, ``shares.is_share_error``) makes no candidate go: it is
 looked at again later.
 ``snapshot(now)`` says where every candidate stands, for ``status``.
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import readiness, writers
-from .files import PATH_MAX, fits_path_max, lstat_any, open_any
 from .journal import display_name
+from .long_paths import PATH_MAX, fits_path_max, lstat_any, open_any
 from .shares import is_share_error
 
 log = logging.getLogger("konfuzio_watch")

@@ -43,8 +43,9 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserverVFS
 
-from .files import ignore_reason, is_ignored, list_dir
+from .file_names import ignore_reason, is_ignored
 from .journal import display_name
+from .long_paths import list_dir
 from .mounts import Mount, mount_of
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,7 @@ class InboxWatcher:
 
 def walk(keep: InboxFilter, top: str, list_folder: Callable[[str], list[tuple[str, bool]]]) -> Iterator[str]:
     """Every candidate file below ``top``, without following symlinked folders; ``list_folder`` gives a
-    folder's entries as ``files.list_dir`` does (and says what it cannot read)."""
+    folder's entries as ``long_paths.list_dir`` does (and says what it cannot read)."""
     stack = [top]
     while stack:
         folder = stack.pop()

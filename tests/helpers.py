@@ -32,7 +32,8 @@ from konfuzio_sdk.urls import get_upload_document_url
 
 from konfuzio_watch.emulator.content import facts_of, layout_for
 from konfuzio_watch.journal import State
-from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, NODE_MARKER_PREFIX, PROCESSING_LOCK_NAME
+from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, PROCESSING_LOCK_NAME
+from konfuzio_watch.node_markers import NODE_MARKER_PREFIX
 from konfuzio_watch.samples import make_pdf, make_png
 from konfuzio_watch.server import ServerThread
 

@@ -17,19 +17,18 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from konfuzio_watch.alerts import (
+from konfuzio_watch.alert_messages import (
     MAX_LISTED,
     MAX_NOTES,
-    Alerts,
     Batch,
-    DeliveryError,
     FailedFile,
     Message,
     Note,
     NoteKind,
     build_message,
-    check_urls,
 )
+from konfuzio_watch.alert_sending import DeliveryError, check_urls
+from konfuzio_watch.alerts import Alerts
 from konfuzio_watch.config import AlertsConfig, ConfigError, parse_config
 from konfuzio_watch.policy import Limits
 from konfuzio_watch.samples import make_pdf

@@ -14,22 +14,19 @@ import pytest
 
 from konfuzio_watch import export
 from konfuzio_watch.dirfd import FolderInTheWay, remove_stale_temps
+from konfuzio_watch.file_names import ignore_reason, is_ignored, safe_upload_name
 from konfuzio_watch.files import (
-    SHORT_NAME_MAX,
     NotRegularFile,
     free_target,
-    ignore_reason,
-    is_ignored,
     move_no_clobber,
     open_regular_file,
     replace_file,
-    safe_upload_name,
-    shortened_name,
     sidecar_for,
     write_json_no_clobber,
     write_temp,
 )
 from konfuzio_watch.journal import Row, State
+from konfuzio_watch.long_paths import SHORT_NAME_MAX, shortened_name
 
 from .helpers import predictable_temp
 

@@ -20,16 +20,8 @@ import requests
 from konfuzio_watch import lock_file, markers, processing
 from konfuzio_watch.daemon import Daemon
 from konfuzio_watch.journal import State
-from konfuzio_watch.locks import (
-    DAEMON_LOCK_NAME,
-    INBOX_LOCK_NAME,
-    PROCESSING_LOCK_NAME,
-    Holder,
-    InboxLock,
-    LockFile,
-    LockHeld,
-    ProcessingLock,
-)
+from konfuzio_watch.lock_file import Holder, LockFile, LockHeld
+from konfuzio_watch.locks import DAEMON_LOCK_NAME, INBOX_LOCK_NAME, PROCESSING_LOCK_NAME, InboxLock, ProcessingLock
 from konfuzio_watch.markers import MarkerKeeper
 from konfuzio_watch.samples import make_pdf
 

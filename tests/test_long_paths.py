@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from konfuzio_watch import readiness
-from konfuzio_watch.files import PATH_MAX, fits_path_max, list_dir, lstat_any, open_any, rename_any
+from konfuzio_watch.long_paths import PATH_MAX, fits_path_max, list_dir, lstat_any, open_any, rename_any
 from konfuzio_watch.samples import make_pdf
 from konfuzio_watch.tracker import CandidateTracker
 from konfuzio_watch.watcher import InboxFilter, InboxWatcher, ignored_files

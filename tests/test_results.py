@@ -22,24 +22,14 @@ from konfuzio_watch import export
 from konfuzio_watch.emulator import NO_CATEGORY_MARKER, SPLIT_MARKER, FaultRule
 from konfuzio_watch.emulator import app as emulator_app
 from konfuzio_watch.emulator.schema import schema_for
+from konfuzio_watch.extractions import build_extractions, references
 from konfuzio_watch.files import encode_json
+from konfuzio_watch.fingerprint import CONTENT_DETAIL_KEYS, CONTENT_KEYS, content_fingerprint, fingerprint_matches
 from konfuzio_watch.journal import Row, State
 from konfuzio_watch.konfuzio import ApiError, KonfuzioClient, UploadForm
 from konfuzio_watch.policy import Cause, Failure
-from konfuzio_watch.results import (
-    CONTENT_DETAIL_KEYS,
-    CONTENT_KEYS,
-    CatalogCache,
-    ProjectCatalog,
-    References,
-    build_extractions,
-    build_result,
-    content_fingerprint,
-    fingerprint_matches,
-    redact_callback_url,
-    references,
-    web_url,
-)
+from konfuzio_watch.project_catalog import CatalogCache, ProjectCatalog, References
+from konfuzio_watch.results import build_result, redact_callback_url, web_url
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import TOKEN, wait_until

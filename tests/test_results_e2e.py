@@ -22,8 +22,8 @@ import requests
 from konfuzio_watch.emulator import FAIL_MARKER, NO_CATEGORY_MARKER, SPLIT_MARKER, FaultRule
 from konfuzio_watch.emulator.content import facts_of, layout_for
 from konfuzio_watch.emulator.schema import schema_for
+from konfuzio_watch.fingerprint import content_fingerprint
 from konfuzio_watch.journal import Row, State
-from konfuzio_watch.results import content_fingerprint
 from konfuzio_watch.samples import make_pdf, make_png
 from konfuzio_watch.states import Stage
 from konfuzio_watch.status import print_status

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from .. import processing
-from ..files import fsync_dir, lstat_any, rename_any
+from ..files import fsync_dir
 from ..journal import IllegalTransition, NewClaim, Row, State, display_name
+from ..long_paths import lstat_any, rename_any
 from ..shares import is_share_error
 from .context import Context
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import policy, processing, results
+from .. import policy, processing
 from ..clock import Clock
 from ..config import Config
 from ..gates import Gates
@@ -35,6 +35,7 @@ from ..kept_results import KeptResults
 from ..konfuzio import KonfuzioClient
 from ..metrics import Metrics
 from ..policy import Blocked, Cause, Fail, Failure, Retry, Scope, Step
+from ..project_catalog import CatalogCache
 from ..reachability import CallbackWatch
 from ..shares import ABSENT_ERRNOS, Folders, ShareUnavailable, is_share_error
 from ..states import Stage
@@ -129,7 +130,7 @@ class Context:
         self.limits = limits_from(config)
         self.rng = rng or random.Random()
         self.placing_locks = placing_locks  # one per target path in done/ and failed/ (``placing``)
-        self.catalogs = results.CatalogCache()  # each project's label, label set and category names
+        self.catalogs = CatalogCache()  # each project's label, label set and category names
         self.no_catalog: set[int] = set()  # projects whose catalog the server would not give (logged once)
 
     # -- paths ---------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .. import results
+from .. import extractions, results
 from ..files import write_temp
 from ..journal import Row
 from ..konfuzio import ApiError
 from ..policy import Cause, Failure, Step
+from ..project_catalog import ProjectCatalog
 from ..states import Stage
 from .context import Context, Outcome
 
@@ -38,13 +39,13 @@ def build_result(ctx: Context, row: Row, details: dict[str, Any], revision: int)
     )
 
 
-def _catalog(ctx: Context, row: Row, details: dict[str, Any], annotations: list[dict]) -> results.ProjectCatalog | None:
+def _catalog(ctx: Context, row: Row, details: dict[str, Any], annotations: list[dict]) -> ProjectCatalog | None:
     """The project's names of labels, label sets and categories: cached, fetched again when the
     document refers to an id the cache does not know. A server without these lists (404, 400)
     gives results with the names the answers carry; other errors are retried like any fetch."""
     project = details.get("project")
     project_id = project if isinstance(project, int) else row.project_id or ctx.config.konfuzio.project_id
-    references = results.references(details, annotations)
+    references = extractions.references(details, annotations)
     try:
         return ctx.catalogs.catalog_for(project_id, references, ctx.client.project_catalog)
     except ApiError as exc:

@@ -1,7 +1,7 @@
 """done -> done: a later callback (a review, a re-extraction) -> the next revision in done/.
 
 Konfuzio called again for a done document: fetch it again and, if its content changed
-(``results.content_fingerprint``), replace the result in done/ with the next revision. The original
+(``fingerprint.content_fingerprint``), replace the result in done/ with the next revision. The original
 is never touched; a callback for an unchanged document costs one fetch.
 
 The export stores no fingerprint (encoding the character boxes sorted for it costs a noticeable part
@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import export, results
+from .. import export
 from ..files import move_no_clobber, replace_file, sidecar_for, write_json_no_clobber
+from ..fingerprint import content_fingerprint, fingerprint_matches
 from ..journal import Row, State
 from ..konfuzio import ApiError
 from ..placing import OCR_PDF_SUFFIX, read_json, unlink_quietly, with_pdf_name
@@ -56,12 +57,12 @@ def refresh(ctx: Context, row: Row) -> Outcome:
     ctx.api_ok()
     try:
         stored = row.fingerprint if row.fingerprint is not None else _fingerprint_in_done(ctx, row)
-        if results.fingerprint_matches(result, stored):
+        if fingerprint_matches(result, stored):
             log.debug(
                 "%s: document %d unchanged; done/ keeps revision %d", row.display_path, row.document_id, row.revision
             )
             return ctx.journal.finish_refresh(row, checked_at, ctx.clock.now())
-        return _replace_result(ctx, row, result, results.content_fingerprint(result), checked_at)
+        return _replace_result(ctx, row, result, content_fingerprint(result), checked_at)
     except OSError as exc:  # looking at the result in done/: a share that does not answer says nothing
         return ctx.output_failed(row, Step.EXPORT, ctx.root_of(Path(os.fsdecode(row.final_path))), exc)
 
@@ -72,7 +73,7 @@ def _fingerprint_in_done(ctx: Context, row: Row) -> str | None:
     existing = read_json(sidecar_for(target, export.RESULT_SUFFIX), ctx.root_of(target))
     if existing is None or not export.result_is_for(row, existing):
         return None
-    return results.content_fingerprint(existing)
+    return content_fingerprint(existing)
 
 
 def _refresh_later(ctx: Context, row: Row, checked_at: float, status: Any) -> Row:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import changes, policy, readiness
-from ..files import NotRegularFile, open_regular_file, safe_upload_name
+from ..file_names import safe_upload_name
+from ..files import NotRegularFile, open_regular_file
 from ..journal import Row
 from ..konfuzio import UnsupportedFile, UploadForm, sniff_file_type
 from ..policy import Cause, Failure, Step
