@@ -141,10 +141,20 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
 
     def scale(concurrency: int) -> Callable[[Path, Path | None], Any]:
         def run(root: Path, code: Path | None) -> dict[str, Any]:
-            return scenarios.daemon_run(root, name=f"scale{concurrency}", n=s.scale, settle_s=2.0,
-                                        concurrency=concurrency, idle_s=0, latency_files=0, code=code,
-                                        profile_dir=None if code else profile_dir, emulator_threads=concurrency + 16,
-                                        timeout_s=300, extra={"results": {"workers": 4}})  # fmt: skip
+            return scenarios.daemon_run(
+                root,
+                name=f"scale{concurrency}",
+                n=s.scale,
+                settle_s=2.0,
+                concurrency=concurrency,
+                idle_s=0,
+                latency_files=0,
+                code=code,
+                profile_dir=None if code else profile_dir,
+                emulator_threads=concurrency + 16,
+                timeout_s=300,
+                extra={"results": {"workers": 4}},
+            )
 
         return run
 

@@ -155,13 +155,17 @@ class DaemonConfig:
         """Write ``config.yaml`` into the workdir; everything not set here is the daemon's default."""
         raw: dict[str, dict[str, Any]] = {
             "konfuzio": {"host": self.emulator_url, "token": TOKEN, "project_id": PROJECT_ID},
-            "folders": {"inbox": str(self.inbox), "done": str(self.done), "failed": str(self.failed),
-                        "state": str(self.state)},
+            "folders": {
+                "inbox": str(self.inbox),
+                "done": str(self.done),
+                "failed": str(self.failed),
+                "state": str(self.state),
+            },
             "watch": {"settle_seconds": self.settle_s},
             "callback": {"host": "127.0.0.1", "port": 0},
             "monitor": {"port": 0},
             "upload": {"concurrency": self.concurrency},
-        }  # fmt: skip
+        }
         if self.legacy:
             del raw["monitor"]
         for section, values in self.extra.items():
@@ -290,10 +294,24 @@ class DaemonProcess:
         out = self.profile_dir / f"{self.name}.collapsed.txt"
         self._profiler = subprocess.Popen(
             # --nonblocking: never ptrace-stop the daemon (that distorts timings and can swallow SIGTERM)
-            [spy, "record", "--pid", str(self.pid), "--rate", str(PROFILE_RATE_HZ), "--format", "raw",
-             "--threads", "--gil", "--nonblocking", "--output", str(out)],
-            stdout=subprocess.DEVNULL, stderr=open(self.profile_dir / f"{self.name}.py-spy.log", "wb"),  # noqa: SIM115
-        )  # fmt: skip
+            [
+                spy,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--rate",
+                str(PROFILE_RATE_HZ),
+                "--format",
+                "raw",
+                "--threads",
+                "--gil",
+                "--nonblocking",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.profile_dir / f"{self.name}.py-spy.log", "wb"),  # noqa: SIM115
+        )
 
     def wait_ready(self, timeout_s: float = 60.0) -> float:
         """Wait for the daemon's "ready:" log line; return seconds since start."""

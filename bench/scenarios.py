@@ -73,10 +73,13 @@ def daemon_run(
 ) -> dict[str, Any]:
     """``code``: run that checkout's daemon (``--before``) instead of this one's."""
     knobs = knobs or realistic_knobs()
-    out: dict[str, Any] = {"n": n, "settle_s": settle_s, "concurrency": concurrency,
-                           "knobs": {k: getattr(knobs, k) for k in ("upload_latency_s", "processing_s",
-                                                                    "processing_jitter_s")},
-                           "ideal_s": ideal_wall_s(n, knobs, concurrency)}  # fmt: skip
+    out: dict[str, Any] = {
+        "n": n,
+        "settle_s": settle_s,
+        "concurrency": concurrency,
+        "knobs": {k: getattr(knobs, k) for k in ("upload_latency_s", "processing_s", "processing_jitter_s")},
+        "ideal_s": ideal_wall_s(n, knobs, concurrency),
+    }
     emu = _emulator(knobs, threads=emulator_threads)
     try:
         config = DaemonConfig(
@@ -238,8 +241,12 @@ def tutorial_run(root: Path, *, n: int, timeout_s: float = 300.0) -> dict[str, A
         with open(cwd.parent / "tutorial.log", "wb") as log:
             proc = subprocess.run(
                 [sys.executable, str(TUTORIAL_SCRIPT), "--project", str(PROJECT_ID), *[p.name for p in paths]],
-                cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, timeout=timeout_s,
-            )  # fmt: skip
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                timeout=timeout_s,
+            )
         elapsed = time.time() - t0
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0 or not proc.stdout.strip():

@@ -91,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         for file_name in file_names:
             with data_lock:
                 callback_data_dict[file_name] = {
-                    "callback_received": threading.Event(), "callback_data": None, "document": None,
-                }  # fmt: skip
+                    "callback_received": threading.Event(),
+                    "callback_data": None,
+                    "document": None,
+                }
             print(f"Sending {file_name} to Konfuzio servers...", file=sys.stderr)
             document = Document.from_file(file_name, project=project, sync=False, callback_url=callback_url)
             with data_lock:
@@ -115,17 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     server.shutdown()
     server_thread.join()
 
-    print(json.dumps({
-        "process_start": T_PROCESS,
-        "imported": T_IMPORTED,
-        "start": t_start,
-        "project_ready": t_project,
-        "uploads_done": uploads_done[0] if uploads_done else None,
-        "end": t_end,
-        "updated": len(updated_at),
-        "last_update": max(updated_at.values(), default=None),
-        "errors": errors,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "process_start": T_PROCESS,
+                "imported": T_IMPORTED,
+                "start": t_start,
+                "project_ready": t_project,
+                "uploads_done": uploads_done[0] if uploads_done else None,
+                "end": t_end,
+                "updated": len(updated_at),
+                "last_update": max(updated_at.values(), default=None),
+                "errors": errors,
+            }
+        )
+    )
     return 0 if not errors and len(updated_at) == len(args.files) else 1
 
 

@@ -259,8 +259,7 @@ class KonfuzioClient:
     def project_label_sets(self, project_id: int) -> list[dict[str, Any]]:
         """All of them: ``include_categories=True``, since a category's own label set (the one
         with its name, ``is_category``) holds most annotations; the SDK leaves those out by default."""
-        return self._call(self._api.get_project_label_sets, project_id, include_categories=True,
-                          session=self.session)  # fmt: skip
+        return self._call(self._api.get_project_label_sets, project_id, include_categories=True, session=self.session)
 
     def project_categories(self, project_id: int) -> list[dict[str, Any]]:
         return self._call(self._api.get_project_categories, project_id, session=self.session)
@@ -276,8 +275,9 @@ class KonfuzioClient:
             self.project_categories(project_id),
         )
 
-    def download_searchable_pdf(self, document_id: int, target: Path, *, replace: bool = False,
-                                chunk_size: int = 64 * 1024) -> int:  # fmt: skip
+    def download_searchable_pdf(
+        self, document_id: int, target: Path, *, replace: bool = False, chunk_size: int = 64 * 1024
+    ) -> int:
         """Stream the searchable (OCR'd) PDF of ``GET /doc/show/<id>/`` into ``target``; its size.
 
         Written into a new hidden file next to ``target`` (``write_searchable_pdf``), fsynced, then

@@ -53,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Knobs):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "fault_rules":
-            parser.add_argument("--fault-rule", dest="fault_rules", action="append", default=[],
-                                type=_fault_rule, help=KNOB_HELP[field.name])  # fmt: skip
+            parser.add_argument(
+                "--fault-rule",
+                dest="fault_rules",
+                action="append",
+                default=[],
+                type=_fault_rule,
+                help=KNOB_HELP[field.name],
+            )
         elif field.name == "retry_after_s":
             parser.add_argument(flag, type=_int_or_str, default=field.default, help=KNOB_HELP[field.name])
         elif field.type in (bool, "bool"):

@@ -25,9 +25,23 @@ _OVERLAP = 1024  # bytes kept between chunks so a page object or marker split ac
 _PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 _LINE_BREAKS = {ord(c): " " for c in "\f\n\r\v"}
 _WORDS = (
-    "invoice", "total", "amount", "due", "date", "customer", "order", "net",
-    "tax", "payment", "account", "reference", "delivery", "address", "item", "quantity",
-)  # fmt: skip
+    "invoice",
+    "total",
+    "amount",
+    "due",
+    "date",
+    "customer",
+    "order",
+    "net",
+    "tax",
+    "payment",
+    "account",
+    "reference",
+    "delivery",
+    "address",
+    "item",
+    "quantity",
+)
 _ITEMS = ("consulting", "delivery", "licence", "support", "hardware", "training", "travel", "maintenance")
 _FIRMS = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Stark", "Wayne")
 _TRADES = ("Widgets", "Logistics", "Software", "Trading", "Consulting", "Industries", "Services", "Supplies")
@@ -215,8 +229,9 @@ def _item_lines(builder: _TextBuilder, kind: str, values: dict) -> None:
     if kind not in ("invoice", "receipt"):
         return
     for group, (description, amount, normalized) in enumerate(values["items"], start=1):
-        builder.line("Item ", ("description", description, description), " ", ("amount", amount, normalized),
-                     group=group)  # fmt: skip
+        builder.line(
+            "Item ", ("description", description, description), " ", ("amount", amount, normalized), group=group
+        )
     builder.line("Total ", ("total", values["total"], values["total_normalized"]), " EUR")
 
 

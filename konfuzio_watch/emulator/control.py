@@ -73,8 +73,11 @@ def add_routes(app: Flask, emu: Emulator) -> None:
         """Body (all optional): ``{"changes": {"<label name or id>": "<value>"}, "category": <id>,
         "reviewer": "<name>"}``."""
         body = _body()
-        return _act(lambda: emu.review(doc_id, body.get("changes") or {}, body.get("category"),
-                                       body.get("reviewer") or REVIEWER))  # fmt: skip
+        return _act(
+            lambda: emu.review(
+                doc_id, body.get("changes") or {}, body.get("category"), body.get("reviewer") or REVIEWER
+            )
+        )
 
     @app.post("/emulator/documents/<int:doc_id>/reextract")
     def reextract(doc_id: int) -> Response:
@@ -89,9 +92,17 @@ def add_routes(app: Flask, emu: Emulator) -> None:
     def seed(project_id: int) -> Response:
         """Body: ``{"count": <n>, "callback_url": "...{id}...", "name": "...{id}..."}``."""
         body = _body()
-        return _act(lambda: _range(emu.seed_documents(project_id, int(body.get("count", 0)),
-                                                      callback_url=body.get("callback_url"),
-                                                      name=body.get("name") or SEEDED_NAME)), 201)  # fmt: skip
+        return _act(
+            lambda: _range(
+                emu.seed_documents(
+                    project_id,
+                    int(body.get("count", 0)),
+                    callback_url=body.get("callback_url"),
+                    name=body.get("name") or SEEDED_NAME,
+                )
+            ),
+            201,
+        )
 
     @app.get("/emulator/stats")
     def stats() -> Response:

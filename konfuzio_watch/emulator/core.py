@@ -104,9 +104,14 @@ class Emulator:
         if self._server is not None:
             raise RuntimeError("emulator already started")
         server = ServerThread(
-            create_app(self), host, port, name="emulator-http", threads=threads,
-            ident="konfuzio-emulator", expose_tracebacks=False,
-        )  # fmt: skip
+            create_app(self),
+            host,
+            port,
+            name="emulator-http",
+            threads=threads,
+            ident="konfuzio-emulator",
+            expose_tracebacks=False,
+        )
         self._server = server
         self._callback_pool = ThreadPoolExecutor(self._callback_workers, thread_name_prefix="emulator-callback")
         self._scheduler.start()
@@ -287,8 +292,13 @@ class Emulator:
 
     # -- what people do in the web app -------------------------------------------------------
 
-    def review(self, doc_id: int, changes: dict[int | str, str] | None = None, category: int | None = None,
-               reviewer: str = REVIEWER) -> dict:  # fmt: skip
+    def review(
+        self,
+        doc_id: int,
+        changes: dict[int | str, str] | None = None,
+        category: int | None = None,
+        reviewer: str = REVIEWER,
+    ) -> dict:
         """Mark a done document reviewed (every annotation accepted: ``revised``/``is_correct``),
         correct ``changes`` (label name or id -> new value, on that label's first annotation),
         optionally change its ``category`` (re-extracting for it); ``updated_at`` moves and the
@@ -327,16 +337,18 @@ class Emulator:
             self.deletions.append(DeletionRecord(doc_id, details["project"], time.time()))
         return True
 
-    def seed_documents(self, project_id: int, count: int, *, callback_url: str | None = None,
-                       name: str = SEEDED_NAME) -> range:  # fmt: skip
+    def seed_documents(
+        self, project_id: int, count: int, *, callback_url: str | None = None, name: str = SEEDED_NAME
+    ) -> range:
         """Add ``count`` done documents to a project at once (50,000 in milliseconds, a few MB):
         for reconciliation and listing at scale. ``callback_url`` and ``name`` may hold ``{id}``.
         Returns their ids; the API serves them like uploaded ones (details, bbox, annotations,
         files), ``uploads`` and ``documents()`` do not show them."""
         if project_id not in self.project_ids:
             raise ValueError(f"unknown project {project_id}")
-        return self.store.seed(project_id, count, callback_url=callback_url, name=name,
-                               uncategorized_share=self.knobs.uncategorized_share)  # fmt: skip
+        return self.store.seed(
+            project_id, count, callback_url=callback_url, name=name, uncategorized_share=self.knobs.uncategorized_share
+        )
 
     # -- callbacks ---------------------------------------------------------------------------
 

@@ -193,8 +193,13 @@ class DocumentStore:
 
     # -- people at work: review, re-extraction, split confirmation ---------------------------
 
-    def review(self, doc_id: int, changes: Mapping[int | str, str] | None = None, category: int | None = None,
-               reviewer: str = REVIEWER) -> dict | None:  # fmt: skip
+    def review(
+        self,
+        doc_id: int,
+        changes: Mapping[int | str, str] | None = None,
+        category: int | None = None,
+        reviewer: str = REVIEWER,
+    ) -> dict | None:
         """A person reviews a done document: accepts its annotations, corrects ``changes`` (label id
         or name -> value), optionally sets another ``category`` (re-extracting for it)."""
         with self._lock:
@@ -278,8 +283,14 @@ class DocumentStore:
         with self._lock:
             return [copy.deepcopy(self._docs[i].details) for i in sorted(self._docs)]
 
-    def list_page(self, project: int | None = None, category: int | None = None, ordering: str = "-id",
-                  offset: int = 0, limit: int = 10) -> tuple[int, list[dict]]:  # fmt: skip
+    def list_page(
+        self,
+        project: int | None = None,
+        category: int | None = None,
+        ordering: str = "-id",
+        offset: int = 0,
+        limit: int = 10,
+    ) -> tuple[int, list[dict]]:
         """(count, one page of meta): details without text/pages/annotation_sets. Newest first by
         default; ``ordering`` as DRF's OrderingFilter (unknown fields are ignored)."""
         with self._lock:
@@ -322,8 +333,15 @@ class DocumentStore:
                 del ids[index]
             return details if doc is None else copy.deepcopy(details)
 
-    def seed(self, project: int, count: int, *, callback_url: str | None = None, name: str = SEEDED_NAME,
-             uncategorized_share: float = 0.0) -> range:  # fmt: skip
+    def seed(
+        self,
+        project: int,
+        count: int,
+        *,
+        callback_url: str | None = None,
+        name: str = SEEDED_NAME,
+        uncategorized_share: float = 0.0,
+    ) -> range:
         """Add ``count`` done documents to ``project`` at once; return their ids.
 
         They were created one second apart, the last one just now. ``callback_url`` and ``name`` may
@@ -415,16 +433,29 @@ def _seeded_meta(batch: SeedBatch, doc_id: int) -> tuple[dict, bytes, FileFacts]
     facts = content.facts_of(data)
     created = batch.created_at(doc_id)
     callback_url = batch.callback_url.format(id=doc_id) if batch.callback_url else None
-    new = NewDocument(project=batch.project, data_file_name=batch.name.format(id=doc_id),
-                      original=Blob(len(data), data=data), facts=facts, callback_url=callback_url)  # fmt: skip
+    new = NewDocument(
+        project=batch.project,
+        data_file_name=batch.name.format(id=doc_id),
+        original=Blob(len(data), data=data),
+        facts=facts,
+        callback_url=callback_url,
+    )
     details = _initial_details(doc_id, new, facts.pages, iso(created))
-    category, confidence = extraction.categorize(facts, content.kind_of(facts), schema_for(batch.project),
-                                                 batch.uncategorized_share)  # fmt: skip
+    category, confidence = extraction.categorize(
+        facts, content.kind_of(facts), schema_for(batch.project), batch.uncategorized_share
+    )
     details.update(
-        status_data=DONE, ocr_time=17.0, extraction_time=2.5, categorization_time=0.5, processing_time=20.0,
-        labeling_available=True, updated_at=iso(created + SEEDED_UPDATE_S), category=category,
-        category_confidence=confidence, callback_status_code=200 if callback_url else None,
-    )  # fmt: skip
+        status_data=DONE,
+        ocr_time=17.0,
+        extraction_time=2.5,
+        categorization_time=0.5,
+        processing_time=20.0,
+        labeling_available=True,
+        updated_at=iso(created + SEEDED_UPDATE_S),
+        category=category,
+        category_confidence=confidence,
+        callback_status_code=200 if callback_url else None,
+    )
     for key in HEAVY_KEYS:
         del details[key]
     return details, data, facts
@@ -437,10 +468,16 @@ def _seeded(batch: SeedBatch, doc_id: int) -> StoredDocument:
     sizes = [facts.page_size] * facts.pages
     ids = itertools.count(_SEED_OBJECT_BASE + doc_id * 1000)
     sets = extraction.annotation_sets(
-        doc_id=doc_id, digest=facts.sha256, layout=layout, pages=content.geometry(layout.text, sizes),
-        schema=schema_for(batch.project), category_id=meta["category"], version=0, next_id=lambda: next(ids),
+        doc_id=doc_id,
+        digest=facts.sha256,
+        layout=layout,
+        pages=content.geometry(layout.text, sizes),
+        schema=schema_for(batch.project),
+        category_id=meta["category"],
+        version=0,
+        next_id=lambda: next(ids),
         now=meta["updated_at"],
-    )  # fmt: skip
+    )
     details = {**meta, "text": layout.text, "pages": _pages(doc_id, sizes), "annotation_sets": sets}
     return StoredDocument(details, facts, layout, sizes, DONE, Blob(len(data), data=data), is_category_fixed=False)
 

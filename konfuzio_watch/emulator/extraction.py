@@ -19,8 +19,9 @@ _GERMAN_NUMBER = re.compile(r"^-?\d{1,3}(?:\.\d{3})*,\d+$|^-?\d+,\d+$")
 _GERMAN_DATE = re.compile(r"^(\d{2})\.(\d{2})\.(\d{4})$")
 
 
-def categorize(facts: FileFacts, kind: str, schema: Schema, uncategorized_share: float = 0.0
-               ) -> tuple[int | None, float | None]:  # fmt: skip
+def categorize(
+    facts: FileFacts, kind: str, schema: Schema, uncategorized_share: float = 0.0
+) -> tuple[int | None, float | None]:
     """(category id, confidence) the emulated categorization AI finds for a file of this ``kind``
     (``content.kind_of``); (None, None) for no category.
 
@@ -72,16 +73,36 @@ def annotation_sets(
                         continue
                     box = span_box(pages, field.start, field.end)
                     confidence = round(0.5 + 0.49 * _unit(digest, f"{label.id}:{group}:{index}:{version}"), 4)
-                    annotations.append(_annotation(next_id(), doc_id, field.value, field.normalized, field.start,
-                                                   field.end, box, confidence, now))  # fmt: skip
+                    annotations.append(
+                        _annotation(
+                            next_id(),
+                            doc_id,
+                            field.value,
+                            field.normalized,
+                            field.start,
+                            field.end,
+                            box,
+                            confidence,
+                            now,
+                        )
+                    )
                 labels.append({**label_ref(label), "annotations": annotations})
             if any(entry["annotations"] for entry in labels):
                 out.append({"id": next_id(), "label_set": label_set_ref(label_set), "labels": labels})
     return out
 
 
-def _annotation(ann_id: int, doc_id: int, value: str, normalized: object, start: int, end: int, box: dict,
-                confidence: float, now: str) -> dict:  # fmt: skip
+def _annotation(
+    ann_id: int,
+    doc_id: int,
+    value: str,
+    normalized: object,
+    start: int,
+    end: int,
+    box: dict,
+    confidence: float,
+    now: str,
+) -> dict:
     span = {"start_offset": start, "end_offset": end, "offset_string": value, "offset_string_original": value, **box}
     selection = {k: box[k] for k in ("page_index", "x0", "x1", "y0", "y1", "top", "bottom")}
     return {
@@ -139,8 +160,9 @@ def review(sets: list[dict], changes: Mapping[int | str, str], reviewer: str, no
                 annotation.update(is_correct=True, revised=True, revised_by=reviewer, updated_at=now)
                 if index == 0 and entry["id"] in targets:
                     label, value = targets.pop(entry["id"])
-                    annotation.update(offset_string=value, normalized=normalize(value, label.data_type),
-                                      custom_offset_string=True)  # fmt: skip
+                    annotation.update(
+                        offset_string=value, normalized=normalize(value, label.data_type), custom_offset_string=True
+                    )
     if targets:
         names = ", ".join(label.name for label, _ in targets.values())
         raise ValueError(f"the document has no annotation to change for: {names}")

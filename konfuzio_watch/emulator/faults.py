@@ -48,8 +48,9 @@ class FaultRule:
     hits: int = field(default=0, compare=False)
 
     @classmethod
-    def gateway(cls, status: int = 504, store_after_s: float = 1.0, count: int | None = 1,
-                until: float | None = None) -> FaultRule:  # fmt: skip
+    def gateway(
+        cls, status: int = 504, store_after_s: float = 1.0, count: int | None = 1, until: float | None = None
+    ) -> FaultRule:
         """The upload POST answers ``status`` at once; the server stores it ``store_after_s`` later."""
         return cls("POST", UPLOAD_PATH, status, count=count, until=until, forward_after_s=store_after_s)
 

@@ -94,8 +94,9 @@ def parse_upload(
     return UploadForm(document=document, is_sync=is_sync), {}
 
 
-def _data_file(files: Mapping[str, FileStorage], errors: dict, blobs: BlobStore
-               ) -> tuple[tuple[Blob, FileFacts] | None, str]:  # fmt: skip
+def _data_file(
+    files: Mapping[str, FileStorage], errors: dict, blobs: BlobStore
+) -> tuple[tuple[Blob, FileFacts] | None, str]:
     upload = files.get("data_file")
     if upload is None or not upload.filename:
         errors["data_file"] = ["No file was submitted."]
