@@ -14,6 +14,7 @@ single daemon's (a SQLite journal's: one inbox is one daemon's or one cluster's)
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from typing import TextIO
 
@@ -82,6 +83,7 @@ def run_checks(config: Config, out: TextIO, as_user: str | None = None) -> list[
             str(path) if usable else f"{path} is missing or not executable",
             "install the ngrok agent there (it is never downloaded), or set ngrok.path",
         )
+    _check_deliver(config, report)
     if config.alerts.urls or config.alerts.urls_file:
         from .alert_sending import check_urls
 
@@ -90,6 +92,24 @@ def run_checks(config: Config, out: TextIO, as_user: str | None = None) -> list[
         except ConfigError as exc:
             report(False, "alerts", str(exc), "fix alerts.urls (apprise URL syntax)")
     return problems
+
+
+def _check_deliver(config: Config, report: Report) -> None:
+    """The webhook's secret can be read (the daemon reads it at start); the command can be run."""
+    d = config.deliver
+    if d.webhook is not None:
+        try:
+            report(True, "deliver.webhook.secret_file", f"{len(d.secret())} bytes read (never shown)")
+        except ConfigError as exc:
+            report(False, "deliver.webhook.secret_file", str(exc).split(": ", 1)[-1], "make it readable by the service")
+    if d.command:
+        program = shutil.which(d.command[0])
+        report(
+            program is not None,
+            "deliver.command",
+            program or f"{d.command[0]} is not an executable program (no shell is used)",
+            "give its full path, executable by the service",
+        )
 
 
 def _check_folders(

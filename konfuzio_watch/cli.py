@@ -1,4 +1,5 @@
-"""Command line: ``konfuzio-watch run|check|status|retry|demo|install-files``. Maps errors to exit codes; no logic."""
+"""Command line: ``konfuzio-watch run|check|status|retry|redeliver|demo|install-files``. Maps errors to
+exit codes; no logic."""
 
 from __future__ import annotations
 
@@ -108,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("--all-failed", action="store_true", help="every file in failed/")
     retry.set_defaults(func=cmd_retry)
+
+    redeliver = sub.add_parser("redeliver", help="send deliveries to the next system again (deliver:)")
+    _config_arg(redeliver)
+    redeliver.add_argument(
+        "paths", nargs="*", metavar="PATH", help="a placed file in done/ or failed/: its last delivery is sent again"
+    )
+    redeliver.add_argument("--all-failed", action="store_true", help="every delivery that failed")
+    redeliver.set_defaults(func=cmd_redeliver)
 
     demo = sub.add_parser("demo", help="the real pipeline against the built-in Konfuzio emulator")
     demo.add_argument("--files", type=int, default=8, help="how many sample documents to drop")
@@ -224,6 +233,24 @@ def cmd_retry(args: argparse.Namespace) -> int:
     config = load_config(args.config, need_secrets=False)
     try:
         messages, unmatched = retry_files(config, args.paths, args.all_failed, now=time.time())
+    except JournalWriteError as exc:  # a database that cannot be reached
+        print(f"konfuzio-watch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for message in messages:
+        print(message)
+    return EXIT_FAILURE if unmatched else EXIT_OK
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    from .journal import JournalWriteError
+    from .redeliver import redeliver
+
+    if not args.paths and not args.all_failed:
+        print("konfuzio-watch: redeliver: name placed files, or --all-failed", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(args.config, need_secrets=False)
+    try:
+        messages, unmatched = redeliver(config, args.paths, args.all_failed, now=time.time())
     except JournalWriteError as exc:  # a database that cannot be reached
         print(f"konfuzio-watch: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -23,6 +23,7 @@ from .config_sections import (
     CallbackConfig,
     Config,
     ConfigError,
+    DeliverConfig,
     FoldersConfig,
     JournalConfig,
     KonfuzioConfig,
@@ -34,6 +35,7 @@ from .config_sections import (
     ServiceConfig,
     UploadConfig,
     WatchConfig,
+    WebhookConfig,
 )
 from .config_yaml import MAX_EXPANDED_NODES, load_yaml
 
@@ -44,6 +46,7 @@ __all__ = [
     "CallbackConfig",
     "Config",
     "ConfigError",
+    "DeliverConfig",
     "FoldersConfig",
     "JournalConfig",
     "KonfuzioConfig",
@@ -55,6 +58,7 @@ __all__ = [
     "ServiceConfig",
     "UploadConfig",
     "WatchConfig",
+    "WebhookConfig",
     "load_config",
     "parse_config",
 ]
@@ -134,6 +138,9 @@ def parse_config(
             section_raw = {}
         if not isinstance(section_raw, dict):
             raise ConfigError(f"{f.name}: expected a mapping, got {_show(section_raw)}")
+        if f.name == "deliver":
+            sections[f.name] = _build_deliver(section_raw, base_dir, env, need_secrets)
+            continue
         sections[f.name] = _build_section(f.name, f.default_factory, section_raw, base_dir, env)
     _reject_unknown("", raw, {f.name for f in dataclasses.fields(Config)})
     config = Config(**sections)
@@ -157,6 +164,23 @@ def _build_routes(raw: Any, base_dir: Path, env: typing.Mapping[str, str]) -> tu
             raise ConfigError(f"routes[{index}]: set project_id, category_id or dataset_status")
         routes.append(route)
     return tuple(routes)
+
+
+def _build_deliver(raw: dict, base_dir: Path, env: typing.Mapping[str, str], need_secrets: bool) -> DeliverConfig:
+    """``deliver``, with its ``webhook`` mapping (null or absent: no webhook). Without secrets
+    (``status``, ``redeliver``) the webhook's secret file is left out."""
+    webhook_raw = raw.get("webhook")
+    section = _build_section("deliver", DeliverConfig, {k: v for k, v in raw.items() if k != "webhook"}, base_dir, env)
+    if webhook_raw is None:
+        return section
+    if not isinstance(webhook_raw, dict):
+        raise ConfigError(
+            f"deliver.webhook: expected a mapping (url, secret_file, timeout_seconds), got {_show(webhook_raw)}"
+        )
+    if not need_secrets:
+        webhook_raw = {k: v for k, v in webhook_raw.items() if k != "secret_file"}
+    webhook = _build_section("deliver.webhook", WebhookConfig, webhook_raw, base_dir, env)
+    return dataclasses.replace(section, webhook=webhook)
 
 
 def _build_section(name: str, cls: Any, raw: dict, base_dir: Path, env: typing.Mapping[str, str]) -> Any:

@@ -8,10 +8,12 @@ from urllib.parse import urlsplit
 
 from . import layout
 from .config_sections import (
+    DELIVER_EVENTS,
     STOP_TIMEOUT_LIMIT_S,
     AlertsConfig,
     Config,
     ConfigError,
+    DeliverConfig,
     JournalConfig,
     NodeConfig,
     ResultsConfig,
@@ -56,6 +58,7 @@ def check_config(config: Config, need_secrets: bool = True) -> None:
     _check_monitor_and_service(config)
     _check_results(r)
     _check_journal(config.journal, config.node)
+    _check_deliver(config.deliver, need_secrets)
     if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", c.path.strip("/")):
         raise ConfigError(f"callback.path: must be a URL path like 'konfuzio-callback', got {c.path!r}")
     # done/ and failed/ may live inside the inbox (they are then ignored by the watcher), but
@@ -140,6 +143,38 @@ def _check_journal(j: JournalConfig, node: NodeConfig) -> None:
     if node.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node.id):
         raise ConfigError(f"node.id: letters, digits, '.', '_' and '-', at most 63, got {node.id!r}")
     _check_ranges([("node.lease_seconds", node.lease_seconds, 2, 600)])
+
+
+COMMAND_PLACEHOLDERS = ("json", "file", "event", "key")
+
+
+def _check_deliver(d: DeliverConfig, need_secrets: bool) -> None:
+    for index, event in enumerate(d.events):
+        if event not in DELIVER_EVENTS:
+            raise ConfigError(f"deliver.events[{index}]: unknown event {event!r} (known: {', '.join(DELIVER_EVENTS)})")
+    if len(set(d.events)) != len(d.events):
+        raise ConfigError("deliver.events: lists an event twice")
+    if (d.webhook is not None or d.command) and not d.events:
+        raise ConfigError("deliver.events: name at least one event (done, failed, revision)")
+    if d.webhook is not None:
+        if not d.webhook.url:
+            raise ConfigError("deliver.webhook.url: required")
+        _check_url("deliver.webhook.url", d.webhook.url)
+        if need_secrets and d.webhook.secret_file is None:
+            raise ConfigError("deliver.webhook.secret_file: required (the HMAC key the body is signed with)")
+    for index, arg in enumerate(d.command):
+        for name in re.findall(r"\{([^{}]*)\}", arg):
+            if name not in COMMAND_PLACEHOLDERS:
+                raise ConfigError(
+                    f"deliver.command[{index}]: unknown placeholder {{{name}}} "
+                    f"(known: {', '.join('{' + p + '}' for p in COMMAND_PLACEHOLDERS)})"
+                )
+    _check_ranges(
+        [
+            ("deliver.webhook.timeout_seconds", d.webhook.timeout_seconds if d.webhook else None, 0.1, 3600),
+            ("deliver.command_timeout_seconds", d.command_timeout_seconds, 0.1, 86400),
+        ]
+    )
 
 
 def _check_url(key: str, url: str) -> None:

@@ -160,6 +160,45 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """``deliver.webhook``: one POST per delivery, the body signed with the secret (``delivery.py``)."""
+
+    url: str = ""
+    secret_file: Path | None = None  # the HMAC key, read on demand (never in the config, never logged)
+    timeout_seconds: float = 30.0
+
+
+DELIVER_EVENTS = ("done", "failed", "revision")
+
+
+@dataclass(frozen=True)
+class DeliverConfig:
+    """``deliver``: each placed result handed on to the next system (``delivery.py``). Neither a
+    ``webhook`` nor a ``command``: nothing is delivered (and nothing costs anything)."""
+
+    webhook: WebhookConfig | None = None
+    command: tuple[str, ...] = ()  # argv, no shell; placeholders {json} {file} {event} {key}
+    command_timeout_seconds: float = 60.0
+    events: tuple[str, ...] = ("done",)
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook is not None or bool(self.command)
+
+    def secret(self) -> bytes:
+        """The webhook's HMAC key from ``secret_file`` (read on demand, never logged)."""
+        path = self.webhook.secret_file if self.webhook else None
+        assert path is not None  # guaranteed by config_checks
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"deliver.webhook.secret_file: cannot read {path}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"deliver.webhook.secret_file: {path} is empty")
+        return secret
+
+
+@dataclass(frozen=True)
 class Config:
     konfuzio: KonfuzioConfig = field(default_factory=KonfuzioConfig)
     folders: FoldersConfig = field(default_factory=FoldersConfig)
@@ -173,6 +212,7 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+    deliver: DeliverConfig = field(default_factory=DeliverConfig)
     routes: tuple[Route, ...] = ()
 
     def route_for(self, rel_path: str) -> tuple[int, int | None, int]:

@@ -31,11 +31,13 @@ from .callback import create_app
 from .callback_intake import CallbackIntake
 from .clock import Clock
 from .config import Config
+from .deliver_worker import Deliverer
+from .delivery import Deliveries
 from .dispatcher import RESULTS, UPLOADS, Dispatcher
 from .duties import Duties
 from .events import Event, FileSeen, FolderSeen, RescanRequested, StepDone, StopRequested, Wake
 from .gates import Gates, GateState
-from .journal import BaseJournal, Row, State
+from .journal import BaseJournal, Row, State, display_name
 from .konfuzio import KonfuzioClient
 from .lock_file import LockHeld
 from .locks import DaemonLock, InboxLock, ProcessingLock
@@ -104,6 +106,7 @@ class Daemon:
         self.duties = Duties(self)
         self.sampler = StatusSampler(self)
         self.pipeline: Pipeline | None = None
+        self.deliverer: Deliverer | None = None  # with a ``deliver`` section: the outbox's sender
         self.dispatcher: Dispatcher | None = None
         self.scheduler: Scheduler | None = None
         self.public_url: str | None = None
@@ -194,6 +197,11 @@ class Daemon:
             folders=folders,
         )
         self.pipeline.holds_processing_dir = self.markers.holds_processing_dir
+        if c.deliver.enabled:
+            self.deliverer = Deliverer.build(
+                c, self.journal, self.gates[Scope.RECEIVER], self.clock, self.metrics, on_failed=self._delivery_failed
+            )
+            self.pipeline.deliveries = Deliveries(c.deliver, self.journal, wake=self.deliverer.wake)
         self.token_watch = TokenWatch(c.konfuzio.token_file, self.gates[Scope.API], self.pipeline.reload_token)
         if c.callback.enabled:
             self.pipeline.callback_watch = self.callback_watch
@@ -263,6 +271,8 @@ class Daemon:
                 )
                 self.public_url = self.tunnel.open()
         self.alerts.start()
+        if self.deliverer:
+            self.deliverer.start()
         self.callbacks.start_probes()
         self.watcher.start()  # watch first, then scan (the rescan duty is due at once): nothing slips between
         self._ready.set()
@@ -299,6 +309,9 @@ class Daemon:
     def _gate_recovered(self, _episode: GateState) -> None:
         if not self.gates.blocked():
             self.alerts.unblocked()
+
+    def _delivery_failed(self, delivery: object, error: str) -> None:
+        self.alerts.file_failed(display_name(delivery.file_path), "deliver", error)  # type: ignore[attr-defined]
 
     def _transitioned(self, row: Row, old: State) -> None:
         if row.state == State.FAILED:
@@ -403,6 +416,9 @@ class Daemon:
         else:
             for pool in self._own_pools:
                 pool.shutdown(wait=True)
+        # A delivery in hand past the deadline is left behind (its thread is stuck in the send): it is
+        # sent again after the restart, with the same key.
+        delivery_cut = self.deliverer is not None and not self.deliverer.stop(max(1.0, deadline - time.monotonic()))
         for server in (self.server, self.monitor):
             if server:
                 server.close(timeout_s=5 if not cut_off else 1)
@@ -419,7 +435,7 @@ class Daemon:
             log.log(level, "stopped, leaving %d step(s) behind", len(cut_off))
         else:
             log.log(level, "stopped")
-        return not cut_off
+        return not cut_off and not delivery_cut
 
     def _wait_for_steps(self, deadline: float) -> list[int]:
         """Until the dispatcher has nothing in hand, or the deadline: the ids of the rows still in hand.

@@ -368,12 +368,12 @@ def encode_json(data: Any) -> bytes:
 
 def write_json_no_clobber(
     path: Path, data: Any, is_ours: Callable[[dict], bool], *, root: Path | None = None, sync_dir: bool = True
-) -> None:
-    """Write JSON atomically at ``path`` (below ``root``: no link followed). An existing file is
-    replaced only if ``is_ours`` says it is an earlier write of the same result (a crash between
-    write and move); otherwise ``FileExistsError``. Its content is fsynced before it gets its name;
-    the name is durable when this returns, unless ``sync_dir=False``: then the caller fsyncs the
-    folder before relying on it (e.g. once for the JSON and the file moved next to it)."""
+) -> bytes:
+    """Write JSON atomically at ``path`` (below ``root``: no link followed); returns the bytes written.
+    An existing file is replaced only if ``is_ours`` says it is an earlier write of the same result (a
+    crash between write and move); otherwise ``FileExistsError``. Its content is fsynced before it gets
+    its name; the name is durable when this returns, unless ``sync_dir=False``: then the caller fsyncs
+    the folder before relying on it (e.g. once for the JSON and the file moved next to it)."""
     body = encode_json(data)
     write_file_no_clobber(
         path,
@@ -382,6 +382,7 @@ def write_json_no_clobber(
         sync_dir=sync_dir,
         may_replace=lambda folder: _existing_is_ours(folder, path.name, is_ours),
     )
+    return body
 
 
 def _existing_is_ours(folder: int, name: str, is_ours: Callable[[dict], bool]) -> bool:

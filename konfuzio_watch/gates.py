@@ -201,12 +201,14 @@ _WHAT = {
     Scope.OUTPUT: "every export into done/ and failed/",
     Scope.JOURNAL: "all work",
     Scope.SHARES: "all work on the shares (claims, reading files, placing into done/ and failed/)",
+    Scope.RECEIVER: "every delivery to the next system",
 }
 _RESUMED = {
     Scope.API: "Konfuzio answers",
     Scope.OUTPUT: "results can be written",
     Scope.JOURNAL: "the journal is writable",
     Scope.SHARES: "the shares answer",
+    Scope.RECEIVER: "the receiver takes deliveries",
 }
 
 

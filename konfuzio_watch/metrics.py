@@ -38,6 +38,7 @@ class Sample:
     blocked: Mapping[str, str] = field(default_factory=dict)  # scope -> reason
     callbacks_arriving: bool | None = None  # None: not known yet, or poll-only mode (no callbacks expected)
     cluster: ClusterSample | None = None  # None: one daemon on its own journal
+    deliveries: Mapping[str, int] | None = None  # by state (``delivery.py``); None: nothing is delivered
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.deliveries = Counter(
+            PREFIX + "deliveries",
+            "Deliveries to the next system, by outcome (delivered, retried, failed, superseded).",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            PREFIX + "delivery_latency_seconds",
+            "Seconds from a file's move into done/ (or failed/, or its new revision) to its delivery.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         r.register(_SampleCollector(sample))
+
+    def delivery_outcome(self, outcome: str, latency_s: float | None = None) -> None:
+        self.deliveries.labels(outcome).inc()
+        if latency_s is not None:
+            self.delivery_latency.observe(latency_s)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self._exposed)
@@ -128,9 +146,20 @@ class _SampleCollector(Collector):
         blocked = GaugeMetricFamily(
             PREFIX + "blocked", "1 while a kind of work is paused (api, output, journal, shares).", labels=["scope"]
         )
-        for scope in ("api", "output", "journal", "shares"):
+        for scope in ("api", "output", "journal", "shares", *(("receiver",) if s.deliveries is not None else ())):
             blocked.add_metric([scope], 1 if scope in s.blocked else 0)
         yield blocked
+        if s.deliveries is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "deliveries_pending",
+                "Deliveries waiting to be sent (the outbox).",
+                value=s.deliveries.get("pending", 0),
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "deliveries_failed",
+                "Deliveries that finally failed (konfuzio-watch redeliver sends them again).",
+                value=s.deliveries.get("failed", 0),
+            )
         if s.cluster is not None:
             c = s.cluster
             yield GaugeMetricFamily(

@@ -113,7 +113,7 @@ def _place_locked(
                 sidecar = with_pdf_name(sidecar, pdf_path.name)
             # The JSON's name is made durable by the one fsync of the folder that the move of the
             # file next to it makes before the source goes (``move_into_place``).
-            write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours, root=folder, sync_dir=gone)
+            body = write_json_no_clobber(sidecar_for(target, suffix), sidecar, is_ours, root=folder, sync_dir=gone)
             changed = None if gone else _move_checked(ctx, row, target, final_state)
         except FileExistsError as exc:
             if placed_pdf is not None:  # ours, placed a moment ago: it goes with us to the next name
@@ -138,9 +138,24 @@ def _place_locked(
         # after the details were fetched (``checked_at``: a review may have beaten the export)
         # makes the done row due for a second look, in the same transaction (then durable).
         armed = {"refresh_if_called_back_since": checked_at} if final_state == State.DONE else {}
-        return ctx.move(
-            row, final_state, durable=final_state != State.DONE, next_at=None, **armed, **(done_fields or {})
+        # The deliveries the move causes (``delivery.py``), in its transaction; none configured: none.
+        caused = (
+            ctx.deliveries.placed(row, final_state, sidecar_for(target, suffix), target, body)
+            if ctx.deliveries is not None
+            else ()
         )
+        moved = ctx.move(
+            row,
+            final_state,
+            durable=final_state != State.DONE,
+            next_at=None,
+            **armed,
+            **(done_fields or {}),
+            **({"deliveries": caused} if caused else {}),
+        )
+        if caused:
+            ctx.deliveries.wake()  # type: ignore[union-attr]
+        return moved
     raise RuntimeError(f"{row.display_path}: no free name in {folder}")
 
 

@@ -30,6 +30,7 @@ class Step(enum.StrEnum):
     FETCH = "fetch"  # document details, bbox: is it done, and what did it find?
     EXPORT = "export"  # writing the result into done/
     FAIL = "fail"  # writing the error report into failed/
+    DELIVER = "deliver"  # handing a placed result on to the next system (``delivery.py``)
 
 
 class Cause(enum.StrEnum):
@@ -53,6 +54,7 @@ class Scope(enum.StrEnum):
     OUTPUT = "output"  # writing into done/ and failed/
     JOURNAL = "journal"  # everything: the journal is where every decision is recorded
     SHARES = "shares"  # every file operation: claims, reads, placing into done/ and failed/ (``shares.py``)
+    RECEIVER = "receiver"  # every delivery: the next system's webhook or command (``delivery.py``)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ def decide(
     ``attempts``: its upload attempts so far (this one counted, for ``Step.UPLOAD``).
     """
     cause = failure.cause
+    if step == Step.DELIVER:
+        return _deliver(failure, limits)
     if cause == Cause.REJECTED:
         return Blocked(Scope.API, f"Konfuzio rejected the API token (HTTP {failure.status or 401})", None, account=True)
     if cause in BLOCKING_REASONS:
@@ -164,6 +168,16 @@ def decide(
     if failures + 1 >= limits.max_failures:
         return Fail(f"gave up after {failures + 1} failures: {failure.message}")
     return _retry(failures, now, limits, jitter, failure.retry_after_s)
+
+
+def _deliver(failure: Failure, limits: Limits) -> Blocked | Fail:
+    """A delivery the receiver did not take. Down, busy or slow (5xx, 408, 429, a timeout, a refused
+    connection; a command's timeout or exit 75): the receiver's gate is blocked, no delivery charged;
+    anything else (another 4xx, a command's other exit, a body that is no longer ours) fails it."""
+    if failure.cause in (Cause.UNAVAILABLE, Cause.THROTTLED, Cause.TRANSIENT):
+        capped, note = cap_retry_after(failure.retry_after_s, limits)
+        return Blocked(Scope.RECEIVER, f"the receiver does not take deliveries: {failure.message}", capped, note)
+    return Fail(failure.message)
 
 
 GATEWAY_STATUSES = (502, 503, 504)

@@ -24,6 +24,7 @@ from typing import Any
 from . import pipeline, recovery
 from .clock import Clock
 from .config import Config
+from .delivery import Deliveries
 from .gates import Gates
 from .journal import BaseJournal, Row, State
 from .konfuzio import KonfuzioClient
@@ -119,6 +120,14 @@ class Pipeline:
     @holds_processing_dir.setter
     def holds_processing_dir(self, value: Callable[[], bool]) -> None:
         self.ctx.holds_processing_dir = value
+
+    @property
+    def deliveries(self) -> Deliveries | None:
+        return self.ctx.deliveries
+
+    @deliveries.setter
+    def deliveries(self, value: Deliveries | None) -> None:
+        self.ctx.deliveries = value
 
     def processing_path(self, row: Row) -> Path:
         return self.ctx.processing_path(row)

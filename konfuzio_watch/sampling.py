@@ -79,6 +79,9 @@ class StatusSampler:
             oldest = d.journal.oldest_active_detected_at()
             files = {state.value: n for state, n in d.journal.counts().items()}
             cluster = d.membership.sample(self.in_hand())
+            deliveries = (
+                {s.value: n for s, n in d.journal.delivery_counts().items()} if d.config.deliver.enabled else None
+            )
         except JournalWriteError:  # the database cannot be reached: what the daemon knows by itself
             return Sample(ready=d.is_ready, blocked=blocked, callbacks_arriving=d.callbacks_arriving())
         return Sample(
@@ -88,6 +91,7 @@ class StatusSampler:
             blocked=blocked,
             callbacks_arriving=d.callbacks_arriving(),
             cluster=cluster,
+            deliveries=deliveries,
         )
 
     def in_hand(self) -> int:

@@ -22,7 +22,8 @@ from typing import Any, TextIO
 
 from .clock import describe_offset, is_off
 from .config import Config
-from .journal import ACTIVE, BaseJournal, JournalError, JournalWriteError, Row, State, open_journal
+from .journal import ACTIVE, BaseJournal, JournalError, JournalWriteError, Row, State, display_name, open_journal
+from .journal.outbox import DeliveryState
 from .locks import read_daemon_lock
 from .results import web_url
 from .states import WAITING_FOR_A_PERSON, Stage
@@ -73,6 +74,7 @@ def _print_journal(config: Config, *, show_all: bool, now: float, out: TextIO) -
         if rows:
             holders = journal.lease_holders(r.id for r in rows) if journal.shared else None
             out.write("\n" + _table(rows, now, config.konfuzio.host, holders))
+        out.write(_deliveries(journal, now, config.deliver.enabled))
         failed = [r for r in journal.rows([State.FAILED], limit=100_000)][-10:]
         if failed and not show_all:
             out.write("\nlast failures\n" + _table(failed, now))
@@ -208,6 +210,21 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
         return str(exc.reason)
     return str(exc)
+
+
+def _deliveries(journal: BaseJournal, now: float, enabled: bool) -> str:
+    """The outbox (``delivery.py``): deliveries by state, the oldest pending, the last that failed."""
+    counts = journal.delivery_counts()
+    if not enabled and not any(counts.values()):
+        return ""
+    oldest = journal.oldest_pending_delivery_at()
+    line = "  ".join(f"{state.value} {n}" for state, n in counts.items())
+    text = "\ndeliveries  " + line + (f"   oldest pending {format_age(now - oldest)}" if oldest else "") + "\n"
+    failed = journal.deliveries([DeliveryState.FAILED])[-LIST_SHOWN:]
+    if failed:
+        text += "failed deliveries (konfuzio-watch redeliver PATH|--all-failed)\n"
+        text += "".join(f"  {display_name(d.file_path)}  {d.event} {d.key}: {d.error}\n" for d in failed)
+    return text
 
 
 def _nodes(journal: BaseJournal, lease_s: float) -> str:

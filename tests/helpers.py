@@ -607,3 +607,108 @@ def net_uploads_per_sha(emulator) -> collections.Counter:  # type: ignore[no-unt
     for deletion in emulator.deletions:
         count[by_doc[deletion.doc_id]] -= 1
     return count
+
+
+# -- deliveries (issue 25): a receiver of the next system -----------------------------------------
+
+
+@dataclass
+class Delivered:
+    """One POST the receiver answered: its key, event, placed path, the status it answered, whether the
+    signature was valid and whether the placed file and its JSON were there when it came."""
+
+    key: str
+    event: str
+    path: str
+    status: int
+    signed: bool
+    placed: bool
+    body: bytes
+
+
+class DeliveryReceiver:
+    """The next system's webhook, as a real Waitress server: it checks the HMAC of every body and that
+    the placed file is in done/ (or failed/) when it is called, and answers ``status`` (a 2xx, or 500
+    while a test says so), after ``delay_s`` (slower than the daemon's timeout: it gave up before the
+    answer), or holds every request until ``hold`` is set. ``close`` and ``open`` take the port away
+    and bring it back (a receiver that is down)."""
+
+    def __init__(self, secret: bytes, done: Path, failed: Path):
+        self.secret, self.done, self.failed = secret, done, failed
+        self.status = 200
+        self.delay_s = 0.0
+        self.hold: threading.Event | None = None
+        self.holding = threading.Event()  # a request is being held
+        self.got: list[Delivered] = []
+        self._lock = threading.Lock()
+        self.port = 0
+        self.server: ServerThread | None = None
+
+    def app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        import hmac
+        from urllib.parse import unquote_to_bytes
+
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        key = environ.get("HTTP_IDEMPOTENCY_KEY", "")
+        event = environ.get("HTTP_X_KONFUZIO_WATCH_EVENT", "")
+        path = environ.get("HTTP_X_KONFUZIO_WATCH_PATH", "")
+        expected = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+        signed = hmac.compare_digest(environ.get("HTTP_X_KONFUZIO_WATCH_SIGNATURE", ""), expected)
+        root = self.failed if event == "failed" else self.done
+        placed_file = root / os.fsdecode(unquote_to_bytes(path))
+        json_name = ".error.json" if event == "failed" else ".json"
+        placed = placed_file.is_file() and placed_file.with_name(placed_file.name + json_name).is_file()
+        status = self.status
+        if self.hold is not None:
+            self.holding.set()
+            self.hold.wait(30)
+        if self.delay_s:
+            time.sleep(self.delay_s)  # the receiver is slow: the point of the test
+        with self._lock:
+            self.got.append(Delivered(key, event, path, status, signed, placed, body))
+        start_response(f"{status} {'OK' if status < 300 else 'Nope'}", [("Content-Type", "text/plain")])
+        return [b"ok" if status < 300 else b"not now"]
+
+    def open(self) -> DeliveryReceiver:
+        self.server = ServerThread(self.app, "127.0.0.1", self.port, name="delivery-receiver", threads=4).start()
+        self.port = self.server.port
+        return self
+
+    def close(self) -> None:
+        if self.server is not None:
+            if self.hold is not None:
+                self.hold.set()
+            self.server.close(timeout_s=5)
+            self.server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/konfuzio"
+
+    def taken(self) -> list[Delivered]:
+        """The deliveries answered with a 2xx."""
+        with self._lock:
+            return [d for d in self.got if 200 <= d.status < 300]
+
+    def per_key(self) -> collections.Counter:
+        """Key -> how many times it was taken (a 2xx); more than once: a repeat."""
+        return collections.Counter(d.key for d in self.taken())
+
+    def figures(self) -> str:
+        """What the issue asks to count, in one line (printed by the tests)."""
+        with self._lock:
+            got = list(self.got)
+        per_key = self.per_key()
+        return (
+            f"requests {len(got)}, 2xx {sum(per_key.values())} for {len(per_key)} keys, repeats "
+            f"{sum(n - 1 for n in per_key.values())}, refused (non-2xx) {sum(1 for d in got if d.status >= 300)}, "
+            f"bad signatures {sum(1 for d in got if not d.signed)}, before placed {sum(1 for d in got if not d.placed)}"
+        )
+
+    def assert_each_once_signed_and_placed(self, keys: set[str]) -> None:
+        """Every key taken at least once, nothing else; every request signed, each after its file was placed."""
+        with self._lock:
+            got = list(self.got)
+        assert all(d.signed for d in got), "a delivery with a bad signature"
+        assert all(d.placed for d in got), "a delivery came before its file was placed"
+        assert set(self.per_key()) == keys, f"keys taken {sorted(self.per_key())} != {sorted(keys)}"

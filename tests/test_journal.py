@@ -961,3 +961,102 @@ def test_becoming_done_arms_a_second_look_in_the_same_transaction_if_a_callback_
     assert (reviewed.state, reviewed.refresh_at) == (State.DONE, 6.0)
     assert (plain.state, plain.refresh_at) == (State.DONE, None)
     assert journal.due_refreshes(6.0, [], 10) == [reviewed]
+
+
+# -- the outbox (deliveries, issue 25) --------------------------------------------------------------
+
+
+def done_with(journal: BaseJournal, deliveries: list[Any], path: bytes = b"a.pdf", document_id: int = 7) -> Row:
+    """A row moved to done with ``deliveries`` (``NewDelivery``) in the same transaction."""
+    row = uploaded(journal, path=path, token=f"t-{path.decode()}", document_id=document_id)
+    row = journal.transition(row, State.EXPORTING, 2.0)
+    return journal.transition(row, State.DONE, 3.0, final_path=b"/done/" + path, revision=1, deliveries=deliveries)
+
+
+def new_delivery(key: str = "7:1", event: str = "done", revision: int | None = 1, sha: str = "s1") -> Any:
+    from konfuzio_watch.journal.outbox import NewDelivery
+
+    return NewDelivery(event, key, 7, revision, b"/done/a.pdf.json", b"/done/a.pdf", sha)
+
+
+def test_a_move_writes_its_deliveries_in_its_own_transaction(journal: BaseJournal):
+    from konfuzio_watch.journal.outbox import DeliveryState
+
+    row = done_with(journal, [new_delivery()])
+    (d,) = journal.deliveries()
+    assert (d.row_id, d.key, d.event, d.state, d.created_at, d.next_at) == (row.id, "7:1", "done", "pending", 3.0, 3.0)
+    assert journal.due_deliveries(3.0, 10) == [d] and journal.due_deliveries(2.9, 10) == []
+    assert journal.next_delivery_at() == 3.0 and journal.oldest_pending_delivery_at() == 3.0
+    # A move that is refused (the row moved meanwhile) writes no delivery either.
+    stale = journal.transition(uploaded(journal, b"b.pdf", "tb"), State.EXPORTING, 2.0)
+    journal.transition(stale, State.FAILING, 3.5)  # moved meanwhile
+    with pytest.raises(IllegalTransition):
+        journal.transition(stale, State.DONE, 4.0, deliveries=[new_delivery("8:1")])
+    assert [x.key for x in journal.deliveries()] == ["7:1"]
+    assert journal.delivery_counts()[DeliveryState.PENDING] == 1
+
+
+def test_per_file_only_the_first_pending_delivery_is_due_and_refresh_writes_the_next(journal: BaseJournal):
+    row = done_with(journal, [new_delivery()])
+    journal.finish_refresh(row, 3.0, 4.0, revision=2, deliveries=[new_delivery("7:2", "revision", 2, "s2")])
+    other = done_with(journal, [new_delivery("9:1")], path=b"b.pdf", document_id=9)
+    first, second, third = journal.deliveries()
+    assert [d.key for d in journal.due_deliveries(10.0, 10)] == ["7:1", "9:1"], "7:2 waits for 7:1"
+    assert journal.take_due_deliveries(10.0, 1) == [first]
+    assert journal.has_later_delivery(first) and not journal.has_later_delivery(second)
+    assert journal.delivery_superseded(first, 11.0, "replaced").state == "superseded"
+    assert [d.key for d in journal.due_deliveries(11.0, 10)] == ["9:1", "7:2"]
+    done = journal.delivery_done(third, 12.0)
+    assert done.state == "delivered" and done.delivered_at == 12.0 and other.id == third.row_id
+    # Written again (a crash before the move was made durable, then the move again): one row per key.
+    with journal._write() as tx:
+        journal._add_deliveries(tx, row.id, [new_delivery("7:2", "revision", 2, "other")], 13.0)
+    assert len(journal.deliveries()) == 3
+
+
+def test_a_delivery_waits_fails_and_is_sent_again_with_the_same_key(journal: BaseJournal):
+    done_with(journal, [new_delivery()])
+    (d,) = journal.deliveries()
+    d = journal.delivery_sent(d, "webhook", 4.0)
+    assert d.sent_by == {"webhook"}
+    d = journal.delivery_waits(d, 5.0, "HTTP 503", next_at=5.0)
+    assert (d.attempts, d.failures, d.error, d.state) == (1, 0, "HTTP 503", "pending")
+    d = journal.delivery_failed(d, 6.0, "HTTP 410")
+    assert (d.state, d.failures, d.next_at) == ("failed", 1, None) and journal.due_deliveries(99.0, 10) == []
+    assert journal.delivery_done(d, 7.0) is None, "only a pending delivery changes"
+    (again,) = journal.redeliver([d.id], 8.0)
+    assert (again.key, again.state, again.next_at, again.sent, again.error) == ("7:1", "pending", 8.0, None, None)
+    assert journal.redeliver([d.id], 9.0) == [], "a pending one is left as it is"
+
+
+def test_a_move_without_deliveries_is_one_statement_as_before(tmp_path: Path):
+    """No ``deliver`` section: not one statement more per file (the move to done stays one UPDATE)."""
+    journal = SqliteJournal(tmp_path / "journal.sqlite3")
+    try:
+        seen: list[str] = []
+        row = journal.transition(uploaded(journal), State.EXPORTING, 2.0)
+        journal._db.set_trace_callback(seen.append)
+        journal.transition(row, State.DONE, 3.0, final_path=b"/done/a.pdf", revision=1)
+        assert [s.split()[0] for s in seen] == ["UPDATE"]
+        seen.clear()
+        row = journal.transition(uploaded(journal, b"b.pdf", "tb"), State.EXPORTING, 2.0)
+        seen.clear()
+        journal.transition(row, State.DONE, 3.0, final_path=b"/done/b.pdf", revision=1, deliveries=[new_delivery()])
+        assert [s.split()[0] for s in seen] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    finally:
+        journal.close()
+
+
+@postgres
+def test_a_delivery_is_leased_to_one_node_until_it_is_sent_or_its_lease_expires(nodes: Callable[..., Any]):
+    a, b = nodes("a"), nodes("b")
+    done_with(a, [new_delivery()])
+    done_with(a, [new_delivery("9:1")], path=b"b.pdf", document_id=9)
+    (first,) = a.take_due_deliveries(10.0, 1, lease_s=0.5)
+    (second,) = b.take_due_deliveries(10.0, 5, lease_s=60)
+    assert (first.key, second.key) == ("7:1", "9:1"), "never the same delivery twice in parallel"
+    assert b.delivery_done(first, 11.0) is None, "a's while its lease lasts"
+    (taken,) = wait_until(lambda: b.take_due_deliveries(10.0, 5, lease_s=60), 10, "a's lease on 7:1 expired")
+    assert taken.key == "7:1" and b.delivery_done(taken, 12.0).state == "delivered"
+    b.release_deliveries([second.id])
+    assert [d.key for d in a.take_due_deliveries(10.0, 5)] == ["9:1"]

@@ -31,11 +31,31 @@ SQLITE_HISTORY = {
         "CREATE INDEX files_refresh ON files (refresh_at) WHERE refresh_at IS NOT NULL",
     ],
     5: ["ALTER TABLE files ADD COLUMN ctime_ns INTEGER"],
+    6: [
+        "CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, row_id INTEGER NOT NULL, event TEXT NOT NULL,"
+        " key TEXT NOT NULL, document_id INTEGER, revision INTEGER, json_path BLOB NOT NULL, file_path BLOB NOT NULL,"
+        " sha256 TEXT NOT NULL, state TEXT NOT NULL, sent TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
+        " failures INTEGER NOT NULL DEFAULT 0, next_at REAL, error TEXT, created_at REAL NOT NULL, delivered_at REAL,"
+        " updated_at REAL NOT NULL)",
+        "CREATE INDEX deliveries_due ON deliveries (state, next_at)",
+        "CREATE UNIQUE INDEX deliveries_file ON deliveries (row_id, key)",
+    ],
 }
 POSTGRES_HISTORY = {
     2: ["ALTER TABLE nodes ADD COLUMN inbox_marker TEXT"],
     3: ["ALTER TABLE files ADD COLUMN ctime_ns BIGINT"],
     4: ["ALTER TABLE nodes ADD COLUMN clock_offset_s DOUBLE PRECISION"],
+    5: [
+        "CREATE TABLE deliveries (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, row_id BIGINT NOT NULL,"
+        " event TEXT NOT NULL CHECK (event IN ('done', 'revision', 'failed')), key TEXT NOT NULL, document_id BIGINT,"
+        " revision INTEGER, json_path BYTEA NOT NULL, file_path BYTEA NOT NULL, sha256 TEXT NOT NULL,"
+        " state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed', 'superseded')), sent TEXT,"
+        " attempts INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0, next_at DOUBLE PRECISION,"
+        " error TEXT, created_at DOUBLE PRECISION NOT NULL, delivered_at DOUBLE PRECISION,"
+        " updated_at DOUBLE PRECISION NOT NULL, lease_node TEXT, lease_until TIMESTAMPTZ)",
+        "CREATE INDEX deliveries_due ON deliveries (state, next_at)",
+        "CREATE UNIQUE INDEX deliveries_file ON deliveries (row_id, key)",
+    ],
 }
 
 
@@ -62,7 +82,7 @@ def test_a_journal_of_version_1_comes_up_to_the_same_tables_as_a_new_one(tmp_pat
     )
     old.close()
     with SqliteJournal(tmp_path / "old.sqlite3") as migrated, SqliteJournal(tmp_path / "new.sqlite3") as new:
-        assert migrated.meta("schema_version") == new.meta("schema_version") == "5"
+        assert migrated.meta("schema_version") == new.meta("schema_version") == "6"
         assert migrated.tokens_of([1]) == {"t": 1} and migrated.get(1).ctime_ns is None
 
     def tables(name: str) -> dict[str, list[str]]:
@@ -71,3 +91,16 @@ def test_a_journal_of_version_1_comes_up_to_the_same_tables_as_a_new_one(tmp_pat
             return {n: sorted(c[1] for c in db.execute(f"PRAGMA table_info({n})")) for n in names}
 
     assert tables("old.sqlite3") == tables("new.sqlite3")
+
+
+def test_a_journal_of_version_5_gets_the_outbox_and_keeps_its_files(tmp_path: Path):
+    """SQLite's version 5 (before issue 25): the deliveries table comes, every file stays as it was."""
+    with SqliteJournal(tmp_path / "j.sqlite3") as journal:
+        (row,) = journal.add_claims([b"a.pdf"], 1.0)
+    db = sqlite3.connect(tmp_path / "j.sqlite3", isolation_level=None)
+    db.execute("DROP TABLE deliveries")
+    db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    db.close()
+    with SqliteJournal(tmp_path / "j.sqlite3") as journal:
+        assert journal.meta("schema_version") == "6" and journal.get(row.id) == row
+        assert journal.deliveries() == [] and journal.next_delivery_at() is None

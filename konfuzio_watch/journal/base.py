@@ -22,11 +22,12 @@ import secrets
 from collections.abc import Iterable, Sequence
 
 from ..states import ACTIVE, TERMINAL, CallbackOutcome, IllegalTransition, State, check_transition
+from .outbox import NewDelivery, Outbox
 from .reads import JournalReads
 from .rows import COLS, COLUMNS, REFRESH_GAP_S, UPDATABLE, NewClaim, Row, in_list, marks, to_row
 
 
-class BaseJournal(JournalReads):
+class BaseJournal(Outbox, JournalReads):
     """Thread-safe access to the journal, whichever database holds it. Every public method behaves
     the same on every engine (``tests/test_journal.py`` runs the same tests on each); the cluster's
     are the ``Coordination`` interface (``coordination.py``)."""
@@ -89,6 +90,7 @@ class BaseJournal(JournalReads):
         *,
         durable: bool = True,
         refresh_if_called_back_since: float | None = None,
+        deliveries: Sequence[NewDelivery] = (),
         **fields: object,
     ) -> Row:
         """Move one row to ``state`` (a legal move from the state it is in), with other columns,
@@ -96,9 +98,16 @@ class BaseJournal(JournalReads):
         ``durable=False``: see the module's docstring. ``refresh_if_called_back_since`` (a move to
         done): if a callback came in since then (the details the export used were fetched then), a
         review may have beaten the export: the row is due for a look again at once (``refresh_at``),
-        and the move is made durable."""
+        and the move is made durable. ``deliveries``: the outbox rows the move causes, written in its
+        transaction (``outbox.py``)."""
         return self.transition_many(
-            [row], state, now, durable=durable, refresh_if_called_back_since=refresh_if_called_back_since, **fields
+            [row],
+            state,
+            now,
+            durable=durable,
+            refresh_if_called_back_since=refresh_if_called_back_since,
+            deliveries=deliveries,
+            **fields,
         )[0]
 
     def transition_many(
@@ -109,6 +118,7 @@ class BaseJournal(JournalReads):
         *,
         durable: bool = True,
         refresh_if_called_back_since: float | None = None,
+        deliveries: Sequence[NewDelivery] = (),
         **fields: object,
     ) -> list[Row]:
         for row in rows:
@@ -125,6 +135,7 @@ class BaseJournal(JournalReads):
             moving=True,
             durable=durable,
             refresh_since=refresh_if_called_back_since,
+            deliveries=deliveries,
         )
 
     def update(self, row: Row, now: float, *, durable: bool = True, **fields: object) -> Row:
@@ -142,6 +153,7 @@ class BaseJournal(JournalReads):
         moving: bool = False,
         durable: bool = True,
         refresh_since: float | None = None,
+        deliveries: Sequence[NewDelivery] = (),
     ) -> list[Row]:
         bad = set(fields) - UPDATABLE - ({"state"} if moving else set())
         if bad:
@@ -155,7 +167,8 @@ class BaseJournal(JournalReads):
             assignments += ", refresh_at = CASE WHEN callback_at >= ? AND refresh_at IS NULL THEN ? ELSE refresh_at END"
             values += [refresh_since, now]
         found: dict[int, Row] = {}
-        with self._writer(durable) if len(rows) > 1 else self._one_statement(durable) as tx:
+        assert not deliveries or len(rows) == 1, "a move's deliveries are its one row's"
+        with self._writer(durable) if len(rows) > 1 or deliveries else self._one_statement(durable) as tx:
             if self._ONE_WRITER and len(rows) > 1:  # a batch (claims): one statement per 500 rows
                 by_state: dict[State, list[int]] = {}
                 for row in rows:
@@ -178,6 +191,8 @@ class BaseJournal(JournalReads):
                     ).fetchone()
                     if new is not None:
                         found[row.id] = to_row(new)
+            if deliveries and rows[0].id in found:
+                self._add_deliveries(tx, rows[0].id, deliveries, now)
             for row in rows:
                 if row.id not in found:  # the transaction rolls back: none of them moved
                     raise IllegalTransition(f"{row.display_path}: no longer {row.state} (row {row.id})")
@@ -369,10 +384,13 @@ class BaseJournal(JournalReads):
 
     # -- done results that may have changed on the server ------------------------------------
 
-    def finish_refresh(self, row: Row, checked_at: float, now: float, **fields: object) -> Row:
+    def finish_refresh(
+        self, row: Row, checked_at: float, now: float, *, deliveries: Sequence[NewDelivery] = (), **fields: object
+    ) -> Row:
         """A refresh of a done row is over (``fields``: e.g. its new ``revision`` and ``fingerprint``),
         in one transaction: ``refresh_at`` is cleared, unless a callback came in since ``checked_at``
-        (the document may have changed again after it was fetched)."""
+        (the document may have changed again after it was fetched). ``deliveries``: those the new
+        revision causes (``outbox.py``), in the same transaction."""
         bad = set(fields) - UPDATABLE
         if bad:
             raise ValueError(f"not updatable: {sorted(bad)}")
@@ -386,6 +404,8 @@ class BaseJournal(JournalReads):
             ).fetchone()
             if found is None:
                 raise IllegalTransition(f"{row.display_path}: no longer {State.DONE} (row {row.id})")
+            if deliveries:
+                self._add_deliveries(tx, row.id, deliveries, now)
         return to_row(found)
 
     def make_due(self, states: Iterable[State], now: float) -> int:

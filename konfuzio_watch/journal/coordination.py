@@ -23,6 +23,7 @@ from ..clock import ClockOffset
 from ..states import State
 
 if TYPE_CHECKING:
+    from .outbox import DeliveryRow
     from .rows import Row
 
 #: The LISTEN/NOTIFY channel. Payloads: ``callback:<row id>`` (a callback was recorded for that
@@ -129,6 +130,16 @@ class Coordination(ABC):
         may be taken: a refresh needs no recovery)."""
 
     @abstractmethod
+    def take_due_deliveries(self, now: float, limit: int, lease_s: float = 60.0) -> list[DeliveryRow]:
+        """Like ``due_deliveries`` (``outbox.py``), and lease them to this node for ``lease_s`` seconds,
+        skipping those another node holds (an expired lease may be taken: a delivery needs no recovery,
+        it is sent again with the same key)."""
+
+    @abstractmethod
+    def release_deliveries(self, delivery_ids: Iterable[int]) -> None:
+        """Give up this node's leases on these deliveries (sent, or not taken)."""
+
+    @abstractmethod
     def renew_leases(self, row_ids: Iterable[int], lease_s: float = 60.0) -> set[int]:
         """Extend this node's leases on these rows; returns the ids it still holds (a row whose lease
         another node took over is no longer this node's to work on)."""
@@ -186,6 +197,7 @@ class LocalCoordination(Coordination):
     # what the rows part of the journal provides
     runnable: Callable[..., list[Row]]
     due_refreshes: Callable[..., list[Row]]
+    due_deliveries: Callable[..., list[DeliveryRow]]
 
     def _lease_new(self, tx: Any, row_ids: Sequence[int]) -> None:
         pass
@@ -212,6 +224,12 @@ class LocalCoordination(Coordination):
 
     def take_due_refreshes(self, now: float, exclude: Iterable[int], limit: int, lease_s: float = 60.0) -> list[Row]:
         return self.due_refreshes(now, exclude, limit)
+
+    def take_due_deliveries(self, now: float, limit: int, lease_s: float = 60.0) -> list[DeliveryRow]:
+        return self.due_deliveries(now, limit)
+
+    def release_deliveries(self, delivery_ids: Iterable[int]) -> None:
+        pass
 
     def renew_leases(self, row_ids: Iterable[int], lease_s: float = 60.0) -> set[int]:
         return set(row_ids)

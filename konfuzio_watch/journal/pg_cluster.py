@@ -32,6 +32,7 @@ from ..policy import Limits, backoff_s
 from ..states import State
 from .coordination import CHANNEL, Coordination, Lease, Node
 from .errors import JournalUnavailable
+from .outbox import DD_COLS, FIRST_OF_FILE, DeliveryRow, to_delivery
 from .pg_sql import ACTIVE_SQL, MAPPED, PgTx, lock_key, mapped
 from .rows import F_COLS, Row, to_row
 
@@ -151,6 +152,29 @@ class PgCoordination(Coordination):
                 (now, State.DONE.value, list(exclude), self.node_id, limit, self.node_id, lease_s),
             ).fetchall()
         return sorted((to_row(values) for values in found), key=lambda r: (r.refresh_at, r.id))
+
+    def take_due_deliveries(self, now: float, limit: int, lease_s: float = 60.0) -> list[DeliveryRow]:
+        with self._write() as tx:
+            found = tx.conn.execute(
+                f"WITH due AS (SELECT d.id FROM deliveries d WHERE {FIRST_OF_FILE} AND d.next_at <= %s"
+                " AND (d.lease_node IS NULL OR d.lease_node = %s OR d.lease_until < now())"
+                " ORDER BY d.next_at, d.id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " UPDATE deliveries d SET lease_node = %s, lease_until = now() + make_interval(secs => %s)"
+                f" FROM due WHERE d.id = due.id RETURNING {DD_COLS}",
+                (now, self.node_id, limit, self.node_id, lease_s),
+            ).fetchall()
+        return sorted((to_delivery(values) for values in found), key=lambda d: (d.next_at, d.id))
+
+    def release_deliveries(self, delivery_ids: Iterable[int]) -> None:
+        ids = list(delivery_ids)
+        if not ids:
+            return
+        with self._write() as tx:
+            tx.conn.execute(
+                "UPDATE deliveries SET lease_node = NULL, lease_until = NULL"
+                " WHERE id = ANY(%s::bigint[]) AND lease_node = %s",
+                (ids, self.node_id),
+            )
 
     def renew_leases(self, row_ids: Iterable[int], lease_s: float = 60.0) -> set[int]:
         ids = list(row_ids)

@@ -205,6 +205,39 @@ TABLES = (
         ),
         POSTGRES_ONLY,
     ),
+    # The outbox: one delivery of a placed file to the next system (``delivery.py``) per (file, event,
+    # revision), written in the transaction of the move that causes it.
+    Table(
+        "deliveries",
+        (
+            Column("id", "id"),
+            Column("row_id", "bigint", "NOT NULL"),  # the file's row
+            Column("event", "text", "NOT NULL", check="event IN ('done', 'revision', 'failed')"),
+            Column("key", "text", "NOT NULL"),  # the Idempotency-Key: <document id>:<revision>, failed:<row id>
+            Column("document_id", "bigint"),
+            Column("revision", "int"),
+            Column("json_path", "bytes", "NOT NULL"),  # the placed JSON, whose bytes are the body
+            Column("file_path", "bytes", "NOT NULL"),  # the placed file
+            Column("sha256", "text", "NOT NULL"),  # of the JSON's bytes as written
+            Column(
+                "state",
+                "text",
+                "NOT NULL",
+                check="state IN ('pending', 'delivered', 'failed', 'superseded')",
+            ),
+            Column("sent", "text"),  # the transports that succeeded so far (webhook, command)
+            Column("attempts", "int", "NOT NULL DEFAULT 0"),  # tries that reached a transport
+            Column("failures", "int", "NOT NULL DEFAULT 0"),
+            Column("next_at", "seconds"),
+            Column("error", "text"),  # the last one
+            Column("created_at", "seconds", "NOT NULL"),  # when the move that caused it was made
+            Column("delivered_at", "seconds"),
+            Column("updated_at", "seconds", "NOT NULL"),
+            Column("lease_node", "text", since=POSTGRES_ONLY),  # the node sending it ...
+            Column("lease_until", "moment", since=POSTGRES_ONLY),  # ... until then
+        ),
+        Since(6, 5),
+    ),
 )
 
 INDEXES = (
@@ -217,6 +250,8 @@ INDEXES = (
     # Without an inode (NULL) a claim has no identity to compare, and nothing is refused.
     Index("files_active_claim", "files", f"(rel_path, file_ino) WHERE state IN ({_ACTIVE})", POSTGRES_ONLY, True),
     Index("upload_tokens_row", "upload_tokens", "(row_id)", Since(3, 1)),
+    Index("deliveries_due", "deliveries", "(state, next_at)", Since(6, 5)),
+    Index("deliveries_file", "deliveries", "(row_id, key)", Since(6, 5), True),
 )
 
 DATA = (

@@ -41,6 +41,7 @@ from ..shares import ABSENT_ERRNOS, Folders, ShareUnavailable, is_share_error
 from ..states import Stage
 
 if TYPE_CHECKING:
+    from ..delivery import Deliveries
     from ..placing import KeyedLocks
     from ..recovery import NodeStrategy
 
@@ -132,6 +133,8 @@ class Context:
         self.placing_locks = placing_locks  # one per target path in done/ and failed/ (``placing``)
         self.catalogs = CatalogCache()  # each project's label, label set and category names
         self.no_catalog: set[int] = set()  # projects whose catalog the server would not give (logged once)
+        # What a move into done/ or failed/ (or a new revision) hands on (``delivery.py``); None: nothing.
+        self.deliveries: Deliveries | None = None
 
     # -- paths ---------------------------------------------------------------------------------
 

@@ -141,7 +141,7 @@ def _replace_result(ctx: Context, row: Row, result: dict[str, Any], fingerprint:
                 pdf_path,
                 next_revision,
             )
-        write_json_no_clobber(
+        body = write_json_no_clobber(
             json_path,
             with_pdf_name(result, pdf_name if ours or staging else None),
             lambda found: export.result_is_for(row, found),
@@ -162,7 +162,13 @@ def _replace_result(ctx: Context, row: Row, result: dict[str, Any], fingerprint:
         if staging is not None:
             unlink_quietly(staging)
     ctx.gates[Scope.OUTPUT].open(ctx.clock.now())
-    new = ctx.journal.finish_refresh(row, checked_at, ctx.clock.now(), revision=next_revision, fingerprint=fingerprint)
+    # The deliveries the new revision causes (``delivery.py``), in the same transaction.
+    caused = ctx.deliveries.revised(row, json_path, target, body, next_revision) if ctx.deliveries else ()
+    new = ctx.journal.finish_refresh(
+        row, checked_at, ctx.clock.now(), revision=next_revision, fingerprint=fingerprint, deliveries=caused
+    )
+    if caused:
+        ctx.deliveries.wake()  # type: ignore[union-attr]
     log.info(
         "%s: document %d changed on the server%s; %s is revision %d",
         row.display_path,
