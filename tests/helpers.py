@@ -640,6 +640,8 @@ class DeliveryReceiver:
         self.hold: threading.Event | None = None
         self.holding = threading.Event()  # a request is being held
         self.got: list[Delivered] = []
+        self.in_flight: collections.Counter = collections.Counter()  # key -> requests being answered now
+        self.in_parallel: list[str] = []  # keys that came while the same key was being answered
         self._lock = threading.Lock()
         self.port = 0
         self.server: ServerThread | None = None
@@ -659,13 +661,20 @@ class DeliveryReceiver:
         json_name = ".error.json" if event == "failed" else ".json"
         placed = placed_file.is_file() and placed_file.with_name(placed_file.name + json_name).is_file()
         status = self.status
-        if self.hold is not None:
-            self.holding.set()
-            self.hold.wait(30)
-        if self.delay_s:
-            time.sleep(self.delay_s)  # the receiver is slow: the point of the test
         with self._lock:
-            self.got.append(Delivered(key, event, path, status, signed, placed, body))
+            if self.in_flight[key]:
+                self.in_parallel.append(key)
+            self.in_flight[key] += 1
+        try:
+            if self.hold is not None:
+                self.holding.set()
+                self.hold.wait(30)
+            if self.delay_s:
+                time.sleep(self.delay_s)  # the receiver is slow: the point of the test
+        finally:
+            with self._lock:
+                self.in_flight[key] -= 1
+                self.got.append(Delivered(key, event, path, status, signed, placed, body))
         start_response(f"{status} {'OK' if status < 300 else 'Nope'}", [("Content-Type", "text/plain")])
         return [b"ok" if status < 300 else b"not now"]
 
@@ -711,4 +720,5 @@ class DeliveryReceiver:
             got = list(self.got)
         assert all(d.signed for d in got), "a delivery with a bad signature"
         assert all(d.placed for d in got), "a delivery came before its file was placed"
+        assert self.in_parallel == [], f"sent twice in parallel: {self.in_parallel}"
         assert set(self.per_key()) == keys, f"keys taken {sorted(self.per_key())} != {sorted(keys)}"

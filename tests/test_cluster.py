@@ -473,3 +473,52 @@ def test_files_a_dead_node_uploaded_are_looked_at_when_it_falls_silent(tmp_path:
         a.cleanup()
         b.cleanup()
     assert_every_file_once(cluster, files, shared=False)
+
+
+def test_each_delivery_goes_once_per_key_when_a_node_dies_holding_one(cluster: Cluster):
+    """Two nodes deliver; the one whose delivery the receiver holds is killed with SIGKILL: the other sends
+    it again after its lease, with the same key; every other delivery goes once, never two in parallel."""
+    import threading
+
+    from .helpers import DeliveryReceiver
+
+    secret = b"cluster-webhook-secret"
+    (cluster.shared / "secret").write_bytes(secret)
+    rec = DeliveryReceiver(secret, cluster.shared / "done", cluster.shared / "failed").open()
+    try:
+        deliver = {"webhook": {"url": rec.url, "secret_file": str(cluster.shared / "secret"), "timeout_seconds": 1}}
+        nodes = {n: cluster.node(n, deliver=deliver) for n in ("a", "b")}
+        for node in nodes.values():
+            cluster.start(node)
+        rec.hold = threading.Event()
+        files = sample_files(12, "deliver")
+        for rel, data in files.items():
+            drop(cluster.inbox / rel, data)
+        wait_until(rec.holding.is_set, 60, lambda: f"a delivery in the receiver's hands\n{cluster.logs()}")
+        holders = cluster.rows(
+            "SELECT lease_node FROM deliveries WHERE state = 'pending' AND lease_node IS NOT NULL ORDER BY id"
+        )
+        victim = nodes[holders[0][0]]
+        victim.kill9()  # its delivery answered 200 to a node that is gone
+        rec.hold.set()
+        rec.hold = None
+        survivor = next(n for name, n in nodes.items() if n is not victim)
+        wait_until(
+            lambda: (
+                cluster.finished() >= len(files)
+                and cluster.rows("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'") == [(len(files),)]
+            ),
+            90,
+            lambda: (
+                f"all {len(files)} delivered (have "
+                f"{cluster.rows('SELECT state, COUNT(*) FROM deliveries GROUP BY state')})\n{cluster.logs()}"
+            ),
+        )
+        keys = {k for (k,) in cluster.rows("SELECT key FROM deliveries")}
+        rec.assert_each_once_signed_and_placed(keys)
+        repeats = sum(n - 1 for n in rec.per_key().values())
+        assert repeats <= len(holders), "a repeat only for a delivery the killed node had in hand"
+        assert survivor.terminate() == 0
+        print(f"\ncluster, one node killed holding a delivery: {rec.figures()}, in parallel {len(rec.in_parallel)}")
+    finally:
+        rec.close()
