@@ -28,6 +28,7 @@ from typing import Protocol
 from . import policy
 from .clock import Clock
 from .config import Config
+from .deliver_command import run_command
 from .delivery import FAILED, Delivery, Sent, delivery_of
 from .dirfd import FolderInTheWay
 from .files import NotRegularFile, open_regular_file
@@ -58,8 +59,6 @@ class CommandTransport:
         self.argv, self.timeout_s = tuple(argv), timeout_s
 
     def send(self, delivery: Delivery) -> Sent:
-        from .deliver_command import run_command
-
         return run_command(self.argv, delivery, timeout_s=self.timeout_s)
 
 
@@ -199,7 +198,7 @@ class Deliverer:
                     return  # another node took it over (this one was too slow): it sends the rest
                 d = current
         now = self.clock.now()
-        if self.journal.delivery_done(d, now) is None:
+        if self.journal.delivery_done(d, now, sent_by=[t.name for t in self.transports]) is None:
             return
         self.gate.open(now)
         latency = max(0.0, now - d.created_at)
@@ -245,6 +244,7 @@ class Deliverer:
             self.metrics.delivery_outcome("retried")
             log.debug("%s: delivery %s waits for the receiver: %s", display_name(d.file_path), d.key, sent.detail)
             return
+        self.gate.open(now)  # the receiver answered (it refused this one): it is there
         self._failed(d, sent.detail)
 
     def _failed(self, d: DeliveryRow, error: str, *, tried: bool = True) -> None:

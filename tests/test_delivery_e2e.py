@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -248,3 +249,39 @@ def test_failed_files_are_delivered_and_a_refused_delivery_is_sent_again_by_rede
     assert_bodies_as_placed(rec, running.done, running.failed)
     assert sorted(rec.per_key().values()) == [1, 2]
     print(f"\nfailed files and redeliver: {rec.figures()}")
+
+
+COMMAND = """
+import os, sys
+json_path, file_path, key = sys.argv[1:4]
+log = os.path.join(os.path.dirname(sys.argv[0]), "command.log")
+with open(log, "a") as f:
+    f.write(f"{key} {os.environ['KONFUZIO_WATCH_EVENT']} {os.path.isfile(json_path)} {os.path.isfile(file_path)}\\n")
+marker = os.path.join(os.path.dirname(sys.argv[0]), "tried-" + key.replace(":", "-"))
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    print("the ERP is busy", file=sys.stderr)
+    sys.exit(75)
+"""
+
+
+def test_the_webhook_then_the_command_and_a_retry_runs_only_the_command(
+    start_daemon: Callable[..., Any], receiver_for: Callable[..., Any], tmp_path: Path
+):
+    script = tmp_path / "bin" / "import-result.py"
+    script.parent.mkdir()
+    script.write_text(COMMAND)
+    rec, deliver = receiver_for(command=[sys.executable, str(script), "{json}", "{file}", "{key}"])
+    running = start_daemon(deliver=deliver)
+    journal = running.daemon.journal
+    files = drop_batch(running, 3, "both")
+    running.wait_finished(3)
+    wait_until(lambda: all_delivered(journal, 3), 30, lambda: f"3 delivered: {deliveries_of(journal)}")
+    keys = {d.key for d in deliveries_of(journal)}
+    assert {d.sent for d in deliveries_of(journal)} == {"command,webhook"}
+    rec.assert_each_once_signed_and_placed(keys)
+    assert set(rec.per_key().values()) == {1}, "the command's retry did not post again"
+    runs = (script.parent / "command.log").read_text().split("\n")[:-1]
+    assert sorted(runs) == sorted(f"{k} done True True" for k in keys for _ in range(2)), runs
+    assert len(files) == 3
+    print(f"\nwebhook + command (exit 75 once each): {rec.figures()}; command runs {len(runs)}")

@@ -201,8 +201,9 @@ class Outbox(Engine):
         """One transport of several succeeded: a retry runs only the others."""
         return self._set_delivery(d, now, sent=",".join(sorted(d.sent_by | {transport})))
 
-    def delivery_done(self, d: DeliveryRow, now: float, *, transport: str | None = None) -> DeliveryRow | None:
-        sent = ",".join(sorted(d.sent_by | ({transport} if transport else set())))
+    def delivery_done(self, d: DeliveryRow, now: float, *, sent_by: Iterable[str] = ()) -> DeliveryRow | None:
+        """Delivered (``sent_by``: every transport, each succeeded)."""
+        sent = ",".join(sorted(d.sent_by | set(sent_by)))
         return self._set_delivery(
             d, now, state=DeliveryState.DELIVERED.value, delivered_at=now, sent=sent or None, error=None, next_at=None
         )
