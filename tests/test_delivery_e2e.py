@@ -112,7 +112,7 @@ def test_every_file_is_delivered_through_500s_a_closed_port_and_a_slow_receiver(
 
     keys = {f"{r.document_id}:1" for r in journal.rows([State.DONE])}
     assert len(keys) == 10
-    rec.assert_each_once_signed_and_placed(keys)
+    rec.assert_each_once_signed_and_placed(keys, slow=True)
     assert_bodies_as_placed(rec, running.done, running.failed)
     repeats = sum(n - 1 for n in rec.per_key().values())
     slow_ones = sum(1 for d in rec.got if d.status == 200) - len(keys)
@@ -285,3 +285,24 @@ def test_the_webhook_then_the_command_and_a_retry_runs_only_the_command(
     assert sorted(runs) == sorted(f"{k} done True True" for k in keys for _ in range(2)), runs
     assert len(files) == 3
     print(f"\nwebhook + command (exit 75 once each): {rec.figures()}; command runs {len(runs)}")
+
+
+def test_without_a_deliver_section_no_statement_touches_the_outbox(start_daemon: Callable[..., Any]):
+    """Nothing configured, nothing paid: a file's whole life writes not one statement more (the move to
+    done stays one UPDATE of its own), and nothing reads or writes the outbox."""
+    running = start_daemon()
+    journal = running.daemon.journal
+    written: list[str] = []
+    journal._db.set_trace_callback(written.append)
+    read: list[str] = []
+    journal._reader.set_trace_callback(read.append)
+    try:
+        drop_batch(running, 2, "plain")
+        running.wait_finished(2)
+    finally:
+        journal._db.set_trace_callback(None)
+        journal._reader.set_trace_callback(None)
+    assert running.daemon.deliverer is None
+    assert not [s for s in written + read if "deliveries" in s]
+    to_done = [i for i, s in enumerate(written) if s.startswith("UPDATE files SET") and "'done'" in s]
+    assert len(to_done) == 2 and all(not written[i - 1].startswith("BEGIN") for i in to_done), "one statement"
