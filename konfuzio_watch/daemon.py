@@ -113,7 +113,9 @@ class Daemon:
         self.processing_dir: Path | None = None
         self.processing_choice: processing.Choice | None = None  # the folder and why it was chosen
         self.token_watch: TokenWatch | None = None
-        self.metrics = Metrics(self.sampler.sample, node_id=self.membership.metrics_node_id)
+        self.metrics = Metrics(
+            self.sampler.sample, node_id=self.membership.metrics_node_id, deliveries=config.deliver.enabled
+        )
         self.gates = Gates(limits_from(config), on_change=self._gate_changed)
         for gate in self.gates.by_scope.values():
             gate.on_recovered = self._gate_recovered

@@ -52,7 +52,7 @@ class ClusterSample:
 
 
 class Metrics:
-    def __init__(self, sample: Callable[[], Sample] = Sample, node_id: str | None = None):
+    def __init__(self, sample: Callable[[], Sample] = Sample, node_id: str | None = None, *, deliveries: bool = False):
         self.registry = CollectorRegistry(auto_describe=True)
         self.node_id = node_id
         self._exposed = self.registry
@@ -77,23 +77,28 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.deliveries = Counter(
-            PREFIX + "deliveries",
-            "Deliveries to the next system, by outcome (delivered, retried, failed, superseded).",
-            ["outcome"],
-            registry=r,
-        )
-        self.delivery_latency = Histogram(
-            PREFIX + "delivery_latency_seconds",
-            "Seconds from a file's move into done/ (or failed/, or its new revision) to its delivery.",
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
+        # Only with a ``deliver`` section (``delivery.py``): a daemon without one exports what it always did.
+        self.deliveries: Counter | None = None
+        self.delivery_latency: Histogram | None = None
+        if deliveries:
+            self.deliveries = Counter(
+                PREFIX + "deliveries",
+                "Deliveries to the next system, by outcome (delivered, retried, failed, superseded).",
+                ["outcome"],
+                registry=r,
+            )
+            self.delivery_latency = Histogram(
+                PREFIX + "delivery_latency_seconds",
+                "Seconds from a file's move into done/ (or failed/, or its new revision) to its delivery.",
+                buckets=LATENCY_BUCKETS_S,
+                registry=r,
+            )
         r.register(_SampleCollector(sample))
 
     def delivery_outcome(self, outcome: str, latency_s: float | None = None) -> None:
-        self.deliveries.labels(outcome).inc()
-        if latency_s is not None:
+        if self.deliveries is not None:
+            self.deliveries.labels(outcome).inc()
+        if latency_s is not None and self.delivery_latency is not None:
             self.delivery_latency.observe(latency_s)
 
     def render(self) -> bytes:

@@ -109,7 +109,7 @@ def placed(config: Any, journal: SqliteJournal, name: str, body: bytes, document
 
 def sender(config: Any, journal: SqliteJournal, clock: FakeClock, *transports: Scripted) -> Deliverer:
     gate = Gate(Scope.RECEIVER, LIMITS)
-    return Deliverer(config, journal, gate, clock, Metrics(), list(transports))
+    return Deliverer(config, journal, gate, clock, Metrics(deliveries=True), list(transports))
 
 
 def test_the_webhook_then_the_command_and_a_retry_runs_only_what_has_not_succeeded(setup: Any):
@@ -182,3 +182,22 @@ def test_without_the_revision_event_a_pending_done_goes_with_the_new_revision(se
     (d,) = journal.deliveries()
     journal.delivery_done(d, 5.0)
     assert deliveries.revised(row, target, target, b"{3}", 3) == [], "delivered: a revision is not asked for"
+
+
+def test_the_metrics_of_deliveries_only_with_a_deliver_section():
+    from konfuzio_watch.metrics import Sample
+
+    sample = Sample(deliveries={"pending": 3, "failed": 1, "delivered": 9})
+    metrics = Metrics(lambda: sample, deliveries=True)
+    metrics.delivery_outcome("delivered", 1.5)
+    text = metrics.render().decode()
+    for line in (
+        "konfuzio_watch_deliveries_pending 3.0",
+        "konfuzio_watch_deliveries_failed 1.0",
+        'konfuzio_watch_deliveries_total{outcome="delivered"} 1.0',
+        "konfuzio_watch_delivery_latency_seconds_count 1.0",
+        'konfuzio_watch_blocked{scope="receiver"} 0.0',
+    ):
+        assert line in text, line
+    plain = Metrics().render().decode()
+    assert "deliver" not in plain and "receiver" not in plain
