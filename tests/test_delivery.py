@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,54 @@ def test_the_metrics_of_deliveries_only_with_a_deliver_section():
         assert line in text, line
     plain = Metrics().render().decode()
     assert "deliver" not in plain and "receiver" not in plain
+
+
+BASE = {
+    "konfuzio": {"token": "t", "project_id": 1},
+    "folders": {n: f"/srv/{n}" for n in ("inbox", "done", "failed", "state")},
+}
+
+
+@pytest.mark.parametrize(
+    ("deliver", "message"),
+    [
+        ({"webhook": {"url": "https://erp.example.com/h"}}, "deliver.webhook.secret_file: required"),
+        ({"webhook": {"secret_file": "s"}}, "deliver.webhook.url: required"),
+        ({"webhook": {"url": "ftp://x", "secret_file": "s"}}, "deliver.webhook.url: expected an http(s) URL"),
+        ({"webhook": {"url": "http://x", "secret_file": "s", "timeout": 3}}, "deliver.webhook.timeout: unknown key"),
+        ({"webhook": "http://x"}, "deliver.webhook: expected a mapping"),
+        ({"command": ["imp", "{json}", "{path}"]}, "deliver.command[2]: unknown placeholder {path}"),
+        ({"command": ["imp"], "events": ["done", "moved"]}, "deliver.events[1]: unknown event 'moved'"),
+        ({"command": ["imp"], "events": ["done", "done"]}, "deliver.events: lists an event twice"),
+        ({"command": ["imp"], "command_timeout_seconds": 0}, "deliver.command_timeout_seconds: must be between"),
+        ({"hook": {}}, "deliver.hook: unknown key"),
+    ],
+)
+def test_a_deliver_mistake_is_one_line_naming_the_key(deliver: dict, message: str):
+    from konfuzio_watch.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({**BASE, "deliver": deliver})
+
+
+def test_the_deliver_section_as_the_issue_writes_it_and_check_reads_the_secret(tmp_path: Path):
+    from konfuzio_watch.checks import _check_deliver
+
+    raw = {
+        "webhook": {"url": "https://erp.example.com/hooks/konfuzio", "secret_file": str(tmp_path / "secret")},
+        "command": ["/bin/true", "{json}", "{file}"],
+        "events": ["done", "failed", "revision"],
+    }
+    config = parse_config({**BASE, "deliver": raw})
+    assert config.deliver.enabled and config.deliver.webhook.timeout_seconds == 30.0
+    assert not parse_config(BASE).deliver.enabled
+    assert parse_config({**BASE, "deliver": raw}, need_secrets=False).deliver.webhook.secret_file is None
+    lines: list[tuple[bool, str, str]] = []
+    _check_deliver(config, lambda ok, what, detail="", fix="": lines.append((ok, what, detail)))
+    assert lines[0][:2] == (False, "deliver.webhook.secret_file") and "cannot read" in lines[0][2]
+    assert lines[1] == (True, "deliver.command", "/bin/true")
+    (tmp_path / "secret").write_bytes(b"s3cret\n")
+    lines.clear()
+    _check_deliver(config, lambda ok, what, detail="", fix="": lines.append((ok, what, detail)))
+    assert lines[0] == (True, "deliver.webhook.secret_file", "6 bytes read (never shown)")
+    assert config.deliver.secret() == b"s3cret"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ from konfuzio_watch.samples import make_pdf
 from konfuzio_watch.status import print_status
 
 from .conftest import drop, wait_until
-from .helpers import DeliveryReceiver, drop_batch
+from .helpers import KONFUZIO_WATCH, DeliveryReceiver, drop_batch
 
 pytestmark = pytest.mark.slow  # every test starts the emulator, a receiver and a daemon
 
@@ -166,8 +167,16 @@ def test_kill_9_between_done_and_the_delivery_and_during_it_loses_nothing(
     keys = {k for (k,) in daemon.journal("SELECT key FROM deliveries")}
     rec.assert_each_once_signed_and_placed(keys)
     assert sum(n - 1 for n in rec.per_key().values()) == 1, "the one repeat: the delivery cut by the kill"
+    # `konfuzio-watch redeliver`, as an admin types it, while the daemon runs.
+    cli = [*KONFUZIO_WATCH, "redeliver", "--config", str(daemon.config)]
+    nothing = subprocess.run([*cli, "--all-failed"], capture_output=True, text=True, timeout=30)
+    assert (nothing.returncode, nothing.stdout) == (0, "nothing to redeliver: no delivery has failed\n")
+    again = subprocess.run([*cli, "k0.pdf"], capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0 and "k0.pdf: delivery" in again.stdout and "sent again" in again.stdout
+    wait_until(lambda: len(rec.taken()) == 7, 20, "k0.pdf sent again")
+    assert subprocess.run(cli, capture_output=True, timeout=30).returncode == 2
     assert daemon.terminate() == 0
-    print(f"\nkill -9 before and during a delivery: {rec.figures()}")
+    print(f"\nkill -9 before and during a delivery, then one redeliver: {rec.figures()}")
 
 
 def test_revisions_are_delivered_in_order_and_an_older_never_carries_a_newer_body(
