@@ -33,7 +33,7 @@ from .delivery import FAILED, Delivery, Sent, delivery_of
 from .dirfd import FolderInTheWay
 from .files import NotRegularFile, open_regular_file
 from .gates import Gate
-from .journal import BaseJournal, JournalWriteError, display_name
+from .journal import BaseJournal, JournalWriteError, State, display_name
 from .journal.outbox import DeliveryRow
 from .metrics import Metrics
 from .policy import Blocked, Cause, Failure, Step
@@ -222,8 +222,12 @@ class Deliverer:
         if body is not None and hashlib.sha256(body).hexdigest() == d.sha256:
             return body
         now = self.clock.now()
+        why = None
         if self.journal.has_later_delivery(d):
             why = f"revision {d.revision} was replaced by a later one before it was delivered"
+        elif self.journal.get(d.row_id).state == State.RETRIED:
+            why = "the file was put back into the inbox (konfuzio-watch retry) before it was delivered"
+        if why is not None:
             if self.journal.delivery_superseded(d, now, why) is not None:
                 self.metrics.delivery_outcome("superseded")
                 log.info("%s: delivery %s (%s) superseded: %s", display_name(d.file_path), d.key, d.event, why)

@@ -253,3 +253,23 @@ def test_the_deliver_section_as_the_issue_writes_it_and_check_reads_the_secret(t
     _check_deliver(config, lambda ok, what, detail="", fix="": lines.append((ok, what, detail)))
     assert lines[0] == (True, "deliver.webhook.secret_file", "6 bytes read (never shown)")
     assert config.deliver.secret() == b"s3cret"
+
+
+def test_a_failed_file_put_back_by_retry_supersedes_its_pending_delivery(setup: Any):
+    config, journal = setup
+    clock = FakeClock(10.0)
+    (config.folders.failed).mkdir()
+    (row,) = journal.add_claims([b"bad.pdf"], 1.0)
+    row = journal.transition(row, State.CLAIMED, 1.0)
+    row = journal.transition(row, State.FAILING, 1.0, error="too big", stage="validate")
+    target = config.folders.failed / "bad.pdf"
+    caused = Deliveries(config.deliver, journal).placed(
+        row, State.FAILED, target.with_name("bad.pdf.error.json"), target, b"{}\n"
+    )
+    assert [d.key for d in caused] == [f"failed:{row.id}"]
+    row = journal.transition(row, State.FAILED, 2.0, final_path=os.fsencode(target), deliveries=caused)
+    journal.transition(row, State.RETRIED, 3.0)  # `konfuzio-watch retry`: the .error.json is gone
+    webhook = Scripted("webhook")
+    sender(config, journal, clock, webhook).turn(clock.now())
+    (d,) = journal.deliveries()
+    assert d.state == DeliveryState.SUPERSEDED and "konfuzio-watch retry" in (d.error or "") and not webhook.handed

@@ -226,11 +226,13 @@ def test_revisions_are_delivered_in_order_and_an_older_never_carries_a_newer_bod
 
 
 def test_failed_files_are_delivered_and_a_refused_delivery_is_sent_again_by_redeliver(
-    start_daemon: Callable[..., Any], receiver_for: Callable[..., Any]
+    start_daemon: Callable[..., Any], receiver_for: Callable[..., Any], receiver: Any
 ):
     rec, deliver = receiver_for(events=["done", "failed"])
     rec.status = 410  # the receiver refuses: the deliveries fail (no retry)
-    running = start_daemon(deliver=deliver, upload={"max_file_mb": 0.01})
+    admin, server = receiver  # the admin's notifications (apprise json://)
+    alerts = {"urls": [f"json://127.0.0.1:{server.port}/kw"], "min_interval_seconds": 0.5}
+    running = start_daemon(deliver=deliver, upload={"max_file_mb": 0.01}, alerts=alerts)
     journal = running.daemon.journal
     drop(running.inbox / "big.pdf", make_pdf(label="big", pages=60))  # over the size cap: failed/
     drop(running.inbox / "small.pdf", make_pdf(label="small"))
@@ -242,6 +244,8 @@ def test_failed_files_are_delivered_and_a_refused_delivery_is_sent_again_by_rede
     out = StringIO()
     print_status(running.config, show_all=False, now=time.time(), out=out)
     assert "failed 2" in out.getvalue() and "HTTP 410" in out.getvalue(), out.getvalue()
+    told = lambda: " ".join(m["message"] for m in admin.accepted())  # noqa: E731
+    wait_until(lambda: "small.pdf (deliver, " in told(), 20, lambda: f"the admin told: {told()}")
 
     rec.status = 200
     messages, unmatched = redeliver(running.config, [], True, now=time.time())
