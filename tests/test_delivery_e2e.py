@@ -152,17 +152,20 @@ def test_kill_9_between_done_and_the_delivery_and_during_it_loses_nothing(
     rec.hold = threading.Event()  # the next request is held until the daemon is killed
     drop(tmp_path / "inbox" / "held.pdf", make_pdf(label="held"))
     wait_until(rec.holding.is_set, 30, "a delivery in the receiver's hands")
+    # A receiver that hangs holds no upload or result: the next file goes through to done/ meanwhile.
+    drop(tmp_path / "inbox" / "meanwhile.pdf", make_pdf(label="meanwhile"))
+    wait_until(lambda: (tmp_path / "done" / "meanwhile.pdf.json").is_file(), 30, "a file done while one is held")
     daemon.kill9()  # during the delivery: the receiver answers 200 to a daemon that is gone
     rec.hold.set()
     wait_until(lambda: len(rec.taken()) == 5, 10, "the held delivery answered")
     rec.hold = None
     daemon.start()
     wait_until(
-        lambda: daemon.journal("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'") == [(5,)],
+        lambda: daemon.journal("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'") == [(6,)],
         30,
-        "the held delivery sent again after the restart",
+        "the held delivery sent again after the restart (and the one behind it)",
     )
-    (held_key,) = [k for (k,) in daemon.journal("SELECT key FROM deliveries ORDER BY id DESC LIMIT 1")]
+    ((held_key,),) = daemon.journal("SELECT key FROM deliveries WHERE CAST(file_path AS TEXT) LIKE '%/held.pdf'")
     assert rec.per_key()[held_key] == 2, "sent again with the same key: the receiver's guard"
     keys = {k for (k,) in daemon.journal("SELECT key FROM deliveries")}
     rec.assert_each_once_signed_and_placed(keys)
@@ -173,7 +176,7 @@ def test_kill_9_between_done_and_the_delivery_and_during_it_loses_nothing(
     assert (nothing.returncode, nothing.stdout) == (0, "nothing to redeliver: no delivery has failed\n")
     again = subprocess.run([*cli, "k0.pdf"], capture_output=True, text=True, timeout=30)
     assert again.returncode == 0 and "k0.pdf: delivery" in again.stdout and "sent again" in again.stdout
-    wait_until(lambda: len(rec.taken()) == 7, 20, "k0.pdf sent again")
+    wait_until(lambda: len(rec.taken()) == 8, 20, "k0.pdf sent again")
     assert subprocess.run(cli, capture_output=True, timeout=30).returncode == 2
     assert daemon.terminate() == 0
     print(f"\nkill -9 before and during a delivery, then one redeliver: {rec.figures()}")
