@@ -13,6 +13,7 @@ checkout (e.g. `git worktree add --detach DIR be7dd22`), and prints both side by
   idle_polling  polling mode, idle, with 20,000 files waiting in processing/ and 20,000 in done/
   pollonly      the burst without callbacks (after only: the code before has no poll-only mode)
   outputs       the burst with each results.outputs / results.bbox (after only)
+  deliver       the burst with a webhook (deliver:) and without, interleaved: CPU, walls, deliveries per key
   floor         the burst's API calls, callback and durable writes alone, without the daemon (after only)
   venv          the size of a fresh `make test` virtualenv (not in --quick)
   tutorial      Konfuzio's tutorial flow on the burst's files (only with --only tutorial)
@@ -36,7 +37,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from . import profiles, report, scenarios  # noqa: E402
+from . import deliver, profiles, report, scenarios  # noqa: E402
 from .harness import PROFILE_RATE_HZ, machine_info  # noqa: E402
 
 ALL = (
@@ -51,6 +52,7 @@ ALL = (
     "idle_polling",
     "pollonly",
     "outputs",
+    "deliver",
     "venv",
     "tutorial",
 )
@@ -59,6 +61,7 @@ QUICK_SKIP = {"tutorial", "venv"}
 AFTER_ONLY = {
     "pollonly": "no poll-only mode",
     "outputs": "no results.outputs",
+    "deliver": "no deliver section",
     "tutorial": "not compared",
     "floor": "not compared",
 }
@@ -179,6 +182,10 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
             f"outputs_{which}": (lambda w: lambda root, code: scenarios.outputs_run(root, n=s.outputs, which=w))(which)
             for which in scenarios.OUTPUTS
         },
+        **{
+            f"deliver_{mode}": (lambda m: lambda root, code: deliver.deliver_run(root, n=n, mode=m))(mode)
+            for mode in deliver.MODES
+        },
         "venv": lambda root, code: scenarios.venv_run(root, checkout=code or REPO),
         "tutorial": lambda root, code: scenarios.tutorial_run(root, n=n),
     }
@@ -186,7 +193,11 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
 
 def _scenario_of(key: str) -> str:
     return (
-        "memory" if key == "memory_small" else key.split("_")[0] if key.startswith(("pollonly_", "outputs_")) else key
+        "memory"
+        if key == "memory_small"
+        else key.split("_")[0]
+        if key.startswith(("pollonly_", "outputs_", "deliver_"))
+        else key
     )
 
 
@@ -264,6 +275,8 @@ def _print(figures: dict[str, Any], profile_dir: Path | None) -> None:
     if extra:
         print()
         print(report.markdown_table(report.EXTRA_HEADER, extra))
+    for line in deliver.summary(figures):
+        print(line)
     floor = [r for r in figures["after"].get("floor", []) if "segments_ms" in r]
     if floor:
         print(
