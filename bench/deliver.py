@@ -178,9 +178,16 @@ def summary(figures: dict[str, Any]) -> list[str]:
         ("delivery latency (JSON written -> 2xx), median / max", "—",
          f"{fmt(sent('latency_median_s'), ' s', 3)} / {fmt(sent('latency_max_s'), ' s', 3)}"),
     ]  # fmt: skip
-    header = ("delivery: the burst", f"without deliver ({len(without)} runs)", f"with a webhook ({len(webhook)} runs)")
+    header = (
+        "delivery: the burst",
+        f"without deliver ({len(without)} run(s))",
+        f"with a webhook ({len(webhook)} run(s))",
+    )
     return [
-        f"\nDelivery ({n} files, settle 2 s, concurrency 4; the two interleaved, run by run; the receiver answers 200 "
-        "at once, in the bench process):",
+        f"\nDelivery ({n} files, settle 2 s, concurrency 4; the two interleaved, run by run):",
         report.markdown_table(header, rows),
+        "Method (delivery): the burst above, once with deliver.webhook (events [done], timeout 10 s) and once without, "
+        "alternating; the receiver is Waitress in the bench process answering 200 at once after checking the "
+        "signature. CPU = the daemon's utime+stime from just before the drop to the last result JSON, and (webhook) "
+        "to the last 2xx; latency = the 2xx's time - the result JSON's mtime; a repeat = a 2xx for a key seen before.",
     ]
