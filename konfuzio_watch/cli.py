@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from . import __version__
@@ -224,33 +224,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from .journal import JournalWriteError
     from .retry import retry_files
 
-    if not args.paths and not args.all_failed:
-        print("konfuzio-watch: retry: name files to retry, or --all-failed", file=sys.stderr)
-        return EXIT_USAGE
-    config = load_config(args.config, need_secrets=False)
-    try:
-        messages, unmatched = retry_files(config, args.paths, args.all_failed, now=time.time())
-    except JournalWriteError as exc:  # a database that cannot be reached
-        print(f"konfuzio-watch: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    for message in messages:
-        print(message)
-    return EXIT_FAILURE if unmatched else EXIT_OK
+    return _again(args, "retry", "name files to retry", retry_files)
 
 
 def cmd_redeliver(args: argparse.Namespace) -> int:
-    from .journal import JournalWriteError
     from .redeliver import redeliver
 
+    return _again(args, "redeliver", "name placed files", redeliver)
+
+
+def _again(args: argparse.Namespace, command: str, what: str, act: Callable[..., tuple[list[str], int]]) -> int:
+    """``retry`` and ``redeliver``: the named files (or every failed one) through ``act``, one line each;
+    exit 1 if a named file matched nothing."""
+    from .journal import JournalWriteError
+
     if not args.paths and not args.all_failed:
-        print("konfuzio-watch: redeliver: name placed files, or --all-failed", file=sys.stderr)
+        print(f"konfuzio-watch: {command}: {what}, or --all-failed", file=sys.stderr)
         return EXIT_USAGE
     config = load_config(args.config, need_secrets=False)
     try:
-        messages, unmatched = redeliver(config, args.paths, args.all_failed, now=time.time())
+        messages, unmatched = act(config, args.paths, args.all_failed, now=time.time())
     except JournalWriteError as exc:  # a database that cannot be reached
         print(f"konfuzio-watch: {exc}", file=sys.stderr)
         return EXIT_FAILURE

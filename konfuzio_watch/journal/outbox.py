@@ -10,6 +10,7 @@ revision never goes before an earlier one. Which node sends one is the coordinat
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,30 +40,6 @@ class NewDelivery:
     sha256: str
 
 
-DELIVERY_COLUMNS = [
-    "id",
-    "row_id",
-    "event",
-    "key",
-    "document_id",
-    "revision",
-    "json_path",
-    "file_path",
-    "sha256",
-    "state",
-    "sent",
-    "attempts",
-    "failures",
-    "next_at",
-    "error",
-    "created_at",
-    "delivered_at",
-    "updated_at",
-]
-D_COLS = ", ".join(DELIVERY_COLUMNS)
-DD_COLS = ", ".join(f"d.{name}" for name in DELIVERY_COLUMNS)
-
-
 @dataclass(frozen=True)
 class DeliveryRow:
     id: int
@@ -88,6 +65,12 @@ class DeliveryRow:
     def sent_by(self) -> set[str]:
         """The transports that have succeeded for it (a retry runs only the others)."""
         return set((self.sent or "").split(",")) - {""}
+
+
+# The outbox's columns, in the order of ``DeliveryRow``'s fields (a row is built from them by position).
+DELIVERY_COLUMNS = [f.name for f in dataclasses.fields(DeliveryRow)]
+D_COLS = ", ".join(DELIVERY_COLUMNS)
+DD_COLS = ", ".join(f"d.{name}" for name in DELIVERY_COLUMNS)
 
 
 def to_delivery(values: Sequence[Any]) -> DeliveryRow:
