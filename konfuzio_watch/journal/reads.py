@@ -191,3 +191,35 @@ class JournalReads(Engine):
         where, states = in_list("state", [s.value for s in ACTIVE])
         with self._read() as tx:
             return tx.execute(f"SELECT MIN(detected_at) FROM files WHERE {where}", states).fetchone()[0]
+
+    def oldest_active_rows(self, limit: int) -> list[Row]:
+        """The ``limit`` unfinished rows detected first (the status page's "oldest waiting")."""
+        where, states = in_list("state", [s.value for s in ACTIVE])
+        return self._select(
+            f"SELECT {COLS} FROM files WHERE {where} ORDER BY detected_at, id LIMIT ?", (*states, limit)
+        )
+
+    def latest_rows(self, state: State, limit: int) -> list[Row]:
+        """The ``limit`` rows in ``state`` written last (the newest ids), newest first."""
+        return self._select(f"SELECT {COLS} FROM files WHERE state = ? ORDER BY id DESC LIMIT ?", (state.value, limit))
+
+    def finished_counts_since(self, since: float) -> dict[State, int]:
+        """Done and failed rows that finished at ``since`` or later, by state (a failed file that was
+        retried since is ``retried``, and counted by its new row)."""
+        with self._read() as tx:
+            found = dict(
+                tx.execute(
+                    "SELECT state, COUNT(*) FROM files WHERE state IN (?, ?) AND finished_at >= ? GROUP BY state",
+                    (State.DONE.value, State.FAILED.value, since),
+                ).fetchall()
+            )
+        return {state: found.get(state.value, 0) for state in (State.DONE, State.FAILED)}
+
+    def finished_times_since(self, since: float) -> list[tuple[State, float]]:
+        """(state, finished_at) of the done and failed rows that finished at ``since`` or later."""
+        with self._read() as tx:
+            found = tx.execute(
+                "SELECT state, finished_at FROM files WHERE state IN (?, ?) AND finished_at >= ?",
+                (State.DONE.value, State.FAILED.value, since),
+            ).fetchall()
+        return [(State(state), at) for state, at in found]
