@@ -126,6 +126,9 @@ class MonitorConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9321  # 0: any free port (the lock file names the one taken)
+    # The status page's retry button also when the monitor listens on a non-loopback address (on
+    # loopback it is always there); without it such a page is read-only.
+    allow_retry: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from .markers import MarkerKeeper
 from .membership import membership_for
 from .metrics import Metrics
 from .monitor import local_url, start_monitor
+from .page_view import PageView
 from .policy import Scope
 from .reachability import CallbackVerdict
 from .runner import Pipeline, limits_from
@@ -254,7 +255,9 @@ class Daemon:
         self.membership.say_resuming(self.pipeline.recover(alone=self.membership.alone))
         self.membership.listen(self.scheduler)
         if c.monitor.enabled:  # first: it answers 503 "starting" while the rest comes up
-            self.monitor = start_monitor(self.snapshot, self.metrics.render, c.monitor.host, c.monitor.port)
+            self.monitor = start_monitor(
+                self.snapshot, self.metrics.render, c.monitor.host, c.monitor.port, page=PageView(self)
+            )
             self.daemon_lock.set_listening("monitor.port", c.monitor.host, self.monitor.port)
             self.daemon_lock.set_monitor_url(local_url(self.monitor))
         if c.callback.enabled:

@@ -14,6 +14,7 @@ daemon's lock file names the URL).
   arriving (``{"arriving": true | false | null, "text", "since", "url"}``, ``reachability.CallbackVerdict``),
   the same answer as ``/status``, ``konfuzio_watch_callbacks_arriving`` and ``konfuzio-watch status``.
 - ``GET /metrics``: the Prometheus text format.
+- ``GET /``: the status page for a browser, and ``POST /retry``, its retry button (``monitor_page.py``).
 - ``GET /status``: what only the running daemon knows (``Snapshot``): its state, the status
   line, what is blocked since when, the steps in hand, and ``extra`` (facts other parts of the
   daemon publish, e.g. files seen but not yet settled).
@@ -32,6 +33,7 @@ from typing import Any
 from flask import Flask, Response
 
 from .metrics import CONTENT_TYPE
+from .monitor_page import PageSource, add_page_routes
 from .server import ServerThread
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,10 @@ STARTING, OK, STOPPING = "starting", "ok", "stopping"
 Snapshot = Callable[[], dict[str, Any]]
 
 
-def create_app(snapshot: Snapshot, metrics: Callable[[], bytes]) -> Flask:
+def create_app(snapshot: Snapshot, metrics: Callable[[], bytes], page: PageSource | None = None) -> Flask:
     app = Flask("konfuzio_watch.monitor")
+    if page is not None:
+        add_page_routes(app, page)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -87,11 +91,13 @@ def create_app(snapshot: Snapshot, metrics: Callable[[], bytes]) -> Flask:
     return app
 
 
-def start_monitor(snapshot: Snapshot, metrics: Callable[[], bytes], host: str, port: int) -> ServerThread:
+def start_monitor(
+    snapshot: Snapshot, metrics: Callable[[], bytes], host: str, port: int, page: PageSource | None = None
+) -> ServerThread:
     """Bind and start the monitor. A port that is taken is an OSError naming the setting."""
     try:
         server = ServerThread(
-            create_app(snapshot, metrics), host, port, name="monitor-server", threads=2, **MONITOR_SETTINGS
+            create_app(snapshot, metrics, page), host, port, name="monitor-server", threads=2, **MONITOR_SETTINGS
         )
     except OSError as exc:
         raise OSError(f"monitor.port: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

@@ -44,6 +44,15 @@ def retry_files(config: Config, paths: Iterable[str], all_failed: bool, now: flo
         journal.close()
 
 
+def retry_row(journal: BaseJournal, config: Config, row_id: int, now: float) -> str:
+    """The status page's retry of one failed file (by its row; ``now`` by the journal's clock, as the
+    daemon's is); ``KeyError`` if there is no such row."""
+    row = journal.get(row_id)
+    if row.state != State.FAILED:
+        return f"{row.display_path}: {row.state.value}, not failed: nothing to retry"
+    return _retry(journal, config, row, now)
+
+
 def _matches(row: Row, path: str, config: Config) -> bool:
     wanted = os.fsencode(path)
     if row.rel_path == wanted:
