@@ -386,6 +386,31 @@ def test_reads(journal: BaseJournal):
     assert journal.get_many([c.id, c.id + 100, a.id]) == [c, a]
 
 
+def test_the_status_pages_reads(journal: BaseJournal):
+    claims = [NewClaim(f"f{i}".encode(), f"n{i}".encode(), detected_at=100.0 - i) for i in range(6)]
+    rows = journal.add_claims(claims, 100.0)
+    rows = journal.transition_many(rows, State.CLAIMED, 101.0, next_at=101.0)
+    for row, (state, at) in zip(
+        rows[:4],
+        [(State.DONE, 200.0), (State.DONE, 300.0), (State.FAILED, 250.0)] + [(State.FAILED, 310.0)],
+        strict=True,
+    ):
+        row = journal.transition(
+            row, State.FAILING if state == State.FAILED else State.UPLOADING, at - 1, token_hash=f"t{row.id}"
+        )
+        row = row if state == State.FAILED else journal.transition(row, State.UPLOADED, at - 1, document_id=row.id)
+        row = row if state == State.FAILED else journal.transition(row, State.EXPORTING, at - 1)
+        journal.transition(row, state, at)
+    retried = journal.transition(journal.get(rows[3].id), State.RETRIED, 320.0)  # a retried file: not failed any more
+    assert journal.finished_counts_since(250.0) == {State.DONE: 1, State.FAILED: 1}
+    assert journal.finished_counts_since(0.0) == {State.DONE: 2, State.FAILED: 1}
+    assert sorted(journal.finished_times_since(250.0)) == [(State.DONE, 300.0), (State.FAILED, 250.0)]
+    assert [r.id for r in journal.oldest_active_rows(1)] == [rows[5].id]  # detected first
+    assert [r.id for r in journal.oldest_active_rows(10)] == [rows[5].id, rows[4].id]
+    assert [r.id for r in journal.latest_rows(State.DONE, 10)] == [rows[1].id, rows[0].id]
+    assert journal.latest_rows(State.FAILED, 10) == [journal.get(rows[2].id)] and retried.state == State.RETRIED
+
+
 def test_many_rows_in_one_call(journal: BaseJournal):
     rows = journal.add_claims([f"f{i:04}.pdf".encode() for i in range(1100)], 1.0)
     assert len(rows) == 1100 and len({r.id for r in rows}) == 1100
