@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from konfuzio_watch.emulator import FAIL_MARKER
+from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 
 from .browser import dump_dom, needs_chromium, screenshot
@@ -137,3 +138,25 @@ def test_the_page_in_a_browser_shows_what_status_shows_and_its_retry_button_work
     assert not (tmp_path / "failed" / "server-fails.pdf").exists()
     assert dict(daemon.journal(f"SELECT state, 1 FROM files WHERE id = {int(row_id)}")) == {"retried": 1}
     assert status_counts(daemon.config)["failed"] == 1
+
+
+@pytest.mark.slow
+def test_off_loopback_the_page_is_read_only_unless_allowed(start_daemon):
+    running = start_daemon(monitor={"host": "0.0.0.0", "port": 0})
+    drop(running.inbox / "notes.txt", b"just some text, not a document\n")  # refused before any upload
+    running.wait_finished(1)
+    url = f"http://127.0.0.1:{running.daemon.monitor.port}"
+    page = requests.get(f"{url}/", timeout=10)
+    assert page.status_code == 200 and "notes.txt" in page.text
+    assert "<form" not in page.text and "Read-only here" in page.text
+    assert "script-src 'nonce-" in page.headers["Content-Security-Policy"] and page.headers["X-Frame-Options"] == "DENY"
+    row_id = running.daemon.journal.rows([State.FAILED])[0].id
+    refused = requests.post(f"{url}/retry", data={"row": row_id, "token": "guess"}, headers={"Origin": url}, timeout=10)
+    assert refused.status_code == 403 and "read-only" in refused.text
+    running.stop()
+
+    running = start_daemon(monitor={"host": "0.0.0.0", "port": 0, "allow_retry": True})
+    url = f"http://127.0.0.1:{running.daemon.monitor.port}"
+    assert '<form method="post" action="/retry">' in requests.get(f"{url}/", timeout=10).text
+    foreign = requests.get(f"{url}/", headers={"Host": "evil.example"}, timeout=10).text  # DNS rebinding
+    assert "notes.txt" in foreign and "<form" not in foreign  # the page, without the token
