@@ -56,6 +56,7 @@ from .server import PUBLIC_ENDPOINT_SETTINGS, ServerThread
 from .shares import Folders
 from .token_file import TokenWatch
 from .tracker import CandidateTracker
+from .transition_metrics import count_transition
 from .tunnel import Tunnel, TunnelSettings
 from .watcher import InboxFilter, InboxWatcher, ObserverFactory, make_observer
 
@@ -319,6 +320,7 @@ class Daemon:
         self.alerts.file_failed(display_name(delivery.file_path), "deliver", error)  # type: ignore[attr-defined]
 
     def _transitioned(self, row: Row, old: State) -> None:
+        count_transition(self.metrics, row, old)
         if row.state == State.FAILED:
             self.alerts.file_failed(row.display_path, row.stage or "", row.error or "")
         if self._on_transition:

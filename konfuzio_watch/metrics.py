@@ -25,6 +25,7 @@ prometheus_client.disable_created_metrics()
 
 PREFIX = "konfuzio_watch_"
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+FILE_LATENCY_BUCKETS_S = (*LATENCY_BUCKETS_S, 1800.0, 3600.0)
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 
@@ -75,6 +76,23 @@ class Metrics:
             PREFIX + "callback_latency_seconds",
             "Seconds from upload to Konfuzio's callback.",
             buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        # Counted and timed as files move (``transition_metrics.py``), on the node that moved them.
+        self.files_done = Counter(PREFIX + "files_done", "Files that reached done/.", registry=r)
+        self.files_failed = Counter(
+            PREFIX + "files_failed", "Files that went to failed/, by the stage that failed them.", ["stage"], registry=r
+        )
+        self.upload_latency = Histogram(
+            PREFIX + "upload_latency_seconds",
+            "Seconds from a file's detection to its upload (the server has it).",
+            buckets=FILE_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.result_latency = Histogram(
+            PREFIX + "result_latency_seconds",
+            "Seconds from a file's detection to its result in done/.",
+            buckets=FILE_LATENCY_BUCKETS_S,
             registry=r,
         )
         # Only with a ``deliver`` section (``delivery.py``): a daemon without one exports what it always did.

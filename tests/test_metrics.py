@@ -53,6 +53,10 @@ def test_every_family_has_help_type_and_its_values() -> None:
         "konfuzio_watch_up": "gauge",
         "konfuzio_watch_blocked": "gauge",
         "konfuzio_watch_extra_documents_deleted": "counter",
+        "konfuzio_watch_files_done": "counter",
+        "konfuzio_watch_files_failed": "counter",
+        "konfuzio_watch_upload_latency_seconds": "histogram",
+        "konfuzio_watch_result_latency_seconds": "histogram",
     }
     assert all(f.documentation for f in families.values())  # type: ignore[attr-defined]
     files = values(families["konfuzio_watch_files"])
