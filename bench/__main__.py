@@ -17,6 +17,8 @@ checkout (e.g. `git worktree add --detach DIR be7dd22`), and prints both side by
   floor         the burst's API calls, callback and durable writes alone, without the daemon (after only)
   venv          the size of a fresh `make test` virtualenv (not in --quick)
   tutorial      Konfuzio's tutorial flow on the burst's files (only with --only tutorial)
+  page          the status page: its size with 1,000 failed and 1,000 waiting files; the burst's CPU
+                with the page kept open against without, interleaved (only with --only page)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from . import deliver, profiles, report, scenarios  # noqa: E402
+from . import deliver, page, profiles, report, scenarios  # noqa: E402
 from .harness import PROFILE_RATE_HZ, machine_info  # noqa: E402
 
 ALL = (
@@ -55,15 +57,17 @@ ALL = (
     "deliver",
     "venv",
     "tutorial",
+    "page",
 )
-DEFAULT_SKIP = {"tutorial"}
-QUICK_SKIP = {"tutorial", "venv"}
+DEFAULT_SKIP = {"tutorial", "page"}
+QUICK_SKIP = {"tutorial", "venv", "page"}
 AFTER_ONLY = {
     "pollonly": "no poll-only mode",
     "outputs": "no results.outputs",
     "deliver": "no deliver section",
     "tutorial": "not compared",
     "floor": "not compared",
+    "page": "not compared",
 }
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,6 +192,9 @@ def plan(sizes: Sizes, n: int, profile_dir: Path | None) -> dict[str, Callable[[
         },
         "venv": lambda root, code: scenarios.venv_run(root, checkout=code or REPO),
         "tutorial": lambda root, code: scenarios.tutorial_run(root, n=n),
+        "page_size": lambda root, code: page.size_run(root),
+        "page_without": lambda root, code: page.burst_run(root, n=n, with_page=False),
+        "page_with": lambda root, code: page.burst_run(root, n=n, with_page=True),
     }
 
 
@@ -196,7 +203,7 @@ def _scenario_of(key: str) -> str:
         "memory"
         if key == "memory_small"
         else key.split("_")[0]
-        if key.startswith(("pollonly_", "outputs_", "deliver_"))
+        if key.startswith(("pollonly_", "outputs_", "deliver_", "page_"))
         else key
     )
 
@@ -270,7 +277,9 @@ def _print(figures: dict[str, Any], profile_dir: Path | None) -> None:
         f"{runs} run(s) of each scenario: a cell is the range over them, 'met?' judges the worst\n"
     )
     notes = {scenario: f"n/a ({why})" for scenario, why in AFTER_ONLY.items()}
-    print(report.markdown_table(report.target_header(figures), report.target_rows(figures, notes)))
+    targets = report.target_rows(figures, notes)
+    if targets:  # (none for --only page or tutorial)
+        print(report.markdown_table(report.target_header(figures), targets))
     extra = report.extra_rows(figures)
     if extra:
         print()
@@ -290,6 +299,8 @@ def _print(figures: dict[str, Any], profile_dir: Path | None) -> None:
     if tutorial:
         walls = [t["wall_s"] for t in tutorial]
         print(f"\nKonfuzio tutorial flow, same {tutorial[0]['n']} files: {min(walls):.2f}-{max(walls):.2f} s")
+    if any(key.startswith("page_") for key in figures["after"]):
+        print("\nThe status page:\n" + "\n".join(page.summary(figures)))
     print()
     print("\n".join(report.methods(figures)))
     for key, error in figures["errors"].items():
