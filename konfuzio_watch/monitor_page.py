@@ -102,8 +102,13 @@ def add_page_routes(app: Flask, source: PageSource) -> None:
         with lock:
             message = messages.get(request.args.get("m", ""))
         may_retry = source.retry_allowed and is_own_host(request.host, names)
+        try:
+            view = source.view()
+        except Exception as exc:  # starting, stopping, a journal that does not answer: say so, in one line
+            log.exception("the status page could not read the daemon's state")
+            return Response(f"konfuzio-watch: cannot show the status now: {exc}\n", status=503, mimetype="text/plain")
         nonce = secrets.token_urlsafe(16)
-        body = render_page(source.view(), retry_token=token if may_retry else None, nonce=nonce, message=message)
+        body = render_page(view, retry_token=token if may_retry else None, nonce=nonce, message=message)
         response = Response(body, mimetype="text/html")
         response.headers["Content-Security-Policy"] = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; connect-src 'self';"

@@ -174,3 +174,51 @@ def test_a_retry_from_the_page_itself_is_not_refused():
 )
 def test_a_forged_retry_is_refused(changes, why):
     assert why in check(**changes)
+
+
+class Source:
+    """A page source with a fixed view; records the retries asked for."""
+
+    def __init__(self, retry_allowed: bool = True, broken: bool = False) -> None:
+        self.retry_allowed, self.broken, self.retried = retry_allowed, broken, []
+
+    def view(self):  # type: ignore[no-untyped-def]
+        if self.broken:
+            raise RuntimeError("the journal is closed")
+        return view()
+
+    def retry(self, row_id: int) -> str:
+        self.retried.append(row_id)
+        return f"row {row_id}: back in the inbox <as> x.pdf"
+
+
+def client(source: Source):  # type: ignore[no-untyped-def]
+    from konfuzio_watch.monitor import create_app
+
+    return create_app(lambda: {}, lambda: b"", page=source).test_client()
+
+
+def test_the_routes_render_refuse_and_retry():
+    source = Source()
+    web = client(source)
+    page = web.get("/", headers={"Host": "127.0.0.1:9321"})
+    assert page.status_code == 200 and "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    token = next(a["value"] for t, a in elements(page.text) if t == "input" and a.get("name") == "token")
+    forged = web.post(
+        "/retry", data={"row": "9"}, headers={"Host": "127.0.0.1:9321", "Origin": "http://127.0.0.1:9321"}
+    )
+    assert forged.status_code == 403 and source.retried == []
+    done = web.post(
+        "/retry",
+        data={"row": "9", "token": token},
+        headers={"Host": "127.0.0.1:9321", "Origin": "http://127.0.0.1:9321"},
+    )
+    assert done.status_code == 303 and source.retried == [9]
+    shown = web.get(done.headers["Location"], headers={"Host": "127.0.0.1:9321"}).text
+    assert "row 9: back in the inbox &lt;as&gt; x.pdf" in shown
+    assert "back in the inbox" not in web.get("/?m=made-up", headers={"Host": "127.0.0.1:9321"}).text
+
+
+def test_a_page_that_cannot_be_read_is_a_503_line():
+    answer = client(Source(broken=True)).get("/")
+    assert answer.status_code == 503 and "the journal is closed" in answer.text
