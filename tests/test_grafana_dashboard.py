@@ -107,8 +107,10 @@ def test_every_metric_the_dashboard_uses_is_exported_by_a_node_of_a_cluster(emul
         done_failed_and_pending(tmp_path / "inbox", node.monitor_url, emulator)
         text = requests.get(f"{node.monitor_url}/metrics", timeout=10).text
         found = exported(f"{node.monitor_url}/metrics")
+        page = requests.get(f"{node.monitor_url}/", timeout=10).text  # the status page lists the nodes too
     finally:
         node.cleanup()
     used = names_used([e for exprs in expressions(json.loads(DASHBOARD.read_text())).values() for e in exprs])
     assert not used - found, f"not exported: {sorted(used - found)}"
     assert 'konfuzio_watch_up{node="a"}' in text  # the dashboard's node variable has its label
+    assert re.search(r'<section id="nodes">.*<td class="name">a</td>', page, re.S)
