@@ -138,7 +138,7 @@ def add_page_routes(app: Flask, source: PageSource) -> None:
         try:
             row_id = int(request.form.get("row", ""))
         except ValueError:
-            return _refused("refused: no file named")
+            return Response("no file named: the form's row is not a number\n", status=400, mimetype="text/plain")
         message = source.retry(row_id)
         log.info("status page: retry: %s", message)
         key = secrets.token_urlsafe(8)

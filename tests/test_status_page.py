@@ -222,3 +222,16 @@ def test_the_routes_render_refuse_and_retry():
 def test_a_page_that_cannot_be_read_is_a_503_line():
     answer = client(Source(broken=True)).get("/")
     assert answer.status_code == 503 and "the journal is closed" in answer.text
+
+
+def test_a_retry_without_a_file_number_is_a_bad_request():
+    source = Source()
+    web = client(source)
+    page = web.get("/", headers={"Host": "127.0.0.1:9321"})
+    token = next(a["value"] for t, a in elements(page.text) if t == "input" and a.get("name") == "token")
+    answer = web.post(
+        "/retry",
+        data={"row": "nine", "token": token},
+        headers={"Host": "127.0.0.1:9321", "Origin": "http://127.0.0.1:9321"},
+    )
+    assert answer.status_code == 400 and "not a number" in answer.text and source.retried == []
