@@ -470,6 +470,7 @@ def test_a_journal_from_before_the_ctime_column_gains_it_and_keeps_its_rows(back
     # 4 the nodes' clock offsets).
     backend.sql("ALTER TABLE files DROP COLUMN ctime_ns")
     backend.sql("DROP TABLE deliveries")  # (the outbox came later still: SQLite's 6, PostgreSQL's 5)
+    backend.sql("DROP INDEX files_finished")  # (and the finished files' index: SQLite's 7, PostgreSQL's 6)
     if backend.url is not None:
         backend.sql("ALTER TABLE nodes DROP COLUMN clock_offset_s")
     backend.sql("UPDATE meta SET value = ? WHERE key = 'schema_version'", ("2" if backend.url else "4",))

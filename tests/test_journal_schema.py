@@ -40,6 +40,7 @@ SQLITE_HISTORY = {
         "CREATE INDEX deliveries_due ON deliveries (state, next_at)",
         "CREATE UNIQUE INDEX deliveries_file ON deliveries (row_id, key)",
     ],
+    7: ["CREATE INDEX files_finished ON files (state, finished_at) WHERE finished_at IS NOT NULL"],
 }
 POSTGRES_HISTORY = {
     2: ["ALTER TABLE nodes ADD COLUMN inbox_marker TEXT"],
@@ -56,6 +57,7 @@ POSTGRES_HISTORY = {
         "CREATE INDEX deliveries_due ON deliveries (state, next_at)",
         "CREATE UNIQUE INDEX deliveries_file ON deliveries (row_id, key)",
     ],
+    6: ["CREATE INDEX files_finished ON files (state, finished_at) WHERE finished_at IS NOT NULL"],
 }
 
 
@@ -82,7 +84,7 @@ def test_a_journal_of_version_1_comes_up_to_the_same_tables_as_a_new_one(tmp_pat
     )
     old.close()
     with SqliteJournal(tmp_path / "old.sqlite3") as migrated, SqliteJournal(tmp_path / "new.sqlite3") as new:
-        assert migrated.meta("schema_version") == new.meta("schema_version") == "6"
+        assert migrated.meta("schema_version") == new.meta("schema_version") == "7"
         assert migrated.tokens_of([1]) == {"t": 1} and migrated.get(1).ctime_ns is None
 
     def tables(name: str) -> dict[str, list[str]]:
@@ -99,8 +101,9 @@ def test_a_journal_of_version_5_gets_the_outbox_and_keeps_its_files(tmp_path: Pa
         (row,) = journal.add_claims([b"a.pdf"], 1.0)
     db = sqlite3.connect(tmp_path / "j.sqlite3", isolation_level=None)
     db.execute("DROP TABLE deliveries")
+    db.execute("DROP INDEX files_finished")
     db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
     db.close()
     with SqliteJournal(tmp_path / "j.sqlite3") as journal:
-        assert journal.meta("schema_version") == "6" and journal.get(row.id) == row
+        assert journal.meta("schema_version") == "7" and journal.get(row.id) == row
         assert journal.deliveries() == [] and journal.next_delivery_at() is None
