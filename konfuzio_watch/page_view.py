@@ -3,8 +3,9 @@ and a few bounded journal reads (the counts ``status`` prints, the files finishe
 and day, the oldest waiting and the latest failed files, the nodes of a cluster); and the page's
 retry, which does what ``konfuzio-watch retry`` does, through the daemon's journal.
 
-Reads cost the same whatever the backlog: the counts and the finished files go through the
-``(state, next_at)`` index as ``status`` and ``/metrics`` do; the lists are the ``SHOWN`` first.
+Reads cost the same whatever the history: the counts go through the ``(state, next_at)`` index as
+``status`` and ``/metrics`` do, the files finished in the last hour and day are a range of the
+``files_finished`` index, and the lists are the ``SHOWN`` first.
 """
 
 from __future__ import annotations
