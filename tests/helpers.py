@@ -239,6 +239,16 @@ def write_and_rename(path: Path, text: str) -> None:
     os.replace(new, path)
 
 
+def injecting(calls: str, error: str, *, paths: tuple[str, ...] = (), when: str | None = None) -> list[str]:
+    """An strace prefix that makes ``calls`` (e.g. ``"link,linkat"``) fail with ``error`` (an errno name),
+    on the calls naming one of ``paths`` if any are given, from the ``when``-th call on (strace's syntax:
+    ``"1"``, ``"1..3"``) if given; strace's own output goes nowhere."""
+    inject = f"inject={calls}:error={error}" + (f":when={when}" if when else "")
+    return ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={calls}", "-e", inject] + [
+        arg for path in paths for arg in ("-P", path)
+    ]
+
+
 def predictable_temp(path: Path) -> Path:
     """The hidden name under which konfuzio-watch up to 2026-12 wrote ``path`` before linking it: a hash
     of the name alone, so anyone could compute it and plant something there beforehand."""

@@ -28,6 +28,7 @@ from .helpers import (
     DaemonProcess,
     assert_each_file_finished_exactly_once,
     can_drop_privileges,
+    injecting,
     sample_files,
     waiting_in,
 )
@@ -99,19 +100,7 @@ def test_disk_full_while_writing_the_json_keeps_the_file_safe_until_fixed(daemon
     # The JSON is written under a random temporary name, then linked to its own: a full disk is
     # refused at the link (a folder out of blocks for one more name); strace sees the name relative
     # to the folder's descriptor.
-    strace = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=link,linkat",
-        "-e",
-        "inject=link,linkat:error=ENOSPC",
-        "-P",
-        target_json.name,
-    ]
+    strace = injecting("link,linkat", "ENOSPC", paths=(target_json.name,))
     daemon.start(prefix=strace)
     drop(tmp_path / "inbox" / "full.pdf", data)
 

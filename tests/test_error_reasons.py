@@ -15,7 +15,7 @@ import yaml
 from konfuzio_watch.samples import make_pdf
 
 from .conftest import TOKEN, drop, wait_until
-from .helpers import KONFUZIO_WATCH
+from .helpers import KONFUZIO_WATCH, injecting
 
 
 @pytest.mark.slow
@@ -28,21 +28,7 @@ def test_a_busy_failed_folder_once_leaves_the_incomplete_pdf_its_reason(daemon_p
     target = tmp_path / "failed" / "truncated.pdf"
     # The move is linkat(<processing/>, <claim name>, <failed/>, "truncated.pdf"): strace's -P matches
     # that relative name as it is (and the whole path, should the move ever name it so).
-    strace = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=link,linkat",
-        "-e",
-        "inject=link,linkat:error=EBUSY:when=1",
-        "-P",
-        target.name,
-        "-P",
-        str(target),
-    ]
+    strace = injecting("link,linkat", "EBUSY", paths=(target.name, str(target)), when="1")
     daemon.start(prefix=strace)
     drop(tmp_path / "inbox" / "truncated.pdf", make_pdf(label="cut short")[:-200])
 
@@ -76,17 +62,7 @@ def test_check_takes_a_busy_removal_of_its_probe_for_what_it_is(emulator, tmp_pa
             }
         )
     )
-    strace = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=unlink,unlinkat",
-        "-e",
-        "inject=unlink,unlinkat:error=EBUSY:when=1..3",
-    ]
+    strace = injecting("unlink,unlinkat", "EBUSY", when="1..3")
     checked = subprocess.run(
         [*strace, *KONFUZIO_WATCH, "check", "--config", str(config)],
         capture_output=True,

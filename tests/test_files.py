@@ -28,7 +28,7 @@ from konfuzio_watch.files import (
 from konfuzio_watch.journal import Row, State
 from konfuzio_watch.long_paths import SHORT_NAME_MAX, shortened_name
 
-from .helpers import predictable_temp
+from .helpers import injecting, predictable_temp
 
 
 @pytest.mark.parametrize(
@@ -417,8 +417,7 @@ def test_without_hard_links_a_write_or_move_checks_then_renames(tmp_path):
     """A file system without hard links (vfat, exFAT, some SMB): every link(2) fails with EPERM."""
     (tmp_path / "a.pdf").write_bytes(b"a")
     (tmp_path / "b.pdf").write_bytes(b"b")
-    links_fail = ["-e", "trace=link,linkat", "-e", "inject=link,linkat:error=EPERM"]
-    strace = ["strace", "-f", "-qq", "-o", "/dev/null", *links_fail]
+    strace = injecting("link,linkat", "EPERM")
     command = [*strace, sys.executable, "-c", NO_LINKS, str(tmp_path)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split("\n")[:2] == ["json kept", "file kept"]

@@ -20,7 +20,7 @@ from konfuzio_watch.policy import Scope
 from konfuzio_watch.shares import Folders, ShareUnavailable, caused_by_share_error, is_share_error
 
 from .conftest import wait_until
-from .helpers import drop_batch
+from .helpers import drop_batch, injecting
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs Debian's strace for fault injection")
 
@@ -129,7 +129,7 @@ except OSError as exc:
 def _with_eio_on(path: Path, folder: Path, asked: Path) -> str:
     """What ``is_absent(asked)`` says when every call on ``path`` fails with EIO (as on a share whose
     server is away), in a process of its own under strace."""
-    strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(path), "-e", "inject=all:error=EIO"]
+    strace = injecting("all", "EIO", paths=(str(path),))
     command = [*strace, sys.executable, "-c", EIO_PROBE, str(folder), str(asked)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
     return out.stdout.strip()
