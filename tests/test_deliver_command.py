@@ -171,6 +171,11 @@ def test_output_is_bounded_and_logged_one_line_per_stream(tmp_path: Path, caplog
 @pytest.mark.slow
 def test_hostile_file_name_reaches_the_command_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KONFUZIO_TOKEN", "the-api-token")
+    # The daemon's own KONFUZIO_WATCH_ variables (CI sets one) pass on like the rest of its
+    # environment: the test pins them to one known value instead of inheriting the runner's.
+    for name in [k for k in os.environ if k.startswith("KONFUZIO_WATCH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KONFUZIO_WATCH_CONFIG", "/etc/konfuzio-watch/config.yaml")
     d = delivery(tmp_path, HOSTILE)
     d.file_path.write_bytes(b"%PDF-1.4\n")
     d.json_path.write_bytes(d.body)
@@ -200,4 +205,5 @@ def test_hostile_file_name_reaches_the_command_unchanged(tmp_path: Path, monkeyp
         b"KONFUZIO_WATCH_FILE": file_b,
         b"KONFUZIO_WATCH_DOCUMENT_ID": b"7",
         b"KONFUZIO_WATCH_REVISION": b"2",
+        b"KONFUZIO_WATCH_CONFIG": b"/etc/konfuzio-watch/config.yaml",
     }
