@@ -53,6 +53,7 @@ class ServerThread:
         self._map = self._server._map
         self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
         self.host = host
+        self._started = self._closed = False
 
     @property
     def port(self) -> int:
@@ -64,17 +65,21 @@ class ServerThread:
         return f"http://{host}:{self.port}"
 
     def start(self) -> ServerThread:
+        self._started = True
         self._thread.start()
         return self
 
     def close(self, timeout_s: float = 5.0) -> bool:
         """Stop accepting, let in-flight requests finish (up to ``timeout_s``), then stop.
 
-        Returns False if something overran its deadline (a warning is logged).
+        Returns False if something overran its deadline or the loop could not be woken (a warning
+        is logged); the threads are stopped either way. A second call does nothing.
         """
-        if not self._thread.is_alive():
-            self._server.task_dispatcher.shutdown(timeout=timeout_s)
+        if self._closed:
             return True
+        self._closed = True
+        if not self._thread.is_alive():
+            return self._close_ended(timeout_s)
         deadline = time.monotonic() + timeout_s
         stopped = threading.Event()
 
@@ -84,17 +89,51 @@ class ServerThread:
             self._server.socket.close()
             stopped.set()
 
-        self._server.trigger.pull_trigger(stop_listening)
-        stopped.wait(max(0.0, deadline - time.monotonic()))
-        while self._has_work() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._map))
+        woken = self._on_loop(stop_listening)
+        if woken:
+            stopped.wait(max(0.0, deadline - time.monotonic()))
+            while self._has_work() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            woken = self._on_loop(lambda: wasyncore.close_all(self._map))
+        if not woken:
+            # Its wake-up pipe is gone (a stray close of a reused descriptor number): the loop ends
+            # by itself once the pipe's end is seen; if not, closing every channel from here makes
+            # its next select fail, which ends it too.
+            self._thread.join(max(0.1, min(1.0, deadline - time.monotonic())))
+            self._close_all()
         self._thread.join(max(0.1, deadline - time.monotonic()))
-        clean = not self._thread.is_alive()
+        clean = woken and not self._thread.is_alive()
         self._server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
-        if not clean:
+        if self._thread.is_alive():
             log.warning("the HTTP server did not stop within %.1f s", timeout_s)
         return clean
+
+    def _close_ended(self, timeout_s: float) -> bool:
+        """Close a server whose loop is not running: never started (True), or ended by itself (False)."""
+        self._close_all()
+        if self._server.socket is not None:  # the listener, if it had left the map already
+            self._server.socket.close()
+        self._server.task_dispatcher.shutdown(timeout=timeout_s)
+        if self._started:
+            log.warning("the HTTP server's loop had ended by itself before it was stopped")
+        return not self._started
+
+    def _close_all(self) -> None:
+        """From this thread: every channel, and the trigger's descriptor, also if it had left the map
+        (a trigger whose pipe was closed under it leaves the map without closing its read end)."""
+        wasyncore.close_all(self._map, ignore_all=True)
+        wrapper = getattr(self._server.trigger, "socket", None)
+        if wrapper is not None:
+            wrapper.close()
+
+    def _on_loop(self, thunk: Callable[[], None]) -> bool:
+        """Run ``thunk`` on the loop thread; False if the loop cannot be woken (its pipe is gone)."""
+        try:
+            self._server.trigger.pull_trigger(thunk)
+        except OSError as exc:
+            log.warning("cannot wake the HTTP server's loop (%s); stopping it without", exc.strerror or exc)
+            return False
+        return True
 
     def _has_work(self) -> bool:
         for channel in list(self._map.values()):
