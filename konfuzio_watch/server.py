@@ -8,6 +8,7 @@ all channels so the loop exits; join the loop thread; shut down the worker threa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import waitress
-from waitress import wasyncore
 from waitress.task import ThreadedTaskDispatcher
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,12 @@ class ServerThread:
             stopped.wait(max(0.0, deadline - time.monotonic()))
             while self._has_work() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            woken = self._on_loop(lambda: wasyncore.close_all(self._map))
+            woken = self._on_loop(self._close_all)
         if not woken:
-            # Its wake-up pipe is gone (a stray close of a reused descriptor number): the loop ends
-            # by itself once the pipe's end is seen; if not, closing every channel from here makes
-            # its next select fail, which ends it too.
-            self._thread.join(max(0.1, min(1.0, deadline - time.monotonic())))
+            # Its wake-up pipe is gone (a stray close of a reused descriptor number): every channel
+            # closed from here, the loop finds its map empty after its current select (its timeout).
             self._close_all()
+            self._thread.join(max(deadline - time.monotonic(), self._server.adj.asyncore_loop_timeout + 1.0))
         self._thread.join(max(0.1, deadline - time.monotonic()))
         clean = woken and not self._thread.is_alive()
         self._server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
@@ -119,9 +118,14 @@ class ServerThread:
         return not self._started
 
     def _close_all(self) -> None:
-        """From this thread: every channel, and the trigger's descriptor, also if it had left the map
-        (a trigger whose pipe was closed under it leaves the map without closing its read end)."""
-        wasyncore.close_all(self._map, ignore_all=True)
+        """Close every channel as Waitress does when its client leaves (``handle_close``: with its
+        buffers, which may be temporary files; ``wasyncore.close_all`` leaves those to the garbage
+        collector), the listener and the trigger, also a trigger that had left the map (one whose
+        pipe was closed under it leaves without closing its read end)."""
+        for channel in list(self._map.values()):
+            with contextlib.suppress(OSError):  # a descriptor closed under it: nothing more to close
+                channel.handle_close()
+        self._map.clear()
         wrapper = getattr(self._server.trigger, "socket", None)
         if wrapper is not None:
             wrapper.close()
