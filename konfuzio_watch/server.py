@@ -96,10 +96,13 @@ class ServerThread:
                 time.sleep(0.02)
             woken = self._on_loop(self._close_all)
         if not woken:
-            # Its wake-up pipe is gone (a stray close of a reused descriptor number): every channel
-            # closed from here, the loop finds its map empty after its current select (its timeout).
-            self._close_all()
+            # Its wake-up pipe is gone (a stray close of a reused descriptor number): with its map
+            # emptied the loop ends after its current select (at most its timeout); the channels are
+            # closed once it has (closed under a select, they would make it fail with EBADF).
+            channels = list(self._map.values())
+            self._map.clear()
             self._thread.join(max(deadline - time.monotonic(), self._server.adj.asyncore_loop_timeout + 1.0))
+            self._close_all(channels)
         self._thread.join(max(0.1, deadline - time.monotonic()))
         clean = woken and not self._thread.is_alive()
         self._server.task_dispatcher.shutdown(timeout=max(0.1, deadline - time.monotonic()))
@@ -117,12 +120,12 @@ class ServerThread:
             log.warning("the HTTP server's loop had ended by itself before it was stopped")
         return not self._started
 
-    def _close_all(self) -> None:
+    def _close_all(self, channels: list[Any] | None = None) -> None:
         """Close every channel as Waitress does when its client leaves (``handle_close``: with its
         buffers, which may be temporary files; ``wasyncore.close_all`` leaves those to the garbage
         collector), the listener and the trigger, also a trigger that had left the map (one whose
         pipe was closed under it leaves without closing its read end)."""
-        for channel in list(self._map.values()):
+        for channel in list(self._map.values()) if channels is None else channels:
             with contextlib.suppress(OSError):  # a descriptor closed under it: nothing more to close
                 channel.handle_close()
         self._map.clear()
