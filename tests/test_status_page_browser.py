@@ -1,6 +1,6 @@
 """The status page in a real headless browser (Debian's chromium) against a real daemon process with
 done, failed, waiting and blocked files: its numbers are ``status``'s, hostile file names stay text,
-the retry button's POST moves a failed file back, and forged POSTs are refused."""
+a click on the retry button moves a failed file back, and forged POSTs are refused."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from konfuzio_watch.emulator import FAIL_MARKER
 from konfuzio_watch.journal import State
 from konfuzio_watch.samples import make_pdf
 
-from .browser import dump_dom, needs_chromium, screenshot
+from .browser import Tab, dump_dom, needs_chromium, screenshot
 from .conftest import drop, wait_until
 from .helpers import KONFUZIO_WATCH
 
@@ -129,12 +129,14 @@ def test_the_page_in_a_browser_shows_what_status_shows_and_its_retry_button_work
         assert answer.status_code == 403, (data, headers, answer.status_code, answer.text)
     assert status_counts(daemon.config)["failed"] == 2 and (tmp_path / "failed" / "server-fails.pdf").exists()
 
-    # The button, as the browser submits it: the form's fields, from the page's own origin.
-    answer = requests.post(post, data={"row": row_id, "token": token}, headers={"Origin": url}, allow_redirects=False)
-    assert answer.status_code == 303, answer.text
-    location = answer.headers["Location"]
-    assert location.startswith("/?m=")
-    assert "server-fails.pdf: back in the inbox as server-fails.pdf" in html.unescape(dump_dom(url + location, profile))
+    # The button, clicked in the browser: it posts the form from the page's own origin and follows
+    # the answer back to the page, which says what happened.
+    with Tab(profile) as tab:
+        tab.goto(f"{url}/")
+        tab.click(f'tr[data-row="{int(row_id)}"] button[type="submit"]')
+        tab.wait_for("location.search.startsWith('?m=') && document.readyState === 'complete'", "page after retry", 30)
+        shown = tab.evaluate("document.body.innerText")
+    assert "server-fails.pdf: back in the inbox as server-fails.pdf" in shown, shown
     assert not (tmp_path / "failed" / "server-fails.pdf").exists()
     assert dict(daemon.journal(f"SELECT state, 1 FROM files WHERE id = {int(row_id)}")) == {"retried": 1}
     assert status_counts(daemon.config)["failed"] == 1
