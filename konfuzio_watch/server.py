@@ -3,7 +3,8 @@
 Waitress has no official programmatic stop: ``server.close()`` from another thread races the
 event loop. We do every change to the socket map on the loop thread (``pull_trigger``), in this
 order: stop accepting and close the listener; wait for in-flight requests to be answered; close
-all channels so the loop exits; join the loop thread; shut down the worker threads.
+all channels, each with its buffers, so the loop exits; join the loop thread; shut down the worker
+threads. A loop that can no longer be woken (its pipe closed under it) is stopped without it.
 """
 
 from __future__ import annotations

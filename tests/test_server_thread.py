@@ -22,8 +22,8 @@ def hello(environ, start_response):  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 def test_a_server_whose_wake_up_pipe_was_closed_under_it_still_stops(caplog: pytest.LogCaptureFixture) -> None:
     """The loop thread is woken through a pipe (Waitress's trigger). If that pipe's descriptor is
-    closed by someone else, the loop ends by itself; stopping must still end the worker threads
-    and say so, not raise (a daemon's shutdown would stop half-way)."""
+    closed by someone else, the loop can no longer be woken; stopping must still end the loop and
+    the worker threads and say so, not raise (a daemon's shutdown would stop half-way)."""
     server = ServerThread(hello, "127.0.0.1", 0, name="test-http").start()
     assert urllib.request.urlopen(server.url, timeout=5).read() == b"hello"
     os.close(server._server.trigger.trigger)  # what a stray close of a reused descriptor number does
