@@ -27,6 +27,7 @@ Rules (the JSON Schema in ``data/result.schema.json`` says the same to users):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from .project_catalog import ProjectCatalog, References, id_of, is_id, name_in
@@ -90,18 +91,21 @@ class _Names:
         self.catalog = catalog
 
     def label(self, ref: Any) -> tuple[int | None, str, bool]:
-        label_id = id_of(ref)
-        known = self.catalog.labels.get(label_id) if self.catalog and label_id is not None else None
-        name = name_in(ref) or (known.name if known else f"label {label_id}")
-        multiple = ref.get("has_multiple_top_candidates") if isinstance(ref, dict) else None
-        return label_id, name, bool(multiple if multiple is not None else known and known.multiple)
+        known = self.catalog.labels if self.catalog else {}
+        return _named(ref, known, "label", "has_multiple_top_candidates")
 
     def label_set(self, ref: Any) -> tuple[int | None, str, bool]:
-        set_id = id_of(ref)
-        known = self.catalog.label_sets.get(set_id) if self.catalog and set_id is not None else None
-        name = name_in(ref) or (known.name if known else f"label set {set_id}")
-        multiple = ref.get("has_multiple_annotation_sets") if isinstance(ref, dict) else None
-        return set_id, name, bool(multiple if multiple is not None else known and known.multiple)
+        known = self.catalog.label_sets if self.catalog else {}
+        return _named(ref, known, "label set", "has_multiple_annotation_sets")
+
+
+def _named(ref: Any, catalog: Mapping[int, Any], noun: str, multiple_key: str) -> tuple[int | None, str, bool]:
+    """(id, name, multiple) of a label or label set ``ref``: the answer's own, else the catalog's."""
+    ref_id = id_of(ref)
+    known = catalog.get(ref_id) if ref_id is not None else None
+    name = name_in(ref) or (known.name if known else f"{noun} {ref_id}")
+    multiple = ref.get(multiple_key) if isinstance(ref, dict) else None
+    return ref_id, name, bool(multiple if multiple is not None else known and known.multiple)
 
 
 def _entry(raw: dict, names: _Names) -> dict[str, Any] | None:
