@@ -71,7 +71,7 @@ class CallbackIntake:
         """The verdict turned to yes: results are waited for (their callbacks) again."""
         log.info("callbacks arriving: %s", self.watch.verdict().text)
         if self.daemon.pipeline is not None:
-            self.daemon.pipeline.expect_callbacks = True
+            self.daemon.pipeline.ctx.expect_callbacks = True
         self.daemon.alerts.callbacks_arriving()
 
     def missing(self, url: str) -> None:
@@ -88,7 +88,7 @@ class CallbackIntake:
         """No callbacks to wait for: results are polled soon after the upload (``results.first_poll_seconds``,
         then less and less often up to ``results.poll_interval``), not after ``results.callback_timeout``."""
         assert self.daemon.pipeline
-        self.daemon.pipeline.expect_callbacks = False
+        self.daemon.pipeline.ctx.expect_callbacks = False
 
     # -- start-up probes: the token and projects, the callback route -----------------------------
 

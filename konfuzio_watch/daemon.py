@@ -200,16 +200,16 @@ class Daemon:
             on_transition=self._transitioned,
             folders=folders,
         )
-        self.pipeline.holds_processing_dir = self.markers.holds_processing_dir
+        self.pipeline.ctx.holds_processing_dir = self.markers.holds_processing_dir
         if c.deliver.enabled:
             self.deliverer = Deliverer.build(
                 c, self.journal, self.gates[Scope.RECEIVER], self.clock, self.metrics, on_failed=self._delivery_failed
             )
-            self.pipeline.deliveries = Deliveries(c.deliver, self.journal, wake=self.deliverer.wake)
+            self.pipeline.ctx.deliveries = Deliveries(c.deliver, self.journal, wake=self.deliverer.wake)
         self.token_watch = TokenWatch(c.konfuzio.token_file, self.gates[Scope.API], self.pipeline.reload_token)
         if c.callback.enabled:
-            self.pipeline.callback_watch = self.callback_watch
-            self.pipeline.on_callbacks_missing = self.callbacks.missing
+            self.pipeline.ctx.callback_watch = self.callback_watch
+            self.pipeline.ctx.on_callbacks_missing = self.callbacks.missing
         for pool, size in ((UPLOADS, c.upload.concurrency), (RESULTS, c.results.workers)):
             if pool not in self._executors:
                 executor = ThreadPoolExecutor(size, thread_name_prefix=pool)

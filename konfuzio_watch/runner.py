@@ -24,14 +24,12 @@ from typing import Any
 from . import pipeline, recovery
 from .clock import Clock
 from .config import Config
-from .delivery import Deliveries
 from .gates import Gates
 from .journal import BaseJournal, Row, State
 from .konfuzio import KonfuzioClient
 from .metrics import Metrics
 from .placing import KeyedLocks
 from .policy import Step
-from .reachability import CallbackWatch
 from .shares import Folders
 from .steps import claim, export, fetch, probes, reconcile, upload
 from .steps.claim import ClaimsPaused
@@ -75,7 +73,7 @@ class Pipeline:
         ctx.probe_account = self.probe_account
         ctx.probe_shares = self.probe_shares
 
-    # -- what the daemon sets and reads ---------------------------------------------------------
+    # -- what the daemon reads (the hooks it sets late are the context's: ``pipeline.ctx``) --------
 
     @property
     def config(self) -> Config:
@@ -88,46 +86,6 @@ class Pipeline:
     @property
     def processing_dir(self) -> Path:
         return self.ctx.processing_dir
-
-    @property
-    def expect_callbacks(self) -> bool:
-        return self.ctx.expect_callbacks
-
-    @expect_callbacks.setter
-    def expect_callbacks(self, value: bool) -> None:
-        self.ctx.expect_callbacks = value
-
-    @property
-    def callback_watch(self) -> CallbackWatch | None:
-        return self.ctx.callback_watch
-
-    @callback_watch.setter
-    def callback_watch(self, value: CallbackWatch | None) -> None:
-        self.ctx.callback_watch = value
-
-    @property
-    def on_callbacks_missing(self) -> Callable[[str], None] | None:
-        return self.ctx.on_callbacks_missing
-
-    @on_callbacks_missing.setter
-    def on_callbacks_missing(self, value: Callable[[str], None] | None) -> None:
-        self.ctx.on_callbacks_missing = value
-
-    @property
-    def holds_processing_dir(self) -> Callable[[], bool]:
-        return self.ctx.holds_processing_dir
-
-    @holds_processing_dir.setter
-    def holds_processing_dir(self, value: Callable[[], bool]) -> None:
-        self.ctx.holds_processing_dir = value
-
-    @property
-    def deliveries(self) -> Deliveries | None:
-        return self.ctx.deliveries
-
-    @deliveries.setter
-    def deliveries(self, value: Deliveries | None) -> None:
-        self.ctx.deliveries = value
 
     def processing_path(self, row: Row) -> Path:
         return self.ctx.processing_path(row)

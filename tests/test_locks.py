@@ -487,7 +487,7 @@ def test_a_running_daemon_takes_its_processing_folders_lock_again(start_daemon, 
         f"the lock {lock} of the processing folder was removed or replaced while "
         f"this daemon ran (the one it held is now {now}); it holds it again"
     )
-    assert running.daemon.pipeline and running.daemon.pipeline.holds_processing_dir()
+    assert running.daemon.pipeline and running.daemon.pipeline.ctx.holds_processing_dir()
 
 
 @pytest.mark.slow
